@@ -1,0 +1,82 @@
+"""flexc's transformers experts implementation: Hugging Face experts modules call the flexc op.
+
+Registered in transformers' ``ExpertsInterface`` under the name ``"flexc"``, so that
+``model.set_experts_implementation("flexc")`` routes every MoE layer through
+``torch.ops.flexc.moe_experts`` (one graph node per layer once exported). A module's
+optional non-persistent buffer ``flexc_widths [E]`` carries its per-expert widths; changing
+it in place switches the budget without touching weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from flexc.ir.families import UnsupportedFamilyError, detect_family
+from flexc.ir.op import call_moe_experts
+
+IMPLEMENTATION_NAME = "flexc"
+WIDTHS_BUFFER = "flexc_widths"
+
+
+def canonical_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gate_up [E, 2I, H]`` and ``down [E, H, I]`` views of a module's stored weights (no copy)."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if experts.is_transposed:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    return gate_up, down
+
+
+def expert_activation(experts: nn.Module) -> tuple[str, float, float]:
+    """(kind, alpha, limit) of a module's gated activation, cached on the module."""
+    cached = getattr(experts, "_flexc_activation", None)
+    if cached is None:
+        if getattr(experts, "has_post_expert_norm", False) or not getattr(experts, "has_gate", True):
+            raise UnsupportedFamilyError(f"{type(experts).__name__}: experts without a gated FFN are not supported")
+        cached = detect_family(experts.config).activation(experts, experts.config)
+        experts._flexc_activation = cached
+    return cached
+
+
+def flexc_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor) -> torch.Tensor:
+    gate_up, down = canonical_weights(self)
+    activation, alpha, limit = expert_activation(self)
+    return call_moe_experts(
+        hidden_states,
+        top_k_index,
+        top_k_weights,
+        gate_up,
+        down,
+        gate_up_bias=self.gate_up_proj_bias if self.has_bias else None,
+        down_bias=self.down_proj_bias if self.has_bias else None,
+        widths=getattr(self, WIDTHS_BUFFER, None),
+        activation=activation,
+        interleaved=not self.is_concatenated,
+        alpha=alpha,
+        limit=limit,
+    )
+
+
+def register() -> None:
+    """Make ``"flexc"`` a valid ``experts_implementation`` (idempotent)."""
+    if IMPLEMENTATION_NAME not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION_NAME, flexc_experts_forward)
+
+
+def set_widths(experts: nn.Module, widths: torch.Tensor | None) -> None:
+    """Attach (or update in place) an experts module's width buffer; None removes it."""
+    if widths is None:
+        if WIDTHS_BUFFER in experts._buffers:
+            del experts._buffers[WIDTHS_BUFFER]
+        return
+    current = experts._buffers.get(WIDTHS_BUFFER)
+    widths = widths.to(device=experts.down_proj.device, dtype=torch.int32)
+    if current is not None and current.shape == widths.shape:
+        current.copy_(widths)
+    else:
+        experts.register_buffer(WIDTHS_BUFFER, widths.clone(), persistent=False)
+
+
+register()

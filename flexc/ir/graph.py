@@ -1,0 +1,153 @@
+"""FlexGraph: an exported fx GraphModule plus per-layer expert metadata.
+
+The graph module shares its parameters with the Hugging Face model it was lowered from (no
+weight copy), so a pass that rewrites expert weights in place (e.g. a channel permutation)
+changes both; ``model`` stays the handle for saving checkpoints with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from flexc.ir.experts_impl import WIDTHS_BUFFER, canonical_weights, set_widths
+from flexc.ir.families import FamilyAdapter
+from flexc.ir.groups import ExpertGroup
+from flexc.ir.op import op_overloads
+
+STATE_WEIGHTS = "graph_weights.safetensors"
+STATE_META = "graph_meta.json"
+
+
+def is_expert_node(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in op_overloads()
+
+
+def module_path_of(node: fx.Node) -> str | None:
+    """Innermost Hugging Face module path that produced ``node`` (from torch.export metadata)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, _ = list(stack.values())[-1]
+    # torch.export prefixes paths of submodules reached through attributes with "L['self']." etc.
+    return path.removeprefix("L['self'].")
+
+
+@dataclass
+class FlexGraph:
+    """A lowered MoE model: ``module`` (fx GraphModule) + ``groups`` (one per MoE layer)."""
+
+    module: fx.GraphModule
+    model: nn.Module
+    groups: list[ExpertGroup]
+    family: FamilyAdapter
+    example_inputs: dict[str, Any] = field(default_factory=dict)
+    properties: set[str] = field(default_factory=lambda: {"lowered"})
+
+    # ---- running -----------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def logits(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.module(input_ids=input_ids, use_cache=False, **kwargs).logits
+
+    # ---- structure ----------------------------------------------------------------------
+    def expert_nodes(self) -> list[fx.Node]:
+        return [n for n in self.module.graph.nodes if is_expert_node(n)]
+
+    def group(self, layer: int) -> ExpertGroup:
+        for g in self.groups:
+            if g.layer == layer:
+                return g
+        raise KeyError(f"no MoE layer {layer}; MoE layers: {[g.layer for g in self.groups]}")
+
+    def node_of(self, group: ExpertGroup) -> fx.Node:
+        for n in self.module.graph.nodes:
+            if n.name == group.node:
+                return n
+        raise KeyError(f"graph has no node {group.node!r} for layer {group.layer}")
+
+    def experts_module(self, group: ExpertGroup) -> nn.Module:
+        """The Hugging Face experts module whose parameters the graph uses."""
+        return self.model.get_submodule(group.path)
+
+    def expert_weights(self, group: ExpertGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        """Canonical ``gate_up [E, 2I, H]`` and ``down [E, H, I]`` views (shared storage)."""
+        return canonical_weights(self.experts_module(group))
+
+    @property
+    def routed_params(self) -> int:
+        return sum(g.routed_params for g in self.groups)
+
+    # ---- widths -------------------------------------------------------------------------
+    def widths(self) -> torch.Tensor:
+        """Current widths ``[layers, experts]`` (full width where none is set)."""
+        rows = []
+        for g in self.groups:
+            buf = getattr(self.experts_module(g), WIDTHS_BUFFER, None)
+            rows.append(torch.full((g.num_experts,), g.intermediate_size, dtype=torch.int32) if buf is None
+                        else buf.detach().to("cpu", torch.int32))
+        return torch.stack(rows)
+
+    def set_widths(self, table: torch.Tensor | None) -> None:
+        """Set every layer's widths in place (``[layers, experts]``); None means full width.
+
+        The lowered graph reads each layer's width buffer, so this changes the computation
+        without re-export, weight copies or recompilation.
+        """
+        for i, g in enumerate(self.groups):
+            row = (torch.full((g.num_experts,), g.intermediate_size, dtype=torch.int32) if table is None
+                   else torch.as_tensor(table[i], dtype=torch.int32))
+            if row.shape != (g.num_experts,) or int(row.min()) < 0 or int(row.max()) > g.intermediate_size:
+                raise ValueError(f"layer {g.layer}: widths must be {g.num_experts} values in [0, {g.intermediate_size}]")
+            set_widths(self.experts_module(g), row)
+            gm_buf = _graph_buffer(self.module, g.path)
+            if gm_buf is not None and gm_buf.data_ptr() != getattr(self.experts_module(g), WIDTHS_BUFFER).data_ptr():
+                gm_buf.copy_(row)
+
+    # ---- persistence (used by the driver to resume after a completed stage) -------------
+    def save_state(self, directory: str | Path) -> None:
+        """Write the weights and metadata passes may have changed (atomic per file)."""
+        from safetensors.torch import save_file
+
+        from flexc.utils.atomic import atomic_path
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().contiguous() for name, p in self.model.named_parameters()}
+        tensors.update({f"{g.path}.{WIDTHS_BUFFER}": self.widths()[i] for i, g in enumerate(self.groups)})
+        with atomic_path(directory / STATE_WEIGHTS) as tmp:
+            save_file(tensors, str(tmp))
+        meta = {"groups": [g.to_dict() for g in self.groups], "properties": sorted(self.properties)}
+        with atomic_path(directory / STATE_META) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2))
+
+    def load_state(self, directory: str | Path) -> None:
+        """Restore what :meth:`save_state` wrote into this (freshly lowered) graph, in place."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        tensors = load_file(str(directory / STATE_WEIGHTS))
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(tensors[name])
+        self.set_widths(torch.stack([tensors[f"{g.path}.{WIDTHS_BUFFER}"] for g in self.groups]))
+        meta = json.loads((directory / STATE_META).read_text())
+        self.properties = set(meta["properties"])
+
+    # ---- views --------------------------------------------------------------------------
+    @property
+    def code(self) -> str:
+        return self.module.code
+
+
+def _graph_buffer(gm: fx.GraphModule, path: str) -> torch.Tensor | None:
+    try:
+        return gm.get_buffer(f"{path}.{WIDTHS_BUFFER}")
+    except AttributeError:
+        return None

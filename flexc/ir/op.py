@@ -1,0 +1,381 @@
+"""The canonical expert op: one MoE layer's routed experts, with optional per-expert widths.
+
+``torch.ops.flexc.moe_experts`` is the single node every lowered MoE layer becomes. Its torch
+implementation here is the *reference*: every kernel (Triton, sliced export, ONNX) is checked
+against it.
+
+Canonical form (what family adapters map checkpoints to, as views, never copies):
+
+- ``hidden``       ``[T, H]``   token activations
+- ``topk_ids``     ``[T, k]``   int, routed expert of each (token, slot)
+- ``topk_weights`` ``[T, k]``   routing weight of each (token, slot)
+- ``gate_up``      ``[E, 2I, H]`` gate rows then up rows (``interleaved=False``) or
+  gate/up alternating by row (``interleaved=True``, GPT-OSS); may be a transposed view
+- ``down``         ``[E, H, I]``
+- ``gate_up_bias`` ``[E, 2I]`` and ``down_bias`` ``[E, H]`` where the family has biases
+- ``widths``       ``[E]`` int (optional): expert ``e`` uses only intermediate channels
+  ``[0, widths[e])``. Width 0 removes the expert: it contributes nothing, bias included.
+- ``activation``   one of :data:`ACTIVATIONS`; ``alpha``/``limit`` parametrise ``swiglu_clamped``.
+
+Expert ``e`` applied to a token ``x`` computes ``down_e[:, :w] @ act(gate_e[:w] x, up_e[:w] x)``
+(plus biases), and the layer output is the routing-weighted sum over the ``k`` slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped")
+
+_OP_NAME = "flexc::moe_experts"
+
+
+def apply_activation(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
+    """The gated activation ``act(gate) * up`` of each family (GPT-OSS's clamped SwiGLU included)."""
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "gelu":
+        return F.gelu(gate) * up
+    if activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    if activation == "relu":
+        return F.relu(gate) * up
+    if activation == "swiglu_clamped":
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    raise ValueError(f"unknown expert activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def gate_up_rows(t: torch.Tensor, interleaved: bool, which: int) -> torch.Tensor:
+    """View of the gate (``which=0``) or up (``which=1``) rows of ``t`` along dim 0.
+
+    ``t`` is one expert's ``[2I, H]`` weight or ``[2I]`` bias; concatenated layouts keep gate
+    rows first, interleaved layouts alternate gate and up rows.
+    """
+    if interleaved:
+        return t[which::2]
+    half = t.shape[0] // 2
+    return t[which * half : (which + 1) * half]
+
+
+def expert_ffn(
+    x: torch.Tensor,
+    gate_up_e: torch.Tensor,
+    down_e: torch.Tensor,
+    gate_up_bias_e: torch.Tensor | None,
+    down_bias_e: torch.Tensor | None,
+    width: int,
+    activation: str,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+) -> torch.Tensor:
+    """One expert on its tokens ``x [n, H]``, using its first ``width`` channels. Differentiable."""
+    gate_w = gate_up_rows(gate_up_e, interleaved, 0)[:width]
+    up_w = gate_up_rows(gate_up_e, interleaved, 1)[:width]
+    gate = x @ gate_w.t()
+    up = x @ up_w.t()
+    if gate_up_bias_e is not None:
+        gate = gate + gate_up_rows(gate_up_bias_e, interleaved, 0)[:width]
+        up = up + gate_up_rows(gate_up_bias_e, interleaved, 1)[:width]
+    inner = apply_activation(gate, up, activation, alpha, limit)
+    out = inner @ down_e[:, :width].t()
+    if down_bias_e is not None:
+        out = out + down_bias_e
+    return out
+
+
+class _Routing:
+    """Token-slot pairs sorted by expert: the grouping every implementation shares."""
+
+    def __init__(self, topk_ids: torch.Tensor, num_experts: int):
+        k = topk_ids.shape[1]
+        flat = topk_ids.reshape(-1)
+        self.order = torch.argsort(flat, stable=True)  # sorted slot -> flat (token*k + slot)
+        self.token = torch.div(self.order, k, rounding_mode="floor")
+        counts = torch.bincount(flat, minlength=num_experts)
+        self.counts: list[int] = counts.tolist()
+        self.offsets = [0]
+        for c in self.counts:
+            self.offsets.append(self.offsets[-1] + c)
+
+    def segment(self, e: int) -> slice:
+        return slice(self.offsets[e], self.offsets[e + 1])
+
+
+def _widths_list(widths: torch.Tensor | None, num_experts: int, full: int) -> list[int]:
+    if widths is None:
+        return [full] * num_experts
+    values = widths.tolist()
+    if len(values) != num_experts or any(w < 0 or w > full for w in values):
+        raise ValueError(f"widths must be {num_experts} integers in [0, {full}], got {values}")
+    return values
+
+
+def moe_experts_reference(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    widths: torch.Tensor | None = None,
+    activation: str = "silu",
+    interleaved: bool = False,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    on_expert: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Reference forward, batched by expert: one pair of GEMMs per expert hit, no per-token loop.
+
+    ``on_expert(e, token_index, contribution)`` (optional) observes each expert's weighted
+    output; calibration uses it. Differentiable with plain autograd.
+    """
+    num_tokens, hidden_size = hidden.shape
+    num_experts, _, intermediate = down.shape
+    k = topk_ids.shape[1]
+    routing = _Routing(topk_ids, num_experts)
+    widths_ = _widths_list(widths, num_experts, intermediate)
+    x_sorted = hidden[routing.token]
+    w_sorted = topk_weights.reshape(-1)[routing.order]
+    pieces = []
+    for e in range(num_experts):
+        seg = routing.segment(e)
+        n = routing.counts[e]
+        if n == 0:
+            continue
+        if widths_[e] == 0:
+            pieces.append(hidden.new_zeros(n, hidden_size))
+            continue
+        y = expert_ffn(
+            x_sorted[seg],
+            gate_up[e],
+            down[e],
+            None if gate_up_bias is None else gate_up_bias[e],
+            None if down_bias is None else down_bias[e],
+            widths_[e],
+            activation,
+            interleaved,
+            alpha,
+            limit,
+        )
+        y = (y.to(w_sorted.dtype) * w_sorted[seg, None]).to(hidden.dtype)
+        if on_expert is not None:
+            on_expert(e, routing.token[seg], y)
+        pieces.append(y)
+    if not pieces:
+        return hidden.new_zeros(num_tokens, hidden_size)
+    y_sorted = torch.cat(pieces)
+    inverse = torch.empty_like(routing.order)
+    inverse[routing.order] = torch.arange(routing.order.numel(), device=routing.order.device)
+    # Deterministic reduction over the k slots (no scatter-add).
+    return y_sorted[inverse].view(num_tokens, k, hidden_size).sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The registered custom op.
+
+
+@torch.library.custom_op(_OP_NAME, mutates_args=())
+def moe_experts(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    widths: torch.Tensor | None,
+    activation: str,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+) -> torch.Tensor:
+    """Routed experts of one MoE layer (see the module docstring for the canonical form)."""
+    return _dispatch(hidden.device)(
+        hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
+        activation, interleaved, alpha, limit,
+    )
+
+
+_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_backend(device_type: str, fn: Callable[..., torch.Tensor] | None) -> None:
+    """Route the op's forward on ``device_type`` tensors to ``fn`` (None restores the reference)."""
+    if fn is None:
+        _BACKENDS.pop(device_type, None)
+    else:
+        _BACKENDS[device_type] = fn
+
+
+def _dispatch(device: torch.device) -> Callable[..., torch.Tensor]:
+    return _BACKENDS.get(device.type, _reference_positional)
+
+
+def _reference_positional(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
+                          activation, interleaved, alpha, limit):
+    with torch.no_grad():
+        return moe_experts_reference(
+            hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
+            activation, interleaved, alpha, limit,
+        )
+
+
+@moe_experts.register_fake
+def _(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths, activation, interleaved,
+      alpha, limit):
+    return hidden.new_empty(hidden.shape)
+
+
+# Names of the differentiable inputs, in the op's argument order.
+_GRAD_INPUTS = ("hidden", "topk_weights", "gate_up", "down", "gate_up_bias", "down_bias")
+_ARG_INDEX = {"hidden": 0, "topk_weights": 2, "gate_up": 3, "down": 4, "gate_up_bias": 5, "down_bias": 6}
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
+     activation, interleaved, alpha, limit) = inputs
+    ctx.save_for_backward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths)
+    ctx.config = (activation, interleaved, alpha, limit)
+
+
+# Observers of the backward pass (e.g. Taylor channel scores), called once per expert with
+# that expert's local parameter gradients; lets callers accumulate statistics without
+# materialising full-size gradient buffers.
+GradObserver = Callable[[dict], None]
+_GRAD_OBSERVERS: list[GradObserver] = []
+
+
+class observe_expert_grads:
+    """Context manager: ``fn(info)`` sees each expert's weight gradients during backward.
+
+    ``info`` holds ``gate_up`` (the expert's ``[2I, H]`` weight tensor as passed to the op),
+    ``expert`` (index), ``width``, ``grad_gate`` / ``grad_up`` ``[w, H]``, ``grad_down``
+    ``[H, w]`` (and bias grads when present). While an observer is active and the op's
+    weight inputs do not require grad, no weight gradient buffer is allocated.
+    """
+
+    def __init__(self, fn: GradObserver):
+        self.fn = fn
+
+    def __enter__(self):
+        _GRAD_OBSERVERS.append(self.fn)
+        return self
+
+    def __exit__(self, *exc):
+        _GRAD_OBSERVERS.remove(self.fn)
+
+
+def _backward(ctx, grad_out):
+    hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths = ctx.saved_tensors
+    activation, interleaved, alpha, limit = ctx.config
+    needs = {name: ctx.needs_input_grad[_ARG_INDEX[name]] for name in _GRAD_INPUTS}
+    observe = bool(_GRAD_OBSERVERS)
+    num_experts, _, intermediate = down.shape
+    k = topk_ids.shape[1]
+    routing = _Routing(topk_ids, num_experts)
+    widths_ = _widths_list(widths, num_experts, intermediate)
+
+    grad_hidden = torch.zeros_like(hidden) if needs["hidden"] else None
+    grad_w_sorted = torch.zeros(routing.order.numel(), dtype=topk_weights.dtype, device=hidden.device)
+    grad_gate_up = torch.zeros_like(gate_up) if needs["gate_up"] else None
+    grad_down = torch.zeros_like(down) if needs["down"] else None
+    grad_gub = torch.zeros_like(gate_up_bias) if needs["gate_up_bias"] and gate_up_bias is not None else None
+    grad_db = torch.zeros_like(down_bias) if needs["down_bias"] and down_bias is not None else None
+
+    go_sorted = grad_out.repeat_interleave(k, dim=0)[routing.order]  # grad for each sorted slot
+    x_sorted = hidden[routing.token]
+    w_sorted = topk_weights.reshape(-1)[routing.order]
+    want_weights = observe or any(needs[n] for n in ("gate_up", "down", "gate_up_bias", "down_bias"))
+
+    for e in range(num_experts):
+        n, width = routing.counts[e], widths_[e]
+        if n == 0 or width == 0:
+            continue
+        seg = routing.segment(e)
+        with torch.enable_grad():
+            x = x_sorted[seg].detach().requires_grad_(needs["hidden"])
+            gu = gate_up[e].detach().requires_grad_(want_weights)
+            dn = down[e].detach().requires_grad_(want_weights)
+            gub = None if gate_up_bias is None else gate_up_bias[e].detach().requires_grad_(want_weights)
+            db = None if down_bias is None else down_bias[e].detach().requires_grad_(want_weights)
+            y = expert_ffn(x, gu, dn, gub, db, width, activation, interleaved, alpha, limit)
+            go = go_sorted[seg]
+            # d out / d routing weight = <grad_out, expert output>
+            grad_w_sorted[seg] = (go.to(y.dtype) * y.detach()).sum(dim=-1).to(grad_w_sorted.dtype)
+            scaled = (go.to(w_sorted.dtype) * w_sorted[seg, None]).to(y.dtype)
+            leaves = [t for t in (x, gu, dn, gub, db) if t is not None and t.requires_grad]
+            grads = dict(zip([id(t) for t in leaves], torch.autograd.grad(y, leaves, scaled))) if leaves else {}
+        if grad_hidden is not None:
+            grad_hidden.index_add_(0, routing.token[seg], grads[id(x)])
+        if not want_weights:
+            continue
+        g_gu, g_dn = grads[id(gu)], grads[id(dn)]
+        if grad_gate_up is not None:
+            grad_gate_up[e] += g_gu
+        if grad_down is not None:
+            grad_down[e] += g_dn
+        if grad_gub is not None:
+            grad_gub[e] += grads[id(gub)]
+        if grad_db is not None:
+            grad_db[e] += grads[id(db)]
+        if observe:
+            info = {
+                "expert": e,
+                "width": width,
+                "gate_up": gate_up[e],
+                "down": down[e],
+                "interleaved": interleaved,
+                "grad_gate": gate_up_rows(g_gu, interleaved, 0)[:width],
+                "grad_up": gate_up_rows(g_gu, interleaved, 1)[:width],
+                "grad_down": g_dn[:, :width],
+                "num_tokens": n,
+            }
+            for fn in list(_GRAD_OBSERVERS):
+                fn(info)
+
+    grad_topk_weights = None
+    if needs["topk_weights"]:
+        inverse = torch.empty_like(routing.order)
+        inverse[routing.order] = torch.arange(routing.order.numel(), device=routing.order.device)
+        grad_topk_weights = grad_w_sorted[inverse].view_as(topk_weights)
+    return (grad_hidden, None, grad_topk_weights, grad_gate_up, grad_down, grad_gub, grad_db, None,
+            None, None, None, None)
+
+
+moe_experts.register_autograd(_backward, setup_context=_setup_context)
+
+
+def call_moe_experts(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    *,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    widths: torch.Tensor | None = None,
+    activation: str = "silu",
+    interleaved: bool = False,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> torch.Tensor:
+    """Keyword-friendly entry point to ``torch.ops.flexc.moe_experts``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown expert activation {activation!r}; expected one of {ACTIVATIONS}")
+    return torch.ops.flexc.moe_experts(
+        hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
+        activation, interleaved, float(alpha), float(limit),
+    )
+
+
+def op_overloads() -> Sequence[object]:
+    """The op overload(s) a lowered graph's expert nodes call."""
+    return (torch.ops.flexc.moe_experts.default,)

@@ -1,0 +1,3 @@
+"""Imports every built-in pass module so that each registers itself."""
+
+# Each import below registers its pass(es) with flexc.passes.registry.
