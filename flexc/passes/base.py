@@ -50,6 +50,7 @@ class PassResult:
     graph: "FlexGraph"
     modified: bool = True
     changed_nodes: set[str] = field(default_factory=set)
+    seconds: float = 0.0
 
 
 class Pass:

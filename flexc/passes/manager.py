@@ -1,0 +1,128 @@
+"""Run a pipeline of passes: check ordering constraints first, then run and time each pass.
+
+Ordering is checked on a graph of requirements (networkx): each pass needs properties that
+an earlier pass (or lowering, which provides ``"lowered"``) guarantees. An unsatisfiable
+pipeline is refused before anything runs, naming the missing property and the passes that
+could provide it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import networkx as nx
+import torch
+
+from flexc.passes.base import Pass, PassContext, PassResult
+from flexc.passes.registry import _BUILTINS, _load_builtins
+
+INITIAL_PROPERTIES = frozenset({"lowered"})
+
+
+class PipelineOrderError(ValueError):
+    """A pass runs before the properties it requires hold."""
+
+    def __init__(self, message: str, index: int, pass_name: str, missing: set[str]):
+        super().__init__(message)
+        self.index = index
+        self.pass_name = pass_name
+        self.missing = missing
+
+
+def providers_of(prop: str) -> list[str]:
+    """Names of built-in passes that guarantee ``prop``."""
+    _load_builtins()
+    return sorted(name for name, cls in _BUILTINS.items() if prop in cls.guarantees)
+
+
+def requirement_graph(passes: Sequence[Pass | type[Pass]]) -> nx.DiGraph:
+    """Directed graph: an edge ``i -> j`` when pass ``j`` relies on a property pass ``i`` provides."""
+    graph = nx.DiGraph()
+    holds: dict[str, int] = {p: -1 for p in INITIAL_PROPERTIES}
+    graph.add_node(-1, name="lower")
+    for j, p in enumerate(passes):
+        graph.add_node(j, name=p.name)
+        for prop in p.requires:
+            if prop in holds:
+                graph.add_edge(holds[prop], j, property=prop)
+        for prop in p.invalidates:
+            holds.pop(prop, None)
+        for prop in p.guarantees:
+            holds[prop] = j
+    return graph
+
+
+def check_pipeline(passes: Sequence[Pass | type[Pass]],
+                   initial_properties: Iterable[str] = INITIAL_PROPERTIES) -> set[str]:
+    """Raise :class:`PipelineOrderError` if any pass's requirements do not hold when it runs.
+
+    Returns the properties that hold after the whole pipeline.
+    """
+    holds = set(initial_properties)
+    for i, p in enumerate(passes):
+        missing = set(p.requires) - holds
+        if missing:
+            hints = []
+            for prop in sorted(missing):
+                providers = providers_of(prop)
+                later = [q.name for q in passes[i + 1:] if prop in q.guarantees]
+                if later:
+                    hints.append(f"{prop!r} is provided by {later[0]!r}, which runs later: move it before {p.name!r}")
+                elif providers:
+                    hints.append(f"{prop!r} is provided by {' or '.join(repr(x) for x in providers)}: add it before {p.name!r}")
+                else:
+                    hints.append(f"no known pass provides {prop!r}")
+            raise PipelineOrderError(
+                f"pipeline step {i + 1} ({p.name!r}) requires {', '.join(sorted(missing))}; " + "; ".join(hints),
+                index=i, pass_name=p.name, missing=missing,
+            )
+        holds -= set(p.invalidates)
+        holds |= set(p.guarantees)
+    return holds
+
+
+def run_pass(pass_: Pass, graph, ctx: PassContext) -> PassResult:
+    """Run one pass, time it, and record the properties it guarantees on the graph."""
+    start = time.perf_counter()
+    result = pass_(graph, ctx)
+    result.seconds = time.perf_counter() - start
+    result.graph.properties -= set(pass_.invalidates)
+    result.graph.properties |= set(pass_.guarantees)
+    ctx.logger.info("pass %s finished in %.2fs", pass_.name, result.seconds)
+    return result
+
+
+def run_pipeline(passes: Sequence[Pass], graph, ctx: PassContext, *, dump_dir: Path | None = None):
+    """Check, then run ``passes`` in order; with ``dump_dir``, dump the graph after each pass."""
+    check_pipeline(passes, graph.properties)
+    if dump_dir is not None:
+        from flexc.ir.draw import dump_graph
+
+        dump_graph(graph, Path(dump_dir) / "00-lowered")
+    results = []
+    for i, p in enumerate(passes, start=1):
+        result = run_pass(p, graph, ctx)
+        graph = result.graph
+        results.append(result)
+        if dump_dir is not None:
+            dump_graph(graph, Path(dump_dir) / f"{i:02d}-{p.name}", highlight=result.changed_nodes)
+    return graph, results
+
+
+def run_checked(pass_: Pass, graph, ctx: PassContext, inputs: dict, atol: float = 1e-5) -> tuple[PassResult, float]:
+    """Run a pass and measure how much it changed the graph's logits on ``inputs``.
+
+    Returns the result and the max abs logit difference; raises if the pass claims
+    ``preserves_computation`` and the difference exceeds ``atol``.
+    """
+    with torch.no_grad():
+        before = graph.module(**inputs, use_cache=False).logits.clone()
+    result = run_pass(pass_, graph, ctx)
+    with torch.no_grad():
+        after = result.graph.module(**inputs, use_cache=False).logits
+    diff = float((before - after).abs().max())
+    if pass_.preserves_computation and diff > atol:
+        raise AssertionError(f"pass {pass_.name!r} claims preserves_computation but changed logits by {diff:.3g}")
+    return result, diff
