@@ -1,0 +1,229 @@
+"""The ``flexc`` command line.
+
+    flexc compile SPEC [--out DIR] [--force] [--dump-graphs] [--quiet|--verbose]
+    flexc validate SPEC
+    flexc schema
+    flexc inspect MODEL [--graph OUT.svg] | flexc inspect --families
+    flexc zoo list | flexc zoo build NAME [--force]
+
+User errors print one clear message (no traceback unless --verbose) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from flexc import __version__
+from flexc.compiler import logs
+from flexc.compiler.errors import FlexcError, SpecError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+log = logging.getLogger("flexc")
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors from other flexc modules that mean 'the user asked for something impossible'."""
+    types: list[type[BaseException]] = [FlexcError]
+    for module, name in (
+        ("flexc.passes.registry", "UnknownPassError"),
+        ("flexc.ir.families", "UnsupportedModelError"),
+        ("flexc.zoo", "UnknownZooModel"),
+        ("flexc.passes.manager", "PipelineOrderError"),
+    ):
+        mod = sys.modules.get(module)
+        cls = getattr(mod, name, None) if mod is not None else None
+        if isinstance(cls, type):
+            types.append(cls)
+    return tuple(types)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from flexc.compiler.driver import compile as run_compile
+
+    result = run_compile(
+        args.spec, out=args.out, force=args.force, dump_graphs=args.dump_graphs, quiet=args.verbosity < 0
+    )
+    if args.verbosity >= 0:
+        what = "up to date" if result.up_to_date else f"ran {', '.join(result.ran)}"
+        logs.console().print(f"[green]✓[/] {result.out_dir}  ({what})", highlight=False)
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from flexc.compiler.checks import validate_file
+
+    spec = validate_file(args.spec)
+    kind, value = spec.model.source
+    budgets = f"{len(spec.budgets.keep_ratios)} budget(s)" if spec.budgets else "no budgets"
+    logs.console().print(
+        f"[green]✓[/] {args.spec} is valid: model {kind}={value}, {budgets}, "
+        f"{len(spec.pipeline)} pass(es), exports: {', '.join(spec.export.formats) or 'none'}",
+        highlight=False,
+        markup=True,
+    )
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from flexc.compiler.spec import Spec
+
+    schema = Spec.model_json_schema()
+    schema.setdefault("$schema", "https://json-schema.org/draft/2020-12/schema")
+    schema.setdefault("title", "flexc compile spec")
+    sys.stdout.write(json.dumps(schema, indent=args.indent) + "\n")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    console = logs.console()
+    if args.families:
+        from rich.table import Table
+
+        from flexc.ir.families import supported_families
+
+        table = Table(title="supported MoE families")
+        for col in ("model_type", "name", "router", "notes"):
+            table.add_column(col)
+        for fam in supported_families():
+            table.add_row(fam.family, fam.display_name, fam.router, fam.notes)
+        logs.console().print(table)
+        if args.model is None:
+            return EXIT_OK
+    if args.model is None:
+        raise FlexcError("inspect needs a MODEL (a zoo name, a model directory or a cached hub id), or --families")
+    from flexc import models
+    from flexc.compiler.spec import ModelSpec
+    from flexc.ir import inspect as ir_inspect
+
+    directory = models.resolve_argument(args.model)
+    loaded = models.load_model(ModelSpec(path=str(directory)), progress=args.verbosity >= 0)
+    summary = ir_inspect.summarize(loaded.model)
+    ir_inspect.render_summary(summary, console)
+    if args.graph is not None:
+        draw = getattr(ir_inspect, "render_graph", None) or getattr(ir_inspect, "draw_graph", None)
+        if draw is None:
+            raise FlexcError("drawing the graph (--graph) is not available in this version of flexc")
+        from flexc.ir import lower
+
+        draw(lower(loaded.model), Path(args.graph))
+        console.print(f"graph written to {args.graph}", highlight=False)
+    return EXIT_OK
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from flexc import zoo
+
+    console = logs.console()
+    if args.zoo_command == "list":
+        from rich.table import Table
+
+        table = Table(title="flexc model zoo")
+        for col in ("name", "built", "description", "path"):
+            table.add_column(col)
+        for e in zoo.available():
+            table.add_row(e.name, "yes" if e.cached else "no", e.description, str(e.path) if e.cached else "")
+        console.print(table)
+        return EXIT_OK
+    path = zoo.build(args.name, force=args.force, progress=args.verbosity >= 0)
+    console.print(f"[green]✓[/] zoo model {args.name!r} at {path}", highlight=False)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, help="only warnings and errors")
+    g.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, help="debug logs, tracebacks")
+
+    parser = argparse.ArgumentParser(
+        prog="flexc", description="A declarative compression compiler for Mixture-of-Experts language models."
+    )
+    parser.add_argument("--version", action="version", version=f"flexc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("compile", parents=[common], help="run a spec: load, passes, exports")
+    p.add_argument("spec", help="spec file (YAML)")
+    p.add_argument("--out", help="output directory (overrides export.dir)")
+    p.add_argument("--force", action="store_true", help="replace a non-flexc or different-spec output directory")
+    p.add_argument("--dump-graphs", action="store_true", help="write the graph code after lowering and each pass")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("validate", parents=[common], help="check a spec without running it")
+    p.add_argument("spec", help="spec file (YAML)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", parents=[common], help="print the spec's JSON Schema")
+    p.add_argument("--indent", type=int, default=2)
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("inspect", parents=[common], help="print a model's MoE structure")
+    p.add_argument("model", nargs="?", help="zoo name, model directory, or hub id in the local cache")
+    p.add_argument("--families", action="store_true", help="list the supported MoE families")
+    p.add_argument("--graph", metavar="OUT.svg", help="also draw the lowered graph")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("zoo", parents=[common], help="the offline reference models")
+    zsub = p.add_subparsers(dest="zoo_command", metavar="list|build", required=True)
+    zsub.add_parser("list", parents=[common], help="list zoo models")
+    zb = zsub.add_parser("build", parents=[common], help="build (train) a zoo model")
+    zb.add_argument("name")
+    zb.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=cmd_zoo)
+
+    parser.set_defaults(verbosity=0)
+    return parser
+
+
+def _print_error(exc: BaseException, verbosity: int) -> None:
+    console = logs.console()
+    if verbosity > 0:
+        console.print("".join(traceback.format_exception(exc)), markup=False, highlight=False, style="dim")
+    if isinstance(exc, SpecError):
+        text = exc.render()
+    else:
+        text = f"error: {exc}"
+    console.print(text, markup=False, highlight=False, style="red", soft_wrap=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbosity is None:
+        args.verbosity = 0
+    logs.setup(args.verbosity)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        logs.console().print("interrupted", style="red")
+        return EXIT_INTERRUPTED
+    except _user_error_types() as exc:
+        _print_error(exc, args.verbosity)
+        return EXIT_USER
+    except Exception as exc:  # noqa: BLE001 - last resort: say what broke and how to see more
+        if args.verbosity > 0:
+            _print_error(exc, args.verbosity)
+        else:
+            logs.console().print(
+                f"internal error: {type(exc).__name__}: {exc}\n(run again with --verbose for the traceback)",
+                markup=False,
+                highlight=False,
+                style="red",
+            )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

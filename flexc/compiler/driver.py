@@ -1,0 +1,406 @@
+"""The compile driver: validate → load → lower → passes → exports, as resumable stages.
+
+Stages and what a re-run of the same spec does with them:
+
+- ``load``: resolve and load the model (always runs; nothing to persist).
+- ``checkpoint`` (empty pipeline only): ``base/`` = ``save_pretrained`` + tokenizer.
+- ``lower``: the model to a FlexGraph on a small example batch (always runs when there are
+  passes; it is cheap next to the passes and holds no state of its own).
+- ``NN-<pass>``: one per pipeline entry. After each, the graph state and the passes'
+  hand-off state (``ctx.state``) are saved to ``state/``; a re-run restores them and
+  continues after the last completed pass.
+- ``export:<format>``: one per export format, each built in a temporary directory.
+
+Every random generator is seeded with the spec's seed before each stage, so a resumed run
+computes what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flexc.compiler import artifacts
+from flexc.compiler.artifacts import BASE_DIR, LOG_FILE, SPEC_FILE, STATE_DIR, RunDir
+from flexc.compiler.errors import FlexcError, SpecError
+from flexc.compiler.spec import Spec, issues_from_errors, parse_spec, read_spec_text
+
+log = logging.getLogger("flexc")
+
+EXAMPLE_BATCH = 2
+EXAMPLE_SEQ = 16
+
+
+@dataclass
+class CompileResult:
+    """What :func:`compile` did."""
+
+    out_dir: Path
+    spec: Spec
+    manifest: dict[str, Any]
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def up_to_date(self) -> bool:
+        return not self.ran
+
+
+# --------------------------------------------------------------------------- spec + overrides
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split("__")
+    node = data
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def prepare_spec(spec_or_path: Any, overrides: dict[str, Any] | None = None) -> tuple[Spec, Path | None]:
+    """A validated, checked spec with ``overrides`` applied (``export__dir=...`` sets ``export.dir``)."""
+    from pydantic import ValidationError
+
+    from flexc.compiler import checks
+
+    if not overrides:
+        return checks.load(spec_or_path)
+    source: Path | None = None
+    if isinstance(spec_or_path, Spec):
+        data = spec_or_path.to_dict()
+    elif isinstance(spec_or_path, dict):
+        data = dict(spec_or_path)
+    else:
+        source = Path(spec_or_path)
+        data = parse_spec(read_spec_text(source), str(source))[0].to_dict()
+    for key, value in overrides.items():
+        _set_path(data, key, value)
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(issues_from_errors(exc.errors(), None), str(source) if source else "overrides") from None
+    return checks.validate_spec(spec, str(source) if source else None), source
+
+
+def output_dir(spec: Spec, source: Path | None, out: str | Path | None) -> Path:
+    if out is not None:
+        return Path(out)
+    if spec.export.dir is not None:
+        return Path(spec.export.dir).expanduser()
+    return Path("runs") / (source.stem if source is not None else "flexc")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _stage_names(spec: Spec) -> list[str]:
+    names = ["load"]
+    if spec.pipeline:
+        names.append("lower")
+        names += [f"{i:02d}-{e.name.replace(':', '.')}" for i, e in enumerate(spec.pipeline, 1)]
+    else:
+        names.append("checkpoint")
+    names += [f"export:{fmt}" for fmt in spec.export.formats]
+    return names
+
+
+def _example_inputs(spec: Spec, tokenizer: Any) -> Any:
+    """A small batch for tracing: calibration text when the spec has some, else None (random ids)."""
+    if spec.data.calibration is None or tokenizer is None:
+        return None
+    from flexc.compiler.data import load_texts, token_blocks
+
+    try:
+        texts = load_texts(spec.data.calibration, "calibration")
+        ids = token_blocks(texts[:64], tokenizer, num_samples=EXAMPLE_BATCH, seq_len=EXAMPLE_SEQ, seed=spec.seed)
+    except FlexcError as exc:
+        log.debug("using random ids as the example batch: %s", exc)
+        return None
+    device = spec.model.device
+    return {"input_ids": ids if device == "cpu" else ids.to(device if device != "auto" else "cpu")}
+
+
+class _Stage:
+    """Times a stage and records it in the manifest (done, failed or interrupted)."""
+
+    def __init__(self, run: RunDir, name: str, index: int, total: int, quiet: bool):
+        self.run, self.name, self.index, self.total, self.quiet = run, name, index, total, quiet
+        self.info: dict[str, Any] = {}
+
+    def __enter__(self) -> "_Stage":
+        log.info("[%d/%d] %s ...", self.index, self.total, self.name)
+        self.start = time.perf_counter()
+        self.run.record(self.name, status="running", started=artifacts.now())
+        from flexc.compiler.logs import console
+
+        c = console()
+        self._status = (
+            c.status(f"{self.name}", spinner="dots") if (not self.quiet and c.is_terminal) else nullcontext()
+        )
+        self._status.__enter__()
+        return self
+
+    def __exit__(self, etype, exc, tb) -> bool:
+        self._status.__exit__(etype, exc, tb)
+        seconds = round(time.perf_counter() - self.start, 3)
+        if etype is None:
+            self.run.record(self.name, status="done", seconds=seconds, finished=artifacts.now(), **self.info)
+            log.info("[%d/%d] %s done in %.1fs", self.index, self.total, self.name, seconds)
+        else:
+            status = "interrupted" if issubclass(etype, KeyboardInterrupt) else "failed"
+            self.run.record(self.name, status=status, seconds=seconds, error=f"{etype.__name__}: {exc}", **self.info)
+            self.run.manifest["status"] = status
+            self.run.save()
+        return False
+
+
+def _dump_graph(out: Path, stage: str, graph: Any) -> None:
+    artifacts.write_text(out / "graphs" / f"{stage.replace(':', '-')}.py", graph.code)
+
+
+def _save_state(out: Path, stage: str, graph: Any, state: dict[str, Any]) -> None:
+    with artifacts.atomic_dir(out / STATE_DIR) as tmp:
+        graph.save_state(tmp / "graph")
+        artifacts.save_pass_state(state, tmp)
+        artifacts.write_json(tmp / "stage.json", {"stage": stage})
+
+
+def _saved_stage(out: Path) -> str | None:
+    try:
+        return json.loads((out / STATE_DIR / "stage.json").read_text())["stage"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _clean_temporaries(out: Path) -> None:
+    for child in out.iterdir():
+        if child.name.startswith(".") and (child.name.endswith(".tmp") or ".old-" in child.name):
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def compile(
+    spec_or_path: Any,
+    *,
+    out: str | Path | None = None,
+    force: bool = False,
+    dump_graphs: bool = False,
+    quiet: bool = False,
+    **overrides: Any,
+) -> CompileResult:
+    """Compile a spec (a :class:`Spec`, a mapping, or a YAML path) into its output directory.
+
+    ``overrides`` replace spec fields before validation: ``seed=1``, ``export__dir="out"``
+    (double underscores reach into sections). Raises :class:`FlexcError` for user errors.
+    """
+    spec, source = prepare_spec(spec_or_path, overrides)
+    out_dir = output_dir(spec, source, out)
+    run = RunDir.open(out_dir, spec.fingerprint(), force=force)
+    with artifacts_logging(out_dir):
+        return _compile(spec, source, run, dump_graphs=dump_graphs, quiet=quiet)
+
+
+def artifacts_logging(out_dir: Path):
+    from flexc.compiler.logs import log_file
+
+    return log_file(out_dir / LOG_FILE)
+
+
+def _compile(spec: Spec, source: Path | None, run: RunDir, *, dump_graphs: bool, quiet: bool) -> CompileResult:
+    out = run.path
+    names = _stage_names(spec)
+    resumable = [n for n in names if n not in ("load", "lower")]
+    result = CompileResult(out, spec, run.manifest)
+    if run.resumed:
+        _clean_temporaries(out)
+        saved = _saved_stage(out)
+        if saved is not None and saved in resumable and not run.done(saved):
+            run.record(saved, status="done")  # state was saved, the manifest update was cut short
+        if all(run.done(n) for n in resumable) and run.manifest.get("status") == "complete":
+            log.info("%s is up to date with this spec: nothing to do (use --force to start over)", out)
+            result.skipped = names
+            return result
+    started = time.perf_counter()
+    run.manifest.update(
+        status="running",
+        runs=run.manifest.get("runs", 0) + 1,
+        versions=artifacts.library_versions(),
+        seed=spec.seed,
+        spec_file=str(source) if source else None,
+        budgets=(
+            {"keep": list(spec.budgets.keep_ratios), "metric": spec.budgets.metric} if spec.budgets else None
+        ),
+    )
+    run.set_plan(names)
+    artifacts.write_text(out / SPEC_FILE, spec.to_yaml())
+    log.info("flexc compile → %s%s", out, " (resuming)" if run.resumed else "")
+    log.debug("spec:\n%s", spec.to_yaml())
+
+    total = len(names)
+    step = iter(range(1, total + 1))
+
+    def stage(name: str) -> _Stage:
+        return _Stage(run, name, next(step), total, quiet)
+
+    # ---- load
+    from flexc import models
+
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+    _seed_everything(spec.seed)
+    with stage("load") as st:
+        loaded = models.load_model(spec.model, progress=not quiet)
+        n_params = sum(p.numel() for p in loaded.model.parameters())
+        st.info = {"directory": str(loaded.directory), "family": loaded.family, "parameters": n_params}
+        run.manifest["model"] = {
+            "source": dict([spec.model.source]),
+            "directory": str(loaded.directory),
+            "family": loaded.family,
+            "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+            "parameters": n_params,
+        }
+    result.ran.append("load")
+
+    graph = None
+    state: dict[str, Any] = {}
+    if not spec.pipeline:
+        if run.done("checkpoint"):
+            result.skipped.append("checkpoint")
+            next(step)
+        else:
+            with stage("checkpoint") as st:
+                with artifacts.atomic_dir(out / BASE_DIR) as tmp:
+                    loaded.model.save_pretrained(tmp)
+                    if loaded.tokenizer is not None:
+                        loaded.tokenizer.save_pretrained(tmp)
+                    else:
+                        log.warning("the model has no tokenizer; %s/ holds the weights and config only", BASE_DIR)
+                st.info = {"outputs": [BASE_DIR]}
+            run.manifest["outputs"]["base"] = BASE_DIR
+            result.ran.append("checkpoint")
+    else:
+        graph, state = _run_passes(spec, run, loaded, stage, step, result, dump_graphs=dump_graphs, quiet=quiet)
+
+    # ---- exports
+    from flexc.compiler.exporters import ExportContext, get_exporter
+
+    for fmt in spec.export.formats:
+        name = f"export:{fmt}"
+        if run.done(name):
+            result.skipped.append(name)
+            next(step)
+            continue
+        _seed_everything(spec.seed)
+        with stage(name) as st:
+            exporter = get_exporter(fmt)
+            with artifacts.atomic_dir(out / fmt) as tmp:
+                exporter(
+                    ExportContext(
+                        target=tmp, spec=spec, graph=graph, model=loaded.model, tokenizer=loaded.tokenizer,
+                        state=state, run_dir=out, logger=log,
+                    )
+                )
+            st.info = {"outputs": [fmt]}
+        run.manifest["outputs"][fmt] = fmt
+        result.ran.append(name)
+
+    run.manifest["outputs"].update({"spec": SPEC_FILE, "log": LOG_FILE})
+    run.manifest["status"] = "complete"
+    run.manifest["seconds_this_run"] = round(time.perf_counter() - started, 3)
+    run.save()
+    log.info("done: %s (manifest: %s)", out, out / artifacts.MANIFEST)
+    return result
+
+
+def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, quiet: bool):
+    from flexc.ir import lower
+    from flexc.passes.base import PassContext
+
+    out = run.path
+    pass_names = _stage_names(spec)[2 : 2 + len(spec.pipeline)]
+    passes = [entry.build() for entry in spec.pipeline]
+
+    _seed_everything(spec.seed)
+    with stage("lower") as st:
+        graph = lower(loaded.model, _example_inputs(spec, loaded.tokenizer))
+        st.info = {"moe_layers": len(graph.groups)}
+        if dump_graphs:
+            _dump_graph(out, "lower", graph)
+    result.ran.append("lower")
+
+    state: dict[str, Any] = {}
+    first = 0
+    saved = _saved_stage(out)
+    if run.resumed and saved in pass_names and run.done(saved):
+        first = pass_names.index(saved) + 1
+        graph.load_state(out / STATE_DIR / "graph")
+        state = artifacts.load_pass_state(out / STATE_DIR)
+        log.info("resuming after stage %s", saved)
+    for name in pass_names[first:]:
+        if run.done(name):  # recorded by an older run but without saved state: run it again
+            run.record(name, status="pending")
+
+    try:
+        from flexc.passes.manager import check_pipeline, run_pass
+    except ImportError:
+        check_pipeline = None
+
+        def run_pass(p, g, c):
+            return p(g, c)
+
+    if check_pipeline is not None:
+        try:
+            check_pipeline(passes[first:], frozenset(graph.properties))
+        except ValueError as exc:
+            raise FlexcError(f"the pipeline cannot run in this order: {exc}") from None
+
+    device = str(next(loaded.model.parameters()).device)
+    for i, (name, entry, p) in enumerate(zip(pass_names, spec.pipeline, passes)):
+        if i < first:
+            result.skipped.append(name)
+            next(step)
+            continue
+        _seed_everything(spec.seed)
+        workdir = out / "stages" / name
+        if workdir.exists():
+            shutil.rmtree(workdir)
+        workdir.mkdir(parents=True)
+        ctx = PassContext(workdir=workdir, spec=spec, seed=spec.seed, device=device, state=state, logger=log, quiet=quiet)
+        with stage(name) as st:
+            res = run_pass(p, graph, ctx)
+            graph = res.graph
+            state = ctx.state
+            _save_state(out, name, graph, state)
+            st.info = {"pass": entry.name, "modified": bool(res.modified), "properties": sorted(graph.properties)}
+            if dump_graphs:
+                _dump_graph(out, name, graph)
+        result.ran.append(name)
+    run.manifest["outputs"]["state"] = STATE_DIR
+    return graph, state

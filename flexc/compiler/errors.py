@@ -1,0 +1,88 @@
+"""User-facing errors.
+
+Everything a user can get wrong (a spec, a model directory, an output directory) raises a
+:class:`FlexcError`. The CLI prints its message, without a traceback, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from flexc.compiler.yamlpos import Position
+
+
+class FlexcError(Exception):
+    """A mistake the user can fix: printed as one clear message, exit status 2."""
+
+    exit_code = 2
+
+
+class ModelError(FlexcError):
+    """The model cannot be resolved or loaded (missing directory, not a MoE model, ...)."""
+
+
+class DataError(FlexcError):
+    """A data source cannot be read."""
+
+
+class OutputDirError(FlexcError):
+    """The output directory cannot be used (not a flexc run, a different spec, ...)."""
+
+
+def format_path(loc: Iterable[Any]) -> str:
+    """``("budgets", "keep", 2)`` -> ``budgets.keep[2]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+@dataclass
+class SpecIssue:
+    """One problem in a spec: where it is, and what is wrong."""
+
+    loc: tuple[Any, ...]
+    message: str
+    position: Position | None = None
+
+    @property
+    def field(self) -> str:
+        return format_path(self.loc)
+
+
+@dataclass
+class SpecError(FlexcError):
+    """A spec is invalid. ``issues`` are sorted by position; ``str()`` is the full report."""
+
+    issues: list[SpecIssue]
+    filename: str | None = None
+    text: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.issues.sort(key=lambda i: (i.position.line, i.position.column) if i.position else (0, 0))
+        super().__init__(self.render())
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def render(self) -> str:
+        lines_of_text = self.text.splitlines() if self.text else []
+        n = len(self.issues)
+        where = self.filename or "spec"
+        out = [f"{where}: invalid spec ({n} problem{'s' if n != 1 else ''})"]
+        for issue in self.issues:
+            pos = issue.position
+            prefix = where
+            if pos is not None:
+                prefix += f":{pos.line}:{pos.column}"
+            out.append(f"{prefix}: {issue.field}: {issue.message}")
+            if pos is not None and 0 < pos.line <= len(lines_of_text):
+                src = lines_of_text[pos.line - 1].rstrip()
+                gutter = f"{pos.line:>5} | "
+                out.append(gutter + src)
+                out.append(" " * (len(gutter) - 2) + "| " + " " * (pos.column - 1) + "^")
+        return "\n".join(out)

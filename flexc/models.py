@@ -1,0 +1,250 @@
+"""Resolve and load the model a spec names — always offline.
+
+A model comes from a flexc zoo name (built on first use), a local Hugging Face directory, or
+a hub id that must already be in the local Hugging Face cache. The config is read first so a
+missing or non-MoE model fails fast with a clear message, before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flexc.compiler.errors import ModelError
+
+if TYPE_CHECKING:
+    from flexc.compiler.spec import ModelSpec
+
+log = logging.getLogger("flexc")
+
+#: Config attributes that name the number of routed experts in the MoE families transformers ships.
+MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
+KNOWN_ZOO = ("tiny", "small")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    config: Any
+    directory: Path
+    family: str | None
+
+
+# --------------------------------------------------------------------------- zoo
+
+
+def zoo_names() -> list[str]:
+    try:
+        from flexc import zoo
+    except ImportError:
+        return list(KNOWN_ZOO)
+    return [e.name for e in zoo.available()]
+
+
+def _unknown_zoo(name: str) -> ModelError:
+    names = zoo_names()
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" — did you mean {close[0]!r}?" if close else ""
+    return ModelError(f"unknown zoo model {name!r}{hint} (zoo models: {', '.join(names)}; see `flexc zoo list`)")
+
+
+def check_zoo_name(name: str) -> str | None:
+    """An error message if ``name`` is not a zoo model, else None."""
+    if name in zoo_names():
+        return None
+    return str(_unknown_zoo(name))
+
+
+def zoo_directory(name: str, *, progress: bool = True) -> Path:
+    """The zoo model's checkpoint directory, building it first if it is not cached."""
+    try:
+        from flexc import zoo
+    except ImportError as exc:
+        raise ModelError(f"the flexc model zoo is not available in this installation ({exc})") from None
+    entries = {e.name: e for e in zoo.available()}
+    if name not in entries:
+        raise _unknown_zoo(name)
+    if not entries[name].cached:
+        log.info("zoo model %r is not built yet: building it now (first use, offline)", name)
+        return Path(zoo.build(name, progress=progress))
+    return Path(zoo.resolve(name))
+
+
+# --------------------------------------------------------------------------- hub cache
+
+
+def hub_directory(repo_id: str, revision: str | None = None) -> Path:
+    """The snapshot directory of ``repo_id`` in the local Hugging Face cache (never downloads)."""
+    _offline()
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - huggingface_hub ships with transformers
+        raise ModelError(f"cannot read the Hugging Face cache: {exc}") from None
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        rev = f" at revision {revision!r}" if revision else ""
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise ModelError(
+            f"hub model {repo_id!r}{rev} is not in the local Hugging Face cache ({HF_HUB_CACHE}); flexc runs "
+            "offline and never downloads — put the model there first (e.g. `hf download` on a machine with "
+            "network access) or point `model: {path: ...}` at a local directory"
+        ) from None
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def resolve_directory(spec: "ModelSpec", *, build: bool = True, progress: bool = True) -> Path:
+    """The local directory holding the spec's model."""
+    kind, value = spec.source
+    if kind == "zoo":
+        return zoo_directory(value, progress=progress) if build else _zoo_path_if_cached(value)
+    if kind == "hub":
+        return hub_directory(value, spec.revision)
+    return check_model_directory(Path(value))
+
+
+def _zoo_path_if_cached(name: str) -> Path:
+    from flexc import zoo
+
+    return Path(zoo.resolve(name))
+
+
+def check_model_directory(path: Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelError(f"model directory not found: {path} (relative paths are taken from {Path.cwd()})")
+    if not path.is_dir():
+        raise ModelError(f"model path is not a directory: {path}")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a Hugging Face model directory: it has no config.json")
+    return path
+
+
+def resolve_argument(arg: str) -> Path:
+    """A model given on the command line: an existing path, a zoo name, or a cached hub id."""
+    p = Path(arg).expanduser()
+    if p.exists():
+        return check_model_directory(p)
+    if arg in zoo_names():
+        return zoo_directory(arg)
+    if "/" in arg and not arg.startswith((".", "/", "~")):
+        return hub_directory(arg)
+    names = zoo_names()
+    close = difflib.get_close_matches(arg, names, n=1)
+    hint = f" — did you mean zoo model {close[0]!r}?" if close else ""
+    raise ModelError(
+        f"{arg!r} is neither a model directory nor a zoo model ({', '.join(names)}) nor a cached hub id{hint}"
+    )
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _read_config_json(directory: Path) -> dict[str, Any]:
+    try:
+        return json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {directory / 'config.json'}: {exc}") from None
+
+
+def _moe_from_json(raw: dict[str, Any]) -> bool:
+    for source in (raw, raw.get("text_config") or {}):
+        for key in MOE_CONFIG_KEYS:
+            value = source.get(key)
+            if isinstance(value, int) and value > 1:
+                return True
+    return False
+
+
+def check_moe_config(directory: Path) -> str | None:
+    """Fail unless ``directory`` holds a supported MoE model; return its family name when known."""
+    raw = _read_config_json(directory)
+    model_type = raw.get("model_type", "?")
+    try:
+        from flexc.ir.families import UnsupportedModelError, detect_family
+    except ImportError:
+        if not _moe_from_json(raw):
+            raise ModelError(
+                f"{directory} holds a {model_type!r} model, which is not a Mixture-of-Experts model "
+                f"(its config has none of {', '.join(MOE_CONFIG_KEYS)}); flexc compresses MoE experts"
+            ) from None
+        return model_type
+    _offline()
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # transformers raises many kinds for a bad config
+        raise ModelError(f"cannot load the model config in {directory}: {exc}") from None
+    try:
+        family = detect_family(config)
+    except UnsupportedModelError as exc:
+        raise ModelError(f"{directory}: {exc}") from None
+    return getattr(family, "family", None) or str(family)
+
+
+# --------------------------------------------------------------------------- loading
+
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available here (use device: cpu or auto)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("device 'mps' requested but MPS is not available here")
+    return device
+
+
+def load_tokenizer(directory: Path) -> Any:
+    """The tokenizer saved beside the model, or None if the directory has none."""
+    _offline()
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # no tokenizer files, or an unknown tokenizer class
+        log.debug("no tokenizer in %s: %s", directory, exc)
+        return None
+
+
+def load_model(spec: "ModelSpec", *, progress: bool = True) -> LoadedModel:
+    """Resolve, check and load the model and tokenizer of ``spec`` (offline)."""
+    _offline()
+    directory = resolve_directory(spec, progress=progress)
+    family = check_moe_config(directory)
+    device = resolve_device(spec.device)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype: Any = "auto" if spec.dtype == "auto" else getattr(torch, _DTYPES[spec.dtype])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot load the model in {directory}: {type(exc).__name__}: {exc}") from None
+    model.to(device)
+    model.eval()
+    return LoadedModel(model, load_tokenizer(directory), model.config, directory, family)
