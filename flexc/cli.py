@@ -55,7 +55,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     )
     if args.verbosity >= 0:
         what = "up to date" if result.up_to_date else f"ran {', '.join(result.ran)}"
-        logs.console().print(f"[green]✓[/] {result.out_dir}  ({what})", highlight=False)
+        logs.out_console().print(f"[green]✓[/] {result.out_dir}  ({what})", highlight=False)
     return EXIT_OK
 
 
@@ -65,7 +65,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     spec = validate_file(args.spec)
     kind, value = spec.model.source
     budgets = f"{len(spec.budgets.keep_ratios)} budget(s)" if spec.budgets else "no budgets"
-    logs.console().print(
+    logs.out_console().print(
         f"[green]✓[/] {args.spec} is valid: model {kind}={value}, {budgets}, "
         f"{len(spec.pipeline)} pass(es), exports: {', '.join(spec.export.formats) or 'none'}",
         highlight=False,
@@ -85,18 +85,11 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    console = logs.console()
+    console = logs.out_console()
     if args.families:
-        from rich.table import Table
+        from flexc.ir.inspect import render_families
 
-        from flexc.ir.families import supported_families
-
-        table = Table(title="supported MoE families")
-        for col in ("model_type", "name", "router", "notes"):
-            table.add_column(col)
-        for fam in supported_families():
-            table.add_row(fam.family, fam.display_name, fam.router, fam.notes)
-        logs.console().print(table)
+        render_families(console)
         if args.model is None:
             return EXIT_OK
     if args.model is None:
@@ -110,20 +103,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     summary = ir_inspect.summarize(loaded.model)
     ir_inspect.render_summary(summary, console)
     if args.graph is not None:
-        draw = getattr(ir_inspect, "render_graph", None) or getattr(ir_inspect, "draw_graph", None)
-        if draw is None:
-            raise FlexcError("drawing the graph (--graph) is not available in this version of flexc")
         from flexc.ir import lower
+        from flexc.ir.draw import write_svg
 
-        draw(lower(loaded.model), Path(args.graph))
-        console.print(f"graph written to {args.graph}", highlight=False)
+        written = write_svg(lower(loaded.model).module, Path(args.graph))
+        console.print(f"graph drawn to {written}", highlight=False)
     return EXIT_OK
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
     from flexc import zoo
 
-    console = logs.console()
+    console = logs.out_console()
     if args.zoo_command == "list":
         from rich.table import Table
 

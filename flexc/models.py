@@ -196,7 +196,7 @@ def check_moe_config(directory: Path) -> str | None:
     try:
         family = detect_family(config)
     except UnsupportedModelError as exc:
-        raise ModelError(f"{directory}: {exc}") from None
+        raise ModelError(f"the model in {directory} cannot be compressed: {exc}") from None
     return getattr(family, "family", None) or str(family)
 
 

@@ -67,12 +67,12 @@ def check_pipeline_order(spec: Spec) -> list[tuple[tuple, str, str]]:
     except ImportError:
         return []
     passes = [entry.build() for entry in spec.pipeline]
-    start = initial_properties()
-    for k in range(1, len(passes) + 1):
-        try:
-            check_pipeline(passes[:k], start)
-        except ValueError as exc:
-            return [(("pipeline", k - 1), "value", f"pass {spec.pipeline[k - 1].name!r} cannot run here: {exc}")]
+    try:
+        check_pipeline(passes, initial_properties())
+    except ValueError as exc:
+        index = getattr(exc, "index", None)
+        loc = ("pipeline", index) if isinstance(index, int) else ("pipeline",)
+        return [(loc, "value", f"pass order: {exc}")]
     return []
 
 

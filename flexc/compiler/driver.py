@@ -176,8 +176,10 @@ class _Stage:
         return False
 
 
-def _dump_graph(out: Path, stage: str, graph: Any) -> None:
-    artifacts.write_text(out / "graphs" / f"{stage.replace(':', '-')}.py", graph.code)
+def _dump_graph(out: Path, stage: str, graph: Any, changed: Any = ()) -> None:
+    from flexc.ir.draw import dump_graph
+
+    dump_graph(graph, out / "graphs" / stage, highlight=changed)
 
 
 def _save_state(out: Path, stage: str, graph: Any, state: dict[str, Any]) -> None:
@@ -400,7 +402,7 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
             _save_state(out, name, graph, state)
             st.info = {"pass": entry.name, "modified": bool(res.modified), "properties": sorted(graph.properties)}
             if dump_graphs:
-                _dump_graph(out, name, graph)
+                _dump_graph(out, name, graph, res.changed_nodes)
         result.ran.append(name)
     run.manifest["outputs"]["state"] = STATE_DIR
     return graph, state

@@ -48,6 +48,7 @@ class SpecIssue:
     loc: tuple[Any, ...]
     message: str
     position: Position | None = None
+    show_field: bool = True
 
     @property
     def field(self) -> str:
@@ -79,7 +80,8 @@ class SpecError(FlexcError):
             prefix = where
             if pos is not None:
                 prefix += f":{pos.line}:{pos.column}"
-            out.append(f"{prefix}: {issue.field}: {issue.message}")
+            field_text = f"{issue.field}: " if issue.show_field else ""
+            out.append(f"{prefix}: {field_text}{issue.message}")
             if pos is not None and 0 < pos.line <= len(lines_of_text):
                 src = lines_of_text[pos.line - 1].rstrip()
                 gutter = f"{pos.line:>5} | "

@@ -22,6 +22,11 @@ def console() -> Console:
     return _console
 
 
+def out_console() -> Console:
+    """Console for a command's results (stdout): tables, summaries, confirmations."""
+    return Console()
+
+
 def set_console(c: Console) -> None:
     global _console
     _console = c

@@ -25,6 +25,7 @@ from flexc.compiler.yamlpos import PositionIndex, YamlSyntaxError, load_with_pos
 
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 BUILTIN_CORPORA = ("python-stdlib",)
+BUILTIN_SPLITS = ("train", "heldout")
 DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -155,6 +156,11 @@ class DataSource(_Strict):
             raise _flexc_error("'config' only applies to a 'hub' dataset", subloc=("config",), at="key")
         if self.split is not None and self.files is not None:
             raise _flexc_error("'split' does not apply to local files", subloc=("split",), at="key")
+        if self.split is not None and self.builtin is not None and self.split not in BUILTIN_SPLITS:
+            raise _flexc_error(
+                f"the builtin corpus has splits {', '.join(map(repr, BUILTIN_SPLITS))}; found {self.split!r}",
+                subloc=("split",),
+            )
         return self
 
     def resolved_split(self, role: str) -> str | None:
@@ -366,11 +372,14 @@ class ExportSpec(_Strict):
         from flexc.compiler.exporters import available_exports, not_available_message
 
         have = set(available_exports())
+        issues = []
         for i, fmt in enumerate(v):
             if v.index(fmt) != i:
-                raise _flexc_error(f"format {fmt!r} is listed twice", subloc=(i,))
-            if fmt not in have:
-                raise _flexc_error(not_available_message(fmt), subloc=(i,))
+                issues.append(((i,), "value", f"format {fmt!r} is listed twice"))
+            elif fmt not in have:
+                issues.append(((i,), "value", not_available_message(fmt)))
+        if issues:
+            raise _flexc_error(issues[0][2], subloc=issues[0][0], issues=issues)
         return v
 
 
@@ -463,6 +472,18 @@ def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
+_TYPE_WORDS = {
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "a whole number",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+}
+
+
 def describe_errors(errors: list[dict[str, Any]], root: type[BaseModel]) -> list[tuple[tuple, str, str]]:
     """Turn pydantic errors into ``(loc, at, message)`` triples; ``at`` is ``key`` or ``value``."""
     out: list[tuple[tuple, str, str]] = []
@@ -507,6 +528,13 @@ def describe_errors(errors: list[dict[str, Any]], root: type[BaseModel]) -> list
             out.append((loc, "value", f"expected a list; found {_found(value)}"))
             continue
         msg = str(err.get("msg", etype))
+        if etype in _TYPE_WORDS:
+            out.append((loc, "value", f"expected {_TYPE_WORDS[etype]}; found {_found(value)}"))
+            continue
+        if etype in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            msg = msg.replace("Input should be ", "expected a number ")
+            out.append((loc, "value", f"{msg}; found {_found(value)}"))
+            continue
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         elif msg.startswith("Input should be "):
@@ -545,7 +573,7 @@ def parse_spec(text: str, filename: str = "<spec>") -> tuple[Spec, PositionIndex
     try:
         data, index, dups = load_with_positions(text, filename)
     except YamlSyntaxError as exc:
-        raise SpecError([SpecIssue((), f"YAML syntax error: {exc}", exc.position)], filename, text) from None
+        raise SpecError([SpecIssue((), f"YAML syntax error: {exc}", exc.position, show_field=False)], filename, text) from None
     if dups:
         issues = [
             SpecIssue(d.path, f"duplicate key {d.path[-1]!r} (first given at line {d.first.line})", d.again)
@@ -574,9 +602,9 @@ def read_spec_text(path: str | Path) -> str:
     try:
         return p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError([SpecIssue((), f"spec file not found: {p}")], str(path)) from None
+        raise SpecError([SpecIssue((), f"spec file not found: {p}", show_field=False)], str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError([SpecIssue((), f"cannot read spec file: {exc}")], str(path)) from None
+        raise SpecError([SpecIssue((), f"cannot read spec file: {exc}", show_field=False)], str(path)) from None
 
 
 def load_spec_file(path: str | Path) -> Spec:

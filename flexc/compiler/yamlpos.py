@@ -106,8 +106,12 @@ def load_with_positions(text: str, filename: str = "<spec>") -> tuple[Any, Posit
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        parts = [p for p in (exc.context, exc.problem) if p]
-        raise YamlSyntaxError("; ".join(parts) or "invalid YAML", Position.from_mark(mark) if mark else None) from None
+        context = exc.context or ""
+        if context and exc.context_mark is not None and exc.context_mark is not mark:
+            start = Position.from_mark(exc.context_mark)
+            context += f" that starts at line {start.line}, column {start.column}"
+        parts = [p for p in (context, exc.problem) if p]
+        raise YamlSyntaxError(": ".join(parts) or "invalid YAML", Position.from_mark(mark) if mark else None) from None
     except yaml.YAMLError as exc:  # pragma: no cover - unmarked errors are rare
         raise YamlSyntaxError(str(exc), None) from None
     finally:
