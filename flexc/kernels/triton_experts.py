@@ -219,6 +219,7 @@ def _gate_up_kernel(
     H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, E_PAD: tl.constexpr,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    MASK_W: tl.constexpr,
 ):
     num_n = tl.cdiv(I, BLOCK_N)
     pid_m, pid_n = _block_of(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -242,17 +243,21 @@ def _gate_up_kernel(
         # gate row c = 2c, up row c = 2c + 1: one tile of 2*BLOCK_N adjacent rows.
         wrows = 2 * n0 + tl.arange(0, 2 * BLOCK_N)
         wrows_ok = wrows < 2 * I
+        read_ok = wrows < 2 * width  # rows past the width are never read
         wrows = tl.where(wrows_ok, wrows, 0)
         b_ptrs = w_base + wrows[None, :] * stride_wn + offs_k[:, None] * stride_wk
         acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             if H % BLOCK_K == 0:
                 a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
+                if MASK_W:
+                    b = tl.load(b_ptrs, mask=read_ok[None, :], other=0.0)
+                else:
+                    b = tl.load(b_ptrs)
             else:
                 k_ok = (k0 + offs_k) < H
                 a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & read_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
             a_ptrs += BLOCK_K * stride_xh
             b_ptrs += BLOCK_K * stride_wk
@@ -263,6 +268,7 @@ def _gate_up_kernel(
     else:
         cols = n0 + tl.arange(0, BLOCK_N)
         cols_ok = cols < I
+        read_ok = cols < width  # channels past the width are never read
         cols = tl.where(cols_ok, cols, 0)
         g_ptrs = w_base + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
         u_ptrs = g_ptrs + I * stride_wn
@@ -271,13 +277,17 @@ def _gate_up_kernel(
         for k0 in range(0, H, BLOCK_K):
             if H % BLOCK_K == 0:
                 a = tl.load(a_ptrs)
-                bg = tl.load(g_ptrs)
-                bu = tl.load(u_ptrs)
+                if MASK_W:
+                    bg = tl.load(g_ptrs, mask=read_ok[None, :], other=0.0)
+                    bu = tl.load(u_ptrs, mask=read_ok[None, :], other=0.0)
+                else:
+                    bg = tl.load(g_ptrs)
+                    bu = tl.load(u_ptrs)
             else:
                 k_ok = (k0 + offs_k) < H
                 a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                bg = tl.load(g_ptrs, mask=k_ok[:, None], other=0.0)
-                bu = tl.load(u_ptrs, mask=k_ok[:, None], other=0.0)
+                bg = tl.load(g_ptrs, mask=k_ok[:, None] & read_ok[None, :], other=0.0)
+                bu = tl.load(u_ptrs, mask=k_ok[:, None] & read_ok[None, :], other=0.0)
             acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PREC)
             acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PREC)
             a_ptrs += BLOCK_K * stride_xh
@@ -353,7 +363,7 @@ def _gemv_gate_up_kernel(
     alpha, limit,
     H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASK_W: tl.constexpr,
 ):
     p = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
@@ -368,17 +378,21 @@ def _gemv_gate_up_kernel(
     if INTERLEAVED:
         wrows = 2 * n0 + tl.arange(0, 2 * BLOCK_N)
         wrows_ok = wrows < 2 * I
+        read_ok = wrows < 2 * width
         wrows = tl.where(wrows_ok, wrows, 0)
         w_ptrs = w_base + wrows[:, None] * stride_wn + offs_k[None, :] * stride_wk
         acc = tl.zeros([2 * BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
             if H % BLOCK_K == 0:
                 x = tl.load(x_ptrs)
-                w = tl.load(w_ptrs)
+                if MASK_W:
+                    w = tl.load(w_ptrs, mask=read_ok[:, None], other=0.0)
+                else:
+                    w = tl.load(w_ptrs)
             else:
                 k_ok = (k0 + offs_k) < H
                 x = tl.load(x_ptrs, mask=k_ok, other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[None, :] & read_ok[:, None], other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             x_ptrs += BLOCK_K * stride_xh
             w_ptrs += BLOCK_K * stride_wk
@@ -389,6 +403,7 @@ def _gemv_gate_up_kernel(
     else:
         cols = n0 + tl.arange(0, BLOCK_N)
         cols_ok = cols < I
+        read_ok = cols < width
         cols = tl.where(cols_ok, cols, 0)
         g_ptrs = w_base + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk
         u_ptrs = g_ptrs + I * stride_wn
@@ -397,13 +412,17 @@ def _gemv_gate_up_kernel(
         for k0 in range(0, H, BLOCK_K):
             if H % BLOCK_K == 0:
                 x = tl.load(x_ptrs)
-                wg = tl.load(g_ptrs)
-                wu = tl.load(u_ptrs)
+                if MASK_W:
+                    wg = tl.load(g_ptrs, mask=read_ok[:, None], other=0.0)
+                    wu = tl.load(u_ptrs, mask=read_ok[:, None], other=0.0)
+                else:
+                    wg = tl.load(g_ptrs)
+                    wu = tl.load(u_ptrs)
             else:
                 k_ok = (k0 + offs_k) < H
                 x = tl.load(x_ptrs, mask=k_ok, other=0.0)
-                wg = tl.load(g_ptrs, mask=k_ok[None, :], other=0.0)
-                wu = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0)
+                wg = tl.load(g_ptrs, mask=k_ok[None, :] & read_ok[:, None], other=0.0)
+                wu = tl.load(u_ptrs, mask=k_ok[None, :] & read_ok[:, None], other=0.0)
             xf = x.to(tl.float32)[None, :]
             acc_g += wg.to(tl.float32) * xf
             acc_u += wu.to(tl.float32) * xf
@@ -534,6 +553,10 @@ def default_config(num_experts: int, top_k: int, num_tokens: int, interpret: boo
                         block_n2=128, block_k2=64, warps2=8, stages2=4, group_m=8)
 
 
+def _mask_w(granule: int | None, block_n: int) -> bool:
+    return not granule or granule % block_n != 0
+
+
 def moe_forward(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -548,11 +571,14 @@ def moe_forward(
     alpha: float = 1.702,
     limit: float = 7.0,
     config: KernelConfig | None = None,
+    granule: int | None = None,
 ) -> torch.Tensor:
     """The op's forward through the Triton kernels (positional signature of the op, plus ``config``).
 
     No host synchronisation: CUDA-graph capturable. ``widths`` values are clamped to ``[0, I]``
-    on the device; ``topk_ids`` must lie in ``[0, E)``.
+    on the device; ``topk_ids`` must lie in ``[0, E)``. ``granule`` (optional) promises that
+    every width is a multiple of it; where it is a multiple of the gate/up column block, the
+    kernels skip the per-row width masks (correct either way: the promise only saves work).
     """
     _check(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths, activation)
     T, H = hidden.shape
@@ -592,7 +618,7 @@ def moe_forward(
             x.stride(0), x.stride(1), *gate_up.stride(), *gub_strides,
             float(alpha), float(limit),
             H=H, I=I, TOPK=k, ACT=act, INTERLEAVED=bool(interleaved), HAS_BIAS=has_bias_gu,
-            BLOCK_N=bn1, BLOCK_K=config.gv_block_k1, num_warps=config.gv_warps1,
+            BLOCK_N=bn1, BLOCK_K=config.gv_block_k1, MASK_W=_mask_w(granule, bn1), num_warps=config.gv_warps1,
         )
         split = config.split_slots and k > 1
         out = torch.empty((P if split else T, H), dtype=out_dtype, device=device)
@@ -618,7 +644,7 @@ def moe_forward(
         float(alpha), float(limit),
         H=H, I=I, TOPK=k, E_PAD=e_pad, ACT=act, INTERLEAVED=bool(interleaved), HAS_BIAS=has_bias_gu,
         DOT_PREC=dot_prec, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=config.block_k1, GROUP_M=config.group_m,
-        num_warps=config.warps1, num_stages=config.stages1,
+        MASK_W=_mask_w(granule, bn1), num_warps=config.warps1, num_stages=config.stages1,
     )
     out_pairs = torch.empty((P, H), dtype=out_dtype, device=device)
     bn2 = config.block_n2
