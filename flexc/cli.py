@@ -36,6 +36,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         ("flexc.ir.families", "UnsupportedModelError"),
         ("flexc.zoo", "UnknownZooModel"),
         ("flexc.passes.manager", "PipelineOrderError"),
+        ("flexc.data.calibration", "DataError"),
     ):
         mod = sys.modules.get(module)
         cls = getattr(mod, name, None) if mod is not None else None

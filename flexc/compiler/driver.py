@@ -34,9 +34,6 @@ from flexc.compiler.spec import Spec, issues_from_errors, parse_spec, read_spec_
 
 log = logging.getLogger("flexc")
 
-EXAMPLE_BATCH = 2
-EXAMPLE_SEQ = 16
-
 
 @dataclass
 class CompileResult:
@@ -124,22 +121,6 @@ def _stage_names(spec: Spec) -> list[str]:
         names.append("checkpoint")
     names += [f"export:{fmt}" for fmt in spec.export.formats]
     return names
-
-
-def _example_inputs(spec: Spec, tokenizer: Any) -> Any:
-    """A small batch for tracing: calibration text when the spec has some, else None (random ids)."""
-    if spec.data.calibration is None or tokenizer is None:
-        return None
-    from flexc.compiler.data import load_texts, token_blocks
-
-    try:
-        texts = load_texts(spec.data.calibration, "calibration")
-        ids = token_blocks(texts[:64], tokenizer, num_samples=EXAMPLE_BATCH, seq_len=EXAMPLE_SEQ, seed=spec.seed)
-    except FlexcError as exc:
-        log.debug("using random ids as the example batch: %s", exc)
-        return None
-    device = spec.model.device
-    return {"input_ids": ids if device == "cpu" else ids.to(device if device != "auto" else "cpu")}
 
 
 class _Stage:
@@ -351,7 +332,7 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
 
     _seed_everything(spec.seed)
     with stage("lower") as st:
-        graph = lower(loaded.model, _example_inputs(spec, loaded.tokenizer))
+        graph = lower(loaded.model)  # a small random batch: shapes are dynamic, values do not matter
         st.info = {"moe_layers": len(graph.groups)}
         if dump_graphs:
             _dump_graph(out, "lower", graph)
@@ -395,6 +376,8 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
             shutil.rmtree(workdir)
         workdir.mkdir(parents=True)
         ctx = PassContext(workdir=workdir, spec=spec, seed=spec.seed, device=device, state=state, logger=log, quiet=quiet)
+        if hasattr(ctx, "tokenizer"):
+            ctx.tokenizer = loaded.tokenizer
         with stage(name) as st:
             res = run_pass(p, graph, ctx)
             graph = res.graph

@@ -22,10 +22,6 @@ class ModelError(FlexcError):
     """The model cannot be resolved or loaded (missing directory, not a MoE model, ...)."""
 
 
-class DataError(FlexcError):
-    """A data source cannot be read."""
-
-
 class OutputDirError(FlexcError):
     """The output directory cannot be used (not a flexc run, a different spec, ...)."""
 
