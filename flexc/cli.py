@@ -70,7 +70,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"[green]✓[/] {args.spec} is valid: model {kind}={value}, {budgets}, "
         f"{len(spec.pipeline)} pass(es), exports: {', '.join(spec.export.formats) or 'none'}",
         highlight=False,
-        markup=True,
+        soft_wrap=True,
     )
     return EXIT_OK
 

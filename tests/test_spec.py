@@ -185,3 +185,13 @@ def test_data_and_model_source_rules():
         Spec.model_validate({"model": {"zoo": "tiny"}, "data": {"calibration": {"builtin": "python-stdlib", "split": "test"}}})
     with pytest.raises(Exception, match=r"expected a file ending in"):
         Spec.model_validate({"model": {"zoo": "tiny"}, "data": {"calibration": {"files": ["a.csv"]}}})
+
+
+def test_docs_describe_every_field():
+    """docs/spec.md documents every field of every spec model."""
+    from flexc.compiler.spec import BudgetSpec, DataSource, DataSpec, ExportSpec, ModelSpec, PassEntry
+
+    doc = (ROOT / "docs" / "spec.md").read_text()
+    for model in (Spec, ModelSpec, DataSpec, DataSource, BudgetSpec, PassEntry, ExportSpec):
+        for name in model.model_fields:
+            assert f"`{name}`" in doc, f"docs/spec.md does not document {model.__name__}.{name}"
