@@ -73,6 +73,7 @@ def expert_ffn(
     interleaved: bool,
     alpha: float,
     limit: float,
+    observe_inner: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """One expert on its tokens ``x [n, H]``, using its first ``width`` channels. Differentiable."""
     gate_w = gate_up_rows(gate_up_e, interleaved, 0)[:width]
@@ -83,6 +84,8 @@ def expert_ffn(
         gate = gate + gate_up_rows(gate_up_bias_e, interleaved, 0)[:width]
         up = up + gate_up_rows(gate_up_bias_e, interleaved, 1)[:width]
     inner = apply_activation(gate, up, activation, alpha, limit)
+    if observe_inner is not None:
+        observe_inner(inner)
     out = inner @ down_e[:, :width].t()
     if down_bias_e is not None:
         out = out + down_bias_e
@@ -129,12 +132,12 @@ def moe_experts_reference(
     interleaved: bool = False,
     alpha: float = 1.702,
     limit: float = 7.0,
-    on_expert: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Reference forward, batched by expert: one pair of GEMMs per expert hit, no per-token loop.
 
-    ``on_expert(e, token_index, contribution)`` (optional) observes each expert's weighted
-    output; calibration uses it. Differentiable with plain autograd.
+    Differentiable with plain autograd. Active forward observers (see
+    :class:`observe_expert_forward`) see the routing and each expert's inputs and
+    intermediate activations.
     """
     num_tokens, hidden_size = hidden.shape
     num_experts, _, intermediate = down.shape
@@ -143,6 +146,10 @@ def moe_experts_reference(
     widths_ = _widths_list(widths, num_experts, intermediate)
     x_sorted = hidden[routing.token]
     w_sorted = topk_weights.reshape(-1)[routing.order]
+    observers = list(_FORWARD_OBSERVERS)
+    for fn in observers:
+        fn({"event": "routing", "gate_up": gate_up, "topk_ids": topk_ids, "topk_weights": topk_weights,
+            "num_experts": num_experts})
     pieces = []
     for e in range(num_experts):
         seg = routing.segment(e)
@@ -152,8 +159,14 @@ def moe_experts_reference(
         if widths_[e] == 0:
             pieces.append(hidden.new_zeros(n, hidden_size))
             continue
+        x_e = x_sorted[seg]
+        observe_inner = None
+        if observers:
+            def observe_inner(inner, e=e, x_e=x_e):
+                for fn in observers:
+                    fn({"event": "expert", "gate_up": gate_up, "expert": e, "x": x_e, "inner": inner})
         y = expert_ffn(
-            x_sorted[seg],
+            x_e,
             gate_up[e],
             down[e],
             None if gate_up_bias is None else gate_up_bias[e],
@@ -163,11 +176,9 @@ def moe_experts_reference(
             interleaved,
             alpha,
             limit,
+            observe_inner,
         )
-        y = (y.to(w_sorted.dtype) * w_sorted[seg, None]).to(hidden.dtype)
-        if on_expert is not None:
-            on_expert(e, routing.token[seg], y)
-        pieces.append(y)
+        pieces.append((y.to(w_sorted.dtype) * w_sorted[seg, None]).to(hidden.dtype))
     if not pieces:
         return hidden.new_zeros(num_tokens, hidden_size)
     y_sorted = torch.cat(pieces)
@@ -245,6 +256,37 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (activation, interleaved, alpha, limit)
 
 
+class _Observers:
+    """A context manager that keeps ``fn`` in an observer list while active."""
+
+    registry: list
+
+    def __init__(self, fn: Callable[[dict], None]):
+        self.fn = fn
+
+    def __enter__(self):
+        self.registry.append(self.fn)
+        return self
+
+    def __exit__(self, *exc):
+        self.registry.remove(self.fn)
+
+
+_FORWARD_OBSERVERS: list[Callable[[dict], None]] = []
+
+
+class observe_expert_forward(_Observers):
+    """Context manager: ``fn(info)`` sees the reference forward of every expert op call.
+
+    Per call, ``info["event"] == "routing"`` with ``gate_up`` (identifies the layer),
+    ``topk_ids``, ``topk_weights``; then per expert hit, ``"expert"`` events with ``expert``,
+    ``x`` (its tokens' inputs ``[n, H]``) and ``inner`` (its gated activations ``[n, w]``).
+    Only the torch reference reports; calibration runs on it.
+    """
+
+    registry = _FORWARD_OBSERVERS
+
+
 # Observers of the backward pass (e.g. Taylor channel scores), called once per expert with
 # that expert's local parameter gradients; lets callers accumulate statistics without
 # materialising full-size gradient buffers.
@@ -252,24 +294,17 @@ GradObserver = Callable[[dict], None]
 _GRAD_OBSERVERS: list[GradObserver] = []
 
 
-class observe_expert_grads:
+class observe_expert_grads(_Observers):
     """Context manager: ``fn(info)`` sees each expert's weight gradients during backward.
 
-    ``info`` holds ``gate_up`` (the expert's ``[2I, H]`` weight tensor as passed to the op),
-    ``expert`` (index), ``width``, ``grad_gate`` / ``grad_up`` ``[w, H]``, ``grad_down``
-    ``[H, w]`` (and bias grads when present). While an observer is active and the op's
-    weight inputs do not require grad, no weight gradient buffer is allocated.
+    ``info`` holds ``gate_up`` (the layer's ``[E, 2I, H]`` weights as passed to the op; identifies
+    the layer), ``expert``, ``width``, ``grad_gate`` / ``grad_up`` ``[w, H]``, ``grad_down``
+    ``[H, w]``, and ``grad_gate_bias`` / ``grad_up_bias`` ``[w]`` where the family has biases.
+    While an observer is active and the op's weight inputs do not require grad, no weight
+    gradient buffer is allocated: gradients exist one expert at a time.
     """
 
-    def __init__(self, fn: GradObserver):
-        self.fn = fn
-
-    def __enter__(self):
-        _GRAD_OBSERVERS.append(self.fn)
-        return self
-
-    def __exit__(self, *exc):
-        _GRAD_OBSERVERS.remove(self.fn)
+    registry = _GRAD_OBSERVERS
 
 
 def _backward(ctx, grad_out):
@@ -329,14 +364,17 @@ def _backward(ctx, grad_out):
             info = {
                 "expert": e,
                 "width": width,
-                "gate_up": gate_up[e],
-                "down": down[e],
-                "interleaved": interleaved,
+                "gate_up": gate_up,
+                "down": down,
                 "grad_gate": gate_up_rows(g_gu, interleaved, 0)[:width],
                 "grad_up": gate_up_rows(g_gu, interleaved, 1)[:width],
                 "grad_down": g_dn[:, :width],
                 "num_tokens": n,
             }
+            if gub is not None:
+                info["gate_up_bias"] = gate_up_bias
+                info["grad_gate_bias"] = gate_up_rows(grads[id(gub)], interleaved, 0)[:width]
+                info["grad_up_bias"] = gate_up_rows(grads[id(gub)], interleaved, 1)[:width]
             for fn in list(_GRAD_OBSERVERS):
                 fn(info)
 

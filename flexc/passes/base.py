@@ -32,6 +32,8 @@ class PassContext:
     ``workdir`` the stage's own folder in the output directory (artifacts go there),
     ``state`` a dict that passes use to hand results to later passes (e.g. routing
     statistics, width tables); the driver persists it between stages.
+    ``tokenizer`` is the model's tokenizer; ``calibration_data`` (optional) overrides the
+    spec's calibration source with any iterable of ``[batch, seq]`` token tensors.
     """
 
     workdir: Path
@@ -41,6 +43,21 @@ class PassContext:
     state: dict[str, Any] = field(default_factory=dict)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("flexc"))
     quiet: bool = False
+    tokenizer: Any = None
+    calibration_data: Any = None
+
+    def calibration_batches(self):
+        """The calibration batches: the override if given, else the spec's calibration source."""
+        if self.calibration_data is not None:
+            return self.calibration_data
+        source = getattr(getattr(self.spec, "data", None), "calibration", None)
+        if source is None:
+            raise ValueError("this pass needs calibration data: set data.calibration in the spec")
+        if self.tokenizer is None:
+            raise ValueError("this pass needs the model's tokenizer to read calibration data")
+        from flexc.data.calibration import CalibrationSet
+
+        return CalibrationSet(source, self.tokenizer, seed=self.seed)
 
 
 @dataclass

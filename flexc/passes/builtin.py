@@ -1,3 +1,4 @@
 """Imports every built-in pass module so that each registers itself."""
 
 # Each import below registers its pass(es) with flexc.passes.registry.
+from flexc.passes import rank_channels  # noqa: F401

@@ -1,0 +1,124 @@
+"""Calibration batches from a spec's data source: load, tokenize, pack, batch — streaming.
+
+Documents come through ``datasets`` (a hub dataset from the local cache, local text / jsonl /
+parquet files) or from the builtin ``python-stdlib`` corpus. Documents are visited in an order
+shuffled by the seed, tokenized one at a time, joined with an end-of-text token and cut into
+``seq_len`` windows; the first ``num_samples`` windows form the calibration set. Only one
+batch of token ids and one document's tokens are held at a time, so memory does not grow
+with ``num_samples``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class DataError(ValueError):
+    """A data source cannot be read (missing file, unknown dataset, missing text field)."""
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """A deterministic stream of packed ``[batch, seq_len]`` token batches."""
+
+    source: object  # flexc.compiler.spec.DataSource (duck-typed: builtin/hub/files/...)
+    tokenizer: object
+    seed: int = 0
+    role: str = "calibration"
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.source.num_samples)
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.num_samples // int(self.source.batch_size))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return packed_batches(self.source, self.tokenizer, seed=self.seed, role=self.role)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+def _split(source, role: str) -> str | None:
+    resolve = getattr(source, "resolved_split", None)
+    return resolve(role) if resolve is not None else getattr(source, "split", None)
+
+
+def iter_documents(source, *, seed: int = 0, role: str = "calibration") -> Iterator[str]:
+    """Document texts of ``source`` in a seed-shuffled order (streaming where the source allows)."""
+    if getattr(source, "builtin", None):
+        from flexc.data.corpus import stdlib_documents
+
+        docs = stdlib_documents(_split(source, role) or "train")
+        order = list(range(len(docs)))
+        random.Random(seed).shuffle(order)
+        for i in order:
+            yield docs[i].text
+        return
+    dataset = _load_dataset(source, role)
+    field = source.text_field
+    dataset = dataset.shuffle(seed=seed, buffer_size=1000) if hasattr(dataset, "shuffle") else dataset
+    for row in dataset:
+        if field not in row:
+            raise DataError(f"data source has no text field {field!r}; fields: {sorted(row)}")
+        text = row[field]
+        if text:
+            yield text
+
+
+def _load_dataset(source, role: str):
+    import datasets
+
+    if getattr(source, "files", None):
+        files = [str(Path(f)) for f in source.files]
+        for f in files:
+            if not Path(f).is_file():
+                raise DataError(f"data file not found: {f}")
+        suffix = Path(files[0]).suffix.lower()
+        builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
+        if builder is None:
+            raise DataError(f"unsupported data file type {suffix!r} ({files[0]})")
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+    try:
+        return datasets.load_dataset(source.hub, source.config, split=_split(source, role), streaming=True)
+    except Exception as exc:  # datasets raises many types for a missing offline dataset
+        raise DataError(f"cannot load dataset {source.hub!r} (config {source.config!r}) offline: {exc}") from None
+
+
+def iter_token_windows(texts: Iterable[str], tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
+    """Pack document token streams (joined by EOS) into consecutive ``seq_len`` windows."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("tokenizer has no eos_token_id to separate documents")
+    buffer: list[int] = []
+    for text in texts:
+        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        buffer.append(eos)
+        while len(buffer) >= seq_len:
+            yield torch.tensor(buffer[:seq_len], dtype=torch.long)
+            del buffer[:seq_len]
+
+
+def packed_batches(source, tokenizer, *, seed: int = 0, role: str = "calibration") -> Iterator[torch.Tensor]:
+    """``num_samples`` windows of ``seq_len`` tokens, in batches of ``batch_size``."""
+    n, seq_len, batch = int(source.num_samples), int(source.seq_len), int(source.batch_size)
+    rows: list[torch.Tensor] = []
+    produced = 0
+    for window in iter_token_windows(iter_documents(source, seed=seed, role=role), tokenizer, seq_len):
+        rows.append(window)
+        produced += 1
+        if len(rows) == batch or produced == n:
+            yield torch.stack(rows)
+            rows = []
+        if produced == n:
+            return
+    if produced < n:
+        raise DataError(f"data source yields only {produced} sequences of {seq_len} tokens; {n} requested")
