@@ -65,19 +65,32 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     )
 
 
-def kernels_module() -> ModuleType:
-    """``flexc.kernels.triton_experts``, (re)loaded in the mode ``TRITON_INTERPRET`` asks for.
-
-    Triton fixes compiled vs. interpreted when a kernel is defined; reloading the module when
-    the variable changed after the first import keeps tests and scripts from tripping on that.
-    """
-    from flexc.kernels import triton_experts as mod
-
+def _interpreted(fn) -> bool:
     try:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # pragma: no cover -- older triton
-        return mod
-    if isinstance(mod._gate_up_kernel, InterpretedFunction) != interpret_mode():
+        return False
+    return isinstance(fn, InterpretedFunction)
+
+
+def kernels_module() -> ModuleType:
+    """``flexc.kernels.triton_experts``, loaded in the mode ``TRITON_INTERPRET`` asks for.
+
+    Triton fixes compiled vs. interpreted when a kernel is defined, its own library included:
+    ``TRITON_INTERPRET=1`` must be set before anything imports triton. If only this module was
+    imported in the other mode, it is reloaded; if triton itself was, that is a clear error.
+    """
+    import triton.language.standard as tl_standard
+
+    from flexc.kernels import triton_experts as mod
+
+    want = interpret_mode()
+    if _interpreted(tl_standard.sum) != want:
+        raise RuntimeError(
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} changed after triton was imported; "
+            "set it before anything imports triton (e.g. at the very top of the script or test module)"
+        )
+    if _interpreted(mod._gate_up_kernel) != want:
         mod = importlib.reload(mod)
     return mod
 
