@@ -345,7 +345,8 @@ def test_specialize_writes_standalone_source(tmp_path):
     files = plan.write(tmp_path)
     src = files["source"].read_text()
     assert "def _gate_up_kernel" in src and "SPEC = " in src
-    assert "from flexc" not in src and "import flexc" not in src
+    imports = [ln for ln in src.splitlines() if ln.startswith(("import ", "from "))]
+    assert not any("flexc" in ln for ln in imports), imports
     again = KernelPlan.read(tmp_path)
     assert again.configs == plan.configs and again.granule == 32
     mod = load_plan_module(tmp_path)
