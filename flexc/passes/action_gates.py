@@ -1,0 +1,194 @@
+"""``insert_action_gates``: learnable per-expert width actions on every routed-experts node.
+
+Each expert gets logits over a discrete set of keep ratios (default 1/8 … 8/8), each rounded
+to a width granule (default 16 channels: Triton kernels tile the intermediate dimension in
+multiples of 16, so other widths would waste a partial tile and bytes read would not shrink
+with them). An action keeps a prefix of the ranked channels.
+
+Every flexc op node is rewritten to call a :class:`GatedExperts` submodule of the graph, with
+the same arguments. Its mode decides what it computes:
+
+- ``"full"``: the original op at full width (the distillation teacher);
+- ``"sample"``: a straight-through Gumbel-softmax sample of actions at temperature ``tau``:
+  the forward pass is exactly the sampled width, the backward pass reaches the logits through
+  the soft sample;
+- ``"deploy"``: the argmax action of each expert, through the width-aware op;
+- ``"table"``: a fixed width table (evaluation of an exported budget).
+
+Model weights are frozen (``requires_grad=False``): no gradient buffers exist for them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from flexc.ir.graph import is_expert_node
+from flexc.ir.op import apply_activation, call_moe_experts, gate_up_rows
+from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
+from flexc.passes.registry import register_pass
+
+GATE_PREFIX = "flexc_gates_"
+
+
+def level_widths(intermediate: int, levels: int, granule: int) -> torch.Tensor:
+    """Widths of the ``levels`` keep ratios ``1/levels … 1``, rounded to ``granule`` (ascending, ≥ 1 granule)."""
+    ratios = torch.arange(1, levels + 1, dtype=torch.float64) / levels
+    widths = (ratios * intermediate / granule).round() * granule
+    widths = widths.clamp(min=min(granule, intermediate), max=intermediate).to(torch.int64)
+    widths[-1] = intermediate
+    if (widths[1:] < widths[:-1]).any():
+        raise ValueError(f"level widths not ascending: {widths.tolist()}")
+    return widths
+
+
+def gated_experts_masked(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, mask,
+                         activation, interleaved, alpha, limit):
+    """Routed experts with a (differentiable) channel mask ``[E, I]`` on the gated activations.
+
+    Plain torch, so autograd reaches ``mask`` (and hidden); used only while training actions.
+    """
+    num_tokens, hidden_size = hidden.shape
+    num_experts = down.shape[0]
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    x_sorted = hidden[order // k]
+    w_sorted = topk_weights.reshape(-1)[order]
+    pieces, start = [], 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        x = x_sorted[start:start + n]
+        gate = x @ gate_up_rows(gate_up[e], interleaved, 0).t()
+        up = x @ gate_up_rows(gate_up[e], interleaved, 1).t()
+        if gate_up_bias is not None:
+            gate = gate + gate_up_rows(gate_up_bias[e], interleaved, 0)
+            up = up + gate_up_rows(gate_up_bias[e], interleaved, 1)
+        inner = apply_activation(gate, up, activation, alpha, limit) * mask[e]
+        y = inner @ down[e].t()
+        if down_bias is not None:
+            y = y + down_bias[e] * (mask[e].amax() > 0)  # a fully pruned expert contributes nothing
+        pieces.append((y.to(w_sorted.dtype) * w_sorted[start:start + n, None]).to(hidden.dtype))
+        start += n
+    y_sorted = torch.cat(pieces) if pieces else hidden.new_zeros(0, hidden_size)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return y_sorted[inverse].view(num_tokens, k, hidden_size).sum(dim=1)
+
+
+class GatedExperts(nn.Module):
+    """Action logits of one MoE layer's experts, and the node's computation in each mode."""
+
+    def __init__(self, num_experts: int, intermediate: int, levels: torch.Tensor, init_margin: float):
+        super().__init__()
+        self.intermediate = intermediate
+        self.register_buffer("level_widths", levels.clone(), persistent=True)
+        logits = torch.zeros(num_experts, len(levels))
+        logits[:, -1] = init_margin  # start biased toward full width
+        self.logits = nn.Parameter(logits)
+        self.mode = "full"
+        self.tau = 1.0
+        self.noise: torch.Tensor | None = None  # Gumbel noise [E, A] for the next "sample" forward
+        self.table: torch.Tensor | None = None  # widths [E] for "table" mode
+
+    def probs(self) -> torch.Tensor:
+        return F.softmax(self.logits, dim=-1)
+
+    def deployed_levels(self) -> torch.Tensor:
+        return self.logits.detach().argmax(dim=-1)
+
+    def sample(self) -> torch.Tensor:
+        """Straight-through Gumbel-softmax one-hot ``[E, A]`` (hard forward, soft gradient)."""
+        noise = self.noise if self.noise is not None else torch.zeros_like(self.logits)
+        soft = F.softmax((self.logits + noise) / self.tau, dim=-1)
+        hard = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
+        return hard - soft.detach() + soft
+
+    def channel_mask(self, actions: torch.Tensor) -> torch.Tensor:
+        """``[E, I]`` mask: sum over actions of the action weight times its prefix indicator."""
+        channels = torch.arange(self.intermediate, device=actions.device)
+        prefix = (channels[None, :] < self.level_widths[:, None].to(actions.device)).to(actions.dtype)  # [A, I]
+        return actions @ prefix
+
+    def forward(self, hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
+                activation, interleaved, alpha, limit):
+        if self.mode == "sample":
+            mask = self.channel_mask(self.sample()).to(hidden.dtype)
+            return gated_experts_masked(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias,
+                                        mask, activation, interleaved, alpha, limit)
+        if self.mode == "deploy":
+            widths = self.level_widths[self.deployed_levels()].to(torch.int32)
+        elif self.mode == "table":
+            widths = self.table
+        elif self.mode != "full":
+            raise ValueError(f"unknown gate mode {self.mode!r}")
+        return call_moe_experts(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias=gate_up_bias,
+                                down_bias=down_bias, widths=widths, activation=activation,
+                                interleaved=interleaved, alpha=alpha, limit=limit)
+
+
+def gates_of(graph) -> list[GatedExperts]:
+    """The gate module of every MoE layer, in ``graph.groups`` order."""
+    return [graph.module.get_submodule(GATE_PREFIX + str(g.layer)) for g in graph.groups]
+
+
+def set_gate_mode(graph, mode: str, tau: float | None = None) -> None:
+    for gate in gates_of(graph):
+        gate.mode = mode
+        if tau is not None:
+            gate.tau = tau
+
+
+class InsertActionGatesOptions(PassOptions):
+    levels: int = Field(8, ge=2, le=64, description="Number of keep ratios per expert: 1/levels … levels/levels.")
+    granule: int = Field(16, ge=1, description="Widths are rounded to multiples of this many channels.")
+    init_margin: float = Field(3.0, ge=0, description="Initial logit advantage of the full-width action.")
+
+    @field_validator("granule")
+    @classmethod
+    def _granule(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"granule must be a power of two (kernel tiles); found {v}")
+        return v
+
+
+@register_pass
+class InsertActionGates(Pass):
+    """Give every routed expert learnable width-action logits; freeze the model weights."""
+
+    name = "insert_action_gates"
+    Options = InsertActionGatesOptions
+    requires = frozenset({"channels_ranked"})
+    guarantees = frozenset({"action_gates"})
+    preserves_computation = True  # gates start in "full" mode
+
+    def run(self, graph, ctx: PassContext) -> PassResult:
+        for p in graph.model.parameters():
+            p.requires_grad_(False)
+        by_node = {g.node: g for g in graph.groups}
+        changed = set()
+        for node in list(graph.module.graph.nodes):
+            if not is_expert_node(node):
+                continue
+            group = by_node[node.name]
+            if group.intermediate_size < self.options.granule:
+                raise ValueError(f"layer {group.layer}: intermediate size {group.intermediate_size} is smaller "
+                                 f"than the granule {self.options.granule}")
+            widths = level_widths(group.intermediate_size, self.options.levels, self.options.granule)
+            name = GATE_PREFIX + str(group.layer)
+            graph.module.add_submodule(name, GatedExperts(group.num_experts, group.intermediate_size, widths,
+                                                          self.options.init_margin))
+            with graph.module.graph.inserting_after(node):
+                new = graph.module.graph.call_module(name, args=node.args, kwargs=node.kwargs)
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.module.graph.erase_node(node)
+            group.node = new.name
+            changed.add(new.name)
+        graph.module.graph.lint()
+        graph.module.recompile()
+        return PassResult(graph=graph, modified=True, changed_nodes=changed)
