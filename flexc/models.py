@@ -110,20 +110,14 @@ def hub_directory(repo_id: str, revision: str | None = None) -> Path:
 # --------------------------------------------------------------------------- resolution
 
 
-def resolve_directory(spec: "ModelSpec", *, build: bool = True, progress: bool = True) -> Path:
-    """The local directory holding the spec's model."""
+def resolve_directory(spec: "ModelSpec", *, progress: bool = True) -> Path:
+    """The local directory holding the spec's model (a zoo model is built if not cached)."""
     kind, value = spec.source
     if kind == "zoo":
-        return zoo_directory(value, progress=progress) if build else _zoo_path_if_cached(value)
+        return zoo_directory(value, progress=progress)
     if kind == "hub":
         return hub_directory(value, spec.revision)
     return check_model_directory(Path(value))
-
-
-def _zoo_path_if_cached(name: str) -> Path:
-    from flexc import zoo
-
-    return Path(zoo.resolve(name))
 
 
 def check_model_directory(path: Path) -> Path:

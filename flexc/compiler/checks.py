@@ -34,7 +34,7 @@ def check_model(spec: Spec) -> list[tuple[tuple, str, str]]:
         if kind == "zoo":
             msg = models.check_zoo_name(value)
             return [(loc, "value", msg)] if msg else []
-        directory = models.resolve_directory(spec.model, build=False)
+        directory = models.resolve_directory(spec.model)
         models.check_moe_config(directory)
     except FlexcError as exc:
         return [(loc, "value", str(exc))]

@@ -22,7 +22,6 @@ import logging
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,25 +125,17 @@ def _stage_names(spec: Spec) -> list[str]:
 class _Stage:
     """Times a stage and records it in the manifest (done, failed or interrupted)."""
 
-    def __init__(self, run: RunDir, name: str, index: int, total: int, quiet: bool):
-        self.run, self.name, self.index, self.total, self.quiet = run, name, index, total, quiet
+    def __init__(self, run: RunDir, name: str, index: int, total: int):
+        self.run, self.name, self.index, self.total = run, name, index, total
         self.info: dict[str, Any] = {}
 
     def __enter__(self) -> "_Stage":
         log.info("[%d/%d] %s ...", self.index, self.total, self.name)
         self.start = time.perf_counter()
         self.run.record(self.name, status="running", started=artifacts.now())
-        from flexc.compiler.logs import console
-
-        c = console()
-        self._status = (
-            c.status(f"{self.name}", spinner="dots") if (not self.quiet and c.is_terminal) else nullcontext()
-        )
-        self._status.__enter__()
         return self
 
     def __exit__(self, etype, exc, tb) -> bool:
-        self._status.__exit__(etype, exc, tb)
         seconds = round(time.perf_counter() - self.start, 3)
         if etype is None:
             self.run.record(self.name, status="done", seconds=seconds, finished=artifacts.now(), **self.info)
@@ -247,7 +238,7 @@ def _compile(spec: Spec, source: Path | None, run: RunDir, *, dump_graphs: bool,
     step = iter(range(1, total + 1))
 
     def stage(name: str) -> _Stage:
-        return _Stage(run, name, next(step), total, quiet)
+        return _Stage(run, name, next(step), total)
 
     # ---- load
     from flexc import models

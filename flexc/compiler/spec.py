@@ -280,6 +280,26 @@ class PassEntry(_Strict):
         _check_pass(entry, form)
         return entry
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        long_form = dict(handler.resolve_ref_schema(handler(core_schema)))
+        long_form.pop("description", None)
+        return {
+            "title": "PassEntry",
+            "description": "A pass: `name`, `name: {options}`, or `{name: ..., options: {...}}`.",
+            "anyOf": [
+                {"type": "string", "description": "A pass name, default options."},
+                {
+                    "type": "object",
+                    "minProperties": 1,
+                    "maxProperties": 1,
+                    "additionalProperties": {"type": ["object", "null"]},
+                    "description": "pass_name: {option: value}",
+                },
+                long_form,
+            ],
+        }
+
     def build(self) -> Any:
         """Instantiate the pass with its options."""
         from flexc.passes.registry import resolve_pass
