@@ -336,7 +336,7 @@ def main(argv=None):
             t0 = time.time()
             key = tuning.shape_key(s["E"], s["H"], s["I"], s["k"], torch.bfloat16)
             tuned[key] = tuning.autotune(s["E"], s["H"], s["I"], s["k"], torch.bfloat16, "cuda",
-                                         batches=tuning.BUCKETS, verbose=True)
+                                         batches=batches, verbose=True)
             log(f"tuned {name} in {time.time() - t0:.0f}s")
             if args.tune_out:
                 tuning.write_table(args.tune_out, dev, tuned, meta={"tuned_with": info})
