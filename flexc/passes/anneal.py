@@ -169,6 +169,13 @@ class Anneal(Pass):
         optimizer = torch.optim.Adam(logits, lr=opts.lr)
         extra = opts.extra_steps if opts.extra_steps is not None else opts.steps // 2
         fingerprint = self._fingerprint(budgets, metric, ctx)
+        lowest = keep_ratio(level_widths[:, :1].expand(-1, weights.shape[1]), full, weights)
+        if budgets[-1] < lowest - 1e-9:
+            raise ValueError(
+                f"anneal: budget keep {budgets[-1]:g} is below the lowest keep ratio the action set reaches "
+                f"({lowest:.4g}, every expert at its smallest width); raise the budget, or use more levels or a "
+                "smaller granule in insert_action_gates"
+            )
 
         exported: dict[float, dict] = {}
         history: list[dict] = []
