@@ -60,7 +60,9 @@ class KernelConfig:
     """Block configuration of one forward.
 
     ``path`` is ``"grouped"`` or ``"gemv"``. Fields ``*1`` belong to the gate/up kernel,
-    ``*2`` to the down kernel; ``gv_*`` to the gemv path.
+    ``*2`` to the down kernel; ``gv_*`` to the gemv path. ``tma1``/``tma2``: the grouped kernels read
+    weights through tensor descriptors (Hopper's bulk copy engine) where the weights'
+    last dimension is contiguous; other layouts fall back to pointer loads.
     """
 
     path: str = "grouped"
@@ -81,6 +83,8 @@ class KernelConfig:
     gv_block_k2: int = 256
     gv_warps2: int = 4
     split_slots: bool = False
+    tma1: bool = False
+    tma2: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,7 +214,7 @@ def _expert_of_block(meta_ptr, pid_m, E, BLOCK_M: tl.constexpr, E_PAD: tl.conste
 
 @triton.jit(do_not_specialize=["num_m"])
 def _gate_up_kernel(
-    x_ptr, order_ptr, meta_ptr, w_ptr, b_ptr, widths_ptr, inter_ptr,
+    x_ptr, order_ptr, meta_ptr, w_ptr, w_desc, b_ptr, widths_ptr, inter_ptr,
     num_m, E,
     stride_xt, stride_xh,
     stride_we, stride_wn, stride_wk,
@@ -219,7 +223,7 @@ def _gate_up_kernel(
     H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, E_PAD: tl.constexpr,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    MASK_W: tl.constexpr,
+    MASK_W: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     num_n = tl.cdiv(I, BLOCK_N)
     pid_m, pid_n = _block_of(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -248,7 +252,13 @@ def _gate_up_kernel(
         b_ptrs = w_base + wrows[None, :] * stride_wn + offs_k[:, None] * stride_wk
         acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
-            if H % BLOCK_K == 0:
+            if USE_TMA:  # weights [E, 2I, H] through a descriptor, block [1, 2*BLOCK_N, BLOCK_K]
+                if H % BLOCK_K == 0:
+                    a = tl.load(a_ptrs)
+                else:
+                    a = tl.load(a_ptrs, mask=((k0 + offs_k) < H)[None, :], other=0.0)
+                b = tl.trans(tl.reshape(w_desc.load([e, 2 * n0, k0]), (2 * BLOCK_N, BLOCK_K)))
+            elif H % BLOCK_K == 0:
                 a = tl.load(a_ptrs)
                 if MASK_W:
                     b = tl.load(b_ptrs, mask=read_ok[None, :], other=0.0)
@@ -275,7 +285,14 @@ def _gate_up_kernel(
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
-            if H % BLOCK_K == 0:
+            if USE_TMA:  # weights [E, 2I, H] through a descriptor, block [1, BLOCK_N, BLOCK_K]
+                if H % BLOCK_K == 0:
+                    a = tl.load(a_ptrs)
+                else:
+                    a = tl.load(a_ptrs, mask=((k0 + offs_k) < H)[None, :], other=0.0)
+                bg = tl.trans(tl.reshape(w_desc.load([e, n0, k0]), (BLOCK_N, BLOCK_K)))
+                bu = tl.trans(tl.reshape(w_desc.load([e, I + n0, k0]), (BLOCK_N, BLOCK_K)))
+            elif H % BLOCK_K == 0:
                 a = tl.load(a_ptrs)
                 if MASK_W:
                     bg = tl.load(g_ptrs, mask=read_ok[None, :], other=0.0)
@@ -308,13 +325,14 @@ def _gate_up_kernel(
 
 @triton.jit(do_not_specialize=["num_m", "P"])
 def _down_kernel(
-    inter_ptr, order_ptr, meta_ptr, w_ptr, b_ptr, widths_ptr, rw_ptr, out_ptr,
+    inter_ptr, order_ptr, meta_ptr, w_ptr, w_desc, b_ptr, widths_ptr, rw_ptr, out_ptr,
     num_m, E, P,
     stride_we, stride_wn, stride_wk,
     stride_be, stride_bn,
     H: tl.constexpr, I: tl.constexpr, E_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     num_n = tl.cdiv(H, BLOCK_N)
     pid_m, pid_n = _block_of(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -333,10 +351,14 @@ def _down_kernel(
     a_ptrs = inter_ptr + rows_ld[:, None] * I + offs_k[None, :]
     b_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols_ld[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    n0 = pid_n * BLOCK_N
     for k0 in range(0, width, BLOCK_K):
         k_ok = (k0 + offs_k) < width
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if USE_TMA:  # down [E, H, I] through a descriptor; channels past the width meet zeros in `a`
+            b = tl.trans(tl.reshape(w_desc.load([e, n0, k0]), (BLOCK_N, BLOCK_K)))
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wk
@@ -553,6 +575,20 @@ def default_config(num_experts: int, top_k: int, num_tokens: int, interpret: boo
                         block_n2=128, block_k2=64, warps2=8, stages2=4, group_m=8)
 
 
+def _descriptor(w: torch.Tensor, block_rows: int, block_k: int):
+    """A tensor descriptor over a ``[E, R, K]`` weight with block ``[1, block_rows, block_k]``,
+    or None where the layout does not allow one (last dim not contiguous, misaligned, no TMA)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    if w.stride(2) != 1 or w.data_ptr() % 16 or any((st * w.element_size()) % 16 for st in w.stride()[:2]):
+        return None
+    if w.device.type == "cuda" and torch.cuda.get_device_capability(w.device)[0] < 9:
+        return None
+    return TensorDescriptor(w, list(w.shape), list(w.stride()), [1, block_rows, block_k])
+
+
 def _mask_w(granule: int | None, block_n: int) -> bool:
     return not granule or granule % block_n != 0
 
@@ -634,27 +670,32 @@ def moe_forward(
         return out
 
     bm = config.block_m
+    gu_desc = d_desc = None
+    if config.tma1:
+        gu_desc = _descriptor(gate_up, config.block_n1 * (2 if interleaved else 1), config.block_k1)
+    if config.tma2:
+        d_desc = _descriptor(down, config.block_n2, config.block_k2)
     order, meta, max_blocks = route(topk_ids, E, bm)
     e_pad = meta.numel() // 3
     bn1 = config.block_n1
     _gate_up_kernel[(max_blocks * triton.cdiv(I, bn1),)](
-        x, order, meta, gate_up, gub, widths, inter,
+        x, order, meta, gate_up, gu_desc, gub, widths, inter,
         max_blocks, E,
         x.stride(0), x.stride(1), *gate_up.stride(), *gub_strides,
         float(alpha), float(limit),
         H=H, I=I, TOPK=k, E_PAD=e_pad, ACT=act, INTERLEAVED=bool(interleaved), HAS_BIAS=has_bias_gu,
         DOT_PREC=dot_prec, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=config.block_k1, GROUP_M=config.group_m,
-        MASK_W=_mask_w(granule, bn1), num_warps=config.warps1, num_stages=config.stages1,
+        MASK_W=_mask_w(granule, bn1), USE_TMA=gu_desc is not None, num_warps=config.warps1, num_stages=config.stages1,
     )
     out_pairs = torch.empty((P, H), dtype=out_dtype, device=device)
     bn2 = config.block_n2
     _down_kernel[(max_blocks * triton.cdiv(H, bn2),)](
-        inter, order, meta, down, db, widths, rw, out_pairs,
+        inter, order, meta, down, d_desc, db, widths, rw, out_pairs,
         max_blocks, E, P,
         *down.stride(), *db_strides,
         H=H, I=I, E_PAD=e_pad, HAS_BIAS=has_bias_d, DOT_PREC=dot_prec,
         BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=config.block_k2, GROUP_M=config.group_m,
-        num_warps=config.warps2, num_stages=config.stages2,
+        USE_TMA=d_desc is not None, num_warps=config.warps2, num_stages=config.stages2,
     )
     if k == 1:
         return out_pairs

@@ -135,6 +135,10 @@ def write_table(path: str | Path, device: str, entries: dict[str, dict[int, Kern
 # --------------------------------------------------------------------------------------------
 # Autotuning (needs a CUDA GPU)
 
+def _with_tma(variants: list[dict], flag: str) -> list[dict]:
+    return [*({**v, flag: False} for v in variants), *({**v, flag: True} for v in variants)]
+
+
 def _grouped_candidates(per_expert: float) -> list[tuple[int, list[dict], list[dict]]]:
     """(block_m, gate/up variants, down variants) worth timing for ``per_expert`` rows per expert."""
     small = [dict(block_n1=64, block_k1=128, warps1=4, stages1=4), dict(block_n1=32, block_k1=256, warps1=4, stages1=3),
@@ -151,21 +155,33 @@ def _grouped_candidates(per_expert: float) -> list[tuple[int, list[dict], list[d
              dict(block_n2=128, block_k2=64, warps2=4, stages2=4), dict(block_n2=128, block_k2=128, warps2=8, stages2=3)]
     out = []
     if per_expert <= 24:
-        out.append((16, small, small_d))
+        out.append((16, _with_tma(small, "tma1"), _with_tma(small_d, "tma2")))
     if 4 < per_expert <= 96:
-        out.append((32 if per_expert <= 24 else 64, mid, mid_d))
+        out.append((32 if per_expert <= 24 else 64, _with_tma(mid, "tma1"), _with_tma(mid_d, "tma2")))
+    if per_expert > 96:
+        out.append((64, _with_tma(mid, "tma1"), _with_tma(mid_d, "tma2")))
     if per_expert > 48:
-        out.append((128, big, big_d))
+        out.append((128, _with_tma(big, "tma1"), _with_tma(big_d, "tma2")))
     return out
 
 
-_GEMV_CANDIDATES = [
-    dict(gv_block_n1=16, gv_block_k1=256, gv_warps1=4, gv_block_n2=16, gv_block_k2=256, gv_warps2=4, split_slots=True),
-    dict(gv_block_n1=8, gv_block_k1=512, gv_warps1=4, gv_block_n2=8, gv_block_k2=512, gv_warps2=4, split_slots=True),
-    dict(gv_block_n1=32, gv_block_k1=128, gv_warps1=4, gv_block_n2=32, gv_block_k2=128, gv_warps2=4, split_slots=True),
-    dict(gv_block_n1=16, gv_block_k1=512, gv_warps1=8, gv_block_n2=16, gv_block_k2=512, gv_warps2=8, split_slots=True),
-    dict(gv_block_n1=16, gv_block_k1=256, gv_warps1=4, gv_block_n2=8, gv_block_k2=256, gv_warps2=4, split_slots=False),
-    dict(gv_block_n1=4, gv_block_k1=1024, gv_warps1=4, gv_block_n2=4, gv_block_k2=1024, gv_warps2=4, split_slots=True),
+_GEMV_UP = [
+    dict(gv_block_n1=16, gv_block_k1=256, gv_warps1=4),
+    dict(gv_block_n1=8, gv_block_k1=512, gv_warps1=4),
+    dict(gv_block_n1=4, gv_block_k1=1024, gv_warps1=4),
+    dict(gv_block_n1=8, gv_block_k1=256, gv_warps1=2),
+    dict(gv_block_n1=16, gv_block_k1=512, gv_warps1=8),
+    dict(gv_block_n1=32, gv_block_k1=128, gv_warps1=4),
+]
+_GEMV_DOWN = [
+    dict(gv_block_n2=16, gv_block_k2=256, gv_warps2=4, split_slots=True),
+    dict(gv_block_n2=8, gv_block_k2=512, gv_warps2=4, split_slots=True),
+    dict(gv_block_n2=4, gv_block_k2=1024, gv_warps2=4, split_slots=True),
+    dict(gv_block_n2=8, gv_block_k2=256, gv_warps2=2, split_slots=True),
+    dict(gv_block_n2=16, gv_block_k2=256, gv_warps2=4, split_slots=False),
+    dict(gv_block_n2=8, gv_block_k2=256, gv_warps2=4, split_slots=False),
+    dict(gv_block_n2=4, gv_block_k2=512, gv_warps2=4, split_slots=False),
+    dict(gv_block_n2=4, gv_block_k2=1024, gv_warps2=4, split_slots=False),
 ]
 
 
@@ -199,12 +215,15 @@ def time_fn(fn: Callable[[], object], graph: bool = True, rep_ms: int = 60) -> f
 
 def autotune(num_experts: int, hidden: int, intermediate: int, top_k: int, dtype: torch.dtype = torch.bfloat16,
              device: torch.device | str = "cuda", batches: Iterable[int] = BUCKETS, weights=None,
-             register: bool = True, verbose: bool = False) -> dict[int, KernelConfig]:
+             register: bool = True, verbose: bool = False, decode_tokens: int = 16) -> dict[int, KernelConfig]:
     """Time candidate configurations on this GPU; returns (and registers) the best per bucket.
 
-    Per bucket: the gemv path (small batches) and the grouped path with one to two row-block
-    sizes; for each row-block size, the gate/up variants are timed with the heuristic down
-    config, then the down variants with the best gate/up one. Full widths, random routing.
+    Per bucket: the gemv path (small batches; gate/up variants first, then down variants) and
+    the grouped path with one or two row-block sizes (gate/up variants with the heuristic down
+    config, then down variants with the best gate/up one), each with and without tensor
+    descriptors. Random routing. The objective is the time at full width, plus, for decode
+    buckets (``<= decode_tokens``), the time at half width: a nested family serves every
+    budget from one config table, and decode is where widths pay most.
     """
     from flexc.kernels.triton_experts import moe_forward
 
@@ -214,29 +233,37 @@ def autotune(num_experts: int, hidden: int, intermediate: int, top_k: int, dtype
     key = shape_key(num_experts, hidden, intermediate, top_k, dtype)
     best_per_bucket: dict[int, KernelConfig] = {}
     compiled: set[KernelConfig] = set()
+    half = torch.full((num_experts,), max(16, (intermediate // 2) // 16 * 16), dtype=torch.int32, device=device)
     for T in batches:
         x, ids, tw, weights = make_inputs(num_experts, hidden, intermediate, top_k, T, dtype, device, weights=weights)
         gate_up, down = weights
+        width_sets = [None, half] if T <= decode_tokens else [None]
 
         def timed(cfg: KernelConfig) -> float:
-            fn = lambda: moe_forward(x, ids, tw, gate_up, down, config=cfg)  # noqa: E731
+            total = 0.0
             try:
-                if cfg not in compiled:
-                    fn()
-                    torch.cuda.synchronize()
-                    compiled.add(cfg)
-                return time_fn(fn, rep_ms=30)
+                for widths in width_sets:
+                    fn = lambda widths=widths: moe_forward(x, ids, tw, gate_up, down, widths=widths, config=cfg)  # noqa: E731
+                    if cfg not in compiled:
+                        fn()
+                        torch.cuda.synchronize()
+                    total += time_fn(fn, rep_ms=25)
+                compiled.add(cfg)
+                return total
             except Exception as exc:  # noqa: BLE001 -- e.g. out of shared memory: skip the candidate
                 if verbose:
-                    print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+                    print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:160]}")
                 return float("inf")
 
         t0 = time.time()
         results: list[tuple[float, KernelConfig]] = []
         pairs = T * top_k
         if pairs <= 256:
-            for cand in _GEMV_CANDIDATES:
-                cfg = KernelConfig(path="gemv", **cand)
+            base = default_config(num_experts, top_k, 1).replace(path="gemv")
+            best_up = min(((timed(base.replace(**v)), base.replace(**v)) for v in _GEMV_UP), key=lambda r: r[0])
+            results.append(best_up)
+            for v in _GEMV_DOWN:
+                cfg = best_up[1].replace(**v)
                 results.append((timed(cfg), cfg))
         per_expert = pairs / num_experts
         for bm, gu_variants, d_variants in _grouped_candidates(per_expert):
@@ -250,8 +277,9 @@ def autotune(num_experts: int, hidden: int, intermediate: int, top_k: int, dtype
         t_best, cfg_best = min(results, key=lambda r: r[0])
         best_per_bucket[T] = cfg_best
         if verbose:
-            print(f"[tune] {key} T={T}: {t_best * 1e3:.1f} us  {cfg_best.path} "
-                  f"({len(results)} timed, {time.time() - t0:.1f}s)", flush=True)
+            print(f"[tune] {key} T={T}: {t_best * 1e3:.1f} us (sum over {len(width_sets)} width sets) "
+                  f"{cfg_best.path}{' tma' * (cfg_best.tma1 or cfg_best.tma2)} ({len(results)} timed, {time.time() - t0:.1f}s)",
+                  flush=True)
     if register:
         register_configs(key, device_name(device), best_per_bucket)
     return best_per_bucket
