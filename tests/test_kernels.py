@@ -244,14 +244,16 @@ def test_granule_promise_skips_masks_and_stays_correct():
         assert rel_err(out, reference(case, w)) < 1e-4
 
 
-def test_noncontiguous_hidden_and_int64_widths():
+def test_noncontiguous_hidden_int32_ids_int64_widths():
     case = make_case(6, 4, 32, 32, 2, torch.float32, seed=10)
     wide = torch.randn(6, 64, device=DEVICE)
     wide[:, ::2] = case["hidden"]
     case["hidden"] = wide[:, ::2]
+    case["topk_ids"] = case["topk_ids"].to(torch.int32)
     widths = torch.tensor([32, 16, 0, 31], dtype=torch.int64, device=DEVICE)
-    out = run_kernel(case, widths, _interp_config(path="grouped"))
-    assert rel_err(out, reference(case, widths)) < 1e-4
+    for path in ("grouped", "gemv"):
+        out = run_kernel(case, widths, _interp_config(path=path))
+        assert rel_err(out, reference(case, widths)) < 1e-4
 
 
 def test_route_is_a_stable_counting_sort():

@@ -508,17 +508,23 @@ def _gemv_down_kernel(
 _ROUTE_CHUNK = 128
 
 
+def _flat_ids(topk_ids: torch.Tensor) -> torch.Tensor:
+    """The ``[T*k]`` expert ids as the kernels read them: int32 or int64 as given (no cast kernel)."""
+    ids = topk_ids.reshape(-1)
+    if ids.dtype not in (torch.int32, torch.int64):
+        ids = ids.to(torch.int32)
+    return ids.contiguous()
+
+
 def route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Counting sort of the (token, slot) pairs by expert, on the device, no host sync.
 
-    Returns ``order`` (``[T*k]`` int32: sorted position -> pair index), ``meta`` (see
+    ``topk_ids`` may be int32 or int64. Returns ``order`` (``[T*k]`` int32: sorted position -> pair
+    index), ``meta`` (see
     ``_scan_kernel``) and the static upper bound on the number of ``block_m`` row blocks.
     """
     device = topk_ids.device
-    ids = topk_ids.reshape(-1)
-    if ids.dtype != torch.int32:
-        ids = ids.to(torch.int32)
-    ids = ids.contiguous()
+    ids = _flat_ids(topk_ids)
     P = ids.numel()
     e_pad = max(16, _next_pow2(num_experts))
     n_chunks = triton.cdiv(P, _ROUTE_CHUNK)
@@ -646,8 +652,7 @@ def moe_forward(
     inter = torch.empty((P, I), dtype=x.dtype, device=device)
 
     if config.path == "gemv":
-        ids = topk_ids.reshape(-1)
-        ids = (ids if ids.dtype == torch.int32 else ids.to(torch.int32)).contiguous()
+        ids = _flat_ids(topk_ids)
         bn1 = config.gv_block_n1
         _gemv_gate_up_kernel[(P, triton.cdiv(I, bn1))](
             x, ids, gate_up, gub, widths, inter,
