@@ -15,7 +15,7 @@ from flexc.cli import main
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE / "broken_specs"))
-import helpers  # noqa: E402
+import compiler_helpers as helpers  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from flexc.compiler import artifacts
 from flexc.compiler.errors import OutputDirError, SpecError
 
 sys.path.insert(0, str(Path(__file__).parent / "broken_specs"))
-import helpers  # noqa: E402
+import compiler_helpers as helpers  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ HERE = Path(__file__).parent
 BROKEN = HERE / "broken_specs"
 ROOT = HERE.parent
 sys.path.insert(0, str(BROKEN))
-import helpers  # noqa: E402
+import compiler_helpers as helpers  # noqa: E402
 
 BROKEN_SPECS = sorted(BROKEN.glob("*.yaml"))
 EXPECT = re.compile(r"^# expect: (\d+):(\d*): (.*)$")
