@@ -56,7 +56,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     )
     if args.verbosity >= 0:
         what = "up to date" if result.up_to_date else f"ran {', '.join(result.ran)}"
-        logs.out_console().print(f"[green]✓[/] {result.out_dir}  ({what})", highlight=False)
+        logs.out_console().print(f"[green]✓[/] {result.out_dir}  ({what})", highlight=False, soft_wrap=True)
     return EXIT_OK
 
 
@@ -108,7 +108,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from flexc.ir.draw import write_svg
 
         written = write_svg(lower(loaded.model).module, Path(args.graph))
-        console.print(f"graph drawn to {written}", highlight=False)
+        console.print(f"graph drawn to {written}", highlight=False, soft_wrap=True)
     return EXIT_OK
 
 
@@ -127,7 +127,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         console.print(table)
         return EXIT_OK
     path = zoo.build(args.name, force=args.force, progress=args.verbosity >= 0)
-    console.print(f"[green]✓[/] zoo model {args.name!r} at {path}", highlight=False)
+    console.print(f"[green]✓[/] zoo model {args.name!r} at {path}", highlight=False, soft_wrap=True)
     return EXIT_OK
 
 

@@ -196,8 +196,6 @@ def check_moe_config(directory: Path) -> str | None:
 
 # --------------------------------------------------------------------------- loading
 
-_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-
 
 def resolve_device(device: str) -> str:
     import torch
@@ -234,7 +232,7 @@ def load_model(spec: "ModelSpec", *, progress: bool = True) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype: Any = "auto" if spec.dtype == "auto" else getattr(torch, _DTYPES[spec.dtype])
+    dtype: Any = "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True)
     except Exception as exc:

@@ -27,11 +27,6 @@ def out_console() -> Console:
     return Console()
 
 
-def set_console(c: Console) -> None:
-    global _console
-    _console = c
-
-
 def setup(verbosity: int = 0) -> logging.Logger:
     """Terminal logging: ``-1`` quiet (warnings and errors), ``0`` info, ``1`` debug."""
     logger = logging.getLogger(LOGGER)

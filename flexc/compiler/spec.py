@@ -23,8 +23,6 @@ from pydantic_core import PydanticCustomError
 from flexc.compiler.errors import SpecError, SpecIssue
 from flexc.compiler.yamlpos import PositionIndex, YamlSyntaxError, load_with_positions
 
-DTYPES = ("float32", "float16", "bfloat16", "auto")
-BUILTIN_CORPORA = ("python-stdlib",)
 BUILTIN_SPLITS = ("train", "heldout")
 DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

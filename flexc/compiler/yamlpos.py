@@ -42,9 +42,6 @@ class PositionIndex:
 
     entries: dict[Path_, Located] = field(default_factory=dict)
 
-    def get(self, path: Path_) -> Located | None:
-        return self.entries.get(tuple(path))
-
     def nearest(self, path: Path_) -> tuple[Path_, Located | None]:
         """The longest prefix of ``path`` that the document has, and its position."""
         path = tuple(path)
