@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -23,8 +24,14 @@ def console() -> Console:
 
 
 def out_console() -> Console:
-    """Console for a command's results (stdout): tables, summaries, confirmations."""
-    return Console()
+    """Console for a command's results (stdout): tables, summaries, confirmations.
+
+    Piped output gets a wide console, so tables are not cut to 80 columns.
+    """
+    c = Console()
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        c = Console(width=160)
+    return c
 
 
 def setup(verbosity: int = 0) -> logging.Logger:
