@@ -8,7 +8,7 @@ saved so that ``AutoTokenizer.from_pretrained(path)`` and
 
 Models (see :data:`RECIPES`):
 
-* ``tiny``: 2 layers, 8 experts top-2; ~3 minutes on 2 CPU cores (quickstart, tests).
+* ``tiny``: 2 layers, 8 experts top-2; under 3 minutes on one CPU core (quickstart, tests).
 * ``small``: 4 layers, 16 experts top-4; ~25 minutes on 2 CPU cores (benchmarks).
 
 Checkpoints are cached under ``<cache>/zoo/<name>/`` where ``<cache>`` is ``$FLEXC_CACHE``,

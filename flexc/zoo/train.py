@@ -279,8 +279,9 @@ def train_checkpoint(
         steps: overrides ``recipe.steps`` (the learning-rate schedule is stretched to fit).
         progress: rich progress output on stderr.
         train_documents / heldout_documents: documents (``.name``, ``.text``) to use instead of
-            the ``python-stdlib`` splits (tests use small subsets); ``corpus_identity`` then
-            describes them in the manifest.
+            the ``python-stdlib`` splits (both or neither; tests use small subsets).
+        corpus_identity: how the manifest describes the corpus (default: the stdlib identity,
+            or the document names' hash for custom documents).
         extra_manifest: extra top-level manifest entries.
     """
     from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
@@ -294,14 +295,21 @@ def train_checkpoint(
     report = _Reporter(progress, f"zoo/{recipe.name}")
     started = time.perf_counter()
 
-    if train_documents is None or heldout_documents is None:
+    if train_documents is None and heldout_documents is None:
         from flexc.data.corpus import stdlib_documents, stdlib_identity
 
-        train_documents = stdlib_documents("train") if train_documents is None else train_documents
-        heldout_documents = stdlib_documents("heldout") if heldout_documents is None else heldout_documents
+        train_documents, heldout_documents = stdlib_documents("train"), stdlib_documents("heldout")
         corpus_identity = stdlib_identity() if corpus_identity is None else corpus_identity
+    elif train_documents is None or heldout_documents is None:
+        raise ValueError("pass both train_documents and heldout_documents, or neither")
     if corpus_identity is None:
-        corpus_identity = {"name": "custom", "documents": len(train_documents) + len(heldout_documents)}
+        names = [d.name for d in train_documents] + ["\0"] + [d.name for d in heldout_documents]
+        corpus_identity = {
+            "name": "custom",
+            "train_files": len(train_documents),
+            "heldout_files": len(heldout_documents),
+            "list_sha256": hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest(),
+        }
 
     with _reproducible(threads), _quiet_transformers():
         # 1. Tokenizer.
