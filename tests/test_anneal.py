@@ -149,3 +149,24 @@ def test_flops_metric_needs_routing_and_weights_by_load(tmp_path):
     assert torch.allclose(w * 2, (counts / counts.sum(1, keepdim=True)).float(), atol=1e-6)
     with pytest.raises(ValueError, match="routing statistics"):
         expert_weights(graph.groups, "flops", None)
+
+
+def test_graph_state_with_gates_restores_into_a_fresh_lowering(annealed, tmp_path):
+    from flexc.passes.action_gates import gates_of, set_gate_mode
+
+    graph, _, _, _, _ = annealed
+    with torch.no_grad():
+        for gate in gates_of(graph):
+            gate.logits.normal_()  # a non-trivial deployed table
+    graph.save_state(tmp_path)
+    fresh = lower(tiny_model("qwen3_moe", moe_intermediate_size=64))
+    fresh.load_state(tmp_path)
+    ids = data(1, seed=3)[0]
+    set_gate_mode(graph, "deploy")
+    set_gate_mode(fresh, "deploy")
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(fresh.logits(ids), graph.logits(ids), rtol=0, atol=0)
+    finally:
+        set_gate_mode(graph, "full")
+    assert "action_gates" in fresh.properties

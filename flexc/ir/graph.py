@@ -22,6 +22,7 @@ from flexc.ir.op import op_overloads
 
 STATE_WEIGHTS = "graph_weights.safetensors"
 STATE_META = "graph_meta.json"
+GRAPH_PREFIX = "graph::"
 
 
 def is_expert_node(node: fx.Node) -> bool:
@@ -48,6 +49,9 @@ class FlexGraph:
     family: FamilyAdapter
     example_inputs: dict[str, Any] = field(default_factory=dict)
     properties: set[str] = field(default_factory=lambda: {"lowered"})
+    # Structural rewrites applied by passes ({"pass": name, "options": {...}}), replayed by
+    # load_state on a freshly lowered graph before its tensors are restored.
+    rewrites: list[dict] = field(default_factory=list)
 
     # ---- running -----------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -121,9 +125,11 @@ class FlexGraph:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().contiguous() for name, p in self.model.named_parameters()}
         tensors.update({f"{g.path}.{WIDTHS_BUFFER}": self.widths()[i] for i, g in enumerate(self.groups)})
+        tensors.update({f"{GRAPH_PREFIX}{name}": t.detach().contiguous() for name, t in self._graph_own_tensors()})
         with atomic_path(directory / STATE_WEIGHTS) as tmp:
             save_file(tensors, str(tmp))
-        meta = {"groups": [g.to_dict() for g in self.groups], "properties": sorted(self.properties)}
+        meta = {"groups": [g.to_dict() for g in self.groups], "properties": sorted(self.properties),
+                "rewrites": self.rewrites}
         with atomic_path(directory / STATE_META) as tmp:
             tmp.write_text(json.dumps(meta, indent=2))
 
@@ -131,14 +137,27 @@ class FlexGraph:
         """Restore what :meth:`save_state` wrote into this (freshly lowered) graph, in place."""
         from safetensors.torch import load_file
 
+        from flexc.passes.registry import resolve_pass
+
         directory = Path(directory)
         tensors = load_file(str(directory / STATE_WEIGHTS))
+        meta = json.loads((directory / STATE_META).read_text())
+        for rewrite in meta.get("rewrites", [])[len(self.rewrites):]:
+            resolve_pass(rewrite["pass"])(rewrite["options"]).run(self, None)
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 p.copy_(tensors[name])
+            for name, t in self._graph_own_tensors():
+                t.copy_(tensors[f"{GRAPH_PREFIX}{name}"])
         self.set_widths(torch.stack([tensors[f"{g.path}.{WIDTHS_BUFFER}"] for g in self.groups]))
-        meta = json.loads((directory / STATE_META).read_text())
         self.properties = set(meta["properties"])
+
+    def _graph_own_tensors(self):
+        """Parameters and buffers passes added to the graph module (not the model's own)."""
+        model_names = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
+        for name, t in list(self.module.named_parameters()) + list(self.module.named_buffers()):
+            if name not in model_names:
+                yield name, t
 
     # ---- views --------------------------------------------------------------------------
     @property

@@ -191,4 +191,5 @@ class InsertActionGates(Pass):
             changed.add(new.name)
         graph.module.graph.lint()
         graph.module.recompile()
+        graph.rewrites.append({"pass": self.name, "options": self.options.model_dump(mode="json")})
         return PassResult(graph=graph, modified=True, changed_nodes=changed)
