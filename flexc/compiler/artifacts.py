@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from flexc.compiler.errors import OutputDirError
-from flexc.utils.atomic import atomic_path
+from flexc.utils.atomic import atomic_path, default_mode
 
 MANIFEST = "manifest.json"
 SPEC_FILE = "spec.yaml"
@@ -61,23 +61,10 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def default_mode(path: Path) -> None:
-    """Give a file or directory made by mkstemp/mkdtemp (0600/0700) the usual permissions."""
-    base = 0o777 if path.is_dir() else 0o666
-    os.chmod(path, base & ~_umask())
-
-
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` atomically, with ordinary permissions."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        default_mode(tmp)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -156,7 +143,6 @@ def save_pass_state(state: dict[str, Any], directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / "ctx_state.safetensors") as tmp:
         save_file(tensors, str(tmp))
-        default_mode(tmp)
     write_json(directory / "ctx_state.json", tree)
 
 

@@ -341,19 +341,12 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
         if run.done(name):  # recorded by an older run but without saved state: run it again
             run.record(name, status="pending")
 
+    from flexc.passes.manager import check_pipeline, run_pass
+
     try:
-        from flexc.passes.manager import check_pipeline, run_pass
-    except ImportError:
-        check_pipeline = None
-
-        def run_pass(p, g, c):
-            return p(g, c)
-
-    if check_pipeline is not None:
-        try:
-            check_pipeline(passes[first:], frozenset(graph.properties))
-        except ValueError as exc:
-            raise FlexcError(f"the pipeline cannot run in this order: {exc}") from None
+        check_pipeline(passes[first:], frozenset(graph.properties))
+    except ValueError as exc:
+        raise FlexcError(f"the pipeline cannot run in this order: {exc}") from None
 
     device = str(next(loaded.model.parameters()).device)
     for i, (name, entry, p) in enumerate(zip(pass_names, spec.pipeline, passes)):
@@ -362,13 +355,11 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
             next(step)
             continue
         _seed_everything(spec.seed)
+        # An interrupted pass's folder is kept: resumable passes (anneal) checkpoint there.
         workdir = out / "stages" / name
-        if workdir.exists():
-            shutil.rmtree(workdir)
-        workdir.mkdir(parents=True)
-        ctx = PassContext(workdir=workdir, spec=spec, seed=spec.seed, device=device, state=state, logger=log, quiet=quiet)
-        if hasattr(ctx, "tokenizer"):
-            ctx.tokenizer = loaded.tokenizer
+        workdir.mkdir(parents=True, exist_ok=True)
+        ctx = PassContext(workdir=workdir, spec=spec, seed=spec.seed, device=device, state=state, logger=log,
+                          quiet=quiet, tokenizer=loaded.tokenizer)
         with stage(name) as st:
             res = run_pass(p, graph, ctx)
             graph = res.graph

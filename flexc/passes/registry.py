@@ -77,7 +77,7 @@ def resolve_pass(name: str) -> type[Pass]:
         return cls
     known = available_passes()
     close = difflib.get_close_matches(name, known, n=1)
-    hint = f" — did you mean {close[0]!r}?" if close else ""
+    hint = f" — did you mean {close[0]!r}?" if close else "."
     raise UnknownPassError(
         name,
         f"unknown pass {name!r}{hint} Known passes: {', '.join(known) or '(none)'}; "

@@ -16,6 +16,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    default_mode(Path(tmp))
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -23,6 +24,18 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(path: Path) -> None:
+    """Give a file or directory made by mkstemp/mkdtemp (0600/0700) the usual permissions."""
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~_umask())
 
 
 def atomic_write_text(target: str | Path, text: str) -> None:
