@@ -172,7 +172,13 @@ def build(
     final = entry_path(name, seed=seed, steps=steps)
     if not force and _cached(final, recipe):
         return final
-    with build_lock(final):
+    def waiting() -> None:
+        if progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold]zoo/{name}[/bold] waiting for another process building {final}")
+
+    with build_lock(final, on_wait=waiting):
         if not force and _cached(final, recipe):
             return final  # built by another process while we waited
         remove_stale_temps(final)

@@ -20,10 +20,19 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["MANIFEST", "build_lock", "cache_root", "install", "is_complete", "temp_dir", "zoo_root"]
+__all__ = [
+    "MANIFEST",
+    "build_lock",
+    "cache_root",
+    "install",
+    "is_complete",
+    "remove_stale_temps",
+    "temp_dir",
+    "zoo_root",
+]
 
 MANIFEST = "manifest.json"
 
@@ -49,8 +58,11 @@ def is_complete(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def build_lock(final: Path) -> Iterator[None]:
-    """Hold an exclusive lock for building ``final`` (blocks while another process holds it)."""
+def build_lock(final: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock for building ``final`` (blocks while another process holds it).
+
+    ``on_wait`` is called once, before blocking, if another process holds the lock.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     lock_path = final.parent / f".{final.name}.lock"
     with open(lock_path, "a+") as handle:
@@ -59,7 +71,12 @@ def build_lock(final: Path) -> Iterator[None]:
         except ImportError:  # pragma: no cover - not POSIX: rely on install() tolerating races
             yield
             return
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:
