@@ -5,6 +5,7 @@ Layout under :func:`cache_root`::
     zoo/<key>/                 a complete checkpoint (config, weights, tokenizer, manifest.json)
     zoo/.<key>.lock            lock file held while <key> is being built
     zoo/.<key>.tmp-<id>/       a build in progress (removed if the build fails)
+    zoo/.<key>.old-<id>/       a replaced checkpoint, deleted right after a forced rebuild
 
 A build trains into a temporary directory next to its final place and renames it there only
 once everything, ``manifest.json`` last, is written: a directory named ``<key>`` is always
