@@ -1,0 +1,104 @@
+"""The "Writing a pass" example runs from a YAML spec by module:Class; ordering is checked."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import flexc
+from flexc.compiler.errors import SpecError
+
+EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
+sys.path.insert(0, str(Path(__file__).parent / "broken_specs"))
+import compiler_helpers as helpers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return helpers.make_tiny_moe(tmp_path_factory.mktemp("models") / "tiny-qwen3-moe")
+
+
+def write_spec(path: Path, moe_dir: Path, out: Path, pipeline: str) -> Path:
+    path.write_text(f"""\
+model: {{path: {moe_dir}}}
+data:
+  calibration: {{builtin: python-stdlib, num_samples: 4, seq_len: 32, batch_size: 2}}
+budgets: {{keep: [0.5]}}
+pipeline:
+{pipeline}
+export: {{dir: {out}}}
+""")
+    return path
+
+
+def test_example_pass_runs_from_yaml(moe_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    out = tmp_path / "run"
+    spec = write_spec(tmp_path / "spec.yaml", moe_dir, out, """\
+  - rank_channels: {score: activation, plot: false}
+  - name: cold_experts:DropColdExperts
+    options: {min_share: 0.2}
+""")
+    result = flexc.compile(spec, quiet=True)
+    stage = [name for name in result.ran if name.startswith("02-")]
+    assert stage == ["02-cold_experts.DropColdExperts"]
+    report = json.loads((out / "stages" / stage[0] / "cold_experts.json").read_text())
+    counts = load_file(str(out / "stages" / "01-rank_channels" / "routing_stats.safetensors"))["counts"]
+    share = counts / counts.sum(dim=1, keepdim=True)
+    expected = {f"layer {i}": (share[i] < 0.2).nonzero().flatten().tolist() for i in range(share.shape[0])}
+    assert report == expected
+    assert any(report.values())  # with a 20% floor, some expert is cold
+
+
+def test_example_pass_before_its_requirement_is_a_spec_error(moe_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    spec = write_spec(tmp_path / "spec.yaml", moe_dir, tmp_path / "run", """\
+  - name: cold_experts:DropColdExperts
+  - rank_channels: {score: activation}
+""")
+    with pytest.raises((SpecError, flexc.FlexcError), match="'routing_stats' is provided by 'rank_channels', "
+                                                             "which runs later"):
+        flexc.compile(spec, quiet=True)
+
+
+def test_example_pass_option_typo_is_a_spec_error(moe_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    spec = write_spec(tmp_path / "spec.yaml", moe_dir, tmp_path / "run", """\
+  - rank_channels: {score: activation}
+  - name: cold_experts:DropColdExperts
+    options: {min_shares: 0.2}
+""")
+    with pytest.raises(SpecError) as err:
+        flexc.validate(spec)
+    assert "min_shares" in str(err.value) and "min_share" in str(err.value)
+
+
+def test_unknown_pass_name_is_a_spec_error(moe_dir, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", moe_dir, tmp_path / "run", "  - rank_chanels: {}\n")
+    with pytest.raises(SpecError, match="did you mean 'rank_channels'"):
+        flexc.validate(spec)
+
+
+def test_preserves_computation_is_enforced():
+    from flexc.ir import lower
+    from flexc.ir.testing import tiny_model
+    from flexc.passes import Pass, PassContext, PassResult
+    from flexc.passes.manager import run_checked
+
+    class Liar(Pass):
+        name = "liar"
+        preserves_computation = True
+
+        def run(self, graph, ctx):
+            with torch.no_grad():
+                graph.expert_weights(graph.groups[0])[1].mul_(2)
+            return PassResult(graph=graph)
+
+    graph = lower(tiny_model("mixtral"))
+    with pytest.raises(AssertionError, match="claims preserves_computation"):
+        run_checked(Liar(), graph, PassContext(workdir=Path(".")), {"input_ids": torch.randint(0, 97, (2, 7))})
