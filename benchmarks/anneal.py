@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128, help="calibration sequences")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--lambda-end", type=float, default=2.0)
+    parser.add_argument("--lambda-end", type=float, default=0.5)
     parser.add_argument("--quality", default="distill", choices=["distill", "next_token"])
     parser.add_argument("--eval-tokens", type=int, default=100_000)
     parser.add_argument("--out", type=Path, default=None)

@@ -62,3 +62,26 @@ def test_triton_backend_in_interpreter_matches_reference(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "qwen3_moe" in out.stdout and "gpt_oss" in out.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_auto_on_cuda_uses_triton_and_switches_widths(family, tmp_path):
+    graph = lower(tiny_model(family).cuda(), {"input_ids": torch.randint(0, 97, (2, 8), device="cuda")})
+    ids = torch.randint(0, 97, (3, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    table = graph.widths()
+    table[:, ::3] = 16
+    table[:, 1] = 0
+    with torch.no_grad():
+        want_full = graph.logits(ids)
+        graph.set_widths(table)
+        want_pruned = graph.logits(ids)
+        result = resolve_pass("lower_kernels")({})(graph, PassContext(workdir=tmp_path, quiet=True))
+        assert len(result.changed_nodes) == len(graph.groups)
+        got_pruned = graph.logits(ids)
+        graph.set_widths(None)  # switch back: no recompilation, same kernels
+        got_full = graph.logits(ids)
+    assert json.loads((tmp_path / "kernel_plan.json").read_text())["backend"] == "triton"
+    assert (got_pruned - want_pruned).abs().max() < 1e-3
+    assert (got_full - want_full).abs().max() < 1e-3

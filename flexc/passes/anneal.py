@@ -93,7 +93,7 @@ class AnnealOptions(PassOptions):
     lr: float = Field(0.05, gt=0, description="Adam learning rate of the action logits.")
     quality: Literal["distill", "next_token"] = Field("distill", description="Quality term of the loss.")
     tau: Schedule = Field(Schedule(start=1.0, end=0.1, kind="exponential"), description="Gumbel temperature.")
-    lambda_: Schedule = Field(Schedule(start=0.0, end=4.0, kind="linear"), alias="lambda",
+    lambda_: Schedule = Field(Schedule(start=0.0, end=0.5, kind="linear"), alias="lambda",
                               description="Weight of the cost term.")
     beta: Schedule = Field(Schedule(start=0.02, end=0.0, kind="cosine"), description="Weight of the entropy bonus.")
     extra_steps: int | None = Field(None, ge=0, description="Bounded continuation if budgets remain "
