@@ -1,0 +1,8 @@
+"""Export formats. Importing this package registers every built-in exporter.
+
+Each module registers one format with :func:`flexc.compiler.exporters.register_exporter`;
+shared pieces: :mod:`flexc.export.tables` (width tables per budget) and
+:mod:`flexc.export.slicing` (expert weights cut to their widths).
+"""
+
+from flexc.export import nested  # noqa: F401
