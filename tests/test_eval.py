@@ -1,0 +1,119 @@
+"""Held-out perplexity: exact token counts, hand computations, no leakage, graphs == models."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexc.compiler.spec import DataSource
+from flexc.data.calibration import DataError
+from flexc.eval import check_no_leak, evaluate, evaluation_stream
+from flexc.ir.testing import tiny_model
+
+V = 97
+
+
+class ConstantLM(nn.Module):
+    """Predicts the same distribution everywhere: perplexity has a closed form."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = nn.Parameter(logits)
+
+    def forward(self, input_ids):
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
+
+
+class CharTokenizer:
+    eos_token_id = 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[1 + ord(c) % (V - 1) for c in t] for t in texts]}
+
+
+def source(**kw):
+    return SimpleNamespace(seq_len=kw.pop("seq_len", 8), batch_size=kw.pop("batch_size", 2), **kw)
+
+
+def test_constant_model_matches_closed_form():
+    torch.manual_seed(0)
+    logits = torch.randn(V)
+    stream = torch.randint(0, V, (29,))
+    seq_len = 8  # windows of 8, 8, 8, 5: targets 7 + 7 + 7 + 4
+    result = evaluate(ConstantLM(logits), None, source(seq_len=seq_len), stream=stream)
+    assert result.tokens == 25 == 29 - math.ceil(29 / seq_len)
+    logp = F.log_softmax(logits, dim=-1)
+    targets = [int(stream[i]) for i in range(29) if i % seq_len != 0]
+    expected = -sum(float(logp[t]) for t in targets) / len(targets)
+    assert result.loss == pytest.approx(expected, rel=1e-6)
+    assert result.perplexity == pytest.approx(math.exp(expected), rel=1e-6)
+
+
+def test_tiny_model_matches_window_by_window_hand_computation():
+    model = tiny_model("qwen3_moe")
+    stream = torch.randint(0, V, (45,), generator=torch.Generator().manual_seed(1))
+    result = evaluate(model, None, source(seq_len=16, batch_size=2), stream=stream)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, 45, 16):  # each window alone, every position scored by hand
+            window = stream[start:start + 16]
+            logp = F.log_softmax(model(input_ids=window[None]).logits[0].double(), dim=-1)
+            for i in range(1, window.numel()):
+                nll -= float(logp[i - 1, window[i]])
+                count += 1
+    assert result.tokens == count == 45 - 3
+    assert result.loss == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_graph_and_budget_evaluate_like_the_model():
+    from flexc.eval import apply_budget
+    from flexc.ir import lower
+
+    model = tiny_model("qwen3_moe")
+    stream = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(2))
+    src = source(seq_len=10, batch_size=4)
+    base = evaluate(model, None, src, stream=stream)
+    graph = lower(model)
+    assert evaluate(graph, None, src, stream=stream).loss == pytest.approx(base.loss, rel=1e-5)
+    state = {"width_budgets": torch.tensor([0.5]), "width_tables": torch.full((1, 2, 8), 16, dtype=torch.int32)}
+    apply_budget(graph, state, 0.5)
+    pruned = evaluate(graph, None, src, stream=stream)
+    apply_budget(graph, state, None)
+    assert pruned.tokens == base.tokens and pruned.loss != pytest.approx(base.loss, rel=1e-4)
+    assert evaluate(graph, None, src, stream=stream).loss == pytest.approx(base.loss, rel=1e-5)
+
+
+def test_stream_reads_whole_documents_in_order_and_stops_at_the_limit(tmp_path):
+    docs = ["abc", "defgh", "ij", "klmnopqrst"]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    src = DataSource(files=[str(path)], num_samples=2, seq_len=6)
+    stream = evaluation_stream(src, CharTokenizer())
+    tok = CharTokenizer()
+    full = []
+    for d in docs:
+        full += tok([d])["input_ids"][0] + [0]
+    assert stream.tolist() == full[:12]  # num_samples * seq_len tokens, documents in file order
+    assert evaluation_stream(src, tok, limit_tokens=1000).tolist() == full
+
+
+def test_leaks_across_the_split_are_refused(tmp_path):
+    calib = DataSource(builtin="python-stdlib", split="train")
+    check_no_leak(calib, DataSource(builtin="python-stdlib"))  # default evaluation split: heldout
+    with pytest.raises(DataError, match="same split"):
+        check_no_leak(calib, DataSource(builtin="python-stdlib", split="train"))
+    f = tmp_path / "a.txt"
+    f.write_text("x")
+    with pytest.raises(DataError, match="shares files"):
+        check_no_leak(DataSource(files=[str(f)]), DataSource(files=[str(f)]))
+
+
+def test_builtin_heldout_documents_are_not_in_train():
+    from flexc.data.corpus import stdlib_documents
+
+    train = {d.name for d in stdlib_documents("train")}
+    assert not train & {d.name for d in stdlib_documents("heldout")}
