@@ -137,15 +137,13 @@ class FlexGraph:
         """Restore what :meth:`save_state` wrote into this (freshly lowered) graph, in place."""
         from safetensors.torch import load_file
 
-        from flexc.passes.base import PassContext
         from flexc.passes.registry import resolve_pass
 
         directory = Path(directory)
         tensors = load_file(str(directory / STATE_WEIGHTS))
         meta = json.loads((directory / STATE_META).read_text())
         for rewrite in meta.get("rewrites", [])[len(self.rewrites):]:
-            replay = PassContext(workdir=directory / "replay" / rewrite["pass"], quiet=True)
-            resolve_pass(rewrite["pass"])(rewrite["options"]).run(self, replay)
+            resolve_pass(rewrite["pass"])(rewrite["options"]).replay(self, directory / "replay" / rewrite["pass"])
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 p.copy_(tensors[name])

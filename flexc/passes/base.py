@@ -95,6 +95,14 @@ class Pass:
     def run(self, graph: "FlexGraph", ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError(f"pass {self.name!r} does not implement run()")
 
+    def replay(self, graph: "FlexGraph", workdir: Path) -> None:
+        """Re-apply this pass's structural rewrite to a freshly lowered graph (resume).
+
+        Only passes that append to ``graph.rewrites`` are replayed; the default re-runs the
+        pass with an empty state, which suits rewrites that depend only on their options.
+        """
+        self.run(graph, PassContext(workdir=workdir, quiet=True))
+
     def __call__(self, graph: "FlexGraph", ctx: PassContext) -> PassResult:
         result = self.run(graph, ctx)
         if not isinstance(result, PassResult):

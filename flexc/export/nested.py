@@ -1,0 +1,107 @@
+"""The ``nested`` export: one checkpoint that holds every budget.
+
+Layout of ``<out>/nested/``::
+
+    config.json, model*.safetensors, generation_config.json, tokenizer files
+                          an ordinary Hugging Face checkpoint of the original architecture
+                          with the channel-ranked weights (loads without flexc; at full
+                          width it computes what the original model computes)
+    flexc_widths.safetensors   the width table [layers, experts] of every budget
+    flexc_manifest.json        budgets, achieved keep ratios, parameters and bytes per budget,
+                               quality figures when measured, provenance
+
+:func:`flexc.load` reads it back at any budget and switches budgets in place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexc.compiler.exporters import ExportContext, register_exporter
+from flexc.export.tables import WIDTHS_FILE, WidthTables
+from flexc.passes.width_tables import expert_weights, keep_ratio, per_layer_keep
+
+MANIFEST_FILE = "flexc_manifest.json"
+KIND = "nested"
+FORMAT_VERSION = 1
+
+
+def budget_sizes(groups, tables: WidthTables, total_params: int, bytes_per_param: int) -> list[dict[str, Any]]:
+    """Per budget: achieved keep ratio (parameters), routed and total parameter counts and bytes."""
+    full = torch.tensor(tables.full)
+    weights = expert_weights(groups, "params")
+    routed_full = sum(g.routed_params for g in groups)
+    rows = []
+    for budget, table in zip(tables.budgets, tables.tables):
+        # A channel carries the same parameters in every expert of a layer (gate row, up row,
+        # down column and their biases).
+        routed = sum(int(table[i].sum()) * g.params_per_channel
+                     + (g.num_experts * g.hidden_size if g.has_bias else 0)
+                     for i, g in enumerate(groups))
+        total = total_params - routed_full + routed
+        rows.append({
+            "keep": budget,
+            "keep_achieved": keep_ratio(table, full, weights),
+            "per_layer_keep": per_layer_keep(table, full),
+            "routed_params": routed,
+            "total_params": total,
+            "bytes": total * bytes_per_param,
+        })
+    return rows
+
+
+def write_nested(target: Path, model, groups, tables: WidthTables, *, tokenizer=None,
+                 provenance: dict[str, Any] | None = None, quality: dict[str, Any] | None = None,
+                 max_shard_size: str = "2GB") -> dict[str, Any]:
+    """Write the nested artifact of ``model`` (ranked weights) and ``tables`` into ``target``."""
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
+    tables.save(target / WIDTHS_FILE)
+    first = next(model.parameters())
+    total_params = sum(p.numel() for p in model.parameters())
+    manifest = {
+        "kind": KIND,
+        "format": FORMAT_VERSION,
+        "architecture": (model.config.architectures or [type(model).__name__])[0],
+        "model_type": model.config.model_type,
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "metric": tables.metric,
+        "layers": [g.to_dict() for g in groups],
+        "full": {"total_params": total_params, "routed_params": sum(g.routed_params for g in groups),
+                 "bytes": total_params * first.element_size()},
+        "budgets": budget_sizes(groups, tables, total_params, first.element_size()),
+        "quality": quality or {},
+        "provenance": provenance or {},
+    }
+    (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+@register_exporter("nested")
+def export_nested(ctx: ExportContext) -> None:
+    if ctx.graph is None:
+        raise ValueError("the nested export needs a pipeline (rank_channels, then a pass that chooses widths)")
+    tables = WidthTables.from_state(ctx.state, ctx.graph.groups)
+    from flexc.compiler.artifacts import library_versions
+
+    provenance = {"spec": ctx.spec.to_yaml() if ctx.spec is not None else None,
+                  "seed": getattr(ctx.spec, "seed", None), "versions": library_versions()}
+    manifest = write_nested(ctx.target, ctx.model, ctx.graph.groups, tables, tokenizer=ctx.tokenizer,
+                            provenance=provenance, quality=ctx.state.get("quality"))
+    for row in manifest["budgets"]:
+        ctx.logger.info("nested: keep %.2f → achieved %.3f, %s parameters", row["keep"], row["keep_achieved"],
+                        f"{row['total_params']:,}")

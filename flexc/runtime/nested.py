@@ -1,0 +1,123 @@
+"""The nested runtime: a transformers model whose budget switches in place.
+
+:func:`load` returns an ordinary ``PreTrainedModel`` (``generate()``, pipelines, … work) whose
+experts run ``torch.ops.flexc.moe_experts`` with a per-layer width buffer. Switching budget
+copies one small int32 row per layer into those buffers: no weight is copied, reloaded or
+recompiled, and on CUDA the Triton kernels read only the kept channels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flexc.export.tables import WIDTHS_FILE, BudgetError, WidthTables
+from flexc.ir.experts_impl import IMPLEMENTATION_NAME, WIDTHS_BUFFER, set_widths
+from flexc.ir.groups import ExpertGroup, find_expert_groups
+
+
+class NestedRuntime:
+    """Budget control of a loaded nested model (``model.flexc``)."""
+
+    def __init__(self, model: nn.Module, groups: list[ExpertGroup], tables: WidthTables):
+        self.model = model
+        self.groups = groups
+        self.tables = tables
+        self.budget: float | None = None
+        for g in groups:  # allocate every width buffer once; switching only copies into them
+            set_widths(self._experts(g), torch.full((g.num_experts,), g.intermediate_size, dtype=torch.int32))
+        # Host-side copies of the tables, on the buffers' device, so a switch is L tiny copies.
+        device = next(model.parameters()).device
+        self._rows = {b: [row.to(device) for row in tables.table(b)] for b in self.budgets}
+        self._rows.setdefault(1.0, [row.to(device) for row in tables.full_table()])
+
+    @property
+    def budgets(self) -> list[float]:
+        """Exported budgets (keep ratios, descending); 1.0 (full width) is always available too."""
+        return list(self.tables.budgets)
+
+    def _experts(self, group: ExpertGroup) -> nn.Module:
+        return self.model.get_submodule(group.path)
+
+    def set_budget(self, budget: float, overrides: dict[int, Any] | None = None) -> None:
+        """Switch every layer to ``budget``'s widths; ``overrides`` maps layer → widths ``[E]``."""
+        key = self._closest(budget)
+        if key is None:
+            raise BudgetError(f"no width table for budget {budget}; available budgets: "
+                              f"{', '.join(f'{b:g}' for b in self.budgets)} (and 1.0 for full width)")
+        for g, row in zip(self.groups, self._rows[key]):
+            getattr(self._experts(g), WIDTHS_BUFFER).copy_(row)
+        self.budget = key
+        if overrides:
+            self.set_layer_widths(overrides)
+
+    def set_layer_widths(self, overrides: dict[int, Any]) -> None:
+        """Set some layers' widths ``[E]`` directly (``{layer index: widths}``)."""
+        by_layer = {g.layer: g for g in self.groups}
+        for layer, widths in overrides.items():
+            if layer not in by_layer:
+                raise KeyError(f"no MoE layer {layer}; MoE layers: {sorted(by_layer)}")
+            g = by_layer[layer]
+            row = torch.as_tensor(widths, dtype=torch.int32)
+            if row.shape != (g.num_experts,) or int(row.min()) < 0 or int(row.max()) > g.intermediate_size:
+                raise ValueError(f"layer {layer}: widths must be {g.num_experts} values in "
+                                 f"[0, {g.intermediate_size}]; found shape {tuple(row.shape)}")
+            getattr(self._experts(g), WIDTHS_BUFFER).copy_(row)
+        self.budget = None  # no longer one exported budget
+
+    def widths(self) -> torch.Tensor:
+        """Current widths ``[layers, experts]``."""
+        return torch.stack([getattr(self._experts(g), WIDTHS_BUFFER).cpu() for g in self.groups])
+
+    def _closest(self, budget: float) -> float | None:
+        for b in self._rows:
+            if abs(b - budget) < 1e-6:
+                return b
+        return None
+
+
+def attach(model: nn.Module, tables: WidthTables, budget: float | None = None) -> nn.Module:
+    """Make ``model`` a nested model: flexc experts, width buffers, ``model.set_budget``."""
+    from flexc.ir.families import detect_family
+
+    model.set_experts_implementation(IMPLEMENTATION_NAME)
+    groups = find_expert_groups(model, detect_family(model.config))
+    if [g.layer for g in groups] != tables.layers or [g.intermediate_size for g in groups] != tables.full:
+        raise ValueError(f"the width tables (layers {tables.layers}) do not match this model's MoE layers "
+                         f"({[g.layer for g in groups]})")
+    runtime = NestedRuntime(model, groups, tables)
+    # Plain attributes (not submodules): the model stays an ordinary transformers model.
+    model.flexc = runtime
+    model.set_budget = runtime.set_budget
+    if budget is not None:
+        runtime.set_budget(budget)
+    return model
+
+
+def load_nested(directory: str | Path, budget: float | None = None, *, dtype: Any = None,
+                device: str | torch.device | None = None, backend: str = "auto") -> nn.Module:
+    """Load a nested artifact at ``budget`` (None: full width)."""
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    tables = WidthTables.load(directory / WIDTHS_FILE)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    _install_backend(backend, next(model.parameters()).device)
+    return attach(model, tables, budget)
+
+
+def _install_backend(backend: str, device: torch.device) -> None:
+    """``auto``: Triton kernels on CUDA, the reference op elsewhere (see flexc.kernels.dispatch)."""
+    from flexc.kernels.dispatch import install_cuda_backend, resolve_backend
+
+    if resolve_backend(backend, device) == "triton" and device.type == "cuda":
+        install_cuda_backend()
