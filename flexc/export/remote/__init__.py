@@ -1,0 +1,1 @@
+"""Modeling code that exports ship next to their weights (self-contained: torch and transformers only)."""

@@ -1,0 +1,166 @@
+"""Modeling code of a flexc *sliced* checkpoint: a Mixture-of-Experts causal LM whose routed
+experts keep only their first ``w`` intermediate channels, each expert its own ``w``.
+
+This file is self-contained (torch and transformers only) so that
+
+    AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
+
+loads the checkpoint it ships with. ``config.json`` holds the original architecture's config
+plus ``flexc_sliced``: the transformers class the model derives from and, per experts module
+(by module path), the expert widths and the gated activation.
+
+Each experts module stores its experts packed along the channel axis, expert after expert, so
+that no checkpoint key looks like the per-expert keys transformers converts when loading
+MoE families (``experts.N.gate_proj.weight``, ``experts.N.w1.weight``, ...):
+
+- ``sliced_gate_up [2 * sum(w), H]``: for expert ``e`` at channel offset ``o``, rows
+  ``[2o, 2o + w)`` are its gate rows and ``[2o + w, 2o + 2w)`` its up rows;
+- ``sliced_down [sum(w), H]``: rows ``[o, o + w)`` are its down projection, transposed;
+- where the family has biases, ``sliced_gate_up_bias [2 * sum(w)]`` (same layout) and
+  ``sliced_down_bias [E, H]``.
+
+An expert of width 0 has no weights and contributes nothing (its bias included).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+CONFIG_KEY = "flexc_sliced"
+CLASS_PREFIX = "FlexcSliced"
+FORMAT_VERSION = 1
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped")
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, kind: str, alpha: float, limit: float) -> torch.Tensor:
+    """``act(gate) * up``; ``swiglu_clamped`` is GPT-OSS's clamped SwiGLU."""
+    if kind == "silu":
+        return F.silu(gate) * up
+    if kind == "gelu":
+        return F.gelu(gate) * up
+    if kind == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    if kind == "relu":
+        return F.relu(gate) * up
+    if kind == "swiglu_clamped":
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    raise ValueError(f"unknown expert activation {kind!r}; expected one of {ACTIVATIONS}")
+
+
+class SlicedExperts(nn.Module):
+    """One MoE layer's routed experts at their own widths; a drop-in for transformers' experts
+    modules: ``forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``."""
+
+    def __init__(self, widths: list[int], hidden_size: int, activation: str = "silu", alpha: float = 1.702,
+                 limit: float = 7.0, has_bias: bool = False):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown expert activation {activation!r}; expected one of {ACTIVATIONS}")
+        if any(int(w) < 0 for w in widths):
+            raise ValueError(f"expert widths must be non-negative, got {widths}")
+        self.widths = [int(w) for w in widths]
+        self.offsets = [0]
+        for w in self.widths:
+            self.offsets.append(self.offsets[-1] + w)
+        self.num_experts = len(self.widths)
+        self.hidden_size = hidden_size
+        self.activation, self.alpha, self.limit = activation, float(alpha), float(limit)
+        self.has_bias = has_bias
+        total = self.offsets[-1]
+        self.sliced_gate_up = nn.Parameter(torch.empty(2 * total, hidden_size))
+        self.sliced_down = nn.Parameter(torch.empty(total, hidden_size))
+        if has_bias:
+            self.sliced_gate_up_bias = nn.Parameter(torch.empty(2 * total))
+            self.sliced_down_bias = nn.Parameter(torch.empty(self.num_experts, hidden_size))
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, hidden={self.hidden_size}, channels={self.offsets[-1]}, "
+                f"widths={self.widths}, activation={self.activation}, bias={self.has_bias}")
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` (width > 0) on its tokens ``x [n, H]``: one GEMM for gate and up together."""
+        o, w = self.offsets[e], self.widths[e]
+        gate_up = x @ self.sliced_gate_up[2 * o : 2 * (o + w)].t()
+        if self.has_bias:
+            gate_up = gate_up + self.sliced_gate_up_bias[2 * o : 2 * (o + w)]
+        inner = gated_activation(gate_up[:, :w], gate_up[:, w:], self.activation, self.alpha, self.limit)
+        out = inner @ self.sliced_down[o : o + w]
+        if self.has_bias:
+            out = out + self.sliced_down_bias[e]
+        return out
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        num_tokens, hidden = hidden_states.shape
+        k = top_k_index.shape[1]
+        flat = top_k_index.reshape(-1)
+        # Group the token-slots by expert so each expert runs one batched GEMM on its own tokens.
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        weights = top_k_weights.reshape(-1)
+        out = hidden_states.new_zeros(num_tokens * k, hidden)
+        start = 0
+        for e, n in enumerate(counts):
+            if n and self.widths[e]:
+                slots = order[start : start + n]
+                y = self.expert(e, hidden_states[slots // k])
+                out[slots] = (y.to(weights.dtype) * weights[slots, None]).to(hidden_states.dtype)
+            start += n
+        # Sum over the k slots of each token in a fixed order (deterministic, no scatter-add).
+        return out.view(num_tokens, k, hidden).sum(dim=1)
+
+
+def _settings(config) -> dict:
+    settings = getattr(config, CONFIG_KEY, None)
+    if not isinstance(settings, dict) or "experts" not in settings:
+        raise ValueError(f"config has no {CONFIG_KEY!r} section: not a flexc sliced checkpoint")
+    if int(settings.get("format", FORMAT_VERSION)) > FORMAT_VERSION:
+        raise ValueError(f"sliced checkpoint format {settings['format']} is newer than this code "
+                         f"(format {FORMAT_VERSION}); re-export it or update its modeling file")
+    return settings
+
+
+def install_sliced_experts(model: nn.Module, config) -> None:
+    """Replace every experts module named in ``config.flexc_sliced`` by a :class:`SlicedExperts`."""
+    hidden = config.get_text_config().hidden_size if hasattr(config, "get_text_config") else config.hidden_size
+    for path, spec in _settings(config)["experts"].items():
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if not hasattr(parent, name):
+            raise ValueError(f"{type(model).__name__} has no module {path!r} to hold sliced experts")
+        setattr(parent, name, SlicedExperts(spec["widths"], hidden, spec.get("activation", "silu"),
+                                            spec.get("alpha", 1.702), spec.get("limit", 7.0),
+                                            bool(spec.get("bias", False))))
+
+
+def sliced_class(base: type) -> type:
+    """The sliced variant of a transformers causal-LM class (e.g. ``Qwen3MoeForCausalLM``)."""
+
+    class Sliced(base):
+        def post_init(self):
+            # Swap the experts before the base class initialises weights and gathers its
+            # static properties, so full-size experts are never initialised.
+            install_sliced_experts(self, self.config)
+            super().post_init()
+
+    Sliced.__name__ = Sliced.__qualname__ = CLASS_PREFIX + base.__name__
+    Sliced.__module__ = __name__
+    Sliced.__doc__ = f"{base.__name__} with routed experts sliced to per-expert widths (flexc sliced export)."
+    return Sliced
+
+
+def __getattr__(name: str):
+    # ``FlexcSliced<TransformersClass>`` resolves on first use, so this one file serves every
+    # MoE family; config.json's auto_map names the class of its checkpoint.
+    if name.startswith(CLASS_PREFIX):
+        base = getattr(transformers, name[len(CLASS_PREFIX):], None)
+        if isinstance(base, type) and issubclass(base, transformers.PreTrainedModel):
+            cls = sliced_class(base)
+            globals()[name] = cls
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

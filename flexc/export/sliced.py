@@ -1,0 +1,306 @@
+"""The ``sliced`` export: one ordinary-looking checkpoint per budget, pruned channels removed.
+
+Layout of ``<out>/sliced/``::
+
+    flexc_manifest.json      kind "sliced": the budgets and the folder of each
+    keep_0.75/               one budget (folder name: :func:`flexc.export.tables.budget_key`)
+        config.json          the original architecture's config, plus
+                               flexc_sliced: base class, and per experts module (by path) its
+                                             expert widths and gated activation
+                               auto_map:     AutoModelForCausalLM -> the modeling file below
+        model*.safetensors   weights; each MoE layer's experts packed at their widths
+                             (``...experts.sliced_gate_up``, ``sliced_down`` and, with biases,
+                             ``sliced_gate_up_bias``, ``sliced_down_bias``)
+        modeling_flexc_sliced.py   self-contained modeling code (torch + transformers only)
+        generation_config.json, tokenizer files
+        flexc_manifest.json  kind "sliced": budget, widths, parameter counts, bytes
+    keep_0.50/ ...
+
+A budget folder loads with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``
+without flexc, and with :func:`load_sliced` (or ``flexc.load``) without remote code. Its output
+equals the nested runtime's at that budget. The config keeps the original ``model_type``, so
+plain ``from_pretrained`` *without* ``trust_remote_code`` falls back to the stock class: it
+reports the ``sliced_*`` keys as unexpected and the stacked expert weights as missing (and
+randomly initialised). Load with ``trust_remote_code=True`` or with flexc.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flexc.compiler.errors import FlexcError
+from flexc.compiler.exporters import ExportContext, register_exporter
+from flexc.export.remote import modeling_flexc_sliced as remote
+from flexc.export.slicing import LayerSlices, slice_experts
+from flexc.export.tables import BudgetError, WidthTables, budget_key
+
+KIND = "sliced"
+FORMAT_VERSION = remote.FORMAT_VERSION
+MANIFEST_FILE = "flexc_manifest.json"
+MODELING_FILE = "modeling_flexc_sliced.py"
+
+
+class SlicedExportError(FlexcError):
+    """The sliced export or load cannot proceed (no width tables, unsupported model, ...)."""
+
+
+# ---- the modeling file --------------------------------------------------------------------
+
+
+def modeling_source() -> Path:
+    """Path of the modeling file shipped with flexc (copied next to every sliced checkpoint)."""
+    return Path(str(resources.files("flexc.export.remote") / MODELING_FILE))
+
+
+def sliced_class_for(base: type) -> type:
+    """flexc's in-package copy of the sliced class deriving from transformers class ``base``."""
+    return getattr(remote, remote.CLASS_PREFIX + base.__name__)
+
+
+def _transformers_base(model: nn.Module) -> type:
+    import transformers
+
+    name = type(model).__name__
+    if getattr(transformers, name, None) is not type(model):
+        raise SlicedExportError(f"the sliced export needs a transformers causal-LM class; {name} "
+                                f"({type(model).__module__}) is not one")
+    return type(model)
+
+
+# ---- packing the experts ------------------------------------------------------------------
+
+
+def pack_layer(slices: LayerSlices, hidden_size: int) -> dict[str, torch.Tensor]:
+    """One layer's expert slices in the packed layout of ``SlicedExperts`` (fresh tensors)."""
+    ref = slices.experts[0].gate
+    gate_up = [torch.cat([s.gate, s.up]) for s in slices.experts]
+    down = [s.down.t() for s in slices.experts]  # [w, H]: an expert's rows are contiguous
+    packed = {
+        "sliced_gate_up": torch.cat(gate_up) if gate_up else ref.new_empty(0, hidden_size),
+        "sliced_down": torch.cat(down).contiguous() if down else ref.new_empty(0, hidden_size),
+    }
+    if slices.experts[0].down_bias is not None:
+        packed["sliced_gate_up_bias"] = torch.cat([torch.cat([s.gate_bias, s.up_bias]) for s in slices.experts])
+        packed["sliced_down_bias"] = torch.stack([s.down_bias for s in slices.experts])
+    return packed
+
+
+def _layer_entry(slices: LayerSlices) -> dict[str, Any]:
+    return {"widths": slices.widths, "activation": slices.activation, "alpha": slices.alpha,
+            "limit": slices.limit, "bias": slices.experts[0].down_bias is not None}
+
+
+def _check_tables(tables: WidthTables, groups) -> None:
+    if tables.layers != [g.layer for g in groups] or tables.tables.shape[2] != max(g.num_experts for g in groups):
+        raise SlicedExportError(f"width tables (layers {tables.layers}, {tables.tables.shape[2]} experts) do not "
+                                f"match the model's MoE layers {[g.layer for g in groups]}")
+
+
+# ---- building and writing one budget ------------------------------------------------------
+
+
+def _set_tensor(root: nn.Module, name: str, tensor: torch.Tensor, is_param: bool) -> None:
+    owner_path, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    if is_param:
+        owner._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def build_sliced_model(model: nn.Module, groups, widths: torch.Tensor, budget: float | None = None) -> nn.Module:
+    """The sliced model of ``model`` at ``widths [L, E]`` (rows in ``groups`` order).
+
+    Built on the meta device, then every tensor is filled in: experts from fresh slices, all
+    others shared with ``model`` (no copy, ties kept). ``model`` is left unchanged.
+    """
+    base = _transformers_base(model)
+    cls = sliced_class_for(base)
+    packed, entries = {}, {}
+    hidden = model.config.get_text_config().hidden_size
+    for group, row in zip(groups, widths):
+        experts = model.get_submodule(group.path)
+        slices = slice_experts(experts, row[: group.num_experts])
+        entries[group.path] = _layer_entry(slices)
+        packed.update({f"{group.path}.{k}": v for k, v in pack_layer(slices, hidden).items()})
+
+    config = copy.deepcopy(model.config)
+    config.flexc_sliced = {"format": FORMAT_VERSION, "base_class": base.__name__, "budget": budget,
+                           "experts": entries}
+    config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
+    config.architectures = [cls.__name__]
+    with torch.device("meta"):
+        sliced = cls(config)
+
+    sources = dict(model.named_parameters(remove_duplicate=False))
+    sources.update(model.named_buffers(remove_duplicate=False))
+    sources.update(packed)
+    for names, is_param in ((sliced.named_parameters(remove_duplicate=False), True),
+                            (sliced.named_buffers(remove_duplicate=False), False)):
+        for name, _ in list(names):
+            if name not in sources:
+                raise SlicedExportError(f"cannot build the sliced model: {type(model).__name__} has no tensor "
+                                        f"{name!r} (was the model restructured by a pass?)")
+            _set_tensor(sliced, name, sources[name], is_param)
+    sliced.generation_config = copy.deepcopy(model.generation_config)
+    return sliced.eval()
+
+
+def _weights_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def _widths_summary(groups, widths: torch.Tensor) -> dict[str, Any]:
+    rows = [row[: g.num_experts] for g, row in zip(groups, widths)]
+    flat = torch.cat(rows)
+    return {
+        "layers": [g.layer for g in groups],
+        "full": [g.intermediate_size for g in groups],
+        "min": int(flat.min()), "max": int(flat.max()), "mean": float(flat.float().mean()),
+        "per_layer_mean": [float(r.float().mean()) for r in rows],
+        "experts_removed": int((flat == 0).sum()),
+        "experts_full": sum(int((r == g.intermediate_size).sum()) for g, r in zip(groups, rows)),
+        "experts": int(flat.numel()),
+    }
+
+
+def write_sliced(target: str | Path, model: nn.Module, groups, widths: torch.Tensor, *, budget: float,
+                 tokenizer=None, provenance: dict[str, Any] | None = None,
+                 max_shard_size: str = "2GB") -> dict[str, Any]:
+    """Write the sliced checkpoint of ``model`` at ``widths [L, E]`` into ``target``; return its manifest."""
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    sliced = build_sliced_model(model, groups, widths, budget)
+    sliced.save_pretrained(target, max_shard_size=max_shard_size)
+    shutil.copyfile(modeling_source(), target / MODELING_FILE)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
+
+    routed_full = sum(g.routed_params for g in groups)
+    routed = sum(p.numel() for n, p in sliced.named_parameters() if ".sliced_" in n)
+    total = sum(p.numel() for p in sliced.parameters())
+    full_total = sum(p.numel() for p in model.parameters())
+    manifest = {
+        "kind": KIND,
+        "format": FORMAT_VERSION,
+        "budget": budget,
+        "budget_key": budget_key(budget),
+        "architecture": _transformers_base(model).__name__,
+        "model_class": type(sliced).__name__,
+        "model_type": model.config.model_type,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "widths": _widths_summary(groups, widths),
+        "params": {"total": total, "routed": routed, "full_total": full_total, "full_routed": routed_full,
+                   "routed_keep": routed / routed_full if routed_full else 1.0},
+        "bytes": {"weights": _weights_bytes(target)},
+        "provenance": provenance or {},
+    }
+    (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+# ---- the exporter --------------------------------------------------------------------------
+
+
+def _groups(ctx: ExportContext):
+    if ctx.graph is not None:
+        return ctx.graph.groups
+    from flexc.ir.groups import find_expert_groups
+
+    return find_expert_groups(ctx.model)
+
+
+def _tables(ctx: ExportContext, groups) -> WidthTables:
+    if "width_tables" not in (ctx.state or {}):
+        raise SlicedExportError(
+            "the sliced export needs width tables, and this run has none: add a pass that chooses widths "
+            "(anneal after rank_channels and insert_action_gates, or a baseline) to the spec's pipeline")
+    tables = WidthTables.from_state(ctx.state, groups)
+    _check_tables(tables, groups)
+    return tables
+
+
+@register_exporter("sliced")
+def export_sliced(ctx: ExportContext) -> None:
+    if ctx.model is None:
+        raise SlicedExportError("the sliced export needs the compiled model")
+    groups = _groups(ctx)
+    tables = _tables(ctx, groups)
+    from flexc.compiler.artifacts import library_versions
+
+    provenance = {"spec": ctx.spec.to_yaml() if ctx.spec is not None else None,
+                  "seed": getattr(ctx.spec, "seed", None), "versions": library_versions()}
+    index = []
+    for budget in tables.budgets:
+        key = budget_key(budget)
+        m = write_sliced(ctx.target / key, ctx.model, groups, tables.table(budget), budget=budget,
+                         tokenizer=ctx.tokenizer, provenance=provenance)
+        index.append({"keep": budget, "dir": key, "total_params": m["params"]["total"],
+                      "routed_keep": m["params"]["routed_keep"], "bytes": m["bytes"]["weights"]})
+        ctx.logger.info("sliced: keep %.2f → %s/ (%s parameters, %.1f MB)", budget, key,
+                        f"{m['params']['total']:,}", m["bytes"]["weights"] / 1e6)
+    top = {"kind": KIND, "format": FORMAT_VERSION, "metric": tables.metric, "budgets": index}
+    (Path(ctx.target) / MANIFEST_FILE).write_text(json.dumps(top, indent=2) + "\n")
+
+
+# ---- loading inside flexc -------------------------------------------------------------------
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise SlicedExportError(f"{directory} is not a flexc sliced export (no {MANIFEST_FILE})")
+    manifest = json.loads(path.read_text())
+    if manifest.get("kind") != KIND:
+        raise SlicedExportError(f"{directory} holds a flexc {manifest.get('kind')!r} artifact, not a sliced one")
+    return manifest
+
+
+def resolve_budget_dir(path: str | Path, budget: float | None = None) -> Path:
+    """The checkpoint folder of ``budget`` in a sliced export (or ``path`` itself if it is one)."""
+    directory = Path(path)
+    manifest = _read_manifest(directory)
+    if "budgets" not in manifest:  # one budget's checkpoint
+        if budget is not None and abs(float(manifest["budget"]) - budget) > 1e-6:
+            raise BudgetError(f"{directory} is the sliced checkpoint of keep {manifest['budget']:g}, "
+                              f"not {budget:g}; load its parent folder to choose a budget")
+        return directory
+    rows = manifest["budgets"]
+    available = ", ".join(f"{r['keep']:g}" for r in rows)
+    if budget is None:
+        if len(rows) == 1:
+            return directory / rows[0]["dir"]
+        raise BudgetError(f"{directory} holds several sliced budgets; pass budget= one of {available}")
+    for r in rows:
+        if abs(float(r["keep"]) - budget) < 1e-6:
+            return directory / r["dir"]
+    raise BudgetError(f"no sliced checkpoint for budget {budget:g} in {directory}; available budgets: {available}")
+
+
+def load_sliced(path: str | Path, budget: float | None = None, **kwargs):
+    """Load a sliced checkpoint as a transformers model, with flexc's copy of its modeling code.
+
+    ``path`` is one budget's folder, or the export's folder with ``budget=``; other keyword
+    arguments go to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+    """
+    from transformers import AutoConfig
+
+    directory = resolve_budget_dir(path, budget)
+    config = AutoConfig.from_pretrained(directory)
+    settings = getattr(config, remote.CONFIG_KEY, None)
+    if not isinstance(settings, dict) or "base_class" not in settings:
+        raise SlicedExportError(f"{directory}/config.json has no {remote.CONFIG_KEY!r} section")
+    try:
+        cls = getattr(remote, remote.CLASS_PREFIX + settings["base_class"])
+    except AttributeError:
+        raise SlicedExportError(f"{directory}: transformers has no model class {settings['base_class']!r} "
+                                f"(exported with another transformers version?)") from None
+    return cls.from_pretrained(directory, config=config, **kwargs)
