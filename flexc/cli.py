@@ -5,6 +5,8 @@
     flexc schema
     flexc inspect MODEL [--graph OUT.svg] | flexc inspect --families
     flexc zoo list | flexc zoo build NAME [--force]
+    flexc eval MODEL|ARTIFACT [--spec SPEC] [--budget B ...] [--json OUT]
+    flexc compare SPEC --methods flexmoe,uniform,coverage,expert_prune:man [--out DIR]
 
 User errors print one clear message (no traceback unless --verbose) and exit with status 2.
 """
@@ -131,6 +133,20 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from flexc.eval.cli import run_eval
+
+    run_eval(args, logs.out_console())
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from flexc.eval.cli import run_compare
+
+    run_compare(args, logs.out_console())
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -174,6 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("name")
     zb.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("eval", parents=[common], help="held-out perplexity of a model or a compiled artifact")
+    p.add_argument("model", help="zoo name, model directory, cached hub id, or a flexc artifact (nested/sliced)")
+    p.add_argument("--spec", help="take the evaluation data (data.evaluation) from this spec")
+    p.add_argument("--budget", action="append", help="keep ratio of a nested artifact, or 'all' (repeatable)")
+    p.add_argument("--samples", type=int, default=64, help="windows to score without --spec (default 64)")
+    p.add_argument("--seq-len", type=int, default=128, help="window length without --spec (default 128)")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", parents=[common], help="compare pruning methods on a spec's model and budgets")
+    p.add_argument("spec", help="spec file (YAML)")
+    p.add_argument("--methods", default="flexmoe,uniform,coverage,expert_prune:man",
+                   help="comma-separated: flexmoe, uniform, coverage, expert_prune[:criterion]")
+    p.add_argument("--out", help="output directory (default: <export.dir>/compare)")
+    p.set_defaults(func=cmd_compare)
 
     parser.set_defaults(verbosity=0)
     return parser

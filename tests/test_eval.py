@@ -117,3 +117,38 @@ def test_builtin_heldout_documents_are_not_in_train():
 
     train = {d.name for d in stdlib_documents("train")}
     assert not train & {d.name for d in stdlib_documents("heldout")}
+
+
+def test_methods_parse_and_flexmoe_runs_last():
+    from flexc.eval.compare import parse_methods
+
+    methods = parse_methods("flexmoe, uniform,expert_prune:reap")
+    assert [m.label for m in methods] == ["uniform", "expert_prune:reap", "flexmoe"]
+    assert methods[1].passes == [("expert_prune", {"criterion": "reap"})]
+    assert [p for p, _ in methods[2].passes] == ["insert_action_gates", "anneal"]
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_methods("random")
+    with pytest.raises(Exception, match="criterion"):
+        parse_methods("expert_prune:nope")
+
+
+def test_compare_table_and_plot(tmp_path):
+    from flexc.eval.compare import markdown_table, plot
+
+    rows = [{"method": "unpruned", "keep_target": 1.0, "params_keep": 1.0, "ppl": 10.0}]
+    for m, k in (("uniform", 1.2), ("coverage", 1.1)):
+        rows += [{"method": m, "keep_target": b, "params_keep": b - 0.01, "ppl": 10 * k / b} for b in (0.75, 0.5)]
+    text = markdown_table(rows)
+    assert "| uniform | 16.000 | 24.000 |" in text and "unpruned: 10.000" in text
+    plot(rows, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 5000
+
+
+def test_eval_cli_on_a_base_model(tiny_model_dir, tmp_path):
+    from flexc.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tiny_model_dir), "--samples", "2", "--seq-len", "32", "--json", str(out), "-q"]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["tokens"] == 2 * 31 and row["budget"] == 1.0 and 1 < row["perplexity"] < 2000
+    assert main(["eval", str(tiny_model_dir), "--budget", "0.5", "-q"]) == 2  # budgets need an artifact
