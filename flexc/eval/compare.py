@@ -105,11 +105,16 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
     rows = [{"method": "unpruned", "keep_target": 1.0, "keep": 1.0, "params_keep": 1.0, **base}]
     metric = spec.budgets.metric
     full = torch.tensor([g.intermediate_size for g in graph.groups])
-    seconds = {}
+    seconds, skipped = {}, {}
     for method in methods:
         c = ctx(method.label, dict(ranked.state))
         start = time.perf_counter()
         for pass_name, options in method.passes:
+            if pass_name == "expert_prune":  # top_k experts per layer must remain: lower budgets are unreachable
+                floor = max(g.top_k / g.num_experts for g in graph.groups)
+                reachable = [b for b in spec.budgets.keep_ratios if b >= floor - 1e-9]
+                skipped[method.label] = [b for b in spec.budgets.keep_ratios if b < floor - 1e-9]
+                options = {**options, "budgets": reachable}
             run_pass(resolve_pass(pass_name)(options), graph, c)
         seconds[method.label] = time.perf_counter() - start
         weights = expert_weights(graph.groups, metric, c.state.get("routing_counts"))
@@ -121,7 +126,8 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
         apply_budget(graph, c.state, None)
         logger.info("compare: %s done in %.1fs", method.label, seconds[method.label])
     result = {"model": spec.model.source, "metric": metric, "budgets": list(spec.budgets.keep_ratios),
-              "eval_tokens": base["tokens"], "seconds": seconds, "results": rows}
+              "eval_tokens": base["tokens"], "seconds": seconds,
+              "unreachable_budgets": skipped, "results": rows}
     atomic_write_text(out_dir / "compare.json", json.dumps(result, indent=2, default=str))
     atomic_write_text(out_dir / "compare.md", markdown_table(rows, metric))
     plot(rows, out_dir / "compare.png", title=f"held-out perplexity vs keep ({metric}), {base['tokens']} tokens")

@@ -1,0 +1,82 @@
+"""Held-out perplexity of every method at keep 0.9 … 0.2 on a zoo model (CPU).
+
+Methods: learned nested widths (flexmoe: rank_channels, insert_action_gates, anneal), uniform
+widths, coverage widths, and whole-expert pruning (MAN and frequency criteria), all on the
+same ranked model, calibration set, budgets (fractions of routed-expert parameters) and
+held-out tokens. Runs :func:`flexc.eval.compare.compare` on a spec built from the arguments.
+
+    python benchmarks/quality.py --model tiny
+    python benchmarks/quality.py --model small --samples 128 --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+from flexc.compiler.spec import Spec  # noqa: E402
+from flexc.eval.compare import compare, parse_methods  # noqa: E402
+
+BUDGETS = "0.9,0.75,0.6,0.5,0.4,0.3,0.2"
+METHODS = "flexmoe,uniform,coverage,expert_prune:man,expert_prune:frequency"
+
+
+def spec_for(args) -> Spec:
+    import flexc.zoo
+
+    seq_len = json.loads((flexc.zoo.resolve(args.model) / "manifest.json").read_text())["recipe"]["seq_len"]
+    budgets = [float(b) for b in args.budgets.split(",")]
+    return Spec.model_validate({
+        "model": {"zoo": args.model, "dtype": "float32"},
+        "data": {
+            "calibration": {"builtin": "python-stdlib", "split": "train", "num_samples": args.samples,
+                            "seq_len": seq_len, "batch_size": 8},
+            "evaluation": {"builtin": "python-stdlib", "split": "heldout", "seq_len": seq_len, "batch_size": 16,
+                           "num_samples": args.eval_tokens // seq_len},
+        },
+        "budgets": {"keep": budgets, "metric": "params"},
+        "pipeline": [
+            {"rank_channels": {"score": "taylor", "plot": False}},
+            {"insert_action_gates": {"levels": 8, "granule": 16}},
+            {"anneal": {"steps": args.steps, "lr": args.lr}},
+        ],
+        "seed": args.seed,
+    })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="zoo model (tiny; small once it is built)")
+    parser.add_argument("--methods", default=METHODS)
+    parser.add_argument("--budgets", default=BUDGETS)
+    parser.add_argument("--samples", type=int, default=64, help="calibration sequences")
+    parser.add_argument("--steps", type=int, default=200, help="anneal steps")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--eval-tokens", type=int, default=50_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (the plot goes beside it)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    spec = spec_for(args)
+    work = Path(tempfile.mkdtemp(prefix="flexc-quality-"))
+    result = compare(spec, parse_methods(args.methods, spec), work, quiet=True)
+    print((work / "compare.md").read_text())
+    common.print_table(result["results"], ["method", "keep_target", "params_keep", "ppl", "tokens"])
+    out = args.out or common.RESULTS / f"quality_{args.model}.json"
+    common.write_json(out, {"model": args.model, "args": vars(args) | {"out": str(out)}, **result})
+    shutil.copy(work / "compare.png", out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
