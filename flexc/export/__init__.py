@@ -7,3 +7,4 @@ shared pieces: :mod:`flexc.export.tables` (width tables per budget) and
 
 from flexc.export import nested  # noqa: F401
 from flexc.export import sliced  # noqa: F401
+from flexc.export import onnx_export  # noqa: F401  (imports onnx lazily, inside the exporter)
