@@ -1,0 +1,322 @@
+"""``recover``: one LoRA fine-tune at a mid budget, merged into the nested weights.
+
+The pass picks one exported width table (the budget nearest ``keep``), applies it, and trains
+LoRA adapters (``peft``) on the routed experts' stacked weights (and optionally on the
+attention projections) with every base weight frozen. The loss is the KL divergence from the
+unpruned model (``distill``: the same model at full width with the adapters disabled, one
+batch of teacher logits at a time) or the next-token loss. The adapters are then added into
+the base weights in place, so the graph, which shares those tensors, and every budget use the
+recovered weights; the width tables are untouched.
+
+Merge rule: an expert's update is kept only on the channels the fine-tune used
+(``[0, widths[e])`` of the chosen table) and dropped beyond them. Those channels got no
+gradient: a ``gate_up`` row beyond the width keeps its zero-initialised LoRA factor, but a
+``down`` column beyond it is ``B_e @ A_e[:, c]`` with a trained ``B_e`` and an untrained random
+``A_e[:, c]``, i.e. noise. Masked, every channel beyond the fine-tuned prefix keeps its original
+weights, budgets at or below the chosen one run exactly the fine-tuned model, and wider budgets
+run the fine-tuned prefix plus the original remaining channels. Channel order is never changed.
+
+Training runs on the eager Hugging Face model, not on the fx graph: peft applies a LoRA update
+to an ``nn.Parameter`` by parametrizing the attribute on its module during forward, and the
+exported graph reads the parameter tensors directly, so it would never see the update. The
+eager model routes its experts through the same flexc op with the same width buffers (see
+:mod:`flexc.ir.experts_impl`), so it computes what the graph computes at that table.
+
+Training state (adapters, optimizer, loss history) is checkpointed atomically in the stage's
+folder every ``checkpoint_every`` steps; a re-run on the same pre-recovery weights resumes and
+gives the same result as an uninterrupted run (adapters are initialised from the seed and
+batches are indexed by step). A non-finite loss stops the run with a clear error, leaves the
+weights untouched and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from flexc.export.tables import WidthTables
+from flexc.ir.experts_impl import set_widths
+from flexc.passes.anneal import quality_loss
+from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
+from flexc.passes.registry import register_pass
+from flexc.passes.width_tables import expert_weights, keep_ratio
+from flexc.utils.atomic import atomic_path, atomic_write_text
+from flexc.utils.progress import loss_progress
+
+CHECKPOINT = "recover_checkpoint.pt"
+REPORT = "recover.json"
+HISTORY = "recover_history.json"
+ADAPTER = "default"  # peft's adapter name
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+class RecoverDiverged(RuntimeError):
+    pass
+
+
+class RecoverOptions(PassOptions):
+    keep: float = Field(0.6, gt=0, le=1, description="Keep ratio to fine-tune at: the exported budget nearest to it.")
+    keep_tolerance: float = Field(0.05, ge=0, description="Largest allowed distance from keep to that budget.")
+    steps: int = Field(100, ge=1, description="Training steps (one calibration batch each).")
+    lr: float = Field(1e-3, gt=0, description="Peak Adam learning rate (cosine decay to a tenth of it).")
+    rank: int = Field(8, ge=1, description="LoRA rank (per expert for stacked expert weights).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha: updates are scaled by alpha / rank.")
+    targets: list[Literal["experts", "attention"]] = Field(
+        ["experts"], min_length=1, description="What gets adapters: routed experts' stacked weights, attention.")
+    loss: Literal["distill", "next_token"] = Field("distill", description="Distillation from the unpruned model, "
+                                                   "or next-token loss.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the adapters' gradient norm (None: no clip).")
+    checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints.")
+
+    @field_validator("targets")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        return sorted(set(v))
+
+
+def select_budget(tables: WidthTables, keep: float, tolerance: float) -> float:
+    """The exported budget nearest ``keep`` (ties go to the smaller); an error if none is within ``tolerance``."""
+    nearest = min(tables.budgets, key=lambda b: (abs(b - keep), b))
+    if abs(nearest - keep) > tolerance + 1e-9:
+        listed = ", ".join(f"{b:g}" for b in tables.budgets)
+        raise ValueError(
+            f"recover: no exported budget within {tolerance:g} of keep {keep:g} (nearest: {nearest:g}); exported "
+            f"budgets: {listed}. Set recover's keep to one of them, add {keep:g} to the spec's budgets, or raise "
+            "keep_tolerance."
+        )
+    return round(nearest, 6)  # budgets travel as float32 tensors: 0.6 comes back as 0.6000000238
+
+
+def _attention_linears(model: nn.Module) -> list[str]:
+    """Names of the linear layers inside attention blocks (any module path part ending in 'attn'/'attention')."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+            and any(part.endswith(("attn", "attention")) for part in name.split(".")[:-1])]
+
+
+def attach_adapters(model: nn.Module, groups, *, rank: int, alpha: float, targets, seed: int):
+    """Wrap ``model`` (in place) with LoRA adapters; returns the peft model. Base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    params = [f"{g.path}.{name}" for g in groups for name in EXPERT_WEIGHTS] if "experts" in targets else []
+    modules = _attention_linears(model) if "attention" in targets else []
+    if "attention" in targets and not modules:
+        raise ValueError("recover: targets include 'attention', but the model has no linear layer inside a module "
+                         "named '*attn' or '*attention'")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=modules,
+                        target_parameters=params)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(seed)  # the adapters' init is a function of the seed, so a resumed run matches
+        warnings.simplefilter("ignore", FutureWarning)  # peft queries a deprecated transformers attribute
+        return get_peft_model(model, config)
+
+
+def adapter_parameters(peft_model) -> dict[str, nn.Parameter]:
+    """The trainable parameters: LoRA factors only (checked)."""
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    stray = [n for n in trainable if ".lora_" not in n]
+    if stray or not trainable:
+        raise RuntimeError(f"recover: expected only LoRA parameters to be trainable; found {stray or 'none'}")
+    return trainable
+
+
+def channel_mask(group, widths: torch.Tensor, weight: str) -> torch.Tensor:
+    """Boolean mask over a canonical stacked weight: True where the entry belongs to a channel < ``widths[e]``.
+
+    ``gate_up [E, 2I, H]`` (concatenated or interleaved rows) gets ``[E, 2I, 1]``, ``down [E, H, I]`` ``[E, 1, I]``.
+    """
+    size = group.intermediate_size
+    kept = torch.arange(size)[None, :] < widths.to(torch.int64)[:, None]  # [E, I]
+    if weight == "down_proj":
+        return kept[:, None, :]
+    rows = torch.arange(2 * size)
+    channel_of_row = rows // 2 if group.interleaved else rows % size
+    return kept[:, channel_of_row][:, :, None]
+
+
+@torch.no_grad()
+def merge_adapters(peft_model, experts: list[nn.Module], groups, table: torch.Tensor | None) -> list[dict]:
+    """Add every adapter's update into its base weight, in place (shared storage: the graph sees it).
+
+    Expert updates are masked to each expert's prefix ``[0, table[l, e])`` (None: no mask).
+    Returns, per MoE layer, the norm of the update merged and of the part dropped by the mask.
+    """
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    index = {id(m): i for i, m in enumerate(experts)}
+    stats = [{"layer": g.layer, "merged_norm": 0.0, "dropped_norm": 0.0} for g in groups]
+    for module in peft_model.modules():
+        if not isinstance(module, LoraLayer) or ADAPTER not in module.lora_A:
+            continue
+        delta = module.get_delta_weight(ADAPTER)
+        if not isinstance(module, ParamWrapper):  # an attention linear: serves every budget alike
+            module.get_base_layer().weight.add_(delta.to(module.get_base_layer().weight.dtype))
+            continue
+        base = module.get_base_layer()
+        i = index[id(base)]
+        param = module.get_param()
+        if base.is_transposed:  # work in the canonical [E, 2I, H] / [E, H, I] layout
+            delta, param = delta.transpose(1, 2), param.transpose(1, 2)
+        keep = (torch.ones((), dtype=torch.bool) if table is None
+                else channel_mask(groups[i], table[i], module.parameter_name).to(delta.device))
+        merged = delta * keep
+        param.add_(merged)
+        stats[i]["merged_norm"] = math.hypot(stats[i]["merged_norm"], float(merged.norm()))
+        stats[i]["dropped_norm"] = math.hypot(stats[i]["dropped_norm"], float((delta - merged).norm()))
+    return stats
+
+
+def apply_widths(experts: list[nn.Module], groups, table: torch.Tensor | None) -> None:
+    """Set the eager experts modules' width buffers (None: full width)."""
+    for i, (module, g) in enumerate(zip(experts, groups)):
+        row = torch.full((g.num_experts,), g.intermediate_size) if table is None else table[i]
+        set_widths(module, row)
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    """Cosine decay from ``peak`` to ``peak / 10``; a function of the step, so resuming needs no scheduler state."""
+    frac = min(step / max(steps - 1, 1), 1.0)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@register_pass
+class Recover(Pass):
+    """Fine-tune LoRA adapters at one budget's widths, then merge them into the nested weights."""
+
+    name = "recover"
+    Options = RecoverOptions
+    requires = frozenset({"channels_ranked", "width_tables"})
+    guarantees = frozenset({"recovered"})
+    preserves_computation = False
+
+    # Test hook: called as on_step(step, peft_model) after each optimizer step (gradients still set).
+    on_step: Callable[[int, nn.Module], None] | None = None
+
+    def run(self, graph, ctx: PassContext) -> PassResult:
+        opts = self.options
+        workdir = Path(ctx.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        tables = WidthTables.from_state(ctx.state, graph.groups)
+        budget = select_budget(tables, opts.keep, opts.keep_tolerance)
+        table = tables.table(budget)
+        batches = list(ctx.calibration_batches())
+        if not batches:
+            raise ValueError("recover: the calibration data yielded no batches")
+
+        model = graph.model
+        experts = [graph.experts_module(g) for g in graph.groups]  # before peft wraps them
+        saved_widths = graph.widths()
+        requires_grad = {p: p.requires_grad for p in model.parameters()}
+        was_training = model.training
+        model.eval()  # no dropout: teacher and student see the same function of the weights
+        peft_model = attach_adapters(model, graph.groups, rank=opts.rank, alpha=opts.alpha, targets=opts.targets,
+                                     seed=ctx.seed)
+        try:
+            adapters = adapter_parameters(peft_model)
+            history = self._train(peft_model, adapters, experts, graph.groups, table, batches, budget, ctx)
+            stats = merge_adapters(peft_model, experts, graph.groups, table)
+        finally:
+            peft_model.unload()  # the original modules come back; with a merge, their weights are recovered
+            graph.set_widths(saved_widths)
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+                p.grad = None
+            model.train(was_training)
+
+        full = torch.tensor([g.intermediate_size for g in graph.groups])
+        report = {
+            "keep_requested": opts.keep, "keep_trained": budget,
+            "params_keep_of_table": keep_ratio(table, full, expert_weights(graph.groups, "params")),
+            "options": opts.model_dump(mode="json"), "steps": len(history),
+            "loss_first": history[0]["loss"] if history else None,
+            "loss_last": history[-1]["loss"] if history else None,
+            "merge": stats,
+        }
+        atomic_write_text(workdir / REPORT, json.dumps(report, indent=2))
+        atomic_write_text(workdir / HISTORY, json.dumps(history))
+        ctx.state["recovered_keep"] = budget
+        ctx.logger.info("recover: fine-tuned at keep %g for %d steps, loss %.4g -> %.4g; adapters merged", budget,
+                        len(history), report["loss_first"] or float("nan"), report["loss_last"] or float("nan"))
+        return PassResult(graph=graph, modified=True, changed_nodes=set())
+
+    def _fingerprint(self, budget: float, table: torch.Tensor, adapters: dict, ctx: PassContext) -> str:
+        payload = json.dumps([self.options.model_dump(mode="json"), budget, table.tolist(), ctx.seed,
+                              {n: list(p.shape) for n, p in adapters.items()}], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def _train(self, peft_model, adapters, experts, groups, table, batches, budget, ctx) -> list[dict]:
+        opts = self.options
+        ckpt_path = Path(ctx.workdir) / CHECKPOINT
+        params = list(adapters.values())
+        optimizer = torch.optim.Adam(params, lr=opts.lr)
+        fingerprint = self._fingerprint(budget, table, adapters, ctx)
+        history: list[dict] = []
+        start = 0
+        if ckpt_path.is_file():
+            ckpt = torch.load(ckpt_path, weights_only=True)
+            if ckpt["fingerprint"] == fingerprint:
+                with torch.no_grad():
+                    for name, p in adapters.items():
+                        p.copy_(ckpt["adapters"][name])
+                optimizer.load_state_dict(ckpt["optimizer"])
+                history, start = ckpt["history"], ckpt["step"]
+                ctx.logger.info("recover: resuming from step %d (%s)", start, ckpt_path)
+            else:
+                ctx.logger.warning("recover: ignoring a checkpoint made with other options (%s)", ckpt_path)
+
+        def save_checkpoint(step: int) -> None:
+            with atomic_path(ckpt_path) as tmp:
+                torch.save({"fingerprint": fingerprint, "step": step, "optimizer": optimizer.state_dict(),
+                            "adapters": {n: p.detach().clone() for n, p in adapters.items()},
+                            "history": history}, tmp)
+
+        with loss_progress(opts.steps, completed=start, description=f"recover (keep {budget:g})",
+                           disable=ctx.quiet) as advance:
+            for step in range(start, opts.steps):
+                ids = batches[step % len(batches)]
+                teacher = None
+                if opts.loss == "distill":
+                    apply_widths(experts, groups, None)
+                    with torch.no_grad(), peft_model.disable_adapter():
+                        teacher = peft_model(input_ids=ids, use_cache=False).logits
+                apply_widths(experts, groups, table)
+                student = peft_model(input_ids=ids, use_cache=False).logits
+                loss = quality_loss(opts.loss, student, teacher, ids)
+                del student, teacher
+                if not torch.isfinite(loss):
+                    raise RecoverDiverged(
+                        f"recover: the loss became {loss.item()} at step {step}; the weights are unchanged and the "
+                        f"last good checkpoint is kept at {ckpt_path}. Lower the learning rate and re-run."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm or math.inf)
+                if not torch.isfinite(grad_norm):
+                    raise RecoverDiverged(
+                        f"recover: the adapters' gradient norm became {grad_norm.item()} at step {step}; the weights "
+                        f"are unchanged and the last good checkpoint is kept at {ckpt_path}. Lower the learning rate "
+                        "and re-run."
+                    )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, opts.steps, opts.lr)
+                optimizer.step()
+                history.append({"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
+                advance(loss.item())
+                if (step + 1) % opts.checkpoint_every == 0:
+                    save_checkpoint(step + 1)
+                if self.on_step is not None:
+                    self.on_step(step, peft_model)
+        optimizer.zero_grad(set_to_none=True)
+        if start < opts.steps or not ckpt_path.is_file():
+            save_checkpoint(opts.steps)
+        return history
