@@ -8,7 +8,7 @@ overhead ≤ 0.3 × weights (peak ≤ 1.3 × what the model needs anyway). Lower
 weights with the model, so the overhead is the tracer's own memory: roughly constant in the
 model size, which the synthetic models (random weights, Qwen3-MoE shapes) show.
 
-    python benchmarks/lowering.py --models tiny,small,synthetic-1g
+    python benchmarks/lowering.py --models tiny,small,synthetic-1g,qwen3-30b-a3b@meta
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ SYNTHETIC = {
     "synthetic-1g": dict(hidden_size=1024, num_hidden_layers=8, num_experts=32, moe_intermediate_size=256,
                          num_experts_per_tok=4, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
                          intermediate_size=2048, vocab_size=8192),
+    # Qwen3-30B-A3B's shape on the meta device: nothing is allocated, the graph is the same.
+    "qwen3-30b-a3b@meta": dict(hidden_size=2048, num_hidden_layers=48, num_experts=128, moe_intermediate_size=768,
+                               num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                               intermediate_size=6144, vocab_size=151936, dtype="bfloat16"),
 }
 
 
@@ -48,9 +52,12 @@ def measure(name: str) -> dict:
     if name in SYNTHETIC:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.for_model("qwen3_moe", **SYNTHETIC[name], norm_topk_prob=True)
+        shape = dict(SYNTHETIC[name])
+        dtype = getattr(torch, shape.pop("dtype", "float32"))
+        config = AutoConfig.for_model("qwen3_moe", **shape, norm_topk_prob=True)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        with torch.device("meta" if name.endswith("@meta") else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     else:
         import flexc.zoo
         from transformers import AutoModelForCausalLM
@@ -62,14 +69,16 @@ def measure(name: str) -> dict:
     before = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     start = time.perf_counter()
-    graph = lower(model)
+    device = next(model.parameters()).device
+    graph = lower(model, {"input_ids": torch.zeros(2, 8, dtype=torch.long, device=device)})
     seconds = time.perf_counter() - start
     peak = _rss_kib("VmHWM")
     shared = {p.data_ptr() for p in graph.module.parameters()} <= ptrs
     return {
         "model": name,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "weights_mb": weights / 2**20,
+        "weights_mb": weights / 2**20,  # nominal on meta: nothing is allocated
+        "device": str(device),
         "rss_before_mb": before / 1024,
         "peak_during_lower_mb": peak / 1024,
         "overhead_mb": (peak - before) / 1024,

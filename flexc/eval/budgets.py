@@ -9,7 +9,7 @@ from flexc.export.tables import WidthTables
 
 def budget_tables(state: dict, groups) -> WidthTables:
     """The compile's width tables (nesting checked)."""
-    return WidthTables.from_state(state, groups)
+    return WidthTables.from_state(state, groups, allow_expert_masks=True)
 
 
 def apply_budget(graph, state: dict, budget: float | None) -> None:

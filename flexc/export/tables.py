@@ -78,12 +78,23 @@ class WidthTables:
 
     # ---- persistence -------------------------------------------------------------------
     @classmethod
-    def from_state(cls, state: dict[str, Any], groups) -> "WidthTables":
+    def from_state(cls, state: dict[str, Any], groups, *, allow_expert_masks: bool = False) -> "WidthTables":
+        """The tables a width-choosing pass handed on.
+
+        Whole-expert pruning (``expert_masks``) also masks router logits, which width tables
+        alone cannot express: only callers that apply those masks themselves accept it.
+        """
         if "width_tables" not in state:
             raise ValueError("no width tables: the pipeline must run a pass that chooses widths "
                              "(anneal, or a baseline such as uniform) before this stage")
+        masks = state.get("expert_masks")
+        if masks is not None and bool(torch.as_tensor(masks).any()) and not allow_expert_masks:
+            raise ValueError("these tables remove whole experts (expert_prune), which also re-routes tokens "
+                             "through router masks; nested, sliced and ONNX exports support width tables "
+                             "only (anneal, uniform, coverage) for now")
         return cls(
-            budgets=[float(b) for b in state["width_budgets"]],
+            # Budgets travel as float tensors: round away float32 noise (0.30000001 -> 0.3).
+            budgets=[round(float(b), 6) for b in state["width_budgets"]],
             tables=state["width_tables"],
             metric=str(state.get("width_metric", "params")),
             layers=[g.layer for g in groups],
