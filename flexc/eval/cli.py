@@ -25,46 +25,67 @@ def evaluation_source(args):
 
 
 def _artifact(path: Path) -> Path | None:
-    for candidate in (path, path / "nested"):
+    for candidate in (path, path / "nested", path / "sliced"):
         if (candidate / MANIFEST).is_file():
             return candidate
     return None
 
 
-def _budgets(args, available: list[float]) -> list[float]:
+def _budgets(args, available: list[float], full: bool = True) -> list[float]:
+    """Requested budgets; 'all' (the default) is every available one, plus full width if ``full``."""
     if not args.budget or args.budget == ["all"]:
-        return sorted({1.0, *available}, reverse=True)
+        return sorted({*([1.0] if full else []), *available}, reverse=True)
     try:
         return [float(b) for b in args.budget]
     except ValueError:
         raise FlexcError(f"--budget takes keep ratios or 'all'; found {args.budget}") from None
 
 
-def run_eval(args, console) -> list[dict]:
-    from rich.table import Table
+def _eval_artifact(artifact: Path, args, source, load) -> list[dict]:
+    """Perplexity of a nested artifact at each requested budget (switched in place), or of
+    sliced checkpoints (one load per budget)."""
     from transformers import AutoTokenizer
 
     from flexc.eval.perplexity import evaluate, evaluation_stream
+    from flexc.export.sliced import resolve_budget_dir
+
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    rows = []
+    if manifest.get("kind") == "sliced":
+        available = [r["keep"] for r in manifest["budgets"]] if "budgets" in manifest else [manifest["budget"]]
+        for b in _budgets(args, available, full=False):
+            model = load(artifact, b)
+            tokenizer = AutoTokenizer.from_pretrained(str(resolve_budget_dir(artifact, b)))
+            r = evaluate(model, tokenizer, source, progress=args.verbosity >= 0)
+            rows.append({"model": str(artifact), "budget": b, **r.to_dict()})
+        return rows
+    model = load(artifact)
+    tokenizer = AutoTokenizer.from_pretrained(str(artifact))
+    stream = evaluation_stream(source, tokenizer)
+    for b in _budgets(args, model.flexc.budgets):
+        model.set_budget(b)
+        r = evaluate(model, tokenizer, source, stream=stream, progress=args.verbosity >= 0)
+        rows.append({"model": str(artifact), "budget": b, **r.to_dict()})
+    return rows
+
+
+def run_eval(args, console) -> list[dict]:
+    from rich.table import Table
+
+    from flexc.eval.perplexity import evaluate
 
     source = evaluation_source(args)
     path = Path(args.model).expanduser()
     artifact = _artifact(path) if path.is_dir() else None
     rows = []
     if artifact is not None:
+        from flexc.export.tables import BudgetError
+        from flexc.runtime import load
+
         try:
-            from flexc.runtime import load
-        except ImportError:
-            raise FlexcError("evaluating a compiled artifact needs flexc.runtime (flexc.load), which this "
-                             "installation does not have yet; evaluate the base model instead") from None
-        model = load(artifact)
-        tokenizer = AutoTokenizer.from_pretrained(str(artifact))
-        stream = evaluation_stream(source, tokenizer)
-        runtime = getattr(model, "flexc", None)
-        for b in _budgets(args, runtime.budgets if runtime is not None else []):
-            if runtime is not None:
-                model.set_budget(b)
-            r = evaluate(model, tokenizer, source, stream=stream, progress=args.verbosity >= 0)
-            rows.append({"model": str(artifact), "budget": b, **r.to_dict()})
+            rows = _eval_artifact(artifact, args, source, load)
+        except BudgetError as exc:
+            raise FlexcError(str(exc)) from None
     else:
         from flexc import models
         from flexc.compiler.spec import ModelSpec
