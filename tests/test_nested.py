@@ -191,3 +191,12 @@ def test_folded_state_resumes_on_a_fresh_graph(folded, tmp_path):
     assert len(fresh.expert_nodes()) == len(fresh.groups)
     ids = data(1, seed=10)[0]
     torch.testing.assert_close(fresh.logits(ids), graph.logits(ids), atol=1e-6, rtol=0)
+
+
+def test_exports_refuse_whole_expert_pruning(folded, tmp_path):
+    graph, ctx, _, _ = folded
+    state = dict(ctx.state, expert_masks=torch.zeros(len(BUDGETS), 2, 8, dtype=torch.bool))
+    state["expert_masks"][2, 0, 3] = True
+    with pytest.raises(ValueError, match="remove whole experts"):
+        get_exporter("nested")(ExportContext(target=tmp_path / "n", spec=None, graph=graph, model=graph.model,
+                                             state=state, logger=logging.getLogger("test")))

@@ -85,7 +85,7 @@ class RecoverOptions(PassOptions):
 
 def select_budget(tables: WidthTables, keep: float, tolerance: float) -> float:
     """The exported budget nearest ``keep`` (ties go to the smaller); an error if none is within ``tolerance``."""
-    nearest = min(tables.budgets, key=lambda b: (abs(b - keep), b))
+    nearest = min(tables.budgets, key=lambda b: (round(abs(b - keep), 9), b))  # rounding: exact ties
     if abs(nearest - keep) > tolerance + 1e-9:
         listed = ", ".join(f"{b:g}" for b in tables.budgets)
         raise ValueError(
