@@ -116,8 +116,13 @@ def _is_current(manifest: dict[str, Any] | None, recipe: Recipe) -> bool:
     return (
         manifest is not None
         and manifest.get("format") == MANIFEST_FORMAT
-        and manifest.get("recipe") == recipe.to_dict()
+        and _weights_fields(manifest.get("recipe") or {}) == _weights_fields(recipe.to_dict())
     )
+
+
+def _weights_fields(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe fields that determine the weights (the description does not)."""
+    return {k: v for k, v in recipe.items() if k != "description"}
 
 
 def _cached(path: Path, recipe: Recipe) -> bool:
