@@ -68,12 +68,14 @@ def cost_worker(model_name: str, samples: int) -> dict:
     model, tokenizer, manifest = common.zoo_model(model_name)
     data = common.calibration(tokenizer, samples, seq_len=manifest["recipe"]["seq_len"])
     graph = lower(model)
-    before = common.peak_rss_mb()
+    before = common.current_rss_mb()
+    common.reset_peak_rss()  # the peak of the pass alone, not of loading and tokenizing
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         resolve_pass("rank_channels")({"plot": False})(graph, common.context(Path(tmp), tokenizer, iter(data)))
-    return {"samples": samples, "seconds": time.perf_counter() - start, "peak_rss_mb": common.peak_rss_mb(),
-            "rss_before_pass_mb": before, "weights_mb": common.weight_mb(model)}
+    peak = common.peak_rss_since_reset_mb()
+    return {"samples": samples, "seconds": time.perf_counter() - start, "rss_before_pass_mb": before,
+            "peak_rss_mb": peak, "pass_overhead_mb": peak - before, "weights_mb": common.weight_mb(model)}
 
 
 def main() -> None:
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=100_000)
     parser.add_argument("--cost-samples", default="128,512")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--cost-only", action="store_true", help="skip the quality part")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -90,17 +93,21 @@ def main() -> None:
         print(json.dumps(cost_worker(args.model, args.worker)))
         return
 
-    rows = quality(args)
-    print(f"\nHeld-out perplexity, {args.model} zoo model, half of every expert's channels kept")
-    common.print_table(rows, ["kept", "ppl"])
+    rows = quality(args) if not args.cost_only else []
+    if rows:
+        print(f"\nHeld-out perplexity, {args.model} zoo model, half of every expert's channels kept")
+        common.print_table(rows, ["kept", "ppl"])
     cost = []
     for n in [int(x) for x in args.cost_samples.split(",") if x]:
         out = subprocess.run([sys.executable, __file__, "--model", args.model, "--worker", str(n)],
                              check=True, capture_output=True, text=True).stdout
         cost.append(json.loads(out.strip().splitlines()[-1]))
     print("\nrank_channels (taylor) cost")
-    common.print_table(cost, ["samples", "seconds", "weights_mb", "rss_before_pass_mb", "peak_rss_mb"])
+    common.print_table(cost, ["samples", "seconds", "weights_mb", "rss_before_pass_mb", "peak_rss_mb",
+                              "pass_overhead_mb"])
     out = args.out or common.RESULTS / f"ranking_{args.model}.json"
+    if args.cost_only and out.is_file():  # keep the quality figures of an earlier full run
+        rows = json.loads(out.read_text()).get("quality", [])
     common.write_json(out, {"model": args.model, "eval_tokens": args.eval_tokens, "calibration_samples": args.samples,
                             "quality": rows, "cost": cost, "torch_threads": 2})
 
