@@ -6,6 +6,7 @@ Layout of ``<out>/``::
                      one record per stage (status, seconds, outputs), the outputs
     spec.yaml        the spec as run
     compile.log      the full log (appended by every run)
+    report.md        budgets, sizes, held-out perplexity, widths, stage times (figures in report/)
     base/            the loaded model as a Hugging Face checkpoint (empty pipeline only)
     state/           graph + pass hand-off state after the last completed pass (for resume)
     <format>/        one directory per export format
@@ -35,6 +36,7 @@ from flexc.utils.atomic import atomic_path, default_mode
 MANIFEST = "manifest.json"
 SPEC_FILE = "spec.yaml"
 LOG_FILE = "compile.log"
+REPORT_FILE = "report.md"
 STATE_DIR = "state"
 BASE_DIR = "base"
 MANIFEST_KIND = "flexc-compile-run"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flexc.compiler import artifacts
-from flexc.compiler.artifacts import BASE_DIR, LOG_FILE, SPEC_FILE, STATE_DIR, RunDir
+from flexc.compiler.artifacts import BASE_DIR, LOG_FILE, REPORT_FILE, SPEC_FILE, STATE_DIR, RunDir
 from flexc.compiler.errors import FlexcError, SpecError
 from flexc.compiler.spec import Spec, issues_from_errors, parse_spec, read_spec_text
 
@@ -305,12 +305,22 @@ def _compile(spec: Spec, source: Path | None, run: RunDir, *, dump_graphs: bool,
         run.manifest["outputs"][fmt] = fmt
         result.ran.append(name)
 
-    run.manifest["outputs"].update({"spec": SPEC_FILE, "log": LOG_FILE})
+    run.manifest["outputs"].update({"spec": SPEC_FILE, "log": LOG_FILE, "report": REPORT_FILE})
+    _write_report(out, run, spec, graph, state, loaded.tokenizer)
     run.manifest["status"] = "complete"
     run.manifest["seconds_this_run"] = round(time.perf_counter() - started, 3)
     run.save()
     log.info("done: %s (manifest: %s)", out, out / artifacts.MANIFEST)
     return result
+
+
+def _write_report(out: Path, run: RunDir, spec: Spec, graph, state, tokenizer) -> None:
+    from flexc.compiler.report import write_report
+
+    started = time.perf_counter()
+    run.save()  # the report reads stage times from the manifest
+    path = write_report(out, run.manifest, spec, graph, state, tokenizer)
+    log.info("report: %s (%.1fs)", path, time.perf_counter() - started)
 
 
 def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, quiet: bool):

@@ -28,7 +28,6 @@ KNOWN_FORMATS: dict[str, str] = {
     "hf": "the compiled model as a Hugging Face checkpoint (save_pretrained + tokenizer)",
     "onnx": "ONNX graphs of the compiled model",
     "graph": "the FlexGraph after each pass, as text and pictures",
-    "report": "a report of achieved budgets, widths and quality",
 }
 
 

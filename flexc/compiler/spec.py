@@ -174,7 +174,7 @@ class DataSpec(_Strict):
     """Calibration data (used by passes that score or train) and evaluation data."""
 
     calibration: DataSource | None = Field(None, description="Data the passes calibrate on.")
-    evaluation: DataSource | None = Field(None, description="Held-out data for reports.")
+    evaluation: DataSource | None = Field(None, description="Held-out data: report.md measures perplexity per budget on it.")
 
 
 # --------------------------------------------------------------------------- budgets
@@ -365,7 +365,7 @@ def _check_pass(entry: PassEntry, form: str) -> None:
 # --------------------------------------------------------------------------- export
 
 
-ExportFormat = Literal["nested", "sliced", "hf", "onnx", "graph", "report"]
+ExportFormat = Literal["nested", "sliced", "hf", "onnx", "graph"]
 
 
 class ExportSpec(_Strict):
@@ -376,7 +376,7 @@ class ExportSpec(_Strict):
     )
     formats: list[ExportFormat] = Field(
         default_factory=list,
-        description="Artifacts to write: nested, sliced, hf, onnx, graph, report (each needs its exporter).",
+        description="Artifacts to write: nested, sliced, hf, onnx, graph (each needs its exporter); report.md is always written.",
     )
 
     @field_validator("formats", mode="before")

@@ -1,0 +1,181 @@
+"""``report.md``: the page a user opens first after ``flexc compile``.
+
+Written at the end of every compile into the output directory, with its figures in
+``report/``: what was compiled, per budget the achieved keep ratio, routed and total
+parameters and bytes, held-out perplexity when the spec has evaluation data, the widths
+chosen per layer and expert, the time each stage took, and links to the plots passes made
+(channel scores, anneal curves).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flexc.compiler.artifacts import REPORT_FILE, write_text
+from flexc.utils.atomic import atomic_path
+
+FIGURES_DIR = "report"
+
+log = logging.getLogger("flexc")
+
+
+def _fmt_count(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def budget_rows(graph, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per budget (full width first): keep ratios, parameter counts and bytes."""
+    from flexc.export.nested import budget_sizes
+    from flexc.export.tables import WidthTables
+
+    tables = WidthTables.from_state(state, graph.groups, allow_expert_masks=True)
+    params = list(graph.model.parameters())
+    total = sum(p.numel() for p in params)
+    size = params[0].element_size()
+    rows = [{"keep": 1.0, "keep_achieved": 1.0, "routed_params": sum(g.routed_params for g in graph.groups),
+             "total_params": total, "bytes": total * size}]
+    return rows + budget_sizes(graph.groups, tables, total, size)
+
+
+def measure_quality(graph, state, spec, tokenizer, budgets: list[float]) -> dict[float, float]:
+    """Held-out perplexity of the graph at each budget (state's tables), full width restored after."""
+    from flexc.eval.budgets import apply_budget
+    from flexc.eval.perplexity import evaluate, evaluation_stream
+
+    source = spec.data.evaluation
+    stream = evaluation_stream(source, tokenizer)
+    out = {}
+    try:
+        for b in budgets:
+            apply_budget(graph, state, None if b == 1.0 else b)
+            out[b] = evaluate(graph, tokenizer, source, stream=stream).perplexity
+    finally:
+        apply_budget(graph, state, None)
+    return out
+
+
+def _plot_widths(graph, state, path: Path) -> None:
+    """One heat map per budget: widths / full width, layers × experts."""
+    import matplotlib
+    import torch
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = [float(b) for b in state["width_budgets"]]
+    tables = torch.as_tensor(state["width_tables"]).float()
+    full = torch.tensor([g.intermediate_size for g in graph.groups], dtype=torch.float32)[:, None]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(3.2 * len(budgets), 0.35 * len(full) + 1.6), squeeze=False)
+    layers = [g.layer for g in graph.groups]
+    for i, (ax, b, table) in enumerate(zip(axes[0], budgets, tables)):
+        im = ax.imshow((table / full).numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(f"keep {b:g}")
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+        if i == 0:
+            ax.set_ylabel("decoder layer")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="width / full width")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _plot_quality(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    keep = [r["keep_achieved"] for r in rows]
+    ax.plot(keep, [r["perplexity"] for r in rows], marker="o")
+    ax.set_xlabel("keep ratio of routed-expert parameters (achieved)")
+    ax.set_ylabel("held-out perplexity")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_report(out: Path, manifest: dict[str, Any], spec, graph=None, state: dict | None = None,
+                 tokenizer=None) -> Path:
+    """Write ``out/report.md`` (and ``out/report/*.png``) from the run's manifest and results."""
+    out = Path(out)
+    figures = out / FIGURES_DIR
+    figures.mkdir(exist_ok=True)
+    state = state or {}
+    model = manifest.get("model", {})
+    lines = ["# flexc compile report", ""]
+    lines += [f"- **model**: `{model.get('directory', '?')}` ({model.get('family', '?')}, "
+              f"{_fmt_count(int(model.get('parameters', 0)))} parameters, {model.get('dtype', '?')})",
+              f"- **pipeline**: {' → '.join(e.name for e in spec.pipeline) or '(empty)'}",
+              f"- **seed**: {spec.seed}; **flexc** {manifest.get('versions', {}).get('flexc', '?')}, "
+              f"torch {manifest.get('versions', {}).get('torch', '?')}, "
+              f"transformers {manifest.get('versions', {}).get('transformers', '?')}",
+              f"- **outputs**: {', '.join(f'`{v}`' for v in manifest.get('outputs', {}).values())}", ""]
+
+    if graph is not None and "width_tables" in state:
+        rows = budget_rows(graph, state)
+        metric = state.get("width_metric", "params")
+        quality = {}
+        if getattr(getattr(spec, "data", None), "evaluation", None) is not None and tokenizer is not None:
+            try:
+                quality = measure_quality(graph, state, spec, tokenizer, [r["keep"] for r in rows])
+            except Exception as exc:  # noqa: BLE001 -- a report without perplexity beats no report
+                log.warning("report: held-out perplexity not measured: %s", exc)
+        for r in rows:
+            r["perplexity"] = quality.get(r["keep"])
+        lines += ["## Budgets", "",
+                  f"Keep ratios are fractions of routed-expert parameters kept"
+                  f"{' (targets in the FLOPs metric)' if metric == 'flops' else ''}; 1 is the unpruned model.", "",
+                  "| keep (target) | keep (achieved, params) | routed params | total params | bytes |"
+                  + (" held-out ppl | Δ ppl |" if quality else ""),
+                  "|---|---|---|---|---|" + ("---|---|" if quality else "")]
+        base = rows[0].get("perplexity")
+        for r in rows:
+            cells = [f"{r['keep']:g}", f"{r['keep_achieved']:.3f}", _fmt_count(r["routed_params"]),
+                     _fmt_count(r["total_params"]), _fmt_bytes(r["bytes"])]
+            if quality:
+                ppl = r.get("perplexity")
+                cells += [f"{ppl:.2f}" if ppl is not None else "–",
+                          f"{ppl - base:+.2f}" if ppl is not None and base is not None else "–"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        if quality:
+            _plot_quality(rows, figures / "quality.png")
+            src = spec.data.evaluation
+            lines += [f"Perplexity on {src.num_samples} × {src.seq_len}-token windows of the evaluation data.", "",
+                      f"![perplexity against keep ratio]({FIGURES_DIR}/quality.png)", ""]
+        else:
+            lines += ["(Add `data.evaluation` to the spec to measure held-out perplexity per budget.)", ""]
+        _plot_widths(graph, state, figures / "widths.png")
+        lines += ["## Widths per layer and expert", "", f"![widths]({FIGURES_DIR}/widths.png)", ""]
+
+    plots = sorted((out / "stages").glob("*/*.png")) if (out / "stages").is_dir() else []
+    if plots:
+        lines += ["## Plots from the passes", ""]
+        lines += [f"- {p.parent.name}: ![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]
+        lines.append("")
+
+    stages = manifest.get("stages", [])
+    if stages:
+        lines += ["## Time per stage", "", "| stage | status | seconds |", "|---|---|---|"]
+        lines += [f"| {s['name']} | {s.get('status', '?')} | {s.get('seconds', 0):.1f} |" for s in stages]
+        lines.append("")
+    path = out / REPORT_FILE
+    write_text(path, "\n".join(lines))
+    return path
