@@ -44,6 +44,24 @@ class ExportContext:
     run_dir: Path | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("flexc"))
 
+    def expert_groups(self):
+        """The MoE layers: the graph's records, or found on the model when there is no graph."""
+        if self.graph is not None:
+            return self.graph.groups
+        from flexc.ir.groups import find_expert_groups
+
+        return find_expert_groups(self.model)
+
+    def width_tables(self, fmt: str, groups=None):
+        """The run's width tables, or an error saying what the ``fmt`` export needs."""
+        from flexc.export.tables import WidthTables
+
+        if "width_tables" not in (self.state or {}):
+            raise ValueError(
+                f"the {fmt} export needs width tables, and this run has none: add a pass that chooses widths "
+                "(anneal after rank_channels and insert_action_gates, or a baseline) to the spec's pipeline")
+        return WidthTables.from_state(self.state, groups if groups is not None else self.expert_groups())
+
 
 Exporter = Callable[[ExportContext], Any]
 

@@ -93,14 +93,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
 
 @register_exporter("nested")
 def export_nested(ctx: ExportContext) -> None:
-    if ctx.graph is None:
-        raise ValueError("the nested export needs a pipeline (rank_channels, then a pass that chooses widths)")
-    tables = WidthTables.from_state(ctx.state, ctx.graph.groups)
+    groups = ctx.expert_groups()
+    tables = ctx.width_tables("nested", groups)
     from flexc.compiler.artifacts import library_versions
 
     provenance = {"spec": ctx.spec.to_yaml() if ctx.spec is not None else None,
                   "seed": getattr(ctx.spec, "seed", None), "versions": library_versions()}
-    manifest = write_nested(ctx.target, ctx.model, ctx.graph.groups, tables, tokenizer=ctx.tokenizer,
+    manifest = write_nested(ctx.target, ctx.model, groups, tables, tokenizer=ctx.tokenizer,
                             provenance=provenance, quality=ctx.state.get("quality"))
     for row in manifest["budgets"]:
         ctx.logger.info("nested: keep %.2f → achieved %.3f, %s parameters", row["keep"], row["keep_achieved"],

@@ -48,7 +48,7 @@ from torch import nn
 from flexc.compiler.errors import FlexcError
 from flexc.compiler.exporters import ExportContext, register_exporter
 from flexc.export.slicing import LayerSlices, slice_experts
-from flexc.export.tables import WidthTables, budget_key
+from flexc.export.tables import budget_key
 from flexc.ir.op import apply_activation
 
 KIND = "onnx"
@@ -350,25 +350,16 @@ def write_onnx(target: str | Path, model: nn.Module, groups, widths: torch.Tenso
 # ---- the exporter ----------------------------------------------------------------------------
 
 
-def _groups(ctx: ExportContext):
-    if ctx.graph is not None:
-        return ctx.graph.groups
-    from flexc.ir.groups import find_expert_groups
-
-    return find_expert_groups(ctx.model)
-
-
 @register_exporter("onnx")
 def export_onnx(ctx: ExportContext) -> None:
     require_onnx()
     if ctx.model is None:
         raise OnnxExportError("the onnx export needs the compiled model")
-    groups = _groups(ctx)
-    if "width_tables" not in (ctx.state or {}):
-        raise OnnxExportError(
-            "the onnx export needs width tables, and this run has none: add a pass that chooses widths "
-            "(anneal after rank_channels and insert_action_gates, or a baseline) to the spec's pipeline")
-    tables = WidthTables.from_state(ctx.state, groups)
+    groups = ctx.expert_groups()
+    try:
+        tables = ctx.width_tables("onnx", groups)
+    except ValueError as exc:
+        raise OnnxExportError(str(exc)) from None
     index = []
     for budget in tables.budgets:
         key = budget_key(budget)

@@ -210,20 +210,11 @@ def write_sliced(target: str | Path, model: nn.Module, groups, widths: torch.Ten
 # ---- the exporter --------------------------------------------------------------------------
 
 
-def _groups(ctx: ExportContext):
-    if ctx.graph is not None:
-        return ctx.graph.groups
-    from flexc.ir.groups import find_expert_groups
-
-    return find_expert_groups(ctx.model)
-
-
 def _tables(ctx: ExportContext, groups) -> WidthTables:
-    if "width_tables" not in (ctx.state or {}):
-        raise SlicedExportError(
-            "the sliced export needs width tables, and this run has none: add a pass that chooses widths "
-            "(anneal after rank_channels and insert_action_gates, or a baseline) to the spec's pipeline")
-    tables = WidthTables.from_state(ctx.state, groups)
+    try:
+        tables = ctx.width_tables("sliced", groups)
+    except ValueError as exc:
+        raise SlicedExportError(str(exc)) from None
     _check_tables(tables, groups)
     return tables
 
@@ -232,7 +223,7 @@ def _tables(ctx: ExportContext, groups) -> WidthTables:
 def export_sliced(ctx: ExportContext) -> None:
     if ctx.model is None:
         raise SlicedExportError("the sliced export needs the compiled model")
-    groups = _groups(ctx)
+    groups = ctx.expert_groups()
     tables = _tables(ctx, groups)
     from flexc.compiler.artifacts import library_versions
 
