@@ -4,7 +4,8 @@ For a zoo model, builds a nested artifact and sliced checkpoints (channels ranke
 activation norm, ``uniform`` width tables at the requested budgets: the runtime cost depends
 on how many channels are kept, not on which), then measures
 
-- bytes on disk and resident memory after loading (each load in its own process);
+- bytes on disk, and memory after loading (each load in its own process): the bytes of the
+  model's tensors, and the process's RSS growth (which also counts imports and caches);
 - prefill tokens/s (batch × prompt) and decode tokens/s (batch 1 and 8, greedy, KV cache);
   every model lives in one process and the timings are interleaved round by round, so the
   ratios are side by side; medians over rounds;
@@ -102,8 +103,15 @@ def rss_child(kind: str, paths: dict, budget: float) -> dict:
     start = time.perf_counter()
     model = load_variant(kind, paths, budget)
     seconds = time.perf_counter() - start
-    return {"rss_mb": (rss() - before) / 2**20, "load_s": seconds,
-            "param_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}
+    import gc
+
+    gc.collect()
+    # Bytes of the model's tensors (unique storages: tied weights count once) — what the model
+    # holds; the RSS delta adds whatever the load imported or cached, and is noisier.
+    storages = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return {"rss_mb": (rss() - before) / 2**20, "load_s": seconds, "tensor_mb": sum(storages.values()) / 2**20}
 
 
 def measure_memory(kind: str, paths: dict, budget: float) -> dict:
@@ -215,6 +223,7 @@ def main() -> None:
         rows.append({
             "model": kind, "keep": b,
             "disk_mb": disk[key if kind != "nested" else "nested"] / 2**20,
+            "tensor_mb": memory[mem_key]["tensor_mb"],
             "rss_mb": memory[mem_key]["rss_mb"],
             "prefill_tok_s": batch * seq / t["prefill"],
             "decode1_tok_s": 1 / t["decode1"],
@@ -235,7 +244,7 @@ def main() -> None:
     reload = [measure_memory("sliced", paths, budgets[len(budgets) // 2])["load_s"] for _ in range(2)]
 
     print()
-    print_table(rows, ["model", "keep", "disk_mb", "rss_mb", "prefill_tok_s", "decode1_tok_s", "decode8_tok_s",
+    print_table(rows, ["model", "keep", "disk_mb", "tensor_mb", "rss_mb", "prefill_tok_s", "decode1_tok_s", "decode8_tok_s",
                        "prefill_speedup", "ideal_speedup", "of_ideal", "gain_of_ideal"])
     nested_full = next(r for r in rows if r["model"] == "nested" and r["keep"] == 1.0)
     stock_row = rows[0]
