@@ -17,7 +17,7 @@ def test_compile_writes_a_report_with_measured_budgets(tiny_model_dir, tmp_path)
         "data": {"calibration": {**data, "split": "train"}, "evaluation": {**data, "split": "heldout"}},
         "budgets": {"keep": [0.75, 0.5]},
         "pipeline": [{"rank_channels": {"score": "activation", "plot": False}}, "uniform", "fold_masks"],
-        "export": {"formats": ["nested"]},
+        "export": {"formats": ["nested", "graph"]},
     }
     flexc.compile(spec, out=out, quiet=True)
     text = (out / "report.md").read_text()
@@ -39,6 +39,8 @@ def test_compile_writes_a_report_with_measured_budgets(tiny_model_dir, tmp_path)
     tok = AutoTokenizer.from_pretrained(out / "nested")
     direct = evaluate(model, tok, DataSource(**{**data, "split": "heldout"})).perplexity
     assert abs(direct - ppl[2]) < 0.01 * ppl[2]
+    assert "torch.ops.flexc.moe_experts" in (out / "graph" / "graph.py").read_text()  # folded: plain op nodes
+    assert (out / "graph" / "graph.svg").stat().st_size > 1000
     assert (out / "report" / "widths.png").stat().st_size > 3000
     assert (out / "report" / "quality.png").stat().st_size > 3000
     assert "## Time per stage" in text and "| 03-fold_masks | done |" in text
