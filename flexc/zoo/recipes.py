@@ -181,8 +181,8 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             name="small",
             description=(
-                "4-layer Qwen3-MoE, hidden 256, 16 experts top-4, expert width 256; 30-80 minutes on 2 "
-                "CPU cores (82 measured on a busy machine). The reference model for pruning-quality benchmarks."
+                "4-layer Qwen3-MoE, hidden 256, 16 experts top-4, expert width 256; about 23 minutes "
+                "on 2 free CPU cores (much longer on a shared machine). The reference model for pruning-quality benchmarks."
             ),
             vocab_size=8192,
             hidden_size=256,
