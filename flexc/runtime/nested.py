@@ -29,7 +29,7 @@ class NestedRuntime:
         self.budget: float | None = None
         for g in groups:  # allocate every width buffer once; switching only copies into them
             set_widths(self._experts(g), torch.full((g.num_experts,), g.intermediate_size, dtype=torch.int32))
-        # Host-side copies of the tables, on the buffers' device, so a switch is L tiny copies.
+        # Every budget's rows, already on the buffers' device: a switch is one tiny copy per layer.
         device = next(model.parameters()).device
         self._rows = {b: [row.to(device) for row in tables.table(b)] for b in self.budgets}
         self._rows.setdefault(1.0, [row.to(device) for row in tables.full_table()])
