@@ -5,7 +5,7 @@ import json
 import torch
 
 import flexc
-from flexc.eval.budgets import apply_budget  # noqa: F401 -- the report uses the same switching
+from flexc.compiler import artifacts
 from flexc.export.tables import WidthTables
 
 
@@ -45,5 +45,6 @@ def test_compile_writes_a_report_with_measured_budgets(tiny_model_dir, tmp_path)
     assert (out / "report" / "quality.png").stat().st_size > 3000
     assert "## Time per stage" in text and "| 03-fold_masks | done |" in text
     assert json.loads((out / "manifest.json").read_text())["outputs"]["report"] == "report.md"
-    assert torch.equal(model.flexc.tables.table(0.5),
-                       WidthTables.load(out / "nested" / "flexc_widths.safetensors").table(0.5))
+    # the nested export holds the tables the pipeline chose (the run's saved pass state)
+    chosen = artifacts.load_pass_state(out / "state")["width_tables"]
+    assert torch.equal(WidthTables.load(out / "nested" / "flexc_widths.safetensors").tables, chosen.to(torch.int32))
