@@ -90,6 +90,19 @@ def test_lambda_zero_keeps_full_width(tmp_path):
     assert len(history) == 15
 
 
+def test_continuation_reaches_budgets_the_schedule_stops_short_of(tmp_path):
+    """A lambda schedule too weak to reach keep 0.3 in its steps: the continuation (doubling
+    lambda, fresh optimizer moments) must still cross every budget by training, not greedily."""
+    graph, ctx = gated_graph(tmp_path)
+    weak = {"start": 0.0, "end": 0.05}
+    _, report = anneal(graph, ctx, tmp_path / "run", steps=20, extra_steps=100, **{"lambda": weak})
+    history = json.loads((tmp_path / "run" / "anneal_history.json").read_text())
+    assert min(h["deployed_keep"] for h in history[:20]) > 0.3  # the schedule alone falls short
+    assert [r["how"] for r in report["budgets"]] == ["crossing"] * len(BUDGETS)
+    lambdas = [h["lambda"] for h in history[20:]]
+    assert all(b > a for a, b in zip(lambdas, lambdas[1:]))  # the pressure keeps rising
+
+
 def test_same_seed_same_tables_and_resume_matches(tmp_path):
     graph, ctx = gated_graph(tmp_path)
     start_logits = [g.logits.detach().clone() for g in __import__("flexc.passes.action_gates", fromlist=["x"]).gates_of(graph)]
