@@ -5,7 +5,7 @@
     flexc schema
     flexc inspect MODEL [--graph OUT.svg] | flexc inspect --families
     flexc zoo list | flexc zoo build NAME [--force]
-    flexc eval MODEL|ARTIFACT [--spec SPEC] [--budget B ...] [--json OUT]
+    flexc eval MODEL|ARTIFACT [--spec SPEC] [--budget B ...] [--tasks T,...] [--json OUT]
     flexc compare SPEC --methods flexmoe,uniform,coverage,expert_prune:man [--out DIR]
 
 User errors print one clear message (no traceback unless --verbose) and exit with status 2.
@@ -191,12 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(func=cmd_zoo)
 
-    p = sub.add_parser("eval", parents=[common], help="held-out perplexity of a model or a compiled artifact")
+    p = sub.add_parser("eval", parents=[common], help="held-out perplexity and lm-eval tasks of a model or a compiled artifact")
     p.add_argument("model", help="zoo name, model directory, cached hub id, or a flexc artifact (nested/sliced)")
     p.add_argument("--spec", help="take the evaluation data (data.evaluation) from this spec")
     p.add_argument("--budget", action="append", help="keep ratio of a nested artifact, or 'all' (repeatable)")
     p.add_argument("--samples", type=int, default=64, help="windows to score without --spec (default 64)")
     p.add_argument("--seq-len", type=int, default=128, help="window length without --spec (default 128)")
+    p.add_argument("--no-perplexity", action="store_true", help="skip held-out perplexity (with --tasks)")
+    p.add_argument("--tasks", help="lm-eval-harness tasks, comma-separated: registry names or task YAML files "
+                   "(needs the eval extra: pip install 'flexc[eval]')")
+    p.add_argument("--include-path", help="directory of extra lm-eval task YAMLs")
+    p.add_argument("--limit", type=float, help="documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per document (default: the task's)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     p.set_defaults(func=cmd_eval)
 

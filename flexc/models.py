@@ -138,7 +138,7 @@ def resolve_argument(arg: str) -> Path:
         return check_model_directory(p)
     if arg in zoo_names():
         return zoo_directory(arg)
-    if "/" in arg and not arg.startswith((".", "/", "~")):
+    if arg.count("/") == 1 and not arg.startswith((".", "/", "~")):  # hub ids are "org/name"
         return hub_directory(arg)
     names = zoo_names()
     close = difflib.get_close_matches(arg, names, n=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from flexc.compiler.errors import FlexcError
@@ -41,70 +42,98 @@ def _budgets(args, available: list[float], full: bool = True) -> list[float]:
         raise FlexcError(f"--budget takes keep ratios or 'all'; found {args.budget}") from None
 
 
-def _eval_artifact(artifact: Path, args, source, load) -> list[dict]:
-    """Perplexity of a nested artifact at each requested budget (switched in place), or of
-    sliced checkpoints (one load per budget)."""
+def _models(path: Path, args, load) -> Iterator[tuple[str, float, object, object]]:
+    """(label, budget, model, tokenizer) for each requested budget: a nested artifact switched
+    in place, sliced checkpoints loaded one per budget, or a base model once."""
     from transformers import AutoTokenizer
 
-    from flexc.eval.perplexity import evaluate, evaluation_stream
     from flexc.export.sliced import resolve_budget_dir
 
+    artifact = _artifact(path) if path.is_dir() else None
+    if artifact is None:
+        from flexc import models
+        from flexc.compiler.spec import ModelSpec
+
+        resolved = models.resolve_argument(args.model)  # a clear error if it is nothing loadable
+        if args.budget:
+            raise FlexcError(f"--budget applies to compiled artifacts (nested or sliced); {args.model} is a base model")
+        loaded = models.load_model(ModelSpec(path=str(resolved)), progress=args.verbosity >= 0)
+        yield args.model, 1.0, loaded.model, loaded.tokenizer
+        return
     manifest = json.loads((artifact / MANIFEST).read_text())
-    rows = []
     if manifest.get("kind") == "sliced":
         available = [r["keep"] for r in manifest["budgets"]] if "budgets" in manifest else [manifest["budget"]]
         for b in _budgets(args, available, full=False):
             model = load(artifact, b)
-            tokenizer = AutoTokenizer.from_pretrained(str(resolve_budget_dir(artifact, b)))
-            r = evaluate(model, tokenizer, source, progress=args.verbosity >= 0)
-            rows.append({"model": str(artifact), "budget": b, **r.to_dict()})
-        return rows
+            yield str(artifact), b, model, AutoTokenizer.from_pretrained(str(resolve_budget_dir(artifact, b)))
+        return
     model = load(artifact)
     tokenizer = AutoTokenizer.from_pretrained(str(artifact))
-    stream = evaluation_stream(source, tokenizer)
     for b in _budgets(args, model.flexc.budgets):
         model.set_budget(b)
-        r = evaluate(model, tokenizer, source, stream=stream, progress=args.verbosity >= 0)
-        rows.append({"model": str(artifact), "budget": b, **r.to_dict()})
-    return rows
+        yield str(artifact), b, model, tokenizer
 
 
-def run_eval(args, console) -> list[dict]:
+def _tasks(args) -> list[str]:
+    return [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+
+
+def run_eval(args, console) -> dict[str, list[dict]]:
+    """Held-out perplexity (unless --no-perplexity) and lm-eval tasks (with --tasks) per budget."""
+    from flexc.eval.perplexity import evaluate, evaluation_stream
+    from flexc.export.tables import BudgetError
+    from flexc.runtime import load
+
+    tasks = _tasks(args)
+    if args.no_perplexity and not tasks:
+        raise FlexcError("--no-perplexity leaves nothing to evaluate; add --tasks")
+    if tasks:
+        from flexc.eval import harness
+
+        for t in tasks:  # fail on a bad task file before loading any model
+            if harness.is_task_file(t):
+                harness.load_task_file(t)
+    source = None if args.no_perplexity else evaluation_source(args)
+    results: dict[str, list[dict]] = {"perplexity": [], "tasks": []}
+    streams: dict[int, object] = {}
+    try:
+        for label, budget, model, tokenizer in _models(Path(args.model).expanduser(), args, load):
+            if source is not None:
+                stream = streams.setdefault(id(tokenizer), evaluation_stream(source, tokenizer))
+                r = evaluate(model, tokenizer, source, stream=stream, progress=args.verbosity >= 0)
+                results["perplexity"].append({"model": label, "budget": budget, **r.to_dict()})
+            if tasks:
+                lm = harness.harness_model(model, tokenizer, batch_size=args.batch_size, quiet=args.verbosity < 1)
+                for row in harness.run_tasks(lm, tasks, include_path=args.include_path, limit=args.limit,
+                                             num_fewshot=args.num_fewshot, quiet=args.verbosity < 1):
+                    results["tasks"].append({"model": label, "budget": budget, **row})
+    except BudgetError as exc:
+        raise FlexcError(str(exc)) from None
+    _print_results(results, source, console)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _print_results(results: dict[str, list[dict]], source, console) -> None:
     from rich.table import Table
 
-    from flexc.eval.perplexity import evaluate
-
-    source = evaluation_source(args)
-    path = Path(args.model).expanduser()
-    artifact = _artifact(path) if path.is_dir() else None
-    rows = []
-    if artifact is not None:
-        from flexc.export.tables import BudgetError
-        from flexc.runtime import load
-
-        try:
-            rows = _eval_artifact(artifact, args, source, load)
-        except BudgetError as exc:
-            raise FlexcError(str(exc)) from None
-    else:
-        from flexc import models
-        from flexc.compiler.spec import ModelSpec
-
-        if args.budget:
-            raise FlexcError("--budget applies to compiled artifacts; this is a base model")
-        loaded = models.load_model(ModelSpec(path=str(models.resolve_argument(args.model))),
-                                   progress=args.verbosity >= 0)
-        r = evaluate(loaded.model, loaded.tokenizer, source, progress=args.verbosity >= 0)
-        rows.append({"model": args.model, "budget": 1.0, **r.to_dict()})
-    table = Table(title=f"held-out perplexity ({source.seq_len}-token windows)")
-    for col in ("model", "keep", "tokens", "loss", "perplexity"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    for r in rows:
-        table.add_row(r["model"], f"{r['budget']:g}", str(r["tokens"]), f"{r['loss']:.4f}", f"{r['perplexity']:.3f}")
-    console.print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return rows
+    if results["perplexity"]:
+        table = Table(title=f"held-out perplexity ({source.seq_len}-token windows)")
+        for col in ("model", "keep", "tokens", "loss", "perplexity"):
+            table.add_column(col, justify="right" if col != "model" else "left")
+        for r in results["perplexity"]:
+            table.add_row(r["model"], f"{r['budget']:g}", str(r["tokens"]), f"{r['loss']:.4f}",
+                          f"{r['perplexity']:.3f}")
+        console.print(table)
+    if results["tasks"]:
+        table = Table(title="lm-eval-harness tasks")
+        for col in ("model", "keep", "task", "metric", "value", "± stderr"):
+            table.add_column(col, justify="left" if col in ("model", "task", "metric") else "right")
+        for r in results["tasks"]:
+            table.add_row(r["model"], f"{r['budget']:g}", r["task"], r["metric"], f"{r['value']:.4f}",
+                          "" if r["stderr"] is None else f"{r['stderr']:.4f}")
+        console.print(table)
 
 
 def run_compare(args, console) -> dict:
