@@ -17,7 +17,7 @@ def test_compile_writes_a_report_with_measured_budgets(tiny_model_dir, tmp_path)
         "data": {"calibration": {**data, "split": "train"}, "evaluation": {**data, "split": "heldout"}},
         "budgets": {"keep": [0.75, 0.5]},
         "pipeline": [{"rank_channels": {"score": "activation", "plot": False}}, "uniform", "fold_masks"],
-        "export": {"formats": ["nested", "graph"]},
+        "export": {"formats": ["nested", "graph", "hf"]},
     }
     flexc.compile(spec, out=out, quiet=True)
     text = (out / "report.md").read_text()
@@ -45,6 +45,31 @@ def test_compile_writes_a_report_with_measured_budgets(tiny_model_dir, tmp_path)
     assert (out / "report" / "quality.png").stat().st_size > 3000
     assert "## Time per stage" in text and "| 03-fold_masks | done |" in text
     assert json.loads((out / "manifest.json").read_text())["outputs"]["report"] == "report.md"
+    # hf: the compiled (ranked) weights at full width, a plain checkpoint
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out / "hf")
+    ids = tok("def main():\n    return 0\n", return_tensors="pt")["input_ids"]
+    model.set_budget(1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    nested_weights = AutoModelForCausalLM.from_pretrained(out / "nested").state_dict()
+    for name, tensor in plain.state_dict().items():  # the ranked weights, not the original order
+        assert torch.equal(tensor, nested_weights[name]), name
+    assert (out / "hf" / "tokenizer.json").is_file()
     # the nested export holds the tables the pipeline chose (the run's saved pass state)
     chosen = artifacts.load_pass_state(out / "state")["width_tables"]
     assert torch.equal(WidthTables.load(out / "nested" / "flexc_widths.safetensors").tables, chosen.to(torch.int32))
+
+
+def test_hf_export_refuses_whole_expert_pruning(tmp_path):
+    import logging
+
+    import pytest
+
+    from flexc.compiler.exporters import ExportContext, get_exporter
+
+    ctx = ExportContext(target=tmp_path, spec=None, model=None, state={"expert_masks": torch.tensor([[True, False]])},
+                        logger=logging.getLogger("test"))
+    with pytest.raises(ValueError, match="removed whole experts"):
+        get_exporter("hf")(ctx)

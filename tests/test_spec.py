@@ -160,6 +160,20 @@ def test_broken_spec_error_object_has_positions(toy_passes):
     assert report.splitlines()[-1].endswith(" " * 19 + "^")
 
 
+def test_format_without_an_exporter_is_refused_with_its_position(monkeypatch):
+    """Every built-in format has an exporter; one that fails to load (a broken plugin or a
+    missing module) must still be refused at validation, not halfway through a compile."""
+    import flexc.compiler.exporters as exporters
+
+    exporters.available_exports()  # load the registry, then lose one exporter
+    monkeypatch.delitem(exporters._EXPORTERS, "hf")
+    with pytest.raises(SpecError) as info:
+        parse_spec("model: {zoo: tiny}\nexport: {formats: [nested, hf]}\n", "x.yaml")
+    (issue,) = info.value.issues
+    assert issue.field == "export.formats[1]"
+    assert "export format 'hf' is not available in this version of flexc" in issue.message
+
+
 def test_empty_and_non_mapping_specs(tmp_path, capsys):
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing here\n")

@@ -25,7 +25,7 @@ ENTRY_POINT_GROUP = "flexc.exporters"
 KNOWN_FORMATS: dict[str, str] = {
     "nested": "one set of permuted weights plus the width table: every budget, switchable at run time",
     "sliced": "one ordinary Hugging Face checkpoint per budget, experts sliced to their widths",
-    "hf": "the compiled model as a Hugging Face checkpoint (save_pretrained + tokenizer)",
+    "hf": "the compiled weights at full width as a plain Hugging Face checkpoint (save_pretrained + tokenizer)",
     "onnx": "ONNX graphs of the compiled model",
     "graph": "the FlexGraph after each pass, as text and pictures",
 }

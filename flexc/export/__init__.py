@@ -5,6 +5,6 @@ shared pieces: :mod:`flexc.export.tables` (width tables per budget) and
 :mod:`flexc.export.slicing` (expert weights cut to their widths).
 """
 
-from flexc.export import graph, nested  # noqa: F401
+from flexc.export import graph, hf, nested  # noqa: F401
 from flexc.export import sliced  # noqa: F401
 from flexc.export import onnx_export  # noqa: F401  (imports onnx lazily, inside the exporter)
