@@ -46,7 +46,7 @@ def spec_for(args) -> Spec:
         "budgets": {"keep": budgets, "metric": "params"},
         "pipeline": [
             {"rank_channels": {"score": "taylor", "plot": False}},
-            {"insert_action_gates": {"levels": 8, "granule": 16}},
+            {"insert_action_gates": {"levels": 8, "granule": 16, "init_margin": args.init_margin}},
             {"anneal": {"steps": args.steps, "lr": args.lr}},
         ],
         "seed": args.seed,
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64, help="calibration sequences")
     parser.add_argument("--steps", type=int, default=200, help="anneal steps")
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--init-margin", type=float, default=3.0, help="insert_action_gates' full-width bias")
     parser.add_argument("--eval-tokens", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (the plot goes beside it)")
