@@ -87,25 +87,25 @@ def run_eval(args, console) -> dict[str, list[dict]]:
     tasks = _tasks(args)
     if args.no_perplexity and not tasks:
         raise FlexcError("--no-perplexity leaves nothing to evaluate; add --tasks")
+    task_set = None
     if tasks:
         from flexc.eval import harness
 
-        for t in tasks:  # fail on a bad task file before loading any model
-            if harness.is_task_file(t):
-                harness.load_task_file(t)
+        task_set = harness.task_set(tasks, include_path=args.include_path)  # checked before any model loads
     source = None if args.no_perplexity else evaluation_source(args)
     results: dict[str, list[dict]] = {"perplexity": [], "tasks": []}
-    streams: dict[int, object] = {}
+    last = (None, None)  # (tokenizer, its tokenized evaluation stream): reused across a nested artifact's budgets
     try:
         for label, budget, model, tokenizer in _models(Path(args.model).expanduser(), args, load):
             if source is not None:
-                stream = streams.setdefault(id(tokenizer), evaluation_stream(source, tokenizer))
-                r = evaluate(model, tokenizer, source, stream=stream, progress=args.verbosity >= 0)
+                if last[0] is not tokenizer:
+                    last = (tokenizer, evaluation_stream(source, tokenizer))
+                r = evaluate(model, tokenizer, source, stream=last[1], progress=args.verbosity >= 0)
                 results["perplexity"].append({"model": label, "budget": budget, **r.to_dict()})
-            if tasks:
+            if task_set is not None:
                 lm = harness.harness_model(model, tokenizer, batch_size=args.batch_size, quiet=args.verbosity < 1)
-                for row in harness.run_tasks(lm, tasks, include_path=args.include_path, limit=args.limit,
-                                             num_fewshot=args.num_fewshot, quiet=args.verbosity < 1):
+                for row in harness.run_tasks(lm, task_set, limit=args.limit, num_fewshot=args.num_fewshot,
+                                             quiet=args.verbosity < 1):
                     results["tasks"].append({"model": label, "budget": budget, **row})
     except BudgetError as exc:
         raise FlexcError(str(exc)) from None

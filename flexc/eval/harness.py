@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -79,18 +81,20 @@ def harness_model(model, tokenizer, *, batch_size: int = 8, quiet: bool = True):
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def run_tasks(lm, tasks: list[str], *, include_path: str | None = None, limit: int | float | None = None,
-              num_fewshot: int | None = None, seed: int = 0, quiet: bool = True) -> list[dict]:
-    """Run ``tasks`` on ``lm`` (from :func:`harness_model`); one row per task and metric.
+@dataclass
+class TaskSet:
+    """Tasks checked and indexed once, to run at any number of budgets."""
 
-    Rows: ``{"task", "metric", "value", "stderr"}`` (``stderr`` is None where lm-eval gives none).
-    """
-    lm_eval, _, TaskManager = _lm_eval()
-    if limit is not None:
-        if limit <= 0:
-            raise FlexcError(f"--limit must be positive (documents per task, or a fraction below 1); found {limit}")
-        limit = int(limit) if limit >= 1 else float(limit)
+    specs: list  # registry names and task configs (from task files)
+    manager: Any  # lm-eval's TaskManager
+
+
+def task_set(tasks: list[str], *, include_path: str | None = None) -> TaskSet:
+    """Check ``tasks`` (registry names or task YAML files) before any model is loaded."""
+    _, _, TaskManager = _lm_eval()
     specs = [load_task_file(t) if is_task_file(t) else t for t in tasks]
+    if not specs:
+        raise FlexcError("no tasks given")
     if include_path is not None and not Path(include_path).is_dir():
         raise FlexcError(f"--include-path {include_path} is not a directory")
     # Indexing lm-eval's own registry takes most of a minute; local task files do not need it.
@@ -100,8 +104,24 @@ def run_tasks(lm, tasks: list[str], *, include_path: str | None = None, limit: i
     if unknown:
         raise FlexcError(f"unknown lm-eval task(s) {', '.join(unknown)}: name tasks from lm-eval's registry "
                          "(`lm-eval ls tasks`), pass a task YAML file, or add --include-path DIR")
+    return TaskSet(specs, manager)
+
+
+def run_tasks(lm, tasks: TaskSet | list[str], *, limit: int | float | None = None, num_fewshot: int | None = None,
+              seed: int = 0, quiet: bool = True) -> list[dict]:
+    """Run ``tasks`` on ``lm`` (from :func:`harness_model`); one row per task and metric.
+
+    Rows: ``{"task", "metric", "value", "stderr"}`` (``stderr`` is None where lm-eval gives none).
+    """
+    lm_eval, _, _ = _lm_eval()
+    if not isinstance(tasks, TaskSet):
+        tasks = task_set(tasks)
+    if limit is not None:
+        if limit <= 0:
+            raise FlexcError(f"--limit must be positive (documents per task, or a fraction below 1); found {limit}")
+        limit = int(limit) if limit >= 1 else float(limit)
     _set_log_level(quiet)
-    out = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit,
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks.specs, task_manager=tasks.manager, limit=limit,
                                   num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                                   bootstrap_iters=1000)
