@@ -50,7 +50,10 @@ def load_task_file(path: str | Path) -> dict:
                          "'!function' tags go in a directory passed with --include-path") from None
     if not isinstance(config, dict) or not isinstance(config.get("task"), str):
         raise FlexcError(f"{path}: a task file is a mapping with a 'task' name (lm-eval's task YAML format)")
-    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    kwargs = config.get("dataset_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise FlexcError(f"{path}: dataset_kwargs must be a mapping (of datasets.load_dataset arguments)")
+    files = kwargs.get("data_files")
     if files is not None:
         config["dataset_kwargs"]["data_files"] = _resolve_files(files, path.parent, path)
     return config
@@ -61,7 +64,8 @@ def _resolve_files(files, base: Path, source: Path):
         return {split: _resolve_files(f, base, source) for split, f in files.items()}
     if isinstance(files, list):
         return [_resolve_files(f, base, source) for f in files]
-    resolved = (base / str(files)).expanduser()
+    given = Path(str(files)).expanduser()
+    resolved = given if given.is_absolute() else base / given
     if not resolved.is_file():
         raise FlexcError(f"{source}: data file {files!r} not found (looked for {resolved})")
     return str(resolved)
