@@ -57,9 +57,7 @@ CHECKPOINT = "anneal_checkpoint.pt"
 TABLES_FILE = "width_tables.safetensors"
 TABLES_JSON = "width_tables.json"
 CURVES_PNG = "anneal_curves.png"
-
-
-CONTINUATION_DOUBLINGS = 8
+CONTINUATION_DOUBLINGS = 8  # lambda doubles this many times over the extra steps
 
 
 class AnnealDiverged(RuntimeError):
@@ -99,8 +97,8 @@ class AnnealOptions(PassOptions):
     lambda_: Schedule = Field(Schedule(start=0.0, end=0.5, kind="linear"), alias="lambda",
                               description="Weight of the cost term.")
     beta: Schedule = Field(Schedule(start=0.02, end=0.0, kind="cosine"), description="Weight of the entropy bonus.")
-    extra_steps: int | None = Field(None, ge=0, description="Bounded continuation if budgets remain "
-                                    "(default: half of steps).")
+    extra_steps: int | None = Field(None, ge=0, description="Bounded continuation if budgets remain, with "
+                                    "lambda doubling and fresh optimizer moments (default: half of steps).")
     checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints.")
     budgets: list[float] | None = Field(None, description="Keep ratios to export (default: the spec's budgets).")
     metric: Literal["params", "flops"] | None = Field(None, description="Budget metric (default: the spec's).")
