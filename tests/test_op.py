@@ -57,6 +57,37 @@ def test_reference_equals_naive_loop_with_widths(activation, interleaved, bias):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("activation,interleaved,bias", CASES)
+@pytest.mark.parametrize("T", [1, 7, 64])
+def test_grouped_cpu_path_equals_naive_loop(activation, interleaved, bias, T):
+    """The CPU inference path for one shared width (grouped GEMMs) against the definition,
+    and the op's choice between it and the reference loop."""
+    from flexc.ir.grouped import moe_experts_grouped
+
+    h, ids, w, gate_up, down, gub, db = make_inputs(torch.float32, T=T, bias=bias, seed=T)
+    as_double = [t.double() if t is not None and t.is_floating_point() else t for t in (h, ids, w, gate_up, down, gub, db)]
+    for width in (16, 8, 0):  # full, part, removed
+        widths = torch.full((5,), width)
+        got = moe_experts_grouped(h, ids, w, gate_up, down, gub, db, width, activation, interleaved)
+        want = naive_experts(*as_double, widths, activation, interleaved)
+        assert width == 0 or want.abs().max() > 1.0
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+    def op(widths):
+        return call_moe_experts(h, ids, w, gate_up, down, gate_up_bias=gub, down_bias=db, widths=widths,
+                                activation=activation, interleaved=interleaved)
+
+    def reference(widths):
+        return moe_experts_reference(h, ids, w, gate_up, down, gub, db, widths, activation, interleaved)
+
+    # The registered op on CPU takes the grouped path at one shared width, the reference loop
+    # at mixed widths.
+    uniform = torch.full((5,), 8)
+    assert torch.equal(op(uniform), moe_experts_grouped(h, ids, w, gate_up, down, gub, db, 8, activation, interleaved))
+    mixed = torch.tensor([0, 16, 8, 16, 8])
+    assert torch.equal(op(mixed), reference(mixed))
+
+
 def test_default_widths_mean_full_width():
     h, ids, w, gate_up, down, _, _ = make_inputs(torch.float64)
     full = torch.full((5,), 16)

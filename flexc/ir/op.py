@@ -232,6 +232,13 @@ def _dispatch(device: torch.device) -> Callable[..., torch.Tensor]:
 def _reference_positional(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
                           activation, interleaved, alpha, limit):
     with torch.no_grad():
+        if not _FORWARD_OBSERVERS and hidden.device.type == "cpu":
+            from flexc.ir.grouped import moe_experts_grouped, shared_width
+
+            width = shared_width(hidden, topk_ids, gate_up, down, widths, interleaved)
+            if width is not None:  # one width for every expert hit: two grouped GEMMs, not a loop
+                return moe_experts_grouped(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias,
+                                           width, activation, interleaved, alpha, limit)
         return moe_experts_reference(
             hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
             activation, interleaved, alpha, limit,
@@ -390,6 +397,10 @@ def _backward(ctx, grad_out):
 moe_experts.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def call_moe_experts(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -408,6 +419,15 @@ def call_moe_experts(
     """Keyword-friendly entry point to ``torch.ops.flexc.moe_experts``."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown expert activation {activation!r}; expected one of {ACTIVATIONS}")
+    if not torch.compiler.is_compiling() and not _needs_autograd(hidden, topk_weights, gate_up, down, gate_up_bias,
+                                                                 down_bias):
+        # Eager inference (generate, evaluation): the op's forward without the custom-op
+        # dispatch, which costs more than a decode step's expert GEMMs on CPU. Exports,
+        # compiles and training still go through the op.
+        return _dispatch(hidden.device)(
+            hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
+            activation, interleaved, float(alpha), float(limit),
+        )
     return torch.ops.flexc.moe_experts(
         hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
         activation, interleaved, float(alpha), float(limit),
