@@ -41,6 +41,25 @@ def context(workdir: Path, tokenizer, data, budgets=(), metric="params", seed=0)
                        logger=logging.getLogger("bench"), quiet=True)
 
 
+def gated_setup(model_name: str, samples: int, budgets, prefix: str) -> SimpleNamespace:
+    """A zoo model lowered, channel-ranked and gated, ready for ``anneal``: model, tokenizer,
+    seq_len, graph, ctx (working in a fresh temporary directory ``work``)."""
+    import tempfile
+
+    from flexc.ir import lower
+    from flexc.passes import resolve_pass
+
+    model, tokenizer, manifest = zoo_model(model_name)
+    seq_len = manifest["recipe"]["seq_len"]
+    data = calibration(tokenizer, samples, seq_len=seq_len)
+    graph = lower(model)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    ctx = context(work, tokenizer, data, budgets=budgets)
+    resolve_pass("rank_channels")({"plot": False})(graph, ctx)
+    resolve_pass("insert_action_gates")({})(graph, ctx)
+    return SimpleNamespace(model=model, tokenizer=tokenizer, seq_len=seq_len, graph=graph, ctx=ctx, work=work)
+
+
 def heldout_ppl(model, tokenizer, seq_len: int, max_tokens: int) -> float:
     with torch.no_grad():
         return evaluate_heldout(model, tokenizer, seq_len=seq_len, max_tokens=max_tokens).perplexity

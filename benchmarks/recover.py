@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
-from flexc.ir import lower  # noqa: E402
 from flexc.passes import resolve_pass  # noqa: E402
 from flexc.passes.width_tables import expert_weights, keep_ratio  # noqa: E402
 
@@ -51,14 +49,9 @@ def main() -> None:
     torch.set_num_threads(2)
     budgets = sorted({float(b) for b in args.budgets.split(",")} | {args.keep}, reverse=True)
 
-    model, tokenizer, manifest = common.zoo_model(args.model)
-    seq_len = manifest["recipe"]["seq_len"]
-    data = common.calibration(tokenizer, args.samples, seq_len=seq_len)
-    graph = lower(model)
-    work = Path(tempfile.mkdtemp(prefix="flexc-recover-bench-"))
-    ctx = common.context(work, tokenizer, data, budgets=budgets)
-    resolve_pass("rank_channels")({"plot": False})(graph, ctx)
-    resolve_pass("insert_action_gates")({})(graph, ctx)
+    setup = common.gated_setup(args.model, args.samples, budgets, prefix="flexc-recover-bench-")
+    model, tokenizer, seq_len, graph, ctx, work = (setup.model, setup.tokenizer, setup.seq_len, setup.graph,
+                                                   setup.ctx, setup.work)
     resolve_pass("anneal")({"steps": args.anneal_steps})(graph, ctx)
     tables = dict(zip(budgets, ctx.state["width_tables"]))
     pre_recovery = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -11,9 +11,8 @@ up to float rounding; no autograd, no forward observers.
 transformers' time over this one, >1 is faster): at full width the op runs at 1.00–1.12x
 stock from 1 to 2,048 tokens, where the reference loop ran at 0.73–1.06x; uniform half width
 at 1.07–1.58x. A learned table's mixed widths still take the loop (0.83–0.88x at 1–8 tokens,
-1.02–1.43x from 64 as the widths shrink the GEMMs); a variant running one grouped GEMM per
-distinct width took 1.2–2.5x the loop's time on such a table (seven widths), so it was
-dropped. :func:`shared_width` picks the calls this path serves.
+1.02–1.43x from 64 as the widths shrink the GEMMs). :func:`shared_width` picks the calls
+this path serves.
 """
 
 from __future__ import annotations
