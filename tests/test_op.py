@@ -62,7 +62,7 @@ def test_reference_equals_naive_loop_with_widths(activation, interleaved, bias):
 def test_grouped_cpu_path_equals_naive_loop(activation, interleaved, bias, T):
     """The CPU inference path for one shared width (grouped GEMMs) against the definition,
     and the op's choice between it and the reference loop."""
-    from flexc.ir.grouped import moe_experts_grouped
+    from flexc.ir.grouped import moe_experts_grouped, shared_width
 
     h, ids, w, gate_up, down, gub, db = make_inputs(torch.float32, T=T, bias=bias, seed=T)
     as_double = [t.double() if t is not None and t.is_floating_point() else t for t in (h, ids, w, gate_up, down, gub, db)]
@@ -80,11 +80,15 @@ def test_grouped_cpu_path_equals_naive_loop(activation, interleaved, bias, T):
     def reference(widths):
         return moe_experts_reference(h, ids, w, gate_up, down, gub, db, widths, activation, interleaved)
 
-    # The registered op on CPU takes the grouped path at one shared width, the reference loop
-    # at mixed widths.
+    # The registered op on CPU takes the grouped path when every expert hit shares a width, the
+    # reference loop otherwise. Both paths are deterministic, so the chosen one matches exactly.
     uniform = torch.full((5,), 8)
+    assert shared_width(h, ids, gate_up, down, uniform, interleaved) == 8
     assert torch.equal(op(uniform), moe_experts_grouped(h, ids, w, gate_up, down, gub, db, 8, activation, interleaved))
+    # Mixed widths among the experts hit: token 0's two experts get different widths.
     mixed = torch.tensor([0, 16, 8, 16, 8])
+    mixed[ids[0, 0]], mixed[ids[0, 1]] = 16, 8
+    assert shared_width(h, ids, gate_up, down, mixed, interleaved) is None
     assert torch.equal(op(mixed), reference(mixed))
 
 
@@ -123,9 +127,15 @@ def test_gradcheck_float64(activation, interleaved, bias):
     assert torch.autograd.gradcheck(f, tuple(tensors))
 
 
-def test_widths_are_not_differentiable_and_routing_ids_untouched():
+def test_backward_leaves_widths_and_routing_ids_untouched():
+    """Backward differentiates the float inputs only; the integer routing ids and widths it
+    reads (the op sorts tokens by expert internally) come out unchanged."""
     h, ids, w, gate_up, down, _, _ = make_inputs(torch.float32)
     h.requires_grad_()
+    w.requires_grad_()
     widths = torch.tensor([3, 16, 5, 1, 11])
+    ids_before, widths_before = ids.clone(), widths.clone()
     call_moe_experts(h, ids, w, gate_up, down, widths=widths).sum().backward()
-    assert h.grad is not None and widths.grad is None
+    assert h.grad.abs().max() > 0 and w.grad.abs().max() > 0
+    assert torch.equal(ids, ids_before) and torch.equal(widths, widths_before)
+    assert not ids.requires_grad and not widths.requires_grad
