@@ -152,3 +152,37 @@ def test_eval_cli_on_a_base_model(tiny_model_dir, tmp_path):
     (row,) = json.loads(out.read_text())["perplexity"]
     assert row["tokens"] == 2 * 31 and row["budget"] == 1.0 and 1 < row["perplexity"] < 2000
     assert main(["eval", str(tiny_model_dir), "--budget", "0.5", "-q"]) == 2  # budgets need an artifact
+
+
+
+def test_compare_reuses_the_width_tables_of_a_finished_compile(tiny_model_dir, tmp_path, monkeypatch):
+    import flexc
+    from flexc.eval.compare import compare, load_spec_or_run, parse_methods, reusable_run
+    from flexc.passes.anneal import Anneal
+
+    def make(steps):
+        data = {"builtin": "python-stdlib", "num_samples": 4, "seq_len": 32, "batch_size": 2}
+        return flexc.Spec(model={"zoo": "tiny"}, data={"calibration": data, "evaluation": {**data, "split": "heldout"}},
+                          budgets={"keep": [0.75, 0.5]}, export={"dir": str(tmp_path / "run")},
+                          pipeline=[{"rank_channels": {"plot": False}}, {"insert_action_gates": {"granule": 16}},
+                                    {"anneal": {"steps": steps}}, "fold_masks"])
+
+    spec = make(4)
+    flexc.compile(spec, quiet=True)
+    loaded, run = load_spec_or_run(tmp_path / "run")  # a run directory stands for its spec
+    assert run == tmp_path / "run" and loaded.fingerprint() == spec.fingerprint()
+
+    def no_anneal(self, graph, ctx):
+        raise AssertionError("compare annealed again")
+
+    monkeypatch.setattr(Anneal, "run", no_anneal)
+    result = compare(spec, parse_methods("flexmoe,uniform", spec), tmp_path / "cmp", quiet=True)
+    assert list(result["reused"]) == ["flexmoe"]
+    tables = json.loads((tmp_path / "run" / "stages" / "03-anneal" / "width_tables.json").read_text())
+    rows = [r for r in result["results"] if r["method"] == "flexmoe"]
+    assert [r["keep"] for r in rows] == pytest.approx([b["keep_achieved"] for b in tables["budgets"]])
+
+    other = make(5)  # other anneal options: the compile's tables are not what compare would compute
+    assert reusable_run(other, tmp_path / "run") is None
+    with pytest.raises(AssertionError, match="annealed again"):
+        compare(other, parse_methods("flexmoe", other), tmp_path / "cmp2", quiet=True)

@@ -12,6 +12,12 @@ for all of them. Methods are named as on the command line:
 Baselines run before ``flexmoe`` because its action gates stay in the graph (at full width).
 Each budget of each method is evaluated on the same held-out tokens; the result is a JSON
 file, a Markdown table and a plot of perplexity against keep ratio.
+
+A compile has usually annealed already: when ``run`` (or, by default, the spec's
+``export.dir``) holds a compile whose ranking and anneal are those compare would run (same
+model, calibration data, budgets, seed, and ``rank_channels`` → ``insert_action_gates`` →
+``anneal`` first in its pipeline with the same options, each stage done), compare reads that
+run's channel permutation and width tables instead of computing them again.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 import torch
 
 from flexc.eval.budgets import apply_budget
+from flexc.passes.anneal import TABLES_FILE
 from flexc.eval.perplexity import check_no_leak, evaluate, evaluation_stream
 from flexc.passes import PassContext, resolve_pass
 from flexc.passes.manager import run_pass
@@ -68,9 +75,67 @@ def parse_methods(text: str, spec=None) -> list[Method]:
     return sorted(out, key=lambda m: m.label.startswith("flexmoe"))  # gates stay in the graph: run last
 
 
-def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, logger=None) -> dict:
-    """Run ``methods`` on the spec's model and data; write ``compare.{json,md,png}`` into ``out_dir``."""
+REUSED_PREFIX = ("rank_channels", "insert_action_gates", "anneal")
+
+
+def _normalised(entries) -> list[tuple[str, dict]]:
+    """(name, options with defaults filled) of pipeline entries, comparable across specs."""
+    return [(e.name, resolve_pass(e.name)(dict(e.options)).options.model_dump(mode="json", by_alias=True))
+            for e in entries]
+
+
+def reusable_run(spec, run_dir: Path) -> tuple[Path, Path] | None:
+    """The (rank_channels, anneal) stage folders of a compile in ``run_dir`` that ran what compare's
+    ``flexmoe`` would run for ``spec``, or None (the reason is logged at debug level)."""
     import logging
+
+    from flexc.compiler.artifacts import SPEC_FILE, read_manifest
+    from flexc.compiler.spec import Spec
+
+    log = logging.getLogger("flexc")
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        return None
+    try:
+        ran = Spec.from_yaml(run_dir / SPEC_FILE)
+        same = (ran.model == spec.model and ran.data.calibration == spec.data.calibration and ran.seed == spec.seed
+                and ran.budgets == spec.budgets
+                and _normalised(ran.pipeline[:3]) == _normalised(
+                    e for name in REUSED_PREFIX for e in spec.pipeline if e.name == name))
+    except Exception as exc:  # noqa: BLE001 -- an unreadable run is simply not reused
+        log.debug("compare: not reusing %s: %s", run_dir, exc)
+        return None
+    done = {r["name"] for r in manifest.get("stages", []) if r.get("status") == "done"}
+    stages = [f"{i + 1:02d}-{name}" for i, name in enumerate(REUSED_PREFIX)]
+    rank_dir, anneal_dir = run_dir / "stages" / stages[0], run_dir / "stages" / stages[2]
+    if not same or not set(stages) <= done or not (anneal_dir / TABLES_FILE).is_file():
+        log.debug("compare: %s is not a finished anneal of this spec", run_dir)
+        return None
+    return rank_dir, anneal_dir
+
+
+def load_spec_or_run(path: str | Path):
+    """(spec, run directory or None) for a spec file or a compile's output directory."""
+    from flexc.compiler.artifacts import SPEC_FILE, read_manifest
+    from flexc.compiler.checks import validate_file
+
+    path = Path(path)
+    if path.is_dir() and read_manifest(path) is not None:
+        return validate_file(path / SPEC_FILE), path
+    return validate_file(path), None
+
+
+def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, logger=None,
+            run: Path | None = None) -> dict:
+    """Run ``methods`` on the spec's model and data; write ``compare.{json,md,png}`` into ``out_dir``.
+
+    ``run``: a compile's output directory whose ranking and width tables to reuse when they are
+    what ``flexmoe`` would compute (default: the spec's ``export.dir``).
+    """
+    import logging
+
+    from safetensors import safe_open
 
     from flexc import models
     from flexc.data.calibration import CalibrationSet
@@ -101,15 +166,24 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
     base = ppl()
     ranked = ctx("rank_channels", {})
     rank_options = next((dict(e.options) for e in spec.pipeline if e.name == "rank_channels"), {"plot": False})
+    reuse = reusable_run(spec, Path(run) if run is not None else Path(spec.export.dir))
+    if reuse is not None:  # the same permutation the compile's tables were annealed on
+        rank_options = {**rank_options, "from": reuse[0], "plot": False}
+        logger.info("compare: reusing the ranking and width tables of %s", reuse[0].parent.parent)
     run_pass(resolve_pass("rank_channels")(rank_options), graph, ranked)
     rows = [{"method": "unpruned", "keep_target": 1.0, "keep": 1.0, "params_keep": 1.0, **base}]
     metric = spec.budgets.metric
     full = torch.tensor([g.intermediate_size for g in graph.groups])
-    seconds, skipped = {}, {}
+    seconds, skipped, reused = {}, {}, {}
     for method in methods:
         c = ctx(method.label, dict(ranked.state))
         start = time.perf_counter()
-        for pass_name, options in method.passes:
+        if method.label == "flexmoe" and reuse is not None:
+            with safe_open(str(reuse[1] / TABLES_FILE), "pt") as f:
+                c.state.update(width_budgets=f.get_tensor("budgets"), width_tables=f.get_tensor("widths"),
+                               width_metric=f.metadata()["metric"])
+            reused[method.label] = str(reuse[1])
+        for pass_name, options in ([] if method.label in reused else method.passes):
             if pass_name == "expert_prune":  # top_k experts per layer must remain: lower budgets are unreachable
                 floor = max(g.top_k / g.num_experts for g in graph.groups)
                 reachable = [b for b in spec.budgets.keep_ratios if b >= floor - 1e-9]
@@ -127,7 +201,7 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
         logger.info("compare: %s done in %.1fs", method.label, seconds[method.label])
     result = {"model": spec.model.source, "metric": metric, "budgets": list(spec.budgets.keep_ratios),
               "eval_tokens": base["tokens"], "seconds": seconds,
-              "unreachable_budgets": skipped, "results": rows}
+              "unreachable_budgets": skipped, "reused": reused, "results": rows}
     atomic_write_text(out_dir / "compare.json", json.dumps(result, indent=2, default=str))
     atomic_write_text(out_dir / "compare.md", markdown_table(rows, metric))
     plot(rows, out_dir / "compare.png", title=f"held-out perplexity vs keep ({metric}), {base['tokens']} tokens")
