@@ -151,14 +151,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    def verbosity_options(p: argparse.ArgumentParser) -> None:
+        # SUPPRESS: a subcommand that is not given -q/-v keeps what `flexc -q COMMAND` set.
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=argparse.SUPPRESS,
+                       help="only warnings and errors, no progress bars")
+        g.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                       default=argparse.SUPPRESS, help="debug logs, tracebacks")
+
     common = argparse.ArgumentParser(add_help=False)
-    g = common.add_mutually_exclusive_group()
-    g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, help="only warnings and errors")
-    g.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, help="debug logs, tracebacks")
+    verbosity_options(common)
 
     parser = argparse.ArgumentParser(
         prog="flexc", description="A declarative compression compiler for Mixture-of-Experts language models."
     )
+    verbosity_options(parser)
     parser.add_argument("--version", action="version", version=f"flexc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -46,7 +49,38 @@ def setup(verbosity: int = 0) -> logging.Logger:
     handler.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
     handler._flexc_terminal = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
+    library_progress_bars(verbosity >= 0)
     return logger
+
+
+# Other libraries' tqdm bars (transformers' "Loading weights" and "Writing model shards", hub
+# downloads, datasets, lm-eval): (module, disable, enable) for libraries already imported, and
+# the variables that the ones imported later read at import time.
+_BAR_SWITCHES = (
+    ("huggingface_hub.utils", "disable_progress_bars", "enable_progress_bars"),
+    ("transformers.utils.logging", "disable_progress_bar", "enable_progress_bar"),
+    ("datasets", "disable_progress_bars", "enable_progress_bars"),
+)
+_BAR_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")
+_env_set_by_us: set[str] = set()
+
+
+def library_progress_bars(enabled: bool) -> None:
+    """Show or hide library progress bars, without importing a library that is not loaded yet."""
+    for module, off, on in _BAR_SWITCHES:
+        if module.partition(".")[0] not in sys.modules:
+            continue  # not imported: the environment below decides when it is
+        with warnings.catch_warnings():  # "cannot enable: the variable has priority": fine
+            warnings.simplefilter("ignore")
+            with contextlib.suppress(Exception):
+                getattr(importlib.import_module(module), on if enabled else off)()
+    for name in _BAR_ENV:
+        if not enabled and name not in os.environ:  # a user's own setting wins
+            os.environ[name] = "1"
+            _env_set_by_us.add(name)
+        elif enabled and name in _env_set_by_us:
+            os.environ.pop(name, None)
+            _env_set_by_us.discard(name)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,12 @@
-"""The IR: the canonical expert op, family adapters, lowering to a FlexGraph."""
+"""The IR: the canonical expert op, family adapters, lowering to a FlexGraph.
+
+The family adapters load eagerly (no torch); the rest on first use: importing torch and
+transformers' modeling code takes seconds that ``flexc inspect --families`` or
+``flexc validate`` should not pay.
+"""
+
+import sys
+import types
 
 from flexc.ir.families import (
     FamilyAdapter,
@@ -8,10 +16,37 @@ from flexc.ir.families import (
     detect_family,
     supported_families,
 )
-from flexc.ir.graph import FlexGraph
-from flexc.ir.groups import ExpertGroup, find_expert_groups
-from flexc.ir.lower import lower
-from flexc.ir.op import call_moe_experts, moe_experts_reference
+
+# name -> submodule that defines it
+_LAZY = {
+    "FlexGraph": "graph",
+    "ExpertGroup": "groups",
+    "find_expert_groups": "groups",
+    "lower": "lower",
+    "call_moe_experts": "op",
+    "moe_experts_reference": "op",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing the submodule flexc.ir.lower binds it here as ``lower``: keep the function.
+        if name == "lower" and isinstance(value, types.ModuleType):
+            value = value.lower
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "ExpertGroup",

@@ -9,10 +9,12 @@ config fields for expert count, top-k and width.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads on first use: listing families or reading configs needs none
+    from torch import nn
 
 
 class UnsupportedModelError(ValueError):
@@ -105,6 +107,8 @@ def supported_families() -> list[FamilyAdapter]:
 
 def is_experts_module(module: nn.Module) -> bool:
     """A transformers experts module with stacked weights (the experts interface layout)."""
+    import torch
+
     gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     return (
         isinstance(gu, torch.Tensor) and gu.dim() == 3
@@ -134,7 +138,8 @@ def detect_family(model_or_config) -> FamilyAdapter:
         return FAMILIES[model_type]
     names = ", ".join(a.display_name for a in FAMILIES.values())
     has_experts = _config_is_moe(config)
-    if isinstance(model_or_config, nn.Module):
+    torch = sys.modules.get("torch")  # without torch imported, it cannot be a module
+    if torch is not None and isinstance(model_or_config, torch.nn.Module):
         has_experts = has_experts or any(is_experts_module(m) for m in model_or_config.modules())
     if has_experts:
         raise UnsupportedFamilyError(f"unsupported MoE family {model_type!r}; supported: {names}")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from flexc.ir.families import detect_family, supported_families
-from flexc.ir.groups import ExpertGroup, find_expert_groups
+
+if TYPE_CHECKING:  # `inspect --families` must not pay for importing torch
+    from torch import nn
+
+    from flexc.ir.groups import ExpertGroup
 
 
 @dataclass
@@ -65,6 +68,8 @@ def _classify(name: str, routed: set[str], shared: list[str], routers: list[str]
 def summarize(model: nn.Module) -> ModelSummary:
     """Count parameters by role, straight from the model's named parameters."""
     adapter = detect_family(model)
+    from flexc.ir.groups import find_expert_groups
+
     groups = find_expert_groups(model, adapter)
     routed = {g.path for g in groups}
     shared = [p for g in groups for p in g.shared_paths]

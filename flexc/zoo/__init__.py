@@ -110,9 +110,12 @@ def load_manifest(path: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def _is_current(manifest: dict[str, Any] | None, recipe: Recipe) -> bool:
-    from flexc.zoo.train import MANIFEST_FORMAT
+#: The manifest layout flexc.zoo.train writes (a test checks the two agree). Kept here too:
+#: importing the trainer loads torch, which `flexc zoo list` should not wait for.
+MANIFEST_FORMAT = 1
 
+
+def _is_current(manifest: dict[str, Any] | None, recipe: Recipe) -> bool:
     return (
         manifest is not None
         and manifest.get("format") == MANIFEST_FORMAT
