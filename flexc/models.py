@@ -152,10 +152,14 @@ def resolve_argument(arg: str) -> Path:
 
 
 def _read_config_json(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
     try:
-        return json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {directory / 'config.json'}: {exc}") from None
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}: expected a JSON object (a model config); found a JSON {type(raw).__name__}")
+    return raw
 
 
 def _moe_from_json(raw: dict[str, Any]) -> bool:
@@ -169,6 +173,11 @@ def _moe_from_json(raw: dict[str, Any]) -> bool:
 
 def check_moe_config(directory: Path) -> str | None:
     """Fail unless ``directory`` holds a supported MoE model; return its family name when known."""
+    return _checked_config(directory)[1]
+
+
+def _checked_config(directory: Path) -> tuple[Any, str | None]:
+    """The transformers config of a supported MoE model in ``directory`` (or the raw dict), and its family."""
     raw = _read_config_json(directory)
     model_type = raw.get("model_type", "?")
     try:
@@ -179,7 +188,7 @@ def check_moe_config(directory: Path) -> str | None:
                 f"{directory} holds a {model_type!r} model, which is not a Mixture-of-Experts model "
                 f"(its config has none of {', '.join(MOE_CONFIG_KEYS)}); flexc compresses MoE experts"
             ) from None
-        return model_type
+        return raw, model_type
     _offline()
     from transformers import AutoConfig
 
@@ -191,7 +200,128 @@ def check_moe_config(directory: Path) -> str | None:
         family = detect_family(config)
     except UnsupportedModelError as exc:
         raise ModelError(f"the model in {directory} cannot be compressed: {exc}") from None
-    return getattr(family, "family", None) or str(family)
+    return config, getattr(family, "family", None) or str(family)
+
+
+# --------------------------------------------------------------------------- shape (no weights)
+
+
+@dataclass
+class ModelShape:
+    """What spec checks need to know about a model, read from its config alone."""
+
+    intermediate_size: int  # routed experts' intermediate width
+    num_experts: int
+    top_k: int
+    max_positions: int | None  # max_position_embeddings, when the config says
+    directory: Path | None  # None for a zoo model that is not built yet
+    config_file: str  # where the numbers come from, for messages
+
+
+def model_shape(spec: "ModelSpec") -> ModelShape | None:
+    """The shape of the spec's model from its config (a zoo recipe when not built): no weights are read.
+
+    None when the family is not one flexc knows the config fields of.
+    """
+    kind, value = spec.source
+    if kind == "zoo":
+        from flexc import zoo
+
+        entry = {e.name: e for e in zoo.available()}[value]
+        if not entry.cached:  # not built yet: the recipe gives the config without training
+            recipe = zoo.RECIPES[value]
+            return ModelShape(recipe.moe_intermediate_size, recipe.num_experts, recipe.top_k,
+                              recipe.model_config().max_position_embeddings, None, f"zoo recipe {value!r}")
+        directory = Path(entry.path)
+    else:
+        directory = resolve_directory(spec, progress=False)
+    config, _ = _checked_config(directory)
+    from flexc.ir.families import FAMILIES
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    adapter = FAMILIES.get(getattr(text, "model_type", None))
+    if adapter is None:
+        return None
+    try:
+        return ModelShape(int(getattr(text, adapter.intermediate_attr)), int(getattr(text, adapter.num_experts_attr)),
+                          adapter.top_k(text), getattr(text, "max_position_embeddings", None), directory,
+                          str(directory / "config.json"))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ModelError(f"{directory / 'config.json'}: cannot read the expert shape "
+                         f"({adapter.intermediate_attr}, {adapter.num_experts_attr}): {exc}") from None
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return any((directory / f).is_file() for f in TOKENIZER_FILES)
+
+
+# --------------------------------------------------------------------------- weights files (headers only)
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
+def check_safetensors(path: Path) -> str | None:
+    """What is wrong with a ``.safetensors`` file, from its header and size alone (None: looks whole).
+
+    Layout: 8-byte little-endian header length, a JSON header mapping tensor names to dtype, shape
+    and ``data_offsets`` into the data that follows. A truncated download fails here, before
+    minutes of loading.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                return f"{path}: truncated safetensors file ({size} bytes; not even the 8-byte header length)"
+            n = int.from_bytes(prefix, "little")
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                return f"{path}: corrupt or truncated safetensors file (header of {n:,} bytes in a {size:,}-byte file)"
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        return f"{path}: cannot read: {exc}"
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return f"{path}: corrupt safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return f"{path}: corrupt safetensors file (its header is not a JSON object)"
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(x) for x in info["data_offsets"])
+            count = 1
+            for d in info["shape"]:
+                count *= int(d)
+            expected = count * _DTYPE_BYTES.get(info["dtype"], 0)
+        except (KeyError, TypeError, ValueError):
+            return f"{path}: corrupt safetensors file (bad header entry for tensor {name!r})"
+        if begin > stop or (expected and stop - begin != expected):
+            return f"{path}: corrupt safetensors file (tensor {name!r} has offsets {begin}..{stop})"
+        end = max(end, stop)
+    if 8 + n + end > size:
+        return (f"{path}: truncated safetensors file: the header describes {8 + n + end:,} bytes, "
+                f"the file has {size:,} (an interrupted download or copy?)")
+    return None
+
+
+def check_weight_files(directory: Path) -> list[str]:
+    """Problems with the weight files of a model directory, found without loading them."""
+    problems = []
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            return [f"{index}: not a safetensors index (a JSON object with a weight_map): {exc}"]
+        problems += [f"{index} names {s}, which is missing" for s in shards if not (directory / s).is_file()]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files and not index.is_file() and not any(directory.glob("*.bin")):
+        problems.append(f"{directory} has no weights (no *.safetensors or *.bin files)")
+    problems += [msg for f in files if (msg := check_safetensors(f))]
+    return problems
 
 
 # --------------------------------------------------------------------------- loading

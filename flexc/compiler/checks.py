@@ -25,7 +25,15 @@ def initial_properties() -> frozenset[str]:
     return frozenset(getattr(manager, "INITIAL_PROPERTIES", None) or {"lowered"})
 
 
-def check_model(spec: Spec) -> list[tuple[tuple, str, str]]:
+Problem = tuple[tuple, str, str]  # (spec path, "key" or "value", message)
+
+#: Export formats that write width tables, and what the optional ones need installed.
+WIDTH_EXPORTS = ("nested", "sliced", "onnx")
+EXPORT_PACKAGES = {"onnx": ("onnx", "onnxruntime", "onnxscript")}
+
+
+def check_model(spec: Spec) -> list[Problem]:
+    """The model exists, is a supported MoE model, and its weight files are whole (headers only)."""
     from flexc import models
 
     kind, value = spec.model.source
@@ -38,15 +46,38 @@ def check_model(spec: Spec) -> list[tuple[tuple, str, str]]:
         models.check_moe_config(directory)
     except FlexcError as exc:
         return [(loc, "value", str(exc))]
+    return [(loc, "value", msg) for msg in models.check_weight_files(directory)]
+
+
+def check_device(spec: Spec) -> list[Problem]:
+    if spec.model.device == "cpu":
+        return []
+    from flexc import models
+
+    try:
+        models.resolve_device(spec.model.device)
+    except FlexcError as exc:
+        return [(("model", "device"), "value", str(exc))]
     return []
 
 
-def check_data(spec: Spec) -> list[tuple[tuple, str, str]]:
+def check_data(spec: Spec, shape=None) -> list[Problem]:
+    """Data files exist and their first records are usable text; sequences fit the model."""
+    from flexc.data.files import approx_max_tokens, check_data_file
+
     out = []
     for role in ("calibration", "evaluation"):
         source = getattr(spec.data, role)
-        if source is None or source.files is None:
+        if source is None:
             continue
+        limit = getattr(shape, "max_positions", None)
+        if limit and source.seq_len > limit:
+            out.append(((("data", role, "seq_len")), "value",
+                        f"seq_len {source.seq_len} is longer than the model's max_position_embeddings {limit} "
+                        f"({shape.config_file}); expected at most {limit}"))
+        if source.files is None:
+            continue
+        readable = []
         for i, name in enumerate(source.files):
             p = Path(name).expanduser()
             loc = ("data", role, "files", i)
@@ -56,10 +87,21 @@ def check_data(spec: Spec) -> list[tuple[tuple, str, str]]:
                 out.append((loc, "value", f"data file is not a regular file: {p}"))
             elif not os.access(p, os.R_OK):
                 out.append((loc, "value", f"data file is not readable (permission denied): {p}"))
+            elif msg := check_data_file(p, source.text_field):
+                out.append((loc, "value", msg))
+            else:
+                readable.append(p)
+        needed = source.num_samples * source.seq_len
+        if len(readable) == len(source.files) and not any(p.suffix.lower() == ".parquet" for p in readable):
+            most = approx_max_tokens(readable)
+            if most < needed:  # cannot be met whatever the tokenizer: fail now, not after loading the model
+                out.append((("data", role, "num_samples"), "value",
+                            f"num_samples {source.num_samples} x seq_len {source.seq_len} = {needed:,} tokens, but "
+                            f"the files hold at most ~{most:,}; lower num_samples or seq_len, or add text"))
     return out
 
 
-def check_pipeline_order(spec: Spec) -> list[tuple[tuple, str, str]]:
+def check_pipeline_order(spec: Spec) -> list[Problem]:
     if not spec.pipeline:
         return []
     try:
@@ -76,12 +118,156 @@ def check_pipeline_order(spec: Spec) -> list[tuple[tuple, str, str]]:
     return []
 
 
+def check_pass_inputs(spec: Spec, shape=None) -> list[Problem]:
+    """Every pass has what it reads: calibration data (and a tokenizer for it), budgets, a kernel backend."""
+    from flexc import models
+    from flexc.compiler.spec import _needs_calibration
+
+    out = []
+    needing = _needs_calibration(spec.pipeline)
+    for i in needing:
+        name = spec.pipeline[i].name
+        if spec.data.calibration is None:
+            out.append((("pipeline", i), "value",
+                        f"pass {name!r} reads calibration data, and the spec has none: set data.calibration "
+                        "(e.g. {builtin: python-stdlib} or {files: [my.jsonl]})"))
+    directory = getattr(shape, "directory", None)
+    if needing and directory is not None and not models.has_tokenizer(directory):
+        out.append((("model", spec.model.source[0]), "value",
+                    f"{directory} has no tokenizer files ({', '.join(models.TOKENIZER_FILES)}), and pass "
+                    f"{spec.pipeline[needing[0]].name!r} tokenizes calibration text; save the tokenizer beside the model"))
+    for i, entry in enumerate(spec.pipeline):
+        options = entry.build().options
+        if "budgets" in type(options).model_fields and options.budgets is None and spec.budgets is None:
+            out.append((("pipeline", i), "value",
+                        f"pass {entry.name!r} needs budgets: set budgets.keep in the spec or the pass's budgets option"))
+        if entry.name == "lower_kernels" and options.backend == "triton":
+            out += _triton_problems(spec, i)
+    return out
+
+
+def _triton_problems(spec: Spec, i: int) -> list[Problem]:
+    from flexc.kernels.dispatch import interpret_mode, triton_available
+
+    if not triton_available():
+        return [(("pipeline", i), "value", "lower_kernels backend 'triton' needs the triton package, which is "
+                 "not importable here; use backend 'auto' or 'reference'")]
+    if spec.model.device.startswith("cuda") or interpret_mode():
+        return []
+    return [(("pipeline", i), "value", f"lower_kernels backend 'triton' needs CUDA tensors; model.device is "
+             f"{spec.model.device!r}. Use backend 'auto' or 'reference', device: cuda, or TRITON_INTERPRET=1")]
+
+
+def _spec_budget_loc(spec: Spec, keep: float) -> tuple:
+    """Where a keep ratio of the spec's budgets is written (a prune ratio for ``prune:`` lists)."""
+    b = spec.budgets
+    values, kind = (b.keep, "keep") if b.keep is not None else ([round(1 - p, 12) for p in b.prune or ()], "prune")
+    return ("budgets", kind, values.index(keep)) if keep in values else ("budgets",)
+
+
+def _budgets_of(spec: Spec, index: int) -> tuple[list[float], tuple | None]:
+    """The keep ratios pass ``index`` (or the next pass that takes budgets) works to, and where they are set."""
+    for j in range(index, len(spec.pipeline)):
+        options = spec.pipeline[j].build().options
+        if getattr(options, "budgets", None) is not None:
+            return list(options.budgets), ("pipeline", j)
+        if "budgets" in type(options).model_fields:
+            break
+    return (list(spec.budgets.keep_ratios), None) if spec.budgets is not None else ([], None)
+
+
+def check_budget_floor(spec: Spec, shape) -> list[Problem]:
+    """Budgets below the lowest keep a width pass can reach (every expert at its narrowest choice)."""
+    if shape is None:
+        return []
+    inter = shape.intermediate_size
+    metric = spec.budgets.metric if spec.budgets is not None else "params"
+    out = []
+    for i, entry in enumerate(spec.pipeline):
+        options = entry.build().options
+        if entry.name == "insert_action_gates":
+            if inter < options.granule:
+                out.append((("pipeline", i), "value",
+                            f"insert_action_gates: granule {options.granule} is wider than the experts "
+                            f"({inter} channels, {shape.config_file}); use a granule of at most {inter}"))
+                continue
+            from flexc.passes.action_gates import level_widths
+
+            narrowest = int(level_widths(inter, options.levels, options.granule)[0])
+            floor = narrowest / inter
+            why = (f"insert_action_gates (levels {options.levels}, granule {options.granule}) cannot make an "
+                   f"expert of {inter} channels ({shape.config_file}) narrower than {narrowest}; use a larger "
+                   "budget, or more levels or a smaller granule")
+        elif entry.name in ("uniform", "coverage"):
+            narrowest = min(options.granule, inter)
+            floor = narrowest / inter
+            why = (f"{entry.name} (granule {options.granule}) keeps at least {narrowest} of each expert's {inter} "
+                   "channels; use a larger budget or a smaller granule")
+        elif entry.name == "expert_prune" and metric == "params":  # the flops floor depends on routing
+            floor = shape.top_k / shape.num_experts
+            why = (f"expert_prune must keep top_k={shape.top_k} of the {shape.num_experts} experts of each layer "
+                   f"({shape.config_file}); use a larger budget")
+        else:
+            continue
+        budgets, where = _budgets_of(spec, i)
+        low = [b for b in budgets if b < floor - 1e-9]
+        if low:
+            loc = where or _spec_budget_loc(spec, low[0])
+            out.append((loc, "value", f"keep {low[0]:g} is below {floor:.3g}, the lowest keep reachable: {why}"))
+    return out
+
+
+def check_exports(spec: Spec) -> list[Problem]:
+    """Each export has what it reads: width tables without whole-expert pruning, installed packages."""
+    import importlib.util
+
+    holds = set(initial_properties())
+    names = [e.name for e in spec.pipeline]
+    for entry in spec.pipeline:
+        holds |= set(entry.build().guarantees)
+    out = []
+    for i, fmt in enumerate(spec.export.formats):
+        loc = ("export", "formats", i)
+        if fmt in WIDTH_EXPORTS and "width_tables" not in holds:
+            out.append((loc, "value", f"the {fmt} export writes one model per budget and needs width tables; no pass "
+                        "in the pipeline chooses widths: add anneal (after rank_channels and insert_action_gates) "
+                        "or a baseline (uniform, coverage) after rank_channels"))
+        elif fmt in WIDTH_EXPORTS + ("hf",) and "expert_prune" in names:
+            out.append((loc, "value", f"the {fmt} export cannot express whole-expert pruning (expert_prune re-routes "
+                        "tokens through router masks); drop it from export.formats or use a width pass"))
+        elif fmt == "graph" and not spec.pipeline:
+            out.append((loc, "value", "the graph export draws the lowered graph, and an empty pipeline never lowers "
+                        "the model; add a pass or drop graph"))
+        missing = [m for m in EXPORT_PACKAGES.get(fmt, ()) if importlib.util.find_spec(m) is None]
+        if missing:
+            out.append((loc, "value", f"the {fmt} export needs {', '.join(missing)}, not installed here: "
+                        f"pip install 'flexc[{fmt}]'"))
+    return out
+
+
 def check_spec(spec: Spec, index: PositionIndex | None = None) -> list[SpecIssue]:
-    """Every machine-dependent problem of ``spec``, positioned via ``index`` when given."""
-    problems: list[tuple[tuple, str, str]] = []
-    problems += check_model(spec)
-    problems += check_data(spec)
-    problems += check_pipeline_order(spec)
+    """Every machine-dependent problem of ``spec``, positioned via ``index`` when given.
+
+    Only configs, file headers and first records are read: a mistake is reported before any
+    weight loads, and before the output directory is touched.
+    """
+    from flexc import models
+
+    problems: list[Problem] = check_model(spec)
+    shape = None
+    if not problems:
+        try:
+            shape = models.model_shape(spec.model)
+        except FlexcError as exc:
+            problems.append((("model", spec.model.source[0]), "value", str(exc)))
+    problems += check_device(spec)
+    problems += check_data(spec, shape)
+    order = check_pipeline_order(spec)
+    problems += order
+    if not order:  # later checks assume a pipeline that can run
+        problems += check_pass_inputs(spec, shape)
+        problems += check_budget_floor(spec, shape)
+    problems += check_exports(spec)
     return [locate(loc, msg, index, at) for loc, at, msg in problems]
 
 

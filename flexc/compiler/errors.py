@@ -11,6 +11,10 @@ from typing import Any, Iterable
 
 from flexc.compiler.yamlpos import Position
 
+MAX_SOURCE_WIDTH = 120  # characters of the offending source line shown under a message
+MAX_MESSAGE = 1000  # characters of one problem's line
+MAX_ISSUES = 20  # problems listed in full; a generated spec can have thousands
+
 
 class FlexcError(Exception):
     """A mistake the user can fix: printed as one clear message, exit status 2."""
@@ -71,16 +75,36 @@ class SpecError(FlexcError):
         n = len(self.issues)
         where = self.filename or "spec"
         out = [f"{where}: invalid spec ({n} problem{'s' if n != 1 else ''})"]
-        for issue in self.issues:
+        for issue in self.issues[:MAX_ISSUES]:
             pos = issue.position
             prefix = where
             if pos is not None:
                 prefix += f":{pos.line}:{pos.column}"
             field_text = f"{issue.field}: " if issue.show_field else ""
-            out.append(f"{prefix}: {field_text}{issue.message}")
+            line = f"{prefix}: {field_text}{issue.message}"
+            out.append(line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 3] + "...")  # e.g. a huge key
             if pos is not None and 0 < pos.line <= len(lines_of_text):
-                src = lines_of_text[pos.line - 1].rstrip()
+                src, column = source_excerpt(lines_of_text[pos.line - 1].rstrip(), pos.column)
                 gutter = f"{pos.line:>5} | "
                 out.append(gutter + src)
-                out.append(" " * (len(gutter) - 2) + "| " + " " * (pos.column - 1) + "^")
+                out.append(" " * (len(gutter) - 2) + "| " + " " * (column - 1) + "^")
+        if n > MAX_ISSUES:
+            out.append(f"{where}: ... and {n - MAX_ISSUES} more problems")
         return "\n".join(out)
+
+
+def source_excerpt(line: str, column: int, width: int = MAX_SOURCE_WIDTH) -> tuple[str, int]:
+    """At most ``width`` characters of ``line`` around ``column``, and the column within them.
+
+    A one-line spec of megabytes must not be echoed whole; cut parts are marked with "...".
+    """
+    if len(line) <= width:
+        return line, column
+    start = max(0, min(column - 1 - width // 2, len(line) - width))
+    excerpt = line[start : start + width]
+    column -= start
+    if start > 0:
+        excerpt, column = "..." + excerpt, column + 3
+    if start + width < len(line):
+        excerpt += "..."
+    return excerpt, column

@@ -22,9 +22,12 @@ from pydantic_core import PydanticCustomError
 
 from flexc.compiler.errors import SpecError, SpecIssue
 from flexc.compiler.yamlpos import PositionIndex, YamlSyntaxError, load_with_positions
+from flexc.passes.base import reject_bool_numbers
 
 BUILTIN_SPLITS = ("train", "heldout")
 DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+MAX_SPEC_BYTES = 1_000_000  # a spec is a page of YAML; anything near this size is a mistake
+MAX_SEED = 2**63 - 1  # torch.manual_seed and the anneal noise generator take a signed 64-bit seed
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -38,7 +41,10 @@ def _flexc_error(message: str, subloc: tuple = (), at: str = "value", issues: li
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # Numbers must be finite and never booleans (pydantic would read `true` as 1).
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
+
+    _no_bools = field_validator("*", mode="before")(classmethod(reject_bool_numbers))
 
 
 def _given(obj: BaseModel, names: tuple[str, ...]) -> list[str]:
@@ -412,7 +418,21 @@ class Spec(_Strict):
     budgets: BudgetSpec | None = Field(None, description="Target budgets (keep or prune ratios).")
     pipeline: list[PassEntry] = Field(default_factory=list, description="Passes, run in order. May be empty.")
     export: ExportSpec = Field(default_factory=ExportSpec, description="Output directory and formats.")
-    seed: int = Field(0, description="Seed for every random choice (sampling, data order, initialisation).")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seed for every random choice (sampling, data order, initialisation)."
+    )
+
+    @model_validator(mode="after")
+    def _default_calibration(self) -> "Spec":
+        # A zoo model was trained on a builtin corpus: calibrate on it when passes need data and
+        # the spec names none (so `Spec(model={"zoo": "tiny"}, pipeline=["rank_channels"])` runs).
+        if self.model.zoo is None or self.data.calibration is not None or not _needs_calibration(self.pipeline):
+            return self
+        corpus = _zoo_corpus(self.model.zoo)
+        if corpus is not None:
+            calibration = DataSource(builtin=corpus, num_samples=64, seq_len=128, batch_size=8)
+            self.data = DataSpec(calibration=calibration, evaluation=self.data.evaluation)
+        return self
 
     # ----------------------------------------------------------------- YAML
     @classmethod
@@ -448,6 +468,30 @@ class Spec(_Strict):
         d = self.to_dict()
         d["export"] = {k: v for k, v in d["export"].items() if k != "dir"}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def _needs_calibration(pipeline: list[PassEntry]) -> list[int]:
+    """Indices of the pipeline entries that read calibration data."""
+    from flexc.passes.registry import resolve_pass
+
+    out, holds = [], frozenset()
+    for i, entry in enumerate(pipeline):
+        cls = resolve_pass(entry.name)
+        if cls.Options.model_validate(entry.options).needs_calibration(holds):
+            out.append(i)
+        holds |= frozenset(cls.guarantees)
+    return out
+
+
+def _zoo_corpus(name: str) -> str | None:
+    """The builtin corpus a zoo model was trained on (None for an unknown name or another corpus)."""
+    try:
+        from flexc.zoo.recipes import RECIPES
+    except ImportError:
+        return None
+    recipe = RECIPES.get(name)
+    corpus = getattr(recipe, "corpus", None)
+    return corpus if corpus in ("python-stdlib",) else None
 
 
 # --------------------------------------------------------------------------- errors
@@ -499,6 +543,7 @@ _TYPE_WORDS = {
     "string_type": "a string",
     "bool_parsing": "true or false",
     "bool_type": "true or false",
+    "finite_number": "a finite number",
 }
 
 
@@ -618,6 +663,13 @@ def parse_spec(text: str, filename: str = "<spec>") -> tuple[Spec, PositionIndex
 def read_spec_text(path: str | Path) -> str:
     p = Path(path)
     try:
+        size = p.stat().st_size
+        if size > MAX_SPEC_BYTES:  # parsing megabytes of YAML takes minutes and gigabytes
+            raise SpecError(
+                [SpecIssue((), f"the spec file is {size:,} bytes; a spec is at most {MAX_SPEC_BYTES:,} bytes "
+                               "(is this the right file?)", show_field=False)],
+                str(path),
+            )
         return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError([SpecIssue((), f"spec file not found: {p}", show_field=False)], str(path)) from None

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
+from flexc.compiler.errors import FlexcError
 
-class DataError(ValueError):
-    """A data source cannot be read (missing file, unknown dataset, missing text field)."""
+
+class DataError(FlexcError, ValueError):
+    """A data source cannot be read (missing file, unknown dataset, missing text field): exit status 2."""
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,35 @@ def iter_documents(source, *, seed: int = 0, role: str = "calibration") -> Itera
     dataset = _load_dataset(source, role)
     field = source.text_field
     dataset = dataset.shuffle(seed=seed, buffer_size=1000) if hasattr(dataset, "shuffle") else dataset
-    for row in dataset:
+    where = _describe(source)
+    for row in _rows(dataset, where, role):
         if field not in row:
-            raise DataError(f"data source has no text field {field!r}; fields: {sorted(row)}")
+            raise DataError(f"{where}: data.{role}.text_field: no field {field!r} in a record; fields: {sorted(row)}")
         text = row[field]
+        if text and not isinstance(text, str):
+            raise DataError(f"{where}: data.{role}.text_field: field {field!r} holds {type(text).__name__}, not text")
         if text:
             yield text
+
+
+def _rows(dataset, where: str, role: str) -> Iterator[dict]:
+    """The dataset's rows; a file that breaks mid-way (bad JSON on line 10,000) is a DataError naming it."""
+    rows = iter(dataset)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many kinds for a malformed file
+            raise DataError(f"{where}: data.{role}: cannot read a record: {type(exc).__name__}: {exc}") from None
+        yield row
+
+
+def _describe(source) -> str:
+    files = getattr(source, "files", None)
+    if files:
+        return ", ".join(map(str, files[:3])) + (" ..." if len(files) > 3 else "")
+    return f"dataset {getattr(source, 'hub', None) or getattr(source, 'builtin', '?')!r}"
 
 
 def _load_dataset(source, role: str):
@@ -121,4 +146,5 @@ def packed_batches(source, tokenizer, *, seed: int = 0, role: str = "calibration
         if produced == n:
             return
     if produced < n:
-        raise DataError(f"data source yields only {produced} sequences of {seq_len} tokens; {n} requested")
+        raise DataError(f"{_describe(source)}: data.{role}.num_samples: the data yields only {produced} sequences "
+                        f"of {seq_len} tokens; {n} requested (lower num_samples or seq_len, or add text)")

@@ -43,11 +43,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import save_file
 
 from flexc.passes.action_gates import gates_of, set_gate_mode
-from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
+from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_keep_ratios, reject_bool_numbers
 from flexc.passes.registry import register_pass
 from flexc.passes.width_tables import expert_weights, fit_to_budget, keep_ratio, per_layer_keep
 from flexc.utils.atomic import atomic_path, atomic_write_text
@@ -67,10 +67,12 @@ class AnnealDiverged(RuntimeError):
 class Schedule(BaseModel):
     """A value that moves from ``start`` to ``end`` over the run's steps."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     start: float
     end: float
     kind: Literal["linear", "cosine", "exponential"] = "linear"
+
+    _no_bools = field_validator("*", mode="before")(classmethod(reject_bool_numbers))
 
     @model_validator(mode="after")
     def _positive_for_exponential(self):
@@ -102,6 +104,14 @@ class AnnealOptions(PassOptions):
     checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints.")
     budgets: list[float] | None = Field(None, description="Keep ratios to export (default: the spec's budgets).")
     metric: Literal["params", "flops"] | None = Field(None, description="Budget metric (default: the spec's).")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_in_range(cls, v: list[float] | None) -> list[float] | None:
+        return check_keep_ratios(v)
+
+    def needs_calibration(self, earlier: frozenset[str]) -> bool:
+        return True
 
 
 def _budgets(options: AnnealOptions, ctx: PassContext) -> tuple[list[float], str]:

@@ -10,18 +10,64 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 if TYPE_CHECKING:
     from flexc.ir.graph import FlexGraph
 
 
-class PassOptions(BaseModel):
-    """Base for a pass's options. Unknown keys are spec errors, never silently ignored."""
+def _numeric(annotation: Any) -> bool:
+    """Whether a field annotation takes numbers (int/float, possibly optional) and not booleans."""
+    if annotation in (int, float):
+        return True
+    if get_origin(annotation) is Literal:
+        return False
+    args = get_args(annotation)
+    return bool not in args and any(_numeric(a) for a in args)
 
-    model_config = ConfigDict(extra="forbid")
+
+def reject_bool_numbers(cls: type[BaseModel], value: Any, info: Any) -> Any:
+    """A ``field_validator("*", mode="before")`` body: refuse ``true``/``false`` where a number is expected.
+
+    pydantic reads a bool as 1/0 for int and float fields, so ``num_samples: true`` would run
+    with one sample; a spec author never means that.
+    """
+    field = cls.model_fields.get(info.field_name)
+    if field is None or not _numeric(field.annotation):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number; found {'true' if value else 'false'}")
+    if isinstance(value, list) and get_origin(field.annotation) is not None:
+        for i, item in enumerate(value):
+            if isinstance(item, bool):
+                raise ValueError(f"expected numbers; found {'true' if item else 'false'} at position {i}")
+    return value
+
+
+def check_keep_ratios(values: list[float] | None) -> list[float] | None:
+    """A ``budgets`` option: keep ratios in (0, 1] (None: the spec's budgets)."""
+    for i, v in enumerate(values or ()):
+        if not 0 < v <= 1:
+            raise ValueError(f"keep ratios must be in (0, 1]; found {v:g} at position {i}")
+    return values
+
+
+class PassOptions(BaseModel):
+    """Base for a pass's options. Unknown keys are spec errors, never silently ignored.
+
+    Floats must be finite (``lr: .inf`` would make every logit non-finite) and numbers are
+    never booleans.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    _no_bools = field_validator("*", mode="before")(classmethod(reject_bool_numbers))
+
+    def needs_calibration(self, earlier: frozenset[str]) -> bool:
+        """Whether the pass reads calibration data, given the properties earlier passes guarantee."""
+        return False
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from pydantic import Field, field_validator
 
-from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
+from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_keep_ratios
 from flexc.passes.registry import register_pass
 from flexc.passes.width_tables import expert_weights, keep_ratio, per_layer_keep
 from flexc.utils.atomic import atomic_write_text
@@ -41,6 +41,11 @@ class BaselineOptions(PassOptions):
         if v is not None and v not in ("params", "flops"):
             raise ValueError(f"metric must be 'params' or 'flops'; found {v!r}")
         return v
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_in_range(cls, v: list[float] | None) -> list[float] | None:
+        return check_keep_ratios(v)
 
 
 def budgets_and_metric(options, ctx: PassContext) -> tuple[list[float], str]:

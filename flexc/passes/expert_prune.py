@@ -180,6 +180,10 @@ class ExpertPruneOptions(BaselineOptions):
             raise ValueError(f"unknown criterion {v!r}; expected one of {', '.join(CRITERIA)}")
         return v
 
+    def needs_calibration(self, earlier: frozenset[str]) -> bool:
+        # frequency/router_weight reuse rank_channels' routing statistics when an earlier pass has them
+        return self.criterion in ("man", "msan", "reap") or "routing_stats" not in earlier
+
 
 @register_pass
 class ExpertPrune(Pass):

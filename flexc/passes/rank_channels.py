@@ -23,7 +23,7 @@ from flexc.ir.op import gate_up_rows
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.calibrate import RoutingStats, calibrate
 from flexc.passes.registry import register_pass
-from flexc.passes.scores import available_scores, resolve_score
+from flexc.passes.scores import ChannelScore, available_scores, resolve_score
 from flexc.utils.atomic import atomic_path
 
 SCORES_FILE = "channel_scores.safetensors"
@@ -44,6 +44,13 @@ class RankChannelsOptions(PassOptions):
     def _known(cls, v: str) -> str:
         if ":" not in v and v not in available_scores():
             raise ValueError(f"unknown score {v!r}; expected one of {', '.join(available_scores())} or 'module:Class'")
+        if ":" in v:  # import a custom score now, not after the model has loaded
+            try:
+                score = resolve_score(v)
+            except Exception as exc:  # noqa: BLE001 - any import failure is the spec's problem
+                raise ValueError(f"cannot import score {v!r}: {type(exc).__name__}: {exc}") from None
+            if not (isinstance(score, type) and issubclass(score, ChannelScore)):
+                raise ValueError(f"score {v!r} is not a flexc.passes.scores.ChannelScore subclass")
         return v
 
     @field_validator("from_")
@@ -54,6 +61,9 @@ class RankChannelsOptions(PassOptions):
             if not f.is_file():
                 raise ValueError(f"no {SCORES_FILE} at {v}")
         return v
+
+    def needs_calibration(self, earlier: frozenset[str]) -> bool:
+        return self.from_ is None  # `from:` reuses an earlier run's scores
 
 
 def permute_expert_channels(graph, layer_index: int, perms: torch.Tensor) -> None:

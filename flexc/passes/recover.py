@@ -82,6 +82,9 @@ class RecoverOptions(PassOptions):
     def _unique(cls, v: list[str]) -> list[str]:
         return sorted(set(v))
 
+    def needs_calibration(self, earlier: frozenset[str]) -> bool:
+        return True
+
 
 def select_budget(tables: WidthTables, keep: float, tolerance: float) -> float:
     """The exported budget nearest ``keep`` (ties go to the smaller); an error if none is within ``tolerance``."""

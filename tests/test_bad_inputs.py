@@ -1,0 +1,365 @@
+"""Bad input battery: every mistake is caught before any weight loads.
+
+Each case writes one bad spec (and whatever bad data, model or artifact file it needs) and runs
+it through the CLI, as ``validate`` and as ``compile``. Each must exit with status 2, print no
+traceback, name the spec file and the field (and the offending file where there is one), and
+leave no output directory behind that would block the corrected spec.
+
+Models are the tiny random ones of :mod:`flexc.ir.testing` saved to a temporary directory;
+nothing here loads weights (the safetensors cases read headers only) or trains a zoo model (a
+zoo case reads its recipe or cached config).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from flexc.cli import main
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE / "broken_specs"))
+import compiler_helpers as helpers  # noqa: E402
+
+CAL = "data:\n  calibration: {builtin: python-stdlib, num_samples: 4, seq_len: 32, batch_size: 2}\n"
+GATES = "pipeline: [rank_channels, insert_action_gates, anneal, fold_masks]\n"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Model directories: ``moe`` (qwen3_moe, experts of 32 channels, tokenizer), ``moe56`` (experts of
+    56 channels, tokenizer), ``bare`` (no tokenizer), ``dense`` (a Llama)."""
+    root = tmp_path_factory.mktemp("models")
+    moe = helpers.make_tiny_moe(root / "moe")
+    from flexc.ir.testing import tiny_model
+
+    moe56 = root / "moe56"
+    tiny_model("qwen3_moe", moe_intermediate_size=56, vocab_size=300).save_pretrained(moe56)
+    bare = root / "bare"
+    shutil.copytree(moe56, bare)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(moe / f, moe56 / f)
+    return {"moe": moe, "moe56": moe56, "bare": bare, "dense": helpers.make_dense(root / "dense")}
+
+
+@dataclass
+class Case:
+    """A bad spec (a template: {moe}, {moe56}, {bare}, {dense}, {model} and {tmp} are filled in)."""
+
+    id: str
+    spec: str
+    field: str | None  # the spec field the message must name (None: the file as a whole)
+    says: str  # a piece of the message
+    setup: Callable[[Path, pytest.MonkeyPatch], None] | None = None  # writes files, patches the machine
+    names_file: str | None = None  # a file (relative to tmp) the message must also name
+    extra: dict = field(default_factory=dict)
+
+
+def model_case(id, make, says, field="model.path", names_file=None):
+    """A corrupt model directory {model} (a copy of the tiny MoE model, then ``make(dir)``)."""
+
+    def setup(tmp, mp, make=make):
+        shutil.copytree(_MODELS["moe"], tmp / "model")
+        make(tmp / "model")
+
+    spec = "model: {path: {model}}\n"
+    return Case(id, spec, field, says, setup, names_file)
+
+
+def data_case(id, name, content: bytes | str | Callable, says, role="calibration", text_field=None, n=4, seq=32,
+              field=None):
+    """A bad data file {tmp}/name used as the calibration (or evaluation) source of the tiny model."""
+
+    def setup(tmp, mp):
+        p = tmp / name
+        if callable(content):
+            content(p)
+        elif isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            p.write_text(content)
+
+    tf = f", text_field: {text_field}" if text_field else ""
+    spec = (f"model: {{path: {{moe}}}}\ndata:\n  {role}: {{files: [{{tmp}}/{name}], num_samples: {n}, "
+            f"seq_len: {seq}{tf}}}\n")
+    if role == "calibration":
+        spec += "budgets: {keep: [0.75]}\npipeline: [rank_channels]\n"
+    return Case(id, spec, field or f"data.{role}.files[0]", says, setup, name)
+
+
+def _parquet(columns: dict) -> Callable[[Path], None]:
+    def write(p: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table(columns), str(p))
+
+    return write
+
+
+def _truncate(p: Path) -> None:
+    f = p / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+
+
+def _header(p: Path, header, length: int | None = None) -> None:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    (p / "model.safetensors").write_bytes(struct.pack("<Q", length if length is not None else len(raw)) + raw)
+
+
+def _no_cuda(tmp, mp):
+    import torch
+
+    mp.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def _no_mps(tmp, mp):
+    import torch
+
+    mp.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+def _triton(available: bool):
+    def setup(tmp, mp):
+        from flexc.kernels import dispatch
+
+        mp.setattr(dispatch, "triton_available", lambda: available)
+        mp.delenv("TRITON_INTERPRET", raising=False)
+
+    return setup
+
+
+def _without_onnx(tmp, mp):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    mp.setattr(importlib.util, "find_spec",
+               lambda name, *a, **k: None if name in ("onnx", "onnxruntime", "onnxscript") else real(name, *a, **k))
+
+
+def _write(name: str, content: str | bytes):
+    def setup(tmp, mp):
+        (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+
+    return setup
+
+
+_MODELS: dict[str, Path] = {}
+MOE = "model: {path: {moe}}\n"
+MOE_CAL = MOE + CAL
+NOT_JSON = "{not json"
+
+CASES = [
+    # ---- budgets the width passes cannot reach
+    Case("budget_below_action_floor", "model: {path: {moe56}}\n" + CAL + "budgets: {keep: [0.5, 0.25]}\n" + GATES,
+         "budgets.keep[1]", "below 0.286"),
+    Case("budget_below_floor_prune_form", MOE_CAL + "budgets: {prune: [0.2, 0.7]}\n" + GATES,
+         "budgets.prune[1]", "lowest keep reachable"),
+    Case("anneal_budgets_option_below_floor", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, "
+         "insert_action_gates, {anneal: {budgets: [0.75, 0.3]}}]\n", "pipeline[2]", "keep 0.3 is below 0.5"),
+    Case("granule_wider_than_experts", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, "
+         "{insert_action_gates: {granule: 64}}, anneal]\n", "pipeline[1]", "granule 64 is wider than the experts"),
+    Case("uniform_below_granule_floor", MOE_CAL + "budgets: {keep: [0.75, 0.25]}\npipeline: [rank_channels, uniform]\n",
+         "budgets.keep[1]", "uniform (granule 16)"),
+    Case("coverage_option_budget_below_floor", MOE_CAL + "pipeline: [rank_channels, {coverage: {budgets: [0.4]}}]\n",
+         "pipeline[1]", "coverage (granule 16)"),
+    Case("expert_prune_below_top_k", MOE_CAL + "budgets: {keep: [0.5, 0.2]}\npipeline: [expert_prune]\n",
+         "budgets.keep[1]", "top_k=2 of the 8 experts"),
+    # ---- exports the pipeline cannot feed
+    Case("nested_without_width_pass", MOE_CAL + "budgets: {keep: [0.5]}\npipeline: [rank_channels]\n"
+         "export: {formats: [nested]}\n", "export.formats[0]", "no pass in the pipeline chooses widths"),
+    Case("sliced_with_empty_pipeline", MOE + "export: {formats: [hf, sliced]}\n", "export.formats[1]",
+         "needs width tables"),
+    Case("onnx_without_width_pass", MOE_CAL + "budgets: {keep: [0.5]}\npipeline: [rank_channels]\n"
+         "export: {formats: [onnx]}\n", "export.formats[0]", "needs width tables"),
+    Case("nested_with_expert_prune", MOE_CAL + "budgets: {keep: [0.5]}\npipeline: [expert_prune]\n"
+         "export: {formats: [nested]}\n", "export.formats[0]", "whole-expert pruning"),
+    Case("sliced_with_expert_prune", MOE_CAL + "budgets: {keep: [0.5]}\npipeline: [expert_prune]\n"
+         "export: {formats: [sliced]}\n", "export.formats[0]", "whole-expert pruning"),
+    Case("hf_with_expert_prune", MOE_CAL + "budgets: {keep: [0.5]}\npipeline: [expert_prune]\n"
+         "export: {formats: [hf]}\n", "export.formats[0]", "whole-expert pruning"),
+    Case("graph_with_empty_pipeline", MOE + "export: {formats: [graph]}\n", "export.formats[0]", "never lowers"),
+    Case("onnx_packages_missing", MOE_CAL + "budgets: {keep: [0.5]}\npipeline: [rank_channels, uniform]\n"
+         "export: {formats: [onnx]}\n", "export.formats[0]", "needs onnx, onnxruntime, onnxscript", _without_onnx),
+    Case("format_listed_twice", MOE + "export: {formats: [hf, hf]}\n", "export.formats[1]", "listed twice"),
+    Case("unknown_format", MOE + "export: {formats: [gguf]}\n", "export.formats[0]", "expected one of"),
+    # ---- passes without what they read
+    Case("rank_without_calibration", MOE + "budgets: {keep: [0.5]}\npipeline: [rank_channels]\n", "pipeline[0]",
+         "reads calibration data, and the spec has none"),
+    Case("expert_prune_without_calibration", MOE + "budgets: {keep: [0.5]}\npipeline: [expert_prune]\n",
+         "pipeline[0]", "reads calibration data"),
+    Case("recover_without_calibration", MOE + "budgets: {keep: [0.5]}\npipeline: [{rank_channels: {from: {tmp}}}, "
+         "uniform, recover]\n", "pipeline[2]", "'recover' reads calibration data",
+         _write("channel_scores.safetensors", b"")),
+    Case("calibration_without_tokenizer", "model: {path: {bare}}\n" + CAL + "budgets: {keep: [0.5]}\n"
+         "pipeline: [rank_channels]\n", "model.path", "no tokenizer files"),
+    Case("anneal_without_budgets", MOE_CAL + "pipeline: [rank_channels, insert_action_gates, anneal]\n",
+         "pipeline[2]", "'anneal' needs budgets"),
+    Case("uniform_without_budgets", MOE_CAL + "pipeline: [rank_channels, uniform]\n", "pipeline[1]",
+         "'uniform' needs budgets"),
+    Case("pipeline_order", MOE_CAL + "budgets: {keep: [0.5]}\npipeline: [insert_action_gates, rank_channels]\n",
+         "pipeline[0]", "pass order"),
+    Case("unknown_pass", MOE + "pipeline: [rank_chanels]\n", "pipeline[0]", "rank_channels"),
+    Case("custom_score_module_missing", MOE_CAL + "pipeline: [{rank_channels: {score: 'no_such_mod_xyz:Score'}}]\n",
+         "pipeline[0].rank_channels.score", "cannot import score 'no_such_mod_xyz:Score'"),
+    Case("custom_score_class_missing", MOE_CAL + "pipeline: [{rank_channels: {score: 'flexc.passes.scores:Nope'}}]\n",
+         "pipeline[0].rank_channels.score", "AttributeError"),
+    Case("custom_score_not_a_score", MOE_CAL + "pipeline: [{rank_channels: {score: "
+         "'flexc.passes.scores:resolve_score'}}]\n", "pipeline[0].rank_channels.score", "not a flexc.passes.scores"),
+    Case("lower_kernels_triton_on_cpu", MOE + "pipeline: [{lower_kernels: {backend: triton}}]\n", "pipeline[0]",
+         "needs CUDA tensors", _triton(True)),
+    Case("lower_kernels_triton_missing", MOE + "pipeline: [{lower_kernels: {backend: triton}}]\n", "pipeline[0]",
+         "needs the triton package", _triton(False)),
+    # ---- option values: booleans for numbers, non-finite floats, overflowing seeds
+    Case("seed_overflows", MOE + "seed: 18446744073709551616\n", "seed", "less than or equal to 9223372036854775807"),
+    Case("seed_negative", MOE + "seed: -1\n", "seed", "greater than or equal to 0"),
+    Case("seed_bool", MOE + "seed: true\n", "seed", "expected a number; found true"),
+    Case("num_samples_bool", MOE + "data:\n  calibration: {builtin: python-stdlib, num_samples: true}\n",
+         "data.calibration.num_samples", "expected a number; found true"),
+    Case("batch_size_bool", MOE + "data:\n  evaluation: {builtin: python-stdlib, batch_size: false}\n",
+         "data.evaluation.batch_size", "found false"),
+    Case("keep_ratio_bool", MOE + "budgets: {keep: [true]}\n", "budgets.keep", "found true"),
+    Case("anneal_lr_inf", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, insert_action_gates, "
+         "{anneal: {lr: .inf}}]\n", "pipeline[2].anneal.lr", "expected a finite number; found inf"),
+    Case("anneal_steps_bool", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, insert_action_gates, "
+         "{anneal: {steps: true}}]\n", "pipeline[2].anneal.steps", "found true"),
+    Case("anneal_schedule_nan", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, insert_action_gates, "
+         "{anneal: {tau: {start: .nan, end: 0.1}}}]\n", "pipeline[2].anneal.tau.start", "finite number"),
+    Case("anneal_budget_option_out_of_range", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, "
+         "insert_action_gates, {anneal: {budgets: [1.5]}}]\n", "pipeline[2].anneal.budgets", "(0, 1]"),
+    Case("recover_lr_nan", MOE_CAL + "budgets: {keep: [0.5]}\npipeline: [rank_channels, uniform, "
+         "{recover: {lr: .nan}}]\n", "pipeline[2].recover.lr", "finite number"),
+    Case("recover_grad_norm_inf", MOE_CAL + "budgets: {keep: [0.5]}\npipeline: [rank_channels, uniform, "
+         "{recover: {max_grad_norm: .inf}}]\n", "pipeline[2].recover.max_grad_norm", "finite number"),
+    Case("gates_init_margin_inf", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, "
+         "{insert_action_gates: {init_margin: .inf}}, anneal]\n", "pipeline[1].insert_action_gates.init_margin",
+         "finite number"),
+    Case("coverage_exponent_nan", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, "
+         "{coverage: {exponent: .nan}}]\n", "pipeline[1].coverage.exponent", "finite number"),
+    Case("uniform_budget_option_zero", MOE_CAL + "pipeline: [rank_channels, {uniform: {budgets: [0]}}]\n",
+         "pipeline[1].uniform.budgets", "(0, 1]"),
+    Case("gates_levels_bool", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, "
+         "{insert_action_gates: {levels: true}}, anneal]\n", "pipeline[1].insert_action_gates.levels", "found true"),
+    # ---- data files
+    data_case("data_empty", "empty.txt", b"", "is empty"),
+    data_case("data_whitespace_only", "blank.txt", "\n\n   \n", "only whitespace"),
+    data_case("data_binary_txt", "weights.txt", b"\x00\x01\x02" * 100, "binary file"),
+    data_case("data_gzip_jsonl", "c.jsonl", b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + b"\x00" * 40, "binary file"),
+    data_case("data_not_utf8", "latin.txt", "caf\xe9 cr\xe8me ".encode("latin-1") * 10, "not UTF-8"),
+    data_case("data_jsonl_not_json", "d.jsonl", "this is not json\n", "line 1 is not JSON"),
+    data_case("data_jsonl_bad_second_line", "d2.jsonl", '{"text": "a"}\n{"text": \n', "line 2 is not JSON"),
+    data_case("data_jsonl_missing_field", "f.jsonl", '{"content": "def f(): pass"}\n', "no 'text' field"),
+    data_case("data_jsonl_custom_field_missing", "g.jsonl", '{"text": "x"}\n', "no 'body' field", text_field="body"),
+    data_case("data_jsonl_record_is_string", "s.jsonl", '"def f(): pass"\n', "record 1 is a string"),
+    data_case("data_json_record_is_list", "l.json", '[["a"], ["b"]]', "record 1 is a JSON list"),
+    data_case("data_jsonl_text_is_number", "n.jsonl", '{"text": 12}\n', "is a number; expected a string"),
+    data_case("data_json_invalid", "j.json", '[{"text": "a"}, {"text": ', "not valid JSON"),
+    data_case("data_json_without_field", "k.json", '[{"body": "a"}, {"body": "b"}]', "no 'text' field"),
+    data_case("data_json_dict_of_lists", "m.json", '{"text": ["a", "b"]}', "is a JSON list; expected a string"),
+    data_case("data_parquet_not_parquet", "p.parquet", "text,not parquet\n", "not a readable Parquet file"),
+    data_case("data_parquet_without_column", "q.parquet", _parquet({"body": ["a", "b"]}), "no column 'text'"),
+    data_case("data_too_little_text", "short.txt", "def f():\n    pass\n", "at most",
+              n=64, seq=64, field="data.calibration.num_samples"),
+    data_case("evaluation_data_binary", "eval.txt", b"\x00" * 64, "binary file", role="evaluation"),
+    Case("data_file_missing", MOE_CAL.replace("builtin: python-stdlib", "files: [{tmp}/nope.txt]"),
+         "data.calibration.files[0]", "data file not found", names_file="nope.txt"),
+    Case("data_file_is_directory", MOE + "data:\n  evaluation: {files: [{tmp}/dir.txt]}\n",
+         "data.evaluation.files[0]", "not a regular file", lambda tmp, mp: (tmp / "dir.txt").mkdir(), "dir.txt"),
+    Case("data_file_wrong_suffix", MOE + "data:\n  evaluation: {files: [{tmp}/a.csv]}\n",
+         "data.evaluation.files[0]", "expected a file ending in"),
+    Case("seq_len_beyond_max_positions", MOE_CAL.replace("seq_len: 32", "seq_len: 4096"),
+         "data.calibration.seq_len", "max_position_embeddings 128"),
+    Case("eval_seq_len_beyond_max_positions", MOE + "data:\n  evaluation: {builtin: python-stdlib, seq_len: 129}\n",
+         "data.evaluation.seq_len", "max_position_embeddings 128"),
+    Case("zoo_seq_len_beyond_max_positions", "model: {zoo: tiny}\ndata:\n  evaluation: {builtin: python-stdlib, "
+         "seq_len: 100000}\n", "data.evaluation.seq_len", "max_position_embeddings 512"),
+    Case("zoo_budget_below_floor", "model: {zoo: tiny}\nbudgets: {keep: [0.1]}\n" + GATES, "budgets.keep[0]",
+         "below 0.125"),
+    # ---- model directories
+    model_case("safetensors_truncated", _truncate, "truncated safetensors file", names_file="model/model.safetensors"),
+    model_case("safetensors_short", lambda p: (p / "model.safetensors").write_bytes(b"\x01\x02"), "not even the 8-byte"),
+    model_case("safetensors_header_too_long", lambda p: _header(p, {}, length=2**40), "corrupt or truncated"),
+    model_case("safetensors_header_not_json", lambda p: _header(p, b"\xff\xfe garbage"), "header is not JSON"),
+    model_case("safetensors_header_not_object", lambda p: _header(p, [1, 2]), "not a JSON object"),
+    model_case("safetensors_bad_offsets", lambda p: _header(
+        p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}), "has offsets 0..8"),
+    model_case("safetensors_data_missing", lambda p: _header(
+        p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}), "the file has"),
+    model_case("no_weights", lambda p: (p / "model.safetensors").unlink(), "has no weights"),
+    model_case("shard_missing", lambda p: (p / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-00002-of-00002.safetensors"}})), "model-00002-of-00002"),
+    model_case("index_not_json", lambda p: (p / "model.safetensors.index.json").write_text(NOT_JSON),
+               "not a safetensors index"),
+    model_case("config_is_a_list", lambda p: (p / "config.json").write_text("[1, 2, 3]"), "expected a JSON object",
+               names_file="model/config.json"),
+    model_case("config_not_json", lambda p: (p / "config.json").write_text(NOT_JSON), "cannot read",
+               names_file="model/config.json"),
+    model_case("config_missing", lambda p: (p / "config.json").unlink(), "no config.json"),
+    Case("model_is_dense", "model: {path: {dense}}\n", "model.path", "no MoE layers"),
+    Case("model_path_is_file", "model: {path: {tmp}/m.bin}\n", "model.path", "not a directory",
+         _write("m.bin", b"x")),
+    Case("model_dir_missing", "model: {path: {tmp}/nowhere}\n", "model.path", "model directory not found"),
+    Case("unknown_zoo", "model: {zoo: tinny}\n", "model.zoo", "did you mean 'tiny'"),
+    Case("two_model_sources", "model: {zoo: tiny, path: /x}\n", "model", "exactly one model source"),
+    Case("device_cuda_without_cuda", "model: {path: {moe}, device: cuda}\n", "model.device", "CUDA is not available",
+         _no_cuda),
+    Case("device_mps_without_mps", "model: {path: {moe}, device: mps}\n", "model.device", "MPS is not available",
+         _no_mps),
+    Case("device_unknown", "model: {path: {moe}, device: tpu}\n", "model.device", "expected 'cpu'"),
+    # ---- the spec file itself
+    Case("spec_too_large", "# " + "x" * 1_100_000 + "\nmodel: {zoo: tiny}\n", None, "a spec is at most 1,000,000"),
+    Case("spec_long_line", "model: {zoo: tiny}\nbudgets: {keep: [0.5], metric: '" + "x" * 50_000 + "'}\n",
+         "budgets.metric", "expected one of 'params', 'flops'"),
+    Case("spec_not_utf8", "model: {zoo: caf\udce9}\n", None, "cannot read spec file"),
+    Case("spec_yaml_syntax", "model: {zoo: tiny\n", None, "YAML syntax error"),
+    Case("spec_empty", "# nothing\n", None, "the spec is empty"),
+    Case("spec_top_level_list", "- model\n", None, "expected a mapping"),
+    Case("spec_duplicate_key", MOE + "seed: 1\nseed: 2\n", "seed", "duplicate key 'seed'"),
+    Case("spec_unknown_key", MOE + "budget: {keep: [0.5]}\n", "budget", "did you mean 'budgets'"),
+]
+
+
+def _spec_text(case: Case, tmp: Path) -> bytes:
+    subst = {"{tmp}": str(tmp), "{model}": str(tmp / "model"), **{f"{{{k}}}": str(v) for k, v in _MODELS.items()}}
+    text = case.spec
+    for key, value in subst.items():
+        text = text.replace(key, value)
+    return text.encode("utf-8", errors="surrogateescape")
+
+
+def test_there_are_at_least_60_kinds():
+    assert len({c.id for c in CASES}) == len(CASES) >= 60
+
+
+@pytest.mark.parametrize("command", ["validate", "compile"])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, command, models, tmp_path, monkeypatch, capsys):
+    _MODELS.update(models)
+    monkeypatch.chdir(tmp_path)
+    if case.setup is not None:
+        case.setup(tmp_path, monkeypatch)
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes(_spec_text(case, tmp_path))
+    out = tmp_path / "out"
+    argv = ["validate", str(spec)] if command == "validate" else ["compile", str(spec), "--out", str(out), "-q"]
+    code = main(argv)
+    captured = capsys.readouterr()
+    err = captured.err
+    assert code == 2, err + captured.out
+    assert "Traceback" not in err + captured.out
+    assert f"{spec}:" in err or f"{spec}: " in err, err  # the file
+    if case.field is not None:
+        assert f": {case.field}: " in err, err  # the field
+    assert case.says in err, err
+    if case.names_file is not None:
+        assert str(tmp_path / case.names_file) in err, err
+    assert len(err) < 5000, "messages stay short"
+    assert not out.exists() or not any(out.iterdir()), "nothing written that would block the corrected spec"
