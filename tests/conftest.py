@@ -14,3 +14,15 @@ def tiny_model_dir():
     import flexc.zoo
 
     return flexc.zoo.resolve("tiny", progress=False)
+
+
+@pytest.fixture
+def replay_by_name():
+    """Replays a saved graph's rewrites by their pass names, for tests that saved the state
+    themselves (the compile driver replays only the passes its spec's pipeline built)."""
+    from flexc.passes import resolve_pass
+
+    def replay(rewrite, graph, workdir):
+        resolve_pass(rewrite["pass"])(rewrite["options"]).replay(graph, workdir / rewrite["pass"])
+
+    return replay

@@ -142,10 +142,20 @@ def test_same_seed_same_tables_and_resume_matches(tmp_path):
     assert torch.equal(resumed, first)
 
 
-def test_non_finite_loss_is_a_clear_error(tmp_path):
+def test_non_finite_loss_is_a_clear_error(tmp_path, monkeypatch):
+    from flexc.compiler.errors import FlexcError
+    from flexc.passes.action_gates import gates_of
+
     graph, ctx = gated_graph(tmp_path)
-    with pytest.raises(Exception, match="the loss became"):
-        anneal(graph, ctx, tmp_path / "run", **{"lambda": {"start": float("inf"), "end": float("inf")}})
+
+    def poison(step):  # non-finite options are refused up front; a NaN can still arise in training
+        if step == 2:
+            with torch.no_grad():
+                gates_of(graph)[0].logits[0, 0] = float("nan")
+
+    monkeypatch.setattr(Anneal, "on_step", staticmethod(poison))
+    with pytest.raises(FlexcError, match="the loss became nan at step 3"):
+        anneal(graph, ctx, tmp_path / "run")
 
 
 def test_budget_below_smallest_action_is_a_clear_error(tmp_path):
@@ -164,7 +174,7 @@ def test_flops_metric_needs_routing_and_weights_by_load(tmp_path):
         expert_weights(graph.groups, "flops", None)
 
 
-def test_graph_state_with_gates_restores_into_a_fresh_lowering(annealed, tmp_path):
+def test_graph_state_with_gates_restores_into_a_fresh_lowering(annealed, tmp_path, replay_by_name):
     from flexc.passes.action_gates import gates_of, set_gate_mode
 
     graph, _, _, _, _ = annealed
@@ -173,7 +183,7 @@ def test_graph_state_with_gates_restores_into_a_fresh_lowering(annealed, tmp_pat
             gate.logits.normal_()  # a non-trivial deployed table
     graph.save_state(tmp_path)
     fresh = lower(tiny_model("qwen3_moe", moe_intermediate_size=64))
-    fresh.load_state(tmp_path)
+    fresh.load_state(tmp_path, replay=replay_by_name)
     ids = data(1, seed=3)[0]
     set_gate_mode(graph, "deploy")
     set_gate_mode(fresh, "deploy")
@@ -183,3 +193,53 @@ def test_graph_state_with_gates_restores_into_a_fresh_lowering(annealed, tmp_pat
     finally:
         set_gate_mode(graph, "full")
     assert "action_gates" in fresh.properties
+
+
+class _Touch:
+    """Unpickling this runs code: it creates ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def test_crafted_checkpoint_runs_no_code_and_is_a_clear_error(tmp_path):
+    from flexc.compiler.errors import FlexcError
+
+    graph, ctx = gated_graph(tmp_path)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    sentinel = tmp_path / "pwned"
+    torch.save({"fingerprint": "x", "step": 1, "payload": _Touch(sentinel)}, workdir / "anneal_checkpoint.pt")
+    with pytest.raises(FlexcError, match="anneal_checkpoint.pt: not a readable anneal checkpoint"):
+        anneal(graph, ctx, workdir)
+    assert not sentinel.exists()
+
+
+def test_non_finite_logits_after_an_update_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from flexc.compiler.errors import FlexcError
+
+    graph, ctx = gated_graph(tmp_path)
+    adam_step = torch.optim.Adam.step
+    calls = []
+
+    def poisoned(self, *args, **kwargs):  # the 8th update writes an infinite logit (finite loss before it)
+        out = adam_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 8:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0][0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    workdir = tmp_path / "run"
+    with pytest.raises(FlexcError, match="action logits became non-finite after the update of step 7") as err:
+        anneal(graph, ctx, workdir)
+    assert "starts over" in str(err.value)  # says what a changed schedule means for resuming
+    ckpt = torch.load(workdir / "anneal_checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 5 and all(torch.isfinite(t).all() for t in ckpt["logits"])
+    assert not (workdir / "width_tables.safetensors").exists()

@@ -139,7 +139,7 @@ def routing_of(graph, ids):
     return seen["ids"], seen["w"]
 
 
-def test_expert_prune_switches_replays_and_renormalises(ranked, tmp_path):
+def test_expert_prune_switches_replays_and_renormalises(ranked, tmp_path, replay_by_name):
     graph, state = ranked
     out = run_baseline(graph, state, tmp_path, "expert_prune", {"criterion": "man"})
     masks = out["expert_masks"]
@@ -160,7 +160,7 @@ def test_expert_prune_switches_replays_and_renormalises(ranked, tmp_path):
     graph.save_state(tmp_path / "state")
     model = tiny_model("qwen3_moe", moe_intermediate_size=I, norm_topk_prob=False)
     fresh = lower(model)
-    fresh.load_state(tmp_path / "state")
+    fresh.load_state(tmp_path / "state", replay=replay_by_name)
     with torch.no_grad():
         apply_budget(fresh, out, 0.5)
         torch.testing.assert_close(fresh.logits(ids), half)

@@ -182,11 +182,11 @@ def test_tables_must_be_nested():
         WidthTables(budgets=[0.75, 0.5], tables=tables, metric="params", layers=[0], full=[32])
 
 
-def test_folded_state_resumes_on_a_fresh_graph(folded, tmp_path):
+def test_folded_state_resumes_on_a_fresh_graph(folded, tmp_path, replay_by_name):
     graph, _, _, _ = folded
     graph.save_state(tmp_path / "state")
     fresh = lower(tiny_model("qwen3_moe", moe_intermediate_size=64))
-    fresh.load_state(tmp_path / "state")  # replays gates, then their folding
+    fresh.load_state(tmp_path / "state", replay=replay_by_name)  # replays gates, then their folding
     assert [r["pass"] for r in fresh.rewrites] == ["insert_action_gates", "fold_masks"]
     assert len(fresh.expert_nodes()) == len(fresh.groups)
     ids = data(1, seed=10)[0]

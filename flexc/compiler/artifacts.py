@@ -10,10 +10,15 @@ Layout of ``<out>/``::
     base/            the loaded model as a Hugging Face checkpoint (empty pipeline only)
     state/           graph + pass hand-off state after the last completed pass (for resume)
     <format>/        one directory per export format
+    stages/          one folder per pass: its scores, tables, plots, training checkpoints
+    .flexc.lock      held by the compile writing the directory (a second one is refused);
+                     kept after release, since deleting a lock file races with a new locker
 
 Every file is written to a temporary sibling and renamed into place; every directory is
-built in a temporary sibling and renamed. A directory that holds files but no flexc
-manifest is never touched without ``force``.
+built in a temporary sibling and renamed. ``--force`` deletes only what a flexc run wrote
+(:func:`check_clearable`): never a directory without a flexc manifest, one holding other
+files, one that contains the working directory, the spec, the model or the data, or one
+inside a version-controlled tree that does not ignore it.
 """
 
 from __future__ import annotations
@@ -158,74 +163,157 @@ def load_pass_state(directory: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- run directory
 
+LOCK_FILE = ".flexc.lock"
+# Top-level entries a compile writes besides its manifest's outputs (export folders).
+_RUN_ENTRIES = frozenset({MANIFEST, SPEC_FILE, LOG_FILE, REPORT_FILE, STATE_DIR, BASE_DIR, LOCK_FILE,
+                          "report", "stages", "graphs"})
+_VCS_MARKERS = (".git", ".hg", ".svn")
 
-def _dangerous(path: Path) -> bool:
+
+def _written_by_flexc(name: str, manifest: dict[str, Any]) -> bool:
+    exports = {r["name"].removeprefix("export:") for r in manifest.get("stages", [])
+               if isinstance(r, dict) and str(r.get("name", "")).startswith("export:")}
+    outputs = {str(v) for v in manifest.get("outputs", {}).values()} if isinstance(manifest.get("outputs"), dict) else set()
+    temporary = name.startswith(".") and (name.endswith(".tmp") or ".old-" in name)
+    return name in _RUN_ENTRIES or name in exports or name in outputs or temporary
+
+
+def _version_control_root(p: Path) -> Path | None:
+    for d in (p, *p.parents):
+        if any((d / m).exists() for m in _VCS_MARKERS):
+            return d
+    return None
+
+
+def _git_ignores(p: Path, root: Path) -> bool:
+    """Whether git ignores ``p`` (a run folder under an ignored ``runs/`` is fine to clear)."""
+    import subprocess
+
+    if not (root / ".git").exists():
+        return False  # Mercurial, Subversion: no cheap answer, so never clear inside them
+    try:
+        done = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", str(p)],
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+def check_clearable(path: Path, manifest: dict[str, Any] | None, protected: dict[str, Path]) -> None:
+    """Raise unless deleting ``path``'s contents can lose nothing but what a flexc run wrote.
+
+    ``protected`` names paths that must survive (the working directory, the spec, the model
+    and data files): a directory that is or contains one of them is never cleared.
+    """
     p = path.resolve()
-    return p in {Path.cwd().resolve(), Path.home().resolve(), Path(p.anchor)} or (p / ".git").exists()
+
+    def refuse(why: str) -> OutputDirError:
+        return OutputDirError(f"refusing to clear output directory {path}: {why}; flexc only deletes what a flexc "
+                              "run wrote — choose another directory (--out) or empty it yourself")
+
+    if p in {Path.home().resolve(), Path(p.anchor)}:
+        raise refuse("it is a home or root directory")
+    for what, q in protected.items():
+        q = Path(q).expanduser().resolve()
+        if q == p or p in q.parents:
+            raise refuse(f"it contains the {what} ({q})")
+    root = _version_control_root(p)
+    if root is not None and (root == p or not _git_ignores(p, root)):
+        raise refuse(f"it lies inside the version-controlled tree {root} (and is not ignored by it)")
+    if manifest is None:
+        raise refuse(f"it holds files and no flexc {MANIFEST}")
+    foreign = sorted(c.name for c in p.iterdir() if not _written_by_flexc(c.name, manifest))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise refuse(f"it holds files that no flexc run wrote ({shown})")
+
+
+def _has_results(manifest: dict[str, Any]) -> bool:
+    """Whether a run finished anything worth keeping (a stage beyond loading and lowering)."""
+    return manifest.get("status") == "complete" or any(
+        r.get("status") == "done" and r.get("name") not in ("load", "lower")
+        for r in manifest.get("stages", []) if isinstance(r, dict))
 
 
 @dataclass
 class RunDir:
-    """An output directory and its manifest."""
+    """An output directory and its manifest, locked for one compile at a time."""
 
     path: Path
     manifest: dict[str, Any]
     resumed: bool = False
+    lock: Any = None
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: Path, fingerprint: str, *, force: bool = False) -> "RunDir":
-        """Open ``path`` for a run of the spec with ``fingerprint``.
+    def open(cls, path: Path, fingerprint: str, *, force: bool = False,
+             protected: dict[str, Path] | None = None) -> "RunDir":
+        """Open ``path`` for a run of the spec with ``fingerprint``; release with :meth:`close`.
 
-        A new or empty directory starts a fresh run; a flexc run of the same spec resumes;
-        anything else needs ``force`` (which clears the directory first).
+        A new or empty directory starts a fresh run; a flexc run of the same spec resumes; a
+        failed run of another spec that finished no stage is replaced; anything else needs
+        ``force``, which clears only what flexc wrote (see :func:`check_clearable`).
         """
         path = Path(path)
+        protected = protected or {}
         if path.exists() and not path.is_dir():
             raise OutputDirError(f"output path {path} exists and is not a directory")
         existing = read_manifest(path)
-        has_files = path.exists() and any(path.iterdir())
+        has_files = path.exists() and any(c.name != LOCK_FILE for c in path.iterdir())
         if existing is None and has_files:
             if not force:
                 raise OutputDirError(
                     f"output directory {path} is not empty and is not a flexc run (no flexc {MANIFEST}); "
-                    "flexc will not overwrite it — choose another directory (--out) or pass --force to replace it"
+                    "flexc will not overwrite it — choose another directory (--out)"
                 )
-            cls._clear(path)
-        elif existing is not None and existing.get("spec_fingerprint") != fingerprint:
-            if not force:
+            check_clearable(path, None, protected)  # always refuses: nothing there is flexc's
+        clear = False
+        if existing is not None and existing.get("spec_fingerprint") != fingerprint:
+            if not force and _has_results(existing):
                 raise OutputDirError(
                     f"output directory {path} holds a flexc run of a different spec "
                     f"(see {path / SPEC_FILE}); choose another directory (--out) or pass --force to replace it"
                 )
-            cls._clear(path)
+            clear = True  # forced, or a failed run of another spec that left nothing to keep
         elif existing is not None and force:
-            cls._clear(path)
-        elif existing is not None:
-            return cls(path, existing, resumed=True)
+            clear = True
+        if clear:
+            check_clearable(path, existing, protected)
         path.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "kind": MANIFEST_KIND,
-            "manifest_version": MANIFEST_VERSION,
-            "spec_fingerprint": fingerprint,
-            "created": now(),
-            "updated": now(),
-            "status": "running",
-            "runs": 0,
-            "stages": [],
-            "outputs": {},
-        }
-        run = cls(path, manifest)
-        run.save()
-        return run
+        lock = _acquire(path)
+        try:
+            if clear:
+                cls._clear(path)
+            elif existing is not None:
+                return cls(path, read_manifest(path) or existing, resumed=True, lock=lock)
+            manifest = {
+                "kind": MANIFEST_KIND,
+                "manifest_version": MANIFEST_VERSION,
+                "spec_fingerprint": fingerprint,
+                "created": now(),
+                "updated": now(),
+                "status": "running",
+                "runs": 0,
+                "stages": [],
+                "outputs": {},
+            }
+            run = cls(path, manifest, lock=lock)
+            run.save()
+            return run
+        except BaseException:
+            lock.release()
+            raise
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @staticmethod
     def _clear(path: Path) -> None:
-        if _dangerous(path):
-            raise OutputDirError(
-                f"refusing to clear {path}: it is the working directory, a home or root directory, or a git checkout"
-            )
         for child in path.iterdir():
+            if child.name == LOCK_FILE:
+                continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:
@@ -269,3 +357,18 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("kind") == MANIFEST_KIND else None
+
+
+def _acquire(path: Path):
+    """An exclusive lock on the output directory, or a clear error if another compile holds it."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise OutputDirError(
+            f"another flexc compile is writing to {path} (it holds {path / LOCK_FILE}); wait for it to finish "
+            "or choose another directory (--out)"
+        ) from None
+    return lock

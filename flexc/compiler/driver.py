@@ -141,6 +141,8 @@ class _Stage:
             self.run.record(self.name, status="done", seconds=seconds, finished=artifacts.now(), **self.info)
             log.info("[%d/%d] %s done in %.1fs", self.index, self.total, self.name, seconds)
         else:
+            if isinstance(exc, FlexcError) and not isinstance(exc, SpecError) and not str(exc).startswith("stage "):
+                exc.args = (f"stage {self.name}: {exc}",)  # the user learns where it stopped
             status = "interrupted" if issubclass(etype, KeyboardInterrupt) else "failed"
             self.run.record(self.name, status=status, seconds=seconds, error=f"{etype.__name__}: {exc}", **self.info)
             self.run.manifest["status"] = status
@@ -193,9 +195,35 @@ def compile(
     """
     spec, source = prepare_spec(spec_or_path, overrides)
     out_dir = output_dir(spec, source, out)
-    run = RunDir.open(out_dir, spec.fingerprint(), force=force)
-    with artifacts_logging(out_dir):
-        return _compile(spec, source, run, dump_graphs=dump_graphs, quiet=quiet)
+    run = RunDir.open(out_dir, spec.fingerprint(), force=force, protected=_protected_paths(spec, source))
+    try:
+        with artifacts_logging(out_dir):
+            return _compile(spec, source, run, dump_graphs=dump_graphs, quiet=quiet)
+    finally:
+        run.close()
+
+
+def _protected_paths(spec: Spec, source: Path | None) -> dict[str, Path]:
+    """What ``--force`` must never delete: where the user works and what the spec reads."""
+    protected = {"working directory": Path.cwd()}
+    if source is not None:
+        protected["spec file"] = source
+    kind, value = spec.model.source
+    if kind == "path":
+        protected["model directory"] = Path(value)
+    elif kind == "zoo":
+        from flexc.zoo.cache import cache_root
+
+        protected["flexc cache"] = cache_root()
+    else:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        protected["Hugging Face cache"] = Path(HF_HUB_CACHE)
+    for role in ("calibration", "evaluation"):
+        files = getattr(getattr(spec.data, role, None), "files", None) or []
+        for i, name in enumerate(files):
+            protected[f"{role} data file {i}"] = Path(name)
+    return protected
 
 
 def artifacts_logging(out_dir: Path):
@@ -323,6 +351,27 @@ def _write_report(out: Path, run: RunDir, spec: Spec, graph, state, tokenizer) -
     log.info("report: %s (%.1fs)", path, time.perf_counter() - started)
 
 
+def _replayer(completed: dict[str, Any]):
+    """Replays a saved structural rewrite with the pass the spec's pipeline built for its stage.
+
+    Nothing named in the saved state is imported: a rewrite whose stage is not one of the
+    spec's completed stages, or whose pass differs from that stage's, is refused.
+    """
+
+    def replay(rewrite: dict[str, Any], graph: Any, workdir: Path) -> None:
+        stage_name = rewrite.get("stage")
+        p = completed.get(stage_name) if isinstance(stage_name, str) else None
+        if p is None or p.name != rewrite.get("pass"):
+            raise FlexcError(
+                f"{STATE_DIR}/graph: the saved graph lists a rewrite by pass {rewrite.get('pass')!r} at stage "
+                f"{stage_name!r}, which this spec's completed pipeline does not run there; the state was not "
+                "written by this spec — start over with --force"
+            )
+        p.replay(graph, workdir / stage_name)
+
+    return replay
+
+
 def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, quiet: bool):
     from flexc.ir import lower
     from flexc.passes.base import PassContext
@@ -344,7 +393,7 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
     saved = _saved_stage(out)
     if run.resumed and saved in pass_names and run.done(saved):
         first = pass_names.index(saved) + 1
-        graph.load_state(out / STATE_DIR / "graph")
+        graph.load_state(out / STATE_DIR / "graph", replay=_replayer(dict(zip(pass_names[:first], passes[:first]))))
         state = artifacts.load_pass_state(out / STATE_DIR)
         log.info("resuming after stage %s", saved)
     for name in pass_names[first:]:
@@ -371,8 +420,11 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
         ctx = PassContext(workdir=workdir, spec=spec, seed=spec.seed, device=device, state=state, logger=log,
                           quiet=quiet, tokenizer=loaded.tokenizer)
         with stage(name) as st:
+            rewrites_before = len(graph.rewrites)
             res = run_pass(p, graph, ctx)
             graph = res.graph
+            for rewrite in graph.rewrites[rewrites_before:]:
+                rewrite["stage"] = name  # a resume replays it with this stage's pass, as the spec built it
             state = ctx.state
             _save_state(out, name, graph, state)
             st.info = {"pass": entry.name, "modified": bool(res.modified), "properties": sorted(graph.properties)}

@@ -14,16 +14,10 @@ from typing import Iterator
 from rich.console import Console
 from rich.logging import RichHandler
 
+# One terminal console for log lines and progress bars, so a log line prints above a live bar.
+from flexc.utils.progress import console
+
 LOGGER = "flexc"
-_console: Console | None = None
-
-
-def console() -> Console:
-    """The terminal console (stderr, so stdout stays clean for `flexc schema`)."""
-    global _console
-    if _console is None:
-        _console = Console(stderr=True)
-    return _console
 
 
 def out_console() -> Console:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import fx, nn
@@ -133,17 +133,24 @@ class FlexGraph:
         with atomic_path(directory / STATE_META) as tmp:
             tmp.write_text(json.dumps(meta, indent=2))
 
-    def load_state(self, directory: str | Path) -> None:
-        """Restore what :meth:`save_state` wrote into this (freshly lowered) graph, in place."""
-        from safetensors.torch import load_file
+    def load_state(self, directory: str | Path,
+                   replay: Callable[[dict, "FlexGraph", Path], None] | None = None) -> None:
+        """Restore what :meth:`save_state` wrote into this (freshly lowered) graph, in place.
 
-        from flexc.passes.registry import resolve_pass
+        Structural rewrites the saved graph lists beyond this graph's own are re-applied by
+        ``replay(rewrite, graph, workdir)`` first (the caller decides which passes may run);
+        without ``replay`` such a state cannot be restored.
+        """
+        from safetensors.torch import load_file
 
         directory = Path(directory)
         tensors = load_file(str(directory / STATE_WEIGHTS))
         meta = json.loads((directory / STATE_META).read_text())
-        for rewrite in meta.get("rewrites", [])[len(self.rewrites):]:
-            resolve_pass(rewrite["pass"])(rewrite["options"]).replay(self, directory / "replay" / rewrite["pass"])
+        pending = meta.get("rewrites", [])[len(self.rewrites):]
+        if pending and replay is None:
+            raise ValueError(f"{directory}: the saved graph was rewritten by passes; pass replay= to restore it")
+        for rewrite in pending:
+            replay(rewrite, self, directory / "replay")
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 p.copy_(tensors[name])

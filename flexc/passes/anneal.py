@@ -46,12 +46,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors.torch import save_file
 
+from flexc.passes import checkpoint
 from flexc.passes.action_gates import gates_of, set_gate_mode
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_keep_ratios, reject_bool_numbers
 from flexc.passes.registry import register_pass
 from flexc.passes.width_tables import expert_weights, fit_to_budget, keep_ratio, per_layer_keep
 from flexc.utils.atomic import atomic_path, atomic_write_text
-from flexc.utils.progress import progress_bar
+from flexc.utils.progress import step_progress
 
 CHECKPOINT = "anneal_checkpoint.pt"
 TABLES_FILE = "width_tables.safetensors"
@@ -60,7 +61,7 @@ CURVES_PNG = "anneal_curves.png"
 CONTINUATION_DOUBLINGS = 8  # lambda doubles this many times over the extra steps
 
 
-class AnnealDiverged(RuntimeError):
+class AnnealDiverged(checkpoint.TrainingDiverged):
     pass
 
 
@@ -192,17 +193,13 @@ class Anneal(Pass):
         history: list[dict] = []
         start = 0
         ckpt_path = workdir / CHECKPOINT
-        if ckpt_path.is_file():
-            ckpt = torch.load(ckpt_path, weights_only=False)
-            if ckpt["fingerprint"] == fingerprint:
-                with torch.no_grad():
-                    for p, saved in zip(logits, ckpt["logits"]):
-                        p.copy_(saved)
-                optimizer.load_state_dict(ckpt["optimizer"])
-                exported, history, start = ckpt["exported"], ckpt["history"], ckpt["step"]
-                ctx.logger.info("anneal: resuming from step %d (%s)", start, ckpt_path)
-            else:
-                ctx.logger.warning("anneal: ignoring a checkpoint made with other options (%s)", ckpt_path)
+        ckpt = checkpoint.load(ckpt_path, fingerprint, "anneal", ctx.logger)
+        if ckpt is not None:
+            with torch.no_grad():
+                for p, saved in zip(logits, ckpt["logits"]):
+                    p.copy_(saved)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            exported, history, start = ckpt["exported"], ckpt["history"], ckpt["step"]
 
         def deployed_levels() -> torch.Tensor:
             return torch.stack([g.deployed_levels() for g in gates])
@@ -223,71 +220,80 @@ class Anneal(Pass):
                     export(b, "crossing", step)
 
         def save_checkpoint(step: int) -> None:
-            with atomic_path(ckpt_path) as tmp:
-                torch.save({"fingerprint": fingerprint, "step": step, "logits": [p.detach().clone() for p in logits],
-                            "optimizer": optimizer.state_dict(), "exported": exported, "history": history}, tmp)
+            checkpoint.save(ckpt_path, fingerprint, step, logits=[p.detach().clone() for p in logits],
+                            optimizer=optimizer.state_dict(), exported=exported, history=history)
 
         if start == 0:
             export_crossed(0, keep_ratio(level_widths[torch.arange(len(gates))[:, None], deployed_levels()],
                                          full, weights))
         total = opts.steps + extra
-        try:
-            steps_iter = progress_bar(range(start, total), total=total - start, description="anneal",
-                                      disable=ctx.quiet)
-            for step in steps_iter:
-                if len(exported) == len(budgets):
-                    break
-                sched = min(step, opts.steps - 1)
-                tau, beta = opts.tau.at(sched, opts.steps), opts.beta.at(sched, opts.steps)
-                lam = opts.lambda_.at(sched, opts.steps)
-                if step == opts.steps:
-                    # Fresh Adam moments for the continuation: the main phase's second moments keep
-                    # the now-peaked logits' steps tiny however hard the cost term pushes.
-                    optimizer = torch.optim.Adam(logits, lr=opts.lr)
-                if step >= opts.steps:
-                    # Bounded continuation: double the cost weight CONTINUATION_DOUBLINGS times over
-                    # the extra steps. The quality cost of pruning grows steeply at low budgets; a
-                    # linear ramp to 3x the final lambda stalled at keep 0.27 of a 0.2 target on `tiny`.
-                    lam = opts.lambda_.end * 2 ** (CONTINUATION_DOUBLINGS * (step - opts.steps + 1) / max(extra, 1))
-                ids = batches[step % len(batches)]
-                teacher = None
-                if opts.quality == "distill":
-                    set_gate_mode(graph, "full")
-                    with torch.no_grad():
-                        teacher = graph.logits(ids)
-                for gate, noise in zip(gates, _noise(ctx.seed, step, [p.shape for p in logits])):
-                    gate.noise = noise
-                set_gate_mode(graph, "sample", tau)
-                student = graph.logits(ids)
-                quality = quality_loss(opts.quality, student, teacher, ids)
-                probs = torch.stack([F.softmax(p, dim=-1) for p in logits])  # [L, E, A]
-                cost = (weights * (probs * ratios[:, None, :]).sum(-1)).sum()
-                entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
-                loss = quality + lam * cost - beta * entropy
-                if not torch.isfinite(loss):
-                    raise AnnealDiverged(
-                        f"anneal: the loss became {loss.item()} at step {step} (quality {quality.item():.4g}, "
-                        f"cost {cost.item():.4g}); the last good checkpoint is kept at {ckpt_path}. "
-                        "Lower the learning rate or the lambda schedule and re-run."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                levels = deployed_levels()
-                deployed_keep = keep_ratio(level_widths[torch.arange(len(gates))[:, None], levels], full, weights)
-                history.append({"step": step, "lambda": lam, "tau": tau, "beta": beta, "quality": quality.item(),
-                                "cost": cost.item(), "entropy": entropy.item(), "deployed_keep": deployed_keep})
-                export_crossed(step, deployed_keep)
-                if (step + 1) % opts.checkpoint_every == 0:
-                    save_checkpoint(step + 1)
-                if self.on_step is not None:
-                    self.on_step(step)
-        finally:
-            set_gate_mode(graph, "full")
-            for gate in gates:
-                gate.noise = None
-            for p in logits:
-                p.requires_grad_(False)
+        with step_progress(opts.steps if start < opts.steps else total, completed=start, description="anneal",
+                           fields=("loss", "keep", "next"), disable=ctx.quiet) as bar:
+            try:
+                for step in range(start, total):
+                    if len(exported) == len(budgets):
+                        break
+                    if step == opts.steps and step > start:
+                        bar.set_total(total)  # the continuation runs: its steps join the bar
+                    sched = min(step, opts.steps - 1)
+                    tau, beta = opts.tau.at(sched, opts.steps), opts.beta.at(sched, opts.steps)
+                    lam = opts.lambda_.at(sched, opts.steps)
+                    if step == opts.steps:
+                        # Fresh Adam moments for the continuation: the main phase's second moments keep
+                        # the now-peaked logits' steps tiny however hard the cost term pushes.
+                        optimizer = torch.optim.Adam(logits, lr=opts.lr)
+                    if step >= opts.steps:
+                        # Bounded continuation: double the cost weight CONTINUATION_DOUBLINGS times over
+                        # the extra steps. The quality cost of pruning grows steeply at low budgets; a
+                        # linear ramp to 3x the final lambda stalled at keep 0.27 of a 0.2 target on `tiny`.
+                        lam = opts.lambda_.end * 2 ** (CONTINUATION_DOUBLINGS * (step - opts.steps + 1) / max(extra, 1))
+                    ids = batches[step % len(batches)]
+                    teacher = None
+                    if opts.quality == "distill":
+                        set_gate_mode(graph, "full")
+                        with torch.no_grad():
+                            teacher = graph.logits(ids)
+                    for gate, noise in zip(gates, _noise(ctx.seed, step, [p.shape for p in logits])):
+                        gate.noise = noise
+                    set_gate_mode(graph, "sample", tau)
+                    student = graph.logits(ids)
+                    quality = quality_loss(opts.quality, student, teacher, ids)
+                    probs = torch.stack([F.softmax(p, dim=-1) for p in logits])  # [L, E, A]
+                    cost = (weights * (probs * ratios[:, None, :]).sum(-1)).sum()
+                    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+                    loss = quality + lam * cost - beta * entropy
+                    if not torch.isfinite(loss):
+                        raise AnnealDiverged(
+                            f"anneal: the loss became {loss.item()} at step {step} (quality {quality.item():.4g}, "
+                            f"cost {cost.item():.4g}); the last good checkpoint is kept at {ckpt_path}. "
+                            + checkpoint.how_to_go_on("anneal", "lr or the lambda schedule")
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if not all(torch.isfinite(p).all() for p in logits):
+                        raise AnnealDiverged(
+                            f"anneal: the action logits became non-finite after the update of step {step}; the last "
+                            f"good checkpoint is kept at {ckpt_path}. "
+                            + checkpoint.how_to_go_on("anneal", "lr or the lambda schedule")
+                        )
+                    levels = deployed_levels()
+                    deployed_keep = keep_ratio(level_widths[torch.arange(len(gates))[:, None], levels], full, weights)
+                    history.append({"step": step, "lambda": lam, "tau": tau, "beta": beta, "quality": quality.item(),
+                                    "cost": cost.item(), "entropy": entropy.item(), "deployed_keep": deployed_keep})
+                    export_crossed(step, deployed_keep)
+                    pending = [b for b in budgets if b not in exported]
+                    bar.advance(loss=loss.item(), keep=deployed_keep, next=pending[0] if pending else "-")
+                    if (step + 1) % opts.checkpoint_every == 0:
+                        save_checkpoint(step + 1)
+                    if self.on_step is not None:
+                        self.on_step(step)
+            finally:
+                set_gate_mode(graph, "full")
+                for gate in gates:
+                    gate.noise = None
+                for p in logits:
+                    p.requires_grad_(False)
 
         missing = [b for b in budgets if b not in exported]
         for b in missing:  # greedy completion, from the last (lowest) exported table

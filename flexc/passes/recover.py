@@ -46,11 +46,12 @@ from torch import nn
 from flexc.export.tables import WidthTables
 from flexc.ir.experts_impl import set_widths
 from flexc.passes.anneal import quality_loss
+from flexc.passes import checkpoint
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.registry import register_pass
 from flexc.passes.width_tables import expert_weights, keep_ratio
-from flexc.utils.atomic import atomic_path, atomic_write_text
-from flexc.utils.progress import loss_progress
+from flexc.utils.atomic import atomic_write_text
+from flexc.utils.progress import step_progress
 
 CHECKPOINT = "recover_checkpoint.pt"
 REPORT = "recover.json"
@@ -59,7 +60,7 @@ ADAPTER = "default"  # peft's adapter name
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
 
-class RecoverDiverged(RuntimeError):
+class RecoverDiverged(checkpoint.TrainingDiverged):
     pass
 
 
@@ -265,26 +266,20 @@ class Recover(Pass):
         fingerprint = self._fingerprint(budget, table, adapters, ctx)
         history: list[dict] = []
         start = 0
-        if ckpt_path.is_file():
-            ckpt = torch.load(ckpt_path, weights_only=True)
-            if ckpt["fingerprint"] == fingerprint:
-                with torch.no_grad():
-                    for name, p in adapters.items():
-                        p.copy_(ckpt["adapters"][name])
-                optimizer.load_state_dict(ckpt["optimizer"])
-                history, start = ckpt["history"], ckpt["step"]
-                ctx.logger.info("recover: resuming from step %d (%s)", start, ckpt_path)
-            else:
-                ctx.logger.warning("recover: ignoring a checkpoint made with other options (%s)", ckpt_path)
+        ckpt = checkpoint.load(ckpt_path, fingerprint, "recover", ctx.logger)
+        if ckpt is not None:
+            with torch.no_grad():
+                for name, p in adapters.items():
+                    p.copy_(ckpt["adapters"][name])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            history, start = ckpt["history"], ckpt["step"]
 
         def save_checkpoint(step: int) -> None:
-            with atomic_path(ckpt_path) as tmp:
-                torch.save({"fingerprint": fingerprint, "step": step, "optimizer": optimizer.state_dict(),
-                            "adapters": {n: p.detach().clone() for n, p in adapters.items()},
-                            "history": history}, tmp)
+            checkpoint.save(ckpt_path, fingerprint, step, optimizer=optimizer.state_dict(),
+                            adapters={n: p.detach().clone() for n, p in adapters.items()}, history=history)
 
-        with loss_progress(opts.steps, completed=start, description=f"recover (keep {budget:g})",
-                           disable=ctx.quiet) as advance:
+        with step_progress(opts.steps, completed=start, description=f"recover (keep {budget:g})",
+                           disable=ctx.quiet) as bar:
             for step in range(start, opts.steps):
                 ids = batches[step % len(batches)]
                 teacher = None
@@ -299,7 +294,7 @@ class Recover(Pass):
                 if not torch.isfinite(loss):
                     raise RecoverDiverged(
                         f"recover: the loss became {loss.item()} at step {step}; the weights are unchanged and the "
-                        f"last good checkpoint is kept at {ckpt_path}. Lower the learning rate and re-run."
+                        f"last good checkpoint is kept at {ckpt_path}. " + checkpoint.how_to_go_on("recover", "lr")
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -307,14 +302,14 @@ class Recover(Pass):
                 if not torch.isfinite(grad_norm):
                     raise RecoverDiverged(
                         f"recover: the adapters' gradient norm became {grad_norm.item()} at step {step}; the weights "
-                        f"are unchanged and the last good checkpoint is kept at {ckpt_path}. Lower the learning rate "
-                        "and re-run."
+                        f"are unchanged and the last good checkpoint is kept at {ckpt_path}. "
+                        + checkpoint.how_to_go_on("recover", "lr")
                     )
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, opts.steps, opts.lr)
                 optimizer.step()
                 history.append({"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
-                advance(loss.item())
+                bar.advance(loss=loss.item())
                 if (step + 1) % opts.checkpoint_every == 0:
                     save_checkpoint(step + 1)
                 if self.on_step is not None:
