@@ -137,6 +137,17 @@ def _triton(available: bool):
     return setup
 
 
+def _unbuilt_zoo(tmp, mp):
+    """The zoo cache is empty: checks read the recipe, and nothing is trained."""
+    import dataclasses
+
+    from flexc import zoo
+
+    real = zoo.available
+    mp.setattr(zoo, "available", lambda: [dataclasses.replace(e, cached=False) for e in real()])
+    mp.setattr(zoo, "build", lambda *a, **k: pytest.fail("a validation must not train a zoo model"))
+
+
 def _without_onnx(tmp, mp):
     import importlib.util
 
@@ -283,6 +294,8 @@ CASES = [
          "seq_len: 100000}\n", "data.evaluation.seq_len", "max_position_embeddings 512"),
     Case("zoo_budget_below_floor", "model: {zoo: tiny}\nbudgets: {keep: [0.1]}\n" + GATES, "budgets.keep[0]",
          "below 0.125"),
+    Case("zoo_unbuilt_budget_below_floor", "model: {zoo: small}\nbudgets: {keep: [0.1]}\n" + GATES,
+         "budgets.keep[0]", "zoo recipe 'small'", _unbuilt_zoo),
     # ---- model directories
     model_case("safetensors_truncated", _truncate, "truncated safetensors file", names_file="model/model.safetensors"),
     model_case("safetensors_short", lambda p: (p / "model.safetensors").write_bytes(b"\x01\x02"), "not even the 8-byte"),

@@ -109,6 +109,31 @@ def test_quickstart_spec_is_valid():
     assert spec.budgets.keep_ratios == tuple(sorted(spec.budgets.keep_ratios, reverse=True))
 
 
+def test_zoo_model_calibrates_on_its_corpus_by_default():
+    # The README's Python example: a zoo model, a pass that reads calibration data, no data section.
+    spec = flexc.Spec(model={"zoo": "tiny"}, budgets={"keep": [0.75, 0.5]},
+                      pipeline=[{"rank_channels": {"score": "taylor"}}])
+    assert spec.data.calibration.builtin == "python-stdlib"
+    assert Spec.from_yaml_text(spec.to_yaml()) == spec  # the default is written out, so it round-trips
+    # Nothing is added where no pass reads data, nor over a calibration source the spec gives.
+    assert flexc.Spec(model={"zoo": "tiny"}, pipeline=["lower_kernels"]).data.calibration is None
+    given = flexc.Spec(model={"zoo": "tiny"}, data={"calibration": {"builtin": "python-stdlib", "num_samples": 3}},
+                       pipeline=["rank_channels"])
+    assert given.data.calibration.num_samples == 3
+    # A path model has no known corpus: the spec stays as written and validation refuses it.
+    assert flexc.Spec(model={"path": "m"}, pipeline=["rank_channels"]).data.calibration is None
+
+
+def test_long_source_lines_are_cut_around_the_column():
+    from flexc.compiler.errors import source_excerpt
+
+    line = "a" * 5000 + "X" + "b" * 5000
+    excerpt, column = source_excerpt(line, 5001)
+    assert len(excerpt) <= 126 and excerpt[column - 1] == "X"
+    assert excerpt.startswith("...") and excerpt.endswith("...")
+    assert source_excerpt("short", 3) == ("short", 3)
+
+
 def test_schema_is_json_schema(capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)

@@ -87,7 +87,7 @@ def check_data(spec: Spec, shape=None) -> list[Problem]:
                 out.append((loc, "value", f"data file is not a regular file: {p}"))
             elif not os.access(p, os.R_OK):
                 out.append((loc, "value", f"data file is not readable (permission denied): {p}"))
-            elif msg := check_data_file(p, source.text_field):
+            elif msg := check_data_file(p, source.text_field, role):
                 out.append((loc, "value", msg))
             else:
                 readable.append(p)

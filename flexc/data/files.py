@@ -19,14 +19,17 @@ WHOLE_JSON_BYTES = 10_000_000  # a .json file up to this size may be parsed whol
 RECORDS_CHECKED = 5
 
 
-def check_data_file(path: Path, text_field: str) -> str | None:
-    """What is wrong with data file ``path`` (None when its first records look usable)."""
+def check_data_file(path: Path, text_field: str, role: str = "calibration") -> str | None:
+    """What is wrong with data file ``path`` (None when its first records look usable).
+
+    ``role`` (calibration or evaluation) names the spec section in hints.
+    """
     size = path.stat().st_size
     if size == 0:
         return f"{path} is empty"
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return _check_parquet(path, text_field)
+        return _check_parquet(path, text_field, role)
     with path.open("rb") as f:
         head = f.read(SNIFF_BYTES)
     complete = size <= SNIFF_BYTES
@@ -50,7 +53,7 @@ def check_data_file(path: Path, text_field: str) -> str | None:
             return f"{path}: record {i} is {_kind(record)}; expected a JSON object with a {text_field!r} field"
         if text_field not in record:
             fields = ", ".join(map(repr, list(record)[:10])) or "none"
-            return f"{path}: record {i} has no {text_field!r} field (its fields: {fields}); set data.*.text_field"
+            return f"{path}: record {i} has no {text_field!r} field (its fields: {fields}); set data.{role}.text_field"
         value = record[text_field]
         if value is not None and not isinstance(value, str):
             return f"{path}: field {text_field!r} of record {i} is {_kind(value)}; expected a string"
@@ -115,7 +118,7 @@ def _kind(value: Any) -> str:
     return {dict: "a JSON object", list: "a JSON list", str: "a string"}.get(type(value), "a number")
 
 
-def _check_parquet(path: Path, text_field: str) -> str | None:
+def _check_parquet(path: Path, text_field: str, role: str) -> str | None:
     try:
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - datasets requires pyarrow
@@ -125,7 +128,8 @@ def _check_parquet(path: Path, text_field: str) -> str | None:
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a bad file
         return f"{path} is not a readable Parquet file: {exc}"
     if text_field not in schema.names:
-        return f"{path} has no column {text_field!r} (its columns: {', '.join(schema.names[:10])}); set data.*.text_field"
+        columns = ", ".join(schema.names[:10])
+        return f"{path} has no column {text_field!r} (its columns: {columns}); set data.{role}.text_field"
     return None
 
 
