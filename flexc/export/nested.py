@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from flexc.compiler.errors import FlexcError
 from flexc.compiler.exporters import ExportContext, register_exporter
 from flexc.export.tables import WIDTHS_FILE, WidthTables
 from flexc.passes.width_tables import expert_weights, keep_ratio, per_layer_keep
@@ -84,11 +85,54 @@ def write_nested(target: Path, model, groups, tables: WidthTables, *, tokenizer=
     return manifest
 
 
+class ArtifactError(FlexcError):
+    """A compiled artifact on disk is corrupt or inconsistent; the message names the file."""
+
+
+class NotAnArtifactError(ArtifactError, FileNotFoundError):
+    """No flexc artifact where one was expected (still a FileNotFoundError for older callers)."""
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; an :class:`ArtifactError` naming the file if it is anything else."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: cannot read the {what} ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: the {what} is not valid JSON ({exc.msg}, line {exc.lineno} column "
+                            f"{exc.colno}); expected a JSON object: re-export the artifact") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: the {what} must be a JSON object; found a {type(data).__name__}")
+    return data
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    """The artifact's ``flexc_manifest.json`` (None if there is none), checked to be a JSON object."""
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    return read_json_object(path, "flexc manifest")
+
+
+def load_tables(directory: str | Path, manifest: dict[str, Any] | None = None) -> WidthTables:
+    """The width tables of an artifact, with clear errors naming the file; when ``manifest`` is
+    given its budgets must be the tables' (an edited or mismatched manifest is refused)."""
+    path = Path(directory) / WIDTHS_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: a nested artifact keeps its width tables there")
+    try:
+        tables = WidthTables.load(path)
+    except Exception as exc:  # safetensors, JSON metadata and shape errors alike: name the file
+        raise ArtifactError(f"{path}: not a readable flexc width table ({type(exc).__name__}: {exc}); expected "
+                            "a safetensors file with a 'widths' tensor [budgets, layers, experts] and metadata "
+                            "budgets/layers/full/metric: re-export the artifact") from None
+    listed = [row.get("keep") for row in (manifest or {}).get("budgets", []) if isinstance(row, dict)]
+    if manifest is not None and (len(listed) != len(tables.budgets) or not all(
+            isinstance(k, (int, float)) and abs(k - b) < 1e-6 for k, b in zip(listed, tables.budgets))):
+        raise ArtifactError(f"{Path(directory) / MANIFEST_FILE} lists budgets {listed} but {path} holds "
+                            f"{tables.budgets}: the two files do not belong together; re-export the artifact")
+    return tables
 
 
 @register_exporter("nested")

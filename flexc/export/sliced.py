@@ -40,6 +40,7 @@ from flexc.compiler.errors import FlexcError
 from flexc.compiler.exporters import ExportContext, register_exporter
 from flexc.export.remote import modeling_flexc_sliced as remote
 from flexc.export.slicing import LayerSlices, slice_experts
+from flexc.export.nested import ArtifactError, read_json_object, read_manifest
 from flexc.export.tables import BudgetError, WidthTables, budget_key
 
 KIND = "sliced"
@@ -246,33 +247,74 @@ def export_sliced(ctx: ExportContext) -> None:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
+    manifest = read_manifest(directory)  # a corrupt or non-object manifest: an error naming the file
+    if manifest is None:
         raise SlicedExportError(f"{directory} is not a flexc sliced export (no {MANIFEST_FILE})")
-    manifest = json.loads(path.read_text())
     if manifest.get("kind") != KIND:
         raise SlicedExportError(f"{directory} holds a flexc {manifest.get('kind')!r} artifact, not a sliced one")
     return manifest
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _checked_budget(directory: Path, manifest: dict[str, Any], expected: float | None = None) -> float:
+    """The keep ratio of one budget's folder, checked against its config (and ``expected``: what
+    the export's top manifest says the folder holds), so that an edited manifest cannot hand
+    back another budget's checkpoint."""
+    path = directory / MANIFEST_FILE
+    keep = manifest.get("budget")
+    if not _number(keep):
+        raise ArtifactError(f"{path}: 'budget' must be the folder's keep ratio (a number); found {keep!r}")
+    if expected is not None and abs(keep - expected) > 1e-6:
+        raise ArtifactError(f"{directory.parent / MANIFEST_FILE} lists {directory.name}/ as keep {expected:g}, but "
+                            f"{path} says keep {keep:g}: the manifests disagree (edited?); re-export the artifact")
+    config_path = directory / "config.json"
+    settings = read_json_object(config_path, "model config").get(remote.CONFIG_KEY)
+    if not isinstance(settings, dict):
+        raise ArtifactError(f"{config_path} has no {remote.CONFIG_KEY!r} section: not a flexc sliced checkpoint")
+    if settings.get("budget") is not None and (not _number(settings["budget"])
+                                               or abs(settings["budget"] - keep) > 1e-6):
+        raise ArtifactError(f"{config_path} is the checkpoint of keep {settings['budget']!r}, but {path} says "
+                            f"keep {keep:g}: the files disagree (edited?); re-export the artifact")
+    return float(keep)
+
+
+def _budget_rows(directory: Path, manifest: dict[str, Any]) -> list[tuple[float, str]]:
+    """(keep, folder name) of each budget the export's top manifest lists, checked for shape."""
+    rows = manifest["budgets"]
+    ok = isinstance(rows, list) and all(
+        isinstance(r, dict) and _number(r.get("keep")) and isinstance(r.get("dir"), str)
+        and r["dir"] and Path(r["dir"]).name == r["dir"] and r["dir"] not in (".", "..") for r in rows)
+    if not ok:  # a folder name only: never a path out of the export
+        raise ArtifactError(f"{directory / MANIFEST_FILE}: 'budgets' must be a list of {{keep: number, dir: folder "
+                            f"name}}; found {json.dumps(rows)[:200]}")
+    return [(float(r["keep"]), r["dir"]) for r in rows]
+
+
 def resolve_budget_dir(path: str | Path, budget: float | None = None) -> Path:
-    """The checkpoint folder of ``budget`` in a sliced export (or ``path`` itself if it is one)."""
+    """The checkpoint folder of ``budget`` in a sliced export (or ``path`` itself if it is one),
+    cross-checked against that folder's own manifest and config."""
     directory = Path(path)
     manifest = _read_manifest(directory)
     if "budgets" not in manifest:  # one budget's checkpoint
-        if budget is not None and abs(float(manifest["budget"]) - budget) > 1e-6:
-            raise BudgetError(f"{directory} is the sliced checkpoint of keep {manifest['budget']:g}, "
+        keep = _checked_budget(directory, manifest)
+        if budget is not None and abs(keep - budget) > 1e-6:
+            raise BudgetError(f"{directory} is the sliced checkpoint of keep {keep:g}, "
                               f"not {budget:g}; load its parent folder to choose a budget")
         return directory
-    rows = manifest["budgets"]
-    available = ", ".join(f"{r['keep']:g}" for r in rows)
+    rows = _budget_rows(directory, manifest)
+    available = ", ".join(f"{keep:g}" for keep, _ in rows)
     if budget is None:
-        if len(rows) == 1:
-            return directory / rows[0]["dir"]
-        raise BudgetError(f"{directory} holds several sliced budgets; pass budget= one of {available}")
-    for r in rows:
-        if abs(float(r["keep"]) - budget) < 1e-6:
-            return directory / r["dir"]
+        if len(rows) != 1:
+            raise BudgetError(f"{directory} holds several sliced budgets; pass budget= one of {available}")
+        budget = rows[0][0]
+    for keep, name in rows:
+        if abs(keep - budget) < 1e-6:
+            folder = directory / name
+            _checked_budget(folder, _read_manifest(folder), keep)
+            return folder
     raise BudgetError(f"no sliced checkpoint for budget {budget:g} in {directory}; available budgets: {available}")
 
 

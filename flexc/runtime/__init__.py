@@ -13,14 +13,15 @@ __all__ = ["NestedRuntime", "attach", "load", "load_nested"]
 
 def _artifact_dir(path: Path) -> tuple[Path, dict[str, Any]]:
     """The artifact directory at ``path`` (a compile's output directory also works) and its manifest."""
-    from flexc.export.nested import read_manifest
+    from flexc.export.nested import NotAnArtifactError, read_manifest
 
     for candidate in (path, path / "nested", path / "sliced"):
-        manifest = read_manifest(candidate)
+        manifest = read_manifest(candidate)  # a corrupt one is an error naming the file
         if manifest is not None:
             return candidate, manifest
-    raise FileNotFoundError(f"{path} is not a flexc artifact (no flexc_manifest.json); expected the 'nested' or "
-                            "'sliced' export of a compile, one sliced budget's folder, or a compile's output directory")
+    raise NotAnArtifactError(f"{path} is not a flexc artifact (no flexc_manifest.json); expected the 'nested' or "
+                             "'sliced' export of a compile, one sliced budget's folder, or a compile's output "
+                             "directory")
 
 
 def load(path: str | Path, budget: float | None = None, *, dtype: Any = None, device: Any = None,
@@ -43,4 +44,7 @@ def load(path: str | Path, budget: float | None = None, *, dtype: Any = None, de
 
         model = load_sliced(directory, budget, **({"dtype": dtype} if dtype is not None else {}))
         return model.to(device).eval() if device is not None else model.eval()
-    raise ValueError(f"{directory}: unknown flexc artifact kind {kind!r} (expected 'nested' or 'sliced')")
+    from flexc.export.nested import MANIFEST_FILE, ArtifactError
+
+    raise ArtifactError(f"{directory / MANIFEST_FILE}: unknown flexc artifact kind {kind!r} "
+                        "(expected 'nested' or 'sliced')")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flexc.export.tables import WIDTHS_FILE, BudgetError, WidthTables
+from flexc.export.tables import BudgetError, WidthTables
 from flexc.ir.experts_impl import IMPLEMENTATION_NAME, WIDTHS_BUFFER, set_widths
 from flexc.ir.groups import ExpertGroup, find_expert_groups
 
@@ -102,8 +102,11 @@ def load_nested(directory: str | Path, budget: float | None = None, *, dtype: An
     """Load a nested artifact at ``budget`` (None: full width)."""
     from transformers import AutoModelForCausalLM
 
+    from flexc.export.nested import load_tables, read_manifest
+
     directory = Path(directory)
-    tables = WidthTables.load(directory / WIDTHS_FILE)
+    # Checked against the manifest's budgets, with errors that name the file.
+    tables = load_tables(directory, read_manifest(directory))
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -112,7 +115,13 @@ def load_nested(directory: str | Path, budget: float | None = None, *, dtype: An
         model.to(device)
     model.eval()
     _install_backend(backend, next(model.parameters()).device)
-    return attach(model, tables, budget)
+    try:
+        return attach(model, tables, budget)
+    except ValueError as exc:  # tables of another model: say which file
+        from flexc.export.nested import ArtifactError
+        from flexc.export.tables import WIDTHS_FILE
+
+        raise ArtifactError(f"{directory / WIDTHS_FILE}: {exc}") from None
 
 
 def _install_backend(backend: str, device: torch.device) -> None:
