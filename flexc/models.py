@@ -334,6 +334,9 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device {device!r} requested but CUDA is not available here (use device: cpu or auto)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ModelError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device == "mps" and not torch.backends.mps.is_available():
         raise ModelError("device 'mps' requested but MPS is not available here")
     return device

@@ -62,14 +62,13 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
-def model_case(id, make, says, field="model.path", names_file=None):
+def model_case(id, make, says, field="model.path", names_file=None, spec="model: {path: {model}}\n"):
     """A corrupt model directory {model} (a copy of the tiny MoE model, then ``make(dir)``)."""
 
     def setup(tmp, mp, make=make):
         shutil.copytree(_MODELS["moe"], tmp / "model")
         make(tmp / "model")
 
-    spec = "model: {path: {model}}\n"
     return Case(id, spec, field, says, setup, names_file)
 
 
@@ -163,10 +162,24 @@ def _write(name: str, content: str | bytes):
     return setup
 
 
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _one_cuda_device(tmp, mp):
+    import torch
+
+    mp.setattr(torch.cuda, "is_available", lambda: True)
+    mp.setattr(torch.cuda, "device_count", lambda: 1)
+
+
 _MODELS: dict[str, Path] = {}
 MOE = "model: {path: {moe}}\n"
 MOE_CAL = MOE + CAL
 NOT_JSON = "{not json"
+MODEL_CAL = "model: {path: {model}}\n" + CAL + "budgets: {keep: [0.5]}\npipeline: [rank_channels]\n"
 
 CASES = [
     # ---- budgets the width passes cannot reach
@@ -212,6 +225,12 @@ CASES = [
          _write("channel_scores.safetensors", b"")),
     Case("calibration_without_tokenizer", "model: {path: {bare}}\n" + CAL + "budgets: {keep: [0.5]}\n"
          "pipeline: [rank_channels]\n", "model.path", "no tokenizer files"),
+    Case("recover_keep_far_from_budgets", MOE_CAL + "budgets: {keep: [0.9, 0.5]}\npipeline: [rank_channels, uniform, "
+         "recover]\n", "pipeline[2]", "recover's keep 0.6 is not within keep_tolerance 0.05"),
+    model_case("tokenizer_without_eos", lambda p: _edit_json(p / "tokenizer_config.json", eos_token=None),
+               "no end-of-text token", spec=MODEL_CAL),
+    model_case("tokenizer_corrupt", lambda p: (p / "tokenizer.json").write_text(NOT_JSON), "cannot be loaded",
+               spec=MODEL_CAL),
     Case("anneal_without_budgets", MOE_CAL + "pipeline: [rank_channels, insert_action_gates, anneal]\n",
          "pipeline[2]", "'anneal' needs budgets"),
     Case("uniform_without_budgets", MOE_CAL + "pipeline: [rank_channels, uniform]\n", "pipeline[1]",
@@ -286,6 +305,8 @@ CASES = [
          "data.evaluation.files[0]", "not a regular file", lambda tmp, mp: (tmp / "dir.txt").mkdir(), "dir.txt"),
     Case("data_file_wrong_suffix", MOE + "data:\n  evaluation: {files: [{tmp}/a.csv]}\n",
          "data.evaluation.files[0]", "expected a file ending in"),
+    Case("hub_dataset_not_cached", MOE + "data:\n  evaluation: {hub: no-such-org/no_such_dataset_xyz}\n",
+         "data.evaluation.hub", "not in the local datasets cache"),
     Case("seq_len_beyond_max_positions", MOE_CAL.replace("seq_len: 32", "seq_len: 4096"),
          "data.calibration.seq_len", "max_position_embeddings 128"),
     Case("eval_seq_len_beyond_max_positions", MOE + "data:\n  evaluation: {builtin: python-stdlib, seq_len: 129}\n",
@@ -326,6 +347,8 @@ CASES = [
          _no_cuda),
     Case("device_mps_without_mps", "model: {path: {moe}, device: mps}\n", "model.device", "MPS is not available",
          _no_mps),
+    Case("device_index_beyond_count", "model: {path: {moe}, device: 'cuda:3'}\n", "model.device",
+         "has 1 CUDA device(s)", _one_cuda_device),
     Case("device_unknown", "model: {path: {moe}, device: tpu}\n", "model.device", "expected 'cpu'"),
     # ---- the spec file itself
     Case("spec_too_large", "# " + "x" * 1_100_000 + "\nmodel: {zoo: tiny}\n", None, "a spec is at most 1,000,000"),

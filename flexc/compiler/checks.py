@@ -75,6 +75,8 @@ def check_data(spec: Spec, shape=None) -> list[Problem]:
             out.append(((("data", role, "seq_len")), "value",
                         f"seq_len {source.seq_len} is longer than the model's max_position_embeddings {limit} "
                         f"({shape.config_file}); expected at most {limit}"))
+        if source.hub is not None:
+            out += _hub_dataset_problems(source, role)
         if source.files is None:
             continue
         readable = []
@@ -99,6 +101,28 @@ def check_data(spec: Spec, shape=None) -> list[Problem]:
                             f"num_samples {source.num_samples} x seq_len {source.seq_len} = {needed:,} tokens, but "
                             f"the files hold at most ~{most:,}; lower num_samples or seq_len, or add text"))
     return out
+
+
+def _hub_dataset_problems(source, role: str) -> list[Problem]:
+    """A hub dataset must be in the local datasets cache (flexc never downloads), with the split asked for."""
+    from flexc import models
+
+    models._offline()
+    try:
+        import datasets
+
+        builder = datasets.load_dataset_builder(source.hub, source.config)
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return []
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds for a dataset it cannot find offline
+        return [(("data", role, "hub"), "value", f"dataset {source.hub!r} (config {source.config!r}) is not in the "
+                 f"local datasets cache, and flexc runs offline ({type(exc).__name__}: {str(exc)[:200]})")]
+    splits = list(getattr(builder.info, "splits", None) or ())
+    split = source.resolved_split(role)
+    if splits and split not in splits:
+        return [(("data", role, "split"), "value", f"dataset {source.hub!r} has no split {split!r}; "
+                 f"its splits: {', '.join(splits)}")]
+    return []
 
 
 def check_pipeline_order(spec: Spec) -> list[Problem]:
@@ -132,18 +156,52 @@ def check_pass_inputs(spec: Spec, shape=None) -> list[Problem]:
                         f"pass {name!r} reads calibration data, and the spec has none: set data.calibration "
                         "(e.g. {builtin: python-stdlib} or {files: [my.jsonl]})"))
     directory = getattr(shape, "directory", None)
-    if needing and directory is not None and not models.has_tokenizer(directory):
-        out.append((("model", spec.model.source[0]), "value",
-                    f"{directory} has no tokenizer files ({', '.join(models.TOKENIZER_FILES)}), and pass "
-                    f"{spec.pipeline[needing[0]].name!r} tokenizes calibration text; save the tokenizer beside the model"))
+    if needing and directory is not None:
+        out += _tokenizer_problems(spec, directory, spec.pipeline[needing[0]].name)
     for i, entry in enumerate(spec.pipeline):
         options = entry.build().options
+        if entry.name == "recover":
+            out += _recover_budget_problems(spec, i, options)
         if "budgets" in type(options).model_fields and options.budgets is None and spec.budgets is None:
             out.append((("pipeline", i), "value",
                         f"pass {entry.name!r} needs budgets: set budgets.keep in the spec or the pass's budgets option"))
         if entry.name == "lower_kernels" and options.backend == "triton":
             out += _triton_problems(spec, i)
     return out
+
+
+def _tokenizer_problems(spec: Spec, directory: Path, pass_name: str) -> list[Problem]:
+    """Calibration text needs the model's tokenizer, with an end-of-text token between documents."""
+    from flexc import models
+
+    loc = ("model", spec.model.source[0])
+    if not models.has_tokenizer(directory):
+        return [(loc, "value", f"{directory} has no tokenizer files ({', '.join(models.TOKENIZER_FILES)}), and "
+                 f"pass {pass_name!r} tokenizes calibration text; save the tokenizer beside the model")]
+    tokenizer = models.load_tokenizer(directory)  # no weights: a few files of vocabulary
+    if tokenizer is None:
+        return [(loc, "value", f"the tokenizer in {directory} cannot be loaded (run with --verbose for why), and "
+                 f"pass {pass_name!r} tokenizes calibration text")]
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        return [(loc, "value", f"the tokenizer in {directory} has no end-of-text token (eos_token), which "
+                 f"calibration uses to separate documents for pass {pass_name!r}; set eos_token in tokenizer_config.json")]
+    return []
+
+
+def _recover_budget_problems(spec: Spec, i: int, options) -> list[Problem]:
+    """recover fine-tunes at the exported budget nearest its keep: one must lie within keep_tolerance."""
+    width = [j for j in range(i) if "width_tables" in spec.pipeline[j].build().guarantees]
+    if not width:
+        return []  # the pass order check reports it
+    budgets, _ = _budgets_of(spec, width[-1])
+    if not budgets:
+        return []
+    nearest = min(budgets, key=lambda b: abs(b - options.keep))
+    if abs(nearest - options.keep) <= options.keep_tolerance + 1e-9:
+        return []
+    listed = ", ".join(f"{b:g}" for b in budgets)
+    return [(("pipeline", i), "value", f"recover's keep {options.keep:g} is not within keep_tolerance "
+             f"{options.keep_tolerance:g} of any budget ({listed}); set keep to one of them or raise keep_tolerance")]
 
 
 def _triton_problems(spec: Spec, i: int) -> list[Problem]:
