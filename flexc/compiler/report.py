@@ -128,6 +128,7 @@ def write_report(out: Path, manifest: dict[str, Any], spec, graph=None, state: d
               f"transformers {manifest.get('versions', {}).get('transformers', '?')}",
               f"- **outputs**: {', '.join(f'`{v}`' for v in manifest.get('outputs', {}).values())}", ""]
 
+    rows: list[dict[str, Any]] = []
     if graph is not None and "width_tables" in state:
         rows = budget_rows(graph, state)
         metric = state.get("width_metric", "params")
@@ -158,7 +159,10 @@ def write_report(out: Path, manifest: dict[str, Any], spec, graph=None, state: d
         if quality:
             _plot_quality(rows, figures / "quality.png")
             src = spec.data.evaluation
-            lines += [f"Perplexity on {src.num_samples} × {src.seq_len}-token windows of the evaluation data.", "",
+            what = src.builtin or src.hub or ", ".join(map(str, src.files or []))
+            lines += [f"Perplexity on the first {src.num_samples} × {src.seq_len}-token windows of `data.evaluation` "
+                      f"({what}{', split ' + src.split if src.split else ''}, documents in order), not on the whole "
+                      "split: a zoo model's manifest scores its entire held-out split, so its figure differs.", "",
                       f"![perplexity against keep ratio]({FIGURES_DIR}/quality.png)", ""]
         else:
             lines += ["(Add `data.evaluation` to the spec to measure held-out perplexity per budget.)", ""]
@@ -176,6 +180,9 @@ def write_report(out: Path, manifest: dict[str, Any], spec, graph=None, state: d
         lines += ["## Time per stage", "", "| stage | status | seconds |", "|---|---|---|"]
         lines += [f"| {s['name']} | {s.get('status', '?')} | {s.get('seconds', 0):.1f} |" for s in stages]
         lines.append("")
+    # A compact copy for the CLI's closing table (the driver saves the manifest after this).
+    manifest["summary"] = {"report": REPORT_FILE, "metric": state.get("width_metric", "params"), "budgets": [
+        {k: r.get(k) for k in ("keep", "keep_achieved", "total_params", "bytes", "perplexity")} for r in rows]}
     path = out / REPORT_FILE
     write_text(path, "\n".join(lines))
     return path
