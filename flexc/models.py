@@ -262,6 +262,13 @@ _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
 
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (call :func:`check_safetensors` first)."""
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))
+
+
 def check_safetensors(path: Path) -> str | None:
     """What is wrong with a ``.safetensors`` file, from its header and size alone (None: looks whole).
 

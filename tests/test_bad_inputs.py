@@ -162,6 +162,19 @@ def _write(name: str, content: str | bytes):
     return setup
 
 
+def _scores(shape, key="layer{i}.perm"):
+    """A channel_scores.safetensors in {tmp} (what rank_channels' ``from:`` reads) with perms of ``shape``."""
+
+    def setup(tmp, mp):
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({key.format(i=i): torch.zeros(shape, dtype=torch.int64) for i in range(2)},
+                  str(tmp / "channel_scores.safetensors"))
+
+    return setup
+
+
 def _edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
@@ -220,9 +233,15 @@ CASES = [
          "reads calibration data, and the spec has none"),
     Case("expert_prune_without_calibration", MOE + "budgets: {keep: [0.5]}\npipeline: [expert_prune]\n",
          "pipeline[0]", "reads calibration data"),
-    Case("recover_without_calibration", MOE + "budgets: {keep: [0.5]}\npipeline: [{rank_channels: {from: {tmp}}}, "
-         "uniform, recover]\n", "pipeline[2]", "'recover' reads calibration data",
-         _write("channel_scores.safetensors", b"")),
+    Case("recover_without_calibration", MOE + "budgets: {keep: [0.6]}\npipeline: [{rank_channels: {from: {tmp}}}, "
+         "uniform, recover]\n", "pipeline[2]", "'recover' reads calibration data", _scores([8, 32])),
+    Case("scores_from_truncated", MOE + "budgets: {keep: [0.6]}\npipeline: [{rank_channels: {from: {tmp}}}, uniform]\n",
+         "pipeline[0]", "truncated safetensors", _write("channel_scores.safetensors", b""),
+         "channel_scores.safetensors"),
+    Case("scores_from_other_model", MOE + "budgets: {keep: [0.6]}\npipeline: [{rank_channels: {from: {tmp}}}, "
+         "uniform]\n", "pipeline[0]", "scores of another model?", _scores([8, 64])),
+    Case("scores_from_not_a_ranking", MOE + "budgets: {keep: [0.6]}\npipeline: [{rank_channels: {from: {tmp}}}, "
+         "uniform]\n", "pipeline[0]", "no channel ranking", _scores([8, 32], key="weight")),
     Case("calibration_without_tokenizer", "model: {path: {bare}}\n" + CAL + "budgets: {keep: [0.5]}\n"
          "pipeline: [rank_channels]\n", "model.path", "no tokenizer files"),
     Case("recover_keep_far_from_budgets", MOE_CAL + "budgets: {keep: [0.9, 0.5]}\npipeline: [rank_channels, uniform, "

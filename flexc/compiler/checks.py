@@ -162,6 +162,8 @@ def check_pass_inputs(spec: Spec, shape=None) -> list[Problem]:
         options = entry.build().options
         if entry.name == "recover":
             out += _recover_budget_problems(spec, i, options)
+        if entry.name == "rank_channels" and options.from_ is not None:
+            out += _saved_scores_problems(options.from_, i, shape)
         if "budgets" in type(options).model_fields and options.budgets is None and spec.budgets is None:
             out.append((("pipeline", i), "value",
                         f"pass {entry.name!r} needs budgets: set budgets.keep in the spec or the pass's budgets option"))
@@ -185,6 +187,29 @@ def _tokenizer_problems(spec: Spec, directory: Path, pass_name: str) -> list[Pro
     if getattr(tokenizer, "eos_token_id", None) is None:
         return [(loc, "value", f"the tokenizer in {directory} has no end-of-text token (eos_token), which "
                  f"calibration uses to separate documents for pass {pass_name!r}; set eos_token in tokenizer_config.json")]
+    return []
+
+
+def _saved_scores_problems(source: Path, i: int, shape) -> list[Problem]:
+    """rank_channels' ``from:`` file is whole and ranks experts of this model's shape (header only)."""
+    from flexc import models
+    from flexc.passes.rank_channels import SCORES_FILE
+
+    path = source / SCORES_FILE if source.is_dir() else source
+    loc = ("pipeline", i)
+    msg = models.check_safetensors(path)
+    if msg is not None:
+        return [(loc, "value", f"rank_channels from: {msg}")]
+    header = models.read_safetensors_header(path)
+    perms = {k: v.get("shape") for k, v in header.items() if k.startswith("layer") and k.endswith(".perm")}
+    if "layer0.perm" not in perms:
+        return [(loc, "value", f"rank_channels from: {path} holds no channel ranking (no layer0.perm); "
+                 "expected the channel_scores.safetensors of an earlier rank_channels stage")]
+    expected = [shape.num_experts, shape.intermediate_size] if shape is not None else None
+    wrong = sorted(k for k, s in perms.items() if expected is not None and s != expected)
+    if wrong:
+        return [(loc, "value", f"rank_channels from: {path} ranks experts of shape {perms[wrong[0]]} ({wrong[0]}), "
+                 f"but this model's are {expected} (experts x channels, {shape.config_file}): scores of another model?")]
     return []
 
 
