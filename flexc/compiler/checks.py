@@ -1,8 +1,17 @@
-"""Checks of a parsed spec against the machine: does the model exist and is it MoE, can the
-data files be read, can the pipeline's passes run in this order.
+"""Checks of a parsed spec against the machine, so that no mistake surfaces after minutes of work.
 
-These run in ``flexc validate`` and at the start of ``flexc compile``; each problem becomes a
-:class:`SpecIssue` positioned at the spec line it concerns.
+- model: exists, is a supported MoE model, config.json is a JSON object, weight files are whole
+  (safetensors headers against file sizes), the device exists here;
+- data: files are non-empty UTF-8 text whose first records carry the text field, hold enough
+  text for num_samples x seq_len, seq_len fits max_position_embeddings; hub datasets are cached;
+- pipeline: pass order; each pass has what it reads (calibration data and a tokenizer, budgets,
+  a kernel backend, rank_channels' ``from:`` file); budgets are reachable by the width passes;
+- exports: width tables for nested/sliced/onnx, no whole-expert pruning where it cannot be
+  expressed, optional packages installed.
+
+They read configs, file headers and first records only, never weights. They run in ``flexc
+validate`` and at the start of ``flexc compile`` (before the output directory is touched); each
+problem becomes a :class:`SpecIssue` positioned at the spec line it concerns.
 """
 
 from __future__ import annotations
