@@ -58,9 +58,38 @@ def cmd_compile(args: argparse.Namespace) -> int:
         args.spec, out=args.out, force=args.force, dump_graphs=args.dump_graphs, quiet=args.verbosity < 0
     )
     if args.verbosity >= 0:
-        what = "up to date" if result.up_to_date else f"ran {', '.join(result.ran)}"
-        logs.out_console().print(f"[green]✓[/] {result.out_dir}  ({what})", highlight=False, soft_wrap=True)
+        _print_compile_summary(result, logs.out_console())
     return EXIT_OK
+
+
+def _print_compile_summary(result, console) -> None:
+    """What a user wants after a compile: per budget the keep reached, the size and the held-out
+    perplexity (report.py stores them in the manifest's ``summary``), then where the report is."""
+    from rich.table import Table
+
+    from flexc.compiler.report import _fmt_bytes, _fmt_count
+
+    what = "up to date" if result.up_to_date else f"ran {', '.join(result.ran)}"
+    console.print(f"[green]✓[/] {result.out_dir}  ({what})", highlight=False, soft_wrap=True)
+    summary = result.manifest.get("summary") or {}
+    rows = summary.get("budgets") or []
+    if rows:
+        with_ppl = any(r.get("perplexity") is not None for r in rows)
+        metric = summary.get("metric", "params")
+        table = Table(title="budgets (keep = fraction of routed-expert parameters kept)", title_justify="left")
+        target = "keep (target, flops)" if metric == "flops" else "keep (target)"
+        for col in (target, "keep (achieved)", "parameters", "size") + (
+                ("held-out ppl",) if with_ppl else ()):
+            table.add_column(col, justify="right")
+        for r in rows:
+            ppl = r.get("perplexity")
+            cells = ["1 (unpruned)" if r["keep"] == 1.0 and r is rows[0] else f"{r['keep']:g}",
+                     f"{r['keep_achieved']:.3f}", _fmt_count(int(r["total_params"])), _fmt_bytes(int(r["bytes"]))]
+            table.add_row(*cells, *((f"{ppl:.2f}" if ppl is not None else "–",) if with_ppl else ()))
+        console.print(table)
+    report = result.out_dir / summary.get("report", "report.md")
+    if report.is_file():
+        console.print(f"report: {report}", highlight=False, soft_wrap=True)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -71,9 +71,10 @@ def test_compile_refuses_foreign_directory_with_exit_2(tmp_path, moe_dir, capsys
     spec = write_spec(tmp_path, moe_dir, out)
     assert main(["compile", str(spec)]) == 2
     err = capsys.readouterr().err
-    assert "not a flexc run" in err and "--force" in err and "Traceback" not in err
-    assert main(["compile", str(spec), "--force", "-q"]) == 0
-    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert "not a flexc run" in err and "Traceback" not in err
+    # --force deletes only what a flexc run wrote: a folder of the user's files stays refused.
+    assert main(["compile", str(spec), "--force", "-q"]) == 2
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "manifest.json").exists()
 
 
 def test_compile_spec_error_exit_2_and_verbose_traceback(tmp_path, moe_dir, capsys):

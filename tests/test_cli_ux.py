@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -69,3 +70,28 @@ def test_zoo_manifest_format_matches_the_trainer():
     import flexc.zoo.train
 
     assert flexc.zoo.MANIFEST_FORMAT == flexc.zoo.train.MANIFEST_FORMAT
+
+
+def test_compile_ends_with_the_budget_table_and_the_report(moe_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    data = "{builtin: python-stdlib, split: %s, num_samples: 2, seq_len: 16, batch_size: 2}"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"model:\n  path: {moe_dir}\ndata:\n  calibration: {data % 'train'}\n"
+                    f"  evaluation: {data % 'heldout'}\nbudgets:\n  keep: [0.75, 0.5]\n"
+                    "pipeline: [{rank_channels: {score: activation, plot: false}}, uniform]\n"
+                    f"export:\n  dir: {out}\n  formats: []\n")
+    assert main(["compile", str(spec)]) == 0
+    text = capsys.readouterr().out
+    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    assert [r["keep"] for r in summary["budgets"]] == [1.0, 0.75, 0.5]
+    assert all(r["perplexity"] > 1 and r["total_params"] > 0 for r in summary["budgets"])
+    lines = text.strip().splitlines()
+    assert lines[-1] == f"report: {out / 'report.md'}"
+    assert "held-out ppl" in text and "1 (unpruned)" in text
+    for r in summary["budgets"][1:]:  # each budget's row: target, achieved keep, perplexity
+        row = next(line for line in lines if line.strip("│ ").startswith(f"{r['keep']:g} "))
+        assert f"{r['keep_achieved']:.3f}" in row and f"{r['perplexity']:.2f}" in row
+    assert main(["compile", str(spec)]) == 0  # up to date: the same table, from the manifest
+    again = capsys.readouterr().out
+    assert "up to date" in again and again.strip().splitlines()[-1] == lines[-1]
+    assert main(["-q", "compile", str(spec)]) == 0 and capsys.readouterr().out == ""
