@@ -418,3 +418,43 @@ def test_bad_input(case: Case, command, models, tmp_path, monkeypatch, capsys):
         assert str(tmp_path / case.names_file) in err, err
     assert len(err) < 5000, "messages stay short"
     assert not out.exists() or not any(out.iterdir()), "nothing written that would block the corrected spec"
+
+
+# --------------------------------------------------------------------------- and what must still pass
+
+LONG_DOC = "x = 1\n" * 20_000  # a first record longer than the bytes the checks read
+
+
+GOOD_DATA = {
+    "plain.txt": "def f():\n    return 1\n" * 200,
+    "bom.jsonl": "\ufeff" + '{"text": "def f(): pass"}\n' * 200,
+    "long_first_line.jsonl": json.dumps({"text": LONG_DOC}) + "\n" + '{"text": "y"}\n',
+    "array.json": json.dumps([{"text": "def f(): pass\n" * 20}] * 20),
+    "pretty.json": json.dumps([{"text": "def f(): pass\n" * 20, "id": i} for i in range(20)], indent=2),
+    "one_object.json": json.dumps({"text": LONG_DOC}, indent=2),
+    "nulls.jsonl": '{"text": null}\n' + '{"text": "def f(): pass"}\n' * 200,
+    "cut_multibyte.txt": "a" + "é" * 40_000,  # the read ends inside a two-byte character
+    "columns.parquet": _parquet({"text": ["def f(): pass\n" * 100] * 20, "id": list(range(20))}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOOD_DATA))
+def test_good_data_files_validate(name, models, tmp_path, capsys):
+    content = GOOD_DATA[name]
+    path = tmp_path / name
+    if callable(content):
+        content(path)
+    else:
+        path.write_text(content, encoding="utf-8")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"model: {{path: {models['moe']}}}\ndata:\n  calibration: {{files: [{path}], num_samples: 2, "
+                    "seq_len: 32}\nbudgets: {keep: [0.75, 0.5]}\npipeline: [rank_channels, insert_action_gates, "
+                    "anneal, fold_masks]\nexport: {formats: [nested, sliced]}\n")
+    assert main(["validate", str(spec)]) == 0, capsys.readouterr().err
+
+
+def test_a_budget_exactly_at_the_floor_and_a_whole_model_validate(models, tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"model: {{path: {models['moe56']}}}\n{CAL}budgets: {{keep: [0.75, {16 / 56}]}}\n{GATES}"
+                    "export: {formats: [nested, sliced, hf, graph]}\nseed: 9223372036854775807\n")
+    assert main(["validate", str(spec)]) == 0, capsys.readouterr().err

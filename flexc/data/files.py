@@ -41,6 +41,7 @@ def check_data_file(path: Path, text_field: str, role: str = "calibration") -> s
         if complete or exc.start < len(head) - 3:  # else only the read cut a multi-byte character
             return f"{path} is not UTF-8 text (invalid byte at offset {exc.start})"
         text = head[: exc.start].decode("utf-8")
+    text = text.removeprefix("\ufeff")  # a byte-order mark is allowed (datasets skips it)
     if not text.strip() and complete:
         return f"{path} holds only whitespace"
     if suffix == ".txt":
