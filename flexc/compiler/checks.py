@@ -244,7 +244,13 @@ def _triton_problems(spec: Spec, i: int) -> list[Problem]:
     if not triton_available():
         return [(("pipeline", i), "value", "lower_kernels backend 'triton' needs the triton package, which is "
                  "not importable here; use backend 'auto' or 'reference'")]
-    if spec.model.device.startswith("cuda") or interpret_mode():
+    from flexc import models
+
+    try:
+        device = models.resolve_device(spec.model.device)  # "auto" is CUDA where there is one
+    except FlexcError:
+        return []  # check_device reports it
+    if device.startswith("cuda") or interpret_mode():
         return []
     return [(("pipeline", i), "value", f"lower_kernels backend 'triton' needs CUDA tensors; model.device is "
              f"{spec.model.device!r}. Use backend 'auto' or 'reference', device: cuda, or TRITON_INTERPRET=1")]
