@@ -147,12 +147,16 @@ def _unbuilt_zoo(tmp, mp):
     mp.setattr(zoo, "build", lambda *a, **k: pytest.fail("a validation must not train a zoo model"))
 
 
-def _without_onnx(tmp, mp):
-    import importlib.util
+def _without(*packages):
+    """Optional packages look uninstalled (to the checks' importlib.util.find_spec)."""
 
-    real = importlib.util.find_spec
-    mp.setattr(importlib.util, "find_spec",
-               lambda name, *a, **k: None if name in ("onnx", "onnxruntime", "onnxscript") else real(name, *a, **k))
+    def setup(tmp, mp):
+        import importlib.util
+
+        real = importlib.util.find_spec
+        mp.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name in packages else real(name, *a, **k))
+
+    return setup
 
 
 def _write(name: str, content: str | bytes):
@@ -225,7 +229,10 @@ CASES = [
          "export: {formats: [hf]}\n", "export.formats[0]", "whole-expert pruning"),
     Case("graph_with_empty_pipeline", MOE + "export: {formats: [graph]}\n", "export.formats[0]", "never lowers"),
     Case("onnx_packages_missing", MOE_CAL + "budgets: {keep: [0.5]}\npipeline: [rank_channels, uniform]\n"
-         "export: {formats: [onnx]}\n", "export.formats[0]", "needs onnx, onnxruntime, onnxscript", _without_onnx),
+         "export: {formats: [onnx]}\n", "export.formats[0]", "needs onnx, onnxruntime, onnxscript",
+         _without("onnx", "onnxruntime", "onnxscript")),
+    Case("recover_without_peft", MOE_CAL + "budgets: {keep: [0.6]}\npipeline: [rank_channels, uniform, recover]\n",
+         "pipeline[2]", "'recover' needs peft", _without("peft")),
     Case("format_listed_twice", MOE + "export: {formats: [hf, hf]}\n", "export.formats[1]", "listed twice"),
     Case("unknown_format", MOE + "export: {formats: [gguf]}\n", "export.formats[0]", "expected one of"),
     # ---- passes without what they read

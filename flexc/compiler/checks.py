@@ -16,6 +16,7 @@ problem becomes a :class:`SpecIssue` positioned at the spec line it concerns.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ Problem = tuple[tuple, str, str]  # (spec path, "key" or "value", message)
 #: Export formats that write width tables, and what the optional ones need installed.
 WIDTH_EXPORTS = ("nested", "sliced", "onnx")
 EXPORT_PACKAGES = {"onnx": ("onnx", "onnxruntime", "onnxscript")}
+#: Passes that need an optional extra, found only when the pass starts (after earlier passes ran).
+PASS_PACKAGES = {"recover": ("peft",)}
 
 
 def check_model(spec: Spec) -> list[Problem]:
@@ -169,6 +172,10 @@ def check_pass_inputs(spec: Spec, shape=None) -> list[Problem]:
         out += _tokenizer_problems(spec, directory, spec.pipeline[needing[0]].name)
     for i, entry in enumerate(spec.pipeline):
         options = entry.build().options
+        missing = [m for m in PASS_PACKAGES.get(entry.name, ()) if importlib.util.find_spec(m) is None]
+        if missing:
+            out.append((("pipeline", i), "value", f"pass {entry.name!r} needs {', '.join(missing)}, not installed "
+                        f"here: pip install 'flexc[{entry.name}]'"))
         if entry.name == "recover":
             out += _recover_budget_problems(spec, i, options)
         if entry.name == "rank_channels" and options.from_ is not None:
@@ -317,8 +324,6 @@ def check_budget_floor(spec: Spec, shape) -> list[Problem]:
 
 def check_exports(spec: Spec) -> list[Problem]:
     """Each export has what it reads: width tables without whole-expert pruning, installed packages."""
-    import importlib.util
-
     holds = set(initial_properties())
     names = [e.name for e in spec.pipeline]
     passes = [entry.build() for entry in spec.pipeline]
