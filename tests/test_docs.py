@@ -14,7 +14,8 @@ such marks stay rare (``MAX_NOT_TESTED``).
 Each block runs in its own working directory holding ``specs/`` (the repository's specs, except
 that ``specs/quickstart.yaml`` is a cheaper copy: fewer calibration samples and anneal steps),
 links to ``tests/``, ``docs/`` and ``benchmarks/``, and ``runs/quickstart``: that cheap
-quickstart compiled once per session (a hard-linked copy per block, so blocks cannot change it).
+quickstart compiled once per session (a hard-linked copy per block: flexc replaces files, never
+writes into them, so blocks cannot change the original).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-MARK = re.compile(r"<!--\s*not-tested:\s*(.+?)\s*-->")
+MARK = re.compile(r"^\s*<!--\s*not-tested:\s*(.+?)\s*-->\s*$")  # alone on its line
 FENCE = re.compile(r"^```(\w*)\s*$")
 RUN = {"python", "bash", "sh", "shell", "yaml", "yml"}
 MAX_NOT_TESTED = 8
@@ -60,7 +61,7 @@ def blocks(path: Path) -> list[Block]:
             continue
         end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
         prev = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
-        mark = MARK.search(prev)
+        mark = MARK.match(prev)
         out.append(Block(path, i + 1, m.group(1).lower(), "\n".join(lines[i + 1:end]) + "\n",
                          mark.group(1) if mark else None))
         i = end + 1
@@ -172,8 +173,8 @@ def test_not_tested_marks_are_few_and_each_marks_a_block():
         print(f"{b.id}: {b.not_tested}", file=sys.stderr)
     assert len(marked) <= MAX_NOT_TESTED, "keep `not-tested` marks rare: make the block runnable instead"
     for path in DOCS:
-        text = path.read_text(encoding="utf-8")
-        assert len(MARK.findall(text)) == sum(b.not_tested is not None for b in ALL if b.file == path), (
+        marks = sum(bool(MARK.match(line)) for line in path.read_text(encoding="utf-8").splitlines())
+        assert marks == sum(b.not_tested is not None for b in ALL if b.file == path), (
             f"{path.name}: a `not-tested` mark that is not right before a code block")
 
 

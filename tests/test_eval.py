@@ -162,7 +162,8 @@ def test_compare_reuses_the_width_tables_of_a_finished_compile(tiny_model_dir, t
 
     def make(steps):
         data = {"builtin": "python-stdlib", "num_samples": 4, "seq_len": 32, "batch_size": 2}
-        return flexc.Spec(model={"zoo": "tiny"}, data={"calibration": data, "evaluation": {**data, "split": "heldout"}},
+        return flexc.Spec(model={"zoo": "tiny"},
+                          data={"calibration": data, "evaluation": {**data, "split": "heldout"}},
                           budgets={"keep": [0.75, 0.5]}, export={"dir": str(tmp_path / "run")},
                           pipeline=[{"rank_channels": {"plot": False}}, {"insert_action_gates": {"granule": 16}},
                                     {"anneal": {"steps": steps}}, "fold_masks"])

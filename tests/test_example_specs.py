@@ -105,7 +105,8 @@ def test_validation_reads_the_config_shape(hub_configs, tmp_path):
     """The checks see the real expert shape: a budget below what 8 actions over 768 channels reach is refused."""
     import flexc
 
-    text = (ROOT / "specs" / "qwen3-30b-a3b.yaml").read_text().replace("keep: [0.8, 0.6, 0.4, 0.25]", "keep: [0.8, 0.05]")
+    text = (ROOT / "specs" / "qwen3-30b-a3b.yaml").read_text()
+    text = text.replace("keep: [0.8, 0.6, 0.4, 0.25]", "keep: [0.8, 0.05]")
     (tmp_path / "low.yaml").write_text(text)
     with pytest.raises(flexc.SpecError, match=r"keep 0.05 is below .* 768 channels"):
         flexc.validate(tmp_path / "low.yaml")
