@@ -84,7 +84,7 @@ def check_data(spec: Spec, shape=None) -> list[Problem]:
             continue
         limit = getattr(shape, "max_positions", None)
         if limit and source.seq_len > limit:
-            out.append(((("data", role, "seq_len")), "value",
+            out.append((("data", role, "seq_len"), "value",
                         f"seq_len {source.seq_len} is longer than the model's max_position_embeddings {limit} "
                         f"({shape.config_file}); expected at most {limit}"))
         if source.hub is not None:
@@ -155,12 +155,12 @@ def check_pipeline_order(spec: Spec) -> list[Problem]:
 
 
 def check_pass_inputs(spec: Spec, shape=None) -> list[Problem]:
-    """Every pass has what it reads: calibration data (and a tokenizer for it), budgets, a kernel backend."""
-    from flexc import models
-    from flexc.compiler.spec import _needs_calibration
+    """Every pass has what it reads: calibration data (and a tokenizer for it), budgets, optional packages,
+    a kernel backend, a budget for recover, rank_channels' ``from:`` file."""
+    from flexc.compiler.spec import calibration_passes
 
     out = []
-    needing = _needs_calibration(spec.pipeline)
+    needing = calibration_passes(spec.pipeline)
     for i in needing:
         name = spec.pipeline[i].name
         if spec.data.calibration is None:

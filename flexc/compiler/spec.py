@@ -426,7 +426,7 @@ class Spec(_Strict):
     def _default_calibration(self) -> "Spec":
         # A zoo model was trained on a builtin corpus: calibrate on it when passes need data and
         # the spec names none (so `Spec(model={"zoo": "tiny"}, pipeline=["rank_channels"])` runs).
-        if self.model.zoo is None or self.data.calibration is not None or not _needs_calibration(self.pipeline):
+        if self.model.zoo is None or self.data.calibration is not None or not calibration_passes(self.pipeline):
             return self
         corpus = _zoo_corpus(self.model.zoo)
         if corpus is not None:
@@ -470,7 +470,7 @@ class Spec(_Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def _needs_calibration(pipeline: list[PassEntry]) -> list[int]:
+def calibration_passes(pipeline: list[PassEntry]) -> list[int]:
     """Indices of the pipeline entries that read calibration data."""
     from flexc.passes.registry import resolve_pass
 
