@@ -179,7 +179,11 @@ class DataSource(_Strict):
 class DataSpec(_Strict):
     """Calibration data (used by passes that score or train) and evaluation data."""
 
-    calibration: DataSource | None = Field(None, description="Data the passes calibrate on.")
+    calibration: DataSource | None = Field(
+        None,
+        description="Data the passes calibrate on. Default, for a zoo model whose passes read data: its training "
+        "corpus (builtin python-stdlib, 64 sequences of 128 tokens).",
+    )
     evaluation: DataSource | None = Field(None, description="Held-out data: report.md measures perplexity per budget on it.")
 
 
@@ -419,7 +423,8 @@ class Spec(_Strict):
     pipeline: list[PassEntry] = Field(default_factory=list, description="Passes, run in order. May be empty.")
     export: ExportSpec = Field(default_factory=ExportSpec, description="Output directory and formats.")
     seed: int = Field(
-        0, ge=0, le=MAX_SEED, description="Seed for every random choice (sampling, data order, initialisation)."
+        0, ge=0, le=MAX_SEED,
+        description="Seed for every random choice (sampling, data order, initialisation); 0 to 2**63-1.",
     )
 
     @model_validator(mode="after")
