@@ -86,7 +86,7 @@ def _normalised(entries) -> list[tuple[str, dict]]:
 
 def reusable_run(spec, run_dir: Path) -> tuple[Path, Path] | None:
     """The (rank_channels, anneal) stage folders of a compile in ``run_dir`` that ran what compare's
-    ``flexmoe`` would run for ``spec``, or None (the reason is logged at debug level)."""
+    ``flexmoe`` would run for ``spec``, or None (logged when ``run_dir`` holds a run that does not fit)."""
     import logging
 
     from flexc.compiler.artifacts import SPEC_FILE, read_manifest
@@ -104,13 +104,14 @@ def reusable_run(spec, run_dir: Path) -> tuple[Path, Path] | None:
                 and _normalised(ran.pipeline[:3]) == _normalised(
                     e for name in REUSED_PREFIX for e in spec.pipeline if e.name == name))
     except Exception as exc:  # noqa: BLE001 -- an unreadable run is simply not reused
-        log.debug("compare: not reusing %s: %s", run_dir, exc)
+        log.info("compare: not reusing the compile in %s: %s", run_dir, exc)
         return None
     done = {r["name"] for r in manifest.get("stages", []) if r.get("status") == "done"}
     stages = [f"{i + 1:02d}-{name}" for i, name in enumerate(REUSED_PREFIX)]
     rank_dir, anneal_dir = run_dir / "stages" / stages[0], run_dir / "stages" / stages[2]
     if not same or not set(stages) <= done or not (anneal_dir / TABLES_FILE).is_file():
-        log.debug("compare: %s is not a finished anneal of this spec", run_dir)
+        log.info("compare: the compile in %s is not a finished anneal with these options, model, data, budgets "
+                 "and seed; ranking and annealing again", run_dir)
         return None
     return rank_dir, anneal_dir
 
