@@ -245,10 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", parents=[common], help="compare pruning methods on a spec's model and budgets")
-    p.add_argument("spec", help="spec file (YAML)")
+    p.add_argument("spec", help="spec file (YAML), or a compile's output directory (its ranking and tables are reused)")
     p.add_argument("--methods", default="flexmoe,uniform,coverage,expert_prune:man",
                    help="comma-separated: flexmoe, uniform, coverage, expert_prune[:criterion]")
-    p.add_argument("--out", help="output directory (default: <export.dir>/compare)")
+    p.add_argument("--out", help="output directory (default: <the run's output directory>/compare)")
     p.set_defaults(func=cmd_compare)
 
     parser.set_defaults(verbosity=0)

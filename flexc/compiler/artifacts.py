@@ -11,6 +11,7 @@ Layout of ``<out>/``::
     state/           graph + pass hand-off state after the last completed pass (for resume)
     <format>/        one directory per export format
     stages/          one folder per pass: its scores, tables, plots, training checkpoints
+    compare/         what ``flexc compare`` writes when given this run
     .flexc.lock      held by the compile writing the directory (a second one is refused);
                      kept after release, since deleting a lock file races with a new locker
 
@@ -166,7 +167,7 @@ def load_pass_state(directory: Path) -> dict[str, Any]:
 LOCK_FILE = ".flexc.lock"
 # Top-level entries a compile writes besides its manifest's outputs (export folders).
 _RUN_ENTRIES = frozenset({MANIFEST, SPEC_FILE, LOG_FILE, REPORT_FILE, STATE_DIR, BASE_DIR, LOCK_FILE,
-                          "report", "stages", "graphs"})
+                          "report", "stages", "graphs", "compare"})
 _VCS_MARKERS = (".git", ".hg", ".svn")
 
 

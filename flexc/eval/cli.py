@@ -47,6 +47,7 @@ def _models(path: Path, args, load) -> Iterator[tuple[str, float, object, object
     in place, sliced checkpoints loaded one per budget, or a base model once."""
     from transformers import AutoTokenizer
 
+    from flexc.export.nested import read_manifest
     from flexc.export.sliced import resolve_budget_dir
 
     artifact = _artifact(path) if path.is_dir() else None
@@ -60,7 +61,7 @@ def _models(path: Path, args, load) -> Iterator[tuple[str, float, object, object
         loaded = models.load_model(ModelSpec(path=str(resolved)), progress=args.verbosity >= 0)
         yield args.model, 1.0, loaded.model, loaded.tokenizer
         return
-    manifest = json.loads((artifact / MANIFEST).read_text())
+    manifest = read_manifest(artifact)  # a clear error naming the file if it is not a JSON object
     if manifest.get("kind") == "sliced":
         available = [r["keep"] for r in manifest["budgets"]] if "budgets" in manifest else [manifest["budget"]]
         for b in _budgets(args, available, full=False):
@@ -137,16 +138,17 @@ def _print_results(results: dict[str, list[dict]], source, console) -> None:
 
 
 def run_compare(args, console) -> dict:
-    from flexc.compiler.checks import validate_file
-    from flexc.eval.compare import compare, parse_methods
+    from flexc.compiler.driver import output_dir
+    from flexc.eval.compare import compare, load_spec_or_run, parse_methods
 
-    spec = validate_file(args.spec)
+    spec, run = load_spec_or_run(args.spec)  # a spec file, or a compile's output directory
     try:
         methods = parse_methods(args.methods, spec)
     except ValueError as exc:
         raise FlexcError(str(exc)) from None
-    out = Path(args.out) if args.out else Path(spec.export.dir) / "compare"
-    result = compare(spec, methods, out, quiet=args.verbosity < 0)
+    source = None if run is not None else Path(args.spec)
+    out = Path(args.out) if args.out else (run or output_dir(spec, source, None)) / "compare"
+    result = compare(spec, methods, out, quiet=args.verbosity < 0, run=run)
     console.print((out / "compare.md").read_text(), highlight=False, soft_wrap=True)
     console.print(f"[green]✓[/] {out}/compare.json, compare.md, compare.png", highlight=False, soft_wrap=True)
     return result
