@@ -77,14 +77,17 @@ def test_each_budget_within_one_granule_per_expert(annealed):
 def test_outputs_written(annealed):
     _, _, _, report, root = annealed
     assert (root / "run" / "anneal_curves.png").stat().st_size > 5000
-    assert {r["how"] for r in report["budgets"]} <= {"crossing", "greedy"}
-    assert report["metric"] == "params"
+    # every budget's table comes from its own training phase (or the warm start it was checked against)
+    assert all(r["how"].startswith(("trained", "warm start")) for r in report["budgets"])
+    assert report["metric"] == "params" and report["schedule"] == "track"
+    history = json.loads((root / "run" / "anneal_history.json").read_text())
+    assert [h["budget"] for h in history] == [b for b in BUDGETS for _ in range(8)]  # 40 steps, 8 per budget
 
 
 def test_lambda_zero_keeps_full_width(tmp_path):
     graph, ctx = gated_graph(tmp_path)
     zero = {"start": 0.0, "end": 0.0}
-    anneal(graph, ctx, tmp_path / "run", steps=15, extra_steps=0, **{"lambda": zero})
+    anneal(graph, ctx, tmp_path / "run", schedule="ramp", steps=15, extra_steps=0, **{"lambda": zero})
     history = json.loads((tmp_path / "run" / "anneal_history.json").read_text())
     assert all(h["deployed_keep"] == 1.0 for h in history)
     assert len(history) == 15
@@ -95,7 +98,8 @@ def test_continuation_reaches_budgets_the_schedule_stops_short_of(tmp_path):
     lambda, fresh optimizer moments) must still cross every budget by training, not greedily."""
     graph, ctx = gated_graph(tmp_path)
     weak = {"start": 0.0, "end": 0.05}
-    _, report = anneal(graph, ctx, tmp_path / "run", steps=20, extra_steps=100, **{"lambda": weak})
+    _, report = anneal(graph, ctx, tmp_path / "run", schedule="ramp", steps=20, extra_steps=100,
+                       **{"lambda": weak})
     history = json.loads((tmp_path / "run" / "anneal_history.json").read_text())
     assert min(h["deployed_keep"] for h in history[:20]) > 0.3  # the schedule alone falls short
     assert [r["how"] for r in report["budgets"]] == ["crossing"] * len(BUDGETS)
@@ -103,7 +107,8 @@ def test_continuation_reaches_budgets_the_schedule_stops_short_of(tmp_path):
     assert all(b > a for a, b in zip(lambdas, lambdas[1:]))  # the pressure keeps rising
 
 
-def test_same_seed_same_tables_and_resume_matches(tmp_path):
+@pytest.mark.parametrize("schedule,kill_at", [("track", 14), ("ramp", 12)])  # both after a mid-run checkpoint
+def test_same_seed_same_tables_and_resume_matches(tmp_path, schedule, kill_at):
     graph, ctx = gated_graph(tmp_path)
     start_logits = [g.logits.detach().clone() for g in __import__("flexc.passes.action_gates", fromlist=["x"]).gates_of(graph)]
 
@@ -114,9 +119,9 @@ def test_same_seed_same_tables_and_resume_matches(tmp_path):
             for gate, saved in zip(gates_of(graph), start_logits):
                 gate.logits.copy_(saved)
 
-    first, _ = anneal(graph, ctx, tmp_path / "a")
+    first, _ = anneal(graph, ctx, tmp_path / "a", schedule=schedule)
     reset()
-    second, _ = anneal(graph, ctx, tmp_path / "b")
+    second, _ = anneal(graph, ctx, tmp_path / "b", schedule=schedule)
     assert torch.equal(first, second)
 
     # Kill mid-run (after the checkpoint of step 10), then re-run in the same directory.
@@ -126,19 +131,19 @@ def test_same_seed_same_tables_and_resume_matches(tmp_path):
         pass
 
     def kill(step):
-        if step == 12:
+        if step == kill_at:
             raise Killed
 
     Anneal.on_step = staticmethod(kill)
     try:
         with pytest.raises(Killed):
-            anneal(graph, ctx, tmp_path / "c")
+            anneal(graph, ctx, tmp_path / "c", schedule=schedule)
     finally:
         Anneal.on_step = None
     assert (tmp_path / "c" / "anneal_checkpoint.pt").is_file()
     assert not (tmp_path / "c" / "width_tables.safetensors").exists()
     reset()  # a fresh process would start from the initial logits too
-    resumed, _ = anneal(graph, ctx, tmp_path / "c")
+    resumed, _ = anneal(graph, ctx, tmp_path / "c", schedule=schedule)
     assert torch.equal(resumed, first)
 
 
@@ -243,3 +248,39 @@ def test_non_finite_logits_after_an_update_stop_the_run_and_keep_the_last_good_c
     ckpt = torch.load(workdir / "anneal_checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 5 and all(torch.isfinite(t).all() for t in ckpt["logits"])
     assert not (workdir / "width_tables.safetensors").exists()
+
+
+def test_track_with_zero_steps_exports_the_coverage_tables(tmp_path):
+    """The warm start is the coverage baseline's table at each budget, within the previous one."""
+    graph, ctx = gated_graph(tmp_path)
+    tables, report = anneal(graph, ctx, tmp_path / "run", steps=0)
+    ctx.workdir = tmp_path / "coverage"
+    run_pass(resolve_pass("coverage")({"granule": 16}), graph, ctx)
+    assert torch.equal(tables, ctx.state["width_tables"])
+    assert {r["how"] for r in report["budgets"]} == {"warm start (no steps)"}
+
+
+def test_track_keeps_the_warm_start_when_training_does_worse_on_held_out_batches(tmp_path, monkeypatch):
+    """Training that only hurts (here: toward the narrowest actions) is caught by the held-out check."""
+    from flexc.passes import anneal as anneal_module
+
+    graph, ctx = gated_graph(tmp_path)
+    coverage_ctx = PassContext(workdir=tmp_path / "coverage", spec=ctx.spec, state=dict(ctx.state),
+                               logger=ctx.logger, quiet=True)
+    run_pass(resolve_pass("coverage")({"granule": 16}), graph, coverage_ctx)
+
+    def harmful(kind, student, teacher, ids):  # rewards pruning: the trained tables get worse
+        return -anneal_module.distill_loss(student, teacher)
+
+    real = anneal_module.quality_loss
+    monkeypatch.setattr(anneal_module, "quality_loss",
+                        lambda kind, s, t, ids: harmful(kind, s, t, ids) if s.requires_grad else real(kind, s, t, ids))
+    tables, report = anneal(graph, ctx, tmp_path / "run", steps=40, lr=0.5)
+    kept = [r for r in report["budgets"] if r["how"].startswith("warm start (lower held-out loss")]
+    assert kept, report["budgets"]  # at least one budget fell back, with both losses reported
+    for r in kept:
+        assert r["validation_loss"]["warm_start"] < r["validation_loss"]["trained"]
+        i = BUDGETS.index(r["keep_target"])
+        # the fallback is the warm start: the coverage table where no earlier budget capped it
+        if i == 0 or BUDGETS[i - 1] == 1.0:
+            assert torch.equal(tables[i], coverage_ctx.state["width_tables"][i])

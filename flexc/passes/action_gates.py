@@ -94,17 +94,25 @@ class GatedExperts(nn.Module):
         self.tau = 1.0
         self.noise: torch.Tensor | None = None  # Gumbel noise [E, A] for the next "sample" forward
         self.table: torch.Tensor | None = None  # widths [E] for "table" mode
+        self.max_levels: torch.Tensor | None = None  # [E]: actions above are excluded (nesting under a budget)
+
+    def masked_logits(self) -> torch.Tensor:
+        """The logits with the actions above ``max_levels`` excluded."""
+        if self.max_levels is None:
+            return self.logits
+        allowed = torch.arange(self.logits.shape[1], device=self.logits.device)[None, :] <= self.max_levels[:, None]
+        return self.logits.masked_fill(~allowed, float("-inf"))
 
     def probs(self) -> torch.Tensor:
-        return F.softmax(self.logits, dim=-1)
+        return F.softmax(self.masked_logits(), dim=-1)
 
     def deployed_levels(self) -> torch.Tensor:
-        return self.logits.detach().argmax(dim=-1)
+        return self.masked_logits().detach().argmax(dim=-1)
 
     def sample(self) -> torch.Tensor:
         """Straight-through Gumbel-softmax one-hot ``[E, A]`` (hard forward, soft gradient)."""
         noise = self.noise if self.noise is not None else torch.zeros_like(self.logits)
-        soft = F.softmax((self.logits + noise) / self.tau, dim=-1)
+        soft = F.softmax((self.masked_logits() + noise) / self.tau, dim=-1)
         hard = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
         return hard - soft.detach() + soft
 

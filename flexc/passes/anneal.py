@@ -3,33 +3,42 @@
 Loss = quality + lambda * cost - beta * entropy, where
 
 - quality is the KL divergence from the full-width model's next-token distribution
-  (``distill``, default: the teacher is the same graph with every gate at full width, so no
-  second model is held) or the next-token loss (``next_token``);
+  (``distill``, default; the teacher's outputs are computed once per calibration batch, see
+  :mod:`flexc.passes.distill`) or the next-token loss (``next_token``);
 - cost = sum over experts of weight[l, e] * sum_a p_e(a) * r_a: the expected keep ratio under
   the clean action distribution, weighted in the budget metric (parameters, or load-weighted
   FLOPs — see :mod:`flexc.passes.width_tables`);
 - entropy is the mean entropy of the clean action distributions.
 
-``lambda`` rises while ``tau`` and ``beta`` fall on their schedules. After every step, the
-deployed keep ratio (argmax actions, in the budget metric) is compared with the next requested
-budget, from high to low; when it reaches it, that budget's width table is exported.
+Two schedules:
 
-Nesting rule: the table exported for a budget is the deployed argmax table capped elementwise
-by the previous (larger) budget's table, then fitted to the budget by :func:`fit_to_budget`
-(experts step down where the lower action loses the least log-probability, or up where the
-higher action gains the most, never above the cap). So for every expert, widths never grow as
-the budget falls, and each table's keep ratio is at most the budget and short of it by less
-than one level step of one expert.
+- ``track`` (default): one phase per budget, high to low, ``steps`` shared equally. A phase
+  starts from a warm-start table at its budget (the ``coverage`` baseline's, within the
+  previous budget's table; or full width), with the logits favouring it by ``start_margin``
+  and every action above the previous budget's table excluded. ``lambda`` follows the budget
+  by dual ascent (it grows while the expected keep is above the budget and shrinks below),
+  ``tau`` and ``beta`` run their schedules within the phase. At the phase's end the argmax
+  table is fitted to the budget; it is exported unless the warm-start table has the lower
+  quality loss on calibration batches held out from training (``validation``), in which case
+  the warm start is. So training is spent at every budget, and a table is never worse on
+  held-out calibration text than the one-shot answer it started from.
+- ``ramp``: ``lambda`` rises, ``tau`` and ``beta`` fall over ``steps``; after every step the
+  deployed keep ratio (argmax actions) is compared with the next requested budget, from high
+  to low, and a budget's table is exported when the deployed keep first reaches it. If the
+  schedule ends first, training continues for at most ``extra_steps`` with lambda doubling;
+  budgets still missing then are completed greedily.
 
-If the schedule ends before the lowest budgets are reached, training continues for at most
-``extra_steps`` with lambda growing linearly beyond its end value; budgets still missing then
-are completed greedily from the last exported table by the same fitting rule. The report says
-which budgets were exported by crossing and which by the greedy rule.
+Nesting rule (both): a budget's table is capped elementwise by the previous (larger) budget's
+table and fitted to the budget by :func:`fit_to_budget` (experts step down where the lower
+action loses the least log-probability, or up where the higher one gains the most, never above
+the cap). So for every expert, widths never grow as the budget falls, and each table's keep
+ratio is at most the budget and short of it by less than one level step of one expert. The
+report (``width_tables.json``) says for each budget at which step and how its table was chosen.
 
 The run checkpoints its state every ``checkpoint_every`` steps (atomically); re-running resumes
 from the checkpoint and gives the same tables as an uninterrupted run (the Gumbel noise of step
 ``t`` is drawn from a generator seeded by (seed, t), batches are indexed by step). A
-non-finite loss stops the run with a clear error and keeps the last good checkpoint.
+non-finite loss or logit stops the run with a clear error and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -49,6 +59,7 @@ from safetensors.torch import save_file
 from flexc.passes import checkpoint
 from flexc.passes.action_gates import gates_of, set_gate_mode
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_keep_ratios, reject_bool_numbers
+from flexc.passes.distill import TeacherTargets, distill_loss
 from flexc.passes.registry import register_pass
 from flexc.passes.width_tables import expert_weights, fit_to_budget, keep_ratio, per_layer_keep
 from flexc.utils.atomic import atomic_path, atomic_write_text
@@ -93,14 +104,30 @@ class Schedule(BaseModel):
 class AnnealOptions(PassOptions):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    steps: int = Field(200, ge=1, description="Scheduled training steps (one calibration batch each).")
+    schedule: Literal["track", "ramp"] = Field(
+        "track", description="track: one phase per budget, high to low, warm-started and held at the budget; "
+                             "ramp: one lambda ramp, tables exported as the deployed keep crosses each budget.")
+    steps: int = Field(200, ge=0, description="Training steps (one calibration batch each). track: shared equally "
+                                              "by the budgets (0: the warm start's tables); ramp: the scheduled "
+                                              "steps (at least 1).")
     lr: float = Field(0.05, gt=0, description="Adam learning rate of the action logits.")
     quality: Literal["distill", "next_token"] = Field("distill", description="Quality term of the loss.")
-    tau: Schedule = Field(Schedule(start=1.0, end=0.1, kind="exponential"), description="Gumbel temperature.")
+    teacher_topk: int | None = Field(64, ge=1, description="distill: the teacher's top-k next-token "
+                                     "probabilities cached per batch (null: the whole distribution).")
+    tau: Schedule = Field(Schedule(start=1.0, end=0.1, kind="exponential"),
+                          description="Gumbel temperature (track: over each budget's phase).")
     lambda_: Schedule = Field(Schedule(start=0.0, end=0.5, kind="linear"), alias="lambda",
-                              description="Weight of the cost term.")
-    beta: Schedule = Field(Schedule(start=0.02, end=0.0, kind="cosine"), description="Weight of the entropy bonus.")
-    extra_steps: int | None = Field(None, ge=0, description="Bounded continuation if budgets remain, with "
+                              description="ramp: weight of the cost term.")
+    beta: Schedule = Field(Schedule(start=0.02, end=0.0, kind="cosine"),
+                           description="Weight of the entropy bonus (track: over each budget's phase).")
+    warm_start: Literal["coverage", "full"] = Field(
+        "coverage", description="track: each phase starts from the coverage table at its budget (within the "
+                                "previous budget's table), or from full width.")
+    start_margin: float = Field(3.0, ge=0, description="track: initial logit advantage of the warm-start action.")
+    lambda_lr: float = Field(2.0, ge=0, description="track: dual ascent rate of lambda on (expected keep - budget).")
+    validation: float = Field(0.125, ge=0, lt=1, description="track: share of calibration batches held out to "
+                              "choose, per budget, between the trained and the warm-start table.")
+    extra_steps: int | None = Field(None, ge=0, description="ramp: bounded continuation if budgets remain, with "
                                     "lambda doubling and fresh optimizer moments (default: half of steps).")
     checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints.")
     budgets: list[float] | None = Field(None, description="Keep ratios to export (default: the spec's budgets).")
@@ -110,6 +137,12 @@ class AnnealOptions(PassOptions):
     @classmethod
     def _budgets_in_range(cls, v: list[float] | None) -> list[float] | None:
         return check_keep_ratios(v)
+
+    @model_validator(mode="after")
+    def _ramp_needs_steps(self):
+        if self.schedule == "ramp" and self.steps < 1:
+            raise ValueError("the ramp schedule needs steps >= 1")
+        return self
 
     def needs_calibration(self, earlier: frozenset[str]) -> bool:
         return True
@@ -134,17 +167,64 @@ def _noise(seed: int, step: int, shapes: list[torch.Size]) -> list[torch.Tensor]
     return out
 
 
-def quality_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+def quality_loss(kind: str, student: torch.Tensor, teacher: TeacherTargets | None, ids: torch.Tensor) -> torch.Tensor:
     if kind == "next_token":
         return F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-    log_s = F.log_softmax(student.float(), dim=-1)
-    log_t = F.log_softmax(teacher.float(), dim=-1)
-    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    return distill_loss(student, teacher)
+
+
+def phase_lengths(steps: int, phases: int) -> list[int]:
+    """``steps`` shared by ``phases`` budgets, the remainder going to the first (highest) ones."""
+    return [steps // phases + (i < steps % phases) for i in range(phases)]
+
+
+def snap_to_levels(widths: torch.Tensor, level_widths: torch.Tensor) -> torch.Tensor:
+    """``[L, E]`` level indices of the widest action of each layer no wider than ``widths``."""
+    return ((level_widths[:, None, :] <= widths[..., None]).sum(-1) - 1).clamp_min(0)
+
+
+@dataclass
+class _Setup:
+    """What both schedules work with: the gates, the budget arithmetic and the data."""
+
+    gates: list
+    logits: list[torch.Tensor]
+    budgets: list[float]
+    metric: str
+    full: torch.Tensor  # [L] intermediate sizes
+    weights: torch.Tensor  # [L, E] weight of each expert's width in the keep ratio
+    level_widths: torch.Tensor  # [L, A] widths of the actions, ascending
+    batches: list[torch.Tensor]
+    teachers: list[TeacherTargets | None]
+    ckpt_path: Path
+    fingerprint: str
+
+    @property
+    def ratios(self) -> torch.Tensor:
+        return self.level_widths.float() / self.full[:, None].float()
+
+    def widths(self, levels: torch.Tensor) -> torch.Tensor:
+        return self.level_widths[torch.arange(len(self.gates))[:, None], levels]
+
+    def keep(self, levels: torch.Tensor) -> float:
+        return keep_ratio(self.widths(levels), self.full, self.weights)
+
+    def deployed_levels(self) -> torch.Tensor:
+        return torch.stack([g.deployed_levels() for g in self.gates])
+
+    def preference(self) -> torch.Tensor:
+        return torch.stack([F.log_softmax(g.masked_logits().detach(), dim=-1) for g in self.gates])
+
+    def expected_cost_and_entropy(self) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.stack([g.probs() for g in self.gates])  # [L, E, A]
+        cost = (self.weights * (probs * self.ratios[:, None, :]).sum(-1)).sum()
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+        return cost, entropy
 
 
 @register_pass
 class Anneal(Pass):
-    """Train the action logits on an annealed schedule and export nested width tables."""
+    """Train the action logits and export nested width tables, one per budget."""
 
     name = "anneal"
     Options = AnnealOptions
@@ -161,9 +241,27 @@ class Anneal(Pass):
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def run(self, graph, ctx: PassContext) -> PassResult:
-        opts = self.options
         workdir = Path(ctx.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
+        setup = self._setup(graph, ctx, workdir)
+        try:
+            if self.options.schedule == "track":
+                exported, history = self._run_track(graph, ctx, setup)
+            else:
+                exported, history = self._run_ramp(graph, ctx, setup)
+        finally:
+            set_gate_mode(graph, "full")
+            for gate in setup.gates:
+                gate.noise = None
+                gate.max_levels = None
+            for p in setup.logits:
+                p.requires_grad_(False)
+        self._write_outputs(graph, ctx, workdir, setup, exported, history)
+        return PassResult(graph=graph, modified=True, changed_nodes=set())
+
+    # ------------------------------------------------------------------ shared
+    def _setup(self, graph, ctx: PassContext, workdir: Path) -> _Setup:
+        opts = self.options
         budgets, metric = _budgets(opts, ctx)
         gates = gates_of(graph)
         logits = [g.logits for g in gates]
@@ -177,10 +275,6 @@ class Anneal(Pass):
         full = torch.tensor([g.intermediate_size for g in graph.groups])
         weights = expert_weights(graph.groups, metric, ctx.state.get("routing_counts"))
         level_widths = torch.stack([g.level_widths for g in gates])  # [L, A]
-        ratios = level_widths.float() / full[:, None].float()
-        optimizer = torch.optim.Adam(logits, lr=opts.lr)
-        extra = opts.extra_steps if opts.extra_steps is not None else opts.steps // 2
-        fingerprint = self._fingerprint(budgets, metric, ctx)
         lowest = keep_ratio(level_widths[:, :1].expand(-1, weights.shape[1]), full, weights)
         if budgets[-1] < lowest - 1e-9:
             raise ValueError(
@@ -188,29 +282,176 @@ class Anneal(Pass):
                 f"({lowest:.4g}, every expert at its smallest width); raise the budget, or use more levels or a "
                 "smaller granule in insert_action_gates"
             )
+        teachers: list[TeacherTargets | None] = [None] * len(batches)
+        if opts.quality == "distill":
+            # The weights are frozen, so the full-width model's outputs are computed once per batch.
+            set_gate_mode(graph, "full")
+            with torch.no_grad():
+                teachers = [TeacherTargets.from_logits(graph.logits(ids), opts.teacher_topk) for ids in batches]
+        return _Setup(gates, logits, budgets, metric, full, weights, level_widths, batches, teachers,
+                      workdir / CHECKPOINT, self._fingerprint(budgets, metric, ctx))
+
+    def _sampled_loss(self, graph, ctx, setup: _Setup, step: int, batch: int, tau: float):
+        """The quality loss of one straight-through sample of actions on calibration batch ``batch``."""
+        for gate, noise in zip(setup.gates, _noise(ctx.seed, step, [p.shape for p in setup.logits])):
+            gate.noise = noise
+        set_gate_mode(graph, "sample", tau)
+        ids = setup.batches[batch]
+        return quality_loss(self.options.quality, graph.logits(ids), setup.teachers[batch], ids)
+
+    def _update(self, optimizer, loss: torch.Tensor, setup: _Setup, step: int, parts: str) -> None:
+        """One optimizer step; a non-finite loss or logit stops the run (the last checkpoint stays)."""
+        advice = checkpoint.how_to_go_on("anneal", "lr or the lambda schedule")
+        if not torch.isfinite(loss):
+            raise AnnealDiverged(f"anneal: the loss became {loss.item()} at step {step} ({parts}); the last good "
+                                 f"checkpoint is kept at {setup.ckpt_path}. " + advice)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if not all(torch.isfinite(p).all() for p in setup.logits):
+            raise AnnealDiverged(f"anneal: the action logits became non-finite after the update of step {step}; "
+                                 f"the last good checkpoint is kept at {setup.ckpt_path}. " + advice)
+
+    def _table_loss(self, graph, setup: _Setup, levels: torch.Tensor, batches: list[int]) -> float:
+        """Mean quality loss of the fixed table ``levels`` on the given calibration batches."""
+        widths = setup.widths(levels).to(torch.int32)
+        for gate, row in zip(setup.gates, widths):
+            gate.table = row
+        set_gate_mode(graph, "table")
+        total = 0.0
+        with torch.no_grad():
+            for i in batches:
+                ids = setup.batches[i]
+                total += float(quality_loss(self.options.quality, graph.logits(ids), setup.teachers[i], ids))
+        for gate in setup.gates:
+            gate.table = None
+        return total / max(len(batches), 1)
+
+    # ------------------------------------------------------------------ track
+    def _warm_start(self, graph, ctx, setup: _Setup, budget: float, upper: torch.Tensor | None) -> torch.Tensor:
+        """The level table training starts from at ``budget``, within ``upper`` (nesting)."""
+        if self.options.warm_start == "full":
+            levels = torch.full(setup.weights.shape, setup.level_widths.shape[1] - 1, dtype=torch.long)
+            levels = levels if upper is None else torch.minimum(levels, upper)
+        else:
+            from flexc.passes.baselines import Coverage, granules
+
+            # Coverage on the actions' own grid: widths in multiples of the levels' common divisor.
+            grid = math.gcd(*setup.level_widths.flatten().tolist())
+            upper_widths = None if upper is None else setup.widths(upper)
+            table = Coverage({"granule": grid}).choose(graph, ctx, budget, setup.full, setup.weights,
+                                                       granules(graph.groups, grid), upper_widths)
+            levels = snap_to_levels(table, setup.level_widths)
+        flat = torch.zeros(*levels.shape, setup.level_widths.shape[1])  # no preference: fill by index order
+        return fit_to_budget(levels, setup.level_widths, budget, setup.full, setup.weights, flat, upper)
+
+    def _run_track(self, graph, ctx, setup: _Setup) -> tuple[dict, list]:
+        """One phase per budget, high to low: start from the warm-start table (within the previous
+        budget's table), train with lambda following the budget by dual ascent, then keep the
+        trained table or the warm start, whichever has the lower loss on held-out calibration batches."""
+        opts = self.options
+        n = len(setup.batches)
+        held = min(max(round(n * opts.validation), 1), n - 1) if opts.validation > 0 else 0
+        train, val = list(range(n - held)), list(range(n - held, n))
+        lengths = phase_lengths(opts.steps, len(setup.budgets))
 
         exported: dict[float, dict] = {}
         history: list[dict] = []
+        phase, t, lam, start_levels = 0, 0, 0.0, None
+        optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
+        ckpt = checkpoint.load(setup.ckpt_path, setup.fingerprint, "anneal", ctx.logger)
+        if ckpt is not None:
+            exported, history, lam = ckpt["exported"], ckpt["history"], ckpt["lambda"]
+            phase, t, start_levels = ckpt["phase"], ckpt["phase_step"], ckpt["start_levels"]
+            with torch.no_grad():
+                for p, saved in zip(setup.logits, ckpt["logits"]):
+                    p.copy_(saved)
+            optimizer.load_state_dict(ckpt["optimizer"])
+
+        def save(step: int) -> None:
+            checkpoint.save(setup.ckpt_path, setup.fingerprint, step, logits=[p.detach().clone() for p in setup.logits],
+                            optimizer=optimizer.state_dict(), exported=exported, history=history, phase=phase,
+                            phase_step=t, start_levels=start_levels, **{"lambda": lam})
+
+        step = sum(lengths[:phase]) + t
+        with step_progress(opts.steps, completed=step, description="anneal", fields=("loss", "keep", "budget"),
+                           disable=ctx.quiet) as bar:
+            while phase < len(setup.budgets):
+                budget, steps = setup.budgets[phase], lengths[phase]
+                upper = exported[setup.budgets[phase - 1]]["levels"] if phase else None
+                for gate, row in zip(setup.gates, upper if upper is not None else [None] * len(setup.gates)):
+                    gate.max_levels = row
+                if start_levels is None:  # a new phase: logits favour the warm start, fresh moments
+                    start_levels = self._warm_start(graph, ctx, setup, budget, upper)
+                    with torch.no_grad():
+                        for p, row in zip(setup.logits, start_levels):
+                            p.zero_().scatter_(1, row[:, None], opts.start_margin)
+                    optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
+                while t < steps:
+                    tau, beta = opts.tau.at(t, steps), opts.beta.at(t, steps)
+                    quality = self._sampled_loss(graph, ctx, setup, step, train[step % len(train)], tau)
+                    cost, entropy = setup.expected_cost_and_entropy()
+                    loss = quality + lam * cost - beta * entropy
+                    self._update(optimizer, loss, setup, step,
+                                 f"quality {quality.item():.4g}, cost {cost.item():.4g}, budget {budget:g}")
+                    lam = max(0.0, lam + opts.lambda_lr * (cost.item() - budget))
+                    deployed = setup.keep(setup.deployed_levels())
+                    history.append({"step": step, "budget": budget, "lambda": lam, "tau": tau, "beta": beta,
+                                    "quality": quality.item(), "cost": cost.item(), "entropy": entropy.item(),
+                                    "deployed_keep": deployed})
+                    bar.advance(loss=quality.item(), keep=deployed, budget=budget)
+                    step, t = step + 1, t + 1
+                    if t % opts.checkpoint_every == 0:
+                        save(step)
+                    if self.on_step is not None:
+                        self.on_step(step - 1)
+                exported[budget] = self._choose(graph, ctx, setup, budget, start_levels, upper, val, step, steps)
+                phase, t, start_levels = phase + 1, 0, None
+                save(step)
+        return exported, history
+
+    def _choose(self, graph, ctx, setup: _Setup, budget, start_levels, upper, val, step, steps) -> dict:
+        """The phase's table: the trained one fitted to the budget, unless the warm start does better
+        on the held-out batches."""
+        trained = fit_to_budget(setup.deployed_levels(), setup.level_widths, budget, setup.full, setup.weights,
+                                setup.preference(), upper)
+        record = {"levels": trained, "step": step, "how": "trained" if steps else "warm start (no steps)"}
+        if steps and val and not torch.equal(trained, start_levels):
+            losses = {"trained": self._table_loss(graph, setup, trained, val),
+                      "warm_start": self._table_loss(graph, setup, start_levels, val)}
+            record["validation_loss"] = losses
+            if losses["warm_start"] < losses["trained"]:
+                record.update(levels=start_levels, how="warm start (lower held-out loss than the trained table)")
+        elif steps and not torch.equal(trained, start_levels):
+            record["how"] = "trained (no held-out batches to check it on)"
+        elif steps:
+            record["how"] = "trained (same table as the warm start)"
+        ctx.logger.info("anneal: keep %.3f after %d steps: %s", budget, steps, record["how"])
+        return record
+
+    # ------------------------------------------------------------------ ramp
+    def _run_ramp(self, graph, ctx, setup: _Setup) -> tuple[dict, list]:
+        """One lambda ramp; each budget's table is exported when the deployed keep first reaches it."""
+        opts = self.options
+        budgets = setup.budgets
+        optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
+        extra = opts.extra_steps if opts.extra_steps is not None else opts.steps // 2
+        exported: dict[float, dict] = {}
+        history: list[dict] = []
         start = 0
-        ckpt_path = workdir / CHECKPOINT
-        ckpt = checkpoint.load(ckpt_path, fingerprint, "anneal", ctx.logger)
+        ckpt = checkpoint.load(setup.ckpt_path, setup.fingerprint, "anneal", ctx.logger)
         if ckpt is not None:
             with torch.no_grad():
-                for p, saved in zip(logits, ckpt["logits"]):
+                for p, saved in zip(setup.logits, ckpt["logits"]):
                     p.copy_(saved)
             optimizer.load_state_dict(ckpt["optimizer"])
             exported, history, start = ckpt["exported"], ckpt["history"], ckpt["step"]
 
-        def deployed_levels() -> torch.Tensor:
-            return torch.stack([g.deployed_levels() for g in gates])
-
-        def preference() -> torch.Tensor:
-            return torch.stack([F.log_softmax(p.detach(), dim=-1) for p in logits])
-
         def export(budget: float, how: str, step: int) -> None:
             previous = [exported[b]["levels"] for b in sorted(exported) if b > budget]
             upper = previous[0] if previous else None  # the smallest larger budget's table
-            levels = fit_to_budget(deployed_levels(), level_widths, budget, full, weights, preference(), upper)
+            levels = fit_to_budget(setup.deployed_levels(), setup.level_widths, budget, setup.full, setup.weights,
+                                   setup.preference(), upper)
             exported[budget] = {"levels": levels, "how": how, "step": step}
             ctx.logger.info("anneal: exported keep %.3f at step %d (%s)", budget, step, how)
 
@@ -220,80 +461,46 @@ class Anneal(Pass):
                     export(b, "crossing", step)
 
         def save_checkpoint(step: int) -> None:
-            checkpoint.save(ckpt_path, fingerprint, step, logits=[p.detach().clone() for p in logits],
-                            optimizer=optimizer.state_dict(), exported=exported, history=history)
+            checkpoint.save(setup.ckpt_path, setup.fingerprint, step,
+                            logits=[p.detach().clone() for p in setup.logits], optimizer=optimizer.state_dict(),
+                            exported=exported, history=history)
 
         if start == 0:
-            export_crossed(0, keep_ratio(level_widths[torch.arange(len(gates))[:, None], deployed_levels()],
-                                         full, weights))
+            export_crossed(0, setup.keep(setup.deployed_levels()))
         total = opts.steps + extra
         with step_progress(opts.steps if start < opts.steps else total, completed=start, description="anneal",
                            fields=("loss", "keep", "next"), disable=ctx.quiet) as bar:
-            try:
-                for step in range(start, total):
-                    if len(exported) == len(budgets):
-                        break
-                    if step == opts.steps and step > start:
-                        bar.set_total(total)  # the continuation runs: its steps join the bar
-                    sched = min(step, opts.steps - 1)
-                    tau, beta = opts.tau.at(sched, opts.steps), opts.beta.at(sched, opts.steps)
-                    lam = opts.lambda_.at(sched, opts.steps)
-                    if step == opts.steps:
-                        # Fresh Adam moments for the continuation: the main phase's second moments keep
-                        # the now-peaked logits' steps tiny however hard the cost term pushes.
-                        optimizer = torch.optim.Adam(logits, lr=opts.lr)
-                    if step >= opts.steps:
-                        # Bounded continuation: double the cost weight CONTINUATION_DOUBLINGS times over
-                        # the extra steps. The quality cost of pruning grows steeply at low budgets; a
-                        # linear ramp to 3x the final lambda stalled at keep 0.27 of a 0.2 target on `tiny`.
-                        lam = opts.lambda_.end * 2 ** (CONTINUATION_DOUBLINGS * (step - opts.steps + 1) / max(extra, 1))
-                    ids = batches[step % len(batches)]
-                    teacher = None
-                    if opts.quality == "distill":
-                        set_gate_mode(graph, "full")
-                        with torch.no_grad():
-                            teacher = graph.logits(ids)
-                    for gate, noise in zip(gates, _noise(ctx.seed, step, [p.shape for p in logits])):
-                        gate.noise = noise
-                    set_gate_mode(graph, "sample", tau)
-                    student = graph.logits(ids)
-                    quality = quality_loss(opts.quality, student, teacher, ids)
-                    probs = torch.stack([F.softmax(p, dim=-1) for p in logits])  # [L, E, A]
-                    cost = (weights * (probs * ratios[:, None, :]).sum(-1)).sum()
-                    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
-                    loss = quality + lam * cost - beta * entropy
-                    if not torch.isfinite(loss):
-                        raise AnnealDiverged(
-                            f"anneal: the loss became {loss.item()} at step {step} (quality {quality.item():.4g}, "
-                            f"cost {cost.item():.4g}); the last good checkpoint is kept at {ckpt_path}. "
-                            + checkpoint.how_to_go_on("anneal", "lr or the lambda schedule")
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    if not all(torch.isfinite(p).all() for p in logits):
-                        raise AnnealDiverged(
-                            f"anneal: the action logits became non-finite after the update of step {step}; the last "
-                            f"good checkpoint is kept at {ckpt_path}. "
-                            + checkpoint.how_to_go_on("anneal", "lr or the lambda schedule")
-                        )
-                    levels = deployed_levels()
-                    deployed_keep = keep_ratio(level_widths[torch.arange(len(gates))[:, None], levels], full, weights)
-                    history.append({"step": step, "lambda": lam, "tau": tau, "beta": beta, "quality": quality.item(),
-                                    "cost": cost.item(), "entropy": entropy.item(), "deployed_keep": deployed_keep})
-                    export_crossed(step, deployed_keep)
-                    pending = [b for b in budgets if b not in exported]
-                    bar.advance(loss=loss.item(), keep=deployed_keep, next=pending[0] if pending else "-")
-                    if (step + 1) % opts.checkpoint_every == 0:
-                        save_checkpoint(step + 1)
-                    if self.on_step is not None:
-                        self.on_step(step)
-            finally:
-                set_gate_mode(graph, "full")
-                for gate in gates:
-                    gate.noise = None
-                for p in logits:
-                    p.requires_grad_(False)
+            for step in range(start, total):
+                if len(exported) == len(budgets):
+                    break
+                if step == opts.steps and step > start:
+                    bar.set_total(total)  # the continuation runs: its steps join the bar
+                sched = min(step, opts.steps - 1)
+                tau, beta = opts.tau.at(sched, opts.steps), opts.beta.at(sched, opts.steps)
+                lam = opts.lambda_.at(sched, opts.steps)
+                if step == opts.steps:
+                    # Fresh Adam moments for the continuation: the main phase's second moments keep
+                    # the now-peaked logits' steps tiny however hard the cost term pushes.
+                    optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
+                if step >= opts.steps:
+                    # Bounded continuation: double the cost weight CONTINUATION_DOUBLINGS times over
+                    # the extra steps. The quality cost of pruning grows steeply at low budgets; a
+                    # linear ramp to 3x the final lambda stalled at keep 0.27 of a 0.2 target on `tiny`.
+                    lam = opts.lambda_.end * 2 ** (CONTINUATION_DOUBLINGS * (step - opts.steps + 1) / max(extra, 1))
+                quality = self._sampled_loss(graph, ctx, setup, step, step % len(setup.batches), tau)
+                cost, entropy = setup.expected_cost_and_entropy()
+                loss = quality + lam * cost - beta * entropy
+                self._update(optimizer, loss, setup, step, f"quality {quality.item():.4g}, cost {cost.item():.4g}")
+                deployed_keep = setup.keep(setup.deployed_levels())
+                history.append({"step": step, "lambda": lam, "tau": tau, "beta": beta, "quality": quality.item(),
+                                "cost": cost.item(), "entropy": entropy.item(), "deployed_keep": deployed_keep})
+                export_crossed(step, deployed_keep)
+                pending = [b for b in budgets if b not in exported]
+                bar.advance(loss=quality.item(), keep=deployed_keep, next=pending[0] if pending else "-")
+                if (step + 1) % opts.checkpoint_every == 0:
+                    save_checkpoint(step + 1)
+                if self.on_step is not None:
+                    self.on_step(step)
 
         missing = [b for b in budgets if b not in exported]
         for b in missing:  # greedy completion, from the last (lowest) exported table
@@ -302,18 +509,19 @@ class Anneal(Pass):
             ctx.logger.warning("anneal: budgets %s were not reached by training and were completed greedily",
                                ", ".join(f"keep {b:g}" for b in missing))
         save_checkpoint(len(history))
-        self._write_outputs(graph, ctx, workdir, budgets, metric, exported, history, level_widths, full, weights)
-        return PassResult(graph=graph, modified=True, changed_nodes=set())
+        return exported, history
 
-    def _write_outputs(self, graph, ctx, workdir, budgets, metric, exported, history, level_widths, full, weights):
-        rows = torch.arange(len(graph.groups))[:, None]
-        tables = torch.stack([level_widths[rows, exported[b]["levels"]].to(torch.int32) for b in budgets])
+    # ------------------------------------------------------------------ outputs
+    def _write_outputs(self, graph, ctx, workdir, setup: _Setup, exported, history):
+        budgets, metric, full, weights = setup.budgets, setup.metric, setup.full, setup.weights
+        tables = torch.stack([setup.widths(exported[b]["levels"]).to(torch.int32) for b in budgets])
         with atomic_path(workdir / TABLES_FILE) as tmp:
             save_file({"budgets": torch.tensor(budgets), "widths": tables}, str(tmp),
                       metadata={"metric": metric, "layers": json.dumps([g.layer for g in graph.groups])})
         report = {
             "metric": metric,
-            "granule_widths": level_widths.tolist(),
+            "schedule": self.options.schedule,
+            "granule_widths": setup.level_widths.tolist(),
             "budgets": [
                 {
                     "keep_target": b,
@@ -322,6 +530,8 @@ class Anneal(Pass):
                     "per_layer_keep": per_layer_keep(tables[i], full),
                     "exported_at_step": exported[b]["step"],
                     "how": exported[b]["how"],
+                    **({"validation_loss": exported[b]["validation_loss"]} if "validation_loss" in exported[b]
+                       else {}),
                 }
                 for i, b in enumerate(budgets)
             ],

@@ -209,6 +209,10 @@ class Coverage(_WidthBaseline):
     name = "coverage"
     Options = CoverageOptions
 
+    def __init__(self, options=None):
+        super().__init__(options)
+        self._targets: list[float] = []  # the coverage target found per budget, for the report
+
     def _prepare(self, graph, ctx):
         scores = ctx.state.get("channel_scores")
         if scores is None:
@@ -230,7 +234,7 @@ class Coverage(_WidthBaseline):
         return scores, share, importance
 
     def run(self, graph, ctx: PassContext) -> PassResult:
-        self._targets: list[float] = []
+        self._targets = []
         return super().run(graph, ctx)
 
     def choose(self, graph, ctx, target, full, weights, step, upper):
@@ -262,4 +266,4 @@ class Coverage(_WidthBaseline):
         return top_up(table, order, step, target, full, weights, upper)
 
     def report_extra(self) -> dict:
-        return {"coverage_targets": list(getattr(self, "_targets", [])), "importance": self.options.importance}
+        return {"coverage_targets": list(self._targets), "importance": self.options.importance}

@@ -45,9 +45,10 @@ from torch import nn
 
 from flexc.export.tables import WidthTables
 from flexc.ir.experts_impl import set_widths
-from flexc.passes.anneal import quality_loss
 from flexc.passes import checkpoint
+from flexc.passes.anneal import quality_loss
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
+from flexc.passes.distill import TeacherTargets
 from flexc.passes.registry import register_pass
 from flexc.passes.width_tables import expert_weights, keep_ratio
 from flexc.utils.atomic import atomic_write_text
@@ -286,7 +287,7 @@ class Recover(Pass):
                 if opts.loss == "distill":
                     apply_widths(experts, groups, None)
                     with torch.no_grad(), peft_model.disable_adapter():
-                        teacher = peft_model(input_ids=ids, use_cache=False).logits
+                        teacher = TeacherTargets.from_logits(peft_model(input_ids=ids, use_cache=False).logits, None)
                 apply_widths(experts, groups, table)
                 student = peft_model(input_ids=ids, use_cache=False).logits
                 loss = quality_loss(opts.loss, student, teacher, ids)

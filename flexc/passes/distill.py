@@ -1,0 +1,46 @@
+"""Distillation targets computed once: the unpruned model's next-token distribution per batch.
+
+Passes that train with frozen weights (``anneal``) distil the full-width model into a pruned
+one. The teacher never changes, so its outputs are computed once per calibration batch and
+kept as the top-``k`` log-probabilities (``k`` = the vocabulary keeps the whole distribution)
+plus the log-mass of the rest, instead of a second forward pass every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_MASS_CAP = 1 - 1e-6  # keeps log(1 - mass) finite when the top-k hold (almost) everything
+
+
+@dataclass
+class TeacherTargets:
+    logp: torch.Tensor  # [batch, seq, k] log-probabilities of the teacher's top-k tokens
+    index: torch.Tensor  # [batch, seq, k] their token ids
+    rest: torch.Tensor | None  # [batch, seq] log of the probability mass outside the top k (None: k = vocab)
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, k: int | None) -> "TeacherTargets":
+        logp = F.log_softmax(logits.detach().float(), dim=-1)
+        k = logp.shape[-1] if k is None else min(k, logp.shape[-1])
+        top, index = logp.topk(k, dim=-1)
+        rest = torch.log1p(-top.exp().sum(-1).clamp(max=_MASS_CAP)) if k < logp.shape[-1] else None
+        return cls(top, index, rest)
+
+
+def distill_loss(student_logits: torch.Tensor, teacher: TeacherTargets) -> torch.Tensor:
+    """Mean KL(teacher || student) over the teacher's top-k tokens and one bucket for the rest.
+
+    Merging the tail into one outcome can only lower a KL divergence, so this is a lower bound
+    of the full KL and equals it when ``k`` covers the vocabulary.
+    """
+    logp = F.log_softmax(student_logits.float(), dim=-1)
+    top = logp.gather(-1, teacher.index)
+    kl = (teacher.logp.exp() * (teacher.logp - top)).sum(-1)
+    if teacher.rest is not None:
+        student_rest = torch.log1p(-top.exp().sum(-1).clamp(max=_MASS_CAP))
+        kl = kl + teacher.rest.exp() * (teacher.rest - student_rest)
+    return kl.mean()
