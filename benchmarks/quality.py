@@ -46,11 +46,20 @@ def spec_for(args) -> Spec:
         "budgets": {"keep": budgets, "metric": "params"},
         "pipeline": [
             {"rank_channels": {"score": "taylor", "plot": False}},
-            {"insert_action_gates": {"levels": 8, "granule": 16, "init_margin": args.init_margin}},
-            {"anneal": {"steps": args.steps, "lr": args.lr}},
+            {"insert_action_gates": {"levels": args.levels, "granule": 16, "init_margin": args.init_margin}},
+            {"anneal": {"steps": args.steps, "lr": args.lr, **dict(args.anneal)}},
         ],
         "seed": args.seed,
     })
+
+
+def _option(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, found {text!r}")
+    return key, yaml.safe_load(value)
 
 
 def main() -> None:
@@ -62,6 +71,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="anneal steps")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--init-margin", type=float, default=3.0, help="insert_action_gates' full-width bias")
+    parser.add_argument("--levels", type=int, default=8, help="insert_action_gates' number of widths per expert")
+    parser.add_argument("--anneal", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="another anneal option, VALUE in YAML (e.g. schedule=ramp, start_margin=1)")
     parser.add_argument("--eval-tokens", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (the plot goes beside it)")

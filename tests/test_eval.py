@@ -187,3 +187,6 @@ def test_compare_reuses_the_width_tables_of_a_finished_compile(tiny_model_dir, t
     assert reusable_run(other, tmp_path / "run") is None
     with pytest.raises(AssertionError, match="annealed again"):
         compare(other, parse_methods("flexmoe", other), tmp_path / "cmp2", quiet=True)
+    nowhere = flexc.Spec.model_validate({**other.to_dict(), "export": {}})  # no export.dir: nothing to reuse
+    with pytest.raises(AssertionError, match="annealed again"):
+        compare(nowhere, parse_methods("flexmoe", nowhere), tmp_path / "cmp3", quiet=True)

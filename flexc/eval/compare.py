@@ -167,7 +167,8 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
     base = ppl()
     ranked = ctx("rank_channels", {})
     rank_options = next((dict(e.options) for e in spec.pipeline if e.name == "rank_channels"), {"plot": False})
-    reuse = reusable_run(spec, Path(run) if run is not None else Path(spec.export.dir))
+    run = run if run is not None else spec.export.dir  # where a compile of this spec would be
+    reuse = reusable_run(spec, Path(run)) if run is not None else None
     if reuse is not None:  # the same permutation the compile's tables were annealed on
         rank_options = {**rank_options, "from": reuse[0], "plot": False}
         logger.info("compare: reusing the ranking and width tables of %s", reuse[0].parent.parent)
