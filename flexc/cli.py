@@ -39,7 +39,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         ("flexc.zoo", "UnknownZooModel"),
         ("flexc.passes.manager", "PipelineOrderError"),
         ("flexc.data.calibration", "DataError"),
-        ("flexc.export.tables", "BudgetError"),  # a budget the artifact does not have
+        ("flexc.ir.tables", "BudgetError"),  # a budget the artifact does not have
     ):
         mod = sys.modules.get(module)
         cls = getattr(mod, name, None) if mod is not None else None

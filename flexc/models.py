@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flexc.compiler.errors import ModelError
+from flexc.errors import ModelError
 
 if TYPE_CHECKING:
     from flexc.compiler.spec import ModelSpec

@@ -28,16 +28,15 @@ import contextlib
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import tempfile
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
 from flexc.compiler.errors import OutputDirError
 from flexc.utils.atomic import atomic_path, default_mode
+from flexc.utils.versions import library_versions  # noqa: F401 -- artifacts.library_versions()
 
 MANIFEST = "manifest.json"
 SPEC_FILE = "spec.yaml"
@@ -48,25 +47,9 @@ BASE_DIR = "base"
 MANIFEST_KIND = "flexc-compile-run"
 MANIFEST_VERSION = 1
 
-_LIBRARIES = ("torch", "transformers", "pydantic", "safetensors", "datasets", "tokenizers", "triton", "numpy")
-
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def library_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("flexc",) + _LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    if out["flexc"] is None:
-        from flexc import __version__
-
-        out["flexc"] = __version__
-    return out
 
 
 def write_text(path: Path, text: str) -> None:

@@ -2,6 +2,8 @@
 
 Everything a user can get wrong (a spec, a model directory, an output directory) raises a
 :class:`FlexcError`. The CLI prints its message, without a traceback, and exits with status 2.
+The base classes live in the leaf module :mod:`flexc.errors` (every layer raises them); this
+module adds the spec errors and re-exports those.
 """
 
 from __future__ import annotations
@@ -10,24 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from flexc.compiler.yamlpos import Position
+from flexc.errors import FlexcError, ModelError, OutputDirError  # noqa: F401 -- re-exported
 
 MAX_SOURCE_WIDTH = 120  # characters of the offending source line shown under a message
 MAX_MESSAGE = 1000  # characters of one problem's line
 MAX_ISSUES = 20  # problems listed in full; a generated spec can have thousands
-
-
-class FlexcError(Exception):
-    """A mistake the user can fix: printed as one clear message, exit status 2."""
-
-    exit_code = 2
-
-
-class ModelError(FlexcError):
-    """The model cannot be resolved or loaded (missing directory, not a MoE model, ...)."""
-
-
-class OutputDirError(FlexcError):
-    """The output directory cannot be used (not a flexc run, a different spec, ...)."""
 
 
 def format_path(loc: Iterable[Any]) -> str:

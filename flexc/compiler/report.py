@@ -38,7 +38,7 @@ def _fmt_bytes(n: int) -> str:
 def budget_rows(graph, state: dict[str, Any]) -> list[dict[str, Any]]:
     """Per budget (full width first): keep ratios, parameter counts and bytes."""
     from flexc.export.nested import budget_sizes
-    from flexc.export.tables import WidthTables
+    from flexc.ir.tables import WidthTables
 
     tables = WidthTables.from_state(state, graph.groups, allow_expert_masks=True)
     params = list(graph.model.parameters())

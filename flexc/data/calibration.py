@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from flexc.compiler.errors import FlexcError
+from flexc.errors import FlexcError
 
 
 class DataError(FlexcError, ValueError):

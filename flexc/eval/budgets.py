@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flexc.export.tables import WidthTables
+from flexc.ir.tables import WidthTables
 
 
 def budget_tables(state: dict, groups) -> WidthTables:
@@ -18,7 +18,7 @@ def apply_budget(graph, state: dict, budget: float | None) -> None:
     Sets every layer's widths and, for whole-expert pruning (``expert_masks`` in the state),
     the router masks that renormalise routing over the remaining experts.
     """
-    from flexc.passes.expert_prune import set_expert_mask
+    from flexc.ir.graph import set_expert_mask
 
     if budget is None or (abs(budget - 1.0) < 1e-9 and "width_tables" not in state):
         graph.set_widths(None)

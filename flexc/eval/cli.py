@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from flexc.compiler.errors import FlexcError
+from flexc.errors import FlexcError
 
 MANIFEST = "flexc_manifest.json"
 
@@ -82,7 +82,7 @@ def _tasks(args) -> list[str]:
 def run_eval(args, console) -> dict[str, list[dict]]:
     """Held-out perplexity (unless --no-perplexity) and lm-eval tasks (with --tasks) per budget."""
     from flexc.eval.perplexity import evaluate, evaluation_stream
-    from flexc.export.tables import BudgetError
+    from flexc.ir.tables import BudgetError
     from flexc.runtime import load
 
     tasks = _tasks(args)

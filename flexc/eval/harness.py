@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from flexc.compiler.errors import FlexcError
+from flexc.errors import FlexcError
 
 INSTALL_HINT = "zero-shot tasks need lm-eval-harness: pip install 'flexc[eval]'"
 TASK_FILE_SUFFIXES = (".yaml", ".yml")

@@ -1,7 +1,7 @@
 """Export formats. Importing this package registers every built-in exporter.
 
-Each module registers one format with :func:`flexc.compiler.exporters.register_exporter`;
-shared pieces: :mod:`flexc.export.tables` (width tables per budget) and
+Each module registers one format with :func:`flexc.export.registry.register_exporter`;
+shared pieces: :mod:`flexc.ir.tables` (width tables per budget) and
 :mod:`flexc.export.slicing` (expert weights cut to their widths).
 """
 

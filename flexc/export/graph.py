@@ -7,7 +7,7 @@ Per-pass snapshots are ``flexc compile --dump-graphs``.
 
 from __future__ import annotations
 
-from flexc.compiler.exporters import ExportContext, register_exporter
+from flexc.export.registry import ExportContext, register_exporter
 
 
 @register_exporter("graph")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from flexc.compiler.exporters import ExportContext, register_exporter
+from flexc.export.registry import ExportContext, register_exporter
 
 
 @register_exporter("hf")

@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 
-from flexc.compiler.errors import FlexcError
-from flexc.compiler.exporters import ExportContext, register_exporter
-from flexc.export.tables import WIDTHS_FILE, WidthTables
-from flexc.passes.width_tables import expert_weights, keep_ratio, per_layer_keep
+from flexc.errors import FlexcError
+from flexc.export.registry import ExportContext, register_exporter
+from flexc.ir.tables import WIDTHS_FILE, WidthTables, expert_weights, keep_ratio, per_layer_keep
 
 MANIFEST_FILE = "flexc_manifest.json"
 KIND = "nested"
@@ -139,10 +138,7 @@ def load_tables(directory: str | Path, manifest: dict[str, Any] | None = None) -
 def export_nested(ctx: ExportContext) -> None:
     groups = ctx.expert_groups()
     tables = ctx.width_tables("nested", groups)
-    from flexc.compiler.artifacts import library_versions
-
-    provenance = {"spec": ctx.spec.to_yaml() if ctx.spec is not None else None,
-                  "seed": getattr(ctx.spec, "seed", None), "versions": library_versions()}
+    provenance = ctx.provenance()
     manifest = write_nested(ctx.target, ctx.model, groups, tables, tokenizer=ctx.tokenizer,
                             provenance=provenance, quality=ctx.state.get("quality"))
     for row in manifest["budgets"]:

@@ -3,7 +3,7 @@
 Layout of ``<out>/onnx/``::
 
     flexc_manifest.json      kind "onnx": the budgets and the folder of each
-    keep_0.75/               one budget (folder name: :func:`flexc.export.tables.budget_key`)
+    keep_0.75/               one budget (folder name: :func:`flexc.ir.tables.budget_key`)
         model.onnx           inputs input_ids, attention_mask [batch, sequence] (int64, both
                              dynamic); output logits [batch, sequence, vocab] (float32).
                              Weights inside the file; as external data (model.onnx.data)
@@ -45,11 +45,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from flexc.compiler.errors import FlexcError
-from flexc.compiler.exporters import ExportContext, register_exporter
+from flexc.errors import FlexcError
+from flexc.export.registry import ExportContext, register_exporter
 from flexc.export.slicing import LayerSlices, slice_experts
-from flexc.export.tables import budget_key
 from flexc.ir.op import apply_activation
+from flexc.ir.tables import budget_key
 
 KIND = "onnx"
 MANIFEST_FILE = "flexc_manifest.json"

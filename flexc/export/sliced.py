@@ -3,7 +3,7 @@
 Layout of ``<out>/sliced/``::
 
     flexc_manifest.json      kind "sliced": the budgets and the folder of each
-    keep_0.75/               one budget (folder name: :func:`flexc.export.tables.budget_key`)
+    keep_0.75/               one budget (folder name: :func:`flexc.ir.tables.budget_key`)
         config.json          the original architecture's config, plus
                                flexc_sliced: base class, and per experts module (by path) its
                                              expert widths and gated activation
@@ -36,12 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from flexc.compiler.errors import FlexcError
-from flexc.compiler.exporters import ExportContext, register_exporter
+from flexc.errors import FlexcError
+from flexc.export.registry import ExportContext, register_exporter
 from flexc.export.remote import modeling_flexc_sliced as remote
-from flexc.export.slicing import LayerSlices, slice_experts
 from flexc.export.nested import ArtifactError, read_json_object, read_manifest
-from flexc.export.tables import BudgetError, WidthTables, budget_key
+from flexc.export.slicing import LayerSlices, slice_experts
+from flexc.ir.tables import BudgetError, WidthTables, budget_key
 
 KIND = "sliced"
 FORMAT_VERSION = remote.FORMAT_VERSION
@@ -226,10 +226,7 @@ def export_sliced(ctx: ExportContext) -> None:
         raise SlicedExportError("the sliced export needs the compiled model")
     groups = ctx.expert_groups()
     tables = _tables(ctx, groups)
-    from flexc.compiler.artifacts import library_versions
-
-    provenance = {"spec": ctx.spec.to_yaml() if ctx.spec is not None else None,
-                  "seed": getattr(ctx.spec, "seed", None), "versions": library_versions()}
+    provenance = ctx.provenance()
     index = []
     for budget in tables.budgets:
         key = budget_key(budget)

@@ -23,6 +23,8 @@ from flexc.ir.op import op_overloads
 STATE_WEIGHTS = "graph_weights.safetensors"
 STATE_META = "graph_meta.json"
 GRAPH_PREFIX = "graph::"
+# Per-layer router-logit mask buffers of the graph module (added by expert_prune's insert_router_masks).
+MASK_PREFIX = "flexc_router_mask_"
 
 
 def is_expert_node(node: fx.Node) -> bool:
@@ -177,3 +179,27 @@ def _graph_buffer(gm: fx.GraphModule, path: str) -> torch.Tensor | None:
         return gm.get_buffer(f"{path}.{WIDTHS_BUFFER}")
     except AttributeError:
         return None
+
+
+# ---- router masks: whole-expert removal (buffers added by expert_prune's insert_router_masks) ----
+
+
+def has_router_masks(graph) -> bool:
+    """Whether every MoE layer's router logits pass through a mask buffer."""
+    return all(hasattr(graph.module, MASK_PREFIX + str(g.layer)) for g in graph.groups)
+
+
+def set_expert_mask(graph, removed: torch.Tensor | None) -> None:
+    """Mask the router logits of ``removed [L, E]`` (bool) experts; None removes nothing."""
+    if removed is not None and bool(torch.as_tensor(removed).any()) and not has_router_masks(graph):
+        raise ValueError("this graph has no router masks: run expert_prune (or insert_router_masks) first")
+    if not has_router_masks(graph):
+        return
+    for i, g in enumerate(graph.groups):
+        buf = getattr(graph.module, MASK_PREFIX + str(g.layer))
+        row = torch.zeros(g.num_experts, dtype=torch.bool) if removed is None else torch.as_tensor(removed[i])
+        if row.shape != (g.num_experts,):
+            raise ValueError(f"layer {g.layer}: expected a mask of {g.num_experts} experts, got {tuple(row.shape)}")
+        if int((~row).sum()) < g.top_k:
+            raise ValueError(f"layer {g.layer}: at least top_k={g.top_k} experts must remain")
+        buf.copy_(torch.where(row.to(buf.device), float("-inf"), 0.0).to(buf.dtype))

@@ -32,14 +32,13 @@ import torch
 from pydantic import Field, field_validator
 from torch import fx
 
-from flexc.ir.graph import module_path_of
+from flexc.ir.graph import MASK_PREFIX, has_router_masks, module_path_of, set_expert_mask  # noqa: F401
+from flexc.ir.tables import expert_weights, keep_ratio
 from flexc.passes.base import Pass, PassContext, PassResult
 from flexc.passes.baselines import BaselineOptions, budgets_and_metric, hand_off, write_report
 from flexc.passes.calibrate import calibrate
 from flexc.passes.registry import register_pass
-from flexc.passes.width_tables import expert_weights, keep_ratio
 
-MASK_PREFIX = "flexc_router_mask_"
 CRITERIA = ("frequency", "router_weight", "man", "msan", "reap")
 # Families whose router normalises after its linear layer, so a -inf logit removes the expert exactly.
 _MASKABLE = {"qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss"}
@@ -53,10 +52,6 @@ def _router_linear(graph, group) -> fx.Node:
                 module_path_of(node) in paths:
             return node
     raise ValueError(f"layer {group.layer}: no router linear node found under {block} in the lowered graph")
-
-
-def has_router_masks(graph) -> bool:
-    return all(hasattr(graph.module, MASK_PREFIX + str(g.layer)) for g in graph.groups)
 
 
 @register_pass
@@ -92,22 +87,6 @@ class InsertRouterMasks(Pass):
         graph.module.recompile()
         graph.rewrites.append({"pass": self.name, "options": {}})
         return PassResult(graph=graph, modified=True, changed_nodes=changed)
-
-
-def set_expert_mask(graph, removed: torch.Tensor | None) -> None:
-    """Mask the router logits of ``removed [L, E]`` (bool) experts; None removes nothing."""
-    if removed is not None and bool(torch.as_tensor(removed).any()) and not has_router_masks(graph):
-        raise ValueError("this graph has no router masks: run expert_prune (or insert_router_masks) first")
-    if not has_router_masks(graph):
-        return
-    for i, g in enumerate(graph.groups):
-        buf = getattr(graph.module, MASK_PREFIX + str(g.layer))
-        row = torch.zeros(g.num_experts, dtype=torch.bool) if removed is None else torch.as_tensor(removed[i])
-        if row.shape != (g.num_experts,):
-            raise ValueError(f"layer {g.layer}: expected a mask of {g.num_experts} experts, got {tuple(row.shape)}")
-        if int((~row).sum()) < g.top_k:
-            raise ValueError(f"layer {g.layer}: at least top_k={g.top_k} experts must remain")
-        buf.copy_(torch.where(row.to(buf.device), float("-inf"), 0.0).to(buf.dtype))
 
 
 class ExpertStats:

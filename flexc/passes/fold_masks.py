@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from flexc.export.tables import WidthTables
+from flexc.ir.tables import WidthTables
 from flexc.ir.experts_impl import WIDTHS_BUFFER
 from flexc.passes.action_gates import GATE_PREFIX, GatedExperts
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult

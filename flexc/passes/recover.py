@@ -43,14 +43,13 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from flexc.export.tables import WidthTables
 from flexc.ir.experts_impl import set_widths
+from flexc.ir.tables import WidthTables, expert_weights, keep_ratio
 from flexc.passes import checkpoint
 from flexc.passes.anneal import quality_loss
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.distill import TeacherTargets
 from flexc.passes.registry import register_pass
-from flexc.passes.width_tables import expert_weights, keep_ratio
 from flexc.utils.atomic import atomic_write_text
 from flexc.utils.progress import step_progress
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flexc.export.tables import BudgetError, WidthTables
+from flexc.ir.tables import BudgetError, WidthTables
 from flexc.ir.experts_impl import IMPLEMENTATION_NAME, WIDTHS_BUFFER, set_widths
 from flexc.ir.groups import ExpertGroup, find_expert_groups
 
@@ -119,7 +119,7 @@ def load_nested(directory: str | Path, budget: float | None = None, *, dtype: An
         return attach(model, tables, budget)
     except ValueError as exc:  # tables of another model: say which file
         from flexc.export.nested import ArtifactError
-        from flexc.export.tables import WIDTHS_FILE
+        from flexc.ir.tables import WIDTHS_FILE
 
         raise ArtifactError(f"{directory / WIDTHS_FILE}: {exc}") from None
 
