@@ -297,7 +297,7 @@ def test_resolve_backend(monkeypatch):
 
 def test_dispatch_moe_experts_backends():
     _kernels()
-    from flexc.kernels.dispatch import moe_experts
+    from flexc.ir.backends import moe_experts
 
     case = make_case(5, 4, 32, 32, 2, torch.float32, seed=12)
     widths = torch.tensor([32, 0, 16, 8], dtype=torch.int32, device=DEVICE)
@@ -310,7 +310,8 @@ def test_dispatch_moe_experts_backends():
 def test_op_backend_registration():
     """The Triton path registered as the op's backend for this device type."""
     _kernels()
-    from flexc.kernels.dispatch import _op_backend, install_cuda_backend
+    from flexc.ir.backends import install_cuda_backend
+    from flexc.kernels.dispatch import triton_forward
 
     case = make_case(7, 4, 32, 32, 2, torch.float32, seed=13)
     widths = torch.tensor([32, 0, 16, 8], dtype=torch.int32, device=DEVICE)
@@ -319,7 +320,7 @@ def test_op_backend_registration():
         if HAS_CUDA:
             install_cuda_backend()
         else:
-            register_backend("cpu", _op_backend)
+            register_backend("cpu", triton_forward)
         out = call_moe_experts(case["hidden"], case["topk_ids"], case["topk_weights"], case["gate_up"], case["down"],
                                widths=widths)
         assert rel_err(out, ref) < 1e-4
@@ -330,25 +331,39 @@ def test_op_backend_registration():
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_transformers_experts_implementation(family):
+    """The one transformers experts implementation ("flexc") runs the kernels once they are the op's backend."""
     _kernels()
+    from flexc.ir.backends import install_cuda_backend
+    from flexc.ir.experts_impl import IMPLEMENTATION_NAME
     from flexc.ir.testing import tiny_model
-    from flexc.kernels.dispatch import register_transformers_experts
+    from flexc.kernels import dispatch
 
-    name = register_transformers_experts()
     model = tiny_model(family).to(DEVICE)
     ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(14)).to(DEVICE)
-    with torch.no_grad():
-        model.set_experts_implementation("grouped_mm" if HAS_CUDA else "eager")
-        ref = model(ids).logits.double()
-        model.set_experts_implementation(name)
-        out = model(ids).logits.double()
-        assert rel_err(out, ref.cpu()) < 1e-4
-        # widths through the module buffer: half of every expert
-        for m in model.modules():
-            if hasattr(m, "gate_up_proj") and hasattr(m, "is_transposed"):
-                m.flexc_widths = torch.full((m.num_experts,), 16, dtype=torch.int32, device=DEVICE)
-        half = model(ids).logits
-        assert not torch.allclose(half.double().cpu(), ref.cpu())
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return dispatch.triton_forward(*args)
+
+    try:
+        with torch.no_grad():
+            model.set_experts_implementation("grouped_mm" if HAS_CUDA else "eager")
+            ref = model(ids).logits.double()
+            register_backend(torch.device(DEVICE).type, counted)
+            model.set_experts_implementation(IMPLEMENTATION_NAME)
+            out = model(ids).logits.double()
+            assert calls, "the kernels did not run"
+            assert rel_err(out, ref.cpu()) < 1e-4
+            # widths through the module buffer: half of every expert
+            for m in model.modules():
+                if hasattr(m, "gate_up_proj") and hasattr(m, "is_transposed"):
+                    m.flexc_widths = torch.full((m.num_experts,), 16, dtype=torch.int32, device=DEVICE)
+            half = model(ids).logits
+            assert not torch.allclose(half.double().cpu(), ref.cpu())
+    finally:
+        install_cuda_backend(False)
+        register_backend("cpu", None)
 
 
 def test_specialize_writes_standalone_source(tmp_path):

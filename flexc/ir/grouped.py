@@ -12,14 +12,15 @@ transformers' time over this one, >1 is faster): at full width the op runs at 1.
 stock from 1 to 2,048 tokens, where the reference loop ran at 0.73–1.06x; uniform half width
 at 1.07–1.58x. A learned table's mixed widths still take the loop (0.83–0.88x at 1–8 tokens,
 1.02–1.43x from 64 as the widths shrink the GEMMs). :func:`shared_width` picks the calls
-this path serves.
+this path serves; the op registers it as its CPU path (``flexc.ir.op._cpu_forward``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from flexc.ir.op import apply_activation, gate_up_rows
+from flexc.ir.layout import apply_activation, gate_up_rows
+from flexc.ir.routing import route_by_expert
 
 
 def _grouped_operand(t: torch.Tensor) -> bool:
@@ -59,13 +60,11 @@ def moe_experts_grouped(hidden, topk_ids, topk_weights, gate_up, down, gate_up_b
     """The op's forward with every expert hit at ``width`` (from :func:`shared_width`); inference only."""
     num_tokens, hidden_size = hidden.shape
     num_experts, _, intermediate = down.shape
-    k = topk_ids.shape[1]
     if width == 0:  # removed experts contribute nothing, bias included
         return hidden.new_zeros(num_tokens, hidden_size)
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    offs = torch.cumsum(torch.bincount(flat, minlength=num_experts), 0).to(torch.int32)
-    x = hidden[torch.div(order, k, rounding_mode="floor")]
+    routing = route_by_expert(topk_ids, num_experts)
+    offs = torch.cumsum(routing.count_tensor, 0).to(torch.int32)
+    x = hidden[routing.token]
     if interleaved or width == intermediate:  # gate and up rows form one block: one GEMM
         both = torch._grouped_mm(x, gate_up[:, : 2 * width].transpose(1, 2), offs=offs)
         gate, up = (both[:, 0::2], both[:, 1::2]) if interleaved else (both[:, :width], both[:, width:])
@@ -75,15 +74,12 @@ def moe_experts_grouped(hidden, topk_ids, topk_weights, gate_up, down, gate_up_b
         gate = torch._grouped_mm(x, gate_rows[:, :width].transpose(1, 2), offs=offs)
         up = torch._grouped_mm(x, up_rows[:, :width].transpose(1, 2), offs=offs)
     if gate_up_bias is not None:
-        bias = gate_up_bias[flat[order]]
+        bias = gate_up_bias[routing.sorted_experts]
         gate = gate + gate_up_rows(bias.t(), interleaved, 0).t()[:, :width]
         up = up + gate_up_rows(bias.t(), interleaved, 1).t()[:, :width]
     out = torch._grouped_mm(apply_activation(gate, up, activation, alpha, limit),
                             down[:, :, :width].transpose(1, 2), offs=offs)
     if down_bias is not None:
-        out = out + down_bias[flat[order]]
-    y = (out.to(topk_weights.dtype) * topk_weights.reshape(-1)[order, None]).to(hidden.dtype)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    # Deterministic reduction over the k slots (no scatter-add), as in the reference.
-    return y[inverse].view(num_tokens, k, hidden_size).sum(dim=1)
+        out = out + down_bias[routing.sorted_experts]
+    y = (out.to(topk_weights.dtype) * routing.sorted_weights(topk_weights)[:, None]).to(hidden.dtype)
+    return routing.combine(y, num_tokens)  # deterministic reduction over the k slots, as in the reference

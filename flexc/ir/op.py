@@ -26,40 +26,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped")
+from flexc.ir.grouped import moe_experts_grouped, shared_width
+from flexc.ir.layout import ACTIVATIONS, ExpertLayout, apply_activation, gate_up_rows  # noqa: F401 -- re-exported
+from flexc.ir.routing import route_by_expert
 
 _OP_NAME = "flexc::moe_experts"
-
-
-def apply_activation(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
-    """The gated activation ``act(gate) * up`` of each family (GPT-OSS's clamped SwiGLU included)."""
-    if activation == "silu":
-        return F.silu(gate) * up
-    if activation == "gelu":
-        return F.gelu(gate) * up
-    if activation == "gelu_tanh":
-        return F.gelu(gate, approximate="tanh") * up
-    if activation == "relu":
-        return F.relu(gate) * up
-    if activation == "swiglu_clamped":
-        gate = gate.clamp(max=limit)
-        up = up.clamp(min=-limit, max=limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
-    raise ValueError(f"unknown expert activation {activation!r}; expected one of {ACTIVATIONS}")
-
-
-def gate_up_rows(t: torch.Tensor, interleaved: bool, which: int) -> torch.Tensor:
-    """View of the gate (``which=0``) or up (``which=1``) rows of ``t`` along dim 0.
-
-    ``t`` is one expert's ``[2I, H]`` weight or ``[2I]`` bias; concatenated layouts keep gate
-    rows first, interleaved layouts alternate gate and up rows.
-    """
-    if interleaved:
-        return t[which::2]
-    half = t.shape[0] // 2
-    return t[which * half : (which + 1) * half]
 
 
 def expert_ffn(
@@ -69,45 +41,22 @@ def expert_ffn(
     gate_up_bias_e: torch.Tensor | None,
     down_bias_e: torch.Tensor | None,
     width: int,
-    activation: str,
-    interleaved: bool,
-    alpha: float,
-    limit: float,
+    layout: ExpertLayout,
     observe_inner: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """One expert on its tokens ``x [n, H]``, using its first ``width`` channels. Differentiable."""
-    gate_w = gate_up_rows(gate_up_e, interleaved, 0)[:width]
-    up_w = gate_up_rows(gate_up_e, interleaved, 1)[:width]
-    gate = x @ gate_w.t()
-    up = x @ up_w.t()
+    gate = x @ layout.rows(gate_up_e, 0)[:width].t()
+    up = x @ layout.rows(gate_up_e, 1)[:width].t()
     if gate_up_bias_e is not None:
-        gate = gate + gate_up_rows(gate_up_bias_e, interleaved, 0)[:width]
-        up = up + gate_up_rows(gate_up_bias_e, interleaved, 1)[:width]
-    inner = apply_activation(gate, up, activation, alpha, limit)
+        gate = gate + layout.rows(gate_up_bias_e, 0)[:width]
+        up = up + layout.rows(gate_up_bias_e, 1)[:width]
+    inner = layout.act(gate, up)
     if observe_inner is not None:
         observe_inner(inner)
     out = inner @ down_e[:, :width].t()
     if down_bias_e is not None:
         out = out + down_bias_e
     return out
-
-
-class _Routing:
-    """Token-slot pairs sorted by expert: the grouping every implementation shares."""
-
-    def __init__(self, topk_ids: torch.Tensor, num_experts: int):
-        k = topk_ids.shape[1]
-        flat = topk_ids.reshape(-1)
-        self.order = torch.argsort(flat, stable=True)  # sorted slot -> flat (token*k + slot)
-        self.token = torch.div(self.order, k, rounding_mode="floor")
-        counts = torch.bincount(flat, minlength=num_experts)
-        self.counts: list[int] = counts.tolist()
-        self.offsets = [0]
-        for c in self.counts:
-            self.offsets.append(self.offsets[-1] + c)
-
-    def segment(self, e: int) -> slice:
-        return slice(self.offsets[e], self.offsets[e + 1])
 
 
 def _widths_list(widths: torch.Tensor | None, num_experts: int, full: int) -> list[int]:
@@ -141,11 +90,11 @@ def moe_experts_reference(
     """
     num_tokens, hidden_size = hidden.shape
     num_experts, _, intermediate = down.shape
-    k = topk_ids.shape[1]
-    routing = _Routing(topk_ids, num_experts)
+    routing = route_by_expert(topk_ids, num_experts)
     widths_ = _widths_list(widths, num_experts, intermediate)
+    layout = ExpertLayout(activation, interleaved, alpha, limit)
     x_sorted = hidden[routing.token]
-    w_sorted = topk_weights.reshape(-1)[routing.order]
+    w_sorted = routing.sorted_weights(topk_weights)
     observers = list(_FORWARD_OBSERVERS)
     for fn in observers:
         fn({"event": "routing", "gate_up": gate_up, "topk_ids": topk_ids, "topk_weights": topk_weights,
@@ -172,20 +121,13 @@ def moe_experts_reference(
             None if gate_up_bias is None else gate_up_bias[e],
             None if down_bias is None else down_bias[e],
             widths_[e],
-            activation,
-            interleaved,
-            alpha,
-            limit,
+            layout,
             observe_inner,
         )
         pieces.append((y.to(w_sorted.dtype) * w_sorted[seg, None]).to(hidden.dtype))
     if not pieces:
         return hidden.new_zeros(num_tokens, hidden_size)
-    y_sorted = torch.cat(pieces)
-    inverse = torch.empty_like(routing.order)
-    inverse[routing.order] = torch.arange(routing.order.numel(), device=routing.order.device)
-    # Deterministic reduction over the k slots (no scatter-add).
-    return y_sorted[inverse].view(num_tokens, k, hidden_size).sum(dim=1)
+    return routing.combine(torch.cat(pieces), num_tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,11 +156,19 @@ def moe_experts(
     )
 
 
+# The op's backend registry: which forward runs on tensors of which device type. ``_DEFAULTS``
+# holds the op's own paths (the grouped-GEMM CPU path below); ``register_backend`` installs
+# others over them (flexc.ir.backends: the Triton kernels on CUDA). Anything unregistered runs
+# the reference.
 _BACKENDS: dict[str, Callable[..., torch.Tensor]] = {}
+_DEFAULTS: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def register_backend(device_type: str, fn: Callable[..., torch.Tensor] | None) -> None:
-    """Route the op's forward on ``device_type`` tensors to ``fn`` (None restores the reference)."""
+    """Route the op's forward on ``device_type`` tensors to ``fn`` (positional op signature).
+
+    None removes it: the op's own path for that device type (or the reference) runs again.
+    """
     if fn is None:
         _BACKENDS.pop(device_type, None)
     else:
@@ -226,23 +176,32 @@ def register_backend(device_type: str, fn: Callable[..., torch.Tensor] | None) -
 
 
 def _dispatch(device: torch.device) -> Callable[..., torch.Tensor]:
-    return _BACKENDS.get(device.type, _reference_positional)
+    return _BACKENDS.get(device.type) or _DEFAULTS.get(device.type) or _reference_positional
 
 
 def _reference_positional(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
                           activation, interleaved, alpha, limit):
     with torch.no_grad():
-        if not _FORWARD_OBSERVERS and hidden.device.type == "cpu":
-            from flexc.ir.grouped import moe_experts_grouped, shared_width
-
-            width = shared_width(hidden, topk_ids, gate_up, down, widths, interleaved)
-            if width is not None:  # one width for every expert hit: two grouped GEMMs, not a loop
-                return moe_experts_grouped(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias,
-                                           width, activation, interleaved, alpha, limit)
         return moe_experts_reference(
             hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
             activation, interleaved, alpha, limit,
         )
+
+
+def _cpu_forward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
+                 activation, interleaved, alpha, limit):
+    """The op's CPU path: two grouped GEMMs when every expert hit shares one width, else the reference."""
+    if not _FORWARD_OBSERVERS:  # observers see the reference only
+        width = shared_width(hidden, topk_ids, gate_up, down, widths, interleaved)
+        if width is not None:
+            with torch.no_grad():
+                return moe_experts_grouped(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias,
+                                           width, activation, interleaved, alpha, limit)
+    return _reference_positional(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
+                                 activation, interleaved, alpha, limit)
+
+
+_DEFAULTS["cpu"] = _cpu_forward
 
 
 @moe_experts.register_fake
@@ -260,7 +219,7 @@ def _setup_context(ctx, inputs, output):
     (hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
      activation, interleaved, alpha, limit) = inputs
     ctx.save_for_backward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths)
-    ctx.config = (activation, interleaved, alpha, limit)
+    ctx.layout = ExpertLayout(activation, interleaved, alpha, limit)
 
 
 class _Observers:
@@ -316,12 +275,12 @@ class observe_expert_grads(_Observers):
 
 def _backward(ctx, grad_out):
     hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths = ctx.saved_tensors
-    activation, interleaved, alpha, limit = ctx.config
+    layout = ctx.layout
     needs = {name: ctx.needs_input_grad[_ARG_INDEX[name]] for name in _GRAD_INPUTS}
     observe = bool(_GRAD_OBSERVERS)
     num_experts, _, intermediate = down.shape
     k = topk_ids.shape[1]
-    routing = _Routing(topk_ids, num_experts)
+    routing = route_by_expert(topk_ids, num_experts)
     widths_ = _widths_list(widths, num_experts, intermediate)
 
     grad_hidden = torch.zeros_like(hidden) if needs["hidden"] else None
@@ -333,7 +292,7 @@ def _backward(ctx, grad_out):
 
     go_sorted = grad_out.repeat_interleave(k, dim=0)[routing.order]  # grad for each sorted slot
     x_sorted = hidden[routing.token]
-    w_sorted = topk_weights.reshape(-1)[routing.order]
+    w_sorted = routing.sorted_weights(topk_weights)
     want_weights = observe or any(needs[n] for n in ("gate_up", "down", "gate_up_bias", "down_bias"))
 
     for e in range(num_experts):
@@ -347,7 +306,7 @@ def _backward(ctx, grad_out):
             dn = down[e].detach().requires_grad_(want_weights)
             gub = None if gate_up_bias is None else gate_up_bias[e].detach().requires_grad_(want_weights)
             db = None if down_bias is None else down_bias[e].detach().requires_grad_(want_weights)
-            y = expert_ffn(x, gu, dn, gub, db, width, activation, interleaved, alpha, limit)
+            y = expert_ffn(x, gu, dn, gub, db, width, layout)
             go = go_sorted[seg]
             # d out / d routing weight = <grad_out, expert output>
             grad_w_sorted[seg] = (go.to(y.dtype) * y.detach()).sum(dim=-1).to(grad_w_sorted.dtype)
@@ -373,23 +332,21 @@ def _backward(ctx, grad_out):
                 "width": width,
                 "gate_up": gate_up,
                 "down": down,
-                "grad_gate": gate_up_rows(g_gu, interleaved, 0)[:width],
-                "grad_up": gate_up_rows(g_gu, interleaved, 1)[:width],
+                "grad_gate": layout.rows(g_gu, 0)[:width],
+                "grad_up": layout.rows(g_gu, 1)[:width],
                 "grad_down": g_dn[:, :width],
                 "num_tokens": n,
             }
             if gub is not None:
                 info["gate_up_bias"] = gate_up_bias
-                info["grad_gate_bias"] = gate_up_rows(grads[id(gub)], interleaved, 0)[:width]
-                info["grad_up_bias"] = gate_up_rows(grads[id(gub)], interleaved, 1)[:width]
+                info["grad_gate_bias"] = layout.rows(grads[id(gub)], 0)[:width]
+                info["grad_up_bias"] = layout.rows(grads[id(gub)], 1)[:width]
             for fn in list(_GRAD_OBSERVERS):
                 fn(info)
 
     grad_topk_weights = None
     if needs["topk_weights"]:
-        inverse = torch.empty_like(routing.order)
-        inverse[routing.order] = torch.arange(routing.order.numel(), device=routing.order.device)
-        grad_topk_weights = grad_w_sorted[inverse].view_as(topk_weights)
+        grad_topk_weights = routing.unsort(grad_w_sorted).view_as(topk_weights)
     return (grad_hidden, None, grad_topk_weights, grad_gate_up, grad_down, grad_gub, grad_db, None,
             None, None, None, None)
 

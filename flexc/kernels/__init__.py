@@ -1,13 +1,14 @@
 """Expert kernels: Triton kernels with per-expert widths, their dispatch, configs and specialisation.
 
 - :mod:`flexc.kernels.triton_experts`: the kernels and their host wrapper ``moe_forward``;
-- :mod:`flexc.kernels.dispatch`: ``backend`` resolution (auto | triton | reference), the op's
-  CUDA backend (:func:`install_cuda_backend`) and the transformers experts implementation
-  (:func:`register_transformers_experts`, name ``"flexc_triton"``);
+- :mod:`flexc.kernels.dispatch`: ``backend`` resolution (auto | triton | reference) and
+  :func:`triton_forward` (the kernels with the op's signature; :mod:`flexc.ir.backends`
+  installs it as the op's CUDA backend);
 - :mod:`flexc.kernels.tuning`: block-config tables, lookup and autotuning;
 - :mod:`flexc.kernels.specialize`: :func:`specialize` -> :class:`KernelPlan` (``.write(dir)``).
 
-Attributes load lazily, so importing this package does not import Triton.
+Attributes load lazily, so importing this package does not import Triton. Kernels import
+nothing from the rest of flexc.
 """
 
 from __future__ import annotations
@@ -16,12 +17,8 @@ import importlib
 
 _EXPORTS = {
     "BACKENDS": "dispatch",
-    "install_cuda_backend": "dispatch",
     "interpret_mode": "dispatch",
-    "moe_experts": "dispatch",
-    "register_transformers_experts": "dispatch",
     "resolve_backend": "dispatch",
-    "transformers_experts_forward": "dispatch",
     "triton_forward": "dispatch",
     "KernelConfig": "triton_experts",
     "autotune": "tuning",

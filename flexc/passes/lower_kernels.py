@@ -75,7 +75,8 @@ class LowerKernels(Pass):
     preserves_computation = True  # within kernel precision; tests compare with the reference
 
     def run(self, graph, ctx: PassContext) -> PassResult:
-        from flexc.kernels.dispatch import install_cuda_backend, resolve_backend
+        from flexc.ir.backends import install_cuda_backend
+        from flexc.kernels.dispatch import resolve_backend
         from flexc.kernels.specialize import specialize
 
         param = next(graph.model.parameters())

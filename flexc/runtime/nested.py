@@ -125,8 +125,7 @@ def load_nested(directory: str | Path, budget: float | None = None, *, dtype: An
 
 
 def _install_backend(backend: str, device: torch.device) -> None:
-    """``auto``: Triton kernels on CUDA, the reference op elsewhere (see flexc.kernels.dispatch)."""
-    from flexc.kernels.dispatch import install_cuda_backend, resolve_backend
+    """``auto``: Triton kernels on CUDA, the reference op elsewhere (see :mod:`flexc.ir.backends`)."""
+    from flexc.ir.backends import use_backend
 
-    if resolve_backend(backend, device) == "triton" and device.type == "cuda":
-        install_cuda_backend()
+    use_backend(backend, device)
