@@ -86,6 +86,34 @@ class FlexGraph:
         """Canonical ``gate_up [E, 2I, H]`` and ``down [E, H, I]`` views (shared storage)."""
         return canonical_weights(self.experts_module(group))
 
+    # ---- rewriting (what passes that restructure the graph call) --------------------------
+    def replace_expert_node(self, node: fx.Node, group: ExpertGroup, target: str | Callable, *,
+                            submodule: nn.Module | None = None, args: tuple | None = None) -> fx.Node:
+        """Replace ``group``'s expert node ``node`` by a call of ``target`` with the same arguments.
+
+        ``target`` is a function (``call_function``) or, with ``submodule``, the name under which
+        that module is added to the graph module (``call_module``). ``args`` replaces the node's
+        positional arguments. The new node keeps the old one's metadata and users, and ``group``
+        points at it. Finish a pass's rewrites with :meth:`record_rewrite`.
+        """
+        graph = self.module.graph
+        if submodule is not None:
+            self.module.add_submodule(target, submodule)
+        with graph.inserting_after(node):
+            call = graph.call_module if submodule is not None else graph.call_function
+            new = call(target, args=node.args if args is None else args, kwargs=node.kwargs)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        group.node = new.name
+        return new
+
+    def record_rewrite(self, pass_name: str, options: dict) -> None:
+        """Check and recompile the rewritten graph; record the rewrite (replayed when a compile resumes)."""
+        self.module.graph.lint()
+        self.module.recompile()
+        self.rewrites.append({"pass": pass_name, "options": options})
+
     @property
     def routed_params(self) -> int:
         return sum(g.routed_params for g in self.groups)

@@ -26,7 +26,9 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from flexc.ir.graph import is_expert_node
-from flexc.ir.op import apply_activation, call_moe_experts, gate_up_rows
+from flexc.ir.layout import ExpertLayout
+from flexc.ir.op import call_moe_experts
+from flexc.ir.routing import route_by_expert
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.registry import register_pass
 
@@ -51,33 +53,28 @@ def gated_experts_masked(hidden, topk_ids, topk_weights, gate_up, down, gate_up_
     Plain torch, so autograd reaches ``mask`` (and hidden); used only while training actions.
     """
     num_tokens, hidden_size = hidden.shape
-    num_experts = down.shape[0]
-    k = topk_ids.shape[1]
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
-    x_sorted = hidden[order // k]
-    w_sorted = topk_weights.reshape(-1)[order]
-    pieces, start = [], 0
-    for e, n in enumerate(counts):
+    routing = route_by_expert(topk_ids, down.shape[0])
+    layout = ExpertLayout(activation, interleaved, alpha, limit)
+    x_sorted = hidden[routing.token]
+    w_sorted = routing.sorted_weights(topk_weights)
+    pieces = []
+    for e, n in enumerate(routing.counts):
         if n == 0:
             continue
-        x = x_sorted[start:start + n]
-        gate = x @ gate_up_rows(gate_up[e], interleaved, 0).t()
-        up = x @ gate_up_rows(gate_up[e], interleaved, 1).t()
+        seg = routing.segment(e)
+        x = x_sorted[seg]
+        gate = x @ layout.rows(gate_up[e], 0).t()
+        up = x @ layout.rows(gate_up[e], 1).t()
         if gate_up_bias is not None:
-            gate = gate + gate_up_rows(gate_up_bias[e], interleaved, 0)
-            up = up + gate_up_rows(gate_up_bias[e], interleaved, 1)
-        inner = apply_activation(gate, up, activation, alpha, limit) * mask[e]
+            gate = gate + layout.rows(gate_up_bias[e], 0)
+            up = up + layout.rows(gate_up_bias[e], 1)
+        inner = layout.act(gate, up) * mask[e]
         y = inner @ down[e].t()
         if down_bias is not None:
             y = y + down_bias[e] * (mask[e].amax() > 0)  # a fully pruned expert contributes nothing
-        pieces.append((y.to(w_sorted.dtype) * w_sorted[start:start + n, None]).to(hidden.dtype))
-        start += n
+        pieces.append((y.to(w_sorted.dtype) * w_sorted[seg, None]).to(hidden.dtype))
     y_sorted = torch.cat(pieces) if pieces else hidden.new_zeros(0, hidden_size)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return y_sorted[inverse].view(num_tokens, k, hidden_size).sum(dim=1)
+    return routing.combine(y_sorted, num_tokens)
 
 
 class GatedExperts(nn.Module):
@@ -187,17 +184,8 @@ class InsertActionGates(Pass):
                 raise ValueError(f"layer {group.layer}: intermediate size {group.intermediate_size} is smaller "
                                  f"than the granule {self.options.granule}")
             widths = level_widths(group.intermediate_size, self.options.levels, self.options.granule)
-            name = GATE_PREFIX + str(group.layer)
-            graph.module.add_submodule(name, GatedExperts(group.num_experts, group.intermediate_size, widths,
-                                                          self.options.init_margin))
-            with graph.module.graph.inserting_after(node):
-                new = graph.module.graph.call_module(name, args=node.args, kwargs=node.kwargs)
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            graph.module.graph.erase_node(node)
-            group.node = new.name
+            gates = GatedExperts(group.num_experts, group.intermediate_size, widths, self.options.init_margin)
+            new = graph.replace_expert_node(node, group, GATE_PREFIX + str(group.layer), submodule=gates)
             changed.add(new.name)
-        graph.module.graph.lint()
-        graph.module.recompile()
-        graph.rewrites.append({"pass": self.name, "options": self.options.model_dump(mode="json")})
+        graph.record_rewrite(self.name, self.options.model_dump(mode="json"))
         return PassResult(graph=graph, modified=True, changed_nodes=changed)

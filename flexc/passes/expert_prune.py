@@ -33,6 +33,7 @@ from pydantic import Field, field_validator
 from torch import fx
 
 from flexc.ir.graph import MASK_PREFIX, has_router_masks, module_path_of, set_expert_mask  # noqa: F401
+from flexc.ir.routing import route_by_expert
 from flexc.ir.tables import expert_weights, keep_ratio
 from flexc.passes.base import Pass, PassContext, PassResult
 from flexc.passes.baselines import BaselineOptions, budgets_and_metric, hand_off, write_report
@@ -103,11 +104,8 @@ class ExpertStats:
     def on_forward(self, layer: int, info: dict) -> None:
         if info["event"] == "routing":
             # The op groups token-slots by a stable sort on expert id: keep each expert's weights in that order.
-            ids = info["topk_ids"].reshape(-1)
-            w = info["topk_weights"].reshape(-1).detach()
-            order = torch.argsort(ids, stable=True)
-            counts = torch.bincount(ids, minlength=info["num_experts"]).tolist()
-            self._slot_weights[layer] = list(w[order].split(counts))
+            routing = route_by_expert(info["topk_ids"], info["num_experts"])
+            self._slot_weights[layer] = list(routing.sorted_weights(info["topk_weights"].detach()).split(routing.counts))
             return
         e = info["expert"]
         _, down = self.graph.expert_weights(self.graph.groups[layer])

@@ -64,20 +64,13 @@ class FoldMasks(Pass):
             if args[7] is None:
                 with graph.module.graph.inserting_before(node):
                     args[7] = graph.module.graph.get_attr(f"{group.path}.{WIDTHS_BUFFER}")
-            with graph.module.graph.inserting_after(node):
-                new = graph.module.graph.call_function(op, args=tuple(args), kwargs=node.kwargs)
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            graph.module.graph.erase_node(node)
-            graph.module.delete_submodule(node.target)
-            group.node = new.name
-            changed.add(new.name)
+            gates = node.target
+            changed.add(graph.replace_expert_node(node, group, op, args=tuple(args)).name)
+            graph.module.delete_submodule(gates)
         leftover = [name for name, _ in graph.module.named_children() if name.startswith(GATE_PREFIX)]
         for name in leftover:
             graph.module.delete_submodule(name)
         graph.module.graph.eliminate_dead_code()
-        graph.module.graph.lint()
-        graph.module.recompile()
+        graph.record_rewrite(self.name, self.options.model_dump(mode="json"))
         graph.set_widths(None)
-        graph.rewrites.append({"pass": self.name, "options": self.options.model_dump(mode="json")})
         return changed

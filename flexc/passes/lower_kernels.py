@@ -100,19 +100,11 @@ class LowerKernels(Pass):
                 if not is_expert_node(node) or node.name not in by_node:
                     continue
                 group = by_node[node.name]
-                name = KERNEL_PREFIX + str(group.layer)
                 shape = (group.num_experts, group.hidden_size, group.intermediate_size, group.top_k)
-                graph.module.add_submodule(name, PlannedExperts(plans[shape]))
-                with graph.module.graph.inserting_after(node):
-                    new = graph.module.graph.call_module(name, args=node.args, kwargs=node.kwargs)
-                new.meta = dict(node.meta)
-                node.replace_all_uses_with(new)
-                graph.module.graph.erase_node(node)
-                group.node = new.name
+                new = graph.replace_expert_node(node, group, KERNEL_PREFIX + str(group.layer),
+                                                submodule=PlannedExperts(plans[shape]))
                 changed.add(new.name)
-            graph.module.graph.lint()
-            graph.module.recompile()
-            graph.rewrites.append({"pass": self.name, "options": self.options.model_dump(mode="json")})
+            graph.record_rewrite(self.name, self.options.model_dump(mode="json"))
         summary = {"backend": backend, "granule": granule, "layers": layers,
                    "plans": {p.key: p.spec_dict() for p in plans.values()}}
         atomic_write_text(Path(ctx.workdir) / "kernel_plan.json", json.dumps(summary, indent=2))
