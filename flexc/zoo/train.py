@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from flexc.ir.routing import route_by_expert
 from flexc.zoo.cache import MANIFEST
 from flexc.zoo.evaluate import encode_documents, perplexity, unigram_perplexity
 from flexc.zoo.recipes import Recipe
@@ -99,14 +100,13 @@ def _training_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     Outputs are summed over the top-k slots in a fixed order (deterministic).
     """
     num_tokens, top_k = top_k_index.shape
-    flat = top_k_index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-    x = hidden_states.index_select(0, order // top_k)
+    routing = route_by_expert(top_k_index, self.num_experts)
+    order = routing.order
+    x = hidden_states.index_select(0, routing.token)
     gate_up = self.gate_up_proj.unbind(0)
     down = self.down_proj.unbind(0)
     outs = []
-    for e, chunk in enumerate(x.split(counts)):
+    for e, chunk in enumerate(x.split(routing.counts)):
         if chunk.shape[0] == 0:
             continue
         gate, up = F.linear(chunk, gate_up[e]).chunk(2, dim=-1)
