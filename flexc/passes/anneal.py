@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,8 @@ TABLES_FILE = "width_tables.safetensors"
 TABLES_JSON = "width_tables.json"
 CURVES_PNG = "anneal_curves.png"
 CONTINUATION_DOUBLINGS = 8  # lambda doubles this many times over the extra steps
+STEPS_PER_BUDGET = 20  # track's default; on `tiny`, 40 per budget gained little (docs/evaluation.md)
+RAMP_STEPS = 200
 
 
 class AnnealDiverged(checkpoint.TrainingDiverged):
@@ -107,10 +110,10 @@ class AnnealOptions(PassOptions):
     schedule: Literal["track", "ramp"] = Field(
         "track", description="track: one phase per budget, high to low, warm-started and held at the budget; "
                              "ramp: one lambda ramp, tables exported as the deployed keep crosses each budget.")
-    steps: int = Field(200, ge=0, description="Training steps (one calibration batch each). track: shared equally "
-                                              "by the budgets (0: the warm start's tables); ramp: the scheduled "
-                                              "steps (at least 1).")
-    lr: float = Field(0.05, gt=0, description="Adam learning rate of the action logits.")
+    steps: int | None = Field(None, ge=0, description="Training steps (one calibration batch each). track: "
+                              "shared equally by the budgets, default 20 per budget (0: the warm start's tables); "
+                              "ramp: the scheduled steps, default 200.")
+    lr: float = Field(0.1, gt=0, description="Adam learning rate of the action logits.")
     quality: Literal["distill", "next_token"] = Field("distill", description="Quality term of the loss.")
     teacher_topk: int | None = Field(64, ge=1, description="distill: the teacher's top-k next-token "
                                      "probabilities cached per batch (null: the whole distribution).")
@@ -123,8 +126,9 @@ class AnnealOptions(PassOptions):
     warm_start: Literal["coverage", "full"] = Field(
         "coverage", description="track: each phase starts from the coverage table at its budget (within the "
                                 "previous budget's table), or from full width.")
-    start_margin: float = Field(3.0, ge=0, description="track: initial logit advantage of the warm-start action.")
-    lambda_lr: float = Field(2.0, ge=0, description="track: dual ascent rate of lambda on (expected keep - budget).")
+    start_margin: float = Field(0.5, ge=0, description="track: initial logit advantage of the warm-start action "
+                                "(small: training explores the neighbouring widths).")
+    lambda_lr: float = Field(0.5, ge=0, description="track: dual ascent rate of lambda on (expected keep - budget).")
     validation: float = Field(0.125, ge=0, lt=1, description="track: share of calibration batches held out to "
                               "choose, per budget, between the trained and the warm-start table.")
     extra_steps: int | None = Field(None, ge=0, description="ramp: bounded continuation if budgets remain, with "
@@ -140,9 +144,14 @@ class AnnealOptions(PassOptions):
 
     @model_validator(mode="after")
     def _ramp_needs_steps(self):
-        if self.schedule == "ramp" and self.steps < 1:
+        if self.schedule == "ramp" and self.steps is not None and self.steps < 1:
             raise ValueError("the ramp schedule needs steps >= 1")
         return self
+
+    def total_steps(self, budgets: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return STEPS_PER_BUDGET * budgets if self.schedule == "track" else RAMP_STEPS
 
     def needs_calibration(self, earlier: frozenset[str]) -> bool:
         return True
@@ -353,7 +362,7 @@ class Anneal(Pass):
         n = len(setup.batches)
         held = min(max(round(n * opts.validation), 1), n - 1) if opts.validation > 0 else 0
         train, val = list(range(n - held)), list(range(n - held, n))
-        lengths = phase_lengths(opts.steps, len(setup.budgets))
+        lengths = phase_lengths(opts.total_steps(len(setup.budgets)), len(setup.budgets))
 
         exported: dict[float, dict] = {}
         history: list[dict] = []
@@ -374,13 +383,14 @@ class Anneal(Pass):
                             phase_step=t, start_levels=start_levels, **{"lambda": lam})
 
         step = sum(lengths[:phase]) + t
-        with step_progress(opts.steps, completed=step, description="anneal", fields=("loss", "keep", "budget"),
+        with step_progress(sum(lengths), completed=step, description="anneal", fields=("loss", "keep", "budget"),
                            disable=ctx.quiet) as bar:
             while phase < len(setup.budgets):
                 budget, steps = setup.budgets[phase], lengths[phase]
                 upper = exported[setup.budgets[phase - 1]]["levels"] if phase else None
                 for gate, row in zip(setup.gates, upper if upper is not None else [None] * len(setup.gates)):
                     gate.max_levels = row
+                phase_started = time.perf_counter()
                 if start_levels is None:  # a new phase: logits favour the warm start, fresh moments
                     start_levels = self._warm_start(graph, ctx, setup, budget, upper)
                     with torch.no_grad():
@@ -406,6 +416,7 @@ class Anneal(Pass):
                     if self.on_step is not None:
                         self.on_step(step - 1)
                 exported[budget] = self._choose(graph, ctx, setup, budget, start_levels, upper, val, step, steps)
+                exported[budget]["seconds"] = time.perf_counter() - phase_started  # this run's share, if resumed
                 phase, t, start_levels = phase + 1, 0, None
                 save(step)
         return exported, history
@@ -434,8 +445,9 @@ class Anneal(Pass):
         """One lambda ramp; each budget's table is exported when the deployed keep first reaches it."""
         opts = self.options
         budgets = setup.budgets
+        steps = opts.total_steps(len(budgets))
         optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
-        extra = opts.extra_steps if opts.extra_steps is not None else opts.steps // 2
+        extra = opts.extra_steps if opts.extra_steps is not None else steps // 2
         exported: dict[float, dict] = {}
         history: list[dict] = []
         start = 0
@@ -467,26 +479,26 @@ class Anneal(Pass):
 
         if start == 0:
             export_crossed(0, setup.keep(setup.deployed_levels()))
-        total = opts.steps + extra
-        with step_progress(opts.steps if start < opts.steps else total, completed=start, description="anneal",
+        total = steps + extra
+        with step_progress(steps if start < steps else total, completed=start, description="anneal",
                            fields=("loss", "keep", "next"), disable=ctx.quiet) as bar:
             for step in range(start, total):
                 if len(exported) == len(budgets):
                     break
-                if step == opts.steps and step > start:
+                if step == steps and step > start:
                     bar.set_total(total)  # the continuation runs: its steps join the bar
-                sched = min(step, opts.steps - 1)
-                tau, beta = opts.tau.at(sched, opts.steps), opts.beta.at(sched, opts.steps)
-                lam = opts.lambda_.at(sched, opts.steps)
-                if step == opts.steps:
+                sched = min(step, steps - 1)
+                tau, beta = opts.tau.at(sched, steps), opts.beta.at(sched, steps)
+                lam = opts.lambda_.at(sched, steps)
+                if step == steps:
                     # Fresh Adam moments for the continuation: the main phase's second moments keep
                     # the now-peaked logits' steps tiny however hard the cost term pushes.
                     optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
-                if step >= opts.steps:
+                if step >= steps:
                     # Bounded continuation: double the cost weight CONTINUATION_DOUBLINGS times over
                     # the extra steps. The quality cost of pruning grows steeply at low budgets; a
                     # linear ramp to 3x the final lambda stalled at keep 0.27 of a 0.2 target on `tiny`.
-                    lam = opts.lambda_.end * 2 ** (CONTINUATION_DOUBLINGS * (step - opts.steps + 1) / max(extra, 1))
+                    lam = opts.lambda_.end * 2 ** (CONTINUATION_DOUBLINGS * (step - steps + 1) / max(extra, 1))
                 quality = self._sampled_loss(graph, ctx, setup, step, step % len(setup.batches), tau)
                 cost, entropy = setup.expected_cost_and_entropy()
                 loss = quality + lam * cost - beta * entropy
@@ -530,8 +542,7 @@ class Anneal(Pass):
                     "per_layer_keep": per_layer_keep(tables[i], full),
                     "exported_at_step": exported[b]["step"],
                     "how": exported[b]["how"],
-                    **({"validation_loss": exported[b]["validation_loss"]} if "validation_loss" in exported[b]
-                       else {}),
+                    **{k: exported[b][k] for k in ("validation_loss", "seconds") if k in exported[b]},
                 }
                 for i, b in enumerate(budgets)
             ],

@@ -1,4 +1,4 @@
-"""Train one zoo model: tokenizer, Qwen3-MoE weights, evaluation, manifest.
+"""Train one zoo model: tokenizer, MoE weights (Qwen3-MoE or Mixtral), evaluation, manifest.
 
 :func:`train_checkpoint` writes a complete checkpoint directory that loads offline with
 ``AutoTokenizer.from_pretrained(dir)`` and ``AutoModelForCausalLM.from_pretrained(dir)``.
@@ -284,7 +284,7 @@ def train_checkpoint(
             or the document names' hash for custom documents).
         extra_manifest: extra top-level manifest entries.
     """
-    from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM
+    from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
     seed = recipe.seed if seed is None else int(seed)
@@ -334,11 +334,12 @@ def train_checkpoint(
             pad_token_id=tokenizer.pad_token_id,
         )
         torch.manual_seed(seed)
-        model = Qwen3MoeForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
+        architecture = type(model).__name__
         model.to(torch.float32)
         stats = _model_stats(model, recipe)
         report.say(
-            f"Qwen3-MoE: {stats['parameters']:,} parameters, {stats['routed_expert_parameters']:,} in routed "
+            f"{architecture}: {stats['parameters']:,} parameters, {stats['routed_expert_parameters']:,} in routed "
             f"experts, {stats['active_parameters_per_token']:,} active per token"
         )
 
@@ -417,7 +418,7 @@ def train_checkpoint(
         "format": MANIFEST_FORMAT,
         "name": recipe.name,
         "description": recipe.description,
-        "architecture": "Qwen3MoeForCausalLM",
+        "architecture": architecture,
         "recipe": recipe.to_dict(),
         "seed": seed,
         "steps": steps,
