@@ -6,7 +6,8 @@ same ranked model, calibration set, budgets (fractions of routed-expert paramete
 held-out tokens. Runs :func:`flexc.eval.compare.compare` on a spec built from the arguments.
 
     python benchmarks/quality.py --model tiny
-    python benchmarks/quality.py --model small --samples 128 --steps 300
+    python benchmarks/quality.py --model small --samples 64 --eval-tokens 30000
+    python benchmarks/quality.py --model mixtral-tiny --eval-tokens 20000
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import common  # noqa: E402
 from flexc.compiler.spec import Spec  # noqa: E402
 from flexc.eval.compare import compare, parse_methods  # noqa: E402
 
-BUDGETS = "0.9,0.75,0.6,0.5,0.4,0.3,0.2"
-METHODS = "flexmoe,uniform,coverage,expert_prune:man,expert_prune:frequency"
+BUDGETS = "0.9,0.75,0.6,0.5,0.4,0.3,0.25,0.2"
+METHODS = "flexmoe,uniform,coverage,expert_prune:man,expert_prune:frequency,expert_prune:reap"
 
 
 def spec_for(args) -> Spec:
@@ -47,7 +48,8 @@ def spec_for(args) -> Spec:
         "pipeline": [
             {"rank_channels": {"score": "taylor", "plot": False}},
             {"insert_action_gates": {"levels": args.levels, "granule": 16, "init_margin": args.init_margin}},
-            {"anneal": {"steps": args.steps, "lr": args.lr, **dict(args.anneal)}},
+            {"anneal": {**{k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None},
+                        **dict(args.anneal)}},
         ],
         "seed": args.seed,
     })
@@ -68,8 +70,8 @@ def main() -> None:
     parser.add_argument("--methods", default=METHODS)
     parser.add_argument("--budgets", default=BUDGETS)
     parser.add_argument("--samples", type=int, default=64, help="calibration sequences")
-    parser.add_argument("--steps", type=int, default=200, help="anneal steps")
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--steps", type=int, default=None, help="anneal steps (default: the pass's)")
+    parser.add_argument("--lr", type=float, default=None, help="anneal learning rate (default: the pass's)")
     parser.add_argument("--init-margin", type=float, default=3.0, help="insert_action_gates' full-width bias")
     parser.add_argument("--levels", type=int, default=8, help="insert_action_gates' number of widths per expert")
     parser.add_argument("--anneal", type=_option, action="append", default=[], metavar="KEY=VALUE",
