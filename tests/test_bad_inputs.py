@@ -341,7 +341,7 @@ CASES = [
          "seq_len: 100000}\n", "data.evaluation.seq_len", "max_position_embeddings 512"),
     Case("zoo_budget_below_floor", "model: {zoo: tiny}\nbudgets: {keep: [0.1]}\n" + GATES, "budgets.keep[0]",
          "below 0.125"),
-    Case("zoo_unbuilt_budget_below_floor", "model: {zoo: small}\nbudgets: {keep: [0.1]}\n" + GATES,
+    Case("zoo_unbuilt_budget_below_floor", "model: {zoo: small}\nbudgets: {keep: [0.05]}\n" + GATES,
          "budgets.keep[0]", "zoo recipe 'small'", _unbuilt_zoo),
     # ---- model directories
     model_case("safetensors_truncated", _truncate, "truncated safetensors file", names_file="model/model.safetensors"),

@@ -300,7 +300,7 @@ def check_budget_floor(spec: Spec, shape) -> list[Problem]:
 
             narrowest = int(level_widths(inter, options.levels, options.granule)[0])
             floor = narrowest / inter
-            why = (f"insert_action_gates (levels {options.levels}, granule {options.granule}) cannot make an "
+            why = (f"insert_action_gates (levels {options.levels or 'one per granule'}, granule {options.granule}) cannot make an "
                    f"expert of {inter} channels ({shape.config_file}) narrower than {narrowest}; use a larger "
                    "budget, or more levels or a smaller granule")
         elif entry.name in ("uniform", "coverage"):

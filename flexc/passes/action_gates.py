@@ -35,8 +35,17 @@ from flexc.passes.registry import register_pass
 GATE_PREFIX = "flexc_gates_"
 
 
-def level_widths(intermediate: int, levels: int, granule: int) -> torch.Tensor:
-    """Widths of the ``levels`` keep ratios ``1/levels … 1``, rounded to ``granule`` (ascending, ≥ 1 granule)."""
+MAX_LEVELS = 64
+
+
+def level_widths(intermediate: int, levels: int | None, granule: int) -> torch.Tensor:
+    """Widths of the ``levels`` keep ratios ``1/levels … 1``, rounded to ``granule`` (ascending, ≥ 1 granule).
+
+    ``levels=None``: one action per granule (every multiple of ``granule``), at most
+    ``MAX_LEVELS`` of them.
+    """
+    if levels is None:
+        levels = min(max(intermediate // granule, 1), MAX_LEVELS)
     ratios = torch.arange(1, levels + 1, dtype=torch.float64) / levels
     widths = (ratios * intermediate / granule).round() * granule
     widths = widths.clamp(min=min(granule, intermediate), max=intermediate).to(torch.int64)
@@ -149,7 +158,9 @@ def set_gate_mode(graph, mode: str, tau: float | None = None) -> None:
 
 
 class InsertActionGatesOptions(PassOptions):
-    levels: int = Field(8, ge=2, le=64, description="Number of keep ratios per expert: 1/levels … levels/levels.")
+    levels: int | None = Field(None, ge=2, le=64, description="Number of keep ratios per expert: 1/levels … "
+                               "levels/levels (default: one per granule, i.e. every multiple of the granule, "
+                               "at most 64).")
     granule: int = Field(16, ge=1, description="Widths are rounded to multiples of this many channels.")
     init_margin: float = Field(3.0, ge=0, description="Initial logit advantage of the full-width action.")
 
