@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="anneal steps (default: the pass's)")
     parser.add_argument("--lr", type=float, default=None, help="anneal learning rate (default: the pass's)")
     parser.add_argument("--init-margin", type=float, default=3.0, help="insert_action_gates' full-width bias")
-    parser.add_argument("--levels", type=int, default=8, help="insert_action_gates' number of widths per expert")
+    parser.add_argument("--levels", type=int, default=None, help="insert_action_gates' widths per expert (default: the pass's)")
     parser.add_argument("--anneal", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="another anneal option, VALUE in YAML (e.g. schedule=ramp, start_margin=1)")
     parser.add_argument("--eval-tokens", type=int, default=50_000)
