@@ -22,7 +22,7 @@ from flexc.export.onnx_export import (
 )
 from flexc.export.slicing import slice_experts
 from flexc.export.tables import WidthTables, budget_key
-from flexc.ir.experts_impl import WIDTHS_BUFFER, canonical_weights, expert_activation, set_widths
+from flexc.ir.experts_impl import WIDTHS_BUFFER, canonical_weights, expert_activation, set_widths, use_flexc_experts
 from flexc.ir.groups import find_expert_groups
 from flexc.ir.op import moe_experts_reference
 from flexc.ir.testing import tiny_families, tiny_model
@@ -68,7 +68,7 @@ def snapshot(model):
 def nested_logits(model, groups, widths, feed):
     """The torch reference: flexc's experts implementation at ``widths``, undone afterwards."""
     impl = model.config._experts_implementation
-    model.set_experts_implementation("flexc")
+    use_flexc_experts(model)
     try:
         for g, row in zip(groups, widths):
             set_widths(model.get_submodule(g.path), row)

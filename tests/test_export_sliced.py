@@ -21,7 +21,7 @@ import torch
 from flexc.compiler.exporters import ExportContext, get_exporter
 from flexc.export.sliced import MANIFEST_FILE, MODELING_FILE, SlicedExportError, load_sliced
 from flexc.export.tables import BudgetError, WidthTables, budget_key
-from flexc.ir.experts_impl import set_widths
+from flexc.ir.experts_impl import set_widths, use_flexc_experts
 from flexc.ir.groups import find_expert_groups
 from flexc.ir.testing import tiny_families, tiny_model
 
@@ -50,7 +50,7 @@ def random_nested_tables(groups, seed: int) -> WidthTables:
 
 def nested_logits(model, groups, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The nested runtime at ``table``: flexc's op with width buffers on the full weights."""
-    model.set_experts_implementation("flexc")
+    use_flexc_experts(model)
     for group, row in zip(groups, table):
         set_widths(model.get_submodule(group.path), row)
     with torch.no_grad():

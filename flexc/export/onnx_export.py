@@ -185,14 +185,14 @@ def fused_experts(model: nn.Module, groups, widths: torch.Tensor) -> Iterator[li
 @contextmanager
 def nested_runtime(model: nn.Module, groups, widths: torch.Tensor) -> Iterator[nn.Module]:
     """The model computing its experts at ``widths [L, E]`` with flexc's reference op (the oracle)."""
-    from flexc.ir.experts_impl import IMPLEMENTATION_NAME, WIDTHS_BUFFER, set_widths
+    from flexc.ir.experts_impl import WIDTHS_BUFFER, set_widths, use_flexc_experts
 
     previous_impl = model.config._experts_implementation
     modules = [model.get_submodule(g.path) for g in groups]
     previous_widths = [m._buffers.get(WIDTHS_BUFFER) for m in modules]
     previous_widths = [None if w is None else w.clone() for w in previous_widths]
     try:
-        model.set_experts_implementation(IMPLEMENTATION_NAME)
+        use_flexc_experts(model)
         for module, row in zip(modules, widths):
             set_widths(module, row)
         yield model

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from flexc.ir.families import UnsupportedFamilyError, detect_family
 from flexc.ir.op import call_moe_experts
@@ -60,9 +59,21 @@ def flexc_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_in
 
 
 def register() -> None:
-    """Make ``"flexc"`` a valid ``experts_implementation`` (idempotent)."""
+    """Make ``"flexc"`` a valid ``experts_implementation`` (idempotent).
+
+    Called when a model is switched to it, not at import: transformers' MoE integrations take
+    seconds to import, and ``flexc validate`` reads pass modules that import this one.
+    """
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
     if IMPLEMENTATION_NAME not in ALL_EXPERTS_FUNCTIONS:
         ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION_NAME, flexc_experts_forward)
+
+
+def use_flexc_experts(model: nn.Module) -> None:
+    """Route every MoE layer of a transformers model through the flexc op."""
+    register()
+    model.set_experts_implementation(IMPLEMENTATION_NAME)
 
 
 def set_widths(experts: nn.Module, widths: torch.Tensor | None) -> None:
@@ -77,6 +88,3 @@ def set_widths(experts: nn.Module, widths: torch.Tensor | None) -> None:
         current.copy_(widths)
     else:
         experts.register_buffer(WIDTHS_BUFFER, widths.clone(), persistent=False)
-
-
-register()

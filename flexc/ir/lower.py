@@ -35,7 +35,7 @@ def default_example(model: nn.Module, batch: int = 2, seq: int = 8) -> dict[str,
 def prepare_model(model: nn.Module) -> list:
     """Route every experts module through the flexc op with a full-width widths buffer."""
     groups = find_expert_groups(model)
-    model.set_experts_implementation(experts_impl.IMPLEMENTATION_NAME)
+    experts_impl.use_flexc_experts(model)
     for g in groups:
         module = model.get_submodule(g.path)
         if getattr(module, experts_impl.WIDTHS_BUFFER, None) is None:

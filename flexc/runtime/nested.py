@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from flexc.ir.tables import BudgetError, WidthTables
-from flexc.ir.experts_impl import IMPLEMENTATION_NAME, WIDTHS_BUFFER, set_widths
+from flexc.ir.experts_impl import WIDTHS_BUFFER, set_widths, use_flexc_experts
 from flexc.ir.groups import ExpertGroup, find_expert_groups
 
 
@@ -83,7 +83,7 @@ def attach(model: nn.Module, tables: WidthTables, budget: float | None = None) -
     """Make ``model`` a nested model: flexc experts, width buffers, ``model.set_budget``."""
     from flexc.ir.families import detect_family
 
-    model.set_experts_implementation(IMPLEMENTATION_NAME)
+    use_flexc_experts(model)
     groups = find_expert_groups(model, detect_family(model.config))
     if [g.layer for g in groups] != tables.layers or [g.intermediate_size for g in groups] != tables.full:
         raise ValueError(f"the width tables (layers {tables.layers}) do not match this model's MoE layers "
