@@ -56,10 +56,7 @@ ALLOWED = {
 }
 
 # (importing module, imported module): allowed for now, with the reason.
-EXCEPTIONS = {
-    ("flexc.passes.checkpoint", "flexc.compiler.errors"):
-        "being rewritten with anneal; FlexcError now lives in flexc.errors, which it should import",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 # ``from flexc import __version__`` reads the version string only, from any layer.
 VERSION_IMPORT = ("flexc", "__version__")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from flexc.compiler.errors import FlexcError
+from flexc.errors import FlexcError
 from flexc.utils.atomic import atomic_path
 
 
