@@ -26,3 +26,15 @@ def replay_by_name():
         resolve_pass(rewrite["pass"])(rewrite["options"]).replay(graph, workdir / rewrite["pass"])
 
     return replay
+
+
+@pytest.fixture(scope="session")
+def moe_dir(tmp_path_factory):
+    """A tiny random Qwen3-MoE checkpoint with a byte-level BPE tokenizer (never written to)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "broken_specs"))
+    import compiler_helpers
+
+    return compiler_helpers.make_tiny_moe(tmp_path_factory.mktemp("models") / "tiny-qwen3-moe")

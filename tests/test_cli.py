@@ -18,10 +18,6 @@ sys.path.insert(0, str(HERE / "broken_specs"))
 import compiler_helpers as helpers  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory):
-    return helpers.make_tiny_moe(tmp_path_factory.mktemp("models") / "tiny-moe")
-
 
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory):

@@ -16,13 +16,7 @@ from flexc.compiler import logs
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE / "broken_specs"))
-import compiler_helpers as helpers  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory):
-    return helpers.make_tiny_moe(tmp_path_factory.mktemp("models") / "tiny-moe")
 
 
 @pytest.fixture

@@ -17,10 +17,6 @@ sys.path.insert(0, str(Path(__file__).parent / "broken_specs"))
 import compiler_helpers as helpers  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory):
-    return helpers.make_tiny_moe(tmp_path_factory.mktemp("models") / "tiny-qwen3-moe")
-
 
 @pytest.fixture
 def toy_passes(monkeypatch):

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +24,6 @@ from flexc.ir.experts_impl import set_widths, use_flexc_experts
 from flexc.ir.groups import find_expert_groups
 from flexc.ir.testing import tiny_families, tiny_model
 
-sys.path.insert(0, str(Path(__file__).parent / "broken_specs"))
-import compiler_helpers as helpers  # noqa: E402
 
 BUDGETS = [0.7, 0.35]
 FAMILIES = tiny_families()
@@ -219,10 +216,6 @@ def _toy_widths_pass():
 
     return ToySlicedWidths
 
-
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory):
-    return helpers.make_tiny_moe(tmp_path_factory.mktemp("models") / "tiny-qwen3-moe")
 
 
 def test_driver_writes_sliced_exports(moe_dir, tmp_path, monkeypatch):

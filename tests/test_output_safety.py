@@ -18,13 +18,7 @@ import pytest
 
 from flexc.cli import main
 
-sys.path.insert(0, str(Path(__file__).parent / "broken_specs"))
-import compiler_helpers as helpers  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory):
-    return helpers.make_tiny_moe(tmp_path_factory.mktemp("models") / "tiny-qwen3-moe")
 
 
 def write_spec(path: Path, moe_dir: Path, out: str, pipeline: str = "[]") -> Path:

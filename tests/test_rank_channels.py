@@ -7,7 +7,6 @@ import torch
 from safetensors.torch import load_file
 
 from flexc.ir import lower
-from flexc.ir.op import gate_up_rows
 from flexc.ir.testing import tiny_families, tiny_model
 from flexc.passes import PassContext, resolve_pass
 from flexc.passes.manager import run_checked

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,7 @@ import flexc
 from flexc.compiler.errors import SpecError
 
 EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
-sys.path.insert(0, str(Path(__file__).parent / "broken_specs"))
-import compiler_helpers as helpers  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory):
-    return helpers.make_tiny_moe(tmp_path_factory.mktemp("models") / "tiny-qwen3-moe")
 
 
 def write_spec(path: Path, moe_dir: Path, out: Path, pipeline: str) -> Path:

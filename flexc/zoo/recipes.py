@@ -114,15 +114,9 @@ class Recipe:
         ``vocab_size`` defaults to the recipe's; pass the trained tokenizer's actual size and
         its special-token ids.
         """
-        if self.family == "mixtral":
-            return self._mixtral_config(vocab_size, bos_token_id, eos_token_id, pad_token_id)
-        from transformers import Qwen3MoeConfig
-
-        return Qwen3MoeConfig(
+        shared = dict(
             vocab_size=self.vocab_size if vocab_size is None else vocab_size,
             hidden_size=self.hidden_size,
-            # Dense MLP size; unused because every layer is a MoE layer.
-            intermediate_size=4 * self.hidden_size,
             num_hidden_layers=self.num_layers,
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
@@ -134,51 +128,36 @@ class Recipe:
             use_cache=True,
             tie_word_embeddings=self.tie_word_embeddings,
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            attention_bias=False,
             attention_dropout=0.0,
-            decoder_sparse_step=1,
-            moe_intermediate_size=self.moe_intermediate_size,
             num_experts_per_tok=self.top_k,
-            num_experts=self.num_experts,
-            norm_topk_prob=True,
             output_router_logits=False,
             router_aux_loss_coef=self.router_aux_loss_coef,
-            mlp_only_layers=[],
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             dtype="float32",
         )
+        if self.family == "mixtral":
+            from transformers import MixtralConfig
 
-    def _mixtral_config(self, vocab_size, bos_token_id, eos_token_id, pad_token_id):
-        from transformers import MixtralConfig
+            return MixtralConfig(
+                **shared,
+                intermediate_size=self.moe_intermediate_size,  # Mixtral's experts are its only MLPs
+                num_local_experts=self.num_experts,
+                sliding_window=None,
+                router_jitter_noise=0.0,
+            )
+        from transformers import Qwen3MoeConfig
 
-        return MixtralConfig(
-            vocab_size=self.vocab_size if vocab_size is None else vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.moe_intermediate_size,  # Mixtral's experts are its only MLPs
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            hidden_act="silu",
-            max_position_embeddings=max(self.seq_len, 512),
-            initializer_range=self.initializer_range,
-            rms_norm_eps=1e-6,
-            use_cache=True,
-            tie_word_embeddings=self.tie_word_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            sliding_window=None,
-            attention_dropout=0.0,
-            num_experts_per_tok=self.top_k,
-            num_local_experts=self.num_experts,
-            output_router_logits=False,
-            router_aux_loss_coef=self.router_aux_loss_coef,
-            router_jitter_noise=0.0,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            dtype="float32",
+        return Qwen3MoeConfig(
+            **shared,
+            intermediate_size=4 * self.hidden_size,  # dense MLP size; unused: every layer is a MoE layer
+            attention_bias=False,
+            decoder_sparse_step=1,
+            moe_intermediate_size=self.moe_intermediate_size,
+            num_experts=self.num_experts,
+            norm_topk_prob=True,
+            mlp_only_layers=[],
         )
 
     def to_dict(self) -> dict[str, Any]:
