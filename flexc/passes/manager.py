@@ -1,18 +1,16 @@
-"""Run a pipeline of passes: check ordering constraints first, then run and time each pass.
+"""Running passes: the ordering check of a pipeline, and the one runner every caller uses.
 
-Ordering is checked on a graph of requirements (networkx): each pass needs properties that
-an earlier pass (or lowering, which provides ``"lowered"``) guarantees. An unsatisfiable
-pipeline is refused before anything runs, naming the missing property and the passes that
-could provide it.
+Each pass needs properties that an earlier pass (or lowering, which provides ``"lowered"``)
+guarantees. An unsatisfiable pipeline is refused before anything runs, naming the missing
+property and the passes that could provide it. :func:`run_pass` runs one pass for the compile
+driver, ``flexc compare`` and the benchmarks alike.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
-import networkx as nx
 import torch
 
 from flexc.passes.base import Pass, PassContext, PassResult
@@ -35,23 +33,6 @@ def providers_of(prop: str) -> list[str]:
     """Names of built-in passes that guarantee ``prop``."""
     _load_builtins()
     return sorted(name for name, cls in _BUILTINS.items() if prop in cls.guarantees)
-
-
-def requirement_graph(passes: Sequence[Pass | type[Pass]]) -> nx.DiGraph:
-    """Directed graph: an edge ``i -> j`` when pass ``j`` relies on a property pass ``i`` provides."""
-    graph = nx.DiGraph()
-    holds: dict[str, int] = {p: -1 for p in INITIAL_PROPERTIES}
-    graph.add_node(-1, name="lower")
-    for j, p in enumerate(passes):
-        graph.add_node(j, name=p.name)
-        for prop in p.requires:
-            if prop in holds:
-                graph.add_edge(holds[prop], j, property=prop)
-        for prop in p.invalidates:
-            holds.pop(prop, None)
-        for prop in p.guarantees:
-            holds[prop] = j
-    return graph
 
 
 def check_pipeline(passes: Sequence[Pass | type[Pass]],
@@ -86,29 +67,17 @@ def check_pipeline(passes: Sequence[Pass | type[Pass]],
 def run_pass(pass_: Pass, graph, ctx: PassContext) -> PassResult:
     """Run one pass, time it, and record the properties it guarantees on the graph."""
     start = time.perf_counter()
-    result = pass_(graph, ctx)
+    try:
+        result = pass_(graph, ctx)
+    except Exception as exc:
+        held = ", ".join(sorted(graph.properties)) or "none"
+        exc.add_note(f"in pass {pass_.name!r} (graph properties then: {held})")  # shown with --verbose
+        raise
     result.seconds = time.perf_counter() - start
     result.graph.properties -= set(pass_.invalidates)
     result.graph.properties |= set(pass_.guarantees)
     ctx.logger.info("pass %s finished in %.2fs", pass_.name, result.seconds)
     return result
-
-
-def run_pipeline(passes: Sequence[Pass], graph, ctx: PassContext, *, dump_dir: Path | None = None):
-    """Check, then run ``passes`` in order; with ``dump_dir``, dump the graph after each pass."""
-    check_pipeline(passes, graph.properties)
-    if dump_dir is not None:
-        from flexc.ir.draw import dump_graph
-
-        dump_graph(graph, Path(dump_dir) / "00-lowered")
-    results = []
-    for i, p in enumerate(passes, start=1):
-        result = run_pass(p, graph, ctx)
-        graph = result.graph
-        results.append(result)
-        if dump_dir is not None:
-            dump_graph(graph, Path(dump_dir) / f"{i:02d}-{p.name}", highlight=result.changed_nodes)
-    return graph, results
 
 
 def run_checked(pass_: Pass, graph, ctx: PassContext, inputs: dict, atol: float = 1e-5) -> tuple[PassResult, float]:
