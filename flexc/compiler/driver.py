@@ -351,30 +351,10 @@ def _write_report(out: Path, run: RunDir, spec: Spec, graph, state, tokenizer) -
     log.info("report: %s (%.1fs)", path, time.perf_counter() - started)
 
 
-def _replayer(completed: dict[str, Any]):
-    """Replays a saved structural rewrite with the pass the spec's pipeline built for its stage.
-
-    Nothing named in the saved state is imported: a rewrite whose stage is not one of the
-    spec's completed stages, or whose pass differs from that stage's, is refused.
-    """
-
-    def replay(rewrite: dict[str, Any], graph: Any, workdir: Path) -> None:
-        stage_name = rewrite.get("stage")
-        p = completed.get(stage_name) if isinstance(stage_name, str) else None
-        if p is None or p.name != rewrite.get("pass"):
-            raise FlexcError(
-                f"{STATE_DIR}/graph: the saved graph lists a rewrite by pass {rewrite.get('pass')!r} at stage "
-                f"{stage_name!r}, which this spec's completed pipeline does not run there; the state was not "
-                "written by this spec — start over with --force"
-            )
-        p.replay(graph, workdir / stage_name)
-
-    return replay
-
-
 def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, quiet: bool):
     from flexc.ir import lower
     from flexc.passes.base import PassContext
+    from flexc.passes.manager import check_pipeline, replayer, run_pass
 
     out = run.path
     pass_names = _stage_names(spec)[2 : 2 + len(spec.pipeline)]
@@ -393,14 +373,12 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
     saved = _saved_stage(out)
     if run.resumed and saved in pass_names and run.done(saved):
         first = pass_names.index(saved) + 1
-        graph.load_state(out / STATE_DIR / "graph", replay=_replayer(dict(zip(pass_names[:first], passes[:first]))))
+        graph.load_state(out / STATE_DIR / "graph", replay=replayer(dict(zip(pass_names[:first], passes[:first]))))
         state = artifacts.load_pass_state(out / STATE_DIR)
         log.info("resuming after stage %s", saved)
     for name in pass_names[first:]:
         if run.done(name):  # recorded by an older run but without saved state: run it again
             run.record(name, status="pending")
-
-    from flexc.passes.manager import check_pipeline, run_pass
 
     try:
         check_pipeline(passes[first:], frozenset(graph.properties))

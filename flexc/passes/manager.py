@@ -9,10 +9,12 @@ driver, ``flexc compare`` and the benchmarks alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 
+from flexc.errors import FlexcError
 from flexc.passes.base import Pass, PassContext, PassResult
 from flexc.passes.registry import _BUILTINS, _load_builtins
 
@@ -95,3 +97,26 @@ def run_checked(pass_: Pass, graph, ctx: PassContext, inputs: dict, atol: float 
     if pass_.preserves_computation and diff > atol:
         raise AssertionError(f"pass {pass_.name!r} claims preserves_computation but changed logits by {diff:.3g}")
     return result, diff
+
+
+def replayer(completed: dict[str, Pass]) -> Callable[[dict, object, Path], None]:
+    """Replays a saved structural rewrite with the pass built for its stage (``completed``:
+    stage name -> the pass the spec's pipeline built there), for ``FlexGraph.load_state``.
+
+    Nothing named in the saved state is imported: a rewrite whose stage is not one of
+    ``completed``, or whose pass differs from that stage's, is refused.
+    """
+
+    def replay(rewrite: dict, graph, workdir: Path) -> None:
+        stage = rewrite.get("stage")
+        p = completed.get(stage) if isinstance(stage, str) else None
+        if p is None or p.name != rewrite.get("pass"):
+            raise FlexcError(
+                f"state/graph: the saved graph lists a rewrite by pass {rewrite.get('pass')!r} at stage {stage!r}, "
+                "which this spec's completed pipeline does not run there; the state was not written by this "
+                "spec — start over with --force"
+            )
+        p.replay(graph, workdir / stage)
+
+    return replay
+
