@@ -43,7 +43,8 @@ def run_baseline(rev: str, args) -> dict:
         tar.extractall(work, filter="data")
     out = work / "result.json"
     cmd = [sys.executable, str(work / "benchmarks" / "anneal.py"), "--model", args.model, "--budgets", args.budgets,
-           "--samples", str(args.samples), "--eval-tokens", str(args.baseline_eval_tokens), "--out", str(out)]
+           "--samples", str(args.samples), "--steps", str(args.baseline_steps),
+           "--eval-tokens", str(args.baseline_eval_tokens), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(work)}
     print(f"baseline: {rev} ({' '.join(cmd[1:])})", flush=True)
     subprocess.run(cmd, check=True, env=env, cwd=work)
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="anneal steps (default: the pass's)")
     parser.add_argument("--eval-tokens", type=int, default=50_000)
     parser.add_argument("--baseline-rev", default=None, help="git revision to time side by side")
+    parser.add_argument("--baseline-steps", type=int, default=200,
+                        help="the baseline's anneal steps (200: that release's pass default)")
     parser.add_argument("--baseline-eval-tokens", type=int, default=2_000,
                         help="held-out tokens of the baseline run's own evaluation (its timing excludes it)")
     parser.add_argument("--out", type=Path, default=None)
