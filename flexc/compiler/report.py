@@ -111,6 +111,25 @@ def _plot_quality(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _how_chosen(out: Path) -> list[str]:
+    """Lines saying when and how each budget's table was chosen, from the last stage that trained
+    width tables (its ``width_tables.json`` records it per budget)."""
+    import json
+
+    reports = sorted((out / "stages").glob("*/width_tables.json")) if (out / "stages").is_dir() else []
+    budgets = json.loads(reports[-1].read_text()).get("budgets", []) if reports else []
+    if not budgets or "how" not in budgets[0]:
+        return []
+    lines = ["### How each table was chosen", "", f"From `{reports[-1].relative_to(out).as_posix()}`:", "",
+             "| keep (target) | chosen | after step | held-out calibration loss (trained / warm start) |",
+             "|---|---|---|---|"]
+    for b in budgets:
+        losses = b.get("validation_loss")
+        shown = f"{losses['trained']:.4g} / {losses['warm_start']:.4g}" if losses else "–"
+        lines.append(f"| {b['keep_target']:g} | {b['how']} | {b.get('exported_at_step', '–')} | {shown} |")
+    return lines + [""]
+
+
 def write_report(out: Path, manifest: dict[str, Any], spec, graph=None, state: dict | None = None,
                  tokenizer=None) -> Path:
     """Write ``out/report.md`` (and ``out/report/*.png``) from the run's manifest and results."""
@@ -166,6 +185,7 @@ def write_report(out: Path, manifest: dict[str, Any], spec, graph=None, state: d
                       f"![perplexity against keep ratio]({FIGURES_DIR}/quality.png)", ""]
         else:
             lines += ["(Add `data.evaluation` to the spec to measure held-out perplexity per budget.)", ""]
+        lines += _how_chosen(out)
         _plot_widths(graph, state, figures / "widths.png")
         lines += ["## Widths per layer and expert", "", f"![widths]({FIGURES_DIR}/widths.png)", ""]
 
