@@ -8,6 +8,7 @@ held-out tokens. Runs :func:`flexc.eval.compare.compare` on a spec built from th
     python benchmarks/quality.py --model tiny
     python benchmarks/quality.py --model small --samples 64 --eval-tokens 30000
     python benchmarks/quality.py --model mixtral-tiny --eval-tokens 20000
+    python benchmarks/quality.py --model tiny --methods flexmoe,coverage --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ BUDGETS = "0.9,0.75,0.6,0.5,0.4,0.3,0.25,0.2"
 METHODS = "flexmoe,uniform,coverage,expert_prune:man,expert_prune:frequency,expert_prune:reap"
 
 
-def spec_for(args) -> Spec:
+def spec_for(args, seed: int) -> Spec:
     import flexc.zoo
 
     seq_len = json.loads((flexc.zoo.resolve(args.model) / "manifest.json").read_text())["recipe"]["seq_len"]
@@ -51,7 +52,7 @@ def spec_for(args) -> Spec:
             {"anneal": {**{k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None},
                         **dict(args.anneal)}},
         ],
-        "seed": args.seed,
+        "seed": seed,
     })
 
 
@@ -78,19 +79,42 @@ def main() -> None:
                         help="another anneal option, VALUE in YAML (e.g. schedule=ramp, start_margin=1)")
     parser.add_argument("--eval-tokens", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None, metavar="S,S,...",
+                        help="run every method at each seed (calibration sample, Gumbel noise) and also report "
+                             "the mean perplexity per method and budget")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (the plot goes beside it)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    spec = spec_for(args)
-    work = Path(tempfile.mkdtemp(prefix="flexc-quality-"))
-    result = compare(spec, parse_methods(args.methods, spec), work, quiet=True)
-    print((work / "compare.md").read_text())
-    common.print_table(result["results"], ["method", "keep_target", "params_keep", "ppl", "tokens"])
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     out = args.out or common.RESULTS / f"quality_{args.model}.json"
-    common.write_json(out, {"model": args.model, "args": vars(args) | {"out": str(out)}, **result})
-    shutil.copy(work / "compare.png", out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.png')}")
+    runs = {}
+    for seed in seeds:
+        spec = spec_for(args, seed)
+        work = Path(tempfile.mkdtemp(prefix="flexc-quality-"))
+        runs[seed] = compare(spec, parse_methods(args.methods, spec), work, quiet=True)
+        print(f"seed {seed}\n" + (work / "compare.md").read_text())
+        common.print_table(runs[seed]["results"], ["method", "keep_target", "params_keep", "ppl", "tokens"])
+        if seed == seeds[0]:
+            shutil.copy(work / "compare.png", out.with_suffix(".png"))
+    result = {"model": args.model, "args": vars(args) | {"out": str(out)}, **runs[seeds[0]]}
+    if len(seeds) > 1:
+        result["seeds"] = {str(s): r["results"] for s, r in runs.items()}
+        result["mean_over_seeds"] = mean_rows([r["results"] for r in runs.values()])
+        print(f"mean held-out perplexity over seeds {seeds}")
+        common.print_table(result["mean_over_seeds"], ["method", "keep_target", "ppl", "ppl_min", "ppl_max"])
+    common.write_json(out, result)
+    print(f"wrote {out} and {out.with_suffix('.png')} (seed {seeds[0]})")
+
+
+def mean_rows(runs: list[list[dict]]) -> list[dict]:
+    """Per (method, keep target): mean, min and max perplexity over the runs."""
+    by_key: dict[tuple, list[float]] = {}
+    for rows in runs:
+        for r in rows:
+            by_key.setdefault((r["method"], r["keep_target"]), []).append(r["ppl"])
+    return [{"method": m, "keep_target": k, "ppl": sum(v) / len(v), "ppl_min": min(v), "ppl_max": max(v),
+             "seeds": len(v)} for (m, k), v in by_key.items()]
 
 
 if __name__ == "__main__":
