@@ -128,7 +128,12 @@ class AnnealOptions(PassOptions):
                                 "previous budget's table), or from full width.")
     start_margin: float = Field(0.5, ge=0, description="track: initial logit advantage of the warm-start action "
                                 "(small: training explores the neighbouring widths).")
-    lambda_lr: float = Field(0.5, ge=0, description="track: dual ascent rate of lambda on (expected keep - budget).")
+    control: Literal["dual", "price"] = Field(
+        "dual", description="track: how the budget is held. dual: lambda * cost in the loss, lambda by dual ascent; "
+                            "price: before every step the logits are offset by a price on width, solved so that "
+                            "the expected keep equals the budget (no cost term).")
+    lambda_lr: float = Field(0.5, ge=0, description="track, control dual: dual ascent rate of lambda on "
+                             "(expected keep - budget).")
     validation: float = Field(0.125, ge=0, lt=1, description="track: share of calibration batches held out to "
                               "choose, per budget, between the trained and the warm-start table.")
     extra_steps: int | None = Field(None, ge=0, description="ramp: bounded continuation if budgets remain, with "
@@ -263,6 +268,7 @@ class Anneal(Pass):
             for gate in setup.gates:
                 gate.noise = None
                 gate.max_levels = None
+                gate.price = None
             for p in setup.logits:
                 p.requires_grad_(False)
         self._write_outputs(graph, ctx, workdir, setup, exported, history)
@@ -342,15 +348,20 @@ class Anneal(Pass):
         if self.options.warm_start == "full":
             levels = torch.full(setup.weights.shape, setup.level_widths.shape[1] - 1, dtype=torch.long)
             levels = levels if upper is None else torch.minimum(levels, upper)
-        else:
-            from flexc.passes.baselines import Coverage, granules
+            flat = torch.zeros(*levels.shape, setup.level_widths.shape[1])  # no preference: fill by index order
+            return fit_to_budget(levels, setup.level_widths, budget, setup.full, setup.weights, flat, upper)
+        return self._coverage_levels(graph, ctx, setup, budget, upper)
 
-            # Coverage on the actions' own grid: widths in multiples of the levels' common divisor.
-            grid = math.gcd(*setup.level_widths.flatten().tolist())
-            upper_widths = None if upper is None else setup.widths(upper)
-            table = Coverage({"granule": grid}).choose(graph, ctx, budget, setup.full, setup.weights,
-                                                       granules(graph.groups, grid), upper_widths)
-            levels = snap_to_levels(table, setup.level_widths)
+    def _coverage_levels(self, graph, ctx, setup: _Setup, budget: float, upper: torch.Tensor | None) -> torch.Tensor:
+        """The ``coverage`` baseline's table at ``budget`` on the actions' grid, within ``upper`` if given."""
+        from flexc.passes.baselines import Coverage, granules
+
+        # Coverage on the actions' own grid: widths in multiples of the levels' common divisor.
+        grid = math.gcd(*setup.level_widths.flatten().tolist())
+        upper_widths = None if upper is None else setup.widths(upper)
+        table = Coverage({"granule": grid}).choose(graph, ctx, budget, setup.full, setup.weights,
+                                                   granules(graph.groups, grid), upper_widths)
+        levels = snap_to_levels(table, setup.level_widths)
         flat = torch.zeros(*levels.shape, setup.level_widths.shape[1])  # no preference: fill by index order
         return fit_to_budget(levels, setup.level_widths, budget, setup.full, setup.weights, flat, upper)
 
@@ -399,12 +410,15 @@ class Anneal(Pass):
                     optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
                 while t < steps:
                     tau, beta = opts.tau.at(t, steps), opts.beta.at(t, steps)
+                    if opts.control == "price":
+                        lam = self._set_price(setup, budget)
                     quality = self._sampled_loss(graph, ctx, setup, step, train[step % len(train)], tau)
                     cost, entropy = setup.expected_cost_and_entropy()
-                    loss = quality + lam * cost - beta * entropy
+                    loss = quality - beta * entropy + (lam * cost if opts.control == "dual" else 0.0)
                     self._update(optimizer, loss, setup, step,
                                  f"quality {quality.item():.4g}, cost {cost.item():.4g}, budget {budget:g}")
-                    lam = max(0.0, lam + opts.lambda_lr * (cost.item() - budget))
+                    if opts.control == "dual":
+                        lam = max(0.0, lam + opts.lambda_lr * (cost.item() - budget))
                     deployed = setup.keep(setup.deployed_levels())
                     history.append({"step": step, "budget": budget, "lambda": lam, "tau": tau, "beta": beta,
                                     "quality": quality.item(), "cost": cost.item(), "entropy": entropy.item(),
@@ -415,28 +429,82 @@ class Anneal(Pass):
                         save(step)
                     if self.on_step is not None:
                         self.on_step(step - 1)
+                if opts.control == "price":  # the deployed table: argmax of the final logits at their price
+                    self._set_price(setup, budget)
                 exported[budget] = self._choose(graph, ctx, setup, budget, start_levels, upper, val, step, steps)
+                for gate in setup.gates:
+                    gate.price = None
                 exported[budget]["seconds"] = time.perf_counter() - phase_started  # this run's share, if resumed
                 phase, t, start_levels = phase + 1, 0, None
                 save(step)
         return exported, history
 
+    @staticmethod
+    def _set_price(setup: _Setup, budget: float) -> float:
+        """Offset every gate's logits by ``-mu * (its share of the keep ratio)`` per action, with ``mu >= 0``
+        the smallest price at which the expected keep of the action distributions is at most ``budget``
+        (bisection); returns ``mu`` in units of a mean expert's keep."""
+        for gate in setup.gates:
+            gate.price = None
+        with torch.no_grad():
+            logits = torch.stack([g.masked_logits() for g in setup.gates]).double()  # [L, E, A]
+            share = setup.weights[..., None].double() * setup.ratios[:, None, :].double()  # keep of each action
+            unit = share / setup.weights.double().mean()  # O(1): a mean expert's keep ratio per action
+
+            def expected_keep(mu: float) -> float:
+                return float((torch.softmax(logits - mu * unit, dim=-1) * share).sum())
+
+            lo, hi = 0.0, 1.0
+            if expected_keep(0.0) > budget:
+                while expected_keep(hi) > budget and hi < 1e6:
+                    lo, hi = hi, hi * 2
+                for _ in range(40):
+                    mid = (lo + hi) / 2
+                    lo, hi = (mid, hi) if expected_keep(mid) > budget else (lo, mid)
+                mu = hi
+            else:
+                mu = 0.0
+            for gate, row in zip(setup.gates, unit):
+                gate.price = (-mu * row).float()
+        return mu
+
     def _choose(self, graph, ctx, setup: _Setup, budget, start_levels, upper, val, step, steps) -> dict:
-        """The phase's table: the trained one fitted to the budget, unless the warm start does better
-        on the held-out batches."""
+        """The phase's table: the trained one fitted to the budget, the warm start, or (where it nests
+        within the previous budget's table) the unconstrained ``coverage`` table, whichever has the
+        lowest quality loss on the held-out batches; ties go to the trained table."""
         trained = fit_to_budget(setup.deployed_levels(), setup.level_widths, budget, setup.full, setup.weights,
                                 setup.preference(), upper)
         record = {"levels": trained, "step": step, "how": "trained" if steps else "warm start (no steps)"}
-        if steps and val and not torch.equal(trained, start_levels):
-            losses = {"trained": self._table_loss(graph, setup, trained, val),
-                      "warm_start": self._table_loss(graph, setup, start_levels, val)}
-            record["validation_loss"] = losses
-            if losses["warm_start"] < losses["trained"]:
-                record.update(levels=start_levels, how="warm start (lower held-out loss than the trained table)")
-        elif steps and not torch.equal(trained, start_levels):
-            record["how"] = "trained (no held-out batches to check it on)"
-        elif steps:
+        if not steps:
+            return self._log_choice(ctx, budget, steps, record)
+        candidates = {"trained": trained, "warm_start": start_levels}
+        if upper is not None and self.options.warm_start == "coverage":
+            free = self._coverage_levels(graph, ctx, setup, budget, None)
+            if bool((free <= upper).all()):  # nests: a candidate the previous table allows
+                candidates["coverage"] = free
+        distinct = {}
+        for name, levels in candidates.items():  # each distinct table once, under its first name
+            if not any(torch.equal(levels, seen) for seen in distinct.values()):
+                distinct[name] = levels
+        if len(distinct) == 1:
             record["how"] = "trained (same table as the warm start)"
+        elif not val:
+            record["how"] = "trained (no held-out batches to check it on)"
+        else:
+            losses = {name: self._table_loss(graph, setup, levels, val) for name, levels in distinct.items()}
+            record["validation_loss"] = losses
+            best = min(losses, key=lambda name: (losses[name], list(losses).index(name)))
+            labels = {"trained": "trained table", "warm_start": "warm start", "coverage": "unconstrained coverage table"}
+            others = " and the ".join(labels[n] for n in losses if n != best)
+            if best == "warm_start":
+                record.update(levels=start_levels, how=f"warm start (lower held-out loss than the {others})")
+            elif best == "coverage":
+                record.update(levels=distinct["coverage"],
+                              how=f"coverage, unconstrained (lower held-out loss than the {others})")
+        return self._log_choice(ctx, budget, steps, record)
+
+    @staticmethod
+    def _log_choice(ctx, budget, steps, record) -> dict:
         ctx.logger.info("anneal: keep %.3f after %d steps: %s", budget, steps, record["how"])
         return record
 
