@@ -12,6 +12,7 @@ say which flexc artifact it is:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,16 @@ class Artifact:
     sliced: dict[str, Any] | None = None  # sliced: the config's flexc_sliced section
     budget: float | None = None  # nested: the budget asked for at load (None: full width)
 
-    def sliced_widths(self, experts_path: str) -> list[int]:
-        """A sliced checkpoint's per-expert widths of the experts module at ``experts_path``."""
-        entry = (self.sliced or {}).get("experts", {}).get(experts_path)
-        if not isinstance(entry, dict) or not isinstance(entry.get("widths"), list):
-            raise ServingError(f"{self._where()}: the config's {SLICED_KEY!r} section has no widths for "
-                               f"{experts_path!r}; re-export the sliced checkpoint")
-        return [int(w) for w in entry["widths"]]
+    def sliced_widths(self, layer: int) -> list[int]:
+        """A sliced checkpoint's per-expert widths in decoder layer ``layer``. The config names the
+        experts module by its transformers path (``model.layers.3.mlp.experts``), which may differ
+        from the checkpoint's and vLLM's names (Mixtral: ``block_sparse_moe``); the layer decides."""
+        entries = [entry for path, entry in (self.sliced or {}).get("experts", {}).items()
+                   if re.search(rf"(?:^|\.)layers\.{layer}\.", path)]
+        if len(entries) != 1 or not isinstance(entries[0], dict) or not isinstance(entries[0].get("widths"), list):
+            raise ServingError(f"{self._where()}: the config's {SLICED_KEY!r} section has no (single) widths entry "
+                               f"for decoder layer {layer}; re-export the sliced checkpoint")
+        return [int(w) for w in entries[0]["widths"]]
 
     def _where(self) -> str:
         return str(self.directory) if self.directory is not None else "the sliced checkpoint"

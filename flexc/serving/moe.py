@@ -185,7 +185,7 @@ class FlexcMoeBlock(nn.Module):
         capacity = self.full
         self.sliced = artifact.kind == "sliced"
         if artifact.kind == "sliced":
-            widths = artifact.sliced_widths(f"{prefix}.experts")
+            widths = artifact.sliced_widths(self.layer)
             if len(widths) != num_experts or min(widths) < 0 or max(widths) > self.full:
                 raise ServingError(f"{artifact.directory}: {prefix}.experts has widths {widths}; expected "
                                    f"{num_experts} values in [0, {self.full}]")
