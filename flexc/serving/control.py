@@ -46,10 +46,19 @@ def set_budget(llm, keep: float) -> dict[str, Any]:
 
 
 async def set_budget_async(engine_client, keep: float) -> dict[str, Any]:
-    """:func:`set_budget` for an async engine client (``vllm serve``'s ``EngineClient``)."""
+    """:func:`set_budget` for an async engine client (``vllm serve``'s ``EngineClient``).
+
+    The scheduler is paused (requests in flight kept) around the switch, so that no step runs
+    with the new widths over KV computed at the old ones: the widths change, running requests are
+    preempted (their KV freed and recomputed at the new budget), then scheduling resumes.
+    """
     start = time.perf_counter()
-    state = _one(await engine_client.collective_rpc(WORKER_METHOD, args=(float(keep),)))
-    await engine_client.reset_prefix_cache(reset_running_requests=True)
+    await engine_client.pause_generation(mode="keep", clear_cache=False)
+    try:
+        state = _one(await engine_client.collective_rpc(WORKER_METHOD, args=(float(keep),)))
+        await engine_client.reset_prefix_cache(reset_running_requests=True)
+    finally:
+        await engine_client.resume_generation()
     state["total_s"] = time.perf_counter() - start
     return state
 
