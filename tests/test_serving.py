@@ -88,7 +88,7 @@ def artifacts(tmp_path_factory):
     return built
 
 
-@pytest.fixture(scope="session", params=MODELS)
+@pytest.fixture(scope="module", params=MODELS)
 def engine(request, artifacts):
     """One engine per model, started at keep 0.75 on the nested artifact (closed after its tests)."""
     paths, ids, refs = artifacts[request.param]
@@ -149,3 +149,24 @@ def test_sliced_checkpoint_is_served_at_its_widths(artifacts):
             set_budget(llm, BUDGETS[0])
     finally:
         _shutdown(llm)
+
+
+def test_sliced_checkpoint_of_an_unserved_family_is_refused(tmp_path, monkeypatch):
+    """vLLM's Transformers backend would load an OLMoE sliced checkpoint and drop its packed
+    experts (silently wrong tokens); the plugin refuses it instead, naming what it serves."""
+    from flexc.export.sliced import write_sliced
+    from flexc.ir.families import detect_family
+    from flexc.ir.groups import find_expert_groups
+    from flexc.ir.testing import tiny_model
+    from transformers import AutoTokenizer
+
+    import flexc.zoo
+
+    model = tiny_model("olmoe", vocab_size=2048, hidden_size=128, max_position_embeddings=512)
+    groups = find_expert_groups(model, detect_family(model.config))
+    widths = torch.stack([torch.full((g.num_experts,), g.intermediate_size // 2) for g in groups])
+    write_sliced(tmp_path, model, groups, widths, budget=0.5,
+                 tokenizer=AutoTokenizer.from_pretrained(flexc.zoo.resolve("tiny", progress=False)))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine's error reaches this process
+    with pytest.raises(Exception, match="flexc sliced checkpoint of 'olmoe'.*does not serve"):
+        start_engine(tmp_path, trust_remote_code=True)

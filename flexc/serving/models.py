@@ -196,6 +196,10 @@ class FlexcUnservedSliced(torch.nn.Module):
                            f"(it serves {served}); vLLM cannot load its packed experts. Load it with flexc.load "
                            "or transformers (trust_remote_code=True) instead.")
 
+    # vLLM checks a text-generation model's interface before building it; __init__ refuses.
+    def embed_input_ids(self, input_ids):
+        raise ServingError("unreachable: FlexcUnservedSliced refuses to load")
+
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         raise ServingError("unreachable: FlexcUnservedSliced refuses to load")
 
