@@ -16,12 +16,15 @@ Two schedules:
   starts from a warm-start table at its budget (the ``coverage`` baseline's, within the
   previous budget's table; or full width), with the logits favouring it by ``start_margin``
   and every action above the previous budget's table excluded. ``lambda`` follows the budget
-  by dual ascent (it grows while the expected keep is above the budget and shrinks below),
-  ``tau`` and ``beta`` run their schedules within the phase. At the phase's end the argmax
-  table is fitted to the budget; it is exported unless the warm-start table has the lower
-  quality loss on calibration batches held out from training (``validation``), in which case
-  the warm start is. So training is spent at every budget, and a table is never worse on
-  held-out calibration text than the one-shot answer it started from.
+  by dual ascent (it grows while the expected keep is above the budget and shrinks below;
+  ``control: price`` instead offsets the logits by a price on width solved before every step so
+  that the step's sampled table keeps the budget), ``tau`` and ``beta`` run their schedules
+  within the phase. At the phase's end the argmax table is fitted to the budget and scored on
+  calibration batches held out from training (``validation``) together with the warm start and,
+  where it nests within the previous budget's table, the unconstrained ``coverage`` table at the
+  budget; the lowest held-out loss is exported (ties go to the trained table). So training is
+  spent at every budget, and a table is never worse on held-out calibration text than the
+  one-shot answers it is weighed against. No candidate is scored on batches it was trained on.
 - ``ramp``: ``lambda`` rises, ``tau`` and ``beta`` fall over ``steps``; after every step the
   deployed keep ratio (argmax actions) is compared with the next requested budget, from high
   to low, and a budget's table is exported when the deployed keep first reaches it. If the
@@ -135,7 +138,10 @@ class AnnealOptions(PassOptions):
     lambda_lr: float = Field(0.5, ge=0, description="track, control dual: dual ascent rate of lambda on "
                              "(expected keep - budget).")
     validation: float = Field(0.125, ge=0, lt=1, description="track: share of calibration batches held out to "
-                              "choose, per budget, between the trained and the warm-start table.")
+                              "choose, per budget, between the trained table and the one-shot ones.")
+    validation_z: float = Field(1.0, ge=0, description="track: the trained table is exported only if its held-out "
+                                "loss is below the best one-shot table's by more than this many standard errors of "
+                                "the per-sequence paired difference (0: any lower mean).")
     extra_steps: int | None = Field(None, ge=0, description="ramp: bounded continuation if budgets remain, with "
                                     "lambda doubling and fresh optimizer moments (default: half of steps).")
     checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints.")
@@ -185,6 +191,14 @@ def quality_loss(kind: str, student: torch.Tensor, teacher: TeacherTargets | Non
     if kind == "next_token":
         return F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     return distill_loss(student, teacher)
+
+
+def sequence_losses(kind: str, student: torch.Tensor, teacher: TeacherTargets | None, ids: torch.Tensor) -> torch.Tensor:
+    """``[batch]``: the quality loss of each sequence (mean over its positions)."""
+    if kind == "next_token":
+        per_token = F.cross_entropy(student[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
+        return per_token.mean(-1)
+    return distill_loss(student, teacher, reduction="none").mean(-1)
 
 
 def phase_lengths(steps: int, phases: int) -> list[int]:
@@ -327,20 +341,20 @@ class Anneal(Pass):
             raise AnnealDiverged(f"anneal: the action logits became non-finite after the update of step {step}; "
                                  f"the last good checkpoint is kept at {setup.ckpt_path}. " + advice)
 
-    def _table_loss(self, graph, setup: _Setup, levels: torch.Tensor, batches: list[int]) -> float:
-        """Mean quality loss of the fixed table ``levels`` on the given calibration batches."""
+    def _table_losses(self, graph, setup: _Setup, levels: torch.Tensor, batches: list[int]) -> torch.Tensor:
+        """Quality loss of every sequence of the given calibration batches under the fixed table ``levels``."""
         widths = setup.widths(levels).to(torch.int32)
         for gate, row in zip(setup.gates, widths):
             gate.table = row
         set_gate_mode(graph, "table")
-        total = 0.0
+        out = []
         with torch.no_grad():
             for i in batches:
                 ids = setup.batches[i]
-                total += float(quality_loss(self.options.quality, graph.logits(ids), setup.teachers[i], ids))
+                out.append(sequence_losses(self.options.quality, graph.logits(ids), setup.teachers[i], ids).double())
         for gate in setup.gates:
             gate.table = None
-        return total / max(len(batches), 1)
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
     # ------------------------------------------------------------------ track
     def _warm_start(self, graph, ctx, setup: _Setup, budget: float, upper: torch.Tensor | None) -> torch.Tensor:
@@ -411,7 +425,7 @@ class Anneal(Pass):
                 while t < steps:
                     tau, beta = opts.tau.at(t, steps), opts.beta.at(t, steps)
                     if opts.control == "price":
-                        lam = self._set_price(setup, budget)
+                        lam = self._set_price(setup, budget, _noise(ctx.seed, step, [p.shape for p in setup.logits]))
                     quality = self._sampled_loss(graph, ctx, setup, step, train[step % len(train)], tau)
                     cost, entropy = setup.expected_cost_and_entropy()
                     loss = quality - beta * entropy + (lam * cost if opts.control == "dual" else 0.0)
@@ -440,67 +454,81 @@ class Anneal(Pass):
         return exported, history
 
     @staticmethod
-    def _set_price(setup: _Setup, budget: float) -> float:
-        """Offset every gate's logits by ``-mu * (its share of the keep ratio)`` per action, with ``mu >= 0``
-        the smallest price at which the expected keep of the action distributions is at most ``budget``
-        (bisection); returns ``mu`` in units of a mean expert's keep."""
+    def _set_price(setup: _Setup, budget: float, noise: list[torch.Tensor] | None = None) -> float:
+        """Offset every gate's logits by ``-mu * u`` (``u[e, a]``: action ``a``'s share of the keep ratio,
+        in units of a mean expert), with ``mu`` the lowest price (bisection; it may be negative) at which
+        the argmax table of the offset logits (plus ``noise``: the step's Gumbel sample) keeps at most
+        ``budget``. So every training sample, and the deployed table, is a table at the budget."""
         for gate in setup.gates:
             gate.price = None
         with torch.no_grad():
-            logits = torch.stack([g.masked_logits() for g in setup.gates]).double()  # [L, E, A]
-            share = setup.weights[..., None].double() * setup.ratios[:, None, :].double()  # keep of each action
-            unit = share / setup.weights.double().mean()  # O(1): a mean expert's keep ratio per action
+            logits = torch.stack([g.masked_logits() for g in setup.gates])  # [L, E, A]
+            if noise is not None:
+                logits = logits + torch.stack(noise)
+            unit = (setup.weights[..., None] * setup.ratios[:, None, :]) / setup.weights.mean()
 
-            def expected_keep(mu: float) -> float:
-                return float((torch.softmax(logits - mu * unit, dim=-1) * share).sum())
+            def keep_at(mu: float) -> float:
+                return setup.keep((logits - mu * unit).argmax(dim=-1))
 
-            lo, hi = 0.0, 1.0
-            if expected_keep(0.0) > budget:
-                while expected_keep(hi) > budget and hi < 1e6:
-                    lo, hi = hi, hi * 2
-                for _ in range(40):
-                    mid = (lo + hi) / 2
-                    lo, hi = (mid, hi) if expected_keep(mid) > budget else (lo, mid)
-                mu = hi
-            else:
-                mu = 0.0
+            lo, hi = -1e3, 1e3  # keep_at falls as mu rises: widest allowed at lo, narrowest at hi
+            if keep_at(lo) <= budget + 1e-12:
+                hi = lo
+            for _ in range(60):
+                if hi - lo < 1e-9:
+                    break
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if keep_at(mid) > budget + 1e-12 else (lo, mid)
             for gate, row in zip(setup.gates, unit):
-                gate.price = (-mu * row).float()
-        return mu
+                gate.price = -hi * row
+        return hi
 
     def _choose(self, graph, ctx, setup: _Setup, budget, start_levels, upper, val, step, steps) -> dict:
-        """The phase's table: the trained one fitted to the budget, the warm start, or (where it nests
-        within the previous budget's table) the unconstrained ``coverage`` table, whichever has the
-        lowest quality loss on the held-out batches; ties go to the trained table."""
+        """The phase's table, from the trained one fitted to the budget and the one-shot candidates: the
+        warm start and, where it nests within the previous budget's table, the unconstrained ``coverage``
+        table. The one-shot candidate with the lower held-out loss is the fallback; the trained table is
+        exported only if its held-out loss is below the fallback's by more than ``validation_z`` standard
+        errors of the per-sequence paired difference (a lower mean alone can be noise)."""
+        opts = self.options
         trained = fit_to_budget(setup.deployed_levels(), setup.level_widths, budget, setup.full, setup.weights,
                                 setup.preference(), upper)
         record = {"levels": trained, "step": step, "how": "trained" if steps else "warm start (no steps)"}
         if not steps:
             return self._log_choice(ctx, budget, steps, record)
-        candidates = {"trained": trained, "warm_start": start_levels}
-        if upper is not None and self.options.warm_start == "coverage":
+        one_shot = {"warm_start": start_levels}
+        if upper is not None and opts.warm_start == "coverage":
             free = self._coverage_levels(graph, ctx, setup, budget, None)
-            if bool((free <= upper).all()):  # nests: a candidate the previous table allows
-                candidates["coverage"] = free
-        distinct = {}
-        for name, levels in candidates.items():  # each distinct table once, under its first name
-            if not any(torch.equal(levels, seen) for seen in distinct.values()):
-                distinct[name] = levels
-        if len(distinct) == 1:
+            if bool((free <= upper).all()) and not torch.equal(free, start_levels):  # nests: a candidate
+                one_shot["coverage"] = free
+        same = next((name for name, levels in one_shot.items() if torch.equal(levels, trained)), None)
+        if same is not None and len(one_shot) == 1:
             record["how"] = "trained (same table as the warm start)"
-        elif not val:
+            return self._log_choice(ctx, budget, steps, record)
+        if not val:
             record["how"] = "trained (no held-out batches to check it on)"
+            return self._log_choice(ctx, budget, steps, record)
+        seq = {name: self._table_losses(graph, setup, levels, val) for name, levels in one_shot.items()}
+        seq["trained"] = seq[same] if same is not None else self._table_losses(graph, setup, trained, val)
+        losses = {name: float(v.mean()) for name, v in seq.items()}
+        record["validation_loss"] = losses
+        fallback = min(one_shot, key=lambda name: losses[name])  # ties: the warm start (first)
+        choice = fallback
+        if same == fallback:
+            choice = "trained"
+        elif same is None:
+            diff = seq["trained"] - seq[fallback]
+            se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+            record["validation_difference"] = {"against": fallback, "mean": float(diff.mean()), "standard_error": se}
+            if float(diff.mean()) < min(0.0, -opts.validation_z * se):
+                choice = "trained"
+        labels = {"trained": "trained table", "warm_start": "warm start", "coverage": "unconstrained coverage table"}
+        if choice == "trained":
+            record["how"] = "trained" if same is None else f"trained (same table as the {labels[same]})"
         else:
-            losses = {name: self._table_loss(graph, setup, levels, val) for name, levels in distinct.items()}
-            record["validation_loss"] = losses
-            best = min(losses, key=lambda name: (losses[name], list(losses).index(name)))
-            labels = {"trained": "trained table", "warm_start": "warm start", "coverage": "unconstrained coverage table"}
-            others = " and the ".join(labels[n] for n in losses if n != best)
-            if best == "warm_start":
-                record.update(levels=start_levels, how=f"warm start (lower held-out loss than the {others})")
-            elif best == "coverage":
-                record.update(levels=distinct["coverage"],
-                              how=f"coverage, unconstrained (lower held-out loss than the {others})")
+            names = {"warm_start": "warm start", "coverage": "coverage, unconstrained"}
+            beaten = [labels[n] for n in losses if n != choice and losses[n] > losses[choice]]
+            why = f"lower held-out loss than the {' and the '.join(beaten)}" if len(beaten) == len(losses) - 1 else (
+                f"the trained table's held-out loss was not lower by {opts.validation_z:g} standard errors")
+            record.update(levels=one_shot[choice], how=f"{names[choice]} ({why})")
         return self._log_choice(ctx, budget, steps, record)
 
     @staticmethod
@@ -610,7 +638,8 @@ class Anneal(Pass):
                     "per_layer_keep": per_layer_keep(tables[i], full),
                     "exported_at_step": exported[b]["step"],
                     "how": exported[b]["how"],
-                    **{k: exported[b][k] for k in ("validation_loss", "seconds") if k in exported[b]},
+                    **{k: exported[b][k] for k in ("validation_loss", "validation_difference", "seconds")
+                       if k in exported[b]},
                 }
                 for i, b in enumerate(budgets)
             ],
