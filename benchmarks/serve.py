@@ -59,11 +59,12 @@ def uniform_artifact(model_name: str, out: Path, keeps=KEEPS) -> Path:
     return source
 
 
-def active_params(manifest: dict, widths) -> float:
-    """Parameters one token touches: everything but embeddings and unrouted experts; the routed
-    experts at their mean width (uniform here) times top-k."""
+def active_params(manifest: dict, config: dict, widths) -> float:
+    """Parameters one token computes with: all but the input embedding (a lookup) and the
+    unrouted experts; the routed experts at their mean width times top-k."""
     layers = manifest["layers"]
-    total = manifest["full"]["total_params"] - manifest["full"]["routed_params"]
+    embedding = 0 if config.get("tie_word_embeddings") else config["vocab_size"] * config["hidden_size"]
+    total = manifest["full"]["total_params"] - manifest["full"]["routed_params"] - embedding
     routed = 0.0
     for layer, row in zip(layers, widths):
         mean_width = sum(row[: layer["num_experts"]]) / layer["num_experts"]
@@ -99,7 +100,7 @@ def start(model: str, **kwargs):
     from vllm import LLM
 
     begin = time.perf_counter()
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
               kv_cache_memory_bytes=256 << 20, **kwargs)
     return llm, time.perf_counter() - begin
 
@@ -148,7 +149,8 @@ def main() -> None:
 
     llm, flexc_start = start(str(nested))
     full_widths = get_budget(llm)["widths"]
-    full_active = active_params(manifest, [full_widths[k] for k in sorted(full_widths, key=int)])
+    config = json.loads((nested / "config.json").read_text())
+    full_active = active_params(manifest, config, [full_widths[k] for k in sorted(full_widths, key=int)])
     switches = []
     for keep in get_budget(llm)["budgets"]:
         state = set_budget(llm, keep)
@@ -156,7 +158,7 @@ def main() -> None:
         widths = [state["widths"][k] for k in sorted(state["widths"], key=int)]
         figures = measure(llm, args)
         rows.append({"engine": "flexc", "keep": keep, **figures,
-                     "ideal": full_active / active_params(manifest, widths), "start_s": flexc_start})
+                     "ideal": full_active / active_params(manifest, config, widths), "start_s": flexc_start})
     shutdown(llm)
 
     base = stock or rows[0]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from flexc.ir.tables import BudgetError
-from flexc.serving.artifact import BUDGET_KEY, Artifact, detect
+from flexc.serving.artifact import Artifact, detect
 from flexc.serving.families import FAMILIES, ServedFamily, ServingError
 from flexc.serving.moe import BlockPlan, FlexcMoeBlock, building
 
@@ -49,10 +49,10 @@ class BudgetControl:
         if tables.layers != layers or tables.full != [blocks[i].full for i in layers]:
             raise ServingError(f"{artifact.directory}: the width tables cover MoE layers {tables.layers} "
                                f"(full widths {tables.full}) but the model has {layers}; re-export the artifact")
-        for layer, i in zip(layers, range(len(layers))):
-            if tables.tables.shape[2] < blocks[layer].experts.num_experts:
-                raise ServingError(f"{artifact.directory}: width tables for {tables.tables.shape[2]} experts, "
-                                   f"layer {layer} has {blocks[layer].experts.num_experts}")
+        most = max(blocks[layer].experts.num_experts for layer in layers)
+        if tables.tables.shape[2] < most:
+            raise ServingError(f"{artifact.directory}: width tables for {tables.tables.shape[2]} experts per layer; "
+                               f"the model has {most}: re-export the artifact")
         device = blocks[layers[0]].experts.widths.device
         full = [torch.full((blocks[i].experts.num_experts,), blocks[i].full, dtype=torch.int32) for i in layers]
         self.rows[1.0] = [row.to(device) for row in full]
@@ -217,4 +217,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["BUDGET_KEY", "BudgetControl", "FlexcUnservedSliced"] + ["Flexc" + f.architecture for f in FAMILIES.values()]
+__all__ = ["BudgetControl", "FlexcUnservedSliced"] + ["Flexc" + f.architecture for f in FAMILIES.values()]
