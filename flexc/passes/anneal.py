@@ -135,9 +135,9 @@ class AnnealOptions(PassOptions):
         "dual", description="track: how the budget is held. dual: lambda * cost in the loss, lambda by dual ascent; "
                             "price: before every step the logits are offset by a price on width, solved so that "
                             "the expected keep equals the budget (no cost term).")
-    lambda_lr: float = Field(0.5, ge=0, description="track, control dual: dual ascent rate of lambda on "
+    lambda_lr: float = Field(5.0, ge=0, description="track, control dual: dual ascent rate of lambda on "
                              "(expected keep - budget).")
-    validation: float = Field(0.125, ge=0, lt=1, description="track: share of calibration batches held out to "
+    validation: float = Field(0.25, ge=0, lt=1, description="track: share of calibration batches held out to "
                               "choose, per budget, between the trained table and the one-shot ones.")
     validation_z: float = Field(1.0, ge=0, description="track: the trained table is exported only if its held-out "
                                 "loss is below the best one-shot table's by more than this many standard errors of "
