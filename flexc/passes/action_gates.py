@@ -101,15 +101,13 @@ class GatedExperts(nn.Module):
         self.noise: torch.Tensor | None = None  # Gumbel noise [E, A] for the next "sample" forward
         self.table: torch.Tensor | None = None  # widths [E] for "table" mode
         self.max_levels: torch.Tensor | None = None  # [E]: actions above are excluded (nesting under a budget)
-        self.price: torch.Tensor | None = None  # [E, A]: added to the logits (the anneal's budget price)
 
     def masked_logits(self) -> torch.Tensor:
-        """The logits (plus ``price``, if set) with the actions above ``max_levels`` excluded."""
-        logits = self.logits if self.price is None else self.logits + self.price
+        """The logits with the actions above ``max_levels`` excluded."""
         if self.max_levels is None:
-            return logits
+            return self.logits
         allowed = torch.arange(self.logits.shape[1], device=self.logits.device)[None, :] <= self.max_levels[:, None]
-        return logits.masked_fill(~allowed, float("-inf"))
+        return self.logits.masked_fill(~allowed, float("-inf"))
 
     def probs(self) -> torch.Tensor:
         return F.softmax(self.masked_logits(), dim=-1)

@@ -16,15 +16,16 @@ Two schedules:
   starts from a warm-start table at its budget (the ``coverage`` baseline's, within the
   previous budget's table; or full width), with the logits favouring it by ``start_margin``
   and every action above the previous budget's table excluded. ``lambda`` follows the budget
-  by dual ascent (it grows while the expected keep is above the budget and shrinks below;
-  ``control: price`` instead offsets the logits by a price on width solved before every step so
-  that the step's sampled table keeps the budget), ``tau`` and ``beta`` run their schedules
-  within the phase. At the phase's end the argmax table is fitted to the budget and scored on
-  calibration batches held out from training (``validation``) together with the warm start and,
-  where it nests within the previous budget's table, the unconstrained ``coverage`` table at the
-  budget; the lowest held-out loss is exported (ties go to the trained table). So training is
-  spent at every budget, and a table is never worse on held-out calibration text than the
-  one-shot answers it is weighed against. No candidate is scored on batches it was trained on.
+  by dual ascent (it grows while the expected keep is above the budget and shrinks below),
+  ``tau`` and ``beta`` run their schedules within the phase. At the phase's end the argmax
+  table is fitted to the budget and scored on calibration batches held out from training
+  (``validation``, a quarter) with the one-shot candidates: the warm start and, where it nests
+  within the previous budget's table, the unconstrained ``coverage`` table at the budget. The
+  one-shot candidate with the lower held-out loss is the fallback; the trained table is
+  exported only if its held-out loss is lower by more than ``validation_z`` standard errors of
+  the per-sequence paired difference (a lower mean on a few sequences can be noise). So
+  training is spent at every budget, no table is chosen on the batches it was trained on, and
+  a trained table replaces the one-shot answer only where held-out text says it is better.
 - ``ramp``: ``lambda`` rises, ``tau`` and ``beta`` fall over ``steps``; after every step the
   deployed keep ratio (argmax actions) is compared with the next requested budget, from high
   to low, and a budget's table is exported when the deployed keep first reaches it. If the
@@ -131,12 +132,7 @@ class AnnealOptions(PassOptions):
                                 "previous budget's table), or from full width.")
     start_margin: float = Field(0.5, ge=0, description="track: initial logit advantage of the warm-start action "
                                 "(small: training explores the neighbouring widths).")
-    control: Literal["dual", "price"] = Field(
-        "dual", description="track: how the budget is held. dual: lambda * cost in the loss, lambda by dual ascent; "
-                            "price: before every step the logits are offset by a price on width, solved so that "
-                            "the expected keep equals the budget (no cost term).")
-    lambda_lr: float = Field(5.0, ge=0, description="track, control dual: dual ascent rate of lambda on "
-                             "(expected keep - budget).")
+    lambda_lr: float = Field(5.0, ge=0, description="track: dual ascent rate of lambda on (expected keep - budget).")
     validation: float = Field(0.25, ge=0, lt=1, description="track: share of calibration batches held out to "
                               "choose, per budget, between the trained table and the one-shot ones.")
     validation_z: float = Field(1.0, ge=0, description="track: the trained table is exported only if its held-out "
@@ -282,7 +278,6 @@ class Anneal(Pass):
             for gate in setup.gates:
                 gate.noise = None
                 gate.max_levels = None
-                gate.price = None
             for p in setup.logits:
                 p.requires_grad_(False)
         self._write_outputs(graph, ctx, workdir, setup, exported, history)
@@ -424,15 +419,12 @@ class Anneal(Pass):
                     optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
                 while t < steps:
                     tau, beta = opts.tau.at(t, steps), opts.beta.at(t, steps)
-                    if opts.control == "price":
-                        lam = self._set_price(setup, budget, _noise(ctx.seed, step, [p.shape for p in setup.logits]))
                     quality = self._sampled_loss(graph, ctx, setup, step, train[step % len(train)], tau)
                     cost, entropy = setup.expected_cost_and_entropy()
-                    loss = quality - beta * entropy + (lam * cost if opts.control == "dual" else 0.0)
+                    loss = quality - beta * entropy + lam * cost
                     self._update(optimizer, loss, setup, step,
                                  f"quality {quality.item():.4g}, cost {cost.item():.4g}, budget {budget:g}")
-                    if opts.control == "dual":
-                        lam = max(0.0, lam + opts.lambda_lr * (cost.item() - budget))
+                    lam = max(0.0, lam + opts.lambda_lr * (cost.item() - budget))
                     deployed = setup.keep(setup.deployed_levels())
                     history.append({"step": step, "budget": budget, "lambda": lam, "tau": tau, "beta": beta,
                                     "quality": quality.item(), "cost": cost.item(), "entropy": entropy.item(),
@@ -443,44 +435,11 @@ class Anneal(Pass):
                         save(step)
                     if self.on_step is not None:
                         self.on_step(step - 1)
-                if opts.control == "price":  # the deployed table: argmax of the final logits at their price
-                    self._set_price(setup, budget)
                 exported[budget] = self._choose(graph, ctx, setup, budget, start_levels, upper, val, step, steps)
-                for gate in setup.gates:
-                    gate.price = None
                 exported[budget]["seconds"] = time.perf_counter() - phase_started  # this run's share, if resumed
                 phase, t, start_levels = phase + 1, 0, None
                 save(step)
         return exported, history
-
-    @staticmethod
-    def _set_price(setup: _Setup, budget: float, noise: list[torch.Tensor] | None = None) -> float:
-        """Offset every gate's logits by ``-mu * u`` (``u[e, a]``: action ``a``'s share of the keep ratio,
-        in units of a mean expert), with ``mu`` the lowest price (bisection; it may be negative) at which
-        the argmax table of the offset logits (plus ``noise``: the step's Gumbel sample) keeps at most
-        ``budget``. So every training sample, and the deployed table, is a table at the budget."""
-        for gate in setup.gates:
-            gate.price = None
-        with torch.no_grad():
-            logits = torch.stack([g.masked_logits() for g in setup.gates])  # [L, E, A]
-            if noise is not None:
-                logits = logits + torch.stack(noise)
-            unit = (setup.weights[..., None] * setup.ratios[:, None, :]) / setup.weights.mean()
-
-            def keep_at(mu: float) -> float:
-                return setup.keep((logits - mu * unit).argmax(dim=-1))
-
-            lo, hi = -1e3, 1e3  # keep_at falls as mu rises: widest allowed at lo, narrowest at hi
-            if keep_at(lo) <= budget + 1e-12:
-                hi = lo
-            for _ in range(60):
-                if hi - lo < 1e-9:
-                    break
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if keep_at(mid) > budget + 1e-12 else (lo, mid)
-            for gate, row in zip(setup.gates, unit):
-                gate.price = -hi * row
-        return hi
 
     def _choose(self, graph, ctx, setup: _Setup, budget, start_levels, upper, val, step, steps) -> dict:
         """The phase's table, from the trained one fitted to the budget and the one-shot candidates: the
