@@ -172,6 +172,7 @@ def write_sliced_streamed(target: Path, lm: LayerModel, widths: torch.Tensor, *,
         chosen = pick(i, state)
         total += sum(v.numel() for n, v in chosen.items() if n in params)
         writer.write(to_checkpoint_names(sliced, chosen))
+        del state, chosen, graph  # nothing of this layer may outlive it: the next one loads now
     rest = pick(REST, lm.module_tensors(REST))
     total += sum(v.numel() for n, v in rest.items() if n in params)
     writer.write(to_checkpoint_names(sliced, rest))

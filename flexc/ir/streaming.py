@@ -136,6 +136,25 @@ class CheckpointReader:
         return out
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the system: a layer's tensors are large, and glibc's allocator
+    otherwise keeps what they occupied (its mmap threshold grows after large frees), so resident
+    memory would creep up layer after layer."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 class _Recorder(nn.Module):
     """Stands in for a decoder layer: records its inputs, returns the hidden states unchanged."""
 
@@ -235,6 +254,7 @@ class LayerModel:
     def free(self, layer: int) -> None:
         """Put decoder ``layer`` back on ``meta`` (its storage is released)."""
         self.layers[layer].to_empty(device="meta")
+        release_memory()
 
     # ---- running -----------------------------------------------------------------------
     def layer_inputs(self, batches) -> tuple[list[torch.Tensor], dict[tuple, list[dict]]]:
