@@ -10,7 +10,7 @@ sizes for comparison. Prints a table, writes ``benchmarks/results/scale.json`` a
 ``scale.png`` (peak against size).
 
     python benchmarks/scale.py                        # 1, 2, 4 GB streamed; in memory at 1, 2 GB
-    python benchmarks/scale.py --sizes 1 2 4 20       # adds a 20 GB model (~35 GB of free disk)
+    python benchmarks/scale.py --sizes 20 --in-memory --append   # adds a 20 GB model (~35 GB of free disk)
     python benchmarks/scale.py --sizes 0.3 --in-memory 0.3   # a quick check of the script
 
 Every model has the same layer shape (hidden 1024, 64 experts of width 384, top-8, 32k
@@ -209,6 +209,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where models and runs go (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     parser.add_argument("--keep", action="store_true", help="keep the models and runs")
+    parser.add_argument("--append", action="store_true", help="add the rows to those already in --out")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -243,6 +244,8 @@ def main() -> None:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 
+    if args.append and args.out.is_file():
+        rows = json.loads(args.out.read_text())["rows"] + rows
     print()
     print(f"{'model GB':>8} {'layers':>6} {'mode':>9} {'peak MB':>8} {'imports MB':>10} {'seconds':>8}  "
           "disk written per stage (MB)")

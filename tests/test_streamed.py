@@ -26,12 +26,12 @@ from flexc.ir.tables import WIDTHS_FILE, WidthTables  # noqa: E402
 FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")  # qwen2_moe: with its shared expert
 
 
-def _spec(model_dir: Path, out: Path, stream: str, **extra) -> dict:
+def _spec(model_dir: Path, out: Path, stream: str, score: str = "activation", **extra) -> dict:
     spec = {
         "model": {"path": str(model_dir), "dtype": "float32"},
         "data": {"calibration": {"builtin": "python-stdlib", "num_samples": 6, "seq_len": 24, "batch_size": 4}},
         "budgets": {"keep": [0.75, 0.5]},
-        "pipeline": [{"rank_channels": {"score": "activation", "plot": False}}, {"coverage": {"granule": 8}},
+        "pipeline": [{"rank_channels": {"score": score, "plot": False}}, {"coverage": {"granule": 8}},
                      "fold_masks"],
         "export": {"dir": str(out), "formats": ["nested", "sliced"]},
         "execution": {"stream": stream},
@@ -65,8 +65,8 @@ def family_dirs(tmp_path_factory):
     return {f: compiler_helpers.make_tiny_moe(root / f, family=f) for f in FAMILIES}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_streamed_equals_in_memory(family, family_dirs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, score", [(f, "activation") for f in FAMILIES] + [("qwen3_moe", "weight_activation")])
+def test_streamed_equals_in_memory(family, score, family_dirs, tmp_path, monkeypatch):
     from flexc.ir import streaming
 
     models = []
@@ -77,9 +77,9 @@ def test_streamed_equals_in_memory(family, family_dirs, tmp_path, monkeypatch):
         models.append(self)
 
     monkeypatch.setattr(streaming.LayerModel, "__init__", spy)
-    flexc.compile(_spec(family_dirs[family], tmp_path / "mem", "off"), quiet=True)
+    flexc.compile(_spec(family_dirs[family], tmp_path / "mem", "off", score), quiet=True)
     assert not models  # the in-memory path never streams
-    flexc.compile(_spec(family_dirs[family], tmp_path / "stream", "layers"), quiet=True)
+    flexc.compile(_spec(family_dirs[family], tmp_path / "stream", "layers", score), quiet=True)
     (lm,) = models
 
     mem, stream = tmp_path / "mem", tmp_path / "stream"
