@@ -213,7 +213,7 @@ def write_sliced(target: str | Path, model: nn.Module, groups, widths: torch.Ten
 
 def _tables(ctx: ExportContext, groups) -> WidthTables:
     try:
-        tables = ctx.width_tables("sliced", groups)
+        tables = ctx.width_tables("sliced")
     except ValueError as exc:
         raise SlicedExportError(str(exc)) from None
     _check_tables(tables, groups)

@@ -97,7 +97,7 @@ def select_budget(tables: WidthTables, keep: float, tolerance: float) -> float:
             f"budgets: {listed}. Set recover's keep to one of them, add {keep:g} to the spec's budgets, or raise "
             "keep_tolerance."
         )
-    return round(nearest, 6)  # budgets travel as float32 tensors: 0.6 comes back as 0.6000000238
+    return nearest
 
 
 def _attention_linears(model: nn.Module) -> list[str]:
@@ -210,7 +210,7 @@ class Recover(Pass):
         opts = self.options
         workdir = Path(ctx.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        tables = WidthTables.from_state(ctx.state, graph.groups)
+        tables = ctx.state.checked_width_tables()
         budget = select_budget(tables, opts.keep, opts.keep_tolerance)
         table = tables.table(budget)
         batches = list(ctx.calibration_batches())
@@ -248,7 +248,7 @@ class Recover(Pass):
         }
         atomic_write_text(workdir / REPORT, json.dumps(report, indent=2))
         atomic_write_text(workdir / HISTORY, json.dumps(history))
-        ctx.state["recovered_keep"] = budget
+        ctx.state.recovered_keep = budget
         ctx.logger.info("recover: fine-tuned at keep %g for %d steps, loss %.4g -> %.4g; adapters merged", budget,
                         len(history), report["loss_first"] or float("nan"), report["loss_last"] or float("nan"))
         return PassResult(graph=graph, modified=True, changed_nodes=set())
