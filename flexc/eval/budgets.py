@@ -5,7 +5,7 @@ from __future__ import annotations
 from flexc.ir.state import CompileState
 
 
-def apply_budget(graph, state: CompileState, budget: float | None) -> None:
+def apply_budget(graph, state: CompileState | dict, budget: float | None) -> None:
     """Switch ``graph`` in place to ``budget`` (a keep ratio of the state's tables); None or 1.0: full model.
 
     Sets every layer's widths and, for whole-expert pruning (the state's ``expert_masks``),
@@ -13,6 +13,8 @@ def apply_budget(graph, state: CompileState, budget: float | None) -> None:
     """
     from flexc.ir.graph import set_expert_mask
 
+    if isinstance(state, dict):  # the dict form of older callers
+        state = CompileState.from_mapping(state, graph.groups)
     if budget is None or (abs(budget - 1.0) < 1e-9 and state.width_tables is None):
         graph.set_widths(None)
         set_expert_mask(graph, None)

@@ -22,12 +22,6 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from flexc.ir.state import CompileState
 
-
-def _new_state() -> "CompileState":
-    from flexc.ir.state import CompileState
-
-    return CompileState()
-
 ENTRY_POINT_GROUP = "flexc.exporters"
 
 #: Every format name a spec may mention, with what it will produce.
@@ -49,14 +43,16 @@ class ExportContext:
     graph: Any = None
     model: Any = None
     tokenizer: Any = None
-    state: CompileState = field(default_factory=_new_state)
+    state: CompileState = None  # type: ignore[assignment] -- an empty state when not given
     run_dir: Path | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("flexc"))
 
     def __post_init__(self) -> None:
-        if isinstance(self.state, dict):  # the dict form of older callers
-            from flexc.ir.state import CompileState
+        from flexc.ir.state import CompileState  # here: validating a spec imports this module, not torch
 
+        if self.state is None:
+            self.state = CompileState()
+        elif isinstance(self.state, dict):  # the dict form of older callers
             groups = self.expert_groups() if "width_tables" in self.state else None
             self.state = CompileState.from_mapping(self.state, groups)
 

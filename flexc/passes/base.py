@@ -19,13 +19,6 @@ if TYPE_CHECKING:
     from flexc.ir.state import CompileState
 
 
-def new_state() -> "CompileState":
-    """An empty compile state (imported on first use: validating a spec needs no torch)."""
-    from flexc.ir.state import CompileState
-
-    return CompileState()
-
-
 def _numeric(annotation: Any) -> bool:
     """Whether a field annotation takes numbers (int/float, possibly optional) and not booleans."""
     if annotation in (int, float):
@@ -95,16 +88,18 @@ class PassContext:
     spec: Any = None
     seed: int = 0
     device: str = "cpu"
-    state: CompileState = field(default_factory=new_state)
+    state: CompileState = None  # type: ignore[assignment] -- an empty state when not given
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("flexc"))
     quiet: bool = False
     tokenizer: Any = None
     calibration_data: Any = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.state, dict):  # the dict form of older callers
-            from flexc.ir.state import CompileState
+        from flexc.ir.state import CompileState  # here: validating a spec imports this module, not torch
 
+        if self.state is None:
+            self.state = CompileState()
+        elif isinstance(self.state, dict):  # the dict form of older callers
             self.state = CompileState.from_mapping(self.state)
 
     def calibration_batches(self):

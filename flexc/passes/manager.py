@@ -173,7 +173,10 @@ def replayer(completed: dict[str, Pass]) -> Callable[[dict, object, Path], None]
                 "which this spec's completed pipeline does not run there; the state was not written by this "
                 "spec — start over with --force"
             )
+        before = len(graph.rewrites)
         p.replay(graph, workdir / stage)
+        for replayed in graph.rewrites[before:]:  # as run() tagged them: a later resume replays them again
+            replayed["stage"] = stage
 
     return replay
 
