@@ -4,22 +4,18 @@ One :class:`CompileState` travels through a compile. Every pass gets it as ``ctx
 reads or sets its attributes; the driver saves it to ``<out>/state/`` after every pass and a
 resumed compile loads it back; exporters, the report, ``flexc compare`` and eval read it.
 
-====================  =================================  ==========================================
-attribute             set by                             read by
-====================  =================================  ==========================================
-routing_counts        rank_channels (expert_prune when   anneal, baselines (``flops`` metric,
-                      no earlier pass collected them)    coverage's ``load`` importance),
-                                                         expert_prune, compare
-routing_weight_sums   same                               expert_prune (``router_weight``)
-channel_scores        rank_channels                      coverage (and anneal's warm start)
-width_tables          anneal, uniform, coverage,         fold_masks, recover, exporters, report,
-                      expert_prune (:class:`WidthTables`) compare, eval
-width_method          the baselines                      (a record of which chose the tables)
-expert_masks          expert_prune                       exporters (refused), report, eval
-recovered_keep        recover                            (a record of the budget fine-tuned at)
-kernel_backend        lower_kernels                      (a record of the backend chosen)
-extras                user passes (any name)             user passes
-====================  =================================  ==========================================
+- ``routing_counts``, ``routing_weight_sums`` ``[layers, experts]``: set by ``rank_channels``
+  (by ``expert_prune`` when no earlier pass collected them); read by ``anneal`` and the
+  baselines (``flops`` metric, coverage's ``load`` importance), ``expert_prune``, compare.
+- ``channel_scores`` ``[layers, experts, intermediate]``, ranked order: set by
+  ``rank_channels``; read by ``coverage`` (and so ``anneal``'s warm start).
+- ``width_tables`` (one :class:`WidthTables`): set by ``anneal``, ``uniform``, ``coverage``,
+  ``expert_prune``; read by ``fold_masks``, ``recover``, the exporters, the report, compare, eval.
+- ``width_method``: set by the baselines (a record of which one chose the tables).
+- ``expert_masks`` ``[budgets, layers, experts]`` bool: set by ``expert_prune``; read by the
+  exporters (which refuse it), the report, eval.
+- ``recovered_keep``, ``kernel_backend``: set by ``recover``, ``lower_kernels`` (records).
+- ``extras``: a user pass's own results, under names of its choosing.
 
 ``extras`` holds tensors and JSON values (nested lists and dicts with string keys); anything
 else cannot be saved between stages and is refused when the state is saved.
@@ -61,7 +57,7 @@ _VALUE_FIELDS = ("width_method", "recovered_keep", "kernel_backend")
 
 @dataclass(eq=False)
 class CompileState(MutableMapping):
-    """What passes hand each other (see the module's table for who sets and reads what)."""
+    """What passes hand each other (the module docstring lists who sets and reads what)."""
 
     routing_counts: torch.Tensor | None = None  # [layers, experts] token-slots routed to each expert
     routing_weight_sums: torch.Tensor | None = None  # [layers, experts] their summed router weights
