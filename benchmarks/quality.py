@@ -83,8 +83,9 @@ def main() -> None:
                         help="run every method at each seed (calibration sample, Gumbel noise) and also report "
                              "the mean perplexity per method and budget")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (the plot goes beside it)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (perplexities do not depend on it)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     out = args.out or common.RESULTS / f"quality_{args.model}.json"

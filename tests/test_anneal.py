@@ -13,7 +13,7 @@ from flexc.ir.testing import tiny_model
 from flexc.passes import PassContext, resolve_pass
 from flexc.passes.anneal import Anneal
 from flexc.passes.manager import run_checked, run_pass
-from flexc.passes.width_tables import expert_weights, keep_ratio
+from flexc.passes.width_tables import expert_weights, fit_to_budget, keep_ratio
 
 BUDGETS = (1.0, 0.75, 0.5, 0.4, 0.3)
 
@@ -284,3 +284,74 @@ def test_track_keeps_the_warm_start_when_training_does_worse_on_held_out_batches
         # the fallback is the warm start: the coverage table where no earlier budget capped it
         if i == 0 or BUDGETS[i - 1] == 1.0:
             assert torch.equal(tables[i], coverage_ctx.state["width_tables"][i])
+
+
+def test_track_weighs_the_unconstrained_coverage_table_where_it_nests(tmp_path):
+    """The held-out check compares the trained table and the warm start with the unconstrained
+    coverage table when that table nests within the previous budget's: a phase whose warm start and
+    training both went wrong still exports the one-shot answer if it is better on held-out batches."""
+    graph, ctx = gated_graph(tmp_path)
+    ctx.workdir = tmp_path / "run"
+    ctx.workdir.mkdir()
+    pass_ = Anneal({"budgets": [0.5], "steps": 8})
+    setup = pass_._setup(graph, ctx, ctx.workdir)
+    top = setup.level_widths.shape[1] - 1
+    upper = torch.full(setup.weights.shape, top)  # a previous table at full width: everything nests
+    coverage = pass_._coverage_levels(graph, ctx, setup, 0.5, None)
+    bad = torch.zeros_like(coverage)  # layer 0 pruned to the bone, layer 1 near whole: a poor table at 0.5
+    bad[1] = top
+    flat = torch.zeros(*bad.shape, top + 1)
+    bad = fit_to_budget(bad, setup.level_widths, 0.5, setup.full, setup.weights, flat)
+    assert setup.keep(bad) == pytest.approx(0.5) and not torch.equal(bad, coverage)
+    from flexc.passes.action_gates import set_gate_mode
+
+    with torch.no_grad():
+        for gate, row in zip(setup.gates, bad):
+            gate.logits.zero_().scatter_(1, row[:, None], 5.0)  # the trained (deployed) table is the bad one too
+    val = [len(setup.batches) - 1]
+    record = pass_._choose(graph, ctx, setup, 0.5, bad, upper, val, step=8, steps=8)
+    set_gate_mode(graph, "full")
+    losses = record["validation_loss"]
+    assert set(losses) == {"trained", "warm_start", "coverage"}
+    assert losses["trained"] == losses["warm_start"]  # the same table, weighed once
+    assert losses["coverage"] < losses["trained"]
+    assert record["how"].startswith("coverage, unconstrained") and torch.equal(record["levels"], coverage)
+    # where the coverage table does not nest within the previous one it is not a candidate
+    capped = coverage.clone()
+    capped[coverage > 0] -= 1
+    record = pass_._choose(graph, ctx, setup, 0.25, bad.clamp_max(capped), capped, val, step=8, steps=8)
+    set_gate_mode(graph, "full")
+    assert "coverage" not in record.get("validation_loss", {})
+
+
+@pytest.mark.parametrize("z,noisy,chosen", [(1.0, True, "warm start"), (0.0, True, "trained"),
+                                            (1.0, False, "trained")])
+def test_track_exports_the_trained_table_only_if_it_wins_beyond_the_noise(tmp_path, monkeypatch, z, noisy, chosen):
+    """A trained table whose held-out loss is lower on average, but by less than ``validation_z``
+    standard errors of the per-sequence difference, loses to the one-shot fallback."""
+    graph, ctx = gated_graph(tmp_path)
+    ctx.workdir = tmp_path / "run"
+    ctx.workdir.mkdir()
+    pass_ = Anneal({"budgets": [0.5], "steps": 8, "validation_z": z})
+    setup = pass_._setup(graph, ctx, ctx.workdir)
+    warm = pass_._coverage_levels(graph, ctx, setup, 0.5, None)
+    trained = warm.clone()
+    trained[0, 0], trained[0, 1] = trained[0, 0] + 1, trained[0, 1] - 1  # another table, same keep
+    with torch.no_grad():
+        for gate, row in zip(setup.gates, trained):
+            gate.logits.zero_().scatter_(1, row[:, None], 5.0)
+    base = torch.full((8,), 0.10, dtype=torch.float64)
+    # trained: 0.01 lower on average; the paired differences either scatter widely or sit close
+    spread = torch.tensor([-0.09, 0.07, -0.08, 0.06, -0.05, 0.04, -0.02, -0.01] if noisy else [-0.01] * 8,
+                          dtype=torch.float64)
+    monkeypatch.setattr(Anneal, "_table_losses",
+                        lambda self, graph, setup, levels, batches: base + spread if torch.equal(levels, trained)
+                        else base)
+    record = pass_._choose(graph, ctx, setup, 0.5, warm, None, [0], step=8, steps=8)
+    assert record["validation_loss"]["trained"] < record["validation_loss"]["warm_start"]
+    assert record["how"].startswith(chosen)
+    assert torch.equal(record["levels"], trained if chosen == "trained" else warm)
+    diff = record["validation_difference"]
+    assert diff["against"] == "warm_start" and diff["mean"] == pytest.approx(-0.01)
+    if chosen == "warm start":
+        assert "not lower by 1 standard errors" in record["how"] and diff["standard_error"] > 0.01

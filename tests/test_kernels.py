@@ -334,10 +334,11 @@ def test_transformers_experts_implementation(family):
     """The one transformers experts implementation ("flexc") runs the kernels once they are the op's backend."""
     _kernels()
     from flexc.ir.backends import install_cuda_backend
-    from flexc.ir.experts_impl import IMPLEMENTATION_NAME
+    from flexc.ir.experts_impl import IMPLEMENTATION_NAME, register
     from flexc.ir.testing import tiny_model
     from flexc.kernels import dispatch
 
+    register()  # what flexc.load does; the test must not depend on an earlier test having done it
     model = tiny_model(family).to(DEVICE)
     ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(14)).to(DEVICE)
     calls = []

@@ -29,6 +29,7 @@ LAYERS = {
     "flexc.compiler": "compiler",
     "flexc.eval": "eval",
     "flexc.runtime": "runtime",
+    "flexc.serving": "serving",  # the vLLM plugin: reads artifacts like the runtime does
     "flexc.export": "export",
     "flexc.passes": "passes",
     "flexc.models": "models",  # resolving and loading the model a spec names
@@ -42,10 +43,11 @@ LAYERS = {
 
 # Layer -> the layers it may import (its own always allowed).
 ALLOWED = {
-    "api": {"compiler", "eval", "runtime", "export", "passes", "models", "data", "ir", "kernels", "base"},
+    "api": {"compiler", "eval", "serving", "runtime", "export", "passes", "models", "data", "ir", "kernels", "base"},
     "compiler": {"eval", "runtime", "export", "passes", "models", "data", "ir", "kernels", "base"},
     "eval": {"runtime", "export", "models", "data", "ir", "kernels", "base"},
     "runtime": {"export", "ir", "kernels", "base"},
+    "serving": {"runtime", "export", "ir", "kernels", "base"},
     "export": {"ir", "kernels", "base"},
     "passes": {"data", "ir", "kernels", "base"},
     "models": {"data", "ir", "base"},

@@ -137,7 +137,7 @@ def test_long_source_lines_are_cut_around_the_column():
 def test_schema_is_json_schema(capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert set(schema["properties"]) == {"model", "data", "budgets", "pipeline", "export", "seed"}
+    assert set(schema["properties"]) == {"model", "data", "budgets", "pipeline", "export", "execution", "seed"}
     assert schema["required"] == ["model"]
     assert schema["$defs"]["ModelSpec"]["additionalProperties"] is False
 
@@ -228,9 +228,10 @@ def test_data_and_model_source_rules():
 
 def test_docs_describe_every_field():
     """docs/spec.md documents every field of every spec model."""
-    from flexc.compiler.spec import BudgetSpec, DataSource, DataSpec, ExportSpec, ModelSpec, PassEntry
+    from flexc.compiler.spec import (BudgetSpec, DataSource, DataSpec, ExecutionSpec, ExportSpec, ModelSpec,
+                                     PassEntry)
 
     doc = (ROOT / "docs" / "spec.md").read_text()
-    for model in (Spec, ModelSpec, DataSpec, DataSource, BudgetSpec, PassEntry, ExportSpec):
+    for model in (Spec, ModelSpec, DataSpec, DataSource, BudgetSpec, PassEntry, ExportSpec, ExecutionSpec):
         for name in model.model_fields:
             assert f"`{name}`" in doc, f"docs/spec.md does not document {model.__name__}.{name}"

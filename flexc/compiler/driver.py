@@ -202,6 +202,10 @@ def compile(
     run = RunDir.open(out_dir, spec.fingerprint(), force=force, protected=_protected_paths(spec, source))
     try:
         with artifacts_logging(out_dir):
+            if spec.execution.stream == "layers":  # one decoder layer in memory at a time (docs/scale.md)
+                from flexc.compiler.streamed import compile_streamed
+
+                return compile_streamed(spec, source, run, quiet=quiet)
             return _compile(spec, source, run, dump_graphs=dump_graphs, quiet=quiet)
     finally:
         run.close()

@@ -411,6 +411,21 @@ class ExportSpec(_Strict):
         return v
 
 
+# --------------------------------------------------------------------------- execution
+
+
+class ExecutionSpec(_Strict):
+    """How the compile runs: the whole model in memory (default) or streamed layer by layer."""
+
+    stream: Literal["off", "layers"] = Field(
+        "off",
+        description="`off`: load the whole model into memory. `layers`: keep the weights memory-mapped in their "
+        "safetensors shards and materialise one decoder layer at a time (models larger than memory); "
+        "supports rank_channels with an activation score, uniform, coverage, fold_masks and the nested and "
+        "sliced exports (docs/scale.md).",
+    )
+
+
 # --------------------------------------------------------------------------- spec
 
 
@@ -422,6 +437,8 @@ class Spec(_Strict):
     budgets: BudgetSpec | None = Field(None, description="Target budgets (keep or prune ratios).")
     pipeline: list[PassEntry] = Field(default_factory=list, description="Passes, run in order. May be empty.")
     export: ExportSpec = Field(default_factory=ExportSpec, description="Output directory and formats.")
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec,
+                                     description="How the compile runs (in memory, or streamed layer by layer).")
     seed: int = Field(
         0, ge=0, le=MAX_SEED,
         description="Seed for every random choice (sampling, data order, initialisation); 0 to 2**63-1.",
@@ -437,6 +454,17 @@ class Spec(_Strict):
         if corpus is not None:
             calibration = DataSource(builtin=corpus, num_samples=64, seq_len=128, batch_size=8)
             self.data = DataSpec(calibration=calibration, evaluation=self.data.evaluation)
+        return self
+
+    @model_validator(mode="after")
+    def _streamable(self) -> "Spec":
+        if self.execution.stream == "off":
+            return self
+        from flexc.compiler.streamed import streaming_problems
+
+        issues = [(loc, "value", msg) for loc, msg in streaming_problems(self)]
+        if issues:
+            raise _flexc_error(issues[0][2], subloc=issues[0][0], issues=issues)
         return self
 
     # ----------------------------------------------------------------- YAML
@@ -459,6 +487,8 @@ class Spec(_Strict):
             out["budgets"] = self.budgets.model_dump(mode="json", exclude_none=True)
         out["pipeline"] = [{e.name: dict(e.options)} if e.options else e.name for e in self.pipeline]
         out["export"] = self.export.model_dump(mode="json", exclude_none=True)
+        if self.execution.stream != "off":  # absent when default: older specs keep their fingerprint
+            out["execution"] = self.execution.model_dump(mode="json")
         out["seed"] = self.seed
         return out
 

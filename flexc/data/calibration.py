@@ -32,6 +32,7 @@ class CalibrationSet:
     tokenizer: object
     seed: int = 0
     role: str = "calibration"
+    device: str = "cpu"  # where the batches are yielded: the model's device
 
     @property
     def num_samples(self) -> int:
@@ -42,7 +43,10 @@ class CalibrationSet:
         return -(-self.num_samples // int(self.source.batch_size))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return packed_batches(self.source, self.tokenizer, seed=self.seed, role=self.role)
+        batches = packed_batches(self.source, self.tokenizer, seed=self.seed, role=self.role)
+        if torch.device(self.device).type == "cpu":
+            return batches
+        return (batch.to(self.device) for batch in batches)
 
     def __len__(self) -> int:
         return self.num_batches

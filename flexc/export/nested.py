@@ -66,22 +66,30 @@ def write_nested(target: Path, model, groups, tables: WidthTables, *, tokenizer=
     tables.save(target / WIDTHS_FILE)
     first = next(model.parameters())
     total_params = sum(p.numel() for p in model.parameters())
-    manifest = {
+    manifest = nested_manifest(model.config, type(model).__name__, first.dtype, total_params, groups, tables,
+                               provenance=provenance, quality=quality)
+    (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def nested_manifest(config, class_name: str, dtype: torch.dtype, total_params: int, groups, tables: WidthTables, *,
+                    provenance: dict[str, Any] | None = None, quality: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``flexc_manifest.json`` of a nested artifact (also written by the streamed export)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return {
         "kind": KIND,
         "format": FORMAT_VERSION,
-        "architecture": (model.config.architectures or [type(model).__name__])[0],
-        "model_type": model.config.model_type,
-        "dtype": str(first.dtype).removeprefix("torch."),
+        "architecture": (config.architectures or [class_name])[0],
+        "model_type": config.model_type,
+        "dtype": str(dtype).removeprefix("torch."),
         "metric": tables.metric,
         "layers": [g.to_dict() for g in groups],
         "full": {"total_params": total_params, "routed_params": sum(g.routed_params for g in groups),
-                 "bytes": total_params * first.element_size()},
-        "budgets": budget_sizes(groups, tables, total_params, first.element_size()),
+                 "bytes": total_params * size},
+        "budgets": budget_sizes(groups, tables, total_params, size),
         "quality": quality or {},
         "provenance": provenance or {},
     }
-    (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
 
 
 class ArtifactError(FlexcError):

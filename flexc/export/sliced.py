@@ -185,27 +185,36 @@ def write_sliced(target: str | Path, model: nn.Module, groups, widths: torch.Ten
     if tokenizer is not None:
         tokenizer.save_pretrained(target)
 
-    routed_full = sum(g.routed_params for g in groups)
     routed = sum(p.numel() for n, p in sliced.named_parameters() if ".sliced_" in n)
     total = sum(p.numel() for p in sliced.parameters())
     full_total = sum(p.numel() for p in model.parameters())
-    manifest = {
+    manifest = sliced_manifest(target, budget, _transformers_base(model).__name__, type(sliced).__name__,
+                               model.config.model_type, next(model.parameters()).dtype, groups, widths,
+                               routed=routed, total=total, full_total=full_total, provenance=provenance)
+    (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def sliced_manifest(target: Path, budget: float, architecture: str, model_class: str, model_type: str,
+                    dtype: torch.dtype, groups, widths: torch.Tensor, *, routed: int, total: int, full_total: int,
+                    provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One budget folder's ``flexc_manifest.json`` (also written by the streamed export)."""
+    routed_full = sum(g.routed_params for g in groups)
+    return {
         "kind": KIND,
         "format": FORMAT_VERSION,
         "budget": budget,
         "budget_key": budget_key(budget),
-        "architecture": _transformers_base(model).__name__,
-        "model_class": type(sliced).__name__,
-        "model_type": model.config.model_type,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "architecture": architecture,
+        "model_class": model_class,
+        "model_type": model_type,
+        "dtype": str(dtype).removeprefix("torch."),
         "widths": _widths_summary(groups, widths),
         "params": {"total": total, "routed": routed, "full_total": full_total, "full_routed": routed_full,
                    "routed_keep": routed / routed_full if routed_full else 1.0},
         "bytes": {"weights": _weights_bytes(target)},
         "provenance": provenance or {},
     }
-    (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
 
 
 # ---- the exporter --------------------------------------------------------------------------

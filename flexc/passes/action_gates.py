@@ -130,14 +130,16 @@ class GatedExperts(nn.Module):
 
     def forward(self, hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
                 activation, interleaved, alpha, limit):
+        # The gates stay on the CPU (their state is tiny and the anneal's bookkeeping is CPU
+        # tensors); what reaches the experts moves to the activations' device.
         if self.mode == "sample":
-            mask = self.channel_mask(self.sample()).to(hidden.dtype)
+            mask = self.channel_mask(self.sample()).to(device=hidden.device, dtype=hidden.dtype)
             return gated_experts_masked(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias,
                                         mask, activation, interleaved, alpha, limit)
         if self.mode == "deploy":
-            widths = self.level_widths[self.deployed_levels()].to(torch.int32)
+            widths = self.level_widths[self.deployed_levels()].to(device=hidden.device, dtype=torch.int32)
         elif self.mode == "table":
-            widths = self.table
+            widths = None if self.table is None else self.table.to(hidden.device)
         elif self.mode != "full":
             raise ValueError(f"unknown gate mode {self.mode!r}")
         return call_moe_experts(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias=gate_up_bias,

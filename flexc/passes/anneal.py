@@ -18,10 +18,14 @@ Two schedules:
   and every action above the previous budget's table excluded. ``lambda`` follows the budget
   by dual ascent (it grows while the expected keep is above the budget and shrinks below),
   ``tau`` and ``beta`` run their schedules within the phase. At the phase's end the argmax
-  table is fitted to the budget; it is exported unless the warm-start table has the lower
-  quality loss on calibration batches held out from training (``validation``), in which case
-  the warm start is. So training is spent at every budget, and a table is never worse on
-  held-out calibration text than the one-shot answer it started from.
+  table is fitted to the budget and scored on calibration batches held out from training
+  (``validation``, a quarter) with the one-shot candidates: the warm start and, where it nests
+  within the previous budget's table, the unconstrained ``coverage`` table at the budget. The
+  one-shot candidate with the lower held-out loss is the fallback; the trained table is
+  exported only if its held-out loss is lower by more than ``validation_z`` standard errors of
+  the per-sequence paired difference (a lower mean on a few sequences can be noise). So
+  training is spent at every budget, no table is chosen on the batches it was trained on, and
+  a trained table replaces the one-shot answer only where held-out text says it is better.
 - ``ramp``: ``lambda`` rises, ``tau`` and ``beta`` fall over ``steps``; after every step the
   deployed keep ratio (argmax actions) is compared with the next requested budget, from high
   to low, and a budget's table is exported when the deployed keep first reaches it. If the
@@ -128,9 +132,12 @@ class AnnealOptions(PassOptions):
                                 "previous budget's table), or from full width.")
     start_margin: float = Field(0.5, ge=0, description="track: initial logit advantage of the warm-start action "
                                 "(small: training explores the neighbouring widths).")
-    lambda_lr: float = Field(0.5, ge=0, description="track: dual ascent rate of lambda on (expected keep - budget).")
-    validation: float = Field(0.125, ge=0, lt=1, description="track: share of calibration batches held out to "
-                              "choose, per budget, between the trained and the warm-start table.")
+    lambda_lr: float = Field(5.0, ge=0, description="track: dual ascent rate of lambda on (expected keep - budget).")
+    validation: float = Field(0.25, ge=0, lt=1, description="track: share of calibration batches held out to "
+                              "choose, per budget, between the trained table and the one-shot ones.")
+    validation_z: float = Field(1.0, ge=0, description="track: the trained table is exported only if its held-out "
+                                "loss is below the best one-shot table's by more than this many standard errors of "
+                                "the per-sequence paired difference (0: any lower mean).")
     extra_steps: int | None = Field(None, ge=0, description="ramp: bounded continuation if budgets remain, with "
                                     "lambda doubling and fresh optimizer moments (default: half of steps).")
     checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints.")
@@ -180,6 +187,14 @@ def quality_loss(kind: str, student: torch.Tensor, teacher: TeacherTargets | Non
     if kind == "next_token":
         return F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     return distill_loss(student, teacher)
+
+
+def sequence_losses(kind: str, student: torch.Tensor, teacher: TeacherTargets | None, ids: torch.Tensor) -> torch.Tensor:
+    """``[batch]``: the quality loss of each sequence (mean over its positions)."""
+    if kind == "next_token":
+        per_token = F.cross_entropy(student[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
+        return per_token.mean(-1)
+    return distill_loss(student, teacher, reduction="none").mean(-1)
 
 
 def phase_lengths(steps: int, phases: int) -> list[int]:
@@ -321,20 +336,20 @@ class Anneal(Pass):
             raise AnnealDiverged(f"anneal: the action logits became non-finite after the update of step {step}; "
                                  f"the last good checkpoint is kept at {setup.ckpt_path}. " + advice)
 
-    def _table_loss(self, graph, setup: _Setup, levels: torch.Tensor, batches: list[int]) -> float:
-        """Mean quality loss of the fixed table ``levels`` on the given calibration batches."""
+    def _table_losses(self, graph, setup: _Setup, levels: torch.Tensor, batches: list[int]) -> torch.Tensor:
+        """Quality loss of every sequence of the given calibration batches under the fixed table ``levels``."""
         widths = setup.widths(levels).to(torch.int32)
         for gate, row in zip(setup.gates, widths):
             gate.table = row
         set_gate_mode(graph, "table")
-        total = 0.0
+        out = []
         with torch.no_grad():
             for i in batches:
                 ids = setup.batches[i]
-                total += float(quality_loss(self.options.quality, graph.logits(ids), setup.teachers[i], ids))
+                out.append(sequence_losses(self.options.quality, graph.logits(ids), setup.teachers[i], ids).double())
         for gate in setup.gates:
             gate.table = None
-        return total / max(len(batches), 1)
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
     # ------------------------------------------------------------------ track
     def _warm_start(self, graph, ctx, setup: _Setup, budget: float, upper: torch.Tensor | None) -> torch.Tensor:
@@ -342,15 +357,20 @@ class Anneal(Pass):
         if self.options.warm_start == "full":
             levels = torch.full(setup.weights.shape, setup.level_widths.shape[1] - 1, dtype=torch.long)
             levels = levels if upper is None else torch.minimum(levels, upper)
-        else:
-            from flexc.passes.baselines import Coverage, granules
+            flat = torch.zeros(*levels.shape, setup.level_widths.shape[1])  # no preference: fill by index order
+            return fit_to_budget(levels, setup.level_widths, budget, setup.full, setup.weights, flat, upper)
+        return self._coverage_levels(graph, ctx, setup, budget, upper)
 
-            # Coverage on the actions' own grid: widths in multiples of the levels' common divisor.
-            grid = math.gcd(*setup.level_widths.flatten().tolist())
-            upper_widths = None if upper is None else setup.widths(upper)
-            table = Coverage({"granule": grid}).choose(graph, ctx, budget, setup.full, setup.weights,
-                                                       granules(graph.groups, grid), upper_widths)
-            levels = snap_to_levels(table, setup.level_widths)
+    def _coverage_levels(self, graph, ctx, setup: _Setup, budget: float, upper: torch.Tensor | None) -> torch.Tensor:
+        """The ``coverage`` baseline's table at ``budget`` on the actions' grid, within ``upper`` if given."""
+        from flexc.passes.baselines import Coverage, granules
+
+        # Coverage on the actions' own grid: widths in multiples of the levels' common divisor.
+        grid = math.gcd(*setup.level_widths.flatten().tolist())
+        upper_widths = None if upper is None else setup.widths(upper)
+        table = Coverage({"granule": grid}).choose(graph, ctx, budget, setup.full, setup.weights,
+                                                   granules(graph.groups, grid), upper_widths)
+        levels = snap_to_levels(table, setup.level_widths)
         flat = torch.zeros(*levels.shape, setup.level_widths.shape[1])  # no preference: fill by index order
         return fit_to_budget(levels, setup.level_widths, budget, setup.full, setup.weights, flat, upper)
 
@@ -401,7 +421,7 @@ class Anneal(Pass):
                     tau, beta = opts.tau.at(t, steps), opts.beta.at(t, steps)
                     quality = self._sampled_loss(graph, ctx, setup, step, train[step % len(train)], tau)
                     cost, entropy = setup.expected_cost_and_entropy()
-                    loss = quality + lam * cost - beta * entropy
+                    loss = quality - beta * entropy + lam * cost
                     self._update(optimizer, loss, setup, step,
                                  f"quality {quality.item():.4g}, cost {cost.item():.4g}, budget {budget:g}")
                     lam = max(0.0, lam + opts.lambda_lr * (cost.item() - budget))
@@ -422,21 +442,56 @@ class Anneal(Pass):
         return exported, history
 
     def _choose(self, graph, ctx, setup: _Setup, budget, start_levels, upper, val, step, steps) -> dict:
-        """The phase's table: the trained one fitted to the budget, unless the warm start does better
-        on the held-out batches."""
+        """The phase's table, from the trained one fitted to the budget and the one-shot candidates: the
+        warm start and, where it nests within the previous budget's table, the unconstrained ``coverage``
+        table. The one-shot candidate with the lower held-out loss is the fallback; the trained table is
+        exported only if its held-out loss is below the fallback's by more than ``validation_z`` standard
+        errors of the per-sequence paired difference (a lower mean alone can be noise)."""
+        opts = self.options
         trained = fit_to_budget(setup.deployed_levels(), setup.level_widths, budget, setup.full, setup.weights,
                                 setup.preference(), upper)
         record = {"levels": trained, "step": step, "how": "trained" if steps else "warm start (no steps)"}
-        if steps and val and not torch.equal(trained, start_levels):
-            losses = {"trained": self._table_loss(graph, setup, trained, val),
-                      "warm_start": self._table_loss(graph, setup, start_levels, val)}
-            record["validation_loss"] = losses
-            if losses["warm_start"] < losses["trained"]:
-                record.update(levels=start_levels, how="warm start (lower held-out loss than the trained table)")
-        elif steps and not torch.equal(trained, start_levels):
-            record["how"] = "trained (no held-out batches to check it on)"
-        elif steps:
+        if not steps:
+            return self._log_choice(ctx, budget, steps, record)
+        one_shot = {"warm_start": start_levels}
+        if upper is not None and opts.warm_start == "coverage":
+            free = self._coverage_levels(graph, ctx, setup, budget, None)
+            if bool((free <= upper).all()) and not torch.equal(free, start_levels):  # nests: a candidate
+                one_shot["coverage"] = free
+        same = next((name for name, levels in one_shot.items() if torch.equal(levels, trained)), None)
+        if same is not None and len(one_shot) == 1:
             record["how"] = "trained (same table as the warm start)"
+            return self._log_choice(ctx, budget, steps, record)
+        if not val:
+            record["how"] = "trained (no held-out batches to check it on)"
+            return self._log_choice(ctx, budget, steps, record)
+        seq = {name: self._table_losses(graph, setup, levels, val) for name, levels in one_shot.items()}
+        seq["trained"] = seq[same] if same is not None else self._table_losses(graph, setup, trained, val)
+        losses = {name: float(v.mean()) for name, v in seq.items()}
+        record["validation_loss"] = losses
+        fallback = min(one_shot, key=lambda name: losses[name])  # ties: the warm start (first)
+        choice = fallback
+        if same == fallback:
+            choice = "trained"
+        elif same is None:
+            diff = seq["trained"] - seq[fallback]
+            se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+            record["validation_difference"] = {"against": fallback, "mean": float(diff.mean()), "standard_error": se}
+            if float(diff.mean()) < min(0.0, -opts.validation_z * se):
+                choice = "trained"
+        labels = {"trained": "trained table", "warm_start": "warm start", "coverage": "unconstrained coverage table"}
+        if choice == "trained":
+            record["how"] = "trained" if same is None else f"trained (same table as the {labels[same]})"
+        else:
+            names = {"warm_start": "warm start", "coverage": "coverage, unconstrained"}
+            beaten = [labels[n] for n in losses if n != choice and losses[n] > losses[choice]]
+            why = f"lower held-out loss than the {' and the '.join(beaten)}" if len(beaten) == len(losses) - 1 else (
+                f"the trained table's held-out loss was not lower by {opts.validation_z:g} standard errors")
+            record.update(levels=one_shot[choice], how=f"{names[choice]} ({why})")
+        return self._log_choice(ctx, budget, steps, record)
+
+    @staticmethod
+    def _log_choice(ctx, budget, steps, record) -> dict:
         ctx.logger.info("anneal: keep %.3f after %d steps: %s", budget, steps, record["how"])
         return record
 
@@ -542,7 +597,8 @@ class Anneal(Pass):
                     "per_layer_keep": per_layer_keep(tables[i], full),
                     "exported_at_step": exported[b]["step"],
                     "how": exported[b]["how"],
-                    **{k: exported[b][k] for k in ("validation_loss", "seconds") if k in exported[b]},
+                    **{k: exported[b][k] for k in ("validation_loss", "validation_difference", "seconds")
+                       if k in exported[b]},
                 }
                 for i, b in enumerate(budgets)
             ],

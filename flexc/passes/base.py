@@ -113,7 +113,7 @@ class PassContext:
             raise ValueError("this pass needs the model's tokenizer to read calibration data")
         from flexc.data.calibration import CalibrationSet
 
-        return CalibrationSet(source, self.tokenizer, seed=self.seed)
+        return CalibrationSet(source, self.tokenizer, seed=self.seed, device=self.device)
 
 
 @dataclass

@@ -31,8 +31,9 @@ class TeacherTargets:
         return cls(top, index, rest)
 
 
-def distill_loss(student_logits: torch.Tensor, teacher: TeacherTargets) -> torch.Tensor:
-    """Mean KL(teacher || student) over the teacher's top-k tokens and one bucket for the rest.
+def distill_loss(student_logits: torch.Tensor, teacher: TeacherTargets, reduction: str = "mean") -> torch.Tensor:
+    """Mean KL(teacher || student) over the teacher's top-k tokens and one bucket for the rest
+    (``reduction="none"``: the KL at every position, ``[batch, seq]``).
 
     Merging the tail into one outcome can only lower a KL divergence, so this is a lower bound
     of the full KL and equals it when ``k`` covers the vocabulary.
@@ -43,4 +44,4 @@ def distill_loss(student_logits: torch.Tensor, teacher: TeacherTargets) -> torch
     if teacher.rest is not None:
         student_rest = torch.log1p(-top.exp().sum(-1).clamp(max=_MASS_CAP))
         kl = kl + teacher.rest.exp() * (teacher.rest - student_rest)
-    return kl.mean()
+    return kl if reduction == "none" else kl.mean()

@@ -67,6 +67,14 @@ def _zeros(layers, which: str) -> dict[int, torch.Tensor]:
     return {k: torch.zeros(v[0], v[index], dtype=torch.float64) for k, v in layers.items()}
 
 
+def _add(acc: dict[int, torch.Tensor], layer: int, index, value: torch.Tensor) -> None:
+    """``acc[layer][index] += value`` in float64, the accumulator moving to ``value``'s device on
+    first use (a CUDA calibration accumulates on the GPU; results come back to the CPU)."""
+    if acc[layer].device != value.device:
+        acc[layer] = acc[layer].to(value.device)
+    acc[layer][index] += value.detach().double()
+
+
 @register_score
 class TaylorScore(ChannelScore):
     """First-order Taylor saliency: per channel, the sum over its parameters (gate row, up row,
@@ -90,10 +98,10 @@ class TaylorScore(ChannelScore):
             bias = info["gate_up_bias"][e]
             s = s + (gate_up_rows(bias, inter, 0)[:w] * info["grad_gate_bias"]) ** 2
             s = s + (gate_up_rows(bias, inter, 1)[:w] * info["grad_up_bias"]) ** 2
-        self.acc[layer][e, :w] += s.detach().double()
+        _add(self.acc, layer, (e, slice(0, w)), s)
 
     def result(self, weights):
-        return {k: (v / max(self.batches, 1)).float() for k, v in self.acc.items()}
+        return {k: (v / max(self.batches, 1)).float().cpu() for k, v in self.acc.items()}
 
 
 @register_score
@@ -109,10 +117,10 @@ class ActivationScore(ChannelScore):
     def on_forward(self, layer, info):
         if info["event"] == "expert":
             inner = info["inner"]
-            self.sumsq[layer][info["expert"], : inner.shape[1]] += (inner.double() ** 2).sum(0)
+            _add(self.sumsq, layer, (info["expert"], slice(0, inner.shape[1])), (inner.double() ** 2).sum(0))
 
     def result(self, weights):
-        return {k: v.sqrt().float() for k, v in self.sumsq.items()}
+        return {k: v.sqrt().float().cpu() for k, v in self.sumsq.items()}
 
 
 @register_score
@@ -130,17 +138,17 @@ class WeightActivationScore(ActivationScore):
     def on_forward(self, layer, info):
         super().on_forward(layer, info)
         if info["event"] == "expert":
-            self.x_sumsq[layer][info["expert"]] += (info["x"].double() ** 2).sum(0)
+            _add(self.x_sumsq, layer, info["expert"], (info["x"].double() ** 2).sum(0))
 
     def result(self, weights):
         out = {}
         for k in self.layers:
             gate_up, down = weights[k]
             inter = self.interleaved[k]
-            x_norm = self.x_sumsq[k].sqrt().float()  # [E, H]
-            a_norm = self.sumsq[k].sqrt().float()  # [E, I]
+            x_norm = self.x_sumsq[k].sqrt().float().to(gate_up.device)  # [E, H]
+            a_norm = self.sumsq[k].sqrt().float().to(gate_up.device)  # [E, I]
             gate = gate_up_rows(gate_up.transpose(0, 1), inter, 0).transpose(0, 1).detach().abs()  # [E, I, H]
             up = gate_up_rows(gate_up.transpose(0, 1), inter, 1).transpose(0, 1).detach().abs()
             s = ((gate + up) * x_norm[:, None, :]).sum(-1) + down.detach().abs().sum(1) * a_norm
-            out[k] = s
+            out[k] = s.cpu()
         return out

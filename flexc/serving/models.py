@@ -1,0 +1,220 @@
+"""vLLM model classes for flexc artifacts: vLLM's own MoE models with flexc's MoE block.
+
+``FlexcQwen3MoeForCausalLM`` (and the other families') derives from vLLM's model class. For a
+flexc artifact it builds :class:`flexc.serving.moe.FlexcMoeBlock` wherever the decoder layer
+would build vLLM's fused-MoE block (the block class the decoder layer looks up is swapped for
+the duration of ``__init__``, so vLLM's block is never allocated), loads the experts itself and
+everything else through vLLM's loader. For a stock checkpoint it is vLLM's class, unchanged:
+the plugin registers these classes under the stock architecture names, so that
+``LLM(model="runs/x/nested")`` just works.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from flexc.ir.tables import BudgetError
+from flexc.serving.artifact import Artifact, detect
+from flexc.serving.families import FAMILIES, ServedFamily, ServingError
+from flexc.serving.moe import BlockPlan, FlexcMoeBlock, building
+
+logger = logging.getLogger("flexc.serving")
+
+# The nested artifact's width-table file holds one tensor under this name; vLLM's loader reads
+# every *.safetensors file of the model directory, this one included.
+_WIDTHS_TENSOR = "widths"
+
+
+class BudgetControl:
+    """The served model's budget: which width row every flexc MoE block reads."""
+
+    def __init__(self, artifact: Artifact, blocks: dict[int, FlexcMoeBlock]):
+        self.kind = artifact.kind
+        self.blocks = blocks
+        self.directory = artifact.directory
+        self.budget: float | None = None
+        self.rows: dict[float, list[torch.Tensor]] = {}
+        if artifact.kind == "sliced":
+            self.budget = artifact.sliced.get("budget")
+            return
+        tables = artifact.tables
+        layers = sorted(blocks)
+        if tables.layers != layers or tables.full != [blocks[i].full for i in layers]:
+            raise ServingError(f"{artifact.directory}: the width tables cover MoE layers {tables.layers} "
+                               f"(full widths {tables.full}) but the model has {layers}; re-export the artifact")
+        most = max(blocks[layer].experts.num_experts for layer in layers)
+        if tables.tables.shape[2] < most:
+            raise ServingError(f"{artifact.directory}: width tables for {tables.tables.shape[2]} experts per layer; "
+                               f"the model has {most}: re-export the artifact")
+        device = blocks[layers[0]].experts.widths.device
+        full = [torch.full((blocks[i].experts.num_experts,), blocks[i].full, dtype=torch.int32) for i in layers]
+        self.rows[1.0] = [row.to(device) for row in full]
+        for b in tables.budgets:  # exported budgets; a 1.0 table (if exported) replaces the full one
+            self.rows[b] = [tables.table(b)[i, : blocks[layer].experts.num_experts].to(device)
+                            for i, layer in enumerate(layers)]
+
+    @property
+    def budgets(self) -> list[float]:
+        return sorted(self.rows, reverse=True) if self.rows else [self.budget]
+
+    def set(self, keep: float) -> float:
+        """Switch to budget ``keep`` (a keep ratio); returns the seconds the switch took."""
+        if self.kind == "sliced":
+            if self.budget is not None and abs(float(keep) - self.budget) < 1e-6:
+                return 0.0
+            raise ServingError(f"{self.directory} is a sliced checkpoint of keep {self.budget}: its budget is fixed. "
+                               "Serve the nested artifact to switch budgets.")
+        key = next((b for b in self.rows if abs(b - float(keep)) < 1e-6), None)
+        if key is None:
+            raise BudgetError(f"no width table for keep {keep:g} in {self.directory}; available: "
+                              f"{', '.join(f'{b:g}' for b in self.budgets)}")
+        start = time.perf_counter()
+        for layer, row in zip(sorted(self.blocks), self.rows[key]):
+            self.blocks[layer].experts.widths.copy_(row)
+        if row.is_cuda:
+            torch.cuda.synchronize(row.device)
+        self.budget = key
+        return time.perf_counter() - start
+
+    def state(self) -> dict[str, Any]:
+        widths = {layer: self.blocks[layer].experts.widths.tolist() for layer in sorted(self.blocks)}
+        return {"kind": self.kind, "budget": self.budget, "budgets": self.budgets, "widths": widths}
+
+
+@contextmanager
+def _swapped(module, name: str, replacement) -> Iterator[None]:
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def _check_parallel(vllm_config) -> None:
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        raise ServingError("flexc artifacts are served on one device for now (tensor_parallel_size and "
+                           f"pipeline_parallel_size 1); got tensor {parallel.tensor_parallel_size}, pipeline "
+                           f"{parallel.pipeline_parallel_size}. Use data parallelism (several engines) to scale out.")
+    if getattr(parallel, "enable_eplb", False) or getattr(parallel, "enable_expert_parallel", False):
+        raise ServingError("flexc artifacts do not support expert parallelism or EPLB yet; drop "
+                           "--enable-expert-parallel / --enable-eplb")
+    if vllm_config.quant_config is not None:
+        raise ServingError("flexc artifacts are served unquantised; drop the quantization option")
+
+
+def _flexc_init(self, base: type, family: ServedFamily, vllm_config, prefix: str) -> None:
+    model_config = vllm_config.model_config
+    artifact = detect(model_config.model, model_config.hf_config)
+    if artifact is None:
+        base.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        self.flexc = None
+        return
+    _check_parallel(vllm_config)
+    module = importlib.import_module(family.vllm_module)
+    plan = BlockPlan(family, model_config.hf_text_config, artifact)
+    with building(plan), _swapped(module, family.block_name, FlexcMoeBlock):
+        base.__init__(self, vllm_config=vllm_config, prefix=prefix)
+    if not plan.blocks:
+        raise ServingError(f"{artifact.directory}: no MoE layer was built; is this a {family.display} checkpoint?")
+    device = next(iter(plan.blocks.values())).experts.down_proj.device
+    from flexc.ir.backends import use_backend
+
+    use_backend("auto", device)  # Triton kernels on CUDA, the op's CPU path elsewhere
+    self.flexc = BudgetControl(artifact, plan.blocks)
+    self._flexc_prefixes = {block.prefix + ".": block for block in plan.blocks.values()}
+    self._flexc_initial = artifact.budget
+
+
+def _flexc_load_weights(self, base: type, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    if self.flexc is None:
+        return base.load_weights(self, weights)
+    loaded: set[str] = set()
+
+    def others() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in weights:
+            if name == _WIDTHS_TENSOR and self.flexc.kind == "nested":
+                continue  # flexc_widths.safetensors: read from the artifact by BudgetControl
+            block = next((b for p, b in self._flexc_prefixes.items() if name.startswith(p)), None)
+            if block is None:
+                yield name, tensor
+            else:
+                filled = block.load(name[len(block.prefix) + 1:], tensor, name)
+                loaded.add(f"{block.prefix}.{filled}")
+
+    loaded |= set(base.load_weights(self, others()))
+    missing = [f"{b.prefix}.experts: {m}" for b in self._flexc_prefixes.values() for m in b.experts.missing()]
+    if missing:
+        raise ServingError(f"{self.flexc.directory}: the checkpoint lacks expert weights: {missing[:6]}"
+                           + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
+    if self.flexc.kind == "nested":
+        keep = 1.0 if self._flexc_initial is None else self._flexc_initial
+        seconds = self.flexc.set(keep)
+        logger.info("flexc: serving %s at keep %g (budgets %s; switched in %.2f ms)", self.flexc.directory, keep,
+                    self.flexc.budgets, seconds * 1e3)
+    return loaded
+
+
+def _model_class(family: ServedFamily) -> type:
+    module = importlib.import_module(family.vllm_module)
+    base = getattr(module, family.architecture)
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        _flexc_init(self, base, family, vllm_config, prefix)
+
+    def load_weights(self, weights):
+        return _flexc_load_weights(self, base, weights)
+
+    name = "Flexc" + family.architecture
+    return type(base)(name, (base,), {
+        "__init__": __init__,
+        "load_weights": load_weights,
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"vLLM's {family.architecture} serving flexc nested/sliced artifacts (stock otherwise).",
+    })
+
+
+class FlexcUnservedSliced(torch.nn.Module):
+    """Registered for sliced checkpoints of MoE families the plugin does not serve: vLLM would
+    otherwise load them through its Transformers backend and drop the packed experts."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        served = ", ".join(f.display for f in FAMILIES.values())
+        raise ServingError(f"{vllm_config.model_config.model}: a flexc sliced checkpoint of "
+                           f"{getattr(config, 'model_type', '?')!r}, which flexc's vLLM plugin does not serve "
+                           f"(it serves {served}); vLLM cannot load its packed experts. Load it with flexc.load "
+                           "or transformers (trust_remote_code=True) instead.")
+
+    # vLLM checks a text-generation model's interface before building it; __init__ refuses.
+    def embed_input_ids(self, input_ids):
+        raise ServingError("unreachable: FlexcUnservedSliced refuses to load")
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        raise ServingError("unreachable: FlexcUnservedSliced refuses to load")
+
+    def compute_logits(self, hidden_states):
+        raise ServingError("unreachable: FlexcUnservedSliced refuses to load")
+
+
+def __getattr__(name: str):
+    # FlexcQwen3MoeForCausalLM etc., built on first use (importing vLLM's model modules is slow).
+    for family in FAMILIES.values():
+        if name == "Flexc" + family.architecture:
+            cls = _model_class(family)
+            globals()[name] = cls
+            return cls
+    raise AttributeError(name)
+
+
+__all__ = ["BudgetControl", "FlexcUnservedSliced"] + ["Flexc" + f.architecture for f in FAMILIES.values()]

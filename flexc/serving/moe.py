@@ -1,0 +1,256 @@
+"""flexc's MoE block for vLLM models: the router, the routed experts on the flexc op, a width table.
+
+The routed experts are stored in flexc's canonical layout (``gate_up [E, 2I, H]`` gate rows then
+up rows, ``down [E, H, I]``) and run ``flexc.ir.op.call_moe_experts`` with a per-expert width
+buffer ``widths [E]`` on the weights' device: the op's CPU path on CPU, flexc's Triton kernels on
+CUDA (installed by :func:`flexc.ir.backends.use_backend`). Switching budget copies one int row
+into that buffer; nothing else changes.
+
+The block is built where the vLLM decoder layer builds its own MoE block (see
+:mod:`flexc.serving.models`); it reads what it needs from the :class:`BlockPlan` of the model
+being built, whatever arguments the decoder layer passes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexc.ir.families import FAMILIES as IR_FAMILIES
+from flexc.ir.op import call_moe_experts
+from flexc.serving.artifact import Artifact
+from flexc.serving.families import ServedFamily, ServingError
+
+
+@dataclass
+class BlockPlan:
+    """What every flexc MoE block of the model being built needs to know."""
+
+    family: ServedFamily
+    config: object  # the Hugging Face text config
+    artifact: Artifact
+    blocks: dict[int, "FlexcMoeBlock"] = field(default_factory=dict)  # decoder layer -> block
+
+
+_PLAN: list[BlockPlan] = []  # the plan of the model under construction (a stack of at most one)
+
+
+@contextmanager
+def building(plan: BlockPlan) -> Iterator[BlockPlan]:
+    _PLAN.append(plan)
+    try:
+        yield plan
+    finally:
+        _PLAN.pop()
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class _Linear(nn.Module):
+    """A bias-free linear layer with uninitialised weights (the checkpoint fills them)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class SharedExpert(nn.Module):
+    """A dense gated FFN (``down(act(gate(x)) * up(x))``), Qwen2-MoE's shared expert."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.gate_proj = _Linear(hidden, intermediate)
+        self.up_proj = _Linear(hidden, intermediate)
+        self.down_proj = _Linear(intermediate, hidden)
+        self.act = ACT2FN[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class FlexcExperts(nn.Module):
+    """One layer's routed experts on the flexc op, at the widths in ``self.widths``.
+
+    ``capacity`` is the channels stored per expert: the full intermediate size for a nested
+    artifact, the layer's widest expert for a sliced checkpoint (whose widths are fixed).
+    """
+
+    def __init__(self, num_experts: int, hidden: int, capacity: int, activation: tuple[str, float, float],
+                 widths: list[int] | None = None):
+        super().__init__()
+        self.num_experts, self.hidden, self.capacity = num_experts, hidden, capacity
+        self.activation, self.alpha, self.limit = activation
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * capacity, hidden), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, capacity), requires_grad=False)
+        initial = torch.tensor(widths if widths is not None else [capacity] * num_experts, dtype=torch.int32)
+        self.register_buffer("widths", initial.to(self.down_proj.device), persistent=False)
+        self._loaded: set[tuple[int, str]] = set()  # (expert, part) pieces loaded from per-expert names
+
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        return call_moe_experts(hidden, topk_ids, topk_weights, self.gate_up_proj, self.down_proj,
+                                widths=self.widths, activation=self.activation, alpha=self.alpha, limit=self.limit)
+
+    # -- weight loading ------------------------------------------------------------------
+
+    def _check(self, name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+        if tuple(tensor.shape) != shape:
+            raise ServingError(f"checkpoint tensor {name}: shape {tuple(tensor.shape)}, expected {shape}")
+
+    def load_expert(self, name: str, expert: int, part: str, tensor: torch.Tensor) -> None:
+        """One expert's ``gate`` / ``up`` ``[I, H]`` or ``down`` ``[H, I]`` (per-expert checkpoint names)."""
+        if not 0 <= expert < self.num_experts:
+            raise ServingError(f"checkpoint tensor {name}: expert {expert} of {self.num_experts}")
+        cap, hid = self.capacity, self.hidden
+        if part == "down":
+            self._check(name, tensor, (hid, cap))
+            self.down_proj.data[expert].copy_(tensor)
+        else:
+            self._check(name, tensor, (cap, hid))
+            start = 0 if part == "gate" else cap
+            self.gate_up_proj.data[expert, start:start + cap].copy_(tensor)
+        self._loaded.add((expert, part))
+
+    def load_stacked(self, name: str, which: str, tensor: torch.Tensor) -> None:
+        """The whole layer in transformers' stacked layout (``gate_up_proj`` / ``down_proj``)."""
+        param = self.gate_up_proj if which == "gate_up_proj" else self.down_proj
+        self._check(name, tensor, tuple(param.shape))
+        param.data.copy_(tensor)
+        parts = ("gate", "up") if which == "gate_up_proj" else ("down",)
+        self._loaded.update((e, p) for e in range(self.num_experts) for p in parts)
+
+    def load_sliced(self, name: str, which: str, tensor: torch.Tensor) -> None:
+        """A sliced checkpoint's packed experts: ``sliced_gate_up [sum 2w, H]`` (each expert's gate
+        rows then up rows) or ``sliced_down [sum w, H]`` (each expert's down columns as rows)."""
+        widths = self.widths.tolist()
+        rows = sum(widths) * (2 if which == "sliced_gate_up" else 1)
+        self._check(name, tensor, (rows, self.hidden))
+        offset = 0
+        for e, w in enumerate(widths):
+            if which == "sliced_gate_up":
+                self.gate_up_proj.data[e].zero_()
+                self.gate_up_proj.data[e, :w].copy_(tensor[offset:offset + w])
+                self.gate_up_proj.data[e, self.capacity:self.capacity + w].copy_(tensor[offset + w:offset + 2 * w])
+                offset += 2 * w
+                self._loaded.update({(e, "gate"), (e, "up")})
+            else:
+                self.down_proj.data[e].zero_()
+                self.down_proj.data[e, :, :w].copy_(tensor[offset:offset + w].t())
+                offset += w
+                self._loaded.add((e, "down"))
+
+    def missing(self) -> list[str]:
+        return [f"expert {e} {p}" for e in range(self.num_experts) for p in ("gate", "up", "down")
+                if (e, p) not in self._loaded]
+
+
+class FlexcMoeBlock(nn.Module):
+    """Router + routed experts on the flexc op (+ the family's shared expert).
+
+    Accepts (and ignores) whatever the vLLM decoder layer passes its own MoE block; only
+    ``prefix`` matters. Exposes the expert-count attributes vLLM's MoE model classes read.
+    """
+
+    def __init__(self, *args, prefix: str = "", **kwargs):
+        super().__init__()
+        if not _PLAN:
+            raise RuntimeError("FlexcMoeBlock is built only inside a flexc vLLM model (flexc.serving.models)")
+        plan = _PLAN[-1]
+        family, config, artifact = plan.family, plan.config, plan.artifact
+        match = _LAYER.search(prefix + ".")
+        if match is None:
+            raise RuntimeError(f"cannot tell the decoder layer of MoE block {prefix!r}")
+        self.layer = int(match.group(1))
+        self.prefix = prefix
+        self.family = family
+        num_experts = int(getattr(config, family.num_experts_attr))
+        hidden = int(config.hidden_size)
+        self.full = int(getattr(config, family.intermediate_attr))
+        self.top_k = int(config.num_experts_per_tok)
+        self.renormalize = (bool(getattr(config, "norm_topk_prob", False)) if family.renormalize is None
+                            else family.renormalize)
+        activation = IR_FAMILIES[family.model_type].activation(None, config)
+        widths = None
+        capacity = self.full
+        self.sliced = artifact.kind == "sliced"
+        if artifact.kind == "sliced":
+            widths = artifact.sliced_widths(self.layer)
+            if len(widths) != num_experts or min(widths) < 0 or max(widths) > self.full:
+                raise ServingError(f"{artifact.directory}: {prefix}.experts has widths {widths}; expected "
+                                   f"{num_experts} values in [0, {self.full}]")
+            capacity = max(max(widths), 1)
+        self.gate = _Linear(hidden, num_experts)
+        self.experts = FlexcExperts(num_experts, hidden, capacity, activation, widths)
+        self.shared_expert = self.shared_expert_gate = None
+        shared = int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
+        if family.shared_expert and shared > 0:
+            self.shared_expert = SharedExpert(hidden, shared, config.hidden_act)
+            self.shared_expert_gate = _Linear(hidden, 1)
+        # Read by vLLM's MoE model classes (expert-parallel load balancing is refused).
+        self.n_routed_experts = self.n_logical_experts = num_experts
+        self.n_physical_experts = self.n_local_physical_experts = num_experts
+        self.n_redundant_experts = 0
+        plan.blocks[self.layer] = self
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(topk_ids, topk_weights) as the family's transformers router computes them."""
+        logits = self.gate(x)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.family.cast_weights:
+            weights = weights.to(logits.dtype)
+        return ids, weights
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        ids, weights = self.route(x)
+        out = self.experts(x, ids, weights)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.view(shape)
+
+    def load(self, local: str, tensor: torch.Tensor, full_name: str) -> str:
+        """Load the checkpoint tensor ``full_name`` (``local`` relative to this block); returns the
+        parameter name it filled, relative to the block."""
+        fam = self.family
+        parts = local.split(".")
+        if parts[0] == "experts":
+            if len(parts) == 4 and parts[1].isdigit() and parts[3] == "weight":
+                part = {fam.gate_name: "gate", fam.up_name: "up", fam.down_name: "down"}.get(parts[2])
+                if part is not None:
+                    self.experts.load_expert(full_name, int(parts[1]), part, tensor)
+                    return "experts.down_proj" if part == "down" else "experts.gate_up_proj"
+            if len(parts) == 2 and parts[1] in ("gate_up_proj", "down_proj"):
+                if self.sliced:
+                    raise ServingError(f"{full_name}: a sliced checkpoint's experts must be packed (sliced_*)")
+                self.experts.load_stacked(full_name, parts[1], tensor)
+                return local
+            if len(parts) == 2 and parts[1] in ("sliced_gate_up", "sliced_down"):
+                if not self.sliced:
+                    raise ServingError(f"{full_name}: packed (sliced) experts in a checkpoint whose config has no "
+                                       "flexc_sliced section; re-export it")
+                self.experts.load_sliced(full_name, parts[1], tensor)
+                return "experts.gate_up_proj" if parts[1] == "sliced_gate_up" else "experts.down_proj"
+        params = dict(self.named_parameters())
+        if local in params and not local.startswith("experts."):
+            if tuple(params[local].shape) != tuple(tensor.shape):
+                raise ServingError(f"checkpoint tensor {full_name}: shape {tuple(tensor.shape)}, expected "
+                                   f"{tuple(params[local].shape)}")
+            params[local].data.copy_(tensor)
+            return local
+        raise ServingError(f"checkpoint tensor {full_name} has no place in flexc's {fam.display} MoE block "
+                           f"(parameters: {sorted(params)})")

@@ -1,0 +1,172 @@
+"""flexc artifacts served by vLLM (its CPU build) through flexc's plugin, against flexc.load.
+
+For each family (Qwen3-MoE, Mixtral, Qwen2-MoE with its shared expert) one engine is started on
+a nested artifact at keep 0.75 (chosen at load through ``hf_overrides``); its greedy tokens must
+equal ``flexc.load`` + transformers at that budget, then, switched live with
+``flexc.serving.set_budget`` (no reload), at keep 0.4 and at full width. A sliced checkpoint must
+be served at its widths, and a budget switch on it refused.
+
+Needs vLLM: ``.ci/run`` installs the ``serve-cpu`` extra in a second virtual environment and runs
+this file there (vLLM's CPU build pins transformers and torch; see docs/serving.md). Without
+vLLM the module is skipped.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed: serving tests run where the serve-cpu extra is "
+                                   "installed (.ci/run does it in a separate venv; see docs/serving.md)")
+
+import torch  # noqa: E402
+
+from serving_artifacts import BUDGETS, source_model, write_artifacts  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["def main():\n    ", "import os\nimport sys\n", "class Config:\n    def __init__(self"]
+MAX_TOKENS = 12
+MODELS = ["tiny", "mixtral-tiny", "qwen2-moe"]
+
+
+def prompt_ids(tokenizer) -> list[list[int]]:
+    return [tokenizer(p).input_ids for p in PROMPTS]
+
+
+def reference(directory, budget, ids) -> list[list[int]]:
+    """Greedy tokens of flexc.load (transformers) at ``budget`` (None: full width)."""
+    import flexc
+
+    model = flexc.load(str(directory), budget=budget)
+    out = []
+    with torch.no_grad():
+        for row in ids:
+            x = torch.tensor([row])
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_TOKENS, do_sample=False,
+                               pad_token_id=0)
+            out.append(y[0, x.shape[1]:].tolist())
+    return out
+
+
+def start_engine(directory, **kwargs):
+    from vllm import LLM
+
+    return LLM(model=str(directory), dtype="float32", enforce_eager=True, max_model_len=256,
+               kv_cache_memory_bytes=64 << 20, seed=0, **kwargs)
+
+
+def served(llm, ids) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def _shutdown(llm) -> None:
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """Per model: the artifact paths, the prompts' token ids and flexc.load's tokens per budget."""
+    built = {}
+    for name in MODELS:
+        model, tokenizer = source_model(name)
+        paths = write_artifacts(model, tokenizer, tmp_path_factory.mktemp(f"serve-{name}"))
+        ids = prompt_ids(tokenizer)
+        refs = {b: reference(paths["nested"], b, ids) for b in (None, *BUDGETS)}
+        built[name] = (paths, ids, refs)
+    return built
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def engine(request, artifacts):
+    """One engine per model, started at keep 0.75 on the nested artifact (closed after its tests)."""
+    paths, ids, refs = artifacts[request.param]
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    llm = start_engine(paths["nested"], hf_overrides={"flexc_budget": BUDGETS[0]})
+    yield request.param, llm, ids, refs
+    _shutdown(llm)
+
+
+def test_references_differ_between_budgets(artifacts):
+    """Otherwise the equality tests below could not tell the budgets apart."""
+    for name, (_, _, refs) in artifacts.items():
+        outputs = [refs[b] for b in (None, *BUDGETS)]
+        assert outputs[0] != outputs[1] and outputs[1] != outputs[2] and outputs[0] != outputs[2], name
+
+
+def test_budget_chosen_at_load_and_switched_live(engine):
+    from flexc.serving import get_budget, set_budget
+
+    name, llm, ids, refs = engine
+    state = get_budget(llm)
+    assert state["kind"] == "nested" and state["budget"] == pytest.approx(BUDGETS[0])
+    assert state["budgets"] == [1.0, *BUDGETS]
+    assert served(llm, ids) == refs[BUDGETS[0]], f"{name} at keep {BUDGETS[0]} (chosen at load)"
+
+    switched = set_budget(llm, BUDGETS[1])  # the same engine: nothing reloaded
+    assert switched["budget"] == pytest.approx(BUDGETS[1]) and switched["switch_s"] < 0.5
+    assert served(llm, ids) == refs[BUDGETS[1]], f"{name} at keep {BUDGETS[1]} after a live switch"
+
+    set_budget(llm, 1.0)
+    assert served(llm, ids) == refs[None], f"{name} at full width after a live switch"
+
+
+def test_unknown_budget_is_refused_and_leaves_the_engine_serving(engine):
+    from flexc.serving import get_budget, set_budget
+
+    name, llm, ids, refs = engine
+    before = get_budget(llm)["budget"]
+    with pytest.raises(Exception, match=r"no width table for keep 0\.33.*available: 1, 0\.75, 0\.4"):
+        set_budget(llm, 0.33)
+    assert get_budget(llm)["budget"] == before
+    assert served(llm, ids[:1]) == refs[None if before == 1.0 else before][:1]
+
+
+def test_sliced_checkpoint_is_served_at_its_widths(artifacts):
+    """A sliced checkpoint (packed experts) is served by flexc's class, equal to the nested model
+    at its budget; its budget cannot be switched."""
+    from flexc.serving import get_budget, set_budget
+
+    paths, ids, refs = artifacts["tiny"]
+    budget = BUDGETS[1]
+    llm = start_engine(paths[f"keep_{budget:.2f}"])
+    try:
+        state = get_budget(llm)
+        assert state["kind"] == "sliced" and state["budget"] == pytest.approx(budget)
+        assert served(llm, ids) == refs[budget]
+        with pytest.raises(Exception, match="sliced checkpoint of keep 0.4: its budget is fixed"):
+            set_budget(llm, BUDGETS[0])
+    finally:
+        _shutdown(llm)
+
+
+def test_sliced_checkpoint_of_an_unserved_family_is_refused(tmp_path, monkeypatch):
+    """vLLM's Transformers backend would load an OLMoE sliced checkpoint and drop its packed
+    experts (silently wrong tokens); the plugin refuses it instead, naming what it serves."""
+    from flexc.export.sliced import write_sliced
+    from flexc.ir.families import detect_family
+    from flexc.ir.groups import find_expert_groups
+    from flexc.ir.testing import tiny_model
+    from transformers import AutoTokenizer
+
+    import flexc.zoo
+
+    model = tiny_model("olmoe", vocab_size=2048, hidden_size=128, max_position_embeddings=512)
+    groups = find_expert_groups(model, detect_family(model.config))
+    widths = torch.stack([torch.full((g.num_experts,), g.intermediate_size // 2) for g in groups])
+    write_sliced(tmp_path, model, groups, widths, budget=0.5,
+                 tokenizer=AutoTokenizer.from_pretrained(flexc.zoo.resolve("tiny", progress=False)))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine's error reaches this process
+    with pytest.raises(Exception, match="flexc sliced checkpoint of 'olmoe'.*does not serve"):
+        start_engine(tmp_path, trust_remote_code=True)

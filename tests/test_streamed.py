@@ -1,0 +1,164 @@
+"""Streamed compile (``execution: {stream: layers}``) == in-memory compile, one decoder layer at a time.
+
+Each family's tiny checkpoint (random weights, saved by transformers in its on-disk layout) is
+compiled twice with rank_channels(activation) -> coverage -> fold_masks -> nested + sliced:
+in memory and streamed. The width tables must be identical and every exported tensor equal
+within 1e-6; the streamed run must never hold more than one decoder layer.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).parent / "broken_specs"))
+import compiler_helpers  # noqa: E402
+
+import flexc  # noqa: E402
+from flexc.compiler.errors import SpecError  # noqa: E402
+from flexc.compiler.spec import Spec  # noqa: E402
+from flexc.ir.tables import WIDTHS_FILE, WidthTables  # noqa: E402
+
+FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")  # qwen2_moe: with its shared expert
+
+
+def _spec(model_dir: Path, out: Path, stream: str, **extra) -> dict:
+    spec = {
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "data": {"calibration": {"builtin": "python-stdlib", "num_samples": 6, "seq_len": 24, "batch_size": 4}},
+        "budgets": {"keep": [0.75, 0.5]},
+        "pipeline": [{"rank_channels": {"score": "activation", "plot": False}}, {"coverage": {"granule": 8}},
+                     "fold_masks"],
+        "export": {"dir": str(out), "formats": ["nested", "sliced"]},
+        "execution": {"stream": stream},
+    }
+    spec.update(extra)
+    return spec
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        if f.name == WIDTHS_FILE:
+            continue
+        with safe_open(str(f), framework="pt") as handle:
+            out.update({k: handle.get_tensor(k) for k in handle.keys()})
+    return out
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta and set(ta) == set(tb), sorted(set(ta) ^ set(tb))[:5]
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and ta[name].shape == tb[name].shape, name
+        diff = float((ta[name].double() - tb[name].double()).abs().max()) if ta[name].numel() else 0.0
+        assert diff <= 1e-6, f"{a.name}/{name}: max difference {diff:.3g}"
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream-models")
+    return {f: compiler_helpers.make_tiny_moe(root / f, family=f) for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_equals_in_memory(family, family_dirs, tmp_path, monkeypatch):
+    from flexc.ir import streaming
+
+    models = []
+    original = streaming.LayerModel.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        models.append(self)
+
+    monkeypatch.setattr(streaming.LayerModel, "__init__", spy)
+    flexc.compile(_spec(family_dirs[family], tmp_path / "mem", "off"), quiet=True)
+    assert not models  # the in-memory path never streams
+    flexc.compile(_spec(family_dirs[family], tmp_path / "stream", "layers"), quiet=True)
+    (lm,) = models
+
+    mem, stream = tmp_path / "mem", tmp_path / "stream"
+    t_mem, t_stream = WidthTables.load(mem / "nested" / WIDTHS_FILE), WidthTables.load(stream / "nested" / WIDTHS_FILE)
+    assert t_mem.budgets == t_stream.budgets
+    assert torch.equal(t_mem.tables, t_stream.tables)
+    assert bool((t_mem.tables < t_mem.full_table()).any())  # the tables actually prune something
+    _assert_same_weights(mem / "nested", stream / "nested")
+    for key in ("keep_0.75", "keep_0.50"):
+        _assert_same_weights(mem / "sliced" / key, stream / "sliced" / key)
+    # Counted on the modules: one decoder layer with real tensors at a time, every layer visited
+    # (rank_channels once, the nested export once, the sliced export once per budget).
+    assert lm.peak_live == 1
+    assert lm.materialised_count == lm.num_layers * (1 + 1 + 2)
+    assert lm.live_layers() == []
+
+
+def test_streamed_artifacts_load(family_dirs, tmp_path):
+    """The streamed artifacts load with flexc (nested at a budget, a sliced folder) and run."""
+    flexc.compile(_spec(family_dirs["qwen3_moe"], tmp_path / "s", "layers"), quiet=True)
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    nested = flexc.load(tmp_path / "s" / "nested", budget=0.5)
+    sliced = flexc.load(tmp_path / "s" / "sliced", budget=0.5)
+    with torch.no_grad():
+        a = nested(input_ids=ids).logits
+        b = sliced(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_streamed_resumes(family_dirs, tmp_path):
+    spec = _spec(family_dirs["qwen3_moe"], tmp_path / "r", "layers")
+    first = flexc.compile(spec, quiet=True)
+    assert first.ran[0] == "load" and "export:sliced" in first.ran
+    again = flexc.compile(spec, quiet=True)
+    assert again.up_to_date
+
+
+@pytest.mark.parametrize("entry, needle", [
+    ({"rank_channels": {"score": "taylor"}}, "score 'taylor'"),
+    ("rank_channels", "score 'taylor'"),  # the default score needs gradients too
+])
+def test_stream_refuses_gradient_scores(entry, needle, moe_dir):
+    spec = _spec(moe_dir, Path("unused"), "layers")
+    spec["pipeline"][0] = entry
+    with pytest.raises(SpecError) as err:
+        flexc.compile(spec)
+    text = str(err.value)
+    assert needle in text and "execution.stream: layers" in text and "pipeline" in text
+
+
+def test_stream_refuses_anneal_naming_the_pass(moe_dir):
+    spec = _spec(moe_dir, Path("unused"), "layers")
+    spec["pipeline"] = [{"rank_channels": {"score": "activation"}}, "insert_action_gates", "anneal", "fold_masks"]
+    with pytest.raises(SpecError) as err:
+        flexc.compile(spec)
+    text = str(err.value)
+    assert "pass 'anneal' cannot run with execution.stream: layers" in text
+    assert "pass 'insert_action_gates' cannot run" in text
+
+
+def test_stream_refuses_other_exports(moe_dir):
+    spec = _spec(moe_dir, Path("unused"), "layers")
+    spec["export"]["formats"] = ["nested", "onnx"]
+    with pytest.raises(SpecError, match="export 'onnx' cannot be written with execution.stream: layers"):
+        flexc.compile(spec)
+
+
+def test_stream_field_is_checked():
+    with pytest.raises(SpecError, match="expected one of 'off', 'layers'"):
+        Spec.from_yaml_text("model: {zoo: tiny}\nexecution: {stream: layer}\n")
+    with pytest.raises(SpecError, match="unknown key 'streem'"):
+        Spec.from_yaml_text("model: {zoo: tiny}\nexecution: {streem: layers}\n")
+
+
+def test_default_execution_keeps_old_fingerprints():
+    spec = Spec.model_validate({"model": {"zoo": "tiny"}})
+    assert "execution" not in spec.to_dict()
+    streamed = Spec.model_validate({"model": {"zoo": "tiny"}, "execution": {"stream": "layers"},
+                                    "pipeline": [{"rank_channels": {"score": "activation"}}]})
+    assert streamed.to_dict()["execution"] == {"stream": "layers"}
+    assert streamed.fingerprint() != Spec.model_validate(
+        {"model": {"zoo": "tiny"}, "pipeline": [{"rank_channels": {"score": "activation"}}]}).fingerprint()
