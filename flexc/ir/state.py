@@ -9,6 +9,9 @@ resumed compile loads it back; exporters, the report, ``flexc compare`` and eval
   baselines (``flops`` metric, coverage's ``load`` importance), ``expert_prune``, compare.
 - ``channel_scores`` ``[layers, experts, intermediate]``, ranked order: set by
   ``rank_channels``; read by ``coverage`` (and so ``anneal``'s warm start).
+- ``channel_perms`` ``[layers, experts, intermediate]``: the ranking's permutation, set by the
+  layer-streamed ``rank_channels`` (:mod:`flexc.compiler.streamed`), whose exports apply it to
+  each loaded layer (a graph's ``rank_channels`` permutes the weights in place instead).
 - ``width_tables`` (one :class:`WidthTables`): set by ``anneal``, ``uniform``, ``coverage``,
   ``expert_prune``; read by ``fold_masks``, ``recover``, the exporters, the report, compare, eval.
 - ``width_method``: set by the baselines (a record of which one chose the tables).
@@ -51,7 +54,7 @@ LEGACY_TENSORS = "ctx_state.safetensors"
 
 # Hand-off names of the width tables in the dict form; they read from ``width_tables``.
 _WIDTH_KEYS = ("width_budgets", "width_tables", "width_metric")
-_TENSOR_FIELDS = ("routing_counts", "routing_weight_sums", "channel_scores", "expert_masks")
+_TENSOR_FIELDS = ("routing_counts", "routing_weight_sums", "channel_scores", "channel_perms", "expert_masks")
 _VALUE_FIELDS = ("width_method", "recovered_keep", "kernel_backend")
 
 
@@ -62,6 +65,7 @@ class CompileState(MutableMapping):
     routing_counts: torch.Tensor | None = None  # [layers, experts] token-slots routed to each expert
     routing_weight_sums: torch.Tensor | None = None  # [layers, experts] their summed router weights
     channel_scores: torch.Tensor | None = None  # [layers, experts, intermediate], ranked (descending) order
+    channel_perms: torch.Tensor | None = None  # [layers, experts, intermediate]: the ranking (streamed compile)
     width_tables: WidthTables | None = None  # one [layers, experts] table per budget, nested
     width_method: str | None = None  # the baseline that chose the tables (None: anneal)
     expert_masks: torch.Tensor | None = None  # [budgets, layers, experts] bool: experts removed (expert_prune)
