@@ -73,7 +73,7 @@ def main() -> None:
     setup = common.gated_setup(args.model, args.samples, budgets, prefix="flexc-anneal-bench-")
     model, tokenizer, seq_len, graph, ctx, work = (setup.model, setup.tokenizer, setup.seq_len, setup.graph,
                                                    setup.ctx, setup.work)
-    state = dict(ctx.state)  # ranking's hand-off, for the baselines below
+    state = ctx.state.copy()  # ranking's hand-off, for the baselines below
     rss_before = common.peak_rss_mb()
     anneal_opts = {} if args.steps is None else {"steps": args.steps}
     start = time.perf_counter()
@@ -81,17 +81,17 @@ def main() -> None:
     seconds = time.perf_counter() - start
     history = json.loads((work / "anneal_history.json").read_text())
     report = json.loads((work / "width_tables.json").read_text())
-    learned = ctx.state["width_tables"]
+    learned = ctx.state.width_tables.tables
 
     def ppl():
         return common.heldout_ppl(model, tokenizer, seq_len, args.eval_tokens)
 
     baselines = {}
     for name in ("coverage", "uniform"):
-        ctx.state = dict(state)
+        ctx.state = state.copy()
         ctx.workdir = work / name
         resolve_pass(name)({"granule": 16})(graph, ctx)
-        baselines[name] = ctx.state["width_tables"]
+        baselines[name] = ctx.state.width_tables.tables
 
     full = torch.tensor([g.intermediate_size for g in graph.groups])
     weights = expert_weights(graph.groups, "params")

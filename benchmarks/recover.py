@@ -53,7 +53,7 @@ def main() -> None:
     model, tokenizer, seq_len, graph, ctx, work = (setup.model, setup.tokenizer, setup.seq_len, setup.graph,
                                                    setup.ctx, setup.work)
     resolve_pass("anneal")({"steps": args.anneal_steps})(graph, ctx)
-    tables = dict(zip(budgets, ctx.state["width_tables"]))
+    tables = dict(zip(budgets, ctx.state.width_tables.tables))
     pre_recovery = {n: p.detach().clone() for n, p in model.named_parameters()}
     recover_opts = {"steps": args.steps, "lr": args.lr, "rank": args.rank, "loss": args.loss}
 

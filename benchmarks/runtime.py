@@ -47,7 +47,7 @@ def build_artifacts(model_name: str, budgets: list[float], workdir: Path) -> dic
     import flexc.zoo
     from flexc.export.nested import write_nested
     from flexc.export.sliced import write_sliced
-    from flexc.export.tables import WidthTables, budget_key
+    from flexc.ir.tables import budget_key
     from flexc.ir import lower
     from flexc.passes import resolve_pass
     from flexc.passes.manager import run_pass
@@ -65,7 +65,7 @@ def build_artifacts(model_name: str, budgets: list[float], workdir: Path) -> dic
     run_pass(resolve_pass("rank_channels")({"score": "activation", "plot": False}), graph, ctx)
     run_pass(resolve_pass("uniform")(), graph, ctx)
     run_pass(resolve_pass("fold_masks")(), graph, ctx)
-    tables = WidthTables.from_state(ctx.state, graph.groups)
+    tables = ctx.state.width_tables
     write_nested(workdir / "nested", model, graph.groups, tables, tokenizer=tokenizer)
     for b in budgets:
         write_sliced(workdir / "sliced" / budget_key(b), model, graph.groups, tables.table(b), budget=b,

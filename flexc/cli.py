@@ -285,7 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_error(exc, args.verbosity)
         else:
             logs.console().print(
-                f"internal error: {type(exc).__name__}: {exc}\n(run again with --verbose for the traceback)",
+                f"internal error: {type(exc).__name__}: {exc}\n"
+                + "".join(f"{note}\n" for note in getattr(exc, "__notes__", ()))  # e.g. which pass failed
+                + "(run again with --verbose for the traceback)",
                 markup=False,
                 highlight=False,
                 style="red",

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from flexc.eval.budgets import apply_budget
-from flexc.export.tables import WidthTables
 from flexc.ir import lower
 from flexc.ir.testing import tiny_model
 from flexc.passes import PassContext, resolve_pass
@@ -27,7 +26,7 @@ def data(n=3, seed=0):
 
 def make_ctx(tmp_path, state=None):
     spec = SimpleNamespace(budgets=SimpleNamespace(keep_ratios=BUDGETS, metric="params"))
-    return PassContext(workdir=tmp_path, spec=spec, calibration_data=data(), quiet=True, state=state or {},
+    return PassContext(workdir=tmp_path, spec=spec, calibration_data=data(), quiet=True, state=state if state is not None else {},
                        logger=logging.getLogger("test"))
 
 
@@ -40,7 +39,7 @@ def ranked(tmp_path_factory):
 
 
 def run_baseline(graph, state, tmp_path, name, options=None):
-    ctx = make_ctx(tmp_path, dict(state))
+    ctx = make_ctx(tmp_path, state.copy())
     check = {"input_ids": data(1, seed=5)[0]}
     run_checked(resolve_pass(name)(options or {}), graph, ctx, check)  # graph left computing the full model
     return ctx.state
@@ -60,8 +59,8 @@ def kept_params(graph, table):
 def test_budget_hit_in_parameter_count_and_nested(ranked, tmp_path, method, options, unit):
     graph, state = ranked
     out = run_baseline(graph, state, tmp_path, method, options)
-    tables = WidthTables.from_state(out, graph.groups, allow_expert_masks=True)  # checks nesting and ranges
-    assert tables.budgets == pytest.approx(list(BUDGETS)) and out["width_metric"] == "params"
+    tables = out.checked_width_tables(allow_expert_masks=True)  # nesting and ranges were checked when built
+    assert tables.budgets == pytest.approx(list(BUDGETS)) and tables.metric == "params"
     routed = graph.routed_params
     per_channel = graph.groups[0].params_per_channel
     step = (GRANULE if unit == "granule" else I) * per_channel  # one granule (or one whole expert) of one expert
@@ -76,7 +75,7 @@ def test_budget_hit_in_parameter_count_and_nested(ranked, tmp_path, method, opti
 
 def test_uniform_widths_differ_by_at_most_one_granule(ranked, tmp_path):
     graph, state = ranked
-    tables = run_baseline(graph, state, tmp_path, "uniform")["width_tables"]
+    tables = run_baseline(graph, state, tmp_path, "uniform").width_tables.tables
     for table in tables:
         assert int(table.max() - table.min()) <= GRANULE
     # keep 0.5 of 64 channels is exactly two granules everywhere
@@ -91,7 +90,7 @@ def test_coverage_prefers_experts_with_concentrated_scores(tmp_path):
     ctx = make_ctx(tmp_path, {"channel_scores": scores[None]})
     pass_ = resolve_pass("coverage")({"budgets": [0.5], "importance": "none"})
     pass_.run(graph, ctx)
-    table = ctx.state["width_tables"][0, 0]
+    table = ctx.state.width_tables.tables[0, 0]
     assert table.tolist() == [16, 48]  # same coverage target: the concentrated expert needs far fewer channels
 
 
@@ -202,8 +201,8 @@ def test_clear_errors(ranked, tmp_path):
     with pytest.raises(ValueError, match="channel scores"):
         resolve_pass("coverage")({}).run(graph, make_ctx(tmp_path))
     with pytest.raises(ValueError, match="below"):
-        resolve_pass("uniform")({"budgets": [0.1]}).run(graph, make_ctx(tmp_path, dict(state)))
+        resolve_pass("uniform")({"budgets": [0.1]}).run(graph, make_ctx(tmp_path, state.copy()))
     with pytest.raises(ValueError, match="top_k"):
-        resolve_pass("expert_prune")({"budgets": [0.1]}).run(graph, make_ctx(tmp_path, dict(state)))
+        resolve_pass("expert_prune")({"budgets": [0.1]}).run(graph, make_ctx(tmp_path, state.copy()))
     with pytest.raises(ValueError, match="criterion"):
         resolve_pass("expert_prune")({"criterion": "nope"})

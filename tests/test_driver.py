@@ -12,6 +12,7 @@ import torch
 import flexc
 from flexc.compiler import artifacts
 from flexc.compiler.errors import OutputDirError, SpecError
+from flexc.ir.state import CompileState
 
 sys.path.insert(0, str(Path(__file__).parent / "broken_specs"))
 import compiler_helpers as helpers  # noqa: E402
@@ -130,20 +131,20 @@ def test_pipeline_runs_passes_and_resumes_after_the_last_completed_stage(moe_dir
     assert m["status"] == "complete" and all(s["status"] == "done" for s in m["stages"])
     assert m["stages"][-1]["properties"] == ["lowered", "toy_gated", "toy_ranked"]
     # the saved state holds the gated widths and the passes' hand-off state (tensors included)
-    state = artifacts.load_pass_state(out / "state")
-    assert state["gated"] is True and torch.equal(state["toy_scores"]["layer0"], torch.arange(4.0))
+    state = CompileState.load(out / "state")
+    assert state.extras["gated"] is True and torch.equal(state.extras["toy_scores"]["layer0"], torch.arange(4.0))
     saved = json.loads((out / "state" / "stage.json").read_text())
     assert saved == {"stage": "02-toy_gate"}
 
 
 def test_pass_state_round_trip_and_refusal(tmp_path):
-    state = {"a": torch.ones(2, 3), "b": [1, 2.5, "x", None, {"c": torch.zeros(1, dtype=torch.int32)}], "d": True}
-    artifacts.save_pass_state(state, tmp_path)
-    back = artifacts.load_pass_state(tmp_path)
-    assert torch.equal(back["a"], state["a"]) and back["b"][:4] == [1, 2.5, "x", None]
+    extras = {"a": torch.ones(2, 3), "b": [1, 2.5, "x", None, {"c": torch.zeros(1, dtype=torch.int32)}], "d": True}
+    CompileState(extras=extras).save(tmp_path)
+    back = CompileState.load(tmp_path).extras
+    assert torch.equal(back["a"], extras["a"]) and back["b"][:4] == [1, 2.5, "x", None]
     assert back["b"][4]["c"].dtype == torch.int32 and back["d"] is True
-    with pytest.raises(TypeError, match="cannot be persisted"):
-        artifacts.save_pass_state({"bad": object()}, tmp_path)
+    with pytest.raises(TypeError, match="cannot be saved"):
+        CompileState(extras={"bad": object()}).save(tmp_path)
 
 
 def test_python_api_errors_are_spec_errors(tmp_path):

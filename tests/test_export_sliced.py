@@ -211,7 +211,7 @@ def _toy_widths_pass():
 
         def run(self, graph, ctx):
             tables = random_nested_tables(graph.groups, seed=7)
-            ctx.state.update(width_budgets=tables.budgets, width_tables=tables.tables, width_metric="params")
+            ctx.state.width_tables = tables
             return PassResult(graph=graph, modified=False)
 
     return ToySlicedWidths

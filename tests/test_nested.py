@@ -65,7 +65,7 @@ def test_fold_removes_gates_and_runs_at_full_width(folded):
 
 def test_folded_graph_switches_budget_through_width_buffers(folded):
     graph, ctx, _, _ = folded
-    tables = WidthTables.from_state(ctx.state, graph.groups)
+    tables = ctx.state.width_tables
     ids = data(1, seed=6)[0]
     full = graph.logits(ids)
     graph.set_widths(tables.table(0.25))
@@ -114,7 +114,7 @@ def test_manifest_records_every_budget(folded):
     assert [b["keep"] for b in manifest["budgets"]] == list(BUDGETS)
     totals = [b["total_params"] for b in manifest["budgets"]]
     assert manifest["full"]["total_params"] > totals[0] > totals[1] > totals[2]
-    tables = WidthTables.from_state(ctx.state, [SimpleNamespace(**g) for g in manifest["layers"]])
+    tables = ctx.state.width_tables
     for row, table in zip(manifest["budgets"], tables.tables):
         routed = int(table.sum()) * 3 * manifest["layers"][0]["hidden_size"]  # qwen3: no expert biases
         assert row["routed_params"] == routed
@@ -123,7 +123,7 @@ def test_manifest_records_every_budget(folded):
 
 def test_load_at_budget_equals_graph_at_that_budget(folded):
     graph, ctx, _, target = folded
-    tables = WidthTables.from_state(ctx.state, graph.groups)
+    tables = ctx.state.width_tables
     ids = data(1, seed=8)[0]
     model = flexc.load(target, budget=0.5)
     assert model.flexc.budgets == list(BUDGETS)
@@ -195,8 +195,9 @@ def test_folded_state_resumes_on_a_fresh_graph(folded, tmp_path, replay_by_name)
 
 def test_exports_refuse_whole_expert_pruning(folded, tmp_path):
     graph, ctx, _, _ = folded
-    state = dict(ctx.state, expert_masks=torch.zeros(len(BUDGETS), 2, 8, dtype=torch.bool))
-    state["expert_masks"][2, 0, 3] = True
+    state = ctx.state.copy()
+    state.expert_masks = torch.zeros(len(BUDGETS), 2, 8, dtype=torch.bool)
+    state.expert_masks[2, 0, 3] = True
     with pytest.raises(ValueError, match="remove whole experts"):
         get_exporter("nested")(ExportContext(target=tmp_path / "n", spec=None, graph=graph, model=graph.model,
                                              state=state, logger=logging.getLogger("test")))

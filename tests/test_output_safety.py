@@ -164,6 +164,26 @@ def test_resume_replays_a_user_pass_by_its_spec_entry(moe_dir, tmp_path, monkeyp
     assert len(userpasses.AddMarker.replays) == 1
 
 
+def test_replayed_rewrites_keep_their_stage_so_a_second_resume_replays_them_too(tmp_path):
+    from flexc.ir import lower
+    from flexc.ir.testing import tiny_model
+    from flexc.passes import PassContext
+    from flexc.passes.manager import PassRunner, replayer
+
+    namespace: dict = {}
+    exec(USER_PASS, namespace)
+    marker = namespace["AddMarker"]()
+    graph = lower(tiny_model("qwen3_moe"))
+    PassRunner(graph, PassContext(workdir=tmp_path), tmp_path / "stages").run("01-add_marker", marker)
+    assert graph.rewrites == [{"pass": "add_marker", "options": {}, "stage": "01-add_marker"}]
+    graph.save_state(tmp_path / "state0")
+    for resume in (1, 2):  # each resume saves the graph it replayed; the next one reads that
+        fresh = lower(tiny_model("qwen3_moe"))
+        fresh.load_state(tmp_path / f"state{resume - 1}", replay=replayer({"01-add_marker": marker}))
+        assert fresh.rewrites == graph.rewrites
+        fresh.save_state(tmp_path / f"state{resume}")
+
+
 def test_resume_imports_nothing_the_saved_state_names(moe_dir, tmp_path, monkeypatch, capsys):
     (tmp_path / "userpasses.py").write_text(USER_PASS)
     sentinel = tmp_path / "imported"

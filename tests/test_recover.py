@@ -9,6 +9,7 @@ import torch
 
 import flexc
 from flexc.export.tables import WidthTables
+from flexc.ir.state import CompileState
 from flexc.ir import lower
 from flexc.ir.testing import tiny_model
 from flexc.passes import PassContext
@@ -38,8 +39,9 @@ def nested_tables(graph, seed=0) -> torch.Tensor:
 def setup(tmp_path, family="qwen3_moe"):
     model = tiny_model(family, moe_intermediate_size=64) if family == "qwen3_moe" else tiny_model(family)
     graph = lower(model)
-    state = {"width_budgets": torch.tensor(BUDGETS), "width_tables": nested_tables(graph)}
-    ctx = PassContext(workdir=tmp_path, calibration_data=data(), quiet=True, state=state,
+    tables = WidthTables(BUDGETS, nested_tables(graph), "params", layers=[g.layer for g in graph.groups],
+                         full=[g.intermediate_size for g in graph.groups])
+    ctx = PassContext(workdir=tmp_path, calibration_data=data(), quiet=True, state=CompileState(width_tables=tables),
                       logger=logging.getLogger("test"))
     return graph, ctx
 
@@ -63,7 +65,7 @@ def recover(graph, ctx, workdir, **options):
 @pytest.mark.parametrize("family,targets", [("qwen3_moe", ["experts", "attention"]), ("gpt_oss", ["experts"])])
 def test_merged_model_equals_adapter_applied_model(tmp_path, family, targets):
     graph, ctx = setup(tmp_path, family)
-    tables = WidthTables.from_state(ctx.state, graph.groups)
+    tables = ctx.state.width_tables
     experts = [graph.experts_module(g) for g in graph.groups]
     before = snapshot(graph.model)
     peft_model = attach_adapters(graph.model, graph.groups, rank=4, alpha=8, targets=targets, seed=0)
@@ -116,7 +118,7 @@ def recovered(tmp_path_factory):
     root = tmp_path_factory.mktemp("recover")
     graph, ctx = setup(root)
     before = snapshot(graph.model)
-    tables_before = ctx.state["width_tables"].clone()
+    tables_before = ctx.state.width_tables.tables.clone()
     widths_before = graph.widths()
     seen = []
 
@@ -144,10 +146,9 @@ def test_only_adapter_parameters_receive_gradients(recovered):
 
 def test_widths_tables_and_nesting_unchanged(recovered):
     graph, ctx, _, tables_before, widths_before, _, report, root = recovered
-    assert torch.equal(ctx.state["width_tables"], tables_before)
-    WidthTables.from_state(ctx.state, graph.groups)  # still nested and valid
+    assert torch.equal(ctx.state.width_tables.tables, tables_before)
     assert torch.equal(graph.widths(), widths_before)
-    assert report["keep_trained"] == 0.6 and ctx.state["recovered_keep"] == 0.6
+    assert report["keep_trained"] == 0.6 and ctx.state.recovered_keep == 0.6
     history = json.loads((root / "run" / "recover_history.json").read_text())
     for first, again in zip(history[:3], history[3:]):  # the same batch, three steps later: lower loss
         assert again["loss"] < first["loss"]
@@ -158,7 +159,7 @@ def test_graph_sees_merged_weights(recovered):
     changed = [n for n, p in graph.model.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all("experts" in n for n in changed)
     ids = data(1, seed=7)[0]
-    table = ctx.state["width_tables"][1]
+    table = ctx.state.width_tables.tables[1]
     graph.set_widths(table)
     try:
         with torch.no_grad():
@@ -224,7 +225,7 @@ def test_non_finite_loss_is_a_clear_error_and_keeps_the_checkpoint(recovered, tm
 
 def test_keep_selects_the_nearest_budget_or_fails_clearly(recovered, tmp_path):
     graph, ctx, *_ = recovered
-    tables = WidthTables.from_state(ctx.state, graph.groups)
+    tables = ctx.state.width_tables
     assert select_budget(tables, 0.62, 0.05) == 0.6
     assert select_budget(tables, 0.45, 0.15) == 0.3  # a tie goes to the smaller keep
     with pytest.raises(ValueError, match=r"within 0.05 of keep 0.45 .*exported budgets: 1, 0.6, 0.3"):

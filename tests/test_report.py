@@ -5,8 +5,8 @@ import json
 import torch
 
 import flexc
-from flexc.compiler import artifacts
 from flexc.export.tables import WidthTables
+from flexc.ir.state import CompileState
 
 
 def test_compile_writes_a_report_with_measured_budgets(tiny_model_dir, tmp_path):
@@ -57,9 +57,10 @@ def test_compile_writes_a_report_with_measured_budgets(tiny_model_dir, tmp_path)
     for name, tensor in plain.state_dict().items():  # the ranked weights, not the original order
         assert torch.equal(tensor, nested_weights[name]), name
     assert (out / "hf" / "tokenizer.json").is_file()
-    # the nested export holds the tables the pipeline chose (the run's saved pass state)
-    chosen = artifacts.load_pass_state(out / "state")["width_tables"]
-    assert torch.equal(WidthTables.load(out / "nested" / "flexc_widths.safetensors").tables, chosen.to(torch.int32))
+    # the nested export holds the tables the pipeline chose (the run's saved compile state)
+    chosen = CompileState.load(out / "state").width_tables
+    nested = WidthTables.load(out / "nested" / "flexc_widths.safetensors")
+    assert torch.equal(nested.tables, chosen.tables) and nested.budgets == chosen.budgets
 
 
 def test_hf_export_refuses_whole_expert_pruning(tmp_path):

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import flexc
 from flexc.compiler.errors import SpecError
+from flexc.ir.state import CompileState
 
 EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
 
@@ -46,6 +47,8 @@ def test_example_pass_runs_from_yaml(moe_dir, tmp_path, monkeypatch):
     expected = {f"layer {i}": (share[i] < 0.2).nonzero().flatten().tolist() for i in range(share.shape[0])}
     assert report == expected
     assert any(report.values())  # with a 20% floor, some expert is cold
+    cold = CompileState.load(out / "state").extras["cold_experts"]  # handed on in extras, saved for a resume
+    assert {f"layer {i}": cold[i].nonzero().flatten().tolist() for i in range(cold.shape[0])} == report
 
 
 def test_example_pass_before_its_requirement_is_a_spec_error(moe_dir, tmp_path, monkeypatch):

@@ -28,12 +28,13 @@ class DropColdExperts(Pass):
     preserves_computation = False  # it changes outputs (tests check passes that claim otherwise)
 
     def run(self, graph, ctx: PassContext) -> PassResult:
-        counts = ctx.state["routing_counts"]  # [MoE layers, experts], from rank_channels' calibration
+        counts = ctx.state.routing_counts  # [MoE layers, experts], from rank_channels' calibration
         share = counts / counts.sum(dim=1, keepdim=True)
         widths = graph.widths()  # [MoE layers, experts]; the graph reads these buffers, no re-export
         cold = share[:, : widths.shape[1]] < self.options.min_share
         widths[cold] = 0  # width 0: the expert contributes nothing
         graph.set_widths(widths)
+        ctx.state.extras["cold_experts"] = cold  # for later passes: saved with the compile state
         report = {f"layer {g.layer}": cold[i].nonzero().flatten().tolist() for i, g in enumerate(graph.groups)}
         (ctx.workdir / "cold_experts.json").write_text(json.dumps(report, indent=2))
         ctx.logger.info("drop_cold_experts: removed %d experts", int(cold.sum()))

@@ -8,7 +8,7 @@ Layout of ``<out>/``::
     compile.log      the full log (appended by every run)
     report.md        budgets, sizes, held-out perplexity, widths, stage times (figures in report/)
     base/            the loaded model as a Hugging Face checkpoint (empty pipeline only)
-    state/           graph + pass hand-off state after the last completed pass (for resume)
+    state/           graph + compile state after the last completed pass (for resume)
     <format>/        one directory per export format
     stages/          one folder per pass: its scores, tables, plots, training checkpoints
     compare/         what ``flexc compare`` writes when given this run
@@ -86,63 +86,6 @@ def replace_dir(src: Path, target: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(src, target)
-
-
-# --------------------------------------------------------------------------- ctx.state
-
-
-def _flatten_state(value: Any, path: str, tensors: dict[str, Any]) -> Any:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        key = path or "_"
-        tensors[key] = value.detach().cpu().contiguous()
-        return {"__tensor__": key}
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError(f"ctx.state key {k!r} at {path or '(top)'} is not a string")
-            out[k] = _flatten_state(v, f"{path}/{k}" if path else k, tensors)
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_flatten_state(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    raise TypeError(
-        f"ctx.state[{path!r}] holds a {type(value).__name__}, which cannot be persisted between stages "
-        "(use tensors, numbers, strings, lists and dicts)"
-    )
-
-
-def _unflatten_state(value: Any, tensors: dict[str, Any]) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {"__tensor__"}:
-            return tensors[value["__tensor__"]]
-        return {k: _unflatten_state(v, tensors) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_unflatten_state(v, tensors) for v in value]
-    return value
-
-
-def save_pass_state(state: dict[str, Any], directory: Path) -> None:
-    """Persist a pass context's ``state``: tensors in safetensors, everything else in JSON."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, Any] = {}
-    tree = _flatten_state(state, "", tensors)
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / "ctx_state.safetensors") as tmp:
-        save_file(tensors, str(tmp))
-    write_json(directory / "ctx_state.json", tree)
-
-
-def load_pass_state(directory: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    tree = json.loads((directory / "ctx_state.json").read_text())
-    tensors = load_file(str(directory / "ctx_state.safetensors"))
-    return _unflatten_state(tree, tensors)
 
 
 # --------------------------------------------------------------------------- run directory

@@ -6,8 +6,9 @@ Stages and what a re-run of the same spec does with them:
 - ``checkpoint`` (empty pipeline only): ``base/`` = ``save_pretrained`` + tokenizer.
 - ``lower``: the model to a FlexGraph on a small example batch (always runs when there are
   passes; it is cheap next to the passes and holds no state of its own).
-- ``NN-<pass>``: one per pipeline entry. After each, the graph state and the passes'
-  hand-off state (``ctx.state``) are saved to ``state/``; a re-run restores them and
+- ``NN-<pass>``: one per pipeline entry, run by :class:`flexc.passes.manager.PassRunner`.
+  After each, the graph state and the compile state (``ctx.state``, a
+  :class:`flexc.ir.state.CompileState`) are saved to ``state/``; a re-run restores them and
   continues after the last completed pass.
 - ``export:<format>``: one per export format, each built in a temporary directory.
 
@@ -24,12 +25,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flexc.compiler import artifacts
 from flexc.compiler.artifacts import BASE_DIR, LOG_FILE, REPORT_FILE, SPEC_FILE, STATE_DIR, RunDir
 from flexc.compiler.errors import FlexcError, SpecError
 from flexc.compiler.spec import Spec, issues_from_errors, parse_spec, read_spec_text
+
+if TYPE_CHECKING:
+    from flexc.ir.state import CompileState
 
 log = logging.getLogger("flexc")
 
@@ -156,10 +160,10 @@ def _dump_graph(out: Path, stage: str, graph: Any, changed: Any = ()) -> None:
     dump_graph(graph, out / "graphs" / stage, highlight=changed)
 
 
-def _save_state(out: Path, stage: str, graph: Any, state: dict[str, Any]) -> None:
+def _save_state(out: Path, stage: str, graph: Any, state: "CompileState") -> None:
     with artifacts.atomic_dir(out / STATE_DIR) as tmp:
         graph.save_state(tmp / "graph")
-        artifacts.save_pass_state(state, tmp)
+        state.save(tmp)
         artifacts.write_json(tmp / "stage.json", {"stage": stage})
 
 
@@ -294,8 +298,10 @@ def _compile(spec: Spec, source: Path | None, run: RunDir, *, dump_graphs: bool,
         }
     result.ran.append("load")
 
+    from flexc.ir.state import CompileState
+
     graph = None
-    state: dict[str, Any] = {}
+    state = CompileState()
     if not spec.pipeline:
         if run.done("checkpoint"):
             result.skipped.append("checkpoint")
@@ -357,8 +363,9 @@ def _write_report(out: Path, run: RunDir, spec: Spec, graph, state, tokenizer) -
 
 def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, quiet: bool):
     from flexc.ir import lower
+    from flexc.ir.state import CompileState
     from flexc.passes.base import PassContext
-    from flexc.passes.manager import check_pipeline, replayer, run_pass
+    from flexc.passes.manager import PassRunner, replayer
 
     out = run.path
     pass_names = _stage_names(spec)[2 : 2 + len(spec.pipeline)]
@@ -372,46 +379,39 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
             _dump_graph(out, "lower", graph)
     result.ran.append("lower")
 
-    state: dict[str, Any] = {}
+    state = CompileState()
     first = 0
     saved = _saved_stage(out)
     if run.resumed and saved in pass_names and run.done(saved):
         first = pass_names.index(saved) + 1
         graph.load_state(out / STATE_DIR / "graph", replay=replayer(dict(zip(pass_names[:first], passes[:first]))))
-        state = artifacts.load_pass_state(out / STATE_DIR)
+        state = CompileState.load(out / STATE_DIR, graph.groups)
         log.info("resuming after stage %s", saved)
     for name in pass_names[first:]:
         if run.done(name):  # recorded by an older run but without saved state: run it again
             run.record(name, status="pending")
 
+    device = str(next(loaded.model.parameters()).device)
+    context = PassContext(workdir=out / "stages", spec=spec, seed=spec.seed, device=device, logger=log, quiet=quiet,
+                          tokenizer=loaded.tokenizer)
+    runner = PassRunner(graph, context, out / "stages", state=state, done=[p.name for p in passes[:first]])
     try:
-        check_pipeline(passes[first:], frozenset(graph.properties))
+        runner.check(passes[first:])
     except ValueError as exc:
         raise FlexcError(f"the pipeline cannot run in this order: {exc}") from None
 
-    device = str(next(loaded.model.parameters()).device)
     for i, (name, entry, p) in enumerate(zip(pass_names, spec.pipeline, passes)):
         if i < first:
             result.skipped.append(name)
             next(step)
             continue
         _seed_everything(spec.seed)
-        # An interrupted pass's folder is kept: resumable passes (anneal) checkpoint there.
-        workdir = out / "stages" / name
-        workdir.mkdir(parents=True, exist_ok=True)
-        ctx = PassContext(workdir=workdir, spec=spec, seed=spec.seed, device=device, state=state, logger=log,
-                          quiet=quiet, tokenizer=loaded.tokenizer)
         with stage(name) as st:
-            rewrites_before = len(graph.rewrites)
-            res = run_pass(p, graph, ctx)
-            graph = res.graph
-            for rewrite in graph.rewrites[rewrites_before:]:
-                rewrite["stage"] = name  # a resume replays it with this stage's pass, as the spec built it
-            state = ctx.state
-            _save_state(out, name, graph, state)
-            st.info = {"pass": entry.name, "modified": bool(res.modified), "properties": sorted(graph.properties)}
+            res = runner.run(name, p)
+            _save_state(out, name, runner.graph, runner.state)
+            st.info = {"pass": entry.name, "modified": bool(res.modified), "properties": sorted(runner.graph.properties)}
             if dump_graphs:
-                _dump_graph(out, name, graph, res.changed_nodes)
+                _dump_graph(out, name, runner.graph, res.changed_nodes)
         result.ran.append(name)
     run.manifest["outputs"]["state"] = STATE_DIR
-    return graph, state
+    return runner.graph, runner.state

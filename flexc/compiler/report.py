@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from flexc.compiler.artifacts import REPORT_FILE, write_text
+from flexc.ir.state import CompileState
+from flexc.ir.tables import WidthTables
 from flexc.utils.atomic import atomic_path
 
 FIGURES_DIR = "report"
@@ -35,12 +37,11 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def budget_rows(graph, state: dict[str, Any]) -> list[dict[str, Any]]:
+def budget_rows(graph, state: CompileState) -> list[dict[str, Any]]:
     """Per budget (full width first): keep ratios, parameter counts and bytes."""
     from flexc.export.nested import budget_sizes
-    from flexc.ir.tables import WidthTables
 
-    tables = WidthTables.from_state(state, graph.groups, allow_expert_masks=True)
+    tables = state.checked_width_tables(allow_expert_masks=True)
     params = list(graph.model.parameters())
     total = sum(p.numel() for p in params)
     size = params[0].element_size()
@@ -49,7 +50,7 @@ def budget_rows(graph, state: dict[str, Any]) -> list[dict[str, Any]]:
     return rows + budget_sizes(graph.groups, tables, total, size)
 
 
-def measure_quality(graph, state, spec, tokenizer, budgets: list[float]) -> dict[float, float]:
+def measure_quality(graph, state: CompileState, spec, tokenizer, budgets: list[float]) -> dict[float, float]:
     """Held-out perplexity of the graph at each budget (state's tables), full width restored after."""
     from flexc.eval.budgets import apply_budget
     from flexc.eval.perplexity import evaluate, evaluation_stream
@@ -66,7 +67,7 @@ def measure_quality(graph, state, spec, tokenizer, budgets: list[float]) -> dict
     return out
 
 
-def _plot_widths(graph, state, path: Path) -> None:
+def _plot_widths(graph, tables: WidthTables, path: Path) -> None:
     """One heat map per budget: widths / full width, layers × experts."""
     import matplotlib
     import torch
@@ -74,8 +75,8 @@ def _plot_widths(graph, state, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = [float(b) for b in state["width_budgets"]]
-    tables = torch.as_tensor(state["width_tables"]).float()
+    budgets = tables.budgets
+    tables = tables.tables.float()
     full = torch.tensor([g.intermediate_size for g in graph.groups], dtype=torch.float32)[:, None]
     fig, axes = plt.subplots(1, len(budgets), figsize=(3.2 * len(budgets), 0.35 * len(full) + 1.6), squeeze=False)
     layers = [g.layer for g in graph.groups]
@@ -130,13 +131,14 @@ def _how_chosen(out: Path) -> list[str]:
     return lines + [""]
 
 
-def write_report(out: Path, manifest: dict[str, Any], spec, graph=None, state: dict | None = None,
+def write_report(out: Path, manifest: dict[str, Any], spec, graph=None, state: CompileState | None = None,
                  tokenizer=None) -> Path:
     """Write ``out/report.md`` (and ``out/report/*.png``) from the run's manifest and results."""
     out = Path(out)
     figures = out / FIGURES_DIR
     figures.mkdir(exist_ok=True)
-    state = state or {}
+    state = state if state is not None else CompileState()
+    metric = state.width_tables.metric if state.width_tables is not None else "params"
     model = manifest.get("model", {})
     lines = ["# flexc compile report", ""]
     lines += [f"- **model**: `{model.get('directory', '?')}` ({model.get('family', '?')}, "
@@ -148,9 +150,8 @@ def write_report(out: Path, manifest: dict[str, Any], spec, graph=None, state: d
               f"- **outputs**: {', '.join(f'`{v}`' for v in manifest.get('outputs', {}).values())}", ""]
 
     rows: list[dict[str, Any]] = []
-    if graph is not None and "width_tables" in state:
+    if graph is not None and state.width_tables is not None:
         rows = budget_rows(graph, state)
-        metric = state.get("width_metric", "params")
         quality = {}
         if getattr(getattr(spec, "data", None), "evaluation", None) is not None and tokenizer is not None:
             try:
@@ -186,7 +187,7 @@ def write_report(out: Path, manifest: dict[str, Any], spec, graph=None, state: d
         else:
             lines += ["(Add `data.evaluation` to the spec to measure held-out perplexity per budget.)", ""]
         lines += _how_chosen(out)
-        _plot_widths(graph, state, figures / "widths.png")
+        _plot_widths(graph, state.width_tables, figures / "widths.png")
         lines += ["## Widths per layer and expert", "", f"![widths]({FIGURES_DIR}/widths.png)", ""]
 
     plots = sorted((out / "stages").glob("*/*.png")) if (out / "stages").is_dir() else []
@@ -201,7 +202,7 @@ def write_report(out: Path, manifest: dict[str, Any], spec, graph=None, state: d
         lines += [f"| {s['name']} | {s.get('status', '?')} | {s.get('seconds', 0):.1f} |" for s in stages]
         lines.append("")
     # A compact copy for the CLI's closing table (the driver saves the manifest after this).
-    manifest["summary"] = {"report": REPORT_FILE, "metric": state.get("width_metric", "params"), "budgets": [
+    manifest["summary"] = {"report": REPORT_FILE, "metric": metric, "budgets": [
         {k: r.get(k) for k in ("keep", "keep_achieved", "total_params", "bytes", "perplexity")} for r in rows]}
     path = out / REPORT_FILE
     write_text(path, "\n".join(lines))

@@ -27,7 +27,6 @@ import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 
@@ -144,20 +143,17 @@ def rank_channels_streamed(p, lm, ctx) -> None:
         save_file(tensors, str(tmp), metadata={"score": p.options.score})
     if stats is not None:
         save_routing(stats, workdir)
-        ctx.state["routing_counts"] = stats.counts
-        ctx.state["routing_weight_sums"] = stats.weight_sums
+        ctx.state.routing_counts = stats.counts
+        ctx.state.routing_weight_sums = stats.weight_sums
     if p.options.plot:
         plot_scores(sorted_scores, workdir / PLOT_FILE)
-    ctx.state["channel_scores"] = torch.stack(sorted_scores)
-    ctx.state["channel_perms"] = torch.stack(perms)
+    ctx.state.channel_scores = torch.stack(sorted_scores)
+    ctx.state.channel_perms = torch.stack(perms)
 
 
 def fold_masks_streamed(lm, ctx) -> None:
     """``fold_masks`` without a graph: check the tables (shape, nesting); there are no gates to remove."""
-    from flexc.ir.tables import WidthTables
-
-    tables = WidthTables.from_state(ctx.state, lm.groups)
-    ctx.state["nested"] = True
+    tables = ctx.state.checked_width_tables()  # shape and nesting were checked when they were built
     ctx.logger.info("fold_masks (streamed): %d budgets over %d MoE layers (%s)", len(tables.budgets), len(lm.groups),
                     ", ".join(f"keep {b:g}" for b in tables.budgets))
 
@@ -194,7 +190,7 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
     from flexc.compiler import driver
     from flexc.export.streamed import export_sliced_streamed, write_nested_streamed
     from flexc.ir.streaming import LayerModel
-    from flexc.ir.tables import WidthTables
+    from flexc.ir.state import CompileState
     from flexc.passes.base import PassContext
 
     out = run.path
@@ -239,12 +235,12 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
                                  "dtype": str(lm.dtype).removeprefix("torch."), "parameters": n_params}
     result.ran.append("load")
 
-    state: dict[str, Any] = {}
+    state = CompileState()
     first = 0
     saved = driver._saved_stage(out)
     if run.resumed and saved in pass_names and run.done(saved):
         first = pass_names.index(saved) + 1
-        state = artifacts.load_pass_state(out / STATE_DIR)
+        state = CompileState.load(out / STATE_DIR, lm.groups)
         log.info("resuming after stage %s", saved)
     for name in pass_names[first:]:
         if run.done(name):
@@ -270,7 +266,7 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
                 p.run(SimpleNamespace(groups=lm.groups), ctx)
             state = ctx.state
             with artifacts.atomic_dir(out / STATE_DIR) as tmp:
-                artifacts.save_pass_state(state, tmp)
+                state.save(tmp)
                 artifacts.write_json(tmp / "stage.json", {"stage": name, "execution": "layers"})
             st.info = {"pass": entry.name, "streamed": True, "disk_bytes": _disk_bytes(workdir, out / STATE_DIR),
                        "peak_live_layers": lm.peak_live}
@@ -285,13 +281,13 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
             continue
         driver._seed_everything(spec.seed)
         with stage(name) as st:
-            tables = WidthTables.from_state(state, lm.groups)
-            transform = permuter(lm, state["channel_perms"])
+            tables = state.checked_width_tables()
+            transform = permuter(lm, state.channel_perms)
             provenance = {"spec": spec.to_yaml(), "seed": spec.seed, "versions": artifacts.library_versions()}
             with artifacts.atomic_dir(out / fmt) as tmp:
                 if fmt == "nested":
                     m = write_nested_streamed(tmp, lm, tables, transform=transform, tokenizer=tokenizer,
-                                              provenance=provenance, quality=state.get("quality"))
+                                              provenance=provenance)
                     written = m.pop("_bytes_written")
                 else:
                     written = export_sliced_streamed(tmp, lm, tables, transform=transform, tokenizer=tokenizer,

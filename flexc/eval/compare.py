@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 from flexc.eval.budgets import apply_budget
-from flexc.passes.anneal import TABLES_FILE
 from flexc.eval.perplexity import check_no_leak, evaluate, evaluation_stream
+from flexc.ir.tables import WidthTables, expert_weights, keep_ratio
 from flexc.passes import PassContext, resolve_pass
-from flexc.passes.manager import run_pass
-from flexc.passes.width_tables import expert_weights, keep_ratio
+from flexc.passes.anneal import TABLES_FILE
+from flexc.passes.manager import PassRunner
 from flexc.utils.atomic import atomic_path, atomic_write_text
 
 BASELINES = ("uniform", "coverage", "expert_prune")
@@ -84,9 +84,10 @@ def _normalised(entries) -> list[tuple[str, dict]]:
             for e in entries]
 
 
-def reusable_run(spec, run_dir: Path) -> tuple[Path, Path] | None:
-    """The (rank_channels, anneal) stage folders of a compile in ``run_dir`` that ran what compare's
-    ``flexmoe`` would run for ``spec``, or None (logged when ``run_dir`` holds a run that does not fit)."""
+def reusable_run(spec, run_dir: Path) -> tuple[Path, Path, WidthTables] | None:
+    """The (rank_channels, anneal) stage folders and the annealed width tables of a compile in ``run_dir``
+    that ran what compare's ``flexmoe`` would run for ``spec``, or None (logged when ``run_dir`` holds a
+    run that does not fit)."""
     import logging
 
     from flexc.compiler.artifacts import SPEC_FILE, read_manifest
@@ -113,7 +114,13 @@ def reusable_run(spec, run_dir: Path) -> tuple[Path, Path] | None:
         log.info("compare: the compile in %s is not a finished anneal with these options, model, data, budgets "
                  "and seed; ranking and annealing again", run_dir)
         return None
-    return rank_dir, anneal_dir
+    try:
+        tables = WidthTables.load(anneal_dir / TABLES_FILE)
+    except Exception as exc:  # noqa: BLE001 -- e.g. written by an older flexc: anneal again
+        log.info("compare: not reusing the width tables in %s (%s: %s); ranking and annealing again",
+                 anneal_dir / TABLES_FILE, type(exc).__name__, exc)
+        return None
+    return rank_dir, anneal_dir, tables
 
 
 def load_spec_or_run(path: str | Path):
@@ -136,8 +143,6 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
     """
     import logging
 
-    from safetensors import safe_open
-
     from flexc import models
     from flexc.data.calibration import CalibrationSet
     from flexc.ir import lower
@@ -156,50 +161,52 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
     batches = list(CalibrationSet(spec.data.calibration, tokenizer, seed=spec.seed))
     stream = evaluation_stream(spec.data.evaluation, tokenizer)
 
-    def ctx(name: str, state: dict) -> PassContext:
-        return PassContext(workdir=out_dir / "work" / name.replace(":", "."), spec=spec, seed=spec.seed,
-                           state=state, logger=logger, quiet=quiet, tokenizer=tokenizer, calibration_data=batches)
+    context = PassContext(workdir=out_dir / "work", spec=spec, seed=spec.seed, logger=logger, quiet=quiet,
+                          tokenizer=tokenizer, calibration_data=batches)
 
     def ppl() -> dict:
         r = evaluate(graph, tokenizer, spec.data.evaluation, stream=stream)
         return {"loss": r.loss, "ppl": r.perplexity, "tokens": r.tokens}
 
     base = ppl()
-    ranked = ctx("rank_channels", {})
+    ranking = PassRunner(graph, context, out_dir / "work")
     rank_options = next((dict(e.options) for e in spec.pipeline if e.name == "rank_channels"), {"plot": False})
     run = run if run is not None else spec.export.dir  # where a compile of this spec would be
     reuse = reusable_run(spec, Path(run)) if run is not None else None
     if reuse is not None:  # the same permutation the compile's tables were annealed on
         rank_options = {**rank_options, "from": reuse[0], "plot": False}
         logger.info("compare: reusing the ranking and width tables of %s", reuse[0].parent.parent)
-    run_pass(resolve_pass("rank_channels")(rank_options), graph, ranked)
+    ranking.run_all([("rank_channels", resolve_pass("rank_channels")(rank_options))])
     rows = [{"method": "unpruned", "keep_target": 1.0, "keep": 1.0, "params_keep": 1.0, **base}]
     metric = spec.budgets.metric
     full = torch.tensor([g.intermediate_size for g in graph.groups])
     seconds, skipped, reused = {}, {}, {}
     for method in methods:
-        c = ctx(method.label, dict(ranked.state))
+        # Every method starts from the ranking's state; its passes share one folder, named after it.
+        runner = PassRunner(graph, context, out_dir / "work", state=ranking.state.copy(), done=ranking.done)
         start = time.perf_counter()
         if method.label == "flexmoe" and reuse is not None:
-            with safe_open(str(reuse[1] / TABLES_FILE), "pt") as f:
-                c.state.update(width_budgets=f.get_tensor("budgets"), width_tables=f.get_tensor("widths"),
-                               width_metric=f.metadata()["metric"])
+            runner.state.width_tables = reuse[2]
             reused[method.label] = str(reuse[1])
+        steps = []
         for pass_name, options in ([] if method.label in reused else method.passes):
             if pass_name == "expert_prune":  # top_k experts per layer must remain: lower budgets are unreachable
                 floor = max(g.top_k / g.num_experts for g in graph.groups)
                 reachable = [b for b in spec.budgets.keep_ratios if b >= floor - 1e-9]
                 skipped[method.label] = [b for b in spec.budgets.keep_ratios if b < floor - 1e-9]
                 options = {**options, "budgets": reachable}
-            run_pass(resolve_pass(pass_name)(options), graph, c)
+            steps.append((method.label, resolve_pass(pass_name)(options)))
+        graph = runner.run_all(steps)
         seconds[method.label] = time.perf_counter() - start
-        weights = expert_weights(graph.groups, metric, c.state.get("routing_counts"))
+        state = runner.state
+        weights = expert_weights(graph.groups, metric, state.routing_counts)
         params_w = expert_weights(graph.groups, "params")
-        for b, table in zip(c.state["width_budgets"].tolist(), c.state["width_tables"]):
-            apply_budget(graph, c.state, b)
+        tables = state.checked_width_tables(allow_expert_masks=True)
+        for b, table in zip(tables.budgets, tables.tables):
+            apply_budget(graph, state, b)
             rows.append({"method": method.label, "keep_target": round(b, 6), "keep": keep_ratio(table, full, weights),
                          "params_keep": keep_ratio(table, full, params_w), **ppl()})
-        apply_budget(graph, c.state, None)
+        apply_budget(graph, state, None)
         logger.info("compare: %s done in %.1fs", method.label, seconds[method.label])
     result = {"model": spec.model.source, "metric": metric, "budgets": list(spec.budgets.keep_ratios),
               "eval_tokens": base["tokens"], "seconds": seconds,

@@ -8,15 +8,12 @@ export carries every budget, ``sliced`` one checkpoint per budget.
 
 from __future__ import annotations
 
-import torch
-
 from flexc.export.registry import ExportContext, register_exporter
 
 
 @register_exporter("hf")
 def export_hf(ctx: ExportContext) -> None:
-    masks = (ctx.state or {}).get("expert_masks")
-    if masks is not None and bool(torch.as_tensor(masks).any()):
+    if ctx.state.removes_experts():
         raise ValueError("the hf export writes the full-width model, but this pipeline removed whole experts "
                          "(expert_prune) through router masks that a plain checkpoint cannot express; "
                          "drop hf from export.formats")
@@ -26,4 +23,4 @@ def export_hf(ctx: ExportContext) -> None:
     else:
         ctx.logger.warning("hf: the model has no tokenizer; the checkpoint holds the weights and config only")
     ctx.logger.info("hf: full-width checkpoint (%s parameters)%s", f"{sum(p.numel() for p in ctx.model.parameters()):,}",
-                    "; budgets are in the nested/sliced exports" if "width_tables" in (ctx.state or {}) else "")
+                    "; budgets are in the nested/sliced exports" if ctx.state.width_tables is not None else "")

@@ -145,10 +145,9 @@ def load_tables(directory: str | Path, manifest: dict[str, Any] | None = None) -
 @register_exporter("nested")
 def export_nested(ctx: ExportContext) -> None:
     groups = ctx.expert_groups()
-    tables = ctx.width_tables("nested", groups)
-    provenance = ctx.provenance()
+    tables = ctx.width_tables("nested")
     manifest = write_nested(ctx.target, ctx.model, groups, tables, tokenizer=ctx.tokenizer,
-                            provenance=provenance, quality=ctx.state.get("quality"))
+                            provenance=ctx.provenance())
     for row in manifest["budgets"]:
         ctx.logger.info("nested: keep %.2f → achieved %.3f, %s parameters", row["keep"], row["keep_achieved"],
                         f"{row['total_params']:,}")

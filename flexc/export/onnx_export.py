@@ -357,7 +357,7 @@ def export_onnx(ctx: ExportContext) -> None:
         raise OnnxExportError("the onnx export needs the compiled model")
     groups = ctx.expert_groups()
     try:
-        tables = ctx.width_tables("onnx", groups)
+        tables = ctx.width_tables("onnx")
     except ValueError as exc:
         raise OnnxExportError(str(exc)) from None
     index = []

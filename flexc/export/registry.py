@@ -17,7 +17,10 @@ import logging
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from flexc.ir.state import CompileState
 
 ENTRY_POINT_GROUP = "flexc.exporters"
 
@@ -40,9 +43,18 @@ class ExportContext:
     graph: Any = None
     model: Any = None
     tokenizer: Any = None
-    state: dict[str, Any] = field(default_factory=dict)
+    state: CompileState = None  # type: ignore[assignment] -- an empty state when not given
     run_dir: Path | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("flexc"))
+
+    def __post_init__(self) -> None:
+        from flexc.ir.state import CompileState  # here: validating a spec imports this module, not torch
+
+        if self.state is None:
+            self.state = CompileState()
+        elif isinstance(self.state, dict):  # the dict form of older callers
+            groups = self.expert_groups() if "width_tables" in self.state else None
+            self.state = CompileState.from_mapping(self.state, groups)
 
     def expert_groups(self):
         """The MoE layers: the graph's records, or found on the model when there is no graph."""
@@ -52,15 +64,13 @@ class ExportContext:
 
         return find_expert_groups(self.model)
 
-    def width_tables(self, fmt: str, groups=None):
+    def width_tables(self, fmt: str):
         """The run's width tables, or an error saying what the ``fmt`` export needs."""
-        from flexc.ir.tables import WidthTables
-
-        if "width_tables" not in (self.state or {}):
+        if self.state.width_tables is None:
             raise ValueError(
                 f"the {fmt} export needs width tables, and this run has none: add a pass that chooses widths "
                 "(anneal after rank_channels and insert_action_gates, or a baseline) to the spec's pipeline")
-        return WidthTables.from_state(self.state, groups if groups is not None else self.expert_groups())
+        return self.state.checked_width_tables()
 
     def provenance(self) -> dict[str, Any]:
         """What an artifact's manifest records about how it was made: the spec, seed, library versions."""

@@ -222,7 +222,7 @@ def sliced_manifest(target: Path, budget: float, architecture: str, model_class:
 
 def _tables(ctx: ExportContext, groups) -> WidthTables:
     try:
-        tables = ctx.width_tables("sliced", groups)
+        tables = ctx.width_tables("sliced")
     except ValueError as exc:
         raise SlicedExportError(str(exc)) from None
     _check_tables(tables, groups)

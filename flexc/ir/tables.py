@@ -3,10 +3,11 @@
 The one place both the passes that choose widths and everything that reads them (exporters,
 the runtime, eval, the report) import from, so neither depends on the other.
 
-Passes that choose widths (``anneal``, the baselines) hand them to later stages through the
-pass state as ``width_budgets [B]`` (keep ratios, descending), ``width_tables [B, L, E]``
-(int32) and ``width_metric``. :class:`WidthTables` is that record as an object, with the
-nesting invariant checked, and its file form ``flexc_widths.safetensors`` inside every artifact.
+Passes that choose widths (``anneal``, the baselines) build one :class:`WidthTables` (keep
+ratios descending, ``[B, L, E]`` int32 widths, the metric, the nesting invariant checked) and
+hand it on as the compile state's ``width_tables`` (:mod:`flexc.ir.state`). Its one file form,
+:meth:`WidthTables.save`, is ``flexc_widths.safetensors`` in every artifact, the saved compile
+state and the ``anneal`` stage's ``width_tables.safetensors``.
 
 The keep ratio of a table is measured in the spec's metric:
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -54,6 +54,8 @@ class WidthTables:
     full: list[int]  # full intermediate size of each row's experts
 
     def __post_init__(self) -> None:
+        # One budget dtype: Python floats, rounded away from float32 noise (0.30000001 -> 0.3).
+        self.budgets = [round(float(b), 6) for b in self.budgets]
         self.tables = torch.as_tensor(self.tables).to(torch.int32)
         if self.tables.dim() != 3 or self.tables.shape[0] != len(self.budgets):
             raise ValueError(f"width tables must be [budgets={len(self.budgets)}, layers, experts]; "
@@ -90,30 +92,6 @@ class WidthTables:
         return torch.tensor(self.full, dtype=torch.int32)[:, None].expand(self.tables.shape[1:]).clone()
 
     # ---- persistence -------------------------------------------------------------------
-    @classmethod
-    def from_state(cls, state: dict[str, Any], groups, *, allow_expert_masks: bool = False) -> "WidthTables":
-        """The tables a width-choosing pass handed on.
-
-        Whole-expert pruning (``expert_masks``) also masks router logits, which width tables
-        alone cannot express: only callers that apply those masks themselves accept it.
-        """
-        if "width_tables" not in state:
-            raise ValueError("no width tables: the pipeline must run a pass that chooses widths "
-                             "(anneal, or a baseline such as uniform) before this stage")
-        masks = state.get("expert_masks")
-        if masks is not None and bool(torch.as_tensor(masks).any()) and not allow_expert_masks:
-            raise ValueError("these tables remove whole experts (expert_prune), which also re-routes tokens "
-                             "through router masks; nested, sliced and ONNX exports support width tables "
-                             "only (anneal, uniform, coverage) for now")
-        return cls(
-            # Budgets travel as float tensors: round away float32 noise (0.30000001 -> 0.3).
-            budgets=[round(float(b), 6) for b in state["width_budgets"]],
-            tables=state["width_tables"],
-            metric=str(state.get("width_metric", "params")),
-            layers=[g.layer for g in groups],
-            full=[g.intermediate_size for g in groups],
-        )
-
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 

@@ -59,8 +59,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from safetensors.torch import save_file
 
+from flexc.ir.tables import WidthTables
 from flexc.passes import checkpoint
 from flexc.passes.action_gates import gates_of, set_gate_mode
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_keep_ratios, reject_bool_numbers
@@ -297,7 +297,7 @@ class Anneal(Pass):
         if not batches:
             raise ValueError("anneal: the calibration data yielded no batches")
         full = torch.tensor([g.intermediate_size for g in graph.groups])
-        weights = expert_weights(graph.groups, metric, ctx.state.get("routing_counts"))
+        weights = expert_weights(graph.groups, metric, ctx.state.routing_counts)
         level_widths = torch.stack([g.level_widths for g in gates])  # [L, A]
         lowest = keep_ratio(level_widths[:, :1].expand(-1, weights.shape[1]), full, weights)
         if budgets[-1] < lowest - 1e-9:
@@ -581,10 +581,10 @@ class Anneal(Pass):
     # ------------------------------------------------------------------ outputs
     def _write_outputs(self, graph, ctx, workdir, setup: _Setup, exported, history):
         budgets, metric, full, weights = setup.budgets, setup.metric, setup.full, setup.weights
-        tables = torch.stack([setup.widths(exported[b]["levels"]).to(torch.int32) for b in budgets])
-        with atomic_path(workdir / TABLES_FILE) as tmp:
-            save_file({"budgets": torch.tensor(budgets), "widths": tables}, str(tmp),
-                      metadata={"metric": metric, "layers": json.dumps([g.layer for g in graph.groups])})
+        chosen = WidthTables(budgets, torch.stack([setup.widths(exported[b]["levels"]) for b in budgets]), metric,
+                             layers=[g.layer for g in graph.groups], full=[g.intermediate_size for g in graph.groups])
+        chosen.save(workdir / TABLES_FILE)
+        tables = chosen.tables
         report = {
             "metric": metric,
             "schedule": self.options.schedule,
@@ -607,9 +607,7 @@ class Anneal(Pass):
         atomic_write_text(workdir / "anneal_history.json", json.dumps(history))
         if history:
             plot_curves(history, budgets, workdir / CURVES_PNG)
-        ctx.state["width_budgets"] = torch.tensor(budgets)
-        ctx.state["width_tables"] = tables
-        ctx.state["width_metric"] = metric
+        ctx.state.width_tables = chosen
 
 
 def plot_curves(history: list[dict], budgets: list[float], path: Path) -> None:

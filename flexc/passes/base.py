@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 if TYPE_CHECKING:
     from flexc.ir.graph import FlexGraph
+    from flexc.ir.state import CompileState
 
 
 def _numeric(annotation: Any) -> bool:
@@ -76,8 +77,9 @@ class PassContext:
 
     ``spec`` is the whole validated spec (None when a pass runs outside a compile),
     ``workdir`` the stage's own folder in the output directory (artifacts go there),
-    ``state`` a dict that passes use to hand results to later passes (e.g. routing
-    statistics, width tables); the driver persists it between stages.
+    ``state`` the typed :class:`~flexc.ir.state.CompileState` that passes read and set to
+    hand results to later passes (routing statistics, channel scores, width tables; a user
+    pass's own results in ``state.extras``); the driver saves it after every stage.
     ``tokenizer`` is the model's tokenizer; ``calibration_data`` (optional) overrides the
     spec's calibration source with any iterable of ``[batch, seq]`` token tensors.
     """
@@ -86,11 +88,19 @@ class PassContext:
     spec: Any = None
     seed: int = 0
     device: str = "cpu"
-    state: dict[str, Any] = field(default_factory=dict)
+    state: CompileState = None  # type: ignore[assignment] -- an empty state when not given
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("flexc"))
     quiet: bool = False
     tokenizer: Any = None
     calibration_data: Any = None
+
+    def __post_init__(self) -> None:
+        from flexc.ir.state import CompileState  # here: validating a spec imports this module, not torch
+
+        if self.state is None:
+            self.state = CompileState()
+        elif isinstance(self.state, dict):  # the dict form of older callers
+            self.state = CompileState.from_mapping(self.state)
 
     def calibration_batches(self):
         """The calibration batches: the override if given, else the spec's calibration source."""

@@ -1,9 +1,9 @@
 """Baseline width choosers: ``uniform`` and ``coverage`` (``expert_prune`` lives in its own module).
 
-Each baseline writes the same hand-off state as ``anneal`` — ``width_budgets [B]`` (keep
-ratios, descending), ``width_tables [B, L, E]`` int32 and ``width_metric`` — plus
-``width_method``, so every later stage (export, evaluation) works on any of them, and a
-``width_tables.json`` report in its workdir.
+Each baseline hands on what ``anneal`` does — the compile state's ``width_tables`` (one
+:class:`~flexc.ir.tables.WidthTables`: keep ratios descending, ``[B, L, E]`` widths, the
+metric) — plus ``width_method``, so every later stage (export, evaluation) works on any of
+them, and writes a ``width_tables.json`` report in its workdir.
 
 Budget rule shared by both: widths are multiples of ``granule`` channels (or the full width),
 at least one granule. A table is first chosen by the method's own rule at or below the
@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_keep_ratios
 from flexc.passes.registry import register_pass
-from flexc.passes.width_tables import expert_weights, keep_ratio, per_layer_keep
+from flexc.ir.tables import WidthTables, expert_weights, keep_ratio, per_layer_keep
 from flexc.utils.atomic import atomic_write_text
 
 REPORT_FILE = "width_tables.json"
@@ -112,13 +112,12 @@ def write_report(workdir: Path, method: str, budgets, tables, metric, groups, fu
     atomic_write_text(workdir / REPORT_FILE, json.dumps(report, indent=2))
 
 
-def hand_off(ctx: PassContext, method: str, budgets, tables: torch.Tensor, metric: str) -> None:
-    """Publish width tables under the keys ``anneal`` uses (see :mod:`flexc.export.tables`)."""
-    ctx.state["width_budgets"] = torch.tensor(budgets, dtype=torch.float64)
-    ctx.state["width_tables"] = tables.to(torch.int32)
-    ctx.state["width_metric"] = metric
-    ctx.state["width_method"] = method
-    ctx.state.pop("expert_masks", None)  # only expert_prune masks router logits
+def hand_off(ctx: PassContext, groups, method: str, budgets, tables: torch.Tensor, metric: str) -> None:
+    """Hand the tables on as ``anneal`` does (the compile state's ``width_tables``)."""
+    ctx.state.width_tables = WidthTables(budgets, tables, metric, layers=[g.layer for g in groups],
+                                         full=[g.intermediate_size for g in groups])
+    ctx.state.width_method = method
+    ctx.state.expert_masks = None  # only expert_prune masks router logits
 
 
 def spread_order(num_layers: int, num_experts: int) -> torch.Tensor:
@@ -144,7 +143,7 @@ class _WidthBaseline(Pass):
         budgets, metric = budgets_and_metric(self.options, ctx)
         groups = graph.groups
         full = torch.tensor([g.intermediate_size for g in groups])
-        weights = expert_weights(groups, metric, ctx.state.get("routing_counts"))
+        weights = expert_weights(groups, metric, ctx.state.routing_counts)
         step = granules(groups, self.options.granule)
         floor = keep_ratio(step[:, None].expand(len(groups), weights.shape[1]), full, weights)
         if budgets[-1] < floor - 1e-9:
@@ -157,7 +156,7 @@ class _WidthBaseline(Pass):
             upper = table
         tables = torch.stack(tables).to(torch.int32)
         write_report(Path(ctx.workdir), self.name, budgets, tables, metric, groups, full, weights, self.report_extra())
-        hand_off(ctx, self.name, budgets, tables, metric)
+        hand_off(ctx, groups, self.name, budgets, tables, metric)
         return PassResult(graph=graph, modified=False)
 
 
@@ -214,7 +213,7 @@ class Coverage(_WidthBaseline):
         self._targets: list[float] = []  # the coverage target found per budget, for the report
 
     def _prepare(self, graph, ctx):
-        scores = ctx.state.get("channel_scores")
+        scores = ctx.state.channel_scores
         if scores is None:
             raise ValueError("coverage needs channel scores: run rank_channels first in the pipeline")
         scores = scores.double().clamp_min(0)  # [L, E, I], ranked (descending) order
@@ -224,7 +223,7 @@ class Coverage(_WidthBaseline):
         if kind == "score":
             importance = total
         elif kind == "load":
-            counts = ctx.state.get("routing_counts")
+            counts = ctx.state.routing_counts
             if counts is None:
                 raise ValueError("coverage importance 'load' needs routing statistics: run rank_channels first")
             importance = counts.double()[:, : scores.shape[1]]

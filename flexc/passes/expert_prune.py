@@ -177,14 +177,14 @@ class ExpertPrune(Pass):
         criterion = self.options.criterion
         InsertRouterMasks()(graph, ctx)
         stats = None
-        counts, weight_sums = ctx.state.get("routing_counts"), ctx.state.get("routing_weight_sums")
+        counts, weight_sums = ctx.state.routing_counts, ctx.state.routing_weight_sums
         if criterion in ("man", "msan", "reap") or counts is None:
             stats = ExpertStats(graph)
             routing = calibrate(graph, ctx.calibration_batches(), on_forward=stats.on_forward,
                                 description=f"expert_prune ({criterion})", quiet=ctx.quiet)
             counts, weight_sums = routing.counts, routing.weight_sums
-            ctx.state.setdefault("routing_counts", counts)
-            ctx.state.setdefault("routing_weight_sums", weight_sums)
+            if ctx.state.routing_counts is None:
+                ctx.state.routing_counts, ctx.state.routing_weight_sums = counts, weight_sums
         scores = expert_scores(criterion, counts, weight_sums, stats)
         full = torch.tensor([g.intermediate_size for g in graph.groups])
         weights = expert_weights(graph.groups, metric, counts)
@@ -207,8 +207,8 @@ class ExpertPrune(Pass):
         write_report(Path(ctx.workdir), f"{self.name}:{criterion}", budgets, tables, metric, graph.groups, full, weights,
                      {"criterion": criterion, "scores": scores.tolist(),
                       "experts_kept": [(~m).sum(dim=1).tolist() for m in masks]})
-        hand_off(ctx, f"{self.name}:{criterion}", budgets, tables, metric)
-        ctx.state["expert_masks"] = masks
+        hand_off(ctx, graph.groups, f"{self.name}:{criterion}", budgets, tables, metric)
+        ctx.state.expert_masks = masks
         return PassResult(graph=graph, modified=True)
 
     @staticmethod

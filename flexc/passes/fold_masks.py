@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from flexc.ir.tables import WidthTables
 from flexc.ir.experts_impl import WIDTHS_BUFFER
 from flexc.passes.action_gates import GATE_PREFIX, GatedExperts
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
@@ -40,9 +39,8 @@ class FoldMasks(Pass):
     preserves_computation = False
 
     def run(self, graph, ctx: PassContext) -> PassResult:
-        tables = WidthTables.from_state(ctx.state, graph.groups)  # validates shape and nesting
+        tables = ctx.state.checked_width_tables()  # shape and nesting were checked when they were built
         changed = self._remove_gates(graph)
-        ctx.state["nested"] = True
         ctx.logger.info("fold_masks: %d budgets over %d MoE layers (%s)", len(tables.budgets), len(graph.groups),
                         ", ".join(f"keep {b:g}" for b in tables.budgets))
         return PassResult(graph=graph, modified=True, changed_nodes=changed)

@@ -108,7 +108,7 @@ class LowerKernels(Pass):
         summary = {"backend": backend, "granule": granule, "layers": layers,
                    "plans": {p.key: p.spec_dict() for p in plans.values()}}
         atomic_write_text(Path(ctx.workdir) / "kernel_plan.json", json.dumps(summary, indent=2))
-        ctx.state["kernel_backend"] = backend
+        ctx.state.kernel_backend = backend
         ctx.logger.info("lower_kernels: backend %s, %d kernel plan(s)%s", backend, len(plans),
                         "" if changed else " (expert nodes keep the reference op)")
         return PassResult(graph=graph, modified=bool(changed), changed_nodes=changed)

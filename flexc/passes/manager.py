@@ -2,12 +2,13 @@
 
 Each pass needs properties that an earlier pass (or lowering, which provides ``"lowered"``)
 guarantees. An unsatisfiable pipeline is refused before anything runs, naming the missing
-property and the passes that could provide it. :func:`run_pass` runs one pass for the compile
-driver, ``flexc compare`` and the benchmarks alike.
+property and the passes that could provide it. :class:`PassRunner` runs a pipeline for the
+compile driver and ``flexc compare`` alike (:func:`run_pass`, one pass, is what it calls).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from flexc.errors import FlexcError
+from flexc.ir.state import CompileState
 from flexc.passes.base import Pass, PassContext, PassResult
 from flexc.passes.registry import _BUILTINS, _load_builtins
 
@@ -66,20 +68,75 @@ def check_pipeline(passes: Sequence[Pass | type[Pass]],
     return holds
 
 
-def run_pass(pass_: Pass, graph, ctx: PassContext) -> PassResult:
-    """Run one pass, time it, and record the properties it guarantees on the graph."""
+def run_pass(pass_: Pass, graph, ctx: PassContext, *, after: Sequence[str] = ()) -> PassResult:
+    """Run one pass, time it, and record the properties it guarantees on the graph.
+
+    A failure keeps its type and gains a note in torch.fx's style naming the pass and the
+    passes that ran before it (``after``): "in pass 'anneal', after 'rank_channels',
+    'insert_action_gates'".
+    """
     start = time.perf_counter()
     try:
         result = pass_(graph, ctx)
     except Exception as exc:
-        held = ", ".join(sorted(graph.properties)) or "none"
-        exc.add_note(f"in pass {pass_.name!r} (graph properties then: {held})")  # shown with --verbose
+        exc.add_note(failure_note(pass_.name, after, graph.properties))
         raise
     result.seconds = time.perf_counter() - start
     result.graph.properties -= set(pass_.invalidates)
     result.graph.properties |= set(pass_.guarantees)
     ctx.logger.info("pass %s finished in %.2fs", pass_.name, result.seconds)
     return result
+
+
+def failure_note(name: str, after: Sequence[str], properties: Iterable[str]) -> str:
+    """Where a pipeline stopped: the pass, the passes before it, the graph properties then."""
+    before = f"after {', '.join(repr(a) for a in after)}" if after else "the first pass"
+    return f"in pass {name!r}, {before} (graph properties then: {', '.join(sorted(properties)) or 'none'})"
+
+
+class PassRunner:
+    """Runs passes in order over one graph and one compile state: what ``flexc compile`` and
+    ``flexc compare`` both use.
+
+    ``context`` is a template :class:`PassContext` (spec, seed, device, logger, tokenizer,
+    calibration data); each pass gets a copy with its own folder, ``workdirs / <stage>``, and
+    the runner's state. ``done`` names passes that already ran on ``graph`` (a resumed
+    compile's, or compare's shared ranking), so a failure says what ran before it.
+    """
+
+    def __init__(self, graph, context: PassContext, workdirs: Path, *, state: CompileState | None = None,
+                 done: Sequence[str] = ()):
+        self.graph = graph
+        self.context = context
+        self.workdirs = Path(workdirs)
+        self.state = state if state is not None else CompileState()
+        self.done = list(done)
+
+    def check(self, passes: Sequence[Pass]) -> None:
+        """Refuse (:class:`PipelineOrderError`) passes whose requirements will not hold when they run."""
+        check_pipeline(passes, frozenset(self.graph.properties))
+
+    def run(self, stage: str, pass_: Pass) -> PassResult:
+        """Run ``pass_`` in the folder of ``stage`` (e.g. ``03-anneal``); structural rewrites it records
+        are tagged with ``stage``, so a resumed compile replays them with this stage's pass."""
+        workdir = self.workdirs / stage.replace(":", ".")
+        workdir.mkdir(parents=True, exist_ok=True)  # an interrupted pass's folder is kept: anneal resumes there
+        ctx = dataclasses.replace(self.context, workdir=workdir, state=self.state)
+        rewrites_before = len(self.graph.rewrites)
+        result = run_pass(pass_, self.graph, ctx, after=self.done)
+        self.graph, self.state = result.graph, ctx.state
+        for rewrite in self.graph.rewrites[rewrites_before:]:
+            rewrite["stage"] = stage
+        self.done.append(pass_.name)
+        return result
+
+    def run_all(self, steps: Iterable[tuple[str, Pass]]):
+        """Check the order of ``(stage, pass)`` steps, run them, and return the graph."""
+        steps = list(steps)
+        self.check([p for _, p in steps])
+        for stage, p in steps:
+            self.run(stage, p)
+        return self.graph
 
 
 def run_checked(pass_: Pass, graph, ctx: PassContext, inputs: dict, atol: float = 1e-5) -> tuple[PassResult, float]:
@@ -116,7 +173,10 @@ def replayer(completed: dict[str, Pass]) -> Callable[[dict, object, Path], None]
                 "which this spec's completed pipeline does not run there; the state was not written by this "
                 "spec — start over with --force"
             )
+        before = len(graph.rewrites)
         p.replay(graph, workdir / stage)
+        for replayed in graph.rewrites[before:]:  # as run() tagged them: a later resume replays them again
+            replayed["stage"] = stage
 
     return replay
 

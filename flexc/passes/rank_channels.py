@@ -177,9 +177,9 @@ class RankChannels(Pass):
             save_file(tensors, str(tmp), metadata={"score": self.options.score})
         if stats is not None:
             save_routing(stats, workdir)
-            ctx.state["routing_counts"] = stats.counts
-            ctx.state["routing_weight_sums"] = stats.weight_sums
+            ctx.state.routing_counts = stats.counts
+            ctx.state.routing_weight_sums = stats.weight_sums
         if self.options.plot:
             plot_scores(sorted_scores, workdir / PLOT_FILE)
-        ctx.state["channel_scores"] = torch.stack(sorted_scores)  # [layers, E, I], channels in ranked order
+        ctx.state.channel_scores = torch.stack(sorted_scores)  # [layers, E, I], channels in ranked order
         return PassResult(graph=graph, modified=True, changed_nodes={g.node for g in graph.groups})

@@ -31,7 +31,6 @@ weights untouched and keeps the last good checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import warnings
@@ -50,8 +49,8 @@ from flexc.passes.anneal import quality_loss
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.distill import TeacherTargets
 from flexc.passes.registry import register_pass
+from flexc.passes.training import TrainingRun, fingerprint
 from flexc.utils.atomic import atomic_write_text
-from flexc.utils.progress import step_progress
 
 CHECKPOINT = "recover_checkpoint.pt"
 REPORT = "recover.json"
@@ -97,7 +96,7 @@ def select_budget(tables: WidthTables, keep: float, tolerance: float) -> float:
             f"budgets: {listed}. Set recover's keep to one of them, add {keep:g} to the spec's budgets, or raise "
             "keep_tolerance."
         )
-    return round(nearest, 6)  # budgets travel as float32 tensors: 0.6 comes back as 0.6000000238
+    return nearest
 
 
 def _attention_linears(model: nn.Module) -> list[str]:
@@ -210,7 +209,7 @@ class Recover(Pass):
         opts = self.options
         workdir = Path(ctx.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        tables = WidthTables.from_state(ctx.state, graph.groups)
+        tables = ctx.state.checked_width_tables()
         budget = select_budget(tables, opts.keep, opts.keep_tolerance)
         table = tables.table(budget)
         batches = list(ctx.calibration_batches())
@@ -248,25 +247,24 @@ class Recover(Pass):
         }
         atomic_write_text(workdir / REPORT, json.dumps(report, indent=2))
         atomic_write_text(workdir / HISTORY, json.dumps(history))
-        ctx.state["recovered_keep"] = budget
+        ctx.state.recovered_keep = budget
         ctx.logger.info("recover: fine-tuned at keep %g for %d steps, loss %.4g -> %.4g; adapters merged", budget,
                         len(history), report["loss_first"] or float("nan"), report["loss_last"] or float("nan"))
         return PassResult(graph=graph, modified=True, changed_nodes=set())
 
-    def _fingerprint(self, budget: float, table: torch.Tensor, adapters: dict, ctx: PassContext) -> str:
-        payload = json.dumps([self.options.model_dump(mode="json"), budget, table.tolist(), ctx.seed,
-                              {n: list(p.shape) for n, p in adapters.items()}], sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
     def _train(self, peft_model, adapters, experts, groups, table, batches, budget, ctx) -> list[dict]:
         opts = self.options
-        ckpt_path = Path(ctx.workdir) / CHECKPOINT
         params = list(adapters.values())
         optimizer = torch.optim.Adam(params, lr=opts.lr)
-        fingerprint = self._fingerprint(budget, table, adapters, ctx)
+        run = TrainingRun(
+            "recover", Path(ctx.workdir) / CHECKPOINT,
+            fingerprint(opts.model_dump(mode="json"), budget, table.tolist(), ctx.seed,
+                        {n: list(p.shape) for n, p in adapters.items()}),
+            every=opts.checkpoint_every, logger=ctx.logger, diverged=RecoverDiverged, advice="lr",
+            unchanged="the weights are unchanged and ", quiet=ctx.quiet)
         history: list[dict] = []
         start = 0
-        ckpt = checkpoint.load(ckpt_path, fingerprint, "recover", ctx.logger)
+        ckpt = run.resume()
         if ckpt is not None:
             with torch.no_grad():
                 for name, p in adapters.items():
@@ -275,11 +273,10 @@ class Recover(Pass):
             history, start = ckpt["history"], ckpt["step"]
 
         def save_checkpoint(step: int) -> None:
-            checkpoint.save(ckpt_path, fingerprint, step, optimizer=optimizer.state_dict(),
-                            adapters={n: p.detach().clone() for n, p in adapters.items()}, history=history)
+            run.save(step, optimizer=optimizer.state_dict(),
+                     adapters={n: p.detach().clone() for n, p in adapters.items()}, history=history)
 
-        with step_progress(opts.steps, completed=start, description=f"recover (keep {budget:g})",
-                           disable=ctx.quiet) as bar:
+        with run.progress(start, opts.steps, f"recover (keep {budget:g})") as bar:
             for step in range(start, opts.steps):
                 ids = batches[step % len(batches)]
                 teacher = None
@@ -291,30 +288,21 @@ class Recover(Pass):
                 student = peft_model(input_ids=ids, use_cache=False).logits
                 loss = quality_loss(opts.loss, student, teacher, ids)
                 del student, teacher
-                if not torch.isfinite(loss):
-                    raise RecoverDiverged(
-                        f"recover: the loss became {loss.item()} at step {step}; the weights are unchanged and the "
-                        f"last good checkpoint is kept at {ckpt_path}. " + checkpoint.how_to_go_on("recover", "lr")
-                    )
+                run.check_finite(loss, "the loss", step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm or math.inf)
-                if not torch.isfinite(grad_norm):
-                    raise RecoverDiverged(
-                        f"recover: the adapters' gradient norm became {grad_norm.item()} at step {step}; the weights "
-                        f"are unchanged and the last good checkpoint is kept at {ckpt_path}. "
-                        + checkpoint.how_to_go_on("recover", "lr")
-                    )
+                run.check_finite(grad_norm, "the adapters' gradient norm", step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, opts.steps, opts.lr)
                 optimizer.step()
                 history.append({"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
                 bar.advance(loss=loss.item())
-                if (step + 1) % opts.checkpoint_every == 0:
+                if run.due(step + 1):
                     save_checkpoint(step + 1)
                 if self.on_step is not None:
                     self.on_step(step, peft_model)
         optimizer.zero_grad(set_to_none=True)
-        if start < opts.steps or not ckpt_path.is_file():
+        if start < opts.steps or not run.path.is_file():
             save_checkpoint(opts.steps)
         return history

@@ -1,0 +1,90 @@
+"""What every training pass needs to be resumable: :class:`TrainingRun`.
+
+A pass that trains (``recover`` today; ``anneal`` keeps its own copy of these steps until its
+schedules settle) describes its run once — its name, its checkpoint file, the fingerprint of
+everything the checkpoint depends on, how often to checkpoint — and gets:
+
+- :meth:`TrainingRun.resume`: the checkpoint, if one was made with this fingerprint (one made
+  with other options is ignored, with a warning; a file that is not a checkpoint is an error);
+- :meth:`TrainingRun.due` and :meth:`TrainingRun.save`: an atomic checkpoint every ``every``
+  steps (:mod:`flexc.passes.checkpoint`: tensors and plain values only, read back with
+  ``weights_only``);
+- :meth:`TrainingRun.check_finite`: a non-finite loss or gradient norm stops the run with the
+  pass's :class:`~flexc.passes.checkpoint.TrainingDiverged` error, saying where the last good
+  checkpoint is and what to change;
+- :meth:`TrainingRun.progress`: the step bar, starting where a resumed run left off.
+
+The loop itself stays in the pass, so a reader sees its steps in order::
+
+    run = TrainingRun("recover", workdir / CHECKPOINT, fingerprint(options, seed), every=25, ...)
+    ckpt = run.resume()                       # restore parameters, optimizer, history from it
+    with run.progress(start, total) as bar:
+        for step in range(start, total):
+            loss = ...
+            run.check_finite(loss, "the loss", step)
+            ...
+            bar.advance(loss=loss.item())
+            if run.due(step + 1):
+                run.save(step + 1, params=..., optimizer=..., history=...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexc.passes import checkpoint
+from flexc.utils.progress import StepBar, step_progress
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of JSON-able ``parts`` (options, budgets, seed, shapes): what a checkpoint belongs to."""
+    return hashlib.sha256(json.dumps(list(parts), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class TrainingRun:
+    """The checkpointing, resuming and divergence checks of one training pass's run.
+
+    ``diverged`` is the pass's error class; ``advice`` names the options to lower when it
+    diverges; ``unchanged`` says what a divergence leaves untouched (e.g. the weights).
+    """
+
+    def __init__(self, name: str, path: Path, fingerprint: str, *, every: int, logger: logging.Logger,
+                 diverged: type[checkpoint.TrainingDiverged] = checkpoint.TrainingDiverged, advice: str = "lr",
+                 unchanged: str = "", quiet: bool = False):
+        self.name, self.path, self.fingerprint, self.every = name, Path(path), fingerprint, every
+        self.logger, self.diverged, self.advice, self.unchanged, self.quiet = logger, diverged, advice, unchanged, quiet
+
+    def resume(self) -> dict[str, Any] | None:
+        """The saved checkpoint (with its ``step``) if it belongs to this run, else None."""
+        return checkpoint.load(self.path, self.fingerprint, self.name, self.logger)
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is due after ``step`` completed steps."""
+        return step % self.every == 0
+
+    def save(self, step: int, **payload: Any) -> None:
+        """Checkpoint the run after ``step`` completed steps (atomically)."""
+        checkpoint.save(self.path, self.fingerprint, step, **payload)
+
+    def check_finite(self, value: torch.Tensor, what: str, step: int) -> None:
+        """Stop the run if ``value`` (a loss, a gradient norm) is not finite."""
+        if not torch.isfinite(value):
+            raise self.diverged(
+                f"{self.name}: {what} became {value.item()} at step {step}; {self.unchanged}the last good "
+                f"checkpoint is kept at {self.path}. " + checkpoint.how_to_go_on(self.name, self.advice))
+
+    @contextlib.contextmanager
+    def progress(self, start: int, total: int, description: str | None = None,
+                 fields: tuple[str, ...] = ("loss",)) -> Iterator[StepBar]:
+        """The step bar of steps ``[start, total)`` (silent with ``quiet`` or off a terminal)."""
+        with step_progress(total, completed=start, description=description or self.name, fields=fields,
+                           disable=self.quiet) as bar:
+            yield bar
