@@ -109,12 +109,29 @@ def test_streamed_artifacts_load(family_dirs, tmp_path):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_streamed_resumes(family_dirs, tmp_path):
+def test_streamed_resumes_after_a_failed_export(family_dirs, tmp_path, monkeypatch):
+    """A run that fails in an export resumes after its last completed pass, from state/ alone
+    (which holds no weights), and writes what an uninterrupted run writes."""
+    import flexc.export.streamed as streamed_export
+
     spec = _spec(family_dirs["qwen3_moe"], tmp_path / "r", "layers")
-    first = flexc.compile(spec, quiet=True)
-    assert first.ran[0] == "load" and "export:sliced" in first.ran
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full (on purpose)")
+
+    with monkeypatch.context() as m:
+        m.setattr(streamed_export, "export_sliced_streamed", broken)
+        with pytest.raises(RuntimeError, match="on purpose"):
+            flexc.compile(spec, quiet=True)
+    state_bytes = sum(f.stat().st_size for f in (tmp_path / "r" / "state").iterdir())
+    assert state_bytes < 100_000  # scores, permutations, tables: no weights
     again = flexc.compile(spec, quiet=True)
-    assert again.up_to_date
+    assert {"01-rank_channels", "02-coverage", "03-fold_masks", "export:nested"} <= set(again.skipped)
+    assert again.ran == ["load", "export:sliced"]
+    flexc.compile(_spec(family_dirs["qwen3_moe"], tmp_path / "clean", "layers"), quiet=True)
+    for key in ("keep_0.75", "keep_0.50"):
+        _assert_same_weights(tmp_path / "clean" / "sliced" / key, tmp_path / "r" / "sliced" / key)
+    assert flexc.compile(spec, quiet=True).up_to_date
 
 
 @pytest.mark.parametrize("entry, needle", [
