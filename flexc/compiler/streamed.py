@@ -87,25 +87,16 @@ def streaming_problems(spec) -> list[tuple[tuple, str]]:
 def rank_channels_streamed(p, lm, ctx) -> None:
     """``rank_channels`` one decoder layer at a time: the same files and hand-off state as
     :meth:`RankChannels.run`, plus ``channel_perms [L, E, I]``; no weight is changed or written."""
-    from safetensors.torch import load_file, save_file
-
     from flexc.ir.streaming import LayerGraph
     from flexc.passes.calibrate import RoutingStats, calibrate
-    from flexc.passes.rank_channels import PLOT_FILE, SCORES_FILE, load_routing, plot_scores, save_routing
+    from flexc.passes.rank_channels import load_ranking, record_ranking, sort_channels
     from flexc.passes.scores import resolve_score
-    from flexc.utils.atomic import atomic_path
 
     workdir = Path(ctx.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     num = len(lm.groups)
     if p.options.from_ is not None:
-        src = p.options.from_
-        src_dir = src if src.is_dir() else src.parent
-        saved = load_file(str(src_dir / SCORES_FILE))
-        perms = [saved[f"layer{i}.perm"] for i in range(num)]
-        sorted_scores = [saved[f"layer{i}.scores"] for i in range(num)]
-        stats = load_routing(src_dir)
-        ctx.logger.info("rank_channels (streamed): reusing scores and permutation from %s", src_dir)
+        perms, sorted_scores, stats = load_ranking(p.options.from_, num, ctx.logger)
     else:
         score_cls = resolve_score(p.options.score)
         hidden, kwargs = lm.layer_inputs(ctx.calibration_batches())
@@ -131,23 +122,9 @@ def rank_channels_streamed(p, lm, ctx) -> None:
             hidden = graph.outputs
             lm.free(i)
         del hidden
-        perms = [torch.argsort(s, dim=1, descending=True, stable=True) for s in scores]
-        sorted_scores = [torch.gather(s, 1, q) for s, q in zip(scores, perms)]
+        perms, sorted_scores = sort_channels(scores)
         stats = RoutingStats(counts=torch.stack(counts), weight_sums=torch.stack(sums))
-
-    tensors = {}
-    for i, (s, q) in enumerate(zip(sorted_scores, perms)):
-        tensors[f"layer{i}.scores"] = s.contiguous()
-        tensors[f"layer{i}.perm"] = q.contiguous()
-    with atomic_path(workdir / SCORES_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"score": p.options.score})
-    if stats is not None:
-        save_routing(stats, workdir)
-        ctx.state.routing_counts = stats.counts
-        ctx.state.routing_weight_sums = stats.weight_sums
-    if p.options.plot:
-        plot_scores(sorted_scores, workdir / PLOT_FILE)
-    ctx.state.channel_scores = torch.stack(sorted_scores)
+    record_ranking(ctx, workdir, p.options, perms, sorted_scores, stats)
     ctx.state.channel_perms = torch.stack(perms)
 
 

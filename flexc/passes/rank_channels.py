@@ -155,31 +155,46 @@ class RankChannels(Pass):
         workdir = Path(ctx.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         if self.options.from_ is not None:
-            src = self.options.from_
-            src_dir = src if src.is_dir() else src.parent
-            saved = load_file(str(src_dir / SCORES_FILE))
-            perms = [saved[f"layer{i}.perm"] for i in range(len(graph.groups))]
-            sorted_scores = [saved[f"layer{i}.scores"] for i in range(len(graph.groups))]
-            stats = load_routing(src_dir)
-            ctx.logger.info("rank_channels: reusing scores and permutation from %s", src_dir)
+            perms, sorted_scores, stats = load_ranking(self.options.from_, len(graph.groups), ctx.logger)
         else:
             scores, stats = self.compute_scores(graph, ctx)
-            perms = [torch.argsort(s, dim=1, descending=True, stable=True) for s in scores]
-            sorted_scores = [torch.gather(s, 1, p) for s, p in zip(scores, perms)]
+            perms, sorted_scores = sort_channels(scores)
         for i, p in enumerate(perms):
             permute_expert_channels(graph, i, p)
-
-        tensors = {}
-        for i, (s, p) in enumerate(zip(sorted_scores, perms)):
-            tensors[f"layer{i}.scores"] = s.contiguous()
-            tensors[f"layer{i}.perm"] = p.contiguous()
-        with atomic_path(workdir / SCORES_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata={"score": self.options.score})
-        if stats is not None:
-            save_routing(stats, workdir)
-            ctx.state.routing_counts = stats.counts
-            ctx.state.routing_weight_sums = stats.weight_sums
-        if self.options.plot:
-            plot_scores(sorted_scores, workdir / PLOT_FILE)
-        ctx.state.channel_scores = torch.stack(sorted_scores)  # [layers, E, I], channels in ranked order
+        record_ranking(ctx, workdir, self.options, perms, sorted_scores, stats)
         return PassResult(graph=graph, modified=True, changed_nodes={g.node for g in graph.groups})
+
+
+def sort_channels(scores: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the permutation putting each expert's channels in descending score order, and
+    the scores in that order (a stable sort: ties keep their index order)."""
+    perms = [torch.argsort(s, dim=1, descending=True, stable=True) for s in scores]
+    return perms, [torch.gather(s, 1, p) for s, p in zip(scores, perms)]
+
+
+def load_ranking(src: Path, num_layers: int, logger) -> tuple[list[torch.Tensor], list[torch.Tensor], object]:
+    """The permutations, sorted scores and routing statistics a previous ranking saved (``from``)."""
+    src_dir = src if src.is_dir() else src.parent
+    saved = load_file(str(src_dir / SCORES_FILE))
+    perms = [saved[f"layer{i}.perm"] for i in range(num_layers)]
+    sorted_scores = [saved[f"layer{i}.scores"] for i in range(num_layers)]
+    logger.info("rank_channels: reusing scores and permutation from %s", src_dir)
+    return perms, sorted_scores, load_routing(src_dir)
+
+
+def record_ranking(ctx: PassContext, workdir: Path, options, perms, sorted_scores, stats) -> None:
+    """Save a ranking in the stage folder (scores, permutation, routing statistics, plot) and hand
+    the scores and statistics on in the compile state."""
+    tensors = {}
+    for i, (s, p) in enumerate(zip(sorted_scores, perms)):
+        tensors[f"layer{i}.scores"] = s.contiguous()
+        tensors[f"layer{i}.perm"] = p.contiguous()
+    with atomic_path(workdir / SCORES_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"score": options.score})
+    if stats is not None:
+        save_routing(stats, workdir)
+        ctx.state.routing_counts = stats.counts
+        ctx.state.routing_weight_sums = stats.weight_sums
+    if options.plot:
+        plot_scores(sorted_scores, workdir / PLOT_FILE)
+    ctx.state.channel_scores = torch.stack(sorted_scores)  # [layers, E, I], channels in ranked order
