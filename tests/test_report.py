@@ -78,13 +78,21 @@ def test_hf_export_refuses_whole_expert_pruning(tmp_path):
 
 def test_report_says_how_each_annealed_table_was_chosen(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    data = {"builtin": "python-stdlib", "num_samples": 8, "seq_len": 64, "batch_size": 4, "split": "train"}
+    # 4 batches: the default validation share holds one out, so each trained table is checked
+    data = {"builtin": "python-stdlib", "num_samples": 16, "seq_len": 64, "batch_size": 4, "split": "train"}
     spec = {"model": {"path": str(tiny_model_dir)}, "data": {"calibration": data}, "budgets": {"keep": [0.75, 0.5]},
             "pipeline": [{"rank_channels": {"score": "activation", "plot": False}}, "insert_action_gates",
-                         {"anneal": {"steps": 4}}]}
+                         {"anneal": {"steps": 16}}]}
     flexc.compile(spec, out=out, quiet=True)
     text = (out / "report.md").read_text()
     assert "### How each table was chosen" in text and "stages/03-anneal/width_tables.json" in text
     recorded = json.loads((out / "stages" / "03-anneal" / "width_tables.json").read_text())["budgets"]
     for b in recorded:  # one row per budget, with the pass's own account of it
-        assert f"| {b['keep_target']:g} | {b['how']} | {b['exported_at_step']} |" in text
+        row = next(line for line in text.splitlines() if line.startswith(f"| {b['keep_target']:g} | {b['how']} | "))
+        assert f"| {b['exported_at_step']} |" in row
+        for name, loss in b.get("validation_loss", {}).items():  # every candidate's held-out loss
+            assert f"{name.replace('_', ' ')} {loss:.4g}" in row
+        if "validation_difference" in b:
+            diff = b["validation_difference"]
+            assert f"{diff['mean']:+.3g} ± {diff['standard_error']:.2g}" in row
+    assert any("validation_difference" in b for b in recorded), recorded

@@ -122,12 +122,16 @@ def _how_chosen(out: Path) -> list[str]:
     if not budgets or "how" not in budgets[0]:
         return []
     lines = ["### How each table was chosen", "", f"From `{reports[-1].relative_to(out).as_posix()}`:", "",
-             "| keep (target) | chosen | after step | held-out calibration loss (trained / warm start) |",
-             "|---|---|---|---|"]
+             "| keep (target) | chosen | after step | held-out calibration loss per candidate | "
+             "trained − one-shot (± standard error) |",
+             "|---|---|---|---|---|"]
     for b in budgets:
-        losses = b.get("validation_loss")
-        shown = f"{losses['trained']:.4g} / {losses['warm_start']:.4g}" if losses else "–"
-        lines.append(f"| {b['keep_target']:g} | {b['how']} | {b.get('exported_at_step', '–')} | {shown} |")
+        losses = b.get("validation_loss") or {}
+        shown = ", ".join(f"{name.replace('_', ' ')} {loss:.4g}" for name, loss in losses.items()) or "–"
+        diff = b.get("validation_difference")
+        versus = (f"{diff['mean']:+.3g} ± {diff['standard_error']:.2g} (vs {diff['against'].replace('_', ' ')})"
+                  if diff else "–")
+        lines.append(f"| {b['keep_target']:g} | {b['how']} | {b.get('exported_at_step', '–')} | {shown} | {versus} |")
     return lines + [""]
 
 
