@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = ["def main():\n    ", "import os\nimport sys\n", "class Config:\n    def __init__(self", "for i in range("]
 COPIES = 8  # 4 prompts x 8 = 32 concurrent requests
-MAX_TOKENS = 32
+MAX_TOKENS = 64  # long enough that requests are still decoding when the switch lands
 
 
 def _free_port() -> int:
@@ -106,6 +106,14 @@ class Greedy:
         return self.cache[key]
 
 
+def _running_requests(base: str) -> float:
+    """The engine's ``vllm:num_requests_running`` gauge from its Prometheus metrics."""
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
 async def _complete(client, ids: list[int]) -> tuple[list[int], float]:
     response = await client.completions.create(
         model=client.served_model, prompt=ids, max_tokens=MAX_TOKENS, temperature=0.0,
@@ -117,8 +125,11 @@ async def _load_with_switch(base: str, prompts: list[list[int]], keep: float):
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
     client.served_model = (await client.models.list()).data[0].id
     tasks = [asyncio.create_task(_complete(client, ids)) for ids in prompts]
-    await asyncio.sleep(0.3)  # requests admitted and decoding
     loop = asyncio.get_running_loop()
+    # Switch once the engine reports requests decoding (a fixed sleep was too long on a quiet machine).
+    deadline = time.time() + 60
+    while await loop.run_in_executor(None, _running_requests, base) == 0 and time.time() < deadline:
+        await asyncio.sleep(0.02)
     status, state = await loop.run_in_executor(None, _http, base + "/flexc/budget", {"keep": keep})
     switched_at = time.perf_counter()
     results = await asyncio.gather(*tasks)
