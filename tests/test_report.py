@@ -44,6 +44,7 @@ def test_compile_writes_a_report_with_measured_budgets(tiny_model_dir, tmp_path)
     assert (out / "report" / "widths.png").stat().st_size > 3000
     assert (out / "report" / "quality.png").stat().st_size > 3000
     assert "## Time per stage" in text and "| 03-fold_masks | done |" in text
+    assert "- **width tables**: chosen by `uniform`" in text  # the compile state's record of the choice
     assert json.loads((out / "manifest.json").read_text())["outputs"]["report"] == "report.md"
     # hf: the compiled (ranked) weights at full width, a plain checkpoint
     from transformers import AutoModelForCausalLM
@@ -85,6 +86,7 @@ def test_report_says_how_each_annealed_table_was_chosen(tiny_model_dir, tmp_path
                          {"anneal": {"steps": 16}}]}
     flexc.compile(spec, out=out, quiet=True)
     text = (out / "report.md").read_text()
+    assert "- **width tables**: chosen by `anneal`" in text
     assert "### How each table was chosen" in text and "stages/03-anneal/width_tables.json" in text
     recorded = json.loads((out / "stages" / "03-anneal" / "width_tables.json").read_text())["budgets"]
     for b in recorded:  # one row per budget, with the pass's own account of it

@@ -112,6 +112,18 @@ def _plot_quality(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _state_records(state: CompileState) -> list[str]:
+    """Lines for what the passes recorded about the tables, the fine-tune and the kernels."""
+    lines = []
+    if state.width_tables is not None:
+        lines.append(f"- **width tables**: chosen by `{state.width_method or 'anneal'}`")
+    if state.recovered_keep is not None:
+        lines.append(f"- **recover**: fine-tuned at keep {state.recovered_keep:g}")
+    if state.kernel_backend is not None:
+        lines.append(f"- **expert kernels**: `{state.kernel_backend}`")
+    return lines
+
+
 def _how_chosen(out: Path) -> list[str]:
     """Lines saying when and how each budget's table was chosen, from the last stage that trained
     width tables (its ``width_tables.json`` records it per budget)."""
@@ -151,7 +163,8 @@ def write_report(out: Path, manifest: dict[str, Any], spec, graph=None, state: C
               f"- **seed**: {spec.seed}; **flexc** {manifest.get('versions', {}).get('flexc', '?')}, "
               f"torch {manifest.get('versions', {}).get('torch', '?')}, "
               f"transformers {manifest.get('versions', {}).get('transformers', '?')}",
-              f"- **outputs**: {', '.join(f'`{v}`' for v in manifest.get('outputs', {}).values())}", ""]
+              f"- **outputs**: {', '.join(f'`{v}`' for v in manifest.get('outputs', {}).values())}"]
+    lines += _state_records(state) + [""]
 
     rows: list[dict[str, Any]] = []
     if graph is not None and state.width_tables is not None:
