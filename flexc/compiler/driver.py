@@ -23,6 +23,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -323,25 +324,12 @@ def _compile(spec: Spec, source: Path | None, run: RunDir, *, dump_graphs: bool,
     # ---- exports
     from flexc.compiler.exporters import ExportContext, get_exporter
 
-    for fmt in spec.export.formats:
-        name = f"export:{fmt}"
-        if run.done(name):
-            result.skipped.append(name)
-            next(step)
-            continue
-        _seed_everything(spec.seed)
-        with stage(name) as st:
-            exporter = get_exporter(fmt)
-            with artifacts.atomic_dir(out / fmt) as tmp:
-                exporter(
-                    ExportContext(
-                        target=tmp, spec=spec, graph=graph, model=loaded.model, tokenizer=loaded.tokenizer,
-                        state=state, run_dir=out, logger=log,
-                    )
-                )
-            st.info = {"outputs": [fmt]}
-        run.manifest["outputs"][fmt] = fmt
-        result.ran.append(name)
+    def write(fmt: str, tmp: Path) -> dict:
+        get_exporter(fmt)(ExportContext(target=tmp, spec=spec, graph=graph, model=loaded.model,
+                                        tokenizer=loaded.tokenizer, state=state, run_dir=out, logger=log))
+        return {}
+
+    run_export_stages(spec, run, stage, step, result, out, write)
 
     run.manifest["outputs"].update({"spec": SPEC_FILE, "log": LOG_FILE, "report": REPORT_FILE})
     _write_report(out, run, spec, graph, state, loaded.tokenizer)
@@ -350,6 +338,25 @@ def _compile(spec: Spec, source: Path | None, run: RunDir, *, dump_graphs: bool,
     run.save()
     log.info("done: %s (manifest: %s)", out, out / artifacts.MANIFEST)
     return result
+
+
+def run_export_stages(spec: Spec, run: RunDir, stage, step, result: CompileResult, out: Path,
+                      write: Callable[[str, Path], dict]) -> None:
+    """Each of the spec's export formats as a resumable stage: ``write(fmt, tmp)`` fills a
+    temporary folder that replaces ``out/fmt`` atomically, and returns extra manifest info."""
+    for fmt in spec.export.formats:
+        name = f"export:{fmt}"
+        if run.done(name):
+            result.skipped.append(name)
+            next(step)
+            continue
+        _seed_everything(spec.seed)
+        with stage(name) as st:
+            with artifacts.atomic_dir(out / fmt) as tmp:
+                info = write(fmt, tmp)
+            st.info = {"outputs": [fmt], **info}
+        run.manifest["outputs"][fmt] = fmt
+        result.ran.append(name)
 
 
 def _write_report(out: Path, run: RunDir, spec: Spec, graph, state, tokenizer) -> None:

@@ -250,29 +250,20 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
         result.ran.append(name)
     run.manifest["outputs"]["state"] = STATE_DIR
 
-    for fmt in spec.export.formats:
-        name = f"export:{fmt}"
-        if run.done(name):
-            result.skipped.append(name)
-            next(step)
-            continue
-        driver._seed_everything(spec.seed)
-        with stage(name) as st:
-            tables = state.checked_width_tables()
-            transform = permuter(lm, state.channel_perms)
-            provenance = {"spec": spec.to_yaml(), "seed": spec.seed, "versions": artifacts.library_versions()}
-            with artifacts.atomic_dir(out / fmt) as tmp:
-                if fmt == "nested":
-                    m = write_nested_streamed(tmp, lm, tables, transform=transform, tokenizer=tokenizer,
-                                              provenance=provenance)
-                    written = m.pop("_bytes_written")
-                else:
-                    written = export_sliced_streamed(tmp, lm, tables, transform=transform, tokenizer=tokenizer,
-                                                     provenance=provenance, logger=log)
-            st.info = {"outputs": [fmt], "disk_bytes": _disk_bytes(out / fmt), "weights_bytes": written,
-                       "peak_live_layers": lm.peak_live}
-        run.manifest["outputs"][fmt] = fmt
-        result.ran.append(name)
+    def write(fmt: str, tmp: Path) -> dict:
+        tables = state.checked_width_tables()
+        transform = permuter(lm, state.channel_perms)
+        provenance = {"spec": spec.to_yaml(), "seed": spec.seed, "versions": artifacts.library_versions()}
+        if fmt == "nested":
+            m = write_nested_streamed(tmp, lm, tables, transform=transform, tokenizer=tokenizer,
+                                      provenance=provenance)
+            written = m.pop("_bytes_written")
+        else:
+            written = export_sliced_streamed(tmp, lm, tables, transform=transform, tokenizer=tokenizer,
+                                             provenance=provenance, logger=log)
+        return {"disk_bytes": _disk_bytes(tmp), "weights_bytes": written, "peak_live_layers": lm.peak_live}
+
+    driver.run_export_stages(spec, run, stage, step, result, out, write)
 
     run.manifest["outputs"].update({"spec": artifacts.SPEC_FILE, "log": artifacts.LOG_FILE,
                                     "report": artifacts.REPORT_FILE})
