@@ -6,8 +6,8 @@ equal ``flexc.load`` + transformers at that budget, then, switched live with
 ``flexc.serving.set_budget`` (no reload), at keep 0.4 and at full width. A sliced checkpoint must
 be served at its widths, and a budget switch on it refused.
 
-Needs vLLM: ``.ci/run`` installs the ``serve-cpu`` extra in a second virtual environment and runs
-this file there (vLLM's CPU build pins transformers and torch; see docs/serving.md). Without
+Needs vLLM: tests/test_serving_suite.py builds an environment with the ``serve-cpu`` extra and
+runs this file there (vLLM's CPU build pins transformers and torch; see docs/serving.md). Without
 vLLM the module is skipped.
 """
 
@@ -19,7 +19,7 @@ import os
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: serving tests run where the serve-cpu extra is "
-                                   "installed (.ci/run does it in a separate venv; see docs/serving.md)")
+                                   "installed (tests/test_serving_suite.py runs this file in vLLM's environment)")
 
 import torch  # noqa: E402
 

