@@ -2,7 +2,7 @@
 
 Builds synthetic Qwen3-MoE-shaped checkpoints with random bf16 weights, shard by shard (one
 decoder layer in memory at a time, never the whole model), at several sizes, and compiles
-each with rank_channels(activation) -> coverage -> fold_masks -> sliced export under
+each with rank_channels(activation; ``--score taylor`` for the streamed backward) -> coverage -> fold_masks -> sliced export under
 ``execution: {stream: layers}`` in a child process that reports its peak resident memory
 (``ru_maxrss``, which counts torch's and Python's own memory too; the resident memory after
 imports is reported beside it). The in-memory compile of the same spec runs at the small
@@ -12,6 +12,7 @@ sizes for comparison. Prints a table, writes ``benchmarks/results/scale.json`` a
     python benchmarks/scale.py                        # 1, 2, 4 GB streamed; in memory at 1, 2 GB
     python benchmarks/scale.py --sizes 20 --in-memory --append   # adds a 20 GB model (~35 GB of free disk)
     python benchmarks/scale.py --sizes 0.3 --in-memory 0.3   # a quick check of the script
+    python benchmarks/scale.py --sizes 4 --in-memory --score taylor --out benchmarks/results/scale_taylor.json
 
 Every model has the same layer shape (hidden 1024, 64 experts of width 384, top-8, 32k
 vocabulary: 155 MB per decoder layer in bf16); sizes differ by depth.
@@ -112,12 +113,12 @@ def build(directory: Path, gigabytes: float, seed: int = 0) -> dict:
 # --------------------------------------------------------------------------- one compile, in a child
 
 
-def spec_for(model_dir: Path, out: Path, stream: str) -> dict:
+def spec_for(model_dir: Path, out: Path, stream: str, score: str = "activation") -> dict:
     return {
         "model": {"path": str(model_dir), "dtype": "bfloat16"},
         "data": {"calibration": {"builtin": "python-stdlib", "num_samples": 8, "seq_len": 128, "batch_size": 4}},
         "budgets": {"keep": [BUDGET]},
-        "pipeline": [{"rank_channels": {"score": "activation", "plot": False}}, {"coverage": {"granule": 32}},
+        "pipeline": [{"rank_channels": {"score": score, "plot": False}}, {"coverage": {"granule": 32}},
                      "fold_masks"],
         "export": {"dir": str(out), "formats": ["sliced"]},
         "execution": {"stream": stream},
@@ -195,7 +196,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.plot([0, max(sizes)], [0, max(sizes)], ":", color="grey", label="model size")
     ax.set_xlabel("model size on disk (GB, bf16)")
     ax.set_ylabel("peak resident memory (GB)")
-    ax.set_title("flexc compile: rank(activation) → coverage → fold → sliced")
+    ax.set_title(f"flexc compile: rank({rows[0].get('score', 'activation')}) → coverage → fold → sliced")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -210,6 +211,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     parser.add_argument("--keep", action="store_true", help="keep the models and runs")
     parser.add_argument("--append", action="store_true", help="add the rows to those already in --out")
+    parser.add_argument("--score", default="activation", help="rank_channels' score (taylor: the streamed backward)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -229,9 +231,9 @@ def main() -> None:
             modes = ["layers"] + (["off"] if gb in args.in_memory else [])
             for mode in modes:
                 out = work / f"run-{gb:g}gb-{mode}"
-                res = run_child(spec_for(model_dir, out, mode), work)
+                res = run_child(spec_for(model_dir, out, mode, args.score), work)
                 row = {"model_gb": round(built["bytes"] / 1e9, 3), "layers": built["layers"],
-                       "layer_mb": round(built["layer_bytes"] / 1e6, 1), "stream": mode,
+                       "layer_mb": round(built["layer_bytes"] / 1e6, 1), "stream": mode, "score": args.score,
                        **{k: round(v, 1) for k, v in res.items() if k != "stages"}, "stages": res["stages"]}
                 rows.append(row)
                 print(f"  {mode:6s} peak {row['peak_mb']:8.0f} MB (after imports {row['baseline_mb']:.0f} MB) "

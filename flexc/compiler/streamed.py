@@ -8,8 +8,11 @@ compile (``manifest.json``, ``stages/NN-<pass>/``, ``state/``, one folder per ex
 - ``NN-rank_channels``: the calibration batches are embedded once (layer-0 inputs kept in host
   memory), then for each decoder layer: load it, run every batch through it with the expert
   op's observers (:func:`flexc.passes.calibrate.calibrate`, unchanged: routing statistics and
-  the pass's activation score), keep its outputs as the next layer's inputs, sort the
-  channels by score, free the layer. The pass's files and hand-off state are those of
+  an activation score), keep its outputs as the next layer's inputs, free the layer. A score
+  that needs the loss gradient (``taylor``, the default) keeps every layer's inputs, takes each
+  batch's gradient at the last layer's output from the final norm and LM head, and walks back
+  from the last layer to the first, reloading and recomputing each one to back-propagate
+  through it (two loads per layer). The channels are then sorted by score. The pass's files and hand-off state are those of
   :class:`~flexc.passes.rank_channels.RankChannels`, plus ``channel_perms`` (the permutation
   the exports apply: the ranked weights are never written to a stage folder);
 - ``NN-uniform`` / ``NN-coverage``: the passes themselves (they read the hand-off state only);
@@ -32,6 +35,7 @@ import torch
 
 from flexc.compiler import artifacts
 from flexc.compiler.artifacts import STATE_DIR, RunDir
+from flexc.utils.progress import progress_bar
 
 log = logging.getLogger("flexc")
 
@@ -39,9 +43,11 @@ log = logging.getLogger("flexc")
 STREAMABLE_PASSES = ("rank_channels", "uniform", "coverage", "fold_masks")
 STREAMABLE_EXPORTS = ("nested", "sliced")
 _WHY = {
-    "anneal": "it trains action logits through the model's loss, whose gradient needs a backward pass through "
-              "every layer (layer-recomputing backward is not implemented yet)",
-    "recover": "it fine-tunes LoRA adapters through the model's loss (needs a backward pass through every layer)",
+    "anneal": "it trains action logits for many steps through the model's loss; the streamed backward (one "
+              "reload and recomputation of every layer per pass over the data) runs the Taylor score, not training "
+              "loops yet",
+    "recover": "it fine-tunes LoRA adapters for many steps through the model's loss (streamed training loops are "
+               "not implemented yet)",
     "insert_action_gates": "the action gates exist for anneal, which streamed execution cannot run yet",
     "expert_prune": "it rewrites the in-memory graph's routers",
     "insert_router_masks": "it rewrites the in-memory graph's routers",
@@ -51,29 +57,16 @@ _WHY = {
 
 def streaming_problems(spec) -> list[tuple[tuple, str]]:
     """Why ``spec`` cannot compile with ``execution.stream: layers``: ``(spec location, message)`` pairs."""
-    from flexc.passes.scores import resolve_score
-
     problems: list[tuple[tuple, str]] = []
     runs = ", ".join(STREAMABLE_PASSES)
     if not spec.pipeline:
-        problems.append((("execution", "stream"), "execution.stream: layers needs a pipeline (rank_channels with an "
-                         "activation score, a width pass, fold_masks); an empty pipeline just copies the model"))
+        problems.append((("execution", "stream"), "execution.stream: layers needs a pipeline (rank_channels, a width "
+                         "pass, fold_masks); an empty pipeline just copies the model"))
     for i, entry in enumerate(spec.pipeline):
         if entry.name not in STREAMABLE_PASSES:
             why = _WHY.get(entry.name, "streamed execution runs only the passes it knows to be layer-local")
             problems.append((("pipeline", i), f"pass {entry.name!r} cannot run with execution.stream: layers: {why}; "
                              f"a streamed compile runs {runs} (see docs/scale.md), or set execution.stream: off"))
-        elif entry.name == "rank_channels":
-            score = entry.options.get("score", "taylor")
-            try:
-                needs_backward = resolve_score(score).needs_backward
-            except Exception:  # noqa: BLE001 -- the pass's own options check reports a bad score
-                continue
-            if needs_backward:
-                problems.append((("pipeline", i), f"pass 'rank_channels' with score {score!r} cannot run with "
-                                 "execution.stream: layers: the score needs the model's loss gradient (a backward "
-                                 "pass through every layer); use score: activation or weight_activation, or set "
-                                 "execution.stream: off"))
     for j, fmt in enumerate(spec.export.formats):
         if fmt not in STREAMABLE_EXPORTS:
             problems.append((("export", "formats", j), f"export {fmt!r} cannot be written with execution.stream: "
@@ -87,8 +80,7 @@ def streaming_problems(spec) -> list[tuple[tuple, str]]:
 def rank_channels_streamed(p, lm, ctx) -> None:
     """``rank_channels`` one decoder layer at a time: the same files and hand-off state as
     :meth:`RankChannels.run`, plus ``channel_perms [L, E, I]``; no weight is changed or written."""
-    from flexc.ir.streaming import LayerGraph
-    from flexc.passes.calibrate import RoutingStats, calibrate
+    from flexc.passes.calibrate import RoutingStats
     from flexc.passes.rank_channels import load_ranking, record_ranking, sort_channels
     from flexc.passes.scores import resolve_score
 
@@ -99,33 +91,86 @@ def rank_channels_streamed(p, lm, ctx) -> None:
         perms, sorted_scores, stats = load_ranking(p.options.from_, num, ctx.logger)
     else:
         score_cls = resolve_score(p.options.score)
-        hidden, kwargs = lm.layer_inputs(ctx.calibration_batches())
-        max_experts = max(g.num_experts for g in lm.groups)
-        scores, counts, sums = [], [], []
-        for i in range(lm.num_layers):
-            module = lm.materialise(i)
-            group = lm.group_at(i)
-            graph = LayerGraph(module, lm, group, kwargs, index=i)
-            if group is None:  # a dense layer: only its outputs are needed
-                with torch.no_grad():
-                    for h in hidden:
-                        graph.logits(h.to(lm.device))
-            else:
-                score = score_cls({0: (group.num_experts, group.hidden_size, group.intermediate_size)},
-                                  {0: group.interleaved})
-                stats = calibrate(graph, hidden, on_forward=score.on_forward, on_backward=score.on_backward,
-                                  end_batch=score.end_batch, backward=False, quiet=ctx.quiet,
-                                  description=f"rank_channels ({score_cls.name}) layer {i + 1}/{lm.num_layers}")
-                scores.append(score.result({0: graph.expert_weights(group)})[0])
-                counts.append(torch.nn.functional.pad(stats.counts[0], (0, max_experts - group.num_experts)))
-                sums.append(torch.nn.functional.pad(stats.weight_sums[0], (0, max_experts - group.num_experts)))
-            hidden = graph.outputs
-            lm.free(i)
-        del hidden
+        batches = list(ctx.calibration_batches())
+        if score_cls.needs_backward:
+            scores, counts, sums = _scores_with_backward(lm, batches, score_cls, ctx)
+        else:
+            scores, counts, sums = _forward_sweep(lm, batches, score_cls, ctx)[:3]
         perms, sorted_scores = sort_channels(scores)
-        stats = RoutingStats(counts=torch.stack(counts), weight_sums=torch.stack(sums))
+        max_experts = max(g.num_experts for g in lm.groups)
+        pad = lambda t, g: torch.nn.functional.pad(t, (0, max_experts - g.num_experts))  # noqa: E731
+        stats = RoutingStats(counts=torch.stack([pad(c, g) for c, g in zip(counts, lm.groups)]),
+                             weight_sums=torch.stack([pad(w, g) for w, g in zip(sums, lm.groups)]))
     record_ranking(ctx, workdir, p.options, perms, sorted_scores, stats)
     ctx.state.channel_perms = torch.stack(perms)
+
+
+def _forward_sweep(lm, batches, score_cls, ctx, *, keep_inputs: bool = False):
+    """The calibration batches through the decoder layers, one materialised at a time, with the
+    expert op's forward observers: per MoE layer the score's result (None when the score needs
+    the backward), routing counts and router-weight sums; the last layer's outputs; and, with
+    ``keep_inputs``, every layer's inputs (host memory: the boundary states a backward recomputes from)."""
+    from flexc.ir.streaming import LayerGraph
+    from flexc.passes.calibrate import calibrate
+
+    hidden, kwargs = lm.layer_inputs(batches)
+    scores, counts, sums, inputs = [], [], [], []
+    for i in range(lm.num_layers):
+        inputs.append(hidden if keep_inputs else None)
+        module = lm.materialise(i)
+        group = lm.group_at(i)
+        graph = LayerGraph(module, lm, group, kwargs, index=i)
+        if group is None:  # a dense layer: only its outputs are needed
+            with torch.no_grad():
+                for h in hidden:
+                    graph.logits(h.to(lm.device))
+        else:
+            score = None if score_cls.needs_backward else score_cls(
+                {0: (group.num_experts, group.hidden_size, group.intermediate_size)}, {0: group.interleaved})
+            stats = calibrate(graph, hidden, on_forward=score and score.on_forward, end_batch=score and score.end_batch,
+                              backward=False, quiet=ctx.quiet,
+                              description=f"rank_channels ({score_cls.name}) layer {i + 1}/{lm.num_layers}")
+            scores.append(None if score is None else score.result({0: graph.expert_weights(group)})[0])
+            counts.append(stats.counts[0])
+            sums.append(stats.weight_sums[0])
+        hidden = graph.outputs
+        lm.free(i)
+    return scores, counts, sums, hidden, inputs, kwargs
+
+
+def _scores_with_backward(lm, batches, score_cls, ctx):
+    """A score that needs the loss gradient (``taylor``), streamed: a forward sweep keeps each
+    layer's input (the boundary states, in host memory); the final norm and LM head give each
+    batch's gradient at the last layer's output; then, from the last layer to the first, each
+    layer is loaded again, recomputed from its inputs and back-propagated, batch by batch, its
+    expert weight gradients going to the score's observers, the gradient at its input going on
+    to the layer below. The same per-batch gradients as one backward through the whole model."""
+    from flexc.ir.op import observe_expert_grads
+    from flexc.ir.streaming import LayerGraph
+
+    _, counts, sums, last, inputs, kwargs = _forward_sweep(lm, batches, score_cls, ctx, keep_inputs=True)
+    grads = lm.head_gradients(last, batches)
+    del last
+    scores = [None] * len(lm.groups)
+    for i in reversed(range(lm.num_layers)):
+        module = lm.materialise(i)
+        module.requires_grad_(False)
+        group = lm.group_at(i)
+        graph = LayerGraph(module, lm, group, kwargs, index=i)
+        score = None if group is None else score_cls(
+            {0: (group.num_experts, group.hidden_size, group.intermediate_size)}, {0: group.interleaved})
+        observer = (lambda info: score.on_backward(0, info)) if score is not None else (lambda info: None)
+        with observe_expert_grads(observer):
+            for b in progress_bar(range(len(batches)), total=len(batches), disable=ctx.quiet,
+                                  description=f"rank_channels ({score_cls.name}) backward, layer {i + 1}"):
+                grads[b] = graph.backward(inputs[i][b], grads[b])
+                if score is not None:
+                    score.end_batch()
+        if score is not None:
+            scores[lm.groups.index(group)] = score.result({0: graph.expert_weights(group)})[0]
+        inputs[i] = None  # this layer's boundary states are no longer needed
+        lm.free(i)
+    return scores, counts, sums
 
 
 def fold_masks_streamed(lm, ctx) -> None:

@@ -297,11 +297,44 @@ class LayerModel:
             embed.to_empty(device="meta")
         return hidden, kwargs_by_shape
 
+    def head_gradients(self, hidden: list[torch.Tensor], batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per batch, the gradient of its next-token loss with respect to the last decoder layer's
+        output ``hidden[b]`` (on the CPU): the model's final norm and LM head (``lm_head(norm(h))``,
+        what the families flexc streams compute) materialised for this call only, their weights frozen."""
+        from flexc.passes.calibrate import next_token_loss
+
+        norm, head = self.base.norm, self.model.get_output_embeddings()
+        rest = self.module_tensors(REST)
+        for module in (norm, head):
+            prefix = self._module_prefix(module)
+            own = {k.removeprefix(prefix): v for k, v in rest.items() if k.startswith(prefix)}
+            if module is head and not own and getattr(self.config, "tie_word_embeddings", False):
+                embed_prefix = self._module_prefix(self.model.get_input_embeddings())
+                own = {k.removeprefix(embed_prefix): v for k, v in rest.items() if k.startswith(embed_prefix)}
+            missing = {k for k, _ in module.named_parameters()} - set(own)
+            if missing:
+                raise StreamingError(f"{self.reader.directory}: the checkpoint has no {sorted(missing)} for "
+                                     f"{prefix.rstrip('.')}")
+            module.load_state_dict(own, strict=False, assign=True)
+            module.requires_grad_(False)
+        del rest
+        grads = []
+        try:
+            for h, ids in zip(hidden, batches):
+                h = h.to(self.device).requires_grad_(True)
+                next_token_loss(head(norm(h)), ids.to(self.device)).backward()
+                grads.append(h.grad.detach().to("cpu"))
+        finally:
+            norm.to_empty(device="meta")
+            head.to_empty(device="meta")
+            release_memory()
+        return grads
+
     def _module_prefix(self, module: nn.Module) -> str:
         for name, m in self.model.named_modules():
             if m is module:
                 return name + "."
-        raise StreamingError("the input embeddings are not a submodule of the model")
+        raise StreamingError(f"{type(module).__name__} is not a submodule of the model")
 
 
 class LayerGraph:
@@ -325,9 +358,22 @@ class LayerGraph:
     def expert_weights(self, group: ExpertGroup) -> tuple[torch.Tensor, torch.Tensor]:
         return canonical_weights(self.experts_module(group))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def run(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's output for a batch of hidden states (nothing kept)."""
         kwargs = self.kwargs_by_shape[tuple(hidden.shape[:2])][self.index]
         out = self.model(hidden, **kwargs)
-        out = out[0] if isinstance(out, tuple) else out
+        return out[0] if isinstance(out, tuple) else out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.run(hidden)
         self.outputs.append(out.detach().to("cpu"))
         return out
+
+    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+        """Recompute the layer on ``hidden`` and back-propagate ``grad_output`` (the gradient at its
+        output) through it; return the gradient at its input, on the CPU. The layer's weights are
+        frozen: the expert op hands its weight gradients to observers (``observe_expert_grads``)."""
+        device = next(self.model.parameters()).device
+        hidden = hidden.to(device).requires_grad_(True)
+        self.run(hidden).backward(grad_output.to(device))
+        return hidden.grad.detach().to("cpu")
