@@ -345,8 +345,8 @@ def test_track_exports_the_trained_table_only_if_it_wins_beyond_the_noise(tmp_pa
     spread = torch.tensor([-0.09, 0.07, -0.08, 0.06, -0.05, 0.04, -0.02, -0.01] if noisy else [-0.01] * 8,
                           dtype=torch.float64)
     monkeypatch.setattr(Anneal, "_table_losses",
-                        lambda self, graph, setup, levels, batches: base + spread if torch.equal(levels, trained)
-                        else base)
+                        lambda self, graph, setup, levels, batches: dict.fromkeys(
+                            ("quality", "next_token"), base + spread if torch.equal(levels, trained) else base))
     record = pass_._choose(graph, ctx, setup, 0.5, warm, None, [0], step=8, steps=8)
     assert record["validation_loss"]["trained"] < record["validation_loss"]["warm_start"]
     assert record["how"].startswith(chosen)
@@ -355,3 +355,37 @@ def test_track_exports_the_trained_table_only_if_it_wins_beyond_the_noise(tmp_pa
     assert diff["against"] == "warm_start" and diff["mean"] == pytest.approx(-0.01)
     if chosen == "warm start":
         assert "not lower by 1 standard errors" in record["how"] and diff["standard_error"] > 0.01
+
+
+@pytest.mark.parametrize("text_worse", [True, False])
+def test_track_with_both_losses_keeps_the_one_shot_table_where_the_text_loss_disagrees(tmp_path, monkeypatch,
+                                                                                      text_worse):
+    """``validation_loss: both``: a trained table that wins on the quality term beyond the noise but
+    has the higher held-out next-token loss is not exported; one that wins on both is."""
+    graph, ctx = gated_graph(tmp_path)
+    ctx.workdir = tmp_path / "run"
+    ctx.workdir.mkdir()
+    pass_ = Anneal({"budgets": [0.5], "steps": 8, "validation_loss": "both"})
+    setup = pass_._setup(graph, ctx, ctx.workdir)
+    warm = pass_._coverage_levels(graph, ctx, setup, 0.5, None)
+    trained = warm.clone()
+    trained[0, 0], trained[0, 1] = trained[0, 0] + 1, trained[0, 1] - 1  # another table, same keep
+    with torch.no_grad():
+        for gate, row in zip(setup.gates, trained):
+            gate.logits.zero_().scatter_(1, row[:, None], 5.0)
+    base = torch.full((8,), 0.10, dtype=torch.float64)
+    text = base + (0.02 if text_worse else -0.02)
+
+    def losses(self, graph, setup, levels, batches):
+        if torch.equal(levels, trained):
+            return {"quality": base - 0.05, "next_token": text}  # far better on the quality term
+        return {"quality": base, "next_token": base}
+
+    monkeypatch.setattr(Anneal, "_table_losses", losses)
+    record = pass_._choose(graph, ctx, setup, 0.5, warm, None, [0], step=8, steps=8)
+    assert record["validation_next_token"]["trained"] == pytest.approx(0.12 if text_worse else 0.08)
+    if text_worse:
+        assert record["how"] == "warm start (the trained table's held-out next-token loss was higher)"
+        assert torch.equal(record["levels"], warm)
+    else:
+        assert record["how"] == "trained" and torch.equal(record["levels"], trained)

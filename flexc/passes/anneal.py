@@ -138,6 +138,11 @@ class AnnealOptions(PassOptions):
     validation_z: float = Field(1.0, ge=0, description="track: the trained table is exported only if its held-out "
                                 "loss is below the best one-shot table's by more than this many standard errors of "
                                 "the per-sequence paired difference (0: any lower mean).")
+    validation_loss: Literal["quality", "next_token", "both"] = Field(
+        "quality", description="track: what the held-out choice compares: the quality term of the loss, the "
+                               "next-token loss on the held-out text (what perplexity measures), or both (the "
+                               "trained table must win on the quality term by validation_z standard errors and "
+                               "not lose on the next-token loss).")
     extra_steps: int | None = Field(None, ge=0, description="ramp: bounded continuation if budgets remain, with "
                                     "lambda doubling and fresh optimizer moments (default: half of steps).")
     checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints.")
@@ -336,20 +341,23 @@ class Anneal(Pass):
             raise AnnealDiverged(f"anneal: the action logits became non-finite after the update of step {step}; "
                                  f"the last good checkpoint is kept at {setup.ckpt_path}. " + advice)
 
-    def _table_losses(self, graph, setup: _Setup, levels: torch.Tensor, batches: list[int]) -> torch.Tensor:
-        """Quality loss of every sequence of the given calibration batches under the fixed table ``levels``."""
+    def _table_losses(self, graph, setup: _Setup, levels: torch.Tensor, batches: list[int]) -> dict[str, torch.Tensor]:
+        """Per-sequence held-out losses of the given calibration batches under the fixed table ``levels``:
+        ``"quality"`` (the loss's quality term) and ``"next_token"``."""
         widths = setup.widths(levels).to(torch.int32)
         for gate, row in zip(setup.gates, widths):
             gate.table = row
         set_gate_mode(graph, "table")
-        out = []
+        out: dict[str, list[torch.Tensor]] = {"quality": [], "next_token": []}
         with torch.no_grad():
             for i in batches:
                 ids = setup.batches[i]
-                out.append(sequence_losses(self.options.quality, graph.logits(ids), setup.teachers[i], ids).double())
+                logits = graph.logits(ids)
+                out["quality"].append(sequence_losses(self.options.quality, logits, setup.teachers[i], ids).double())
+                out["next_token"].append(sequence_losses("next_token", logits, None, ids).double())
         for gate in setup.gates:
             gate.table = None
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        return {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.float64) for k, v in out.items()}
 
     # ------------------------------------------------------------------ track
     def _warm_start(self, graph, ctx, setup: _Setup, budget: float, upper: torch.Tensor | None) -> torch.Tensor:
@@ -465,19 +473,28 @@ class Anneal(Pass):
         if not val:
             record["how"] = "trained (no held-out batches to check it on)"
             return self._log_choice(ctx, budget, steps, record)
-        seq = {name: self._table_losses(graph, setup, levels, val) for name, levels in one_shot.items()}
-        seq["trained"] = seq[same] if same is not None else self._table_losses(graph, setup, trained, val)
+        held_out = {name: self._table_losses(graph, setup, levels, val) for name, levels in one_shot.items()}
+        held_out["trained"] = held_out[same] if same is not None else self._table_losses(graph, setup, trained, val)
+        ranked_on = "next_token" if opts.validation_loss == "next_token" else "quality"
+        seq = {name: v[ranked_on] for name, v in held_out.items()}
         losses = {name: float(v.mean()) for name, v in seq.items()}
         record["validation_loss"] = losses
+        if opts.validation_loss == "both":
+            record["validation_next_token"] = {name: float(v["next_token"].mean()) for name, v in held_out.items()}
         fallback = min(one_shot, key=lambda name: losses[name])  # ties: the warm start (first)
-        choice = fallback
+        choice, lost_on_text = fallback, False
         if same == fallback:
             choice = "trained"
         elif same is None:
             diff = seq["trained"] - seq[fallback]
             se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
             record["validation_difference"] = {"against": fallback, "mean": float(diff.mean()), "standard_error": se}
-            if float(diff.mean()) < min(0.0, -opts.validation_z * se):
+            wins = float(diff.mean()) < min(0.0, -opts.validation_z * se)
+            if wins and opts.validation_loss == "both":  # it must not lose on the text itself either
+                nt = record["validation_next_token"]
+                lost_on_text = nt["trained"] > nt[fallback]
+                wins = not lost_on_text
+            if wins:
                 choice = "trained"
         labels = {"trained": "trained table", "warm_start": "warm start", "coverage": "unconstrained coverage table"}
         if choice == "trained":
@@ -485,8 +502,12 @@ class Anneal(Pass):
         else:
             names = {"warm_start": "warm start", "coverage": "coverage, unconstrained"}
             beaten = [labels[n] for n in losses if n != choice and losses[n] > losses[choice]]
-            why = f"lower held-out loss than the {' and the '.join(beaten)}" if len(beaten) == len(losses) - 1 else (
-                f"the trained table's held-out loss was not lower by {opts.validation_z:g} standard errors")
+            if len(beaten) == len(losses) - 1:
+                why = f"lower held-out loss than the {' and the '.join(beaten)}"
+            elif lost_on_text:
+                why = "the trained table's held-out next-token loss was higher"
+            else:
+                why = f"the trained table's held-out loss was not lower by {opts.validation_z:g} standard errors"
             record.update(levels=one_shot[choice], how=f"{names[choice]} ({why})")
         return self._log_choice(ctx, budget, steps, record)
 
