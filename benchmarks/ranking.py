@@ -26,7 +26,7 @@ import common  # noqa: E402
 
 from flexc.ir import lower  # noqa: E402
 from flexc.passes import resolve_pass  # noqa: E402
-from flexc.passes.rank_channels import permute_expert_channels  # noqa: E402
+from flexc.ir.permute import permute_expert_channels  # noqa: E402
 
 
 def half_table(graph) -> torch.Tensor:

@@ -182,7 +182,7 @@ def fold_masks_streamed(lm, ctx) -> None:
 
 def permuter(lm, perms: torch.Tensor):
     """The exports' per-layer transform: apply ``rank_channels``' permutation to a loaded layer."""
-    from flexc.passes.rank_channels import permute_expert_channels
+    from flexc.ir.permute import permute_expert_channels
 
     index = {g.layer: i for i, g in enumerate(lm.groups)}
 

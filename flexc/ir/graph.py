@@ -3,6 +3,15 @@
 The graph module shares its parameters with the Hugging Face model it was lowered from (no
 weight copy), so a pass that rewrites expert weights in place (e.g. a channel permutation)
 changes both; ``model`` stays the handle for saving checkpoints with ``save_pretrained``.
+
+What :meth:`FlexGraph.save_state` writes scales with what passes changed, not with the model:
+the graph knows which parameters still hold the source checkpoint's values (each parameter's
+storage and autograd version counter, recorded when the graph is built and after a restore;
+any in-place write through torch bumps the counter) and which hold them permuted by
+:meth:`FlexGraph.permute_channels` (the ranking). Only other parameters are written, with the
+permutations; :meth:`FlexGraph.load_state` re-derives the rest from a fresh lowering of the
+same source. A pass that changes a weight behind torch's back (through ``.data``) must call
+:meth:`FlexGraph.mark_changed`.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from flexc.ir.op import op_overloads
 STATE_WEIGHTS = "graph_weights.safetensors"
 STATE_META = "graph_meta.json"
 GRAPH_PREFIX = "graph::"
+PERM_PREFIX = "channel_perm::"  # + group index: the permutation the ranking applied to its experts
+WEIGHTS_FORMAT = "changed"  # graph_meta.json "weights": only parameters that differ from the source
 # Per-layer router-logit mask buffers of the graph module (added by expert_prune's insert_router_masks).
 MASK_PREFIX = "flexc_router_mask_"
 
@@ -54,6 +65,13 @@ class FlexGraph:
     # Structural rewrites applied by passes ({"pass": name, "options": {...}}), replayed by
     # load_state on a freshly lowered graph before its tensors are restored.
     rewrites: list[dict] = field(default_factory=list)
+    # Permutations applied to each MoE layer's source expert weights (group index -> [E, I]).
+    channel_perms: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Parameters holding source values (possibly permuted): name -> (storage pointer, version).
+    _unchanged: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._mark_unchanged(name for name, _ in self.model.named_parameters())
 
     # ---- running -----------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -144,22 +162,61 @@ class FlexGraph:
             if gm_buf is not None and gm_buf.data_ptr() != getattr(self.experts_module(g), WIDTHS_BUFFER).data_ptr():
                 gm_buf.copy_(row)
 
+    # ---- weights that differ from the source --------------------------------------------
+    @staticmethod
+    def _stamp(p: torch.Tensor) -> tuple[int, int]:
+        return p.data_ptr(), p._version
+
+    def _mark_unchanged(self, names) -> None:
+        params = dict(self.model.named_parameters())
+        self._unchanged.update({n: self._stamp(params[n]) for n in names})
+
+    def changed_parameters(self) -> list[str]:
+        """Parameters whose values are not the source checkpoint's (nor its permutation by
+        :attr:`channel_perms`): written in full by :meth:`save_state`."""
+        return [n for n, p in self.model.named_parameters() if self._unchanged.get(n) != self._stamp(p)]
+
+    def mark_changed(self, name: str) -> None:
+        """Say that parameter ``name`` was changed in a way its version counter does not show."""
+        self._unchanged.pop(name, None)
+
+    def permute_channels(self, layer_index: int, perms: torch.Tensor) -> None:
+        """Permute MoE layer ``layer_index``'s expert channels in place (``perms[e, j]``: the old
+        channel at new position ``j``), and record it, so its weights need not be saved."""
+        from flexc.ir.permute import permute_expert_channels
+
+        group = self.groups[layer_index]
+        prefix = group.path + "."
+        names = [n for n, _ in self.model.named_parameters() if n.startswith(prefix)]
+        changed = set(self.changed_parameters())
+        still_source = not any(n in changed for n in names)
+        permute_expert_channels(self, layer_index, perms)
+        perms = perms.to("cpu", torch.int64)
+        before = self.channel_perms.get(layer_index)
+        # Composed with an earlier permutation: new position j holds source channel before[perm[j]].
+        self.channel_perms[layer_index] = perms if before is None else torch.gather(before, 1, perms)
+        if still_source:
+            self._mark_unchanged(names)
+
     # ---- persistence (used by the driver to resume after a completed stage) -------------
     def save_state(self, directory: str | Path) -> None:
-        """Write the weights and metadata passes may have changed (atomic per file)."""
+        """Write what passes changed (atomic per file): the parameters that differ from the
+        source checkpoint, the channel permutations, widths, the graph's own tensors, metadata."""
         from safetensors.torch import save_file
 
         from flexc.utils.atomic import atomic_path
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: p.detach().contiguous() for name, p in self.model.named_parameters()}
+        params = dict(self.model.named_parameters())
+        tensors = {name: params[name].detach().contiguous() for name in self.changed_parameters()}
+        tensors.update({f"{PERM_PREFIX}{i}": perm.contiguous() for i, perm in self.channel_perms.items()})
         tensors.update({f"{g.path}.{WIDTHS_BUFFER}": self.widths()[i] for i, g in enumerate(self.groups)})
         tensors.update({f"{GRAPH_PREFIX}{name}": t.detach().contiguous() for name, t in self._graph_own_tensors()})
         with atomic_path(directory / STATE_WEIGHTS) as tmp:
             save_file(tensors, str(tmp))
         meta = {"groups": [g.to_dict() for g in self.groups], "properties": sorted(self.properties),
-                "rewrites": self.rewrites}
+                "rewrites": self.rewrites, "weights": WEIGHTS_FORMAT}
         with atomic_path(directory / STATE_META) as tmp:
             tmp.write_text(json.dumps(meta, indent=2))
 
@@ -169,7 +226,10 @@ class FlexGraph:
 
         Structural rewrites the saved graph lists beyond this graph's own are re-applied by
         ``replay(rewrite, graph, workdir)`` first (the caller decides which passes may run);
-        without ``replay`` such a state cannot be restored.
+        without ``replay`` such a state cannot be restored. This graph's weights must be the
+        source checkpoint's (a fresh lowering): the saved permutations are applied to them, then
+        the saved parameters replace theirs. (A state written before only changed parameters were
+        saved holds every parameter; it restores the same way.)
         """
         from safetensors.torch import load_file
 
@@ -181,13 +241,24 @@ class FlexGraph:
             raise ValueError(f"{directory}: the saved graph was rewritten by passes; pass replay= to restore it")
         for rewrite in pending:
             replay(rewrite, self, directory / "replay")
+        if meta.get("weights") == WEIGHTS_FORMAT:
+            for key in sorted((k for k in tensors if k.startswith(PERM_PREFIX)), key=lambda k: int(k[len(PERM_PREFIX):])):
+                self.permute_channels(int(key[len(PERM_PREFIX):]), tensors[key])
+        else:  # the older format: every parameter saved
+            missing = [n for n, _ in self.model.named_parameters() if n not in tensors]
+            if missing:
+                raise ValueError(f"{directory / STATE_WEIGHTS}: no saved values for {missing[:3]}")
+        saved = [n for n, _ in self.model.named_parameters() if n in tensors]
         with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(tensors[name])
+            params = dict(self.model.named_parameters())
+            for name in saved:
+                params[name].copy_(tensors[name])
             for name, t in self._graph_own_tensors():
                 t.copy_(tensors[f"{GRAPH_PREFIX}{name}"])
         self.set_widths(torch.stack([tensors[f"{g.path}.{WIDTHS_BUFFER}"] for g in self.groups]))
         self.properties = set(meta["properties"])
+        for name in saved:  # they differ from the source (or, in the older format, may): saved again
+            self.mark_changed(name)
 
     def _graph_own_tensors(self):
         """Parameters and buffers passes added to the graph module (not the model's own)."""

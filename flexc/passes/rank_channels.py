@@ -19,7 +19,6 @@ import torch
 from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 
-from flexc.ir.op import gate_up_rows
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.calibrate import RoutingStats, calibrate
 from flexc.passes.registry import register_pass
@@ -64,25 +63,6 @@ class RankChannelsOptions(PassOptions):
 
     def needs_calibration(self, earlier: frozenset[str]) -> bool:
         return self.from_ is None  # `from:` reuses an earlier run's scores
-
-
-def permute_expert_channels(graph, layer_index: int, perms: torch.Tensor) -> None:
-    """Apply ``perms[e]`` (new position j takes old channel ``perms[e, j]``) to one layer, in place."""
-    group = graph.groups[layer_index]
-    experts = graph.experts_module(group)
-    gate_up, down = graph.expert_weights(group)
-    bias = experts.gate_up_proj_bias if group.has_bias else None
-    with torch.no_grad():
-        for e in range(group.num_experts):
-            p = perms[e].to(gate_up.device)
-            for which in (0, 1):
-                rows = gate_up_rows(gate_up[e], group.interleaved, which)
-                rows.copy_(rows[p].clone())
-                if bias is not None:
-                    b = gate_up_rows(bias[e], group.interleaved, which)
-                    b.copy_(b[p].clone())
-            cols = down[e]
-            cols.copy_(cols[:, p].clone())
 
 
 def save_routing(stats: RoutingStats, directory: Path) -> None:
@@ -160,7 +140,7 @@ class RankChannels(Pass):
             scores, stats = self.compute_scores(graph, ctx)
             perms, sorted_scores = sort_channels(scores)
         for i, p in enumerate(perms):
-            permute_expert_channels(graph, i, p)
+            graph.permute_channels(i, p)  # recorded: a resumed compile re-derives these weights
         record_ranking(ctx, workdir, self.options, perms, sorted_scores, stats)
         return PassResult(graph=graph, modified=True, changed_nodes={g.node for g in graph.groups})
 

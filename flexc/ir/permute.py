@@ -1,0 +1,31 @@
+"""Channel permutations of expert weights: the one weight transform the ranking applies.
+
+Used by ``rank_channels`` (through :meth:`flexc.ir.graph.FlexGraph.permute_channels`, which
+records it so that a resumed compile re-derives the permuted weights from the source instead of
+storing them) and by the streamed exports (on each loaded layer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flexc.ir.op import gate_up_rows
+
+
+def permute_expert_channels(graph, layer_index: int, perms: torch.Tensor) -> None:
+    """Apply ``perms[e]`` (new position j takes old channel ``perms[e, j]``) to one layer, in place."""
+    group = graph.groups[layer_index]
+    experts = graph.experts_module(group)
+    gate_up, down = graph.expert_weights(group)
+    bias = experts.gate_up_proj_bias if group.has_bias else None
+    with torch.no_grad():
+        for e in range(group.num_experts):
+            p = perms[e].to(gate_up.device)
+            for which in (0, 1):
+                rows = gate_up_rows(gate_up[e], group.interleaved, which)
+                rows.copy_(rows[p].clone())
+                if bias is not None:
+                    b = gate_up_rows(bias[e], group.interleaved, which)
+                    b.copy_(b[p].clone())
+            cols = down[e]
+            cols.copy_(cols[:, p].clone())
