@@ -29,13 +29,17 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from flexc.compiler import artifacts
 from flexc.compiler.artifacts import STATE_DIR, RunDir
+
+if TYPE_CHECKING:
+    from flexc.ir.streaming import LayerModel
 
 log = logging.getLogger("flexc")
 
@@ -167,9 +171,9 @@ class StreamedGraph:
     """What a streamed compile's passes run on, in place of a FlexGraph: the layer model, its expert
     groups (all the width passes read) and the properties that hold. Nothing is rewritten."""
 
-    model: object  # the LayerModel
+    model: LayerModel
     properties: set[str]
-    rewrites: list = field(default_factory=list)  # stays empty: PassRunner tags a pass's rewrites
+    rewrites: list = field(default_factory=list)  # PassRunner reads it; streamed passes rewrite nothing
 
     @property
     def groups(self):
