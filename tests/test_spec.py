@@ -109,6 +109,26 @@ def test_quickstart_spec_is_valid():
     assert spec.budgets.keep_ratios == tuple(sorted(spec.budgets.keep_ratios, reverse=True))
 
 
+def test_pass_options_are_validated_once_per_compile(monkeypatch):
+    """Reading and checking a spec validates each entry's options once; the passes reuse them."""
+    from flexc.compiler import driver
+    from flexc.passes.base import PassOptions
+
+    validated = []
+    original = PassOptions.model_validate.__func__
+
+    def counting(cls, *args, **kwargs):
+        validated.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PassOptions, "model_validate", classmethod(counting))
+    spec, _ = driver.prepare_spec(ROOT / "specs" / "quickstart.yaml")
+    first, second = spec.pipeline[2].build(), spec.pipeline[2].build()
+    assert sorted(validated) == sorted(type(e.pass_options).__name__ for e in spec.pipeline)
+    assert first.options == second.options == spec.pipeline[2].pass_options
+    assert first.options is not second.options  # one pass cannot change another's options
+
+
 def test_zoo_model_calibrates_on_its_corpus_by_default():
     # The README's Python example: a zoo model, a pass that reads calibration data, no data section.
     spec = flexc.Spec(model={"zoo": "tiny"}, budgets={"keep": [0.75, 0.5]},

@@ -136,6 +136,30 @@ def test_streamed_resumes_after_a_failed_export(family_dirs, tmp_path, monkeypat
     assert flexc.compile(spec, quiet=True).up_to_date
 
 
+def test_streamed_pass_failure_is_noted_and_resumes_after_the_last_completed_pass(family_dirs, tmp_path,
+                                                                                 monkeypatch):
+    """The streamed passes run through PassRunner: a failure names the pass and those before it, and
+    the re-run starts at the failed pass with the properties of the passes that completed."""
+    from flexc.passes.baselines import Coverage
+
+    spec = _spec(family_dirs["qwen3_moe"], tmp_path / "p", "layers")
+
+    def broken(self, graph, ctx):
+        raise RuntimeError("coverage failed (on purpose)")
+
+    with monkeypatch.context() as m:
+        m.setattr(Coverage, "run", broken)
+        with pytest.raises(RuntimeError, match="on purpose") as err:
+            flexc.compile(spec, quiet=True)
+    assert "in pass 'coverage', after 'rank_channels'" in "".join(err.value.__notes__)
+    again = flexc.compile(spec, quiet=True)
+    assert again.skipped == ["01-rank_channels"]
+    assert again.ran == ["load", "02-coverage", "03-fold_masks", "export:nested", "export:sliced"]
+    flexc.compile(_spec(family_dirs["qwen3_moe"], tmp_path / "clean", "layers"), quiet=True)
+    for key in ("keep_0.75", "keep_0.50"):
+        _assert_same_weights(tmp_path / "clean" / "sliced" / key, tmp_path / "p" / "sliced" / key)
+
+
 def test_stream_refuses_anneal_naming_the_pass(moe_dir):
     spec = _spec(moe_dir, Path("unused"), "layers")
     spec["pipeline"] = [{"rank_channels": {"score": "activation"}}, "insert_action_gates", "anneal", "fold_masks"]

@@ -171,7 +171,7 @@ def check_pass_inputs(spec: Spec, shape=None) -> list[Problem]:
     if needing and directory is not None:
         out += _tokenizer_problems(spec, directory, spec.pipeline[needing[0]].name)
     for i, entry in enumerate(spec.pipeline):
-        options = entry.build().options
+        options = entry.pass_options
         missing = [m for m in PASS_PACKAGES.get(entry.name, ()) if importlib.util.find_spec(m) is None]
         if missing:
             out.append((("pipeline", i), "value", f"pass {entry.name!r} needs {', '.join(missing)}, not installed "
@@ -273,7 +273,7 @@ def _spec_budget_loc(spec: Spec, keep: float) -> tuple:
 def _budgets_of(spec: Spec, index: int) -> tuple[list[float], tuple | None]:
     """The keep ratios pass ``index`` (or the next pass that takes budgets) works to, and where they are set."""
     for j in range(index, len(spec.pipeline)):
-        options = spec.pipeline[j].build().options
+        options = spec.pipeline[j].pass_options
         if getattr(options, "budgets", None) is not None:
             return list(options.budgets), ("pipeline", j)
         if "budgets" in type(options).model_fields:
@@ -289,7 +289,7 @@ def check_budget_floor(spec: Spec, shape) -> list[Problem]:
     metric = spec.budgets.metric if spec.budgets is not None else "params"
     out = []
     for i, entry in enumerate(spec.pipeline):
-        options = entry.build().options
+        options = entry.pass_options
         if entry.name == "insert_action_gates":
             if inter < options.granule:
                 out.append((("pipeline", i), "value",

@@ -387,27 +387,55 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
     result.ran.append("lower")
 
     state = CompileState()
-    first = 0
-    saved = _saved_stage(out)
-    if run.resumed and saved in pass_names and run.done(saved):
-        first = pass_names.index(saved) + 1
+    first = resume_point(run, pass_names)
+    if first:
         graph.load_state(out / STATE_DIR / "graph", replay=replayer(dict(zip(pass_names[:first], passes[:first]))))
         state = CompileState.load(out / STATE_DIR, graph.groups)
-        log.info("resuming after stage %s", saved)
-    for name in pass_names[first:]:
-        if run.done(name):  # recorded by an older run but without saved state: run it again
-            run.record(name, status="pending")
 
     device = str(next(loaded.model.parameters()).device)
     context = PassContext(workdir=out / "stages", spec=spec, seed=spec.seed, device=device, logger=log, quiet=quiet,
                           tokenizer=loaded.tokenizer)
     runner = PassRunner(graph, context, out / "stages", state=state, done=[p.name for p in passes[:first]])
+
+    def saved(name: str, entry, res) -> dict:
+        _save_state(out, name, runner.graph, runner.state)
+        if dump_graphs:
+            _dump_graph(out, name, runner.graph, res.changed_nodes)
+        return {"pass": entry.name, "modified": bool(res.modified), "properties": sorted(runner.graph.properties)}
+
+    run_pass_stages(spec, run, stage, step, result, runner, list(zip(pass_names, spec.pipeline, passes)), first, saved)
+    return runner.graph, runner.state
+
+
+def resume_point(run: RunDir, pass_names: list[str]) -> int:
+    """How many pipeline stages a compile skips: on a resume, those up to the last one whose state
+    was saved (``state/stage.json``). Later stages an older run recorded as done, without saved
+    state, run again."""
+    first = 0
+    saved = _saved_stage(run.path)
+    if run.resumed and saved in pass_names and run.done(saved):
+        first = pass_names.index(saved) + 1
+        log.info("resuming after stage %s", saved)
+    for name in pass_names[first:]:
+        if run.done(name):
+            run.record(name, status="pending")
+    return first
+
+
+def run_pass_stages(spec: Spec, run: RunDir, stage, step, result: CompileResult, runner, steps: list[tuple],
+                    first: int, saved: Callable[..., dict]) -> None:
+    """The pipeline's passes as resumable stages, shared by the in-memory and the streamed compile.
+
+    ``steps`` are ``(stage name, spec entry, pass)``; the first ``first`` ran before (a resume).
+    The rest are order-checked, then each runs seeded, in its stage, through ``runner``
+    (:class:`~flexc.passes.manager.PassRunner`), and ``saved(name, entry, result)`` saves the
+    state and returns the stage's manifest info.
+    """
     try:
-        runner.check(passes[first:])
+        runner.check([p for _, _, p in steps[first:]])
     except ValueError as exc:
         raise FlexcError(f"the pipeline cannot run in this order: {exc}") from None
-
-    for i, (name, entry, p) in enumerate(zip(pass_names, spec.pipeline, passes)):
+    for i, (name, entry, p) in enumerate(steps):
         if i < first:
             result.skipped.append(name)
             next(step)
@@ -415,10 +443,6 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
         _seed_everything(spec.seed)
         with stage(name) as st:
             res = runner.run(name, p)
-            _save_state(out, name, runner.graph, runner.state)
-            st.info = {"pass": entry.name, "modified": bool(res.modified), "properties": sorted(runner.graph.properties)}
-            if dump_graphs:
-                _dump_graph(out, name, runner.graph, res.changed_nodes)
+            st.info = saved(name, entry, res)
         result.ran.append(name)
     run.manifest["outputs"]["state"] = STATE_DIR
-    return runner.graph, runner.state

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from flexc.compiler.errors import SpecError, SpecIssue
 from flexc.compiler.yamlpos import PositionIndex, YamlSyntaxError, load_with_positions
-from flexc.passes.base import reject_bool_numbers
+from flexc.passes.base import PassOptions, reject_bool_numbers
 
 BUILTIN_SPLITS = ("train", "heldout")
 DATA_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -273,10 +273,13 @@ class PassEntry(_Strict):
 
     In YAML an entry is written as a bare name (``- fold_masks``), a one-key mapping
     (``- rank_channels: {score: taylor}``), or ``- name: my.mod:MyPass`` with ``options:``.
+    ``options`` stays the plain mapping as written (the spec's YAML and fingerprint); the pass's
+    Options model validates it once, when the entry is read, and :attr:`pass_options` keeps the result.
     """
 
     name: str = Field(description="Pass name, or `package.module:ClassName` for a pass of your own.")
     options: dict[str, Any] = Field(default_factory=dict, description="Options, validated by the pass's Options model.")
+    _pass_options: PassOptions | None = PrivateAttr(None)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -285,8 +288,17 @@ class PassEntry(_Strict):
             return data
         data, form = _normalise_entry(data)
         entry = handler(data)
-        _check_pass(entry, form)
+        entry._pass_options = _check_pass(entry, form)
         return entry
+
+    @property
+    def pass_options(self) -> PassOptions:
+        """The options as the pass's Options model read them (validated when the entry was)."""
+        if self._pass_options is None:  # built with model_construct: nothing was validated
+            from flexc.passes.registry import resolve_pass
+
+            self._pass_options = resolve_pass(self.name).Options.model_validate(self.options)
+        return self._pass_options
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
@@ -309,10 +321,10 @@ class PassEntry(_Strict):
         }
 
     def build(self) -> Any:
-        """Instantiate the pass with its options."""
+        """Instantiate the pass with its validated options (a copy each: a pass may not change another's)."""
         from flexc.passes.registry import resolve_pass
 
-        return resolve_pass(self.name)(dict(self.options))
+        return resolve_pass(self.name)(self.pass_options.model_copy(deep=True))
 
 
 def _normalise_entry(data: Any) -> tuple[dict[str, Any], str]:
@@ -351,7 +363,8 @@ def _normalise_entry(data: Any) -> tuple[dict[str, Any], str]:
     raise _flexc_error(f"expected a pass name or a mapping; found {_found(data)}")
 
 
-def _check_pass(entry: PassEntry, form: str) -> None:
+def _check_pass(entry: PassEntry, form: str) -> PassOptions:
+    """The entry's options validated by its pass's Options model; errors point at the spec's text."""
     from flexc.passes.registry import UnknownPassError, resolve_pass
 
     name_loc: tuple = ("name",) if form == "long" else (() if form == "bare" else (entry.name,))
@@ -362,7 +375,7 @@ def _check_pass(entry: PassEntry, form: str) -> None:
         raise _flexc_error(str(exc), subloc=name_loc, at=name_at) from None
     options_loc: tuple = ("options",) if form == "long" else name_loc
     try:
-        cls.Options.model_validate(entry.options)
+        return cls.Options.model_validate(entry.options)
     except ValidationError as exc:
         issues = [
             (options_loc + tuple(loc), at, f"pass {entry.name!r}: {msg}")
@@ -511,10 +524,9 @@ def calibration_passes(pipeline: list[PassEntry]) -> list[int]:
 
     out, holds = [], frozenset()
     for i, entry in enumerate(pipeline):
-        cls = resolve_pass(entry.name)
-        if cls.Options.model_validate(entry.options).needs_calibration(holds):
+        if entry.pass_options.needs_calibration(holds):
             out.append(i)
-        holds |= frozenset(cls.guarantees)
+        holds |= frozenset(resolve_pass(entry.name).guarantees)
     return out
 
 

@@ -20,22 +20,30 @@ compile (``manifest.json``, ``stages/NN-<pass>/``, ``state/``, one folder per ex
 - ``export:nested`` / ``export:sliced``: each decoder layer loaded, permuted, (sliced,) written
   as a shard of its own and freed (:mod:`flexc.export.streamed`).
 
-After every pass the hand-off state (scores, statistics, tables, permutations: no weights) is
-saved to ``state/``, and a re-run resumes after the last completed pass.
+The passes run through the same :class:`~flexc.passes.manager.PassRunner` and stage loop
+(:func:`flexc.compiler.driver.run_pass_stages`) as the in-memory compile, on a
+:class:`StreamedGraph` (the layer model's groups; no graph); ``rank_channels`` and ``fold_masks``
+run in their layer-by-layer form (:func:`streamed_pass`). After every pass the hand-off state
+(scores, statistics, tables, permutations: no weights) is saved to ``state/``, and a re-run
+resumes after the last completed pass.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 
 from flexc.compiler import artifacts
 from flexc.compiler.artifacts import STATE_DIR, RunDir
 from flexc.utils.progress import progress_bar
+
+if TYPE_CHECKING:
+    from flexc.ir.streaming import LayerModel
 
 log = logging.getLogger("flexc")
 
@@ -173,7 +181,7 @@ def _scores_with_backward(lm, batches, score_cls, ctx):
     return scores, counts, sums
 
 
-def fold_masks_streamed(lm, ctx) -> None:
+def fold_masks_streamed(p, lm, ctx) -> None:
     """``fold_masks`` without a graph: check the tables (shape, nesting); there are no gates to remove."""
     tables = ctx.state.checked_width_tables()  # shape and nesting were checked when they were built
     ctx.logger.info("fold_masks (streamed): %d budgets over %d MoE layers (%s)", len(tables.budgets), len(lm.groups),
@@ -203,6 +211,43 @@ def _disk_bytes(*paths: Path) -> int:
     return total
 
 
+@dataclass
+class StreamedGraph:
+    """What a streamed compile's passes run on, in place of a FlexGraph: the layer model, its expert
+    groups (all the width passes read) and the properties that hold. Nothing is rewritten."""
+
+    model: LayerModel
+    properties: set[str]
+    rewrites: list = field(default_factory=list)  # PassRunner reads it; streamed passes rewrite nothing
+
+    @property
+    def groups(self):
+        return self.model.groups
+
+
+class StreamedPass:
+    """A pass whose streamed form is a function of (pass, layer model, context), run by PassRunner as
+    the pass itself: same name, options and properties, so order checks and failure notes read alike."""
+
+    def __init__(self, inner, run_streamed):
+        self.inner, self.run_streamed = inner, run_streamed
+        self.name, self.options = inner.name, inner.options
+        self.requires, self.guarantees, self.invalidates = inner.requires, inner.guarantees, inner.invalidates
+
+    def __call__(self, graph: StreamedGraph, ctx):
+        from flexc.passes.base import PassResult
+
+        self.run_streamed(self.inner, graph.model, ctx)
+        return PassResult(graph=graph, modified=False)
+
+
+def streamed_pass(p):
+    """``p`` as a streamed compile runs it: the layer-by-layer form of ``rank_channels`` and
+    ``fold_masks``; the width passes as they are (they read the groups and the hand-off state only)."""
+    streamed = {"rank_channels": rank_channels_streamed, "fold_masks": fold_masks_streamed}.get(p.name)
+    return p if streamed is None else StreamedPass(p, streamed)
+
+
 # --------------------------------------------------------------------------- the compile
 
 
@@ -214,6 +259,7 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
     from flexc.ir.streaming import LayerModel
     from flexc.ir.state import CompileState
     from flexc.passes.base import PassContext
+    from flexc.passes.manager import PassRunner, check_pipeline
 
     out = run.path
     pass_names = [f"{i:02d}-{e.name.replace(':', '.')}" for i, e in enumerate(spec.pipeline, 1)]
@@ -257,43 +303,26 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
                                  "dtype": str(lm.dtype).removeprefix("torch."), "parameters": n_params}
     result.ran.append("load")
 
+    passes = [streamed_pass(entry.build()) for entry in spec.pipeline]
     state = CompileState()
-    first = 0
-    saved = driver._saved_stage(out)
-    if run.resumed and saved in pass_names and run.done(saved):
-        first = pass_names.index(saved) + 1
+    first = driver.resume_point(run, pass_names)
+    if first:
         state = CompileState.load(out / STATE_DIR, lm.groups)
-        log.info("resuming after stage %s", saved)
-    for name in pass_names[first:]:
-        if run.done(name):
-            run.record(name, status="pending")
-
-    for i, (name, entry) in enumerate(zip(pass_names, spec.pipeline)):
-        if i < first:
-            result.skipped.append(name)
-            next(step)
-            continue
-        driver._seed_everything(spec.seed)
-        workdir = out / "stages" / name
-        workdir.mkdir(parents=True, exist_ok=True)
-        ctx = PassContext(workdir=workdir, spec=spec, seed=spec.seed, device=str(lm.device), state=state, logger=log,
+    context = PassContext(workdir=out / "stages", spec=spec, seed=spec.seed, device=str(lm.device), logger=log,
                           quiet=quiet, tokenizer=tokenizer)
-        with stage(name) as st:
-            p = entry.build()
-            if entry.name == "rank_channels":
-                rank_channels_streamed(p, lm, ctx)
-            elif entry.name == "fold_masks":
-                fold_masks_streamed(lm, ctx)
-            else:  # the width passes read the groups and the hand-off state only
-                p.run(SimpleNamespace(groups=lm.groups), ctx)
-            state = ctx.state
-            with artifacts.atomic_dir(out / STATE_DIR) as tmp:
-                state.save(tmp)
-                artifacts.write_json(tmp / "stage.json", {"stage": name, "execution": "layers"})
-            st.info = {"pass": entry.name, "streamed": True, "disk_bytes": _disk_bytes(workdir, out / STATE_DIR),
-                       "peak_live_layers": lm.peak_live}
-        result.ran.append(name)
-    run.manifest["outputs"]["state"] = STATE_DIR
+    graph = StreamedGraph(lm, check_pipeline(passes[:first]))  # what the passes that ran guarantee
+    runner = PassRunner(graph, context, out / "stages", state=state, done=[p.name for p in passes[:first]])
+
+    def saved(name: str, entry, res) -> dict:
+        with artifacts.atomic_dir(out / STATE_DIR) as tmp:
+            runner.state.save(tmp)
+            artifacts.write_json(tmp / "stage.json", {"stage": name, "execution": "layers"})
+        disk = _disk_bytes(out / "stages" / name, out / STATE_DIR)
+        return {"pass": entry.name, "streamed": True, "disk_bytes": disk, "peak_live_layers": lm.peak_live}
+
+    driver.run_pass_stages(spec, run, stage, step, result, runner, list(zip(pass_names, spec.pipeline, passes)), first,
+                           saved)
+    state = runner.state
 
     def write(fmt: str, tmp: Path) -> dict:
         tables = state.checked_width_tables()

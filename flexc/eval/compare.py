@@ -80,8 +80,7 @@ REUSED_PREFIX = ("rank_channels", "insert_action_gates", "anneal")
 
 def _normalised(entries) -> list[tuple[str, dict]]:
     """(name, options with defaults filled) of pipeline entries, comparable across specs."""
-    return [(e.name, resolve_pass(e.name)(dict(e.options)).options.model_dump(mode="json", by_alias=True))
-            for e in entries]
+    return [(e.name, e.pass_options.model_dump(mode="json", by_alias=True)) for e in entries]
 
 
 def reusable_run(spec, run_dir: Path) -> tuple[Path, Path, WidthTables] | None:

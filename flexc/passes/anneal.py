@@ -43,11 +43,12 @@ The run checkpoints its state every ``checkpoint_every`` steps (atomically); re-
 from the checkpoint and gives the same tables as an uninterrupted run (the Gumbel noise of step
 ``t`` is drawn from a generator seeded by (seed, t), batches are indexed by step). A
 non-finite loss or logit stops the run with a clear error and keeps the last good checkpoint.
+Checkpoints, resume, the divergence checks and the step bar are
+:class:`flexc.passes.training.TrainingRun`'s, as in ``recover``: this module is the schedules.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -66,9 +67,9 @@ from flexc.passes.action_gates import gates_of, set_gate_mode
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_keep_ratios, reject_bool_numbers
 from flexc.passes.distill import TeacherTargets, distill_loss
 from flexc.passes.registry import register_pass
+from flexc.passes.training import TrainingRun, fingerprint, restore
 from flexc.passes.width_tables import expert_weights, fit_to_budget, keep_ratio, per_layer_keep
 from flexc.utils.atomic import atomic_path, atomic_write_text
-from flexc.utils.progress import step_progress
 
 CHECKPOINT = "anneal_checkpoint.pt"
 TABLES_FILE = "width_tables.safetensors"
@@ -225,8 +226,7 @@ class _Setup:
     level_widths: torch.Tensor  # [L, A] widths of the actions, ascending
     batches: list[torch.Tensor]
     teachers: list[TeacherTargets | None]
-    ckpt_path: Path
-    fingerprint: str
+    run: TrainingRun  # checkpoints, resume, divergence checks, the step bar
 
     @property
     def ratios(self) -> torch.Tensor:
@@ -263,11 +263,6 @@ class Anneal(Pass):
 
     # Test hook: called as on_step(step) after each completed step (e.g. to simulate a kill).
     on_step: Callable[[int], None] | None = None
-
-    def _fingerprint(self, budgets, metric, ctx) -> str:
-        payload = json.dumps([self.options.model_dump(mode="json", by_alias=True), budgets, metric, ctx.seed],
-                             sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def run(self, graph, ctx: PassContext) -> PassResult:
         workdir = Path(ctx.workdir)
@@ -317,8 +312,11 @@ class Anneal(Pass):
             set_gate_mode(graph, "full")
             with torch.no_grad():
                 teachers = [TeacherTargets.from_logits(graph.logits(ids), opts.teacher_topk) for ids in batches]
-        return _Setup(gates, logits, budgets, metric, full, weights, level_widths, batches, teachers,
-                      workdir / CHECKPOINT, self._fingerprint(budgets, metric, ctx))
+        run = TrainingRun("anneal", workdir / CHECKPOINT,
+                          fingerprint(opts.model_dump(mode="json", by_alias=True), budgets, metric, ctx.seed),
+                          every=opts.checkpoint_every, logger=ctx.logger, diverged=AnnealDiverged,
+                          advice="lr or the lambda schedule", quiet=ctx.quiet)
+        return _Setup(gates, logits, budgets, metric, full, weights, level_widths, batches, teachers, run)
 
     def _sampled_loss(self, graph, ctx, setup: _Setup, step: int, batch: int, tau: float):
         """The quality loss of one straight-through sample of actions on calibration batch ``batch``."""
@@ -328,18 +326,14 @@ class Anneal(Pass):
         ids = setup.batches[batch]
         return quality_loss(self.options.quality, graph.logits(ids), setup.teachers[batch], ids)
 
-    def _update(self, optimizer, loss: torch.Tensor, setup: _Setup, step: int, parts: str) -> None:
+    @staticmethod
+    def _update(optimizer, loss: torch.Tensor, setup: _Setup, step: int, parts: str) -> None:
         """One optimizer step; a non-finite loss or logit stops the run (the last checkpoint stays)."""
-        advice = checkpoint.how_to_go_on("anneal", "lr or the lambda schedule")
-        if not torch.isfinite(loss):
-            raise AnnealDiverged(f"anneal: the loss became {loss.item()} at step {step} ({parts}); the last good "
-                                 f"checkpoint is kept at {setup.ckpt_path}. " + advice)
+        setup.run.check_finite(loss, "the loss", step, detail=parts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if not all(torch.isfinite(p).all() for p in setup.logits):
-            raise AnnealDiverged(f"anneal: the action logits became non-finite after the update of step {step}; "
-                                 f"the last good checkpoint is kept at {setup.ckpt_path}. " + advice)
+        setup.run.check_finite_params(setup.logits, "the action logits", step)
 
     def _table_losses(self, graph, setup: _Setup, levels: torch.Tensor, batches: list[int]) -> dict[str, torch.Tensor]:
         """Per-sequence held-out losses of the given calibration batches under the fixed table ``levels``:
@@ -396,23 +390,20 @@ class Anneal(Pass):
         history: list[dict] = []
         phase, t, lam, start_levels = 0, 0, 0.0, None
         optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
-        ckpt = checkpoint.load(setup.ckpt_path, setup.fingerprint, "anneal", ctx.logger)
+        ckpt = setup.run.resume()
         if ckpt is not None:
             exported, history, lam = ckpt["exported"], ckpt["history"], ckpt["lambda"]
             phase, t, start_levels = ckpt["phase"], ckpt["phase_step"], ckpt["start_levels"]
-            with torch.no_grad():
-                for p, saved in zip(setup.logits, ckpt["logits"]):
-                    p.copy_(saved)
+            restore(setup.logits, ckpt["logits"])
             optimizer.load_state_dict(ckpt["optimizer"])
 
         def save(step: int) -> None:
-            checkpoint.save(setup.ckpt_path, setup.fingerprint, step, logits=[p.detach().clone() for p in setup.logits],
-                            optimizer=optimizer.state_dict(), exported=exported, history=history, phase=phase,
-                            phase_step=t, start_levels=start_levels, **{"lambda": lam})
+            setup.run.save(step, logits=[p.detach().clone() for p in setup.logits], optimizer=optimizer.state_dict(),
+                           exported=exported, history=history, phase=phase, phase_step=t, start_levels=start_levels,
+                           **{"lambda": lam})
 
         step = sum(lengths[:phase]) + t
-        with step_progress(sum(lengths), completed=step, description="anneal", fields=("loss", "keep", "budget"),
-                           disable=ctx.quiet) as bar:
+        with setup.run.progress(step, sum(lengths), fields=("loss", "keep", "budget")) as bar:
             while phase < len(setup.budgets):
                 budget, steps = setup.budgets[phase], lengths[phase]
                 upper = exported[setup.budgets[phase - 1]]["levels"] if phase else None
@@ -439,7 +430,7 @@ class Anneal(Pass):
                                     "deployed_keep": deployed})
                     bar.advance(loss=quality.item(), keep=deployed, budget=budget)
                     step, t = step + 1, t + 1
-                    if t % opts.checkpoint_every == 0:
+                    if setup.run.due(t):  # counted within the phase
                         save(step)
                     if self.on_step is not None:
                         self.on_step(step - 1)
@@ -527,11 +518,9 @@ class Anneal(Pass):
         exported: dict[float, dict] = {}
         history: list[dict] = []
         start = 0
-        ckpt = checkpoint.load(setup.ckpt_path, setup.fingerprint, "anneal", ctx.logger)
+        ckpt = setup.run.resume()
         if ckpt is not None:
-            with torch.no_grad():
-                for p, saved in zip(setup.logits, ckpt["logits"]):
-                    p.copy_(saved)
+            restore(setup.logits, ckpt["logits"])
             optimizer.load_state_dict(ckpt["optimizer"])
             exported, history, start = ckpt["exported"], ckpt["history"], ckpt["step"]
 
@@ -549,15 +538,13 @@ class Anneal(Pass):
                     export(b, "crossing", step)
 
         def save_checkpoint(step: int) -> None:
-            checkpoint.save(setup.ckpt_path, setup.fingerprint, step,
-                            logits=[p.detach().clone() for p in setup.logits], optimizer=optimizer.state_dict(),
-                            exported=exported, history=history)
+            setup.run.save(step, logits=[p.detach().clone() for p in setup.logits], optimizer=optimizer.state_dict(),
+                           exported=exported, history=history)
 
         if start == 0:
             export_crossed(0, setup.keep(setup.deployed_levels()))
         total = steps + extra
-        with step_progress(steps if start < steps else total, completed=start, description="anneal",
-                           fields=("loss", "keep", "next"), disable=ctx.quiet) as bar:
+        with setup.run.progress(start, steps if start < steps else total, fields=("loss", "keep", "next")) as bar:
             for step in range(start, total):
                 if len(exported) == len(budgets):
                     break
@@ -585,7 +572,7 @@ class Anneal(Pass):
                 export_crossed(step, deployed_keep)
                 pending = [b for b in budgets if b not in exported]
                 bar.advance(loss=quality.item(), keep=deployed_keep, next=pending[0] if pending else "-")
-                if (step + 1) % opts.checkpoint_every == 0:
+                if setup.run.due(step + 1):
                     save_checkpoint(step + 1)
                 if self.on_step is not None:
                     self.on_step(step)

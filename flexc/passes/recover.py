@@ -49,7 +49,7 @@ from flexc.passes.anneal import quality_loss
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.distill import TeacherTargets
 from flexc.passes.registry import register_pass
-from flexc.passes.training import TrainingRun, fingerprint
+from flexc.passes.training import TrainingRun, fingerprint, restore
 from flexc.utils.atomic import atomic_write_text
 
 CHECKPOINT = "recover_checkpoint.pt"
@@ -266,9 +266,7 @@ class Recover(Pass):
         start = 0
         ckpt = run.resume()
         if ckpt is not None:
-            with torch.no_grad():
-                for name, p in adapters.items():
-                    p.copy_(ckpt["adapters"][name])
+            restore(adapters.values(), [ckpt["adapters"][name] for name in adapters])
             optimizer.load_state_dict(ckpt["optimizer"])
             history, start = ckpt["history"], ckpt["step"]
 

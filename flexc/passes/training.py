@@ -1,20 +1,22 @@
 """What every training pass needs to be resumable: :class:`TrainingRun`.
 
-A pass that trains (``recover`` today; ``anneal`` keeps its own copy of these steps until its
-schedules settle) describes its run once — its name, its checkpoint file, the fingerprint of
-everything the checkpoint depends on, how often to checkpoint — and gets:
+A pass that trains (``anneal``, ``recover``) describes its run once — its name, its checkpoint
+file, the fingerprint of everything the checkpoint depends on, how often to checkpoint — and
+gets:
 
 - :meth:`TrainingRun.resume`: the checkpoint, if one was made with this fingerprint (one made
   with other options is ignored, with a warning; a file that is not a checkpoint is an error);
+  :func:`restore` copies its saved tensors back into the parameters;
 - :meth:`TrainingRun.due` and :meth:`TrainingRun.save`: an atomic checkpoint every ``every``
   steps (:mod:`flexc.passes.checkpoint`: tensors and plain values only, read back with
   ``weights_only``);
-- :meth:`TrainingRun.check_finite`: a non-finite loss or gradient norm stops the run with the
+- :meth:`TrainingRun.check_finite` and :meth:`TrainingRun.check_finite_params`: a non-finite
+  loss or gradient norm, or parameters made non-finite by an update, stop the run with the
   pass's :class:`~flexc.passes.checkpoint.TrainingDiverged` error, saying where the last good
   checkpoint is and what to change;
 - :meth:`TrainingRun.progress`: the step bar, starting where a resumed run left off.
 
-The loop itself stays in the pass, so a reader sees its steps in order::
+The loop itself stays in the pass, so a reader sees its steps (its schedule) in order::
 
     run = TrainingRun("recover", workdir / CHECKPOINT, fingerprint(options, seed), every=25, ...)
     ckpt = run.resume()                       # restore parameters, optimizer, history from it
@@ -34,7 +36,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +76,22 @@ class TrainingRun:
         """Checkpoint the run after ``step`` completed steps (atomically)."""
         checkpoint.save(self.path, self.fingerprint, step, **payload)
 
-    def check_finite(self, value: torch.Tensor, what: str, step: int) -> None:
-        """Stop the run if ``value`` (a loss, a gradient norm) is not finite."""
+    def check_finite(self, value: torch.Tensor, what: str, step: int, detail: str = "") -> None:
+        """Stop the run if ``value`` (a loss, a gradient norm) is not finite; ``detail`` (e.g. the
+        loss's terms) is added to the message in parentheses."""
         if not torch.isfinite(value):
-            raise self.diverged(
-                f"{self.name}: {what} became {value.item()} at step {step}; {self.unchanged}the last good "
-                f"checkpoint is kept at {self.path}. " + checkpoint.how_to_go_on(self.name, self.advice))
+            detail = f" ({detail})" if detail else ""
+            self._diverged(f"{what} became {value.item()} at step {step}{detail}")
+
+    def check_finite_params(self, params: Iterable[torch.Tensor], what: str, step: int) -> None:
+        """Stop the run if an optimizer update made any of ``params`` non-finite (the loss before it was finite)."""
+        if not all(torch.isfinite(p).all() for p in params):
+            self._diverged(f"{what} became non-finite after the update of step {step}")
+
+    def _diverged(self, what_happened: str) -> None:
+        raise self.diverged(
+            f"{self.name}: {what_happened}; {self.unchanged}the last good checkpoint is kept at {self.path}. "
+            + checkpoint.how_to_go_on(self.name, self.advice))
 
     @contextlib.contextmanager
     def progress(self, start: int, total: int, description: str | None = None,
@@ -88,3 +100,10 @@ class TrainingRun:
         with step_progress(total, completed=start, description=description or self.name, fields=fields,
                            disable=self.quiet) as bar:
             yield bar
+
+
+@torch.no_grad()
+def restore(params: Iterable[torch.Tensor], saved: Iterable[torch.Tensor]) -> None:
+    """Copy a checkpoint's saved tensors back into ``params``, in order (in place: optimizers keep them)."""
+    for p, value in zip(params, saved):
+        p.copy_(value)

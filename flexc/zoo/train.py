@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from flexc.ir.routing import route_by_expert
+from flexc.utils.progress import console, step_progress
 from flexc.zoo.cache import MANIFEST
 from flexc.zoo.evaluate import encode_documents, perplexity, unigram_perplexity
 from flexc.zoo.recipes import Recipe
@@ -187,54 +188,15 @@ def _versions() -> dict[str, str]:
 
 
 class _Reporter:
-    """Rich console output and progress bar, or nothing."""
+    """Rich console messages, or nothing (the training bar is :func:`flexc.utils.progress.step_progress`)."""
 
     def __init__(self, enabled: bool, title: str):
         self.enabled = enabled
         self.title = title
-        self.bar = None
-        self.task = None
-        if enabled:
-            from rich.console import Console
-
-            self.console = Console(stderr=True)
 
     def say(self, message: str) -> None:
         if self.enabled:
-            self.console.print(f"[bold]{self.title}[/bold] {message}")
-
-    def start(self, total: int) -> None:
-        if not self.enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn(f"[bold]{self.title}[/bold] training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-        )
-        self.bar.start()
-        self.task = self.bar.add_task("train", total=total, loss="-")
-
-    def step(self, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, loss=f"{loss:.3f}")
-
-    def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+            console().print(f"[bold]{self.title}[/bold] {message}")
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -364,9 +326,8 @@ def train_checkpoint(
         losses: list[float] = []
         aux_losses: list[float] = []
         model.train()
-        report.start(steps)
         t0 = time.perf_counter()
-        try:
+        with step_progress(steps, description=f"{report.title} training", disable=not progress) as bar:
             with _training_experts(model):
                 for step in range(steps):
                     if cursor + batch > n_windows:
@@ -389,9 +350,7 @@ def train_checkpoint(
                         raise FloatingPointError(f"training diverged at step {step}: loss {lm}")
                     losses.append(lm)
                     aux_losses.append(aux)
-                    report.step(lm)
-        finally:
-            report.stop()
+                    bar.advance(loss=lm)
         train_seconds = time.perf_counter() - t0
         tail = max(1, steps // 20)
         final_loss = sum(losses[-tail:]) / tail
