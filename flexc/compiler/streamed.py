@@ -32,6 +32,7 @@ import torch
 
 from flexc.compiler import artifacts
 from flexc.compiler.artifacts import STATE_DIR, RunDir
+from flexc.utils import distributed
 
 log = logging.getLogger("flexc")
 
@@ -91,6 +92,7 @@ def rank_channels_streamed(p, lm, ctx) -> None:
     from flexc.passes.calibrate import RoutingStats, calibrate
     from flexc.passes.rank_channels import load_ranking, record_ranking, sort_channels
     from flexc.passes.scores import resolve_score
+    from flexc.utils.distributed import shard
 
     workdir = Path(ctx.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +101,7 @@ def rank_channels_streamed(p, lm, ctx) -> None:
         perms, sorted_scores, stats = load_ranking(p.options.from_, num, ctx.logger)
     else:
         score_cls = resolve_score(p.options.score)
-        hidden, kwargs = lm.layer_inputs(ctx.calibration_batches())
+        hidden, kwargs = lm.layer_inputs(shard(ctx.calibration_batches()))  # each rank carries its own batches
         max_experts = max(g.num_experts for g in lm.groups)
         scores, counts, sums = [], [], []
         for i in range(lm.num_layers):
@@ -115,7 +117,9 @@ def rank_channels_streamed(p, lm, ctx) -> None:
                                   {0: group.interleaved})
                 stats = calibrate(graph, hidden, on_forward=score.on_forward, on_backward=score.on_backward,
                                   end_batch=score.end_batch, backward=False, quiet=ctx.quiet,
-                                  description=f"rank_channels ({score_cls.name}) layer {i + 1}/{lm.num_layers}")
+                                  description=f"rank_channels ({score_cls.name}) layer {i + 1}/{lm.num_layers}"
+                                  ).all_reduce()
+                score.all_reduce()
                 scores.append(score.result({0: graph.expert_weights(group)})[0])
                 counts.append(torch.nn.functional.pad(stats.counts[0], (0, max_experts - group.num_experts)))
                 sums.append(torch.nn.functional.pad(stats.weight_sums[0], (0, max_experts - group.num_experts)))
@@ -165,6 +169,7 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
     """The streamed counterpart of the driver's ``_compile`` (same stages, manifest and resume rules)."""
     from flexc import models
     from flexc.compiler import driver
+    from flexc.compiler.data_parallel import stages_dir
     from flexc.export.streamed import export_sliced_streamed, write_nested_streamed
     from flexc.ir.streaming import LayerModel
     from flexc.ir.state import CompileState
@@ -175,7 +180,8 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
     names = ["load", *pass_names, *[f"export:{fmt}" for fmt in spec.export.formats]]
     result = driver.CompileResult(out, spec, run.manifest)
     if run.resumed:
-        driver._clean_temporaries(out)
+        if distributed.is_writer():
+            driver._clean_temporaries(out)
         saved = driver._saved_stage(out)
         if saved is not None and saved in names[1:] and not run.done(saved):
             run.record(saved, status="done")
@@ -190,7 +196,8 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
         budgets=({"keep": list(spec.budgets.keep_ratios), "metric": spec.budgets.metric} if spec.budgets else None),
     )
     run.set_plan(names)
-    artifacts.write_text(out / artifacts.SPEC_FILE, spec.to_yaml())
+    if distributed.is_writer():
+        artifacts.write_text(out / artifacts.SPEC_FILE, spec.to_yaml())
     log.info("flexc compile (streamed, one decoder layer at a time) → %s%s", out, " (resuming)" if run.resumed else "")
     step = iter(range(1, len(names) + 1))
 
@@ -229,7 +236,7 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
             next(step)
             continue
         driver._seed_everything(spec.seed)
-        workdir = out / "stages" / name
+        workdir = stages_dir(run) / name
         workdir.mkdir(parents=True, exist_ok=True)
         ctx = PassContext(workdir=workdir, spec=spec, seed=spec.seed, device=str(lm.device), state=state, logger=log,
                           quiet=quiet, tokenizer=tokenizer)
@@ -242,13 +249,17 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
             else:  # the width passes read the groups and the hand-off state only
                 p.run(SimpleNamespace(groups=lm.groups), ctx)
             state = ctx.state
-            with artifacts.atomic_dir(out / STATE_DIR) as tmp:
-                state.save(tmp)
-                artifacts.write_json(tmp / "stage.json", {"stage": name, "execution": "layers"})
+            distributed.barrier(f"the end of stage {name}")  # every rank finished it before it counts as done
+            if distributed.is_writer():
+                with artifacts.atomic_dir(out / STATE_DIR) as tmp:
+                    state.save(tmp)
+                    artifacts.write_json(tmp / "stage.json", {"stage": name, "execution": "layers"})
             st.info = {"pass": entry.name, "streamed": True, "disk_bytes": _disk_bytes(workdir, out / STATE_DIR),
                        "peak_live_layers": lm.peak_live}
         result.ran.append(name)
     run.manifest["outputs"]["state"] = STATE_DIR
+    if not distributed.is_writer():  # under torchrun, rank 0 alone exports and reports
+        return result
 
     def write(fmt: str, tmp: Path) -> dict:
         tables = state.checked_width_tables()
