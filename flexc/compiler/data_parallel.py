@@ -83,9 +83,9 @@ def open_run(out_dir: Path, fingerprint: str, *, force: bool, protected: dict[st
     then read its manifest. With several nodes the directory must be on a filesystem they all mount."""
     if distributed.is_writer():
         run = RunDir.open(out_dir, fingerprint, force=force, protected=protected)
-        distributed.barrier("opening the output directory")
+        distributed.barrier("the opening of the output directory")
         return run
-    distributed.barrier("opening the output directory")
+    distributed.barrier("the opening of the output directory")
     manifest = read_manifest(out_dir)
     if manifest is None:
         raise distributed.DistributedError(

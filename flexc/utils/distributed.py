@@ -109,17 +109,14 @@ def _stopped_by_torchrun(signum, frame) -> None:
                            "names the rank); run the same command again to resume after the last completed stage")
 
 
-def _collective_failed(what: str, exc: BaseException) -> DistributedError:
+def _collective_failed(doing: str, exc: BaseException) -> DistributedError:
     return DistributedError(
-        f"rank {rank()}: {what} failed: another rank stopped, or did not answer within {timeout_seconds():g}s "
+        f"rank {rank()}: {doing} failed: another rank stopped, or did not answer within {timeout_seconds():g}s "
         f"({TIMEOUT_ENV}); run the same command again to resume after the last completed stage "
         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
 
 
-def all_reduce_sum(tensor, what: str):
-    """Sum ``tensor`` over every rank, in place (and return it); ``what`` names it in an error."""
-    if world_size() == 1:
-        return tensor
+def _all_reduce(tensor, doing: str):
     import torch
     import torch.distributed as dist
 
@@ -128,18 +125,23 @@ def all_reduce_sum(tensor, what: str):
     try:
         dist.all_reduce(buffer)
     except RuntimeError as exc:
-        raise _collective_failed(f"summing {what} over ranks", exc) from None
+        raise _collective_failed(doing, exc) from None
     if buffer is not tensor:
         tensor.copy_(buffer)
     return tensor
 
 
-def barrier(what: str) -> None:
-    """Wait until every rank gets here (a one-element sum: the same timeout and error as any collective)."""
+def all_reduce_sum(tensor, what: str):
+    """Sum ``tensor`` over every rank, in place (and return it); ``what`` names it in an error."""
+    return _all_reduce(tensor, f"summing {what} over ranks") if world_size() > 1 else tensor
+
+
+def barrier(where: str) -> None:
+    """Wait until every rank gets ``where`` (a one-element sum: the same timeout and error as any collective)."""
     if world_size() > 1:
         import torch
 
-        all_reduce_sum(torch.zeros(1), what)
+        _all_reduce(torch.zeros(1), f"waiting for every rank at {where}")
 
 
 class Shard:
