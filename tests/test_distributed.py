@@ -168,6 +168,8 @@ def test_training_passes_and_an_empty_pipeline_are_refused_under_torchrun(two_ra
     assert "pass 'recover' cannot run under torchrun" in str(info.value)
     with pytest.raises(FlexcError, match="nothing to split"):
         check_data_parallel(Spec.model_validate({**spec, "pipeline": []}))
+    with pytest.raises(FlexcError, match="model.device 'cuda:1' puts every rank on one GPU"):
+        check_data_parallel(Spec.model_validate({**spec, "model": {**spec["model"], "device": "cuda:1"}}))
     check_data_parallel(Spec.model_validate(_spec(tiny_model_dir, "activation")))  # what the tests above run
 
 

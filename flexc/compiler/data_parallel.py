@@ -38,6 +38,9 @@ def data_parallel_problems(spec) -> list[str]:
     from flexc.passes.scores import resolve_score
 
     problems = []
+    if spec.model.device.startswith("cuda:"):
+        problems.append(f"model.device {spec.model.device!r} puts every rank on one GPU; use device: cuda (each rank "
+                        "then runs on cuda:LOCAL_RANK)")
     if not spec.pipeline:
         problems.append("an empty pipeline only copies the model: there is nothing to split across processes")
     for i, entry in enumerate(spec.pipeline, 1):

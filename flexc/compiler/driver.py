@@ -201,11 +201,10 @@ def compile(
     (double underscores reach into sections). Raises :class:`FlexcError` for user errors.
     """
     from flexc.compiler.data_parallel import check_data_parallel, open_run
-    from flexc.models import resolve_device
 
     spec, source = prepare_spec(spec_or_path, overrides)
     out_dir = output_dir(spec, source, out)
-    with distributed.session(resolve_device(spec.model.device)):  # under torchrun: one rank of several
+    with distributed.session(spec.model.device):  # under torchrun: one rank of several
         check_data_parallel(spec)
         run = open_run(out_dir, spec.fingerprint(), force=force, protected=_protected_paths(spec, source))
         try:

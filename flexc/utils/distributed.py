@@ -15,6 +15,7 @@ import datetime
 import itertools
 import os
 import signal
+import threading
 from collections.abc import Iterable, Iterator
 
 from flexc.errors import FlexcError
@@ -79,7 +80,7 @@ def timeout_seconds() -> float:
 @contextlib.contextmanager
 def session(device: str) -> Iterator[None]:
     """Join torchrun's process group for the block (nothing without torchrun, or when a caller
-    already joined one); ``device`` is where the model runs: ``cuda...`` picks NCCL, else gloo."""
+    already joined one); ``device`` is the spec's ``model.device``: CUDA picks NCCL, else gloo."""
     import torch
     import torch.distributed as dist
 
@@ -87,7 +88,8 @@ def session(device: str) -> Iterator[None]:
         yield
         return
     timeout = timeout_seconds()
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    backend = "nccl" if on_cuda else "gloo"
     if backend == "nccl":  # one GPU per rank on a node; a plain "cuda" then means this rank's
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
@@ -95,11 +97,13 @@ def session(device: str) -> Iterator[None]:
     except (RuntimeError, ValueError) as exc:
         raise DistributedError(f"rank {launched_rank()}: cannot join the torchrun process group ({backend}) within "
                                f"{timeout:g}s: {exc}") from None
-    previous = signal.signal(signal.SIGTERM, _stopped_by_torchrun)
+    main_thread = threading.current_thread() is threading.main_thread()  # where Python allows signal handlers
+    previous = signal.signal(signal.SIGTERM, _stopped_by_torchrun) if main_thread else None
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         dist.destroy_process_group()
 
 
