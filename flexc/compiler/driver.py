@@ -178,6 +178,8 @@ def _saved_stage(out: Path) -> str | None:
 
 
 def _clean_temporaries(out: Path) -> None:
+    if not distributed.is_writer():  # another rank's temporaries are rank 0's, maybe being written
+        return
     for child in out.iterdir():
         if child.name.startswith(".") and (child.name.endswith(".tmp") or ".old-" in child.name):
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
@@ -253,8 +255,7 @@ def _compile(spec: Spec, source: Path | None, run: RunDir, *, dump_graphs: bool,
     resumable = [n for n in names if n not in ("load", "lower")]
     result = CompileResult(out, spec, run.manifest)
     if run.resumed:
-        if distributed.is_writer():
-            _clean_temporaries(out)
+        _clean_temporaries(out)
         saved = _saved_stage(out)
         if saved is not None and saved in resumable and not run.done(saved):
             run.record(saved, status="done")  # state was saved, the manifest update was cut short

@@ -92,7 +92,6 @@ def rank_channels_streamed(p, lm, ctx) -> None:
     from flexc.passes.calibrate import RoutingStats, calibrate
     from flexc.passes.rank_channels import load_ranking, record_ranking, sort_channels
     from flexc.passes.scores import resolve_score
-    from flexc.utils.distributed import shard
 
     workdir = Path(ctx.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +100,7 @@ def rank_channels_streamed(p, lm, ctx) -> None:
         perms, sorted_scores, stats = load_ranking(p.options.from_, num, ctx.logger)
     else:
         score_cls = resolve_score(p.options.score)
-        hidden, kwargs = lm.layer_inputs(shard(ctx.calibration_batches()))  # each rank carries its own batches
+        hidden, kwargs = lm.layer_inputs(distributed.shard(ctx.calibration_batches()))  # each rank carries its own batches
         max_experts = max(g.num_experts for g in lm.groups)
         scores, counts, sums = [], [], []
         for i in range(lm.num_layers):
@@ -180,8 +179,7 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
     names = ["load", *pass_names, *[f"export:{fmt}" for fmt in spec.export.formats]]
     result = driver.CompileResult(out, spec, run.manifest)
     if run.resumed:
-        if distributed.is_writer():
-            driver._clean_temporaries(out)
+        driver._clean_temporaries(out)
         saved = driver._saved_stage(out)
         if saved is not None and saved in names[1:] and not run.done(saved):
             run.record(saved, status="done")
