@@ -13,6 +13,12 @@ sizes for comparison. Prints a table, writes ``benchmarks/results/scale.json`` a
     python benchmarks/scale.py --sizes 20 --in-memory --append   # adds a 20 GB model (~35 GB of free disk)
     python benchmarks/scale.py --sizes 0.3 --in-memory 0.3   # a quick check of the script
     python benchmarks/scale.py --sizes 4 --in-memory --score taylor --out benchmarks/results/scale_taylor.json
+    python benchmarks/scale.py --processes --sizes 1 --in-memory 1   # wall time: 1 process vs torchrun with 2
+
+With ``--processes`` each compile runs as ``flexc compile`` (one process on every core, and
+one process of one thread) and as ``torchrun --nproc_per_node 2 flexc compile`` (2 processes
+sharing the cores), with 4x the calibration data, and the wall times are written side by side
+to ``benchmarks/results/scale_processes.json``.
 
 Every model has the same layer shape (hidden 1024, 64 experts of width 384, top-8, 32k
 vocabulary: 155 MB per decoder layer in bf16); sizes differ by depth.
@@ -113,10 +119,10 @@ def build(directory: Path, gigabytes: float, seed: int = 0) -> dict:
 # --------------------------------------------------------------------------- one compile, in a child
 
 
-def spec_for(model_dir: Path, out: Path, stream: str, score: str = "activation") -> dict:
+def spec_for(model_dir: Path, out: Path, stream: str, score: str = "activation", samples: int = 8) -> dict:
     return {
         "model": {"path": str(model_dir), "dtype": "bfloat16"},
-        "data": {"calibration": {"builtin": "python-stdlib", "num_samples": 8, "seq_len": 128, "batch_size": 4}},
+        "data": {"calibration": {"builtin": "python-stdlib", "num_samples": samples, "seq_len": 128, "batch_size": 4}},
         "budgets": {"keep": [BUDGET]},
         "pipeline": [{"rank_channels": {"score": score, "plot": False}}, {"coverage": {"granule": 32}},
                      "fold_masks"],
@@ -178,6 +184,61 @@ def run_child(spec: dict, work: Path) -> dict:
     return json.loads(result_file.read_text())
 
 
+# --------------------------------------------------------------------------- 1 vs 2 processes
+
+
+def run_processes(spec: dict, work: Path, processes: int, threads: int) -> dict:
+    """Wall time of the ``flexc compile`` command with ``processes`` processes of ``threads`` threads."""
+    import socket
+
+    spec_file = work / "spec.yaml"
+    spec_file.write_text(json.dumps(spec))  # JSON is YAML
+    if processes == 1:
+        launcher = [sys.executable, "-m", "flexc.cli"]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                    "--master_port", str(port), "-m", "flexc.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    done = subprocess.run([*launcher, "compile", str(spec_file), "--force", "-q"], env=env, capture_output=True,
+                          text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"compile with {processes} process(es) failed:\n{done.stderr[-4000:]}")
+    manifest = json.loads((Path(spec["export"]["dir"]) / "manifest.json").read_text())
+    return {"processes": processes, "threads_each": threads, "seconds": round(seconds, 1),
+            "stages": {s["name"]: s.get("seconds") for s in manifest["stages"]}}
+
+
+def compare_processes(args, work: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    # one process on every core, one process of one thread (what a busy machine favours), torchrun on every core
+    runs = [(1, cores), (1, 1), (2, max(1, cores // 2))]
+    rows = []
+    for gb in args.sizes:
+        model_dir = work / f"model-{gb:g}gb"
+        built = build(model_dir, gb)
+        for mode in ["layers"] + (["off"] if gb in args.in_memory else []):
+            for processes, threads in runs:
+                out = work / f"run-{gb:g}gb-{mode}-{processes}x{threads}"
+                res = run_processes(spec_for(model_dir, out, mode, samples=4 * 8), work, processes, threads)
+                rows.append({"model_gb": round(built["bytes"] / 1e9, 3), "layers": built["layers"], "stream": mode,
+                             **res})
+                print(f"{built['bytes'] / 1e9:5.2f} GB {mode:6s} {processes} process(es) x {threads} thread(s): "
+                      f"{res['seconds']:6.1f}s (rank_channels {res['stages'].get('01-rank_channels')}s)", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    out = args.out if args.out != RESULTS / "scale.json" else RESULTS / "scale_processes.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"shape": SHAPE, "budget_keep": BUDGET, "calibration": "32 x 128 tokens, batches of 4",
+                               "cores": cores, "load_average": os.getloadavg(), "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -212,6 +273,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the models and runs")
     parser.add_argument("--append", action="store_true", help="add the rows to those already in --out")
     parser.add_argument("--score", default="activation", help="rank_channels' score (taylor: the streamed backward)")
+    parser.add_argument("--processes", action="store_true", help="wall time of 1 process vs torchrun with 2")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -219,6 +281,12 @@ def main() -> None:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="flexc-scale-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.processes:
+        try:
+            return compare_processes(args, work)
+        finally:
+            if not args.keep and args.workdir is None:
+                shutil.rmtree(work, ignore_errors=True)
     rows = []
     try:
         for gb in args.sizes:

@@ -64,7 +64,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from flexc.compiler.driver import compile as run_compile
+    from flexc.utils.distributed import launched_rank
 
+    if launched_rank() > 0:  # under torchrun rank 0 logs the stages and prints the summary; the others warn
+        args.verbosity = min(args.verbosity, -1)
+        logs.setup(args.verbosity)
     result = run_compile(
         args.spec, out=args.out, force=args.force, dump_graphs=args.dump_graphs, quiet=args.verbosity < 0
     )

@@ -18,6 +18,7 @@ computes what an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -32,6 +33,7 @@ from flexc.compiler import artifacts
 from flexc.compiler.artifacts import BASE_DIR, LOG_FILE, REPORT_FILE, SPEC_FILE, STATE_DIR, RunDir
 from flexc.compiler.errors import FlexcError, SpecError
 from flexc.compiler.spec import Spec, issues_from_errors, parse_spec, read_spec_text
+from flexc.utils import distributed
 
 if TYPE_CHECKING:
     from flexc.ir.state import CompileState
@@ -176,6 +178,8 @@ def _saved_stage(out: Path) -> str | None:
 
 
 def _clean_temporaries(out: Path) -> None:
+    if not distributed.is_writer():  # another rank's temporaries are rank 0's, maybe being written
+        return
     for child in out.iterdir():
         if child.name.startswith(".") and (child.name.endswith(".tmp") or ".old-" in child.name):
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
@@ -198,18 +202,22 @@ def compile(
     ``overrides`` replace spec fields before validation: ``seed=1``, ``export__dir="out"``
     (double underscores reach into sections). Raises :class:`FlexcError` for user errors.
     """
+    from flexc.compiler.data_parallel import check_data_parallel, open_run
+
     spec, source = prepare_spec(spec_or_path, overrides)
     out_dir = output_dir(spec, source, out)
-    run = RunDir.open(out_dir, spec.fingerprint(), force=force, protected=_protected_paths(spec, source))
-    try:
-        with artifacts_logging(out_dir):
-            if spec.execution.stream == "layers":  # one decoder layer in memory at a time (docs/scale.md)
-                from flexc.compiler.streamed import compile_streamed
+    with distributed.session(spec.model.device):  # under torchrun: one rank of several
+        check_data_parallel(spec)
+        run = open_run(out_dir, spec.fingerprint(), force=force, protected=_protected_paths(spec, source))
+        try:
+            with artifacts_logging(out_dir) if distributed.is_writer() else contextlib.nullcontext():
+                if spec.execution.stream == "layers":  # one decoder layer in memory at a time (docs/scale.md)
+                    from flexc.compiler.streamed import compile_streamed
 
-                return compile_streamed(spec, source, run, quiet=quiet)
-            return _compile(spec, source, run, dump_graphs=dump_graphs, quiet=quiet)
-    finally:
-        run.close()
+                    return compile_streamed(spec, source, run, quiet=quiet)
+                return _compile(spec, source, run, dump_graphs=dump_graphs, quiet=quiet)
+        finally:
+            run.close()
 
 
 def _protected_paths(spec: Spec, source: Path | None) -> dict[str, Path]:
@@ -267,7 +275,8 @@ def _compile(spec: Spec, source: Path | None, run: RunDir, *, dump_graphs: bool,
         ),
     )
     run.set_plan(names)
-    artifacts.write_text(out / SPEC_FILE, spec.to_yaml())
+    if distributed.is_writer():
+        artifacts.write_text(out / SPEC_FILE, spec.to_yaml())
     log.info("flexc compile → %s%s", out, " (resuming)" if run.resumed else "")
     log.debug("spec:\n%s", spec.to_yaml())
 
@@ -320,6 +329,8 @@ def _compile(spec: Spec, source: Path | None, run: RunDir, *, dump_graphs: bool,
             result.ran.append("checkpoint")
     else:
         graph, state = _run_passes(spec, run, loaded, stage, step, result, dump_graphs=dump_graphs, quiet=quiet)
+        if not distributed.is_writer():  # under torchrun, rank 0 alone exports and reports
+            return result
 
     # ---- exports
     from flexc.compiler.exporters import ExportContext, get_exporter
@@ -369,6 +380,7 @@ def _write_report(out: Path, run: RunDir, spec: Spec, graph, state, tokenizer) -
 
 
 def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, quiet: bool):
+    from flexc.compiler.data_parallel import stages_dir
     from flexc.ir import lower
     from flexc.ir.state import CompileState
     from flexc.passes.base import PassContext
@@ -382,7 +394,7 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
     with stage("lower") as st:
         graph = lower(loaded.model)  # a small random batch: shapes are dynamic, values do not matter
         st.info = {"moe_layers": len(graph.groups)}
-        if dump_graphs:
+        if dump_graphs and distributed.is_writer():
             _dump_graph(out, "lower", graph)
     result.ran.append("lower")
 
@@ -393,14 +405,15 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
         state = CompileState.load(out / STATE_DIR, graph.groups)
 
     device = str(next(loaded.model.parameters()).device)
-    context = PassContext(workdir=out / "stages", spec=spec, seed=spec.seed, device=device, logger=log, quiet=quiet,
+    context = PassContext(workdir=stages_dir(run), spec=spec, seed=spec.seed, device=device, logger=log, quiet=quiet,
                           tokenizer=loaded.tokenizer)
-    runner = PassRunner(graph, context, out / "stages", state=state, done=[p.name for p in passes[:first]])
+    runner = PassRunner(graph, context, stages_dir(run), state=state, done=[p.name for p in passes[:first]])
 
     def saved(name: str, entry, res) -> dict:
-        _save_state(out, name, runner.graph, runner.state)
-        if dump_graphs:
-            _dump_graph(out, name, runner.graph, res.changed_nodes)
+        if distributed.is_writer():  # under torchrun, rank 0 alone writes the run's files
+            _save_state(out, name, runner.graph, runner.state)
+            if dump_graphs:
+                _dump_graph(out, name, runner.graph, res.changed_nodes)
         return {"pass": entry.name, "modified": bool(res.modified), "properties": sorted(runner.graph.properties)}
 
     run_pass_stages(spec, run, stage, step, result, runner, list(zip(pass_names, spec.pipeline, passes)), first, saved)
@@ -443,6 +456,7 @@ def run_pass_stages(spec: Spec, run: RunDir, stage, step, result: CompileResult,
         _seed_everything(spec.seed)
         with stage(name) as st:
             res = runner.run(name, p)
+            distributed.barrier(f"the end of stage {name}")  # every rank finished it before it counts as done
             st.info = saved(name, entry, res)
         result.ran.append(name)
     run.manifest["outputs"]["state"] = STATE_DIR

@@ -40,6 +40,7 @@ import torch
 
 from flexc.compiler import artifacts
 from flexc.compiler.artifacts import STATE_DIR, RunDir
+from flexc.utils import distributed
 from flexc.utils.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def rank_channels_streamed(p, lm, ctx) -> None:
         perms, sorted_scores, stats = load_ranking(p.options.from_, num, ctx.logger)
     else:
         score_cls = resolve_score(p.options.score)
-        batches = list(ctx.calibration_batches())
+        batches = list(distributed.shard(ctx.calibration_batches()))  # each rank carries its own batches
         if score_cls.needs_backward:
             scores, counts, sums = _scores_with_backward(lm, batches, score_cls, ctx)
         else:
@@ -137,7 +138,10 @@ def _forward_sweep(lm, batches, score_cls, ctx, *, keep_inputs: bool = False):
                 {0: (group.num_experts, group.hidden_size, group.intermediate_size)}, {0: group.interleaved})
             stats = calibrate(graph, hidden, on_forward=score and score.on_forward, end_batch=score and score.end_batch,
                               backward=False, quiet=ctx.quiet,
-                              description=f"rank_channels ({score_cls.name}) layer {i + 1}/{lm.num_layers}")
+                              description=f"rank_channels ({score_cls.name}) layer {i + 1}/{lm.num_layers}"
+                              ).all_reduce()
+            if score is not None:
+                score.all_reduce()
             scores.append(None if score is None else score.result({0: graph.expert_weights(group)})[0])
             counts.append(stats.counts[0])
             sums.append(stats.weight_sums[0])
@@ -175,6 +179,7 @@ def _scores_with_backward(lm, batches, score_cls, ctx):
                 if score is not None:
                     score.end_batch()
         if score is not None:
+            score.all_reduce()
             scores[lm.groups.index(group)] = score.result({0: graph.expert_weights(group)})[0]
         inputs[i] = None  # this layer's boundary states are no longer needed
         lm.free(i)
@@ -255,6 +260,7 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
     """The streamed counterpart of the driver's ``_compile`` (same stages, manifest and resume rules)."""
     from flexc import models
     from flexc.compiler import driver
+    from flexc.compiler.data_parallel import stages_dir
     from flexc.export.streamed import export_sliced_streamed, write_nested_streamed
     from flexc.ir.streaming import LayerModel
     from flexc.ir.state import CompileState
@@ -281,7 +287,8 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
         budgets=({"keep": list(spec.budgets.keep_ratios), "metric": spec.budgets.metric} if spec.budgets else None),
     )
     run.set_plan(names)
-    artifacts.write_text(out / artifacts.SPEC_FILE, spec.to_yaml())
+    if distributed.is_writer():
+        artifacts.write_text(out / artifacts.SPEC_FILE, spec.to_yaml())
     log.info("flexc compile (streamed, one decoder layer at a time) → %s%s", out, " (resuming)" if run.resumed else "")
     step = iter(range(1, len(names) + 1))
 
@@ -308,21 +315,24 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
     first = driver.resume_point(run, pass_names)
     if first:
         state = CompileState.load(out / STATE_DIR, lm.groups)
-    context = PassContext(workdir=out / "stages", spec=spec, seed=spec.seed, device=str(lm.device), logger=log,
+    context = PassContext(workdir=stages_dir(run), spec=spec, seed=spec.seed, device=str(lm.device), logger=log,
                           quiet=quiet, tokenizer=tokenizer)
     graph = StreamedGraph(lm, check_pipeline(passes[:first]))  # what the passes that ran guarantee
-    runner = PassRunner(graph, context, out / "stages", state=state, done=[p.name for p in passes[:first]])
+    runner = PassRunner(graph, context, stages_dir(run), state=state, done=[p.name for p in passes[:first]])
 
     def saved(name: str, entry, res) -> dict:
-        with artifacts.atomic_dir(out / STATE_DIR) as tmp:
-            runner.state.save(tmp)
-            artifacts.write_json(tmp / "stage.json", {"stage": name, "execution": "layers"})
-        disk = _disk_bytes(out / "stages" / name, out / STATE_DIR)
+        if distributed.is_writer():  # under torchrun, rank 0 alone writes the run's files
+            with artifacts.atomic_dir(out / STATE_DIR) as tmp:
+                runner.state.save(tmp)
+                artifacts.write_json(tmp / "stage.json", {"stage": name, "execution": "layers"})
+        disk = _disk_bytes(stages_dir(run) / name, out / STATE_DIR)
         return {"pass": entry.name, "streamed": True, "disk_bytes": disk, "peak_live_layers": lm.peak_live}
 
     driver.run_pass_stages(spec, run, stage, step, result, runner, list(zip(pass_names, spec.pipeline, passes)), first,
                            saved)
     state = runner.state
+    if not distributed.is_writer():  # under torchrun, rank 0 alone exports and reports
+        return result
 
     def write(fmt: str, tmp: Path) -> dict:
         tables = state.checked_width_tables()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from flexc.ir.experts_impl import canonical_weights
 from flexc.ir.op import observe_expert_forward, observe_expert_grads
+from flexc.utils.distributed import all_reduce_sum
 from flexc.utils.progress import progress_bar
 
 
@@ -28,6 +29,12 @@ class RoutingStats:
 
     counts: torch.Tensor
     weight_sums: torch.Tensor
+
+    def all_reduce(self) -> "RoutingStats":
+        """Sum the statistics over ranks, in place (a no-op in one process)."""
+        all_reduce_sum(self.counts, "the routing counts")
+        all_reduce_sum(self.weight_sums, "the routing weight sums")
+        return self
 
     @property
     def load(self) -> torch.Tensor:

@@ -39,6 +39,7 @@ from flexc.passes.base import Pass, PassContext, PassResult
 from flexc.passes.baselines import BaselineOptions, budgets_and_metric, hand_off, write_report
 from flexc.passes.calibrate import calibrate
 from flexc.passes.registry import register_pass
+from flexc.utils.distributed import all_reduce_sum, shard
 
 CRITERIA = ("frequency", "router_weight", "man", "msan", "reap")
 # Families whose router normalises after its linear layer, so a -inf logit removes the expert exactly.
@@ -116,6 +117,11 @@ class ExpertStats:
         self.sq_norm[layer, e] += (norm ** 2).sum()
         self.weighted_norm[layer, e] += (norm * self._slot_weights[layer][e].double()).sum()
 
+    def all_reduce(self) -> None:
+        """Sum the norms over ranks (each saw its own calibration batches; a no-op in one process)."""
+        for name in ("norm", "sq_norm", "weighted_norm"):
+            all_reduce_sum(getattr(self, name), f"expert_prune's expert {name}")
+
 
 def expert_scores(criterion: str, counts: torch.Tensor, weight_sums: torch.Tensor,
                   stats: ExpertStats | None) -> torch.Tensor:
@@ -180,8 +186,9 @@ class ExpertPrune(Pass):
         counts, weight_sums = ctx.state.routing_counts, ctx.state.routing_weight_sums
         if criterion in ("man", "msan", "reap") or counts is None:
             stats = ExpertStats(graph)
-            routing = calibrate(graph, ctx.calibration_batches(), on_forward=stats.on_forward,
-                                description=f"expert_prune ({criterion})", quiet=ctx.quiet)
+            routing = calibrate(graph, shard(ctx.calibration_batches()), on_forward=stats.on_forward,
+                                description=f"expert_prune ({criterion})", quiet=ctx.quiet).all_reduce()
+            stats.all_reduce()
             counts, weight_sums = routing.counts, routing.weight_sums
             if ctx.state.routing_counts is None:
                 ctx.state.routing_counts, ctx.state.routing_weight_sums = counts, weight_sums

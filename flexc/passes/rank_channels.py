@@ -24,6 +24,7 @@ from flexc.passes.calibrate import RoutingStats, calibrate
 from flexc.passes.registry import register_pass
 from flexc.passes.scores import ChannelScore, available_scores, resolve_score
 from flexc.utils.atomic import atomic_path
+from flexc.utils.distributed import shard
 
 SCORES_FILE = "channel_scores.safetensors"
 ROUTING_FILE = "routing_stats.safetensors"
@@ -123,10 +124,11 @@ class RankChannels(Pass):
         layers = {i: (g.num_experts, g.hidden_size, g.intermediate_size) for i, g in enumerate(graph.groups)}
         score = score_cls(layers, {i: g.interleaved for i, g in enumerate(graph.groups)})
         stats = calibrate(
-            graph, ctx.calibration_batches(),
+            graph, shard(ctx.calibration_batches()),  # this rank's batches; the sums are reduced below
             on_forward=score.on_forward, on_backward=score.on_backward, end_batch=score.end_batch,
             backward=score_cls.needs_backward, description=f"rank_channels ({score_cls.name})", quiet=ctx.quiet,
-        )
+        ).all_reduce()
+        score.all_reduce()
         weights = {i: graph.expert_weights(g) for i, g in enumerate(graph.groups)}
         result = score.result(weights)
         return [result[i] for i in range(len(graph.groups))], stats

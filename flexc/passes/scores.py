@@ -42,6 +42,10 @@ class ChannelScore:
 
     name: ClassVar[str] = ""
     needs_backward: ClassVar[bool] = False
+    #: The accumulators (``{layer: tensor}`` attributes) that are sums over batches, so that a
+    #: data-parallel compile (torchrun) adds them up over ranks before :meth:`result`. None:
+    #: not declared, and such a score is refused under torchrun.
+    summed: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, layers: dict[int, tuple[int, int, int]], interleaved: dict[int, bool]):
         self.layers = layers
@@ -56,6 +60,15 @@ class ChannelScore:
 
     def end_batch(self) -> None:
         self.batches += 1
+
+    def all_reduce(self) -> None:
+        """Sum the batch count and the ``summed`` accumulators over ranks (a no-op in one process)."""
+        from flexc.utils.distributed import all_reduce_sum
+
+        for attr in self.summed or ():
+            for layer, acc in getattr(self, attr).items():
+                all_reduce_sum(acc, f"the {self.name} score's {attr} (layer {layer})")
+        self.batches = int(all_reduce_sum(torch.tensor(self.batches), "the calibration batch count"))
 
     def result(self, weights: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
         """``[E, I]`` scores per layer; ``weights`` gives each layer's canonical (gate_up, down)."""
@@ -82,6 +95,7 @@ class TaylorScore(ChannelScore):
 
     name = "taylor"
     needs_backward = True
+    summed = ("acc",)
 
     def __init__(self, layers, interleaved):
         super().__init__(layers, interleaved)
@@ -109,6 +123,7 @@ class ActivationScore(ChannelScore):
     """L2 norm, over the tokens routed to the expert, of the channel's gated activation."""
 
     name = "activation"
+    summed = ("sumsq",)
 
     def __init__(self, layers, interleaved):
         super().__init__(layers, interleaved)
@@ -130,6 +145,7 @@ class WeightActivationScore(ActivationScore):
     activation for the down column)."""
 
     name = "weight_activation"
+    summed = ("sumsq", "x_sumsq")
 
     def __init__(self, layers, interleaved):
         super().__init__(layers, interleaved)
