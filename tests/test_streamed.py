@@ -192,3 +192,39 @@ def test_default_execution_keeps_old_fingerprints():
     assert streamed.to_dict()["execution"] == {"stream": "layers"}
     assert streamed.fingerprint() != Spec.model_validate(
         {"model": {"zoo": "tiny"}, "pipeline": [{"rank_channels": {"score": "activation"}}]}).fingerprint()
+
+
+def test_stream_auto_compiles_in_memory_when_the_model_fits_and_streams_when_not(family_dirs, tmp_path, monkeypatch):
+    import json
+
+    from flexc.compiler import memory
+
+    model_dir = family_dirs["qwen3_moe"]
+    roomy = flexc.compile(_spec(model_dir, tmp_path / "roomy", "auto"), quiet=True)
+    chosen = json.loads((tmp_path / "roomy" / "manifest.json").read_text())["execution"]
+    assert chosen["chosen"] == "off" and chosen["needed_bytes"] <= chosen["available_bytes"]
+    params = sum(t.numel() for t in _tensors(model_dir).values())
+    assert chosen["model_bytes"] == params * 4  # float32, counted on the meta model
+    assert "02-coverage" in roomy.ran
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)  # 1 MB: nothing fits
+    flexc.compile(_spec(model_dir, tmp_path / "tight", "auto"), quiet=True)
+    chosen = json.loads((tmp_path / "tight" / "manifest.json").read_text())["execution"]
+    assert chosen["chosen"] == "layers" and chosen["available_bytes"] == 1 << 20
+    assert not (tmp_path / "tight" / "state" / "graph").exists()  # the streamed compile's state: no graph
+    for key in ("keep_0.75", "keep_0.50"):
+        _assert_same_weights(tmp_path / "roomy" / "sliced" / key, tmp_path / "tight" / "sliced" / key)
+
+
+def test_stream_auto_says_why_a_model_that_does_not_fit_cannot_stream(moe_dir, tmp_path, monkeypatch):
+    from flexc.compiler import memory
+    from flexc.compiler.errors import FlexcError
+
+    spec = _spec(moe_dir, tmp_path / "out", "auto")
+    spec["pipeline"] = [{"rank_channels": {"score": "activation"}}, "insert_action_gates", "anneal", "fold_masks"]
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
+    with pytest.raises(FlexcError) as err:
+        flexc.compile(spec, quiet=True)
+    text = str(err.value)
+    assert "execution.stream: auto" in text and "GB is available" in text
+    assert "pass 'anneal' cannot run with execution.stream: layers" in text

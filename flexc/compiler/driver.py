@@ -211,13 +211,39 @@ def compile(
         run = open_run(out_dir, spec.fingerprint(), force=force, protected=_protected_paths(spec, source))
         try:
             with artifacts_logging(out_dir) if distributed.is_writer() else contextlib.nullcontext():
-                if spec.execution.stream == "layers":  # one decoder layer in memory at a time (docs/scale.md)
+                if stream_mode(spec, run, quiet) == "layers":  # one decoder layer in memory at a time (docs/scale.md)
                     from flexc.compiler.streamed import compile_streamed
 
                     return compile_streamed(spec, source, run, quiet=quiet)
                 return _compile(spec, source, run, dump_graphs=dump_graphs, quiet=quiet)
         finally:
             run.close()
+
+
+def stream_mode(spec: Spec, run: RunDir, quiet: bool) -> str:
+    """``off`` or ``layers``: the spec's ``execution.stream``, with ``auto`` decided from the model's
+    size and the memory available (:mod:`flexc.compiler.memory`), once per output directory (a
+    resumed run keeps its first decision: the two compiles save different state)."""
+    if spec.execution.stream != "auto":
+        return spec.execution.stream
+    recorded = run.manifest.get("execution") or {}
+    if run.resumed and recorded.get("chosen") in ("off", "layers"):
+        return recorded["chosen"]
+    from flexc import models
+    from flexc.compiler import memory
+
+    directory = models.resolve_directory(spec.model, progress=not quiet)
+    choice = memory.choose(directory, spec.model.dtype, models.resolve_device(spec.model.device))
+    if choice.mode == "layers":
+        from flexc.compiler.streamed import streaming_problems
+
+        problems = streaming_problems(spec)
+        if problems:
+            raise FlexcError(f"execution.stream: auto: {choice.describe()}, but this spec cannot stream: "
+                             + "; ".join(message for _, message in problems))
+    log.info("execution.stream: auto: %s", choice.describe())
+    run.manifest["execution"] = choice.to_manifest()
+    return choice.mode
 
 
 def _protected_paths(spec: Spec, source: Path | None) -> dict[str, Path]:

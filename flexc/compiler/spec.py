@@ -430,12 +430,13 @@ class ExportSpec(_Strict):
 class ExecutionSpec(_Strict):
     """How the compile runs: the whole model in memory (default) or streamed layer by layer."""
 
-    stream: Literal["off", "layers"] = Field(
+    stream: Literal["off", "layers", "auto"] = Field(
         "off",
         description="`off`: load the whole model into memory. `layers`: keep the weights memory-mapped in their "
         "safetensors shards and materialise one decoder layer at a time (models larger than memory); "
-        "supports rank_channels with an activation score, uniform, coverage, fold_masks and the nested and "
-        "sliced exports (docs/scale.md).",
+        "supports rank_channels, uniform, coverage, fold_masks and the nested and sliced exports "
+        "(docs/scale.md). `auto`: in memory when the model fits the compute device's available memory "
+        "(estimated from its size), else layers.",
     )
 
 
@@ -471,7 +472,7 @@ class Spec(_Strict):
 
     @model_validator(mode="after")
     def _streamable(self) -> "Spec":
-        if self.execution.stream == "off":
+        if self.execution.stream != "layers":  # auto: decided when the compile starts
             return self
         from flexc.compiler.streamed import streaming_problems
 

@@ -159,9 +159,10 @@ def _scores_with_backward(lm, batches, score_cls, ctx):
     to the layer below. The same per-batch gradients as one backward through the whole model."""
     from flexc.ir.op import observe_expert_grads
     from flexc.ir.streaming import LayerGraph
+    from flexc.passes.calibrate import next_token_loss
 
     _, counts, sums, last, inputs, kwargs = _forward_sweep(lm, batches, score_cls, ctx, keep_inputs=True)
-    grads = lm.head_gradients(last, batches)
+    grads = lm.head_gradients(last, batches, next_token_loss)
     del last
     scores = [None] * len(lm.groups)
     for i in reversed(range(lm.num_layers)):
@@ -283,7 +284,7 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
     started = time.perf_counter()
     run.manifest.update(
         status="running", runs=run.manifest.get("runs", 0) + 1, versions=artifacts.library_versions(),
-        seed=spec.seed, spec_file=str(source) if source else None, execution={"stream": spec.execution.stream},
+        seed=spec.seed, spec_file=str(source) if source else None, execution=run.manifest.get("execution") or {"stream": "layers"},
         budgets=({"keep": list(spec.budgets.keep_ratios), "metric": spec.budgets.metric} if spec.budgets else None),
     )
     run.set_plan(names)

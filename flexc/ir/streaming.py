@@ -29,7 +29,7 @@ import re
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -297,12 +297,11 @@ class LayerModel:
             embed.to_empty(device="meta")
         return hidden, kwargs_by_shape
 
-    def head_gradients(self, hidden: list[torch.Tensor], batches: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per batch, the gradient of its next-token loss with respect to the last decoder layer's
+    def head_gradients(self, hidden: list[torch.Tensor], batches: list[torch.Tensor],
+                       loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        """Per batch, the gradient of ``loss(logits, ids)`` with respect to the last decoder layer's
         output ``hidden[b]`` (on the CPU): the model's final norm and LM head (``lm_head(norm(h))``,
         what the families flexc streams compute) materialised for this call only, their weights frozen."""
-        from flexc.passes.calibrate import next_token_loss
-
         norm, head = self.base.norm, self.model.get_output_embeddings()
         rest = self.module_tensors(REST)
         for module in (norm, head):
@@ -322,7 +321,7 @@ class LayerModel:
         try:
             for h, ids in zip(hidden, batches):
                 h = h.to(self.device).requires_grad_(True)
-                next_token_loss(head(norm(h)), ids.to(self.device)).backward()
+                loss(head(norm(h)), ids.to(self.device)).backward()
                 grads.append(h.grad.detach().to("cpu"))
         finally:
             norm.to_empty(device="meta")
