@@ -324,22 +324,28 @@ def test_track_weighs_the_unconstrained_coverage_table_where_it_nests(tmp_path):
     assert "coverage" not in record.get("validation_loss", {})
 
 
+def _trained_beside_warm_start(tmp_path, options):
+    """An anneal at keep 0.5 whose logits deploy a table other than the warm start, at the same keep."""
+    graph, ctx = gated_graph(tmp_path)
+    ctx.workdir = tmp_path / "run"
+    ctx.workdir.mkdir()
+    pass_ = Anneal({"budgets": [0.5], "steps": 8, **options})
+    setup = pass_._setup(graph, ctx, ctx.workdir)
+    warm = pass_._coverage_levels(graph, ctx, setup, 0.5, None)
+    trained = warm.clone()
+    trained[0, 0], trained[0, 1] = trained[0, 0] + 1, trained[0, 1] - 1
+    with torch.no_grad():
+        for gate, row in zip(setup.gates, trained):
+            gate.logits.zero_().scatter_(1, row[:, None], 5.0)
+    return graph, ctx, pass_, setup, warm, trained
+
+
 @pytest.mark.parametrize("z,noisy,chosen", [(1.0, True, "warm start"), (0.0, True, "trained"),
                                             (1.0, False, "trained")])
 def test_track_exports_the_trained_table_only_if_it_wins_beyond_the_noise(tmp_path, monkeypatch, z, noisy, chosen):
     """A trained table whose held-out loss is lower on average, but by less than ``validation_z``
     standard errors of the per-sequence difference, loses to the one-shot fallback."""
-    graph, ctx = gated_graph(tmp_path)
-    ctx.workdir = tmp_path / "run"
-    ctx.workdir.mkdir()
-    pass_ = Anneal({"budgets": [0.5], "steps": 8, "validation_z": z})
-    setup = pass_._setup(graph, ctx, ctx.workdir)
-    warm = pass_._coverage_levels(graph, ctx, setup, 0.5, None)
-    trained = warm.clone()
-    trained[0, 0], trained[0, 1] = trained[0, 0] + 1, trained[0, 1] - 1  # another table, same keep
-    with torch.no_grad():
-        for gate, row in zip(setup.gates, trained):
-            gate.logits.zero_().scatter_(1, row[:, None], 5.0)
+    graph, ctx, pass_, setup, warm, trained = _trained_beside_warm_start(tmp_path, {"validation_z": z})
     base = torch.full((8,), 0.10, dtype=torch.float64)
     # trained: 0.01 lower on average; the paired differences either scatter widely or sit close
     spread = torch.tensor([-0.09, 0.07, -0.08, 0.06, -0.05, 0.04, -0.02, -0.01] if noisy else [-0.01] * 8,
@@ -362,17 +368,7 @@ def test_track_with_both_losses_keeps_the_one_shot_table_where_the_text_loss_dis
                                                                                       text_worse):
     """``validation_loss: both``: a trained table that wins on the quality term beyond the noise but
     has the higher held-out next-token loss is not exported; one that wins on both is."""
-    graph, ctx = gated_graph(tmp_path)
-    ctx.workdir = tmp_path / "run"
-    ctx.workdir.mkdir()
-    pass_ = Anneal({"budgets": [0.5], "steps": 8, "validation_loss": "both"})
-    setup = pass_._setup(graph, ctx, ctx.workdir)
-    warm = pass_._coverage_levels(graph, ctx, setup, 0.5, None)
-    trained = warm.clone()
-    trained[0, 0], trained[0, 1] = trained[0, 0] + 1, trained[0, 1] - 1  # another table, same keep
-    with torch.no_grad():
-        for gate, row in zip(setup.gates, trained):
-            gate.logits.zero_().scatter_(1, row[:, None], 5.0)
+    graph, ctx, pass_, setup, warm, trained = _trained_beside_warm_start(tmp_path, {"validation_loss": "both"})
     base = torch.full((8,), 0.10, dtype=torch.float64)
     text = base + (0.02 if text_worse else -0.02)
 
