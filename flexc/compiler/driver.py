@@ -427,7 +427,9 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
     state = CompileState()
     first = resume_point(run, pass_names)
     if first:
-        graph.load_state(out / STATE_DIR / "graph", replay=replayer(dict(zip(pass_names[:first], passes[:first]))))
+        graph.load_state(out / STATE_DIR / "graph", replay=replayer(dict(zip(pass_names[:first], passes[:first]))),
+                         # the other ranks replay into their scratch folder: rank 0 alone writes the run's
+                         replay_dir=None if distributed.is_writer() else stages_dir(run) / "replay")
         state = CompileState.load(out / STATE_DIR, graph.groups)
 
     device = str(next(loaded.model.parameters()).device)

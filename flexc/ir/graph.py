@@ -221,12 +221,14 @@ class FlexGraph:
             tmp.write_text(json.dumps(meta, indent=2))
 
     def load_state(self, directory: str | Path,
-                   replay: Callable[[dict, "FlexGraph", Path], None] | None = None) -> None:
+                   replay: Callable[[dict, "FlexGraph", Path], None] | None = None,
+                   replay_dir: str | Path | None = None) -> None:
         """Restore what :meth:`save_state` wrote into this (freshly lowered) graph, in place.
 
         Structural rewrites the saved graph lists beyond this graph's own are re-applied by
-        ``replay(rewrite, graph, workdir)`` first (the caller decides which passes may run);
-        without ``replay`` such a state cannot be restored. This graph's weights must be the
+        ``replay(rewrite, graph, workdir)`` first (the caller decides which passes may run;
+        ``workdir`` is ``replay_dir``, default ``directory/replay``); without ``replay`` such a
+        state cannot be restored. This graph's weights must be the
         source checkpoint's (a fresh lowering): the saved permutations are applied to them, then
         the saved parameters replace theirs. (A state written before only changed parameters were
         saved holds every parameter; it restores the same way.)
@@ -240,7 +242,7 @@ class FlexGraph:
         if pending and replay is None:
             raise ValueError(f"{directory}: the saved graph was rewritten by passes; pass replay= to restore it")
         for rewrite in pending:
-            replay(rewrite, self, directory / "replay")
+            replay(rewrite, self, Path(replay_dir) if replay_dir is not None else directory / "replay")
         if meta.get("weights") == WEIGHTS_FORMAT:
             for key in sorted((k for k in tensors if k.startswith(PERM_PREFIX)), key=lambda k: int(k[len(PERM_PREFIX):])):
                 self.permute_channels(int(key[len(PERM_PREFIX):]), tensors[key])
