@@ -180,6 +180,17 @@ def test_loads_with_trust_remote_code_without_flexc(exports, tmp_path):
     assert max(worst.values()) <= 1e-5, worst
 
 
+def test_sliced_class_is_declared_incompatible_with_vllms_transformers_backend(exports):
+    """vLLM's rule for running a remote-code class on its Transformers backend (its own fused MoE
+    layers, which would ignore the slicing): ``is_backend_compatible()`` or
+    ``_can_set_attn_implementation()``. Both must be False; flexc's plugin serves sliced checkpoints."""
+    _, _, out = exports
+    model = load_sliced(out[FAMILIES[0]]["dir"], budget=BUDGETS[1])
+    assert type(model).__name__.startswith("FlexcSliced")
+    assert type(model).is_backend_compatible() is False
+    assert type(model)._can_set_attn_implementation() is False
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_generate_matches_nested_runtime(exports, family):
     _, ids, out = exports

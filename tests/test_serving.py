@@ -151,6 +151,23 @@ def test_sliced_checkpoint_is_served_at_its_widths(artifacts):
         _shutdown(llm)
 
 
+def test_without_the_plugin_vllm_refuses_a_sliced_checkpoint(artifacts):
+    """With flexc's plugin turned off, vLLM's Transformers backend would serve the sliced class's
+    remote code with its own fused experts, ignoring the slicing (wrong tokens, no error); the
+    class declares itself incompatible, so vLLM refuses it instead."""
+    import subprocess
+    import sys
+
+    paths, _, _ = artifacts["tiny"]
+    code = ("from vllm import LLM\n"
+            f"LLM(model={str(paths[f'keep_{BUDGETS[1]:.2f}'])!r}, dtype='float32', enforce_eager=True, "
+            "max_model_len=256, kv_cache_memory_bytes=64 << 20, trust_remote_code=True)\n")
+    env = {**os.environ, "VLLM_PLUGINS": "none", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "['FlexcSlicedQwen3MoeForCausalLM'] are not supported" in done.stdout + done.stderr
+
+
 def test_sliced_checkpoint_of_an_unserved_family_is_refused(tmp_path, monkeypatch):
     """vLLM's Transformers backend would load an OLMoE sliced checkpoint and drop its packed
     experts (silently wrong tokens); the plugin refuses it instead, naming what it serves."""

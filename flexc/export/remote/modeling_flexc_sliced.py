@@ -142,6 +142,16 @@ def sliced_class(base: type) -> type:
     """The sliced variant of a transformers causal-LM class (e.g. ``Qwen3MoeForCausalLM``)."""
 
     class Sliced(base):
+        # vLLM's Transformers backend runs any class that declares its attention interface with
+        # vLLM's own fused MoE layers: the slicing would be ignored and the tokens silently
+        # wrong. Declared incompatible, the class is refused by vLLM ("architectures ... are not
+        # supported"); flexc's vLLM plugin serves sliced checkpoints at their widths.
+        _supports_attention_backend = False
+
+        @classmethod
+        def _can_set_attn_implementation(cls) -> bool:
+            return False
+
         def post_init(self):
             # Swap the experts before the base class initialises weights and gathers its
             # static properties, so full-size experts are never initialised.
