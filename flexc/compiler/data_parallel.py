@@ -4,7 +4,9 @@ Every rank loads the model and runs every pass. The passes that calibrate take o
 rank's batches (:func:`flexc.utils.distributed.shard`) and sum what they collect over ranks
 (routing statistics, channel scores, expert norms), so every rank then holds the state one
 process would have over all the batches, and the passes after it (uniform, coverage,
-fold_masks) compute the same thing on every rank without talking.
+fold_masks) compute the same thing on every rank without talking. ``anneal`` splits the
+sequences of each of its batches over the ranks instead and sums its gradients every step
+(:mod:`flexc.passes.anneal`), so every rank trains the same logits; ``recover`` is refused.
 
 Rank 0 alone writes the output directory (manifest, stage folders, ``state/``, exports, the
 report); the other ranks read its manifest and ``state/`` to resume where it resumes, put
@@ -26,8 +28,6 @@ from flexc.utils import distributed
 
 #: Passes a compile under torchrun refuses, and why.
 REFUSED_PASSES = {
-    "anneal": "it trains the action logits through the model's loss, and data-parallel training (gradients "
-              "all-reduced every step) is not implemented yet",
     "recover": "it fine-tunes LoRA adapters through the model's loss, and data-parallel training (gradients "
                "all-reduced every step) is not implemented yet",
 }

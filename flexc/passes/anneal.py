@@ -45,6 +45,17 @@ from the checkpoint and gives the same tables as an uninterrupted run (the Gumbe
 non-finite loss or logit stops the run with a clear error and keeps the last good checkpoint.
 Checkpoints, resume, the divergence checks and the step bar are
 :class:`flexc.passes.training.TrainingRun`'s, as in ``recover``: this module is the schedules.
+
+Under torchrun (docs/scale.md, "Several processes") every step still trains on one whole
+calibration batch: each rank takes a contiguous share of its sequences
+(:func:`flexc.utils.distributed.row_share`; its teacher targets too) and computes its share of
+the batch's quality loss, weighted by its share of the sequences (a batch's sequences are equally
+long, so the weighted shares add up to the mean over the batch's positions). The loss values and
+the logits' gradients are summed over ranks before every update, so every rank makes the same
+update; cost and entropy depend on the logits alone, the Gumbel noise on (seed, step) and lambda
+on the logits, so the ranks stay in lockstep and a non-finite loss stops all of them at the same
+step. The held-out choice sums every rank's per-sequence losses into one process's order, so
+every rank chooses the same table. Rank 0 alone writes the checkpoint; every rank resumes from it.
 """
 
 from __future__ import annotations
@@ -69,6 +80,7 @@ from flexc.passes.distill import TeacherTargets, distill_loss
 from flexc.passes.registry import register_pass
 from flexc.passes.training import TrainingRun, fingerprint, restore
 from flexc.passes.width_tables import expert_weights, fit_to_budget, keep_ratio, per_layer_keep
+from flexc.utils import distributed
 from flexc.utils.atomic import atomic_path, atomic_write_text
 
 CHECKPOINT = "anneal_checkpoint.pt"
@@ -224,7 +236,8 @@ class _Setup:
     full: torch.Tensor  # [L] intermediate sizes
     weights: torch.Tensor  # [L, E] weight of each expert's width in the keep ratio
     level_widths: torch.Tensor  # [L, A] widths of the actions, ascending
-    batches: list[torch.Tensor]
+    batches: list[torch.Tensor]  # this rank's sequences of each calibration batch (all of them in one process)
+    rows: list[tuple[slice, int]]  # where they lie in their batch, and its number of sequences
     teachers: list[TeacherTargets | None]
     run: TrainingRun  # checkpoints, resume, divergence checks, the step bar
 
@@ -293,9 +306,12 @@ class Anneal(Pass):
             p.requires_grad_(False)
         for p in logits:
             p.requires_grad_(True)
-        batches = [b for b in ctx.calibration_batches()]
-        if not batches:
+        whole = list(ctx.calibration_batches())
+        if not whole:
             raise ValueError("anneal: the calibration data yielded no batches")
+        rows = [(distributed.row_share(len(b), f"anneal: calibration batch {i + 1} of {len(whole)}"), len(b))
+                for i, b in enumerate(whole)]
+        batches = [b[share] for b, (share, _) in zip(whole, rows)]
         full = torch.tensor([g.intermediate_size for g in graph.groups])
         weights = expert_weights(graph.groups, metric, ctx.state.routing_counts)
         level_widths = torch.stack([g.level_widths for g in gates])  # [L, A]
@@ -316,42 +332,62 @@ class Anneal(Pass):
                           fingerprint(opts.model_dump(mode="json", by_alias=True), budgets, metric, ctx.seed),
                           every=opts.checkpoint_every, logger=ctx.logger, diverged=AnnealDiverged,
                           advice="lr or the lambda schedule", quiet=ctx.quiet)
-        return _Setup(gates, logits, budgets, metric, full, weights, level_widths, batches, teachers, run)
+        return _Setup(gates, logits, budgets, metric, full, weights, level_widths, batches, rows, teachers, run)
 
     def _sampled_loss(self, graph, ctx, setup: _Setup, step: int, batch: int, tau: float):
-        """The quality loss of one straight-through sample of actions on calibration batch ``batch``."""
+        """This rank's share of the quality loss of one straight-through sample of actions on calibration
+        batch ``batch`` (its loss on its sequences, weighted by their share of the batch's)."""
         for gate, noise in zip(setup.gates, _noise(ctx.seed, step, [p.shape for p in setup.logits])):
             gate.noise = noise
         set_gate_mode(graph, "sample", tau)
         ids = setup.batches[batch]
-        return quality_loss(self.options.quality, graph.logits(ids), setup.teachers[batch], ids)
+        share, rows = setup.rows[batch]
+        loss = quality_loss(self.options.quality, graph.logits(ids), setup.teachers[batch], ids)
+        return loss * ((share.stop - share.start) / rows)
 
     @staticmethod
-    def _update(optimizer, loss: torch.Tensor, setup: _Setup, step: int, parts: str) -> None:
-        """One optimizer step; a non-finite loss or logit stops the run (the last checkpoint stays)."""
-        setup.run.check_finite(loss, "the loss", step, detail=parts)
+    def _update(optimizer, quality: torch.Tensor, penalty: torch.Tensor, setup: _Setup, step: int, parts: str) -> float:
+        """One optimizer step on the loss ``quality + penalty``; returns the batch's quality loss.
+
+        ``quality`` is this rank's share (:meth:`_sampled_loss`): its value and its gradient are summed
+        over ranks before the step. ``penalty`` (cost and entropy) depends on the logits alone, the same
+        on every rank. A non-finite loss or logit stops the run on every rank (the last checkpoint stays)."""
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        quality.backward()
+        summed = distributed.all_reduce_sum(
+            torch.cat([quality.detach().reshape(1), *(p.grad.flatten() for p in setup.logits)]),
+            "the anneal's quality loss and its gradient")
+        whole = summed[0]
+        setup.run.check_finite(whole + penalty.detach(), "the loss", step, detail=f"quality {whole.item():.4g}, {parts}")
+        for p, grad in zip(setup.logits, summed[1:].split([p.numel() for p in setup.logits])):
+            p.grad = grad.view_as(p).clone()
+        penalty.backward()  # adds the penalty's gradient
         optimizer.step()
         setup.run.check_finite_params(setup.logits, "the action logits", step)
+        return whole.item()
 
     def _table_losses(self, graph, setup: _Setup, levels: torch.Tensor, batches: list[int]) -> dict[str, torch.Tensor]:
         """Per-sequence held-out losses of the given calibration batches under the fixed table ``levels``:
-        ``"quality"`` (the loss's quality term) and ``"next_token"``."""
+        ``"quality"`` (the loss's quality term) and ``"next_token"``, every rank's sequences in one
+        process's order (each rank fills its own places; the sum over ranks fills them all)."""
         widths = setup.widths(levels).to(torch.int32)
         for gate, row in zip(setup.gates, widths):
             gate.table = row
         set_gate_mode(graph, "table")
-        out: dict[str, list[torch.Tensor]] = {"quality": [], "next_token": []}
+        out = torch.zeros(2, sum(setup.rows[i][1] for i in batches), dtype=torch.float64)
+        offset = 0
         with torch.no_grad():
             for i in batches:
-                ids = setup.batches[i]
+                ids, (share, rows) = setup.batches[i], setup.rows[i]
                 logits = graph.logits(ids)
-                out["quality"].append(sequence_losses(self.options.quality, logits, setup.teachers[i], ids).double())
-                out["next_token"].append(sequence_losses("next_token", logits, None, ids).double())
+                mine = slice(offset + share.start, offset + share.stop)
+                out[0, mine] = sequence_losses(self.options.quality, logits, setup.teachers[i], ids).double()
+                out[1, mine] = sequence_losses("next_token", logits, None, ids).double()
+                offset += rows
         for gate in setup.gates:
             gate.table = None
-        return {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.float64) for k, v in out.items()}
+        distributed.all_reduce_sum(out, "the held-out losses")
+        return {"quality": out[0], "next_token": out[1]}
 
     # ------------------------------------------------------------------ track
     def _warm_start(self, graph, ctx, setup: _Setup, budget: float, upper: torch.Tensor | None) -> torch.Tensor:
@@ -420,15 +456,14 @@ class Anneal(Pass):
                     tau, beta = opts.tau.at(t, steps), opts.beta.at(t, steps)
                     quality = self._sampled_loss(graph, ctx, setup, step, train[step % len(train)], tau)
                     cost, entropy = setup.expected_cost_and_entropy()
-                    loss = quality - beta * entropy + lam * cost
-                    self._update(optimizer, loss, setup, step,
-                                 f"quality {quality.item():.4g}, cost {cost.item():.4g}, budget {budget:g}")
+                    quality = self._update(optimizer, quality, lam * cost - beta * entropy, setup, step,
+                                           f"cost {cost.item():.4g}, budget {budget:g}")
                     lam = max(0.0, lam + opts.lambda_lr * (cost.item() - budget))
                     deployed = setup.keep(setup.deployed_levels())
                     history.append({"step": step, "budget": budget, "lambda": lam, "tau": tau, "beta": beta,
-                                    "quality": quality.item(), "cost": cost.item(), "entropy": entropy.item(),
+                                    "quality": quality, "cost": cost.item(), "entropy": entropy.item(),
                                     "deployed_keep": deployed})
-                    bar.advance(loss=quality.item(), keep=deployed, budget=budget)
+                    bar.advance(loss=quality, keep=deployed, budget=budget)
                     step, t = step + 1, t + 1
                     if setup.run.due(t):  # counted within the phase
                         save(step)
@@ -564,14 +599,14 @@ class Anneal(Pass):
                     lam = opts.lambda_.end * 2 ** (CONTINUATION_DOUBLINGS * (step - steps + 1) / max(extra, 1))
                 quality = self._sampled_loss(graph, ctx, setup, step, step % len(setup.batches), tau)
                 cost, entropy = setup.expected_cost_and_entropy()
-                loss = quality + lam * cost - beta * entropy
-                self._update(optimizer, loss, setup, step, f"quality {quality.item():.4g}, cost {cost.item():.4g}")
+                quality = self._update(optimizer, quality, lam * cost - beta * entropy, setup, step,
+                                       f"cost {cost.item():.4g}")
                 deployed_keep = setup.keep(setup.deployed_levels())
-                history.append({"step": step, "lambda": lam, "tau": tau, "beta": beta, "quality": quality.item(),
+                history.append({"step": step, "lambda": lam, "tau": tau, "beta": beta, "quality": quality,
                                 "cost": cost.item(), "entropy": entropy.item(), "deployed_keep": deployed_keep})
                 export_crossed(step, deployed_keep)
                 pending = [b for b in budgets if b not in exported]
-                bar.advance(loss=quality.item(), keep=deployed_keep, next=pending[0] if pending else "-")
+                bar.advance(loss=quality, keep=deployed_keep, next=pending[0] if pending else "-")
                 if setup.run.due(step + 1):
                     save_checkpoint(step + 1)
                 if self.on_step is not None:

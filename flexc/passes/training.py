@@ -16,6 +16,8 @@ gets:
   checkpoint is and what to change;
 - :meth:`TrainingRun.progress`: the step bar, starting where a resumed run left off.
 
+Under torchrun (``anneal``), rank 0 alone writes the checkpoint, and every rank resumes from it.
+
 The loop itself stays in the pass, so a reader sees its steps (its schedule) in order::
 
     run = TrainingRun("recover", workdir / CHECKPOINT, fingerprint(options, seed), every=25, ...)
@@ -43,6 +45,7 @@ from typing import Any
 import torch
 
 from flexc.passes import checkpoint
+from flexc.utils import distributed
 from flexc.utils.progress import StepBar, step_progress
 
 
@@ -65,16 +68,19 @@ class TrainingRun:
         self.logger, self.diverged, self.advice, self.unchanged, self.quiet = logger, diverged, advice, unchanged, quiet
 
     def resume(self) -> dict[str, Any] | None:
-        """The saved checkpoint (with its ``step``) if it belongs to this run, else None."""
-        return checkpoint.load(self.path, self.fingerprint, self.name, self.logger)
+        """The saved checkpoint (with its ``step``) if it belongs to this run, else None. Under
+        torchrun, rank 0's, sent to every rank: they resume in lockstep."""
+        ckpt = checkpoint.load(self.path, self.fingerprint, self.name, self.logger) if distributed.is_writer() else None
+        return distributed.broadcast(ckpt, f"the {self.name} checkpoint")
 
     def due(self, step: int) -> bool:
         """Whether a checkpoint is due after ``step`` completed steps."""
         return step % self.every == 0
 
     def save(self, step: int, **payload: Any) -> None:
-        """Checkpoint the run after ``step`` completed steps (atomically)."""
-        checkpoint.save(self.path, self.fingerprint, step, **payload)
+        """Checkpoint the run after ``step`` completed steps (atomically; under torchrun, rank 0 alone)."""
+        if distributed.is_writer():
+            checkpoint.save(self.path, self.fingerprint, step, **payload)
 
     def check_finite(self, value: torch.Tensor, what: str, step: int, detail: str = "") -> None:
         """Stop the run if ``value`` (a loss, a gradient norm) is not finite; ``detail`` (e.g. the

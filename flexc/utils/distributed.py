@@ -6,6 +6,9 @@ joins them into one ``torch.distributed`` process group (gloo on CPU, NCCL when 
 on CUDA), with a timeout after which a collective that a peer never joins fails the run
 (``FLEXC_DIST_TIMEOUT`` seconds, default 1800). Rank 0 is the writer. In one process (no
 torchrun) every helper here is a no-op: rank 0 of a world of one.
+
+The calibration passes deal whole batches to ranks (:func:`shard`); ``anneal``, whose every
+step is one batch, splits each batch's sequences instead (:func:`row_share`).
 """
 
 from __future__ import annotations
@@ -140,6 +143,20 @@ def all_reduce_sum(tensor, what: str):
     return _all_reduce(tensor, f"summing {what} over ranks") if world_size() > 1 else tensor
 
 
+def broadcast(value, what: str):
+    """Rank 0's ``value`` (anything picklable) on every rank; ``what`` names it in an error."""
+    if world_size() == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except RuntimeError as exc:
+        raise _collective_failed(f"sending {what} to every rank", exc) from None
+    return box[0]
+
+
 def barrier(where: str) -> None:
     """Wait until every rank gets ``where`` (a one-element sum: the same timeout and error as any collective)."""
     if world_size() > 1:
@@ -173,3 +190,15 @@ def shard(batches: Iterable) -> Iterable:
         raise FlexcError(f"{len(batches)} calibration batch(es) for {world} ranks: every rank needs at least one; "
                          "raise data.calibration.num_samples or lower batch_size, or start fewer processes")
     return Shard(batches, rank(), world)
+
+
+def row_share(rows: int, what: str) -> slice:
+    """This rank's sequences of a batch of ``rows``: rank ``r`` gets ``[r * rows // world, (r + 1) * rows //
+    world)``, so the ranks' shares in rank order are the batch in order (all of it in one process).
+    Every rank must get one: fewer rows than ranks is a user error (``what`` names the batch)."""
+    world, here = world_size(), rank()
+    if rows < world:
+        raise FlexcError(f"{what} has {rows} sequence(s) for {world} ranks, and each rank needs at least one of "
+                         "every batch: raise data.calibration.batch_size (the last batch holds what is left of "
+                         "num_samples), or start fewer processes")
+    return slice(here * rows // world, (here + 1) * rows // world)

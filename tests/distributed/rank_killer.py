@@ -1,4 +1,5 @@
-"""A pass for tests/test_distributed.py: the rank named by FLEXC_TEST_KILL_RANK dies (SIGKILL) in it."""
+"""Passes for tests/test_distributed.py: the rank named by FLEXC_TEST_KILL_RANK dies (SIGKILL) in them, or in the
+anneal after them."""
 
 from __future__ import annotations
 
@@ -15,4 +16,18 @@ class KillRank(Pass):
     def run(self, graph, ctx):
         if os.environ.get("FLEXC_TEST_KILL_RANK") == str(rank()):
             os.kill(os.getpid(), signal.SIGKILL)
+        return PassResult(graph=graph, modified=False)
+
+
+class KillInAnneal(Pass):
+    """The rank named by FLEXC_TEST_KILL_RANK dies (SIGKILL) after step FLEXC_TEST_KILL_STEP of the next anneal."""
+
+    name = "kill_in_anneal"
+
+    def run(self, graph, ctx):
+        from flexc.passes.anneal import Anneal
+
+        if os.environ.get("FLEXC_TEST_KILL_RANK") == str(rank()):
+            kill_step = int(os.environ["FLEXC_TEST_KILL_STEP"])
+            Anneal.on_step = staticmethod(lambda step: step == kill_step and os.kill(os.getpid(), signal.SIGKILL))
         return PassResult(graph=graph, modified=False)
