@@ -4,9 +4,10 @@ Every rank loads the model and runs every pass. The passes that calibrate take o
 rank's batches (:func:`flexc.utils.distributed.shard`) and sum what they collect over ranks
 (routing statistics, channel scores, expert norms), so every rank then holds the state one
 process would have over all the batches, and the passes after it (uniform, coverage,
-fold_masks) compute the same thing on every rank without talking. ``anneal`` splits the
-sequences of each of its batches over the ranks instead and sums its gradients every step
-(:mod:`flexc.passes.anneal`), so every rank trains the same logits; ``recover`` is refused.
+fold_masks) compute the same thing on every rank without talking. The training passes,
+``anneal`` and ``recover``, split the sequences of each of their batches over the ranks instead
+and sum their gradients every step (:mod:`flexc.passes.anneal`, :mod:`flexc.passes.recover`),
+so every rank trains the same action logits or LoRA adapters.
 
 Rank 0 alone writes the output directory (manifest, stage folders, ``state/``, exports, the
 report); the other ranks read its manifest and ``state/`` to resume where it resumes, put
@@ -26,12 +27,6 @@ from flexc.compiler.artifacts import RunDir, read_manifest
 from flexc.compiler.errors import FlexcError
 from flexc.utils import distributed
 
-#: Passes a compile under torchrun refuses, and why.
-REFUSED_PASSES = {
-    "recover": "it fine-tunes LoRA adapters through the model's loss, and data-parallel training (gradients "
-               "all-reduced every step) is not implemented yet",
-}
-
 
 def data_parallel_problems(spec) -> list[str]:
     """Why ``spec`` cannot compile with several processes (empty when it can)."""
@@ -44,10 +39,7 @@ def data_parallel_problems(spec) -> list[str]:
     if not spec.pipeline:
         problems.append("an empty pipeline only copies the model: there is nothing to split across processes")
     for i, entry in enumerate(spec.pipeline, 1):
-        if entry.name in REFUSED_PASSES:
-            problems.append(f"pipeline step {i}: pass {entry.name!r} cannot run under torchrun: "
-                            f"{REFUSED_PASSES[entry.name]}")
-        elif entry.name == "rank_channels" and entry.options.get("from") is None:
+        if entry.name == "rank_channels" and entry.options.get("from") is None:
             score = entry.options.get("score", "taylor")
             if resolve_score(score).summed is None:
                 problems.append(f"pipeline step {i}: rank_channels' score {score!r} does not declare which of its "

@@ -27,6 +27,17 @@ folder every ``checkpoint_every`` steps; a re-run on the same pre-recovery weigh
 gives the same result as an uninterrupted run (adapters are initialised from the seed and
 batches are indexed by step). A non-finite loss stops the run with a clear error, leaves the
 weights untouched and keeps the last good checkpoint.
+
+Under torchrun (docs/scale.md, "Several processes") every step still trains on one whole
+calibration batch, as ``anneal`` does: each rank takes a contiguous share of its sequences
+(:func:`flexc.utils.distributed.row_share`), computes the teacher targets and the loss on them,
+and weights its loss by its share of the sequences (a batch's sequences are equally long, so the
+weighted shares add up to the loss over the whole batch). The loss values and the adapters'
+gradients are summed over ranks before the gradient is clipped (so the clip sees the whole
+batch's gradient norm) and before the Adam step. Every rank starts from the same adapters (a
+function of the seed) and makes the same update, so the ranks stay in lockstep, merge the same
+adapters, and a non-finite loss or gradient norm stops all of them at the same step. Rank 0
+alone writes the checkpoint; every rank resumes from it.
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.distill import TeacherTargets
 from flexc.passes.registry import register_pass
 from flexc.passes.training import TrainingRun, fingerprint, restore
+from flexc.utils import distributed
 from flexc.utils.atomic import atomic_write_text
 
 CHECKPOINT = "recover_checkpoint.pt"
@@ -212,9 +224,13 @@ class Recover(Pass):
         tables = ctx.state.checked_width_tables()
         budget = select_budget(tables, opts.keep, opts.keep_tolerance)
         table = tables.table(budget)
-        batches = list(ctx.calibration_batches())
-        if not batches:
+        whole = list(ctx.calibration_batches())
+        if not whole:
             raise ValueError("recover: the calibration data yielded no batches")
+        shares = [distributed.row_share(len(b), f"recover: calibration batch {i + 1} of {len(whole)}")
+                  for i, b in enumerate(whole)]
+        # this rank's sequences of each batch, and their share of it (all of them, and 1, in one process)
+        batches = [(b[share], (share.stop - share.start) / len(b)) for b, share in zip(whole, shares)]
 
         model = graph.model
         experts = [graph.experts_module(g) for g in graph.groups]  # before peft wraps them
@@ -276,7 +292,7 @@ class Recover(Pass):
 
         with run.progress(start, opts.steps, f"recover (keep {budget:g})") as bar:
             for step in range(start, opts.steps):
-                ids = batches[step % len(batches)]
+                ids, weight = batches[step % len(batches)]
                 teacher = None
                 if opts.loss == "distill":
                     apply_widths(experts, groups, None)
@@ -284,11 +300,16 @@ class Recover(Pass):
                         teacher = TeacherTargets.from_logits(peft_model(input_ids=ids, use_cache=False).logits, None)
                 apply_widths(experts, groups, table)
                 student = peft_model(input_ids=ids, use_cache=False).logits
-                loss = quality_loss(opts.loss, student, teacher, ids)
+                part = quality_loss(opts.loss, student, teacher, ids) * weight  # this rank's part of the loss
                 del student, teacher
-                run.check_finite(loss, "the loss", step)
+                loss = distributed.all_reduce_sum(part.detach().clone(), "the recover loss")
+                run.check_finite(loss, "the loss", step)  # the whole batch's: every rank stops at the same step
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                part.backward()
+                del part
+                for p in params:  # in place, one adapter at a time: no second copy of every gradient
+                    if p.grad is not None:  # None on every rank alike (the same graph)
+                        distributed.all_reduce_sum(p.grad, "the adapters' gradients")
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm or math.inf)
                 run.check_finite(grad_norm, "the adapters' gradient norm", step)
                 for group in optimizer.param_groups:

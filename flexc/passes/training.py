@@ -16,7 +16,7 @@ gets:
   checkpoint is and what to change;
 - :meth:`TrainingRun.progress`: the step bar, starting where a resumed run left off.
 
-Under torchrun (``anneal``), rank 0 alone writes the checkpoint, and every rank resumes from it.
+Under torchrun (``anneal``, ``recover``), rank 0 alone writes the checkpoint, and every rank resumes from it.
 
 The loop itself stays in the pass, so a reader sees its steps (its schedule) in order::
 

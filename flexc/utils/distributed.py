@@ -7,8 +7,9 @@ on CUDA), with a timeout after which a collective that a peer never joins fails 
 (``FLEXC_DIST_TIMEOUT`` seconds, default 1800). Rank 0 is the writer. In one process (no
 torchrun) every helper here is a no-op: rank 0 of a world of one.
 
-The calibration passes deal whole batches to ranks (:func:`shard`); ``anneal``, whose every
-step is one batch, splits each batch's sequences instead (:func:`row_share`).
+The calibration passes deal whole batches to ranks (:func:`shard`); the training passes
+(``anneal``, ``recover``), whose every step is one batch, split each batch's sequences instead
+(:func:`row_share`).
 """
 
 from __future__ import annotations
