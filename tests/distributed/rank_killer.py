@@ -1,5 +1,5 @@
 """Passes for tests/test_distributed.py: the rank named by FLEXC_TEST_KILL_RANK dies (SIGKILL) in them, or in the
-anneal after them."""
+anneal or recover after them."""
 
 from __future__ import annotations
 
@@ -30,4 +30,19 @@ class KillInAnneal(Pass):
         if os.environ.get("FLEXC_TEST_KILL_RANK") == str(rank()):
             kill_step = int(os.environ["FLEXC_TEST_KILL_STEP"])
             Anneal.on_step = staticmethod(lambda step: step == kill_step and os.kill(os.getpid(), signal.SIGKILL))
+        return PassResult(graph=graph, modified=False)
+
+
+class KillInRecover(Pass):
+    """The rank named by FLEXC_TEST_KILL_RANK dies (SIGKILL) after step FLEXC_TEST_KILL_STEP of the next recover."""
+
+    name = "kill_in_recover"
+
+    def run(self, graph, ctx):
+        from flexc.passes.recover import Recover
+
+        if os.environ.get("FLEXC_TEST_KILL_RANK") == str(rank()):
+            kill_step = int(os.environ["FLEXC_TEST_KILL_STEP"])
+            Recover.on_step = staticmethod(
+                lambda step, model: step == kill_step and os.kill(os.getpid(), signal.SIGKILL))
         return PassResult(graph=graph, modified=False)
