@@ -124,7 +124,8 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_same_artifacts(one: Path, two: Path, formats: tuple[str, ...] = ("nested", "sliced")) -> None:
+def assert_same_artifacts(one: Path, two: Path, formats: tuple[str, ...] = ("nested", "sliced"),
+                          tolerance: float = TOLERANCE) -> None:
     for tables in ("state", "nested"):  # the width tables: the hand-off state's and the artifact's
         with safe_open(str(one / tables / WIDTHS_FILE), "pt") as a, safe_open(str(two / tables / WIDTHS_FILE), "pt") as b:
             assert torch.equal(a.get_tensor("widths"), b.get_tensor("widths")), tables
@@ -134,7 +135,7 @@ def assert_same_artifacts(one: Path, two: Path, formats: tuple[str, ...] = ("nes
         for name in ta:
             assert ta[name].dtype == tb[name].dtype and ta[name].shape == tb[name].shape, name
             diff = float((ta[name].double() - tb[name].double()).abs().max()) if ta[name].numel() else 0.0
-            assert diff <= TOLERANCE, f"{fmt}/{name}: max difference {diff:.3g}"
+            assert diff <= tolerance, f"{fmt}/{name}: max difference {diff:.3g}"
 
 
 def _files(directory: Path) -> set[str]:
@@ -213,28 +214,43 @@ def assert_same_anneal(one: Path, two: Path) -> None:
         assert h2 == pytest.approx(h, rel=ANNEAL_RTOL), h["step"]
 
 
+def straight_through(spec: Path, reference: Path, tmp_path: Path) -> Path:
+    """Compile ``spec`` under torchrun: rank 0 writes the files one process wrote to ``reference``, and no rank
+    leaves a scratch folder behind. Returns the output."""
+    out = tmp_path / "out"
+    done, _ = torchrun(spec, out, tmp_path / "tmp")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert _files(out) == _files(reference)
+    assert not list((tmp_path / "tmp").glob("flexc-rank*"))
+    return out
+
+
 def test_two_processes_anneal_as_one_process_does(one_process_anneal, tiny_model_dir, tmp_path):
     spec = _write(_anneal_spec(tiny_model_dir), tmp_path / "spec.yaml")
-    done, _ = torchrun(spec, tmp_path / "out", tmp_path / "tmp")
+    assert_same_anneal(one_process_anneal, straight_through(spec, one_process_anneal, tmp_path))
+
+
+def kill_then_resume(spec: Path, tmp_path: Path, stage: str, kill_step: int, checkpointed: int) -> Path:
+    """Rank 1 dies after step ``kill_step`` of the training pass in ``stage`` (``NN-name``): the run fails there,
+    with rank 0's checkpoint of ``checkpointed`` steps; the same command then resumes from it. Returns the output."""
+    out, name = tmp_path / "out", stage.split("-", 1)[1]
+    done, _ = torchrun(spec, out, tmp_path / "tmp", FLEXC_TEST_KILL_RANK="1", FLEXC_TEST_KILL_STEP=str(kill_step))
+    assert done.returncode != 0
+    failed = [s for s in json.loads((out / "manifest.json").read_text())["stages"] if s["status"] == "failed"]
+    assert [s["name"] for s in failed] == [stage]
+    assert not (out / "nested").exists()
+    assert torch.load(out / "stages" / stage / f"{name}_checkpoint.pt", weights_only=True)["step"] == checkpointed
+
+    done, _ = torchrun(spec, out, tmp_path / "tmp")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert_same_anneal(one_process_anneal, tmp_path / "out")
-    assert _files(tmp_path / "out") == _files(one_process_anneal)
-    assert not list((tmp_path / "tmp").glob("flexc-rank*"))
+    assert f"{name}: resuming from step {checkpointed}" in (out / "compile.log").read_text()
+    return out
 
 
 def test_a_rank_killed_mid_anneal_resumes_from_rank_0s_checkpoint(one_process_anneal, tiny_model_dir, tmp_path):
     spec = _write(_anneal_spec(tiny_model_dir, kill=True), tmp_path / "spec.yaml")
-    out = tmp_path / "out"
     # rank 1 dies after step 6 (of 8): rank 0 checkpointed step 6 before it joined that step's sum
-    done, _ = torchrun(spec, out, tmp_path / "tmp", FLEXC_TEST_KILL_RANK="1", FLEXC_TEST_KILL_STEP="6")
-    assert done.returncode != 0
-    failed = [s for s in json.loads((out / "manifest.json").read_text())["stages"] if s["status"] == "failed"]
-    assert [s["name"] for s in failed] == ["04-anneal"]
-    assert torch.load(out / "stages" / "04-anneal" / "anneal_checkpoint.pt", weights_only=True)["step"] == 6
-
-    done, _ = torchrun(spec, out, tmp_path / "tmp")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "anneal: resuming from step 6" in (out / "compile.log").read_text()
+    out = kill_then_resume(spec, tmp_path, "04-anneal", kill_step=6, checkpointed=6)
     assert_same_anneal(one_process_anneal, out)  # rank 1 resumed from rank 0's checkpoint too
 
 
@@ -250,13 +266,7 @@ def _recover_history(out: Path) -> list[dict]:
 
 
 def assert_same_recover(one: Path, two: Path) -> None:
-    with safe_open(str(one / "nested" / WIDTHS_FILE), "pt") as a, safe_open(str(two / "nested" / WIDTHS_FILE), "pt") as b:
-        assert torch.equal(a.get_tensor("widths"), b.get_tensor("widths"))  # recover leaves the tables alone
-    ta, tb = _tensors(one / "nested"), _tensors(two / "nested")
-    assert ta and set(ta) == set(tb), sorted(set(ta) ^ set(tb))[:5]
-    for name in ta:
-        diff = float((ta[name].double() - tb[name].double()).abs().max())
-        assert diff <= RECOVER_ATOL, f"nested/{name}: max difference {diff:.3g}"
+    assert_same_artifacts(one, two, formats=("nested",), tolerance=RECOVER_ATOL)
     history, history2 = _recover_history(one), _recover_history(two)
     assert [h["step"] for h in history] == [h["step"] for h in history2] == [0, 1, 2, 3]
     for h, h2 in zip(history, history2):  # the loss: summed over the ranks' shares of each batch
@@ -265,27 +275,13 @@ def assert_same_recover(one: Path, two: Path) -> None:
 
 def test_two_processes_recover_as_one_process_does(one_process_recover, tiny_model_dir, tmp_path):
     spec = _write(_recover_spec(tiny_model_dir), tmp_path / "spec.yaml")
-    done, _ = torchrun(spec, tmp_path / "out", tmp_path / "tmp")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert_same_recover(one_process_recover, tmp_path / "out")
-    assert _files(tmp_path / "out") == _files(one_process_recover)
-    assert not list((tmp_path / "tmp").glob("flexc-rank*"))
+    assert_same_recover(one_process_recover, straight_through(spec, one_process_recover, tmp_path))
 
 
 def test_a_rank_killed_mid_recover_resumes_from_rank_0s_checkpoint(one_process_recover, tiny_model_dir, tmp_path):
     spec = _write(_recover_spec(tiny_model_dir, kill=True), tmp_path / "spec.yaml")
-    out = tmp_path / "out"
-    # rank 1 dies after step index 1 (of 4): rank 0 checkpointed 2 completed steps before the next step's sum
-    done, _ = torchrun(spec, out, tmp_path / "tmp", FLEXC_TEST_KILL_RANK="1", FLEXC_TEST_KILL_STEP="1")
-    assert done.returncode != 0
-    failed = [s for s in json.loads((out / "manifest.json").read_text())["stages"] if s["status"] == "failed"]
-    assert [s["name"] for s in failed] == ["05-recover"]
-    assert not (out / "nested").exists()
-    assert torch.load(out / "stages" / "05-recover" / "recover_checkpoint.pt", weights_only=True)["step"] == 2
-
-    done, _ = torchrun(spec, out, tmp_path / "tmp")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "recover: resuming from step 2" in (out / "compile.log").read_text()
+    # rank 1 dies after step 1 (the second of 4): rank 0 checkpointed 2 steps before the next step's sum
+    out = kill_then_resume(spec, tmp_path, "05-recover", kill_step=1, checkpointed=2)
     assert_same_recover(one_process_recover, out)  # rank 1 resumed from rank 0's checkpoint too
 
 
