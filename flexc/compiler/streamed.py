@@ -12,7 +12,8 @@ compile (``manifest.json``, ``stages/NN-<pass>/``, ``state/``, one folder per ex
   that needs the loss gradient (``taylor``, the default) keeps every layer's inputs, takes each
   batch's gradient at the last layer's output from the final norm and LM head, and walks back
   from the last layer to the first, reloading and recomputing each one to back-propagate
-  through it (two loads per layer). The channels are then sorted by score. The pass's files and hand-off state are those of
+  through it (two loads per layer). The channels are then sorted by score. The pass's files
+  and hand-off state are those of
   :class:`~flexc.passes.rank_channels.RankChannels`, plus ``channel_perms`` (the permutation
   the exports apply: the ranked weights are never written to a stage folder);
 - ``NN-uniform`` / ``NN-coverage``: the passes themselves (they read the hand-off state only);
@@ -106,12 +107,20 @@ def rank_channels_streamed(p, lm, ctx) -> None:
         else:
             scores, counts, sums = _forward_sweep(lm, batches, score_cls, ctx)[:3]
         perms, sorted_scores = sort_channels(scores)
-        max_experts = max(g.num_experts for g in lm.groups)
-        pad = lambda t, g: torch.nn.functional.pad(t, (0, max_experts - g.num_experts))  # noqa: E731
-        stats = RoutingStats(counts=torch.stack([pad(c, g) for c, g in zip(counts, lm.groups)]),
-                             weight_sums=torch.stack([pad(w, g) for w, g in zip(sums, lm.groups)]))
+        stats = RoutingStats(counts=_padded(counts, lm.groups), weight_sums=_padded(sums, lm.groups))
     record_ranking(ctx, workdir, p.options, perms, sorted_scores, stats)
     ctx.state.channel_perms = torch.stack(perms)
+
+
+def _layer_score(score_cls, group):
+    """A channel score for one MoE layer (key 0: the streamed compile scores a layer at a time)."""
+    return score_cls({0: (group.num_experts, group.hidden_size, group.intermediate_size)}, {0: group.interleaved})
+
+
+def _padded(rows: list[torch.Tensor], groups) -> torch.Tensor:
+    """Per-layer ``[E]`` statistics stacked to ``[layers, max E]`` (zeros past a layer's experts)."""
+    width = max(g.num_experts for g in groups)
+    return torch.stack([torch.nn.functional.pad(r, (0, width - g.num_experts)) for r, g in zip(rows, groups)])
 
 
 def _forward_sweep(lm, batches, score_cls, ctx, *, keep_inputs: bool = False):
@@ -134,8 +143,7 @@ def _forward_sweep(lm, batches, score_cls, ctx, *, keep_inputs: bool = False):
                 for h in hidden:
                     graph.logits(h.to(lm.device))
         else:
-            score = None if score_cls.needs_backward else score_cls(
-                {0: (group.num_experts, group.hidden_size, group.intermediate_size)}, {0: group.interleaved})
+            score = None if score_cls.needs_backward else _layer_score(score_cls, group)
             stats = calibrate(graph, hidden, on_forward=score and score.on_forward, end_batch=score and score.end_batch,
                               backward=False, quiet=ctx.quiet,
                               description=f"rank_channels ({score_cls.name}) layer {i + 1}/{lm.num_layers}"
@@ -170,8 +178,7 @@ def _scores_with_backward(lm, batches, score_cls, ctx):
         module.requires_grad_(False)
         group = lm.group_at(i)
         graph = LayerGraph(module, lm, group, kwargs, index=i)
-        score = None if group is None else score_cls(
-            {0: (group.num_experts, group.hidden_size, group.intermediate_size)}, {0: group.interleaved})
+        score = None if group is None else _layer_score(score_cls, group)
         observer = (lambda info: score.on_backward(0, info)) if score is not None else (lambda info: None)
         with observe_expert_grads(observer):
             for b in progress_bar(range(len(batches)), total=len(batches), disable=ctx.quiet,
