@@ -351,7 +351,7 @@ def test_track_exports_the_trained_table_only_if_it_wins_beyond_the_noise(tmp_pa
     spread = torch.tensor([-0.09, 0.07, -0.08, 0.06, -0.05, 0.04, -0.02, -0.01] if noisy else [-0.01] * 8,
                           dtype=torch.float64)
     monkeypatch.setattr(Anneal, "_table_losses",
-                        lambda self, graph, setup, levels, batches: dict.fromkeys(
+                        lambda self, setup, levels, batches: dict.fromkeys(
                             ("quality", "next_token"), base + spread if torch.equal(levels, trained) else base))
     record = pass_._choose(graph, ctx, setup, 0.5, warm, None, [0], step=8, steps=8)
     assert record["validation_loss"]["trained"] < record["validation_loss"]["warm_start"]
@@ -372,7 +372,7 @@ def test_track_with_both_losses_keeps_the_one_shot_table_where_the_text_loss_dis
     base = torch.full((8,), 0.10, dtype=torch.float64)
     text = base + (0.02 if text_worse else -0.02)
 
-    def losses(self, graph, setup, levels, batches):
+    def losses(self, setup, levels, batches):
         if torch.equal(levels, trained):
             return {"quality": base - 0.05, "next_token": text}  # far better on the quality term
         return {"quality": base, "next_token": base}

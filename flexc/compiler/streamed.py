@@ -17,7 +17,13 @@ compile (``manifest.json``, ``stages/NN-<pass>/``, ``state/``, one folder per ex
   :class:`~flexc.passes.rank_channels.RankChannels`, plus ``channel_perms`` (the permutation
   the exports apply: the ranked weights are never written to a stage folder);
 - ``NN-uniform`` / ``NN-coverage``: the passes themselves (they read the hand-off state only);
-- ``NN-fold_masks``: checks the width tables (no gates to fold: streamed pipelines have none);
+- ``NN-insert_action_gates``: records its options in the state (the gates are a function of
+  the layers and the options; nothing is rewritten);
+- ``NN-anneal``: the pass itself, training the gates through the layer-streamed model
+  (:class:`flexc.passes.gated_model.StreamedGatedModel`: every step a forward sweep keeping the
+  boundary states and a backward sweep reloading and recomputing each layer);
+- ``NN-fold_masks``: checks the width tables (no gates to fold: a streamed compile's gates
+  never enter the layers' weights);
 - ``export:nested`` / ``export:sliced``: each decoder layer loaded, permuted, (sliced,) written
   as a shard of its own and freed (:mod:`flexc.export.streamed`).
 
@@ -50,15 +56,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("flexc")
 
 #: Passes a streamed compile runs, and why the others cannot run there (yet).
-STREAMABLE_PASSES = ("rank_channels", "uniform", "coverage", "fold_masks")
+STREAMABLE_PASSES = ("rank_channels", "uniform", "coverage", "insert_action_gates", "anneal", "fold_masks")
 STREAMABLE_EXPORTS = ("nested", "sliced")
 _WHY = {
-    "anneal": "it trains action logits for many steps through the model's loss; the streamed backward (one "
-              "reload and recomputation of every layer per pass over the data) runs the Taylor score, not training "
-              "loops yet",
-    "recover": "it fine-tunes LoRA adapters for many steps through the model's loss (streamed training loops are "
-               "not implemented yet)",
-    "insert_action_gates": "the action gates exist for anneal, which streamed execution cannot run yet",
+    "recover": "it fine-tunes the model's weights (LoRA adapters) through the model's loss; streamed training "
+               "covers the action gates (anneal) only",
     "expert_prune": "it rewrites the in-memory graph's routers",
     "insert_router_masks": "it rewrites the in-memory graph's routers",
     "lower_kernels": "it rewrites the in-memory graph",
@@ -201,19 +203,6 @@ def fold_masks_streamed(p, lm, ctx) -> None:
                     ", ".join(f"keep {b:g}" for b in tables.budgets))
 
 
-def permuter(lm, perms: torch.Tensor):
-    """The exports' per-layer transform: apply ``rank_channels``' permutation to a loaded layer."""
-    from flexc.ir.permute import permute_expert_channels
-
-    index = {g.layer: i for i, g in enumerate(lm.groups)}
-
-    def transform(layer: int, graph) -> None:
-        if graph.groups:
-            permute_expert_channels(graph, 0, perms[index[layer]])
-
-    return transform
-
-
 def _disk_bytes(*paths: Path) -> int:
     total = 0
     for path in paths:
@@ -255,9 +244,13 @@ class StreamedPass:
 
 
 def streamed_pass(p):
-    """``p`` as a streamed compile runs it: the layer-by-layer form of ``rank_channels`` and
-    ``fold_masks``; the width passes as they are (they read the groups and the hand-off state only)."""
-    streamed = {"rank_channels": rank_channels_streamed, "fold_masks": fold_masks_streamed}.get(p.name)
+    """``p`` as a streamed compile runs it: the layer-by-layer form of ``rank_channels``,
+    ``insert_action_gates`` and ``fold_masks``; the width passes and ``anneal`` as they are (they read
+    the groups and the hand-off state; anneal trains through the layer model, see gated_model)."""
+    from flexc.passes.action_gates import insert_action_gates_streamed
+
+    streamed = {"rank_channels": rank_channels_streamed, "insert_action_gates": insert_action_gates_streamed,
+                "fold_masks": fold_masks_streamed}.get(p.name)
     return p if streamed is None else StreamedPass(p, streamed)
 
 
@@ -270,6 +263,7 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
     from flexc.compiler import driver
     from flexc.compiler.data_parallel import stages_dir
     from flexc.export.streamed import export_sliced_streamed, write_nested_streamed
+    from flexc.ir.permute import layer_permuter
     from flexc.ir.streaming import LayerModel
     from flexc.ir.state import CompileState
     from flexc.passes.base import PassContext
@@ -344,7 +338,7 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
 
     def write(fmt: str, tmp: Path) -> dict:
         tables = state.checked_width_tables()
-        transform = permuter(lm, state.channel_perms)
+        transform = layer_permuter(lm.groups, state.channel_perms)
         provenance = {"spec": spec.to_yaml(), "seed": spec.seed, "versions": artifacts.library_versions()}
         if fmt == "nested":
             m = write_nested_streamed(tmp, lm, tables, transform=transform, tokenizer=tokenizer,

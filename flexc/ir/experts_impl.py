@@ -4,7 +4,9 @@ Registered in transformers' ``ExpertsInterface`` under the name ``"flexc"``, so 
 ``model.set_experts_implementation("flexc")`` routes every MoE layer through
 ``torch.ops.flexc.moe_experts`` (one graph node per layer once exported). A module's
 optional non-persistent buffer ``flexc_widths [E]`` carries its per-expert widths; changing
-it in place switches the budget without touching weights.
+it in place switches the budget without touching weights. A module may also carry an op of
+its own in place of the flexc op (:func:`override_op`: a training pass's gated op on a layer
+that is not in a graph).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from flexc.ir.op import call_moe_experts
 
 IMPLEMENTATION_NAME = "flexc"
 WIDTHS_BUFFER = "flexc_widths"
+OP_OVERRIDE = "_flexc_op_override"
 
 
 def canonical_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +45,8 @@ def flexc_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_in
                           top_k_weights: torch.Tensor) -> torch.Tensor:
     gate_up, down = canonical_weights(self)
     activation, alpha, limit = expert_activation(self)
-    return call_moe_experts(
+    op = getattr(self, OP_OVERRIDE, None)
+    return (call_moe_experts if op is None else op)(
         hidden_states,
         top_k_index,
         top_k_weights,
@@ -74,6 +78,16 @@ def use_flexc_experts(model: nn.Module) -> None:
     """Route every MoE layer of a transformers model through the flexc op."""
     register()
     model.set_experts_implementation(IMPLEMENTATION_NAME)
+
+
+def override_op(experts: nn.Module, op=None) -> None:
+    """Make ``experts`` call ``op`` (same arguments as :func:`call_moe_experts`) instead of the flexc op;
+    None restores it. Kept outside the module's registry (an ``nn.Module`` op is not a submodule),
+    so the module's parameters, state dict and ``to_empty`` are unchanged."""
+    if op is None:
+        experts.__dict__.pop(OP_OVERRIDE, None)
+    else:
+        experts.__dict__[OP_OVERRIDE] = op
 
 
 def set_widths(experts: nn.Module, widths: torch.Tensor | None) -> None:

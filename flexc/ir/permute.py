@@ -2,7 +2,8 @@
 
 Used by ``rank_channels`` (through :meth:`flexc.ir.graph.FlexGraph.permute_channels`, which
 records it so that a resumed compile re-derives the permuted weights from the source instead of
-storing them) and by the streamed exports (on each loaded layer).
+storing them) and, in a streamed compile, to each loaded layer (:func:`layer_permuter`: the
+anneal's layers and the exports).
 """
 
 from __future__ import annotations
@@ -29,3 +30,15 @@ def permute_expert_channels(graph, layer_index: int, perms: torch.Tensor) -> Non
                     b.copy_(b[p].clone())
             cols = down[e]
             cols.copy_(cols[:, p].clone())
+
+
+def layer_permuter(groups, perms: torch.Tensor):
+    """A streamed compile's per-layer transform ``(layer, layer graph)``: apply ``rank_channels``'
+    permutation ``perms [MoE layers, E, I]`` (in ``groups`` order) to a loaded decoder layer."""
+    index = {g.layer: i for i, g in enumerate(groups)}
+
+    def transform(layer: int, graph) -> None:
+        if graph.groups:
+            permute_expert_channels(graph, 0, perms[index[layer]])
+
+    return transform

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -297,11 +298,11 @@ class LayerModel:
             embed.to_empty(device="meta")
         return hidden, kwargs_by_shape
 
-    def head_gradients(self, hidden: list[torch.Tensor], batches: list[torch.Tensor],
-                       loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-        """Per batch, the gradient of ``loss(logits, ids)`` with respect to the last decoder layer's
-        output ``hidden[b]`` (on the CPU): the model's final norm and LM head (``lm_head(norm(h))``,
-        what the families flexc streams compute) materialised for this call only, their weights frozen."""
+    @contextmanager
+    def head(self) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """The model's final norm and LM head (``lm_head(norm(h))``, what the families flexc streams
+        compute), materialised until the context exits, their weights frozen: yields the function
+        from the last decoder layer's output to the logits."""
         norm, head = self.base.norm, self.model.get_output_embeddings()
         rest = self.module_tensors(REST)
         for module in (norm, head):
@@ -317,16 +318,23 @@ class LayerModel:
             module.load_state_dict(own, strict=False, assign=True)
             module.requires_grad_(False)
         del rest
-        grads = []
         try:
-            for h, ids in zip(hidden, batches):
-                h = h.to(self.device).requires_grad_(True)
-                loss(head(norm(h)), ids.to(self.device)).backward()
-                grads.append(h.grad.detach().to("cpu"))
+            yield lambda h: head(norm(h))
         finally:
             norm.to_empty(device="meta")
             head.to_empty(device="meta")
             release_memory()
+
+    def head_gradients(self, hidden: list[torch.Tensor], batches: list[torch.Tensor],
+                       loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        """Per batch, the gradient of ``loss(logits, ids)`` with respect to the last decoder layer's
+        output ``hidden[b]`` (on the CPU), through :meth:`head`."""
+        grads = []
+        with self.head() as logits_of:
+            for h, ids in zip(hidden, batches):
+                h = h.to(self.device).requires_grad_(True)
+                loss(logits_of(h), ids.to(self.device)).backward()
+                grads.append(h.grad.detach().to("cpu"))
         return grads
 
     def _module_prefix(self, module: nn.Module) -> str:

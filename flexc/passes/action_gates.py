@@ -33,6 +33,7 @@ from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.registry import register_pass
 
 GATE_PREFIX = "flexc_gates_"
+STREAMED_GATES = "action_gates"  # the state entry of a streamed compile's gate options
 
 
 MAX_LEVELS = 64
@@ -187,18 +188,41 @@ class InsertActionGates(Pass):
     def run(self, graph, ctx: PassContext) -> PassResult:
         for p in graph.model.parameters():
             p.requires_grad_(False)
+        gates = dict(zip((g.node for g in graph.groups), build_gates(graph.groups, self.options)))
         by_node = {g.node: g for g in graph.groups}
         changed = set()
         for node in list(graph.module.graph.nodes):
             if not is_expert_node(node):
                 continue
             group = by_node[node.name]
-            if group.intermediate_size < self.options.granule:
-                raise ValueError(f"layer {group.layer}: intermediate size {group.intermediate_size} is smaller "
-                                 f"than the granule {self.options.granule}")
-            widths = level_widths(group.intermediate_size, self.options.levels, self.options.granule)
-            gates = GatedExperts(group.num_experts, group.intermediate_size, widths, self.options.init_margin)
-            new = graph.replace_expert_node(node, group, GATE_PREFIX + str(group.layer), submodule=gates)
+            new = graph.replace_expert_node(node, group, GATE_PREFIX + str(group.layer), submodule=gates[node.name])
             changed.add(new.name)
         graph.record_rewrite(self.name, self.options.model_dump(mode="json"))
         return PassResult(graph=graph, modified=True, changed_nodes=changed)
+
+
+def build_gates(groups, options: InsertActionGatesOptions) -> list[GatedExperts]:
+    """A fresh gate module (logits favouring full width) for each MoE layer of ``groups``, in order."""
+    gates = []
+    for group in groups:
+        if group.intermediate_size < options.granule:
+            raise ValueError(f"layer {group.layer}: intermediate size {group.intermediate_size} is smaller "
+                             f"than the granule {options.granule}")
+        widths = level_widths(group.intermediate_size, options.levels, options.granule)
+        gates.append(GatedExperts(group.num_experts, group.intermediate_size, widths, options.init_margin))
+    return gates
+
+
+def insert_action_gates_streamed(p: InsertActionGates, lm, ctx: PassContext) -> None:
+    """``insert_action_gates`` without a graph: the gates are a function of the layers and the options
+    (fresh logits), so the options are recorded in the state and ``anneal`` builds the gates from them."""
+    build_gates(lm.groups, p.options)  # the same checks as in a graph
+    ctx.state.extras[STREAMED_GATES] = p.options.model_dump(mode="json")
+
+
+def streamed_gates(groups, state) -> list[GatedExperts]:
+    """The gates a streamed ``insert_action_gates`` recorded in ``state``, built afresh."""
+    options = state.extras.get(STREAMED_GATES)
+    if options is None:
+        raise ValueError("the streamed compile has no action gates: run insert_action_gates before anneal")
+    return build_gates(groups, InsertActionGatesOptions(**options))

@@ -74,9 +74,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from flexc.ir.tables import WidthTables
 from flexc.passes import checkpoint
-from flexc.passes.action_gates import gates_of, set_gate_mode
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_keep_ratios, reject_bool_numbers
 from flexc.passes.distill import TeacherTargets, distill_loss
+from flexc.passes.gated_model import GatedModel, gated_model
 from flexc.passes.registry import register_pass
 from flexc.passes.training import TrainingRun, fingerprint, restore
 from flexc.passes.width_tables import expert_weights, fit_to_budget, keep_ratio, per_layer_keep
@@ -229,6 +229,7 @@ def snap_to_levels(widths: torch.Tensor, level_widths: torch.Tensor) -> torch.Te
 class _Setup:
     """What both schedules work with: the gates, the budget arithmetic and the data."""
 
+    model: GatedModel  # the graph, or the streamed model, the gates are trained through
     gates: list
     logits: list[torch.Tensor]
     budgets: list[float]
@@ -250,6 +251,12 @@ class _Setup:
 
     def keep(self, levels: torch.Tensor) -> float:
         return keep_ratio(self.widths(levels), self.full, self.weights)
+
+    def set_mode(self, mode: str, tau: float | None = None) -> None:
+        for gate in self.gates:
+            gate.mode = mode
+            if tau is not None:
+                gate.tau = tau
 
     def deployed_levels(self) -> torch.Tensor:
         return torch.stack([g.deployed_levels() for g in self.gates])
@@ -287,7 +294,8 @@ class Anneal(Pass):
             else:
                 exported, history = self._run_ramp(graph, ctx, setup)
         finally:
-            set_gate_mode(graph, "full")
+            setup.set_mode("full")
+            setup.model.close()
             for gate in setup.gates:
                 gate.noise = None
                 gate.max_levels = None
@@ -300,10 +308,9 @@ class Anneal(Pass):
     def _setup(self, graph, ctx: PassContext, workdir: Path) -> _Setup:
         opts = self.options
         budgets, metric = _budgets(opts, ctx)
-        gates = gates_of(graph)
+        model = gated_model(graph, ctx)
+        gates = model.gates
         logits = [g.logits for g in gates]
-        for p in graph.model.parameters():
-            p.requires_grad_(False)
         for p in logits:
             p.requires_grad_(True)
         whole = list(ctx.calibration_batches())
@@ -317,6 +324,7 @@ class Anneal(Pass):
         level_widths = torch.stack([g.level_widths for g in gates])  # [L, A]
         lowest = keep_ratio(level_widths[:, :1].expand(-1, weights.shape[1]), full, weights)
         if budgets[-1] < lowest - 1e-9:
+            model.close()
             raise ValueError(
                 f"anneal: budget keep {budgets[-1]:g} is below the lowest keep ratio the action set reaches "
                 f"({lowest:.4g}, every expert at its smallest width); raise the budget, or use more levels or a "
@@ -325,37 +333,40 @@ class Anneal(Pass):
         teachers: list[TeacherTargets | None] = [None] * len(batches)
         if opts.quality == "distill":
             # The weights are frozen, so the full-width model's outputs are computed once per batch.
-            set_gate_mode(graph, "full")
-            with torch.no_grad():
-                teachers = [TeacherTargets.from_logits(graph.logits(ids), opts.teacher_topk) for ids in batches]
+            for gate in gates:
+                gate.mode = "full"
+            teachers = [TeacherTargets.from_logits(out, opts.teacher_topk) for out in model.logits(batches)]
         run = TrainingRun("anneal", workdir / CHECKPOINT,
                           fingerprint(opts.model_dump(mode="json", by_alias=True), budgets, metric, ctx.seed),
                           every=opts.checkpoint_every, logger=ctx.logger, diverged=AnnealDiverged,
                           advice="lr or the lambda schedule", quiet=ctx.quiet)
-        return _Setup(gates, logits, budgets, metric, full, weights, level_widths, batches, rows, teachers, run)
+        return _Setup(model, gates, logits, budgets, metric, full, weights, level_widths, batches, rows, teachers, run)
 
-    def _sampled_loss(self, graph, ctx, setup: _Setup, step: int, batch: int, tau: float):
+    def _sampled_loss(self, ctx, setup: _Setup, step: int, batch: int, tau: float) -> torch.Tensor:
         """This rank's share of the quality loss of one straight-through sample of actions on calibration
-        batch ``batch`` (its loss on its sequences, weighted by their share of the batch's)."""
+        batch ``batch`` (its loss on its sequences, weighted by their share of the batch's); its gradient
+        is left in the logits' ``grad`` (cleared first)."""
         for gate, noise in zip(setup.gates, _noise(ctx.seed, step, [p.shape for p in setup.logits])):
             gate.noise = noise
-        set_gate_mode(graph, "sample", tau)
+        setup.set_mode("sample", tau)
         ids = setup.batches[batch]
         share, rows = setup.rows[batch]
-        loss = quality_loss(self.options.quality, graph.logits(ids), setup.teachers[batch], ids)
-        return loss * ((share.stop - share.start) / rows)
+        weight = (share.stop - share.start) / rows
+        for p in setup.logits:
+            p.grad = None
+        return setup.model.loss_backward(
+            ids, lambda logits: quality_loss(self.options.quality, logits, setup.teachers[batch], ids) * weight)
 
     @staticmethod
     def _update(optimizer, quality: torch.Tensor, penalty: torch.Tensor, setup: _Setup, step: int, parts: str) -> float:
         """One optimizer step on the loss ``quality + penalty``; returns the batch's quality loss.
 
-        ``quality`` is this rank's share (:meth:`_sampled_loss`): its value and its gradient are summed
-        over ranks before the step. ``penalty`` (cost and entropy) depends on the logits alone, the same
-        on every rank. A non-finite loss or logit stops the run on every rank (the last checkpoint stays)."""
-        optimizer.zero_grad(set_to_none=True)
-        quality.backward()
+        ``quality`` is this rank's share (:meth:`_sampled_loss`, its gradient already in the logits'
+        ``grad``): its value and its gradient are summed over ranks before the step. ``penalty`` (cost
+        and entropy) depends on the logits alone, the same on every rank. A non-finite loss or logit
+        stops the run on every rank (the last checkpoint stays)."""
         summed = distributed.all_reduce_sum(
-            torch.cat([quality.detach().reshape(1), *(p.grad.flatten() for p in setup.logits)]),
+            torch.cat([quality.reshape(1), *(p.grad.flatten() for p in setup.logits)]),
             "the anneal's quality loss and its gradient")
         whole = summed[0]
         setup.run.check_finite(whole + penalty.detach(), "the loss", step, detail=f"quality {whole.item():.4g}, {parts}")
@@ -366,20 +377,19 @@ class Anneal(Pass):
         setup.run.check_finite_params(setup.logits, "the action logits", step)
         return whole.item()
 
-    def _table_losses(self, graph, setup: _Setup, levels: torch.Tensor, batches: list[int]) -> dict[str, torch.Tensor]:
+    def _table_losses(self, setup: _Setup, levels: torch.Tensor, batches: list[int]) -> dict[str, torch.Tensor]:
         """Per-sequence held-out losses of the given calibration batches under the fixed table ``levels``:
         ``"quality"`` (the loss's quality term) and ``"next_token"``, every rank's sequences in one
         process's order (each rank fills its own places; the sum over ranks fills them all)."""
         widths = setup.widths(levels).to(torch.int32)
         for gate, row in zip(setup.gates, widths):
             gate.table = row
-        set_gate_mode(graph, "table")
+        setup.set_mode("table")
         out = torch.zeros(2, sum(setup.rows[i][1] for i in batches), dtype=torch.float64)
         offset = 0
         with torch.no_grad():
-            for i in batches:
+            for i, logits in zip(batches, setup.model.logits(setup.batches[i] for i in batches)):
                 ids, (share, rows) = setup.batches[i], setup.rows[i]
-                logits = graph.logits(ids)
                 mine = slice(offset + share.start, offset + share.stop)
                 out[0, mine] = sequence_losses(self.options.quality, logits, setup.teachers[i], ids).double()
                 out[1, mine] = sequence_losses("next_token", logits, None, ids).double()
@@ -454,7 +464,7 @@ class Anneal(Pass):
                     optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
                 while t < steps:
                     tau, beta = opts.tau.at(t, steps), opts.beta.at(t, steps)
-                    quality = self._sampled_loss(graph, ctx, setup, step, train[step % len(train)], tau)
+                    quality = self._sampled_loss(ctx, setup, step, train[step % len(train)], tau)
                     cost, entropy = setup.expected_cost_and_entropy()
                     quality = self._update(optimizer, quality, lam * cost - beta * entropy, setup, step,
                                            f"cost {cost.item():.4g}, budget {budget:g}")
@@ -499,8 +509,8 @@ class Anneal(Pass):
         if not val:
             record["how"] = "trained (no held-out batches to check it on)"
             return self._log_choice(ctx, budget, steps, record)
-        held_out = {name: self._table_losses(graph, setup, levels, val) for name, levels in one_shot.items()}
-        held_out["trained"] = held_out[same] if same is not None else self._table_losses(graph, setup, trained, val)
+        held_out = {name: self._table_losses(setup, levels, val) for name, levels in one_shot.items()}
+        held_out["trained"] = held_out[same] if same is not None else self._table_losses(setup, trained, val)
         ranked_on = "next_token" if opts.validation_loss == "next_token" else "quality"
         seq = {name: v[ranked_on] for name, v in held_out.items()}
         losses = {name: float(v.mean()) for name, v in seq.items()}
@@ -597,7 +607,7 @@ class Anneal(Pass):
                     # the extra steps. The quality cost of pruning grows steeply at low budgets; a
                     # linear ramp to 3x the final lambda stalled at keep 0.27 of a 0.2 target on `tiny`.
                     lam = opts.lambda_.end * 2 ** (CONTINUATION_DOUBLINGS * (step - steps + 1) / max(extra, 1))
-                quality = self._sampled_loss(graph, ctx, setup, step, step % len(setup.batches), tau)
+                quality = self._sampled_loss(ctx, setup, step, step % len(setup.batches), tau)
                 cost, entropy = setup.expected_cost_and_entropy()
                 quality = self._update(optimizer, quality, lam * cost - beta * entropy, setup, step,
                                        f"cost {cost.item():.4g}")
