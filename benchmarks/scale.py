@@ -14,6 +14,8 @@ sizes for comparison. Prints a table, writes ``benchmarks/results/scale.json`` a
     python benchmarks/scale.py --sizes 0.3 --in-memory 0.3   # a quick check of the script
     python benchmarks/scale.py --sizes 4 --in-memory --score taylor --out benchmarks/results/scale_taylor.json
     python benchmarks/scale.py --processes --sizes 1 --in-memory 1   # wall time: 1 process vs torchrun with 2
+    python benchmarks/scale.py --sizes 4 --in-memory --score taylor --anneal 20 --samples 2 --batch-size 1 \
+        --out benchmarks/results/scale_anneal.json   # Taylor ranking and 20 anneal steps, streamed
 
 With ``--processes`` each compile runs as ``flexc compile`` (one process on every core, and
 one process of one thread) and as ``torchrun --nproc_per_node 2 flexc compile`` (2 processes
@@ -119,13 +121,17 @@ def build(directory: Path, gigabytes: float, seed: int = 0) -> dict:
 # --------------------------------------------------------------------------- one compile, in a child
 
 
-def spec_for(model_dir: Path, out: Path, stream: str, score: str = "activation", samples: int = 8) -> dict:
+def spec_for(model_dir: Path, out: Path, stream: str, score: str = "activation", samples: int = 8,
+             anneal: int = 0, batch_size: int = 4) -> dict:
+    """rank_channels -> coverage (or, with ``anneal`` steps, action gates and the anneal) -> fold -> sliced."""
+    widths = ([{"insert_action_gates": {"granule": 32}}, {"anneal": {"steps": anneal}}] if anneal
+              else [{"coverage": {"granule": 32}}])
     return {
         "model": {"path": str(model_dir), "dtype": "bfloat16"},
-        "data": {"calibration": {"builtin": "python-stdlib", "num_samples": samples, "seq_len": 128, "batch_size": 4}},
+        "data": {"calibration": {"builtin": "python-stdlib", "num_samples": samples, "seq_len": 128,
+                                 "batch_size": batch_size}},
         "budgets": {"keep": [BUDGET]},
-        "pipeline": [{"rank_channels": {"score": score, "plot": False}}, {"coverage": {"granule": 32}},
-                     "fold_masks"],
+        "pipeline": [{"rank_channels": {"score": score, "plot": False}}, *widths, "fold_masks"],
         "export": {"dir": str(out), "formats": ["sliced"]},
         "execution": {"stream": stream},
     }
@@ -257,7 +263,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.plot([0, max(sizes)], [0, max(sizes)], ":", color="grey", label="model size")
     ax.set_xlabel("model size on disk (GB, bf16)")
     ax.set_ylabel("peak resident memory (GB)")
-    ax.set_title(f"flexc compile: rank({rows[0].get('score', 'activation')}) → coverage → fold → sliced")
+    widths = f"anneal ({rows[0]['anneal_steps']} steps)" if rows[0].get("anneal_steps") else "coverage"
+    ax.set_title(f"flexc compile: rank({rows[0].get('score', 'activation')}) → {widths} → fold → sliced")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -273,6 +280,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the models and runs")
     parser.add_argument("--append", action="store_true", help="add the rows to those already in --out")
     parser.add_argument("--score", default="activation", help="rank_channels' score (taylor: the streamed backward)")
+    parser.add_argument("--anneal", type=int, default=0, metavar="STEPS",
+                        help="train the action gates this many steps (insert_action_gates + anneal) instead of coverage")
+    parser.add_argument("--samples", type=int, default=8, help="calibration sequences (128 tokens each)")
+    parser.add_argument("--batch-size", type=int, default=4, help="calibration sequences per batch")
     parser.add_argument("--processes", action="store_true", help="wall time of 1 process vs torchrun with 2")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -299,9 +310,12 @@ def main() -> None:
             modes = ["layers"] + (["off"] if gb in args.in_memory else [])
             for mode in modes:
                 out = work / f"run-{gb:g}gb-{mode}"
-                res = run_child(spec_for(model_dir, out, mode, args.score), work)
+                res = run_child(spec_for(model_dir, out, mode, args.score, args.samples, args.anneal,
+                                         args.batch_size), work)
                 row = {"model_gb": round(built["bytes"] / 1e9, 3), "layers": built["layers"],
                        "layer_mb": round(built["layer_bytes"] / 1e6, 1), "stream": mode, "score": args.score,
+                       "anneal_steps": args.anneal, "calibration": f"{args.samples} x 128 tokens, "
+                                                                   f"batches of {args.batch_size}",
                        **{k: round(v, 1) for k, v in res.items() if k != "stages"}, "stages": res["stages"]}
                 rows.append(row)
                 print(f"  {mode:6s} peak {row['peak_mb']:8.0f} MB (after imports {row['baseline_mb']:.0f} MB) "

@@ -12,6 +12,7 @@ from flexc.ir import lower
 from flexc.ir.testing import tiny_model
 from flexc.passes import PassContext, resolve_pass
 from flexc.passes.anneal import Anneal
+from flexc.passes.gated_model import gated_model
 from flexc.passes.manager import run_checked, run_pass
 from flexc.passes.width_tables import expert_weights, fit_to_budget, keep_ratio
 
@@ -294,7 +295,7 @@ def test_track_weighs_the_unconstrained_coverage_table_where_it_nests(tmp_path):
     ctx.workdir = tmp_path / "run"
     ctx.workdir.mkdir()
     pass_ = Anneal({"budgets": [0.5], "steps": 8})
-    setup = pass_._setup(graph, ctx, ctx.workdir)
+    setup = pass_._setup(gated_model(graph, ctx), graph, ctx, ctx.workdir)
     top = setup.level_widths.shape[1] - 1
     upper = torch.full(setup.weights.shape, top)  # a previous table at full width: everything nests
     coverage = pass_._coverage_levels(graph, ctx, setup, 0.5, None)
@@ -330,7 +331,7 @@ def _trained_beside_warm_start(tmp_path, options):
     ctx.workdir = tmp_path / "run"
     ctx.workdir.mkdir()
     pass_ = Anneal({"budgets": [0.5], "steps": 8, **options})
-    setup = pass_._setup(graph, ctx, ctx.workdir)
+    setup = pass_._setup(gated_model(graph, ctx), graph, ctx, ctx.workdir)
     warm = pass_._coverage_levels(graph, ctx, setup, 0.5, None)
     trained = warm.clone()
     trained[0, 0], trained[0, 1] = trained[0, 0] + 1, trained[0, 1] - 1
@@ -385,3 +386,60 @@ def test_track_with_both_losses_keeps_the_one_shot_table_where_the_text_loss_dis
         assert torch.equal(record["levels"], warm)
     else:
         assert record["how"] == "trained" and torch.equal(record["levels"], trained)
+
+
+def test_following_reads_the_windows_after_the_calibration_set(tmp_path):
+    """``validation_samples``' text: the windows that follow the calibration set in the same seeded
+    stream, never one of its own."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "broken_specs"))
+    import compiler_helpers
+
+    from flexc.data.calibration import CalibrationSet, DataError
+
+    tok = compiler_helpers._tokenizer(256)
+    source = SimpleNamespace(builtin="python-stdlib", split="train", num_samples=6, seq_len=16, batch_size=4)
+    calib = CalibrationSet(source, tok, seed=3)
+    longer = CalibrationSet(SimpleNamespace(**{**vars(source), "num_samples": 11}), tok, seed=3)
+    rows = torch.cat(list(longer))
+    assert torch.equal(torch.cat(list(calib)), rows[:6])
+    extra = calib.following(5)
+    assert [len(b) for b in extra] == [4, 1]  # the source's batch size
+    assert torch.equal(torch.cat(extra), rows[6:])
+    text = tmp_path / "small.txt"
+    text.write_text("a few words of text, not many\n" * 4)
+    small = CalibrationSet(SimpleNamespace(files=[str(text)], text_field="text", num_samples=1, seq_len=8,
+                                           batch_size=1), tok)
+    with pytest.raises(DataError, match=r"1 for the calibration set and 1000 more held out"):
+        small.following(1000)
+
+
+def test_validation_samples_need_a_calibration_source(tmp_path):
+    graph, ctx = gated_graph(tmp_path)
+    pass_ = Anneal({"budgets": [0.5], "steps": 2, "validation_samples": 4})
+    with pytest.raises(ValueError, match="validation_samples reads the sequences that follow"):
+        run_pass(pass_, graph, ctx)
+    with pytest.raises(ValueError, match="validation_samples is for the track schedule"):
+        Anneal({"schedule": "ramp", "validation_samples": 4})
+
+
+def test_validation_samples_hold_out_text_beyond_the_calibration_set(moe_dir, tmp_path):
+    """With ``validation: 0`` every calibration batch trains and the held-out check reads only the
+    ``validation_samples`` sequences; the report counts them."""
+    import flexc
+
+    spec = {
+        "model": {"path": str(moe_dir), "dtype": "float32"},
+        "data": {"calibration": {"builtin": "python-stdlib", "num_samples": 8, "seq_len": 24, "batch_size": 4}},
+        "budgets": {"keep": [0.75, 0.5]},
+        "pipeline": [{"rank_channels": {"score": "activation", "plot": False}}, {"insert_action_gates": {"granule": 8}},
+                     {"anneal": {"steps": 4, "validation": 0, "validation_samples": 6}}, "fold_masks"],
+        "export": {"dir": str(tmp_path / "out"), "formats": ["nested"]},
+    }
+    flexc.compile(spec, quiet=True)
+    report = json.loads((tmp_path / "out" / "stages" / "03-anneal" / "width_tables.json").read_text())
+    assert [b["held_out_sequences"] for b in report["budgets"]] == [6, 6]
+    history = json.loads((tmp_path / "out" / "stages" / "03-anneal" / "anneal_history.json").read_text())
+    assert len(history) == 4

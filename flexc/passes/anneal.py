@@ -148,6 +148,10 @@ class AnnealOptions(PassOptions):
     lambda_lr: float = Field(5.0, ge=0, description="track: dual ascent rate of lambda on (expected keep - budget).")
     validation: float = Field(0.25, ge=0, lt=1, description="track: share of calibration batches held out to "
                               "choose, per budget, between the trained table and the one-shot ones.")
+    validation_samples: int = Field(0, ge=0, description="track: sequences read from the calibration source after "
+                                    "its num_samples (text the anneal never trains on) and added to the held-out "
+                                    "check (with validation: 0, the only held-out text: every calibration batch "
+                                    "trains).")
     validation_z: float = Field(1.0, ge=0, description="track: the trained table is exported only if its held-out "
                                 "loss is below the best one-shot table's by more than this many standard errors of "
                                 "the per-sequence paired difference (0: any lower mean).")
@@ -171,6 +175,9 @@ class AnnealOptions(PassOptions):
     def _ramp_needs_steps(self):
         if self.schedule == "ramp" and self.steps is not None and self.steps < 1:
             raise ValueError("the ramp schedule needs steps >= 1")
+        if self.schedule == "ramp" and self.validation_samples:
+            raise ValueError("validation_samples is for the track schedule (the ramp exports at crossings, with no "
+                             "held-out check)")
         return self
 
     def total_steps(self, budgets: int) -> int:
@@ -199,6 +206,17 @@ def _noise(seed: int, step: int, shapes: list[torch.Size]) -> list[torch.Tensor]
         u = torch.rand(shape, generator=generator).clamp(1e-10, 1 - 1e-10)
         out.append(-torch.log(-torch.log(u)))
     return out
+
+
+def _held_out_text(calibration, count: int) -> list[torch.Tensor]:
+    """``validation_samples``: the ``count`` sequences after the calibration set in its own source."""
+    from flexc.data.calibration import CalibrationSet
+
+    if not isinstance(calibration, CalibrationSet):
+        raise ValueError("anneal: validation_samples reads the sequences that follow the calibration set in "
+                         "data.calibration; this run's calibration batches were given directly, with no source "
+                         "to read more from")
+    return calibration.following(count)
 
 
 def quality_loss(kind: str, student: torch.Tensor, teacher: TeacherTargets | None, ids: torch.Tensor) -> torch.Tensor:
@@ -238,6 +256,7 @@ class _Setup:
     weights: torch.Tensor  # [L, E] weight of each expert's width in the keep ratio
     level_widths: torch.Tensor  # [L, A] widths of the actions, ascending
     batches: list[torch.Tensor]  # this rank's sequences of each calibration batch (all of them in one process)
+    training: int  # batches[:training] are the calibration set's; the rest, validation_samples' held-out text
     rows: list[tuple[slice, int]]  # where they lie in their batch, and its number of sequences
     teachers: list[TeacherTargets | None]
     run: TrainingRun  # checkpoints, resume, divergence checks, the step bar
@@ -287,35 +306,38 @@ class Anneal(Pass):
     def run(self, graph, ctx: PassContext) -> PassResult:
         workdir = Path(ctx.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        setup = self._setup(graph, ctx, workdir)
+        model = gated_model(graph, ctx)
         try:
+            setup = self._setup(model, graph, ctx, workdir)
             if self.options.schedule == "track":
                 exported, history = self._run_track(graph, ctx, setup)
             else:
                 exported, history = self._run_ramp(graph, ctx, setup)
         finally:
-            setup.set_mode("full")
-            setup.model.close()
-            for gate in setup.gates:
+            model.close()
+            for gate in model.gates:
+                gate.mode = "full"
                 gate.noise = None
                 gate.max_levels = None
-            for p in setup.logits:
-                p.requires_grad_(False)
+                gate.logits.requires_grad_(False)
         self._write_outputs(graph, ctx, workdir, setup, exported, history)
         return PassResult(graph=graph, modified=True, changed_nodes=set())
 
     # ------------------------------------------------------------------ shared
-    def _setup(self, graph, ctx: PassContext, workdir: Path) -> _Setup:
+    def _setup(self, model: GatedModel, graph, ctx: PassContext, workdir: Path) -> _Setup:
         opts = self.options
         budgets, metric = _budgets(opts, ctx)
-        model = gated_model(graph, ctx)
         gates = model.gates
         logits = [g.logits for g in gates]
         for p in logits:
             p.requires_grad_(True)
-        whole = list(ctx.calibration_batches())
+        calibration = ctx.calibration_batches()
+        whole = list(calibration)
         if not whole:
             raise ValueError("anneal: the calibration data yielded no batches")
+        training = len(whole)
+        if opts.validation_samples:
+            whole += _held_out_text(calibration, opts.validation_samples)
         rows = [(distributed.row_share(len(b), f"anneal: calibration batch {i + 1} of {len(whole)}"), len(b))
                 for i, b in enumerate(whole)]
         batches = [b[share] for b, (share, _) in zip(whole, rows)]
@@ -324,7 +346,6 @@ class Anneal(Pass):
         level_widths = torch.stack([g.level_widths for g in gates])  # [L, A]
         lowest = keep_ratio(level_widths[:, :1].expand(-1, weights.shape[1]), full, weights)
         if budgets[-1] < lowest - 1e-9:
-            model.close()
             raise ValueError(
                 f"anneal: budget keep {budgets[-1]:g} is below the lowest keep ratio the action set reaches "
                 f"({lowest:.4g}, every expert at its smallest width); raise the budget, or use more levels or a "
@@ -336,11 +357,14 @@ class Anneal(Pass):
             for gate in gates:
                 gate.mode = "full"
             teachers = [TeacherTargets.from_logits(out, opts.teacher_topk) for out in model.logits(batches)]
-        run = TrainingRun("anneal", workdir / CHECKPOINT,
-                          fingerprint(opts.model_dump(mode="json", by_alias=True), budgets, metric, ctx.seed),
+        options = opts.model_dump(mode="json", by_alias=True)
+        if not options["validation_samples"]:  # absent when unused: checkpoints of older runs still resume
+            del options["validation_samples"]
+        run = TrainingRun("anneal", workdir / CHECKPOINT, fingerprint(options, budgets, metric, ctx.seed),
                           every=opts.checkpoint_every, logger=ctx.logger, diverged=AnnealDiverged,
                           advice="lr or the lambda schedule", quiet=ctx.quiet)
-        return _Setup(model, gates, logits, budgets, metric, full, weights, level_widths, batches, rows, teachers, run)
+        return _Setup(model, gates, logits, budgets, metric, full, weights, level_widths, batches, training, rows,
+                      teachers, run)
 
     def _sampled_loss(self, ctx, setup: _Setup, step: int, batch: int, tau: float) -> torch.Tensor:
         """This rank's share of the quality loss of one straight-through sample of actions on calibration
@@ -427,9 +451,9 @@ class Anneal(Pass):
         budget's table), train with lambda following the budget by dual ascent, then keep the
         trained table or the warm start, whichever has the lower loss on held-out calibration batches."""
         opts = self.options
-        n = len(setup.batches)
+        n = setup.training
         held = min(max(round(n * opts.validation), 1), n - 1) if opts.validation > 0 else 0
-        train, val = list(range(n - held)), list(range(n - held, n))
+        train, val = list(range(n - held)), list(range(n - held, len(setup.batches)))  # + validation_samples' text
         lengths = phase_lengths(opts.total_steps(len(setup.budgets)), len(setup.budgets))
 
         exported: dict[float, dict] = {}
@@ -494,7 +518,8 @@ class Anneal(Pass):
         opts = self.options
         trained = fit_to_budget(setup.deployed_levels(), setup.level_widths, budget, setup.full, setup.weights,
                                 setup.preference(), upper)
-        record = {"levels": trained, "step": step, "how": "trained" if steps else "warm start (no steps)"}
+        record = {"levels": trained, "step": step, "how": "trained" if steps else "warm start (no steps)",
+                  "held_out_sequences": sum(setup.rows[i][1] for i in val)}
         if not steps:
             return self._log_choice(ctx, budget, steps, record)
         one_shot = {"warm_start": start_levels}
@@ -607,7 +632,7 @@ class Anneal(Pass):
                     # the extra steps. The quality cost of pruning grows steeply at low budgets; a
                     # linear ramp to 3x the final lambda stalled at keep 0.27 of a 0.2 target on `tiny`.
                     lam = opts.lambda_.end * 2 ** (CONTINUATION_DOUBLINGS * (step - steps + 1) / max(extra, 1))
-                quality = self._sampled_loss(ctx, setup, step, step % len(setup.batches), tau)
+                quality = self._sampled_loss(ctx, setup, step, step % setup.training, tau)
                 cost, entropy = setup.expected_cost_and_entropy()
                 quality = self._update(optimizer, quality, lam * cost - beta * entropy, setup, step,
                                        f"cost {cost.item():.4g}")
@@ -650,7 +675,8 @@ class Anneal(Pass):
                     "per_layer_keep": per_layer_keep(tables[i], full),
                     "exported_at_step": exported[b]["step"],
                     "how": exported[b]["how"],
-                    **{k: exported[b][k] for k in ("validation_loss", "validation_difference", "seconds")
+                    **{k: exported[b][k] for k in ("held_out_sequences", "validation_loss", "validation_difference",
+                                                   "seconds")
                        if k in exported[b]},
                 }
                 for i, b in enumerate(budgets)
