@@ -71,7 +71,7 @@ def _spec(model_dir: Path, score: str, *, stream: str = "off", kill_step: bool =
     }
 
 
-def _anneal_spec(model_dir: Path, *, kill: bool = False) -> dict:
+def _anneal_spec(model_dir: Path, *, kill: bool = False, stream: str = "off") -> dict:
     """rank_channels, insert_action_gates, anneal (8 steps over 2 budgets, 4 batches of 2 sequences: 3 to train on,
     1 held out; from full width, so that the trained tables win on the held-out batch), fold_masks."""
     anneal = {"steps": 8, "checkpoint_every": 2, "warm_start": "full", "validation_z": 0}
@@ -79,7 +79,7 @@ def _anneal_spec(model_dir: Path, *, kill: bool = False) -> dict:
                 "fold_masks"]
     if kill:
         pipeline.insert(2, "rank_killer:KillInAnneal")
-    return {**_spec(model_dir, "taylor"), "pipeline": pipeline, "export": {"formats": ["nested"]}}
+    return {**_spec(model_dir, "taylor", stream=stream), "pipeline": pipeline, "export": {"formats": ["nested"]}}
 
 
 def _recover_spec(model_dir: Path, *, kill: bool = False) -> dict:
@@ -228,6 +228,15 @@ def straight_through(spec: Path, reference: Path, tmp_path: Path) -> Path:
 def test_two_processes_anneal_as_one_process_does(one_process_anneal, tiny_model_dir, tmp_path):
     spec = _write(_anneal_spec(tiny_model_dir), tmp_path / "spec.yaml")
     assert_same_anneal(one_process_anneal, straight_through(spec, one_process_anneal, tmp_path))
+
+
+def test_two_processes_anneal_streamed_as_one_process_does(tiny_model_dir, tmp_path):
+    """The layer-streamed anneal under torchrun: each rank streams its share of every batch through the
+    layers (forward and recomputing backward), the gates' gradients summed every step."""
+    one = tmp_path / "one"
+    flexc.compile(_anneal_spec(tiny_model_dir, stream="layers"), out=one, quiet=True)
+    spec = _write(_anneal_spec(tiny_model_dir, stream="layers"), tmp_path / "spec.yaml")
+    assert_same_anneal(one, straight_through(spec, one, tmp_path))
 
 
 def kill_then_resume(spec: Path, tmp_path: Path, stage: str, kill_step: int, checkpointed: int) -> Path:
