@@ -111,6 +111,26 @@ def test_streamed_artifacts_load(family_dirs, tmp_path):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_streamed_hf_export_equals_in_memory(family_dirs, tmp_path):
+    """The streamed ``hf`` export (the ranked full-width checkpoint, a layer at a time) holds the in-memory
+    export's tensors and loads with plain transformers to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    for mode in ("off", "layers"):
+        spec = _spec(family_dirs["qwen2_moe"], tmp_path / mode, mode)
+        spec["export"]["formats"] = ["hf"]
+        flexc.compile(spec, quiet=True)
+    _assert_same_weights(tmp_path / "off" / "hf", tmp_path / "layers" / "hf")
+    assert not list((tmp_path / "layers" / "hf").glob("flexc_*"))  # a plain checkpoint: no widths, no flexc code
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    logits = []
+    for mode in ("off", "layers"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / mode / "hf", dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
 def test_streamed_resumes_after_a_failed_export(family_dirs, tmp_path, monkeypatch):
     """A run that fails in an export resumes after its last completed pass, from state/ alone
     (which holds no weights), and writes what an uninterrupted run writes."""

@@ -24,8 +24,8 @@ compile (``manifest.json``, ``stages/NN-<pass>/``, ``state/``, one folder per ex
   boundary states and a backward sweep reloading and recomputing each layer);
 - ``NN-fold_masks``: checks the width tables (no gates to fold: a streamed compile's gates
   never enter the layers' weights);
-- ``export:nested`` / ``export:sliced``: each decoder layer loaded, permuted, (sliced,) written
-  as a shard of its own and freed (:mod:`flexc.export.streamed`).
+- ``export:nested`` / ``export:sliced`` / ``export:hf``: each decoder layer loaded, permuted,
+  (sliced,) written as a shard of its own and freed (:mod:`flexc.export.streamed`).
 
 The passes run through the same :class:`~flexc.passes.manager.PassRunner` and stage loop
 (:func:`flexc.compiler.driver.run_pass_stages`) as the in-memory compile, on a
@@ -57,7 +57,7 @@ log = logging.getLogger("flexc")
 
 #: Passes a streamed compile runs, and why the others cannot run there (yet).
 STREAMABLE_PASSES = ("rank_channels", "uniform", "coverage", "insert_action_gates", "anneal", "fold_masks")
-STREAMABLE_EXPORTS = ("nested", "sliced")
+STREAMABLE_EXPORTS = ("nested", "sliced", "hf")
 _WHY = {
     "recover": "it fine-tunes the model's weights (LoRA adapters) through the model's loss; streamed training "
                "covers the action gates (anneal) only",
@@ -82,7 +82,8 @@ def streaming_problems(spec) -> list[tuple[tuple, str]]:
     for j, fmt in enumerate(spec.export.formats):
         if fmt not in STREAMABLE_EXPORTS:
             problems.append((("export", "formats", j), f"export {fmt!r} cannot be written with execution.stream: "
-                             f"layers; a streamed compile writes {' and '.join(STREAMABLE_EXPORTS)}"))
+                             f"layers (it traces the whole model); a streamed compile writes "
+                             f"{', '.join(STREAMABLE_EXPORTS)}"))
     return problems
 
 
@@ -262,7 +263,7 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
     from flexc import models
     from flexc.compiler import driver
     from flexc.compiler.data_parallel import stages_dir
-    from flexc.export.streamed import export_sliced_streamed, write_nested_streamed
+    from flexc.export.streamed import export_sliced_streamed, write_checkpoint_streamed, write_nested_streamed
     from flexc.ir.permute import layer_permuter
     from flexc.ir.streaming import LayerModel
     from flexc.ir.state import CompileState
@@ -344,6 +345,8 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
             m = write_nested_streamed(tmp, lm, tables, transform=transform, tokenizer=tokenizer,
                                       provenance=provenance)
             written = m.pop("_bytes_written")
+        elif fmt == "hf":  # the ranked full-width checkpoint: budgets are in nested and sliced
+            written = write_checkpoint_streamed(tmp, lm, transform=transform, tokenizer=tokenizer)
         else:
             written = export_sliced_streamed(tmp, lm, tables, transform=transform, tokenizer=tokenizer,
                                              provenance=provenance, logger=log)

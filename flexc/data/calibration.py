@@ -67,6 +67,15 @@ class CalibrationSet:
         return batches if torch.device(self.device).type == "cpu" else [b.to(self.device) for b in batches]
 
 
+class LoadedCalibration(list):
+    """A calibration set read into memory once (its batches), still able to read the windows that
+    follow it (:meth:`CalibrationSet.following`)."""
+
+    def __init__(self, calibration: CalibrationSet):
+        super().__init__(calibration)
+        self.following = calibration.following
+
+
 def _split(source, role: str) -> str | None:
     resolve = getattr(source, "resolved_split", None)
     return resolve(role) if resolve is not None else getattr(source, "split", None)

@@ -143,7 +143,7 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
     import logging
 
     from flexc import models
-    from flexc.data.calibration import CalibrationSet
+    from flexc.data.calibration import CalibrationSet, LoadedCalibration
     from flexc.ir import lower
 
     logger = logger or logging.getLogger("flexc")
@@ -157,7 +157,7 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
     loaded = models.load_model(spec.model, progress=not quiet)
     tokenizer = loaded.tokenizer
     graph = lower(loaded.model)
-    batches = list(CalibrationSet(spec.data.calibration, tokenizer, seed=spec.seed))
+    batches = LoadedCalibration(CalibrationSet(spec.data.calibration, tokenizer, seed=spec.seed))
     stream = evaluation_stream(spec.data.evaluation, tokenizer)
 
     context = PassContext(workdir=out_dir / "work", spec=spec, seed=spec.seed, logger=logger, quiet=quiet,

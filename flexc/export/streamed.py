@@ -1,6 +1,7 @@
-"""The nested and sliced exports of a streamed compile: written shard by shard, one decoder layer at a time.
+"""The nested, sliced and hf exports of a streamed compile: written shard by shard, one decoder layer at a time.
 
-Same files as :mod:`flexc.export.nested` and :mod:`flexc.export.sliced` (same tensor names, in
+Same files as :mod:`flexc.export.nested`, :mod:`flexc.export.sliced` and :mod:`flexc.export.hf`
+(same tensor names, in
 the checkpoint's on-disk layout, same manifests), but the model is a
 :class:`~flexc.ir.streaming.LayerModel`: each decoder layer is loaded from the source shards,
 transformed by the caller (``transform(layer, graph)``: the compile applies its channel
@@ -104,10 +105,10 @@ def _save_configs(target: Path, lm: LayerModel, config, tokenizer) -> None:
         tokenizer.save_pretrained(target)
 
 
-def write_nested_streamed(target: Path, lm: LayerModel, tables: WidthTables, *, transform: Transform | None = None,
-                          tokenizer=None, provenance: dict[str, Any] | None = None,
-                          quality: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The nested artifact (ranked weights + width tables), one decoder layer at a time."""
+def write_checkpoint_streamed(target: Path, lm: LayerModel, *, transform: Transform | None = None,
+                              tokenizer=None) -> int:
+    """The full-width checkpoint (the ``hf`` export: transformed weights, config, tokenizer), one
+    decoder layer at a time; returns the bytes of weights written."""
     target = Path(target)
     writer = ShardWriter(target, lm.num_layers + 1)
     for i, _graph in _each_layer(lm, transform):
@@ -115,11 +116,20 @@ def write_nested_streamed(target: Path, lm: LayerModel, tables: WidthTables, *, 
     writer.write(to_checkpoint_names(lm.model, _rest_state(lm)))
     writer.close()
     _save_configs(target, lm, lm.model.config, tokenizer)
+    return writer.bytes_written
+
+
+def write_nested_streamed(target: Path, lm: LayerModel, tables: WidthTables, *, transform: Transform | None = None,
+                          tokenizer=None, provenance: dict[str, Any] | None = None,
+                          quality: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The nested artifact (ranked weights + width tables), one decoder layer at a time."""
+    target = Path(target)
+    written = write_checkpoint_streamed(target, lm, transform=transform, tokenizer=tokenizer)
     tables.save(target / WIDTHS_FILE)
     manifest = nested_manifest(lm.model.config, type(lm.model).__name__, lm.dtype, lm.parameter_count(), lm.groups,
                                tables, provenance=provenance, quality=quality)
     (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    manifest["_bytes_written"] = writer.bytes_written
+    manifest["_bytes_written"] = written
     return manifest
 
 

@@ -19,7 +19,8 @@ Two schedules:
   by dual ascent (it grows while the expected keep is above the budget and shrinks below),
   ``tau`` and ``beta`` run their schedules within the phase. At the phase's end the argmax
   table is fitted to the budget and scored on calibration batches held out from training
-  (``validation``, a quarter) with the one-shot candidates: the warm start and, where it nests
+  (``validation``, a quarter; plus ``validation_samples`` sequences read from the calibration
+  source after the calibration set, text no phase trains on) with the one-shot candidates: the warm start and, where it nests
   within the previous budget's table, the unconstrained ``coverage`` table at the budget. The
   one-shot candidate with the lower held-out loss is the fallback; the trained table is
   exported only if its held-out loss is lower by more than ``validation_z`` standard errors of
@@ -45,6 +46,8 @@ from the checkpoint and gives the same tables as an uninterrupted run (the Gumbe
 non-finite loss or logit stops the run with a clear error and keeps the last good checkpoint.
 Checkpoints, resume, the divergence checks and the step bar are
 :class:`flexc.passes.training.TrainingRun`'s, as in ``recover``: this module is the schedules.
+The model the gates train through is a :mod:`flexc.passes.gated_model`: the graph in memory, or
+in a streamed compile the layer model, one decoder layer at a time (same steps, same tables).
 
 Under torchrun (docs/scale.md, "Several processes") every step still trains on one whole
 calibration batch: each rank takes a contiguous share of its sequences
@@ -210,13 +213,12 @@ def _noise(seed: int, step: int, shapes: list[torch.Size]) -> list[torch.Tensor]
 
 def _held_out_text(calibration, count: int) -> list[torch.Tensor]:
     """``validation_samples``: the ``count`` sequences after the calibration set in its own source."""
-    from flexc.data.calibration import CalibrationSet
-
-    if not isinstance(calibration, CalibrationSet):
+    following = getattr(calibration, "following", None)  # a CalibrationSet, or one loaded into memory
+    if following is None:
         raise ValueError("anneal: validation_samples reads the sequences that follow the calibration set in "
                          "data.calibration; this run's calibration batches were given directly, with no source "
                          "to read more from")
-    return calibration.following(count)
+    return following(count)
 
 
 def quality_loss(kind: str, student: torch.Tensor, teacher: TeacherTargets | None, ids: torch.Tensor) -> torch.Tensor:
