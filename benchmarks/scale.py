@@ -124,7 +124,7 @@ def build(directory: Path, gigabytes: float, seed: int = 0) -> dict:
 def spec_for(model_dir: Path, out: Path, stream: str, score: str = "activation", samples: int = 8,
              anneal: int = 0, batch_size: int = 4) -> dict:
     """rank_channels -> coverage (or, with ``anneal`` steps, action gates and the anneal) -> fold -> sliced."""
-    widths = ([{"insert_action_gates": {"granule": 32}}, {"anneal": {"steps": anneal}}] if anneal
+    widths = ([{"insert_action_gates": {"granule": 32}}, {"anneal": {"steps": anneal, "validation_samples": 0}}] if anneal
               else [{"coverage": {"granule": 32}}])
     return {
         "model": {"path": str(model_dir), "dtype": "bfloat16"},
