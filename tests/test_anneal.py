@@ -414,6 +414,8 @@ def test_following_reads_the_windows_after_the_calibration_set(tmp_path):
                                            batch_size=1), tok)
     with pytest.raises(DataError, match=r"1 for the calibration set and 1000 more held out"):
         small.following(1000)
+    some = small.following(1000, strict=False)  # what there is
+    assert 0 < sum(len(b) for b in some) < 1000
 
 
 def test_validation_samples_need_a_calibration_source(tmp_path):
@@ -423,6 +425,35 @@ def test_validation_samples_need_a_calibration_source(tmp_path):
         run_pass(pass_, graph, ctx)
     with pytest.raises(ValueError, match="validation_samples is for the track schedule"):
         Anneal({"schedule": "ramp", "validation_samples": 4})
+
+
+def test_default_validation_samples_take_what_a_short_source_has(moe_dir, tmp_path, caplog):
+    """Left at its default, validation_samples reads what the source has past the calibration set
+    (with a warning); asked for in the spec, a shortfall is a data error naming the field."""
+    import flexc
+    from flexc.data.calibration import DataError
+
+    text = tmp_path / "short.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 40)
+    calibration = {"files": [str(text)], "num_samples": 4, "seq_len": 16, "batch_size": 2}
+    spec = {
+        "model": {"path": str(moe_dir), "dtype": "float32"},
+        "data": {"calibration": calibration},
+        "budgets": {"keep": [0.5]},
+        "pipeline": [{"rank_channels": {"score": "activation", "plot": False}}, {"insert_action_gates": {"granule": 8}},
+                     {"anneal": {"steps": 2}}, "fold_masks"],
+        "export": {"dir": str(tmp_path / "out"), "formats": ["nested"]},
+    }
+    with caplog.at_level(logging.WARNING, logger="flexc"):
+        flexc.compile(spec, quiet=True)
+    assert "validation_samples asks for" in caplog.text
+    report = json.loads((tmp_path / "out" / "stages" / "03-anneal" / "width_tables.json").read_text())
+    held = report["budgets"][0]["held_out_sequences"]
+    assert 2 < held < 2 + 64  # one held-out calibration batch of 2, and the few sequences after the set
+    spec["pipeline"][2] = {"anneal": {"steps": 2, "validation_samples": 64}}
+    spec["export"]["dir"] = str(tmp_path / "strict")
+    with pytest.raises(DataError, match="64 more held out were requested"):
+        flexc.compile(spec, quiet=True)
 
 
 def test_validation_samples_hold_out_text_beyond_the_calibration_set(moe_dir, tmp_path):

@@ -65,9 +65,7 @@ def family_dirs(tmp_path_factory):
     return {f: compiler_helpers.make_tiny_moe(root / f, family=f) for f in FAMILIES}
 
 
-@pytest.mark.parametrize("family, score", [(f, "activation") for f in FAMILIES] + [("qwen3_moe", "weight_activation")]
-                         + [(f, "taylor") for f in FAMILIES])
-def test_streamed_equals_in_memory(family, score, family_dirs, tmp_path, monkeypatch):
+def _spy_layer_models(monkeypatch) -> list:
     from flexc.ir import streaming
 
     models = []
@@ -78,6 +76,13 @@ def test_streamed_equals_in_memory(family, score, family_dirs, tmp_path, monkeyp
         models.append(self)
 
     monkeypatch.setattr(streaming.LayerModel, "__init__", spy)
+    return models
+
+
+@pytest.mark.parametrize("family, score", [(f, "activation") for f in FAMILIES] + [("qwen3_moe", "weight_activation")]
+                         + [(f, "taylor") for f in FAMILIES])
+def test_streamed_equals_in_memory(family, score, family_dirs, tmp_path, monkeypatch):
+    models = _spy_layer_models(monkeypatch)
     flexc.compile(_spec(family_dirs[family], tmp_path / "mem", "off", score), quiet=True)
     assert not models  # the in-memory path never streams
     flexc.compile(_spec(family_dirs[family], tmp_path / "stream", "layers", score), quiet=True)
@@ -181,21 +186,7 @@ def test_streamed_pass_failure_is_noted_and_resumes_after_the_last_completed_pas
 
 
 ANNEAL = [{"rank_channels": {"score": "activation", "plot": False}}, {"insert_action_gates": {"granule": 8}},
-          {"anneal": {"steps": 6, "checkpoint_every": 1}}, "fold_masks"]
-
-
-def _spy_layer_models(monkeypatch) -> list:
-    from flexc.ir import streaming
-
-    models = []
-    original = streaming.LayerModel.__init__
-
-    def spy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        models.append(self)
-
-    monkeypatch.setattr(streaming.LayerModel, "__init__", spy)
-    return models
+          {"anneal": {"steps": 6, "checkpoint_every": 1, "validation_samples": 8}}, "fold_masks"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

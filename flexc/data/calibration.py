@@ -52,18 +52,19 @@ class CalibrationSet:
     def __len__(self) -> int:
         return self.num_batches
 
-    def following(self, count: int) -> list[torch.Tensor]:
+    def following(self, count: int, strict: bool = True) -> list[torch.Tensor]:
         """The ``count`` windows that follow this set's own in the same seeded stream (text the set
-        never shows), in batches of the source's ``batch_size``: held-out text from the same source."""
+        never shows), in batches of the source's ``batch_size``: held-out text from the same source.
+        A source with fewer is an error, or (``strict=False``) gives what it has."""
         n, seq_len, size = self.num_samples, int(self.source.seq_len), int(self.source.batch_size)
         windows = iter_token_windows(iter_documents(self.source, seed=self.seed, role=self.role), self.tokenizer,
                                      seq_len)
         rows = list(itertools.islice(windows, n, n + count))
-        if len(rows) < count:
+        if len(rows) < count and strict:
             raise DataError(f"{_describe(self.source)}: data.{self.role}: the data yields only {n + len(rows)} "
                             f"sequences of {seq_len} tokens; {n} for the calibration set and {count} more held out "
                             f"were requested (lower the held-out count or num_samples, or add text)")
-        batches = [torch.stack(rows[i:i + size]) for i in range(0, count, size)]
+        batches = [torch.stack(rows[i:i + size]) for i in range(0, len(rows), size)]
         return batches if torch.device(self.device).type == "cpu" else [b.to(self.device) for b in batches]
 
 
