@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
-from flexc.data.calibration import packed_batches
+from flexc.data.calibration import CalibrationSet, LoadedCalibration
 from flexc.passes import PassContext
 from flexc.zoo.evaluate import evaluate_heldout
 
@@ -32,7 +32,8 @@ def zoo_model(name: str):
 def calibration(tokenizer, num_samples: int, seq_len: int = 128, batch_size: int = 8, seed: int = 0):
     source = SimpleNamespace(builtin="python-stdlib", split="train", num_samples=num_samples, seq_len=seq_len,
                              batch_size=batch_size, text_field="text")
-    return list(packed_batches(source, tokenizer, seed=seed))
+    # Loaded once, still able to read past itself: the anneal's held-out text (validation_samples).
+    return LoadedCalibration(CalibrationSet(source, tokenizer, seed=seed))
 
 
 def context(workdir: Path, tokenizer, data, budgets=(), metric="params", seed=0) -> PassContext:

@@ -80,7 +80,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from flexc.ir.tables import WidthTables
 from flexc.passes import checkpoint
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_keep_ratios, reject_bool_numbers
-from flexc.passes.distill import TeacherTargets, distill_loss
+from flexc.passes.distill import TeacherTargets, distill_kl, distill_loss
 from flexc.passes.gated_model import GatedModel, gated_model
 from flexc.passes.registry import register_pass
 from flexc.passes.training import TrainingRun, fingerprint, restore
@@ -241,12 +241,13 @@ def quality_loss(kind: str, student: torch.Tensor, teacher: TeacherTargets | Non
     return distill_loss(student, teacher)
 
 
-def sequence_losses(kind: str, student: torch.Tensor, teacher: TeacherTargets | None, ids: torch.Tensor) -> torch.Tensor:
-    """``[batch]``: the quality loss of each sequence (mean over its positions)."""
-    if kind == "next_token":
-        per_token = F.cross_entropy(student[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
-        return per_token.mean(-1)
-    return distill_loss(student, teacher, reduction="none").mean(-1)
+def sequence_losses(kind: str, student: torch.Tensor, teacher: TeacherTargets | None,
+                    ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[batch]`` each: the quality loss and the next-token loss of every sequence (means over its
+    positions), from one normalisation of the logits (the vocabulary-wide work of a held-out check)."""
+    logp = F.log_softmax(student.float(), dim=-1)
+    next_token = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)
+    return (next_token if kind == "next_token" else distill_kl(logp, teacher, reduction="none").mean(-1)), next_token
 
 
 def phase_lengths(steps: int, phases: int) -> list[int]:
@@ -430,8 +431,8 @@ class Anneal(Pass):
             for i, logits in zip(batches, setup.model.logits(setup.batches[i] for i in batches)):
                 ids, (share, rows) = setup.batches[i], setup.rows[i]
                 mine = slice(offset + share.start, offset + share.stop)
-                out[0, mine] = sequence_losses(self.options.quality, logits, setup.teachers[i], ids).double()
-                out[1, mine] = sequence_losses("next_token", logits, None, ids).double()
+                quality, next_token = sequence_losses(self.options.quality, logits, setup.teachers[i], ids)
+                out[0, mine], out[1, mine] = quality.double(), next_token.double()
                 offset += rows
         for gate in setup.gates:
             gate.table = None

@@ -38,7 +38,12 @@ def distill_loss(student_logits: torch.Tensor, teacher: TeacherTargets, reductio
     Merging the tail into one outcome can only lower a KL divergence, so this is a lower bound
     of the full KL and equals it when ``k`` covers the vocabulary.
     """
-    logp = F.log_softmax(student_logits.float(), dim=-1)
+    return distill_kl(F.log_softmax(student_logits.float(), dim=-1), teacher, reduction)
+
+
+def distill_kl(logp: torch.Tensor, teacher: TeacherTargets, reduction: str = "mean") -> torch.Tensor:
+    """:func:`distill_loss` from the student's log-probabilities (a caller that needs them for
+    another loss too normalises the logits once)."""
     top = logp.gather(-1, teacher.index)
     kl = (teacher.logp.exp() * (teacher.logp - top)).sum(-1)
     if teacher.rest is not None:
