@@ -65,24 +65,26 @@ def gated_experts_masked(hidden, topk_ids, topk_weights, gate_up, down, gate_up_
     num_tokens, hidden_size = hidden.shape
     routing = route_by_expert(topk_ids, down.shape[0])
     layout = ExpertLayout(activation, interleaved, alpha, limit)
-    x_sorted = hidden[routing.token]
-    w_sorted = routing.sorted_weights(topk_weights)
+    # Split into per-expert segments (not sliced one by one): a slice's backward writes its gradient
+    # into zeros the size of the whole input, once per expert; a split's backward is one concatenation.
+    xs = hidden[routing.token].split(routing.counts)
+    ws = routing.sorted_weights(topk_weights).split(routing.counts)
+    masks = mask.unbind(0)
     pieces = []
     for e, n in enumerate(routing.counts):
         if n == 0:
             continue
-        seg = routing.segment(e)
-        x = x_sorted[seg]
+        x = xs[e]
         gate = x @ layout.rows(gate_up[e], 0).t()
         up = x @ layout.rows(gate_up[e], 1).t()
         if gate_up_bias is not None:
             gate = gate + layout.rows(gate_up_bias[e], 0)
             up = up + layout.rows(gate_up_bias[e], 1)
-        inner = layout.act(gate, up) * mask[e]
+        inner = layout.act(gate, up) * masks[e]
         y = inner @ down[e].t()
         if down_bias is not None:
-            y = y + down_bias[e] * (mask[e].amax() > 0)  # a fully pruned expert contributes nothing
-        pieces.append((y.to(w_sorted.dtype) * w_sorted[seg, None]).to(hidden.dtype))
+            y = y + down_bias[e] * (masks[e].amax() > 0)  # a fully pruned expert contributes nothing
+        pieces.append((y.to(ws[e].dtype) * ws[e][:, None]).to(hidden.dtype))
     y_sorted = torch.cat(pieces) if pieces else hidden.new_zeros(0, hidden_size)
     return routing.combine(y_sorted, num_tokens)
 
