@@ -137,15 +137,21 @@ class CheckpointReader:
         return out
 
 
-def release_memory() -> None:
+# A garbage collection costs 0.1-0.2 s with transformers loaded: worth it after freeing a layer of
+# this size or more (cycles may hold its tensors), not after every layer of a small model.
+COLLECT_BYTES = 64 << 20
+
+
+def release_memory(freed_bytes: int = COLLECT_BYTES) -> None:
     """Hand freed memory back to the system: a layer's tensors are large, and glibc's allocator
     otherwise keeps what they occupied (its mmap threshold grows after large frees), so resident
-    memory would creep up layer after layer."""
+    memory would creep up layer after layer. Collects garbage first when ``freed_bytes`` is large."""
     import ctypes
     import ctypes.util
     import gc
 
-    gc.collect()
+    if freed_bytes >= COLLECT_BYTES:
+        gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     name = ctypes.util.find_library("c")
@@ -255,7 +261,7 @@ class LayerModel:
     def free(self, layer: int) -> None:
         """Put decoder ``layer`` back on ``meta`` (its storage is released)."""
         self.layers[layer].to_empty(device="meta")
-        release_memory()
+        release_memory(self.layer_bytes(layer))
 
     # ---- running -----------------------------------------------------------------------
     def layer_inputs(self, batches) -> tuple[list[torch.Tensor], dict[tuple, list[dict]]]:
@@ -321,9 +327,10 @@ class LayerModel:
         try:
             yield lambda h: head(norm(h))
         finally:
+            freed = sum(p.numel() * p.element_size() for m in (norm, head) for p in m.parameters())
             norm.to_empty(device="meta")
             head.to_empty(device="meta")
-            release_memory()
+            release_memory(freed)
 
     def head_gradients(self, hidden: list[torch.Tensor], batches: list[torch.Tensor],
                        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
