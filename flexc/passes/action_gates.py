@@ -156,7 +156,12 @@ def gates_of(graph) -> list[GatedExperts]:
 
 
 def set_gate_mode(graph, mode: str, tau: float | None = None) -> None:
-    for gate in gates_of(graph):
+    set_modes(gates_of(graph), mode, tau)
+
+
+def set_modes(gates: list[GatedExperts], mode: str, tau: float | None = None) -> None:
+    """Put every gate in ``mode`` (and at temperature ``tau`` if given)."""
+    for gate in gates:
         gate.mode = mode
         if tau is not None:
             gate.tau = tau

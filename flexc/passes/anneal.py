@@ -79,6 +79,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from flexc.ir.tables import WidthTables
 from flexc.passes import checkpoint
+from flexc.passes.action_gates import set_modes
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_keep_ratios, reject_bool_numbers
 from flexc.passes.distill import TeacherTargets, distill_kl, distill_loss
 from flexc.passes.gated_model import GatedModel, gated_model
@@ -288,12 +289,6 @@ class _Setup:
     def keep(self, levels: torch.Tensor) -> float:
         return keep_ratio(self.widths(levels), self.full, self.weights)
 
-    def set_mode(self, mode: str, tau: float | None = None) -> None:
-        for gate in self.gates:
-            gate.mode = mode
-            if tau is not None:
-                gate.tau = tau
-
     def deployed_levels(self) -> torch.Tensor:
         return torch.stack([g.deployed_levels() for g in self.gates])
 
@@ -332,8 +327,8 @@ class Anneal(Pass):
                 exported, history = self._run_ramp(graph, ctx, setup)
         finally:
             model.close()
+            set_modes(model.gates, "full")
             for gate in model.gates:
-                gate.mode = "full"
                 gate.noise = None
                 gate.max_levels = None
                 gate.logits.requires_grad_(False)
@@ -372,8 +367,7 @@ class Anneal(Pass):
         teachers: list[TeacherTargets | None] = [None] * len(batches)
         if opts.quality == "distill":
             # The weights are frozen, so the full-width model's outputs are computed once per batch.
-            for gate in gates:
-                gate.mode = "full"
+            set_modes(gates, "full")
             teachers = [TeacherTargets.from_logits(out, opts.teacher_topk) for out in model.logits(batches)]
         run = TrainingRun("anneal", workdir / CHECKPOINT,
                           fingerprint(opts.model_dump(mode="json", by_alias=True), budgets, metric, ctx.seed),
@@ -388,7 +382,7 @@ class Anneal(Pass):
         is left in the logits' ``grad`` (cleared first)."""
         for gate, noise in zip(setup.gates, _noise(ctx.seed, step, [p.shape for p in setup.logits])):
             gate.noise = noise
-        setup.set_mode("sample", tau)
+        set_modes(setup.gates, "sample", tau)
         ids = setup.batches[batch]
         share, rows = setup.rows[batch]
         weight = (share.stop - share.start) / rows
@@ -424,7 +418,7 @@ class Anneal(Pass):
         widths = setup.widths(levels).to(torch.int32)
         for gate, row in zip(setup.gates, widths):
             gate.table = row
-        setup.set_mode("table")
+        set_modes(setup.gates, "table")
         out = torch.zeros(2, sum(setup.rows[i][1] for i in batches), dtype=torch.float64)
         offset = 0
         with torch.no_grad():
