@@ -56,11 +56,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("flexc")
 
 #: Passes a streamed compile runs, and why the others cannot run there (yet).
-STREAMABLE_PASSES = ("rank_channels", "uniform", "coverage", "insert_action_gates", "anneal", "fold_masks")
+STREAMABLE_PASSES = ("rank_channels", "uniform", "coverage", "insert_action_gates", "anneal", "fold_masks", "recover")
+# Passes that read the layers' weights as the source has them (permuted on load, nothing else): after a
+# streamed recover, whose adapters are merged by the exports alone, they would miss the fine-tune.
+_READ_SOURCE_WEIGHTS = ("rank_channels", "anneal")
 STREAMABLE_EXPORTS = ("nested", "sliced", "hf")
 _WHY = {
-    "recover": "it fine-tunes the model's weights (LoRA adapters) through the model's loss; streamed training "
-               "covers the action gates (anneal) only",
     "expert_prune": "it rewrites the in-memory graph's routers",
     "insert_router_masks": "it rewrites the in-memory graph's routers",
     "lower_kernels": "it rewrites the in-memory graph",
@@ -79,6 +80,12 @@ def streaming_problems(spec) -> list[tuple[tuple, str]]:
             why = _WHY.get(entry.name, "streamed execution runs only the passes it knows to be layer-local")
             problems.append((("pipeline", i), f"pass {entry.name!r} cannot run with execution.stream: layers: {why}; "
                              f"a streamed compile runs {runs} (see docs/scale.md), or set execution.stream: off"))
+    recovered = next((i for i, e in enumerate(spec.pipeline) if e.name == "recover"), None)
+    for i, entry in enumerate(spec.pipeline):
+        if recovered is not None and i > recovered and entry.name in _READ_SOURCE_WEIGHTS:
+            problems.append((("pipeline", i), f"pass {entry.name!r} cannot run after recover with execution.stream: "
+                             "layers: a streamed recover's adapters are merged into the weights by the exports, so "
+                             f"{entry.name} would not see them; move recover after it, or set execution.stream: off"))
     for j, fmt in enumerate(spec.export.formats):
         if fmt not in STREAMABLE_EXPORTS:
             problems.append((("export", "formats", j), f"export {fmt!r} cannot be written with execution.stream: "
@@ -255,6 +262,24 @@ def streamed_pass(p):
     return p if streamed is None else StreamedPass(p, streamed)
 
 
+def export_transform(lm, state):
+    """What the exports do to each loaded decoder layer: the ranking's permutation, then a streamed
+    ``recover``'s adapters merged (the order the in-memory compile applied them in)."""
+    from flexc.ir.permute import layer_permuter
+    from flexc.passes.recover_streamed import layer_merger
+
+    permute = layer_permuter(lm.groups, state.channel_perms)
+    merge = layer_merger(lm, state)
+    if merge is None:
+        return permute
+
+    def transform(layer: int, graph) -> None:
+        permute(layer, graph)
+        merge(layer, graph)
+
+    return transform
+
+
 # --------------------------------------------------------------------------- the compile
 
 
@@ -264,7 +289,6 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
     from flexc.compiler import driver
     from flexc.compiler.data_parallel import stages_dir
     from flexc.export.streamed import export_sliced_streamed, write_checkpoint_streamed, write_nested_streamed
-    from flexc.ir.permute import layer_permuter
     from flexc.ir.streaming import LayerModel
     from flexc.ir.state import CompileState
     from flexc.passes.base import PassContext
@@ -339,7 +363,7 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
 
     def write(fmt: str, tmp: Path) -> dict:
         tables = state.checked_width_tables()
-        transform = layer_permuter(lm.groups, state.channel_perms)
+        transform = export_transform(lm, state)
         provenance = {"spec": spec.to_yaml(), "seed": spec.seed, "versions": artifacts.library_versions()}
         if fmt == "nested":
             m = write_nested_streamed(tmp, lm, tables, transform=transform, tokenizer=tokenizer,

@@ -218,6 +218,8 @@ class Recover(Pass):
     on_step: Callable[[int, nn.Module], None] | None = None
 
     def run(self, graph, ctx: PassContext) -> PassResult:
+        from flexc.ir.streaming import LayerModel
+
         opts = self.options
         workdir = Path(ctx.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -232,25 +234,10 @@ class Recover(Pass):
         # this rank's sequences of each batch, and their share of it (all of them, and 1, in one process)
         batches = [(b[share], (share.stop - share.start) / len(b)) for b, share in zip(whole, shares)]
 
-        model = graph.model
-        experts = [graph.experts_module(g) for g in graph.groups]  # before peft wraps them
-        saved_widths = graph.widths()
-        requires_grad = {p: p.requires_grad for p in model.parameters()}
-        was_training = model.training
-        model.eval()  # no dropout: teacher and student see the same function of the weights
-        peft_model = attach_adapters(model, graph.groups, rank=opts.rank, alpha=opts.alpha, targets=opts.targets,
-                                     seed=ctx.seed)
-        try:
-            adapters = adapter_parameters(peft_model)
-            history = self._train(peft_model, adapters, experts, graph.groups, table, batches, budget, ctx)
-            stats = merge_adapters(peft_model, experts, graph.groups, table)
-        finally:
-            peft_model.unload()  # the original modules come back; with a merge, their weights are recovered
-            graph.set_widths(saved_widths)
-            for p, flag in requires_grad.items():
-                p.requires_grad_(flag)
-                p.grad = None
-            model.train(was_training)
+        if isinstance(getattr(graph, "model", None), LayerModel):
+            history, stats = self._run_streamed(graph.model, table, batches, budget, ctx)
+        else:
+            history, stats = self._run_in_memory(graph, table, batches, budget, ctx)
 
         full = torch.tensor([g.intermediate_size for g in graph.groups])
         report = {
@@ -268,7 +255,57 @@ class Recover(Pass):
                         len(history), report["loss_first"] or float("nan"), report["loss_last"] or float("nan"))
         return PassResult(graph=graph, modified=True, changed_nodes=set())
 
-    def _train(self, peft_model, adapters, experts, groups, table, batches, budget, ctx) -> list[dict]:
+    def _run_in_memory(self, graph, table, batches, budget, ctx) -> tuple[list[dict], list[dict]]:
+        """Train peft's adapters on the eager model and merge them into its weights in place."""
+        opts = self.options
+        model = graph.model
+        experts = [graph.experts_module(g) for g in graph.groups]  # before peft wraps them
+        saved_widths = graph.widths()
+        requires_grad = {p: p.requires_grad for p in model.parameters()}
+        was_training = model.training
+        model.eval()  # no dropout: teacher and student see the same function of the weights
+        peft_model = attach_adapters(model, graph.groups, rank=opts.rank, alpha=opts.alpha, targets=opts.targets,
+                                     seed=ctx.seed)
+        try:
+            adapters = adapter_parameters(peft_model)
+            step = EagerRecoverModel(peft_model, experts, graph.groups, table, opts.loss)
+            history = self._train(step, peft_model, adapters, table, batches, budget, ctx)
+            stats = merge_adapters(peft_model, experts, graph.groups, table)
+        finally:
+            peft_model.unload()  # the original modules come back; with a merge, their weights are recovered
+            graph.set_widths(saved_widths)
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+                p.grad = None
+            model.train(was_training)
+        return history, stats
+
+    def _run_streamed(self, lm, table, batches, budget, ctx) -> tuple[list[dict], list[dict]]:
+        """Train the adapters one decoder layer at a time; they go into the state, and the exports merge
+        them into each layer they write (:mod:`flexc.passes.recover_streamed`)."""
+        from flexc.ir.permute import layer_permuter
+        from flexc.passes.recover_streamed import (STATE_KEY, LayerAdapters, StreamedRecoverModel,
+                                                   merge_into_layer)
+
+        opts = self.options
+        adapters = LayerAdapters(lm, rank=opts.rank, alpha=opts.alpha, targets=opts.targets, seed=ctx.seed)
+        transform = layer_permuter(lm.groups, ctx.state.channel_perms)
+        step = StreamedRecoverModel(lm, adapters, table, opts.loss, transform)
+        history = self._train(step, adapters, adapters.params, table, batches, budget, ctx)
+        ctx.state.extras[STATE_KEY] = adapters.state(table)
+        stats = []
+        for i in range(lm.num_layers):  # the merge's norms for the report, on an unloaded copy of each layer
+            if lm.group_at(i) is None and not adapters.modules[i]:
+                continue
+            shell = _LayerShell(lm, i)
+            merged = merge_into_layer(adapters, table, i, shell)
+            if merged is not None and lm.group_at(i) is not None:
+                stats.append(merged)
+        return history, stats
+
+    def _train(self, model, hooked, adapters, table, batches, budget, ctx) -> list[dict]:
+        """Train ``adapters`` (name -> parameter) through ``model`` (its ``forward_loss``); ``hooked`` is
+        what ``on_step`` receives."""
         opts = self.options
         params = list(adapters.values())
         optimizer = torch.optim.Adam(params, lr=opts.lr)
@@ -293,20 +330,12 @@ class Recover(Pass):
         with run.progress(start, opts.steps, f"recover (keep {budget:g})") as bar:
             for step in range(start, opts.steps):
                 ids, weight = batches[step % len(batches)]
-                teacher = None
-                if opts.loss == "distill":
-                    apply_widths(experts, groups, None)
-                    with torch.no_grad(), peft_model.disable_adapter():
-                        teacher = TeacherTargets.from_logits(peft_model(input_ids=ids, use_cache=False).logits, None)
-                apply_widths(experts, groups, table)
-                student = peft_model(input_ids=ids, use_cache=False).logits
-                part = quality_loss(opts.loss, student, teacher, ids) * weight  # this rank's part of the loss
-                del student, teacher
+                part, backward = model.forward_loss(ids, weight)  # this rank's part of the loss
                 loss = distributed.all_reduce_sum(part.detach().clone(), "the recover loss")
                 run.check_finite(loss, "the loss", step)  # the whole batch's: every rank stops at the same step
                 optimizer.zero_grad(set_to_none=True)
-                part.backward()
-                del part
+                backward()
+                del part, backward
                 for p in params:  # in place, one adapter at a time: no second copy of every gradient
                     if p.grad is not None:  # None on every rank alike (the same graph)
                         distributed.all_reduce_sum(p.grad, "the adapters' gradients")
@@ -320,8 +349,45 @@ class Recover(Pass):
                 if run.due(step + 1):
                     save_checkpoint(step + 1)
                 if self.on_step is not None:
-                    self.on_step(step, peft_model)
+                    self.on_step(step, hooked)
         optimizer.zero_grad(set_to_none=True)
         if start < opts.steps or not run.path.is_file():
             save_checkpoint(opts.steps)
         return history
+
+
+class EagerRecoverModel:
+    """``recover``'s training step on the eager model with peft's adapters: the teacher is the same
+    model at full width with the adapters disabled (one batch at a time), the student the model at
+    the table's widths with them."""
+
+    def __init__(self, peft_model, experts, groups, table: torch.Tensor, loss_kind: str):
+        self.peft_model, self.experts, self.groups, self.table, self.loss_kind = (peft_model, experts, groups, table,
+                                                                                 loss_kind)
+
+    def forward_loss(self, ids: torch.Tensor, weight: float) -> tuple[torch.Tensor, Callable[[], None]]:
+        """This rank's share of the loss on ``ids`` (weighted by ``weight``) and its backward."""
+        teacher = None
+        if self.loss_kind == "distill":
+            apply_widths(self.experts, self.groups, None)
+            with torch.no_grad(), self.peft_model.disable_adapter():
+                teacher = TeacherTargets.from_logits(self.peft_model(input_ids=ids, use_cache=False).logits, None)
+        apply_widths(self.experts, self.groups, self.table)
+        student = self.peft_model(input_ids=ids, use_cache=False).logits
+        part = quality_loss(self.loss_kind, student, teacher, ids) * weight
+        return part, part.backward
+
+
+class _LayerShell:
+    """An uninitialised copy of one decoder layer (shapes, no weights read) with the LayerGraph calls
+    the merge uses: the adapters' merge norms depend on the factors alone."""
+
+    def __init__(self, lm, layer: int):
+        import copy
+
+        self.model = copy.deepcopy(lm.layers[layer]).to_empty(device=lm.device)
+        prefix = f"{lm.model.base_model_prefix}.layers.{layer}."
+        self._prefix = prefix
+
+    def experts_module(self, group) -> nn.Module:
+        return self.model.get_submodule(group.path.removeprefix(self._prefix))

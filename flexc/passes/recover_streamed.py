@@ -1,0 +1,241 @@
+"""``recover`` on a layer-streamed model: LoRA adapters trained one decoder layer at a time.
+
+The adapters are peft's, as in memory, but they cannot live in a model whose layers come and
+go: :class:`LayerAdapters` keeps every layer's LoRA factors (on the compute device: they are
+small) and attaches them to a decoder layer while it is loaded (:meth:`LayerAdapters.attached`:
+peft's ``LoraModel`` on that layer, its fresh factors swapped for the kept ones, so gradients
+land in the kept parameters; unloaded before the layer is freed).
+
+- **Initialisation** matches ``get_peft_model`` on the whole model: the factors are drawn from
+  the seed in the whole model's order (peft creates the attention linears' adapters for every
+  layer first, then the experts' stacked-weight adapters), each layer's adapters created on an
+  uninitialised copy of the layer (peft reads shapes, not values: no weight is loaded).
+- **A training step** (:meth:`StreamedRecoverModel.forward_loss`): one forward sweep, each layer
+  loaded once and permuted into ranked order; the teacher's hidden states pass through it at full
+  width with no adapters (the in-memory teacher: adapters disabled), then the student's at the
+  chosen table's widths with the adapters attached, keeping each layer's input (the boundary
+  states). The final norm and LM head give both logits, the loss and its gradient at the last
+  layer's output; the backward sweep reloads each layer from the last to the first, attaches the
+  adapters and back-propagates through it. The same loss and gradients as one step in memory.
+- **Merging**: the weights stay in the source shards, so the trained factors go into the compile
+  state (``extras["recover_adapters"]``: the factors, peft's options and the chosen table) and the
+  exports merge them into each layer as they write it (:func:`merge_into_layer`, the in-memory
+  merge rule: expert updates masked to the channels the fine-tune used).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+from torch import nn
+
+from flexc.ir.experts_impl import set_widths
+from flexc.passes.distill import TeacherTargets
+
+STATE_KEY = "recover_adapters"
+
+
+def _layer_prefix(lm, layer: int) -> str:
+    return f"{lm.model.base_model_prefix}.layers.{layer}."
+
+
+class LayerAdapters:
+    """Every decoder layer's LoRA factors, attached to a layer while it is loaded."""
+
+    def __init__(self, lm, *, rank: int, alpha: float, targets, params: dict[str, torch.Tensor] | None = None,
+                 seed: int | None = None):
+        from flexc.passes.recover import EXPERT_WEIGHTS, _attention_linears
+
+        self.lm, self.rank, self.alpha, self.targets = lm, rank, alpha, sorted(targets)
+        self.modules: list[list[str]] = []  # per layer: attention linears (names within the layer)
+        self.parameters: list[list[str]] = []  # per layer: stacked expert weights (names within the layer)
+        attention = _attention_linears(lm.model) if "attention" in self.targets else []
+        if "attention" in self.targets and not attention:
+            raise ValueError("recover: targets include 'attention', but the model has no linear layer inside a "
+                             "module named '*attn' or '*attention'")
+        for i in range(lm.num_layers):
+            prefix = _layer_prefix(lm, i)
+            group = lm.group_at(i)
+            self.modules.append([n.removeprefix(prefix) for n in attention if n.startswith(prefix)])
+            self.parameters.append([f"{group.path.removeprefix(prefix)}.{w}" for w in EXPERT_WEIGHTS]
+                                   if group is not None and "experts" in self.targets else [])
+        if params is None:
+            params = self._initial(seed)
+        self.params: dict[str, nn.Parameter] = {n: nn.Parameter(t.to(lm.device)) for n, t in params.items()}
+
+    def _config(self, layer: int, modules: bool = True, parameters: bool = True):
+        from peft import LoraConfig
+
+        mods = self.modules[layer] if modules else []
+        params = self.parameters[layer] if parameters else []
+        if not mods and not params:
+            return None
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, target_modules=mods,
+                          target_parameters=params)
+
+    @contextmanager
+    def _lora(self, module: nn.Module, config):
+        """peft's LoRA model on ``module`` (a decoder layer) until the context exits."""
+        from peft.tuners.lora import LoraModel
+
+        from flexc.passes.recover import ADAPTER
+
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft queries a deprecated transformers attribute
+            lora = LoraModel(module, config, ADAPTER)
+        try:
+            yield lora
+        finally:
+            lora.unload()
+
+    def _initial(self, seed: int) -> dict[str, torch.Tensor]:
+        """The factors ``get_peft_model`` on the whole model draws from ``seed``, in its order: attention
+        linears of every layer first, then the experts' stacked weights of every layer."""
+        from peft.tuners.lora import LoraModel
+
+        from flexc.passes.recover import ADAPTER
+
+        out: dict[str, torch.Tensor] = {}
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.manual_seed(seed)
+            for kind in ("modules", "parameters"):
+                for i in range(self.lm.num_layers):
+                    config = self._config(i, modules=kind == "modules", parameters=kind == "parameters")
+                    if config is None:
+                        continue
+                    shell = copy.deepcopy(self.lm.layers[i]).to_empty(device=self.lm.device)  # shapes only
+                    LoraModel(shell, config, ADAPTER)
+                    prefix = _layer_prefix(self.lm, i)
+                    out.update({prefix + n: p.detach().clone() for n, p in shell.named_parameters() if ".lora_" in n})
+                    del shell
+        return out
+
+    @contextmanager
+    def attached(self, layer: int, module: nn.Module):
+        """``module`` (loaded decoder ``layer``) with its adapters attached: yields peft's LoRA model,
+        whose factors are this object's parameters (gradients accumulate here)."""
+        config = self._config(layer)
+        if config is None:
+            yield None
+            return
+        prefix = _layer_prefix(self.lm, layer)
+        with self._lora(module, config) as lora:
+            for name, p in module.named_parameters():
+                if ".lora_" in name:
+                    owner, attr = name.rsplit(".", 1)
+                    setattr(module.get_submodule(owner), attr, self.params[prefix + name])
+            yield lora
+
+    def state(self, table: torch.Tensor) -> dict:
+        """What the exports need to merge the adapters: factors, peft's options, the fine-tuned table."""
+        return {"rank": self.rank, "alpha": self.alpha, "targets": self.targets, "table": table.clone(),
+                "params": {n: p.detach().to("cpu").clone() for n, p in self.params.items()}}
+
+    @classmethod
+    def from_state(cls, lm, saved: dict) -> "LayerAdapters":
+        return cls(lm, rank=int(saved["rank"]), alpha=float(saved["alpha"]), targets=saved["targets"],
+                   params=saved["params"])
+
+
+def merge_into_layer(adapters: LayerAdapters, table: torch.Tensor | None, layer: int, graph) -> dict | None:
+    """Merge decoder ``layer``'s adapters into its loaded weights (``graph``: its LayerGraph), the
+    in-memory merge rule (expert updates masked to ``table``'s widths); the merge's norms, or None."""
+    from flexc.passes.recover import merge_adapters
+
+    group = adapters.lm.group_at(layer)
+    groups = [group] if group is not None else []
+    experts = [graph.experts_module(g) for g in groups]  # before peft wraps them
+    rows = None
+    if table is not None and group is not None:
+        rows = table[adapters.lm.groups.index(group)][None]
+    with adapters.attached(layer, graph.model) as lora:
+        if lora is None:
+            return None
+        stats = merge_adapters(lora, experts, groups, rows if groups else None)
+    return stats[0] if stats else None
+
+
+def layer_merger(lm, state) -> Callable | None:
+    """The exports' per-layer transform that merges a streamed ``recover``'s adapters, or None when
+    the compile has none."""
+    saved = state.extras.get(STATE_KEY)
+    if saved is None:
+        return None
+    adapters = LayerAdapters.from_state(lm, saved)
+    table = saved["table"]
+
+    def transform(layer: int, graph) -> None:
+        with torch.no_grad():
+            merge_into_layer(adapters, table, layer, graph)
+
+    return transform
+
+
+class StreamedRecoverModel:
+    """``recover``'s training step on a layer-streamed model (see the module docstring)."""
+
+    def __init__(self, lm, adapters: LayerAdapters, table: torch.Tensor, loss_kind: str, transform):
+        self.lm, self.adapters, self.table, self.loss_kind, self.transform = lm, adapters, table, loss_kind, transform
+
+    def _layer(self, i: int, kwargs):
+        from flexc.ir.streaming import LayerGraph
+
+        module = self.lm.materialise(i)
+        module.requires_grad_(False)
+        graph = LayerGraph(module, self.lm, self.lm.group_at(i), kwargs, index=i)
+        if self.transform is not None:
+            self.transform(i, graph)
+        return graph
+
+    def _set_widths(self, graph, table: bool) -> None:
+        for group in graph.groups:
+            row = (self.table[self.lm.groups.index(group)] if table
+                   else torch.full((group.num_experts,), group.intermediate_size))
+            set_widths(graph.experts_module(group), row)
+
+    def forward_loss(self, ids: torch.Tensor, weight: float) -> tuple[torch.Tensor, Callable[[], None]]:
+        """This rank's share of the loss on ``ids`` (weighted by ``weight``) and a function that
+        back-propagates it into the adapters."""
+        from flexc.passes.anneal import quality_loss
+
+        lm, distill = self.lm, self.loss_kind == "distill"
+        (student,), kwargs = lm.layer_inputs([ids])
+        teacher = student
+        inputs: list[torch.Tensor] = []
+        for i in range(lm.num_layers):
+            graph = self._layer(i, kwargs)
+            with torch.no_grad():
+                if distill:  # the unpruned model: full width, no adapters
+                    self._set_widths(graph, table=False)
+                    teacher = graph.run(teacher.to(lm.device)).to("cpu")
+                self._set_widths(graph, table=True)
+                inputs.append(student)
+                with self.adapters.attached(i, graph.model):
+                    student = graph.run(student.to(lm.device)).to("cpu")
+            lm.free(i)
+        with lm.head() as head:
+            targets = None
+            if distill:
+                with torch.no_grad():
+                    targets = TeacherTargets.from_logits(head(teacher.to(lm.device)), None)
+            last = student.to(lm.device).requires_grad_(True)
+            part = quality_loss(self.loss_kind, head(last), targets, ids.to(lm.device)) * weight
+            (grad,) = torch.autograd.grad(part, last)
+        del teacher, targets
+
+        def backward() -> None:
+            g = grad.to("cpu")
+            for i in reversed(range(lm.num_layers)):
+                graph = self._layer(i, kwargs)
+                self._set_widths(graph, table=True)
+                with self.adapters.attached(i, graph.model):
+                    g = graph.backward(inputs[i], g)
+                inputs[i] = None  # this layer's boundary state is spent
+                lm.free(i)
+
+        return part.detach(), backward
