@@ -16,6 +16,8 @@ sizes for comparison. Prints a table, writes ``benchmarks/results/scale.json`` a
     python benchmarks/scale.py --processes --sizes 1 --in-memory 1   # wall time: 1 process vs torchrun with 2
     python benchmarks/scale.py --sizes 4 --in-memory --score taylor --anneal 20 --samples 2 --batch-size 1 \
         --out benchmarks/results/scale_anneal.json   # Taylor ranking and 20 anneal steps, streamed
+    python benchmarks/scale.py --sizes 4 --in-memory --recover 5 --samples 2 --batch-size 1 \
+        --out benchmarks/results/scale_recover.json   # coverage, then 5 LoRA fine-tune steps, streamed
 
 With ``--processes`` each compile runs as ``flexc compile`` (one process on every core, and
 one process of one thread) and as ``torchrun --nproc_per_node 2 flexc compile`` (2 processes
@@ -122,16 +124,18 @@ def build(directory: Path, gigabytes: float, seed: int = 0) -> dict:
 
 
 def spec_for(model_dir: Path, out: Path, stream: str, score: str = "activation", samples: int = 8,
-             anneal: int = 0, batch_size: int = 4) -> dict:
-    """rank_channels -> coverage (or, with ``anneal`` steps, action gates and the anneal) -> fold -> sliced."""
+             anneal: int = 0, batch_size: int = 4, recover: int = 0) -> dict:
+    """rank_channels -> coverage (or, with ``anneal`` steps, action gates and the anneal) -> fold (-> with
+    ``recover`` steps, the LoRA fine-tune at the budget) -> sliced."""
     widths = ([{"insert_action_gates": {"granule": 32}}, {"anneal": {"steps": anneal, "validation_samples": 0}}] if anneal
               else [{"coverage": {"granule": 32}}])
+    tune = [{"recover": {"keep": BUDGET, "steps": recover, "checkpoint_every": recover}}] if recover else []
     return {
         "model": {"path": str(model_dir), "dtype": "bfloat16"},
         "data": {"calibration": {"builtin": "python-stdlib", "num_samples": samples, "seq_len": 128,
                                  "batch_size": batch_size}},
         "budgets": {"keep": [BUDGET]},
-        "pipeline": [{"rank_channels": {"score": score, "plot": False}}, *widths, "fold_masks"],
+        "pipeline": [{"rank_channels": {"score": score, "plot": False}}, *widths, "fold_masks", *tune],
         "export": {"dir": str(out), "formats": ["sliced"]},
         "execution": {"stream": stream},
     }
@@ -264,7 +268,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("model size on disk (GB, bf16)")
     ax.set_ylabel("peak resident memory (GB)")
     widths = f"anneal ({rows[0]['anneal_steps']} steps)" if rows[0].get("anneal_steps") else "coverage"
-    ax.set_title(f"flexc compile: rank({rows[0].get('score', 'activation')}) → {widths} → fold → sliced")
+    tune = f" → recover ({rows[0]['recover_steps']} steps)" if rows[0].get("recover_steps") else ""
+    ax.set_title(f"flexc compile: rank({rows[0].get('score', 'activation')}) → {widths} → fold{tune} → sliced")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -282,6 +287,8 @@ def main() -> None:
     parser.add_argument("--score", default="activation", help="rank_channels' score (taylor: the streamed backward)")
     parser.add_argument("--anneal", type=int, default=0, metavar="STEPS",
                         help="train the action gates this many steps (insert_action_gates + anneal) instead of coverage")
+    parser.add_argument("--recover", type=int, default=0, metavar="STEPS",
+                        help="then fine-tune LoRA adapters (recover) this many steps at the budget")
     parser.add_argument("--samples", type=int, default=8, help="calibration sequences (128 tokens each)")
     parser.add_argument("--batch-size", type=int, default=4, help="calibration sequences per batch")
     parser.add_argument("--processes", action="store_true", help="wall time of 1 process vs torchrun with 2")
@@ -311,10 +318,10 @@ def main() -> None:
             for mode in modes:
                 out = work / f"run-{gb:g}gb-{mode}"
                 res = run_child(spec_for(model_dir, out, mode, args.score, args.samples, args.anneal,
-                                         args.batch_size), work)
+                                         args.batch_size, args.recover), work)
                 row = {"model_gb": round(built["bytes"] / 1e9, 3), "layers": built["layers"],
                        "layer_mb": round(built["layer_bytes"] / 1e6, 1), "stream": mode, "score": args.score,
-                       "anneal_steps": args.anneal, "calibration": f"{args.samples} x 128 tokens, "
+                       "anneal_steps": args.anneal, "recover_steps": args.recover, "calibration": f"{args.samples} x 128 tokens, "
                                                                    f"batches of {args.batch_size}",
                        **{k: round(v, 1) for k, v in res.items() if k != "stages"}, "stages": res["stages"]}
                 rows.append(row)

@@ -82,7 +82,7 @@ def _anneal_spec(model_dir: Path, *, kill: bool = False, stream: str = "off") ->
     return {**_spec(model_dir, "taylor", stream=stream), "pipeline": pipeline, "export": {"formats": ["nested"]}}
 
 
-def _recover_spec(model_dir: Path, *, kill: bool = False) -> dict:
+def _recover_spec(model_dir: Path, *, kill: bool = False, stream: str = "off") -> dict:
     """rank_channels, coverage, fold_masks, recover (4 distill steps at keep 0.5 on the 4 batches of 2 sequences,
     checkpoints every 2 steps; a high lr so that the adapters move the weights well above rounding; a gradient clip
     below every step's gradient norm (0.04 to 0.06), so that it acts on every step and must see the summed gradient)."""
@@ -90,7 +90,7 @@ def _recover_spec(model_dir: Path, *, kill: bool = False) -> dict:
     pipeline = [{"rank_channels": {"score": "taylor", "plot": False}}, "coverage", "fold_masks", {"recover": recover}]
     if kill:
         pipeline.insert(3, "rank_killer:KillInRecover")
-    return {**_spec(model_dir, "taylor"), "pipeline": pipeline, "export": {"formats": ["nested"]}}
+    return {**_spec(model_dir, "taylor", stream=stream), "pipeline": pipeline, "export": {"formats": ["nested"]}}
 
 
 def _write(spec: dict, path: Path) -> Path:
@@ -285,6 +285,15 @@ def assert_same_recover(one: Path, two: Path) -> None:
 def test_two_processes_recover_as_one_process_does(one_process_recover, tiny_model_dir, tmp_path):
     spec = _write(_recover_spec(tiny_model_dir), tmp_path / "spec.yaml")
     assert_same_recover(one_process_recover, straight_through(spec, one_process_recover, tmp_path))
+
+
+def test_two_processes_recover_streamed_as_one_process_does(tiny_model_dir, tmp_path):
+    """The layer-streamed recover under torchrun: each rank streams its share of every batch through the
+    layers (teacher and student forward, recomputing backward), the adapters' gradients summed every step."""
+    one = tmp_path / "one"
+    flexc.compile(_recover_spec(tiny_model_dir, stream="layers"), out=one, quiet=True)
+    spec = _write(_recover_spec(tiny_model_dir, stream="layers"), tmp_path / "spec.yaml")
+    assert_same_recover(one, straight_through(spec, one, tmp_path))
 
 
 def test_a_rank_killed_mid_recover_resumes_from_rank_0s_checkpoint(one_process_recover, tiny_model_dir, tmp_path):

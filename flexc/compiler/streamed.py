@@ -24,14 +24,17 @@ compile (``manifest.json``, ``stages/NN-<pass>/``, ``state/``, one folder per ex
   boundary states and a backward sweep reloading and recomputing each layer);
 - ``NN-fold_masks``: checks the width tables (no gates to fold: a streamed compile's gates
   never enter the layers' weights);
+- ``NN-recover``: the pass itself, training its LoRA adapters through the layer-streamed model
+  (:mod:`flexc.passes.recover_streamed`); the adapters go into the state, not the weights;
 - ``export:nested`` / ``export:sliced`` / ``export:hf``: each decoder layer loaded, permuted,
-  (sliced,) written as a shard of its own and freed (:mod:`flexc.export.streamed`).
+  a streamed ``recover``'s adapters merged (:func:`export_transform`), (sliced,) written as a
+  shard of its own and freed (:mod:`flexc.export.streamed`).
 
 The passes run through the same :class:`~flexc.passes.manager.PassRunner` and stage loop
 (:func:`flexc.compiler.driver.run_pass_stages`) as the in-memory compile, on a
 :class:`StreamedGraph` (the layer model's groups; no graph); ``rank_channels`` and ``fold_masks``
 run in their layer-by-layer form (:func:`streamed_pass`). After every pass the hand-off state
-(scores, statistics, tables, permutations: no weights) is saved to ``state/``, and a re-run
+(scores, statistics, tables, permutations, LoRA factors: no weights) is saved to ``state/``, and a re-run
 resumes after the last completed pass.
 """
 
@@ -253,8 +256,9 @@ class StreamedPass:
 
 def streamed_pass(p):
     """``p`` as a streamed compile runs it: the layer-by-layer form of ``rank_channels``,
-    ``insert_action_gates`` and ``fold_masks``; the width passes and ``anneal`` as they are (they read
-    the groups and the hand-off state; anneal trains through the layer model, see gated_model)."""
+    ``insert_action_gates`` and ``fold_masks``; the width passes, ``anneal`` and ``recover`` as they are
+    (they read the groups and the hand-off state; the training passes train through the layer model,
+    see gated_model and recover_streamed)."""
     from flexc.passes.action_gates import insert_action_gates_streamed
 
     streamed = {"rank_channels": rank_channels_streamed, "insert_action_gates": insert_action_gates_streamed,

@@ -22,6 +22,10 @@ exported graph reads the parameter tensors directly, so it would never see the u
 eager model routes its experts through the same flexc op with the same width buffers (see
 :mod:`flexc.ir.experts_impl`), so it computes what the graph computes at that table.
 
+In a layer-streamed compile (``execution: {stream: layers}``) the same adapters train one decoder
+layer at a time and are merged by the exports as they write each layer
+(:mod:`flexc.passes.recover_streamed`): the same losses and weights.
+
 Training state (adapters, optimizer, loss history) is checkpointed atomically in the stage's
 folder every ``checkpoint_every`` steps; a re-run on the same pre-recovery weights resumes and
 gives the same result as an uninterrupted run (adapters are initialised from the seed and
