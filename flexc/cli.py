@@ -7,7 +7,7 @@
     flexc zoo list | flexc zoo build NAME [--force]
     flexc eval MODEL|ARTIFACT [--spec SPEC] [--budget B ...] [--tasks T,...] [--json OUT]
     flexc compare SPEC --methods flexmoe,uniform,coverage,expert_prune:man [--out DIR]
-    flexc serve ARTIFACT [--budget KEEP] [--host H] [--port P] [--dry-run] [-- VLLM ARGS...]
+    flexc serve ARTIFACT [--budget KEEP] [--per-request-budgets] [--host H] [--port P] [--dry-run] [-- VLLM ARGS...]
 
 User errors print one clear message (no traceback unless --verbose) and exit with status 2.
 """
@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flexc.serving.launch import serve
 
     cmd = serve(args.artifact, budget=args.budget, host=args.host, port=args.port, extra=args.rest,
-                dry_run=args.dry_run)
+                dry_run=args.dry_run, per_request=args.per_request_budgets)
     print(" ".join(shlex.quote(part) for part in cmd))  # dry run only: serve() replaced this process otherwise
     return EXIT_OK
 
@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, help="nested: the exported keep ratio to start at (default: full width)")
     p.add_argument("--host", help="address to listen on (vLLM's default otherwise)")
     p.add_argument("--port", type=int, help="port to listen on (vLLM's default otherwise: 8000)")
+    p.add_argument("--per-request-budgets", action="store_true",
+                   help="nested: each request may name its budget (vllm_xargs: {\"flexc_budget\": KEEP}); requests of "
+                        "different budgets share batches (prefix caching off)")
     p.add_argument("--dry-run", action="store_true", help="check the artifact and print vLLM's command, do not run it")
     p.set_defaults(func=cmd_serve, passthrough=True)
     p.epilog = "Arguments after -- go to vLLM's server unchanged (e.g. -- --dtype float32 --max-model-len 4096)."

@@ -47,6 +47,29 @@ def test_a_sliced_checkpoint_is_served_at_its_own_budget_only(artifacts, capsys)
     assert "sliced checkpoint holds one budget" in "".join(capsys.readouterr())
 
 
+def test_per_request_budgets_add_the_processor_and_turn_prefix_caching_off(artifacts, capsys):
+    from flexc.serving.launch import served_budgets
+    from flexc.serving.requests import check_budget
+
+    assert main(["serve", str(artifacts["nested"]), "--per-request-budgets", "--dry-run"]) == 0
+    cmd = capsys.readouterr().out.split()
+    assert cmd[cmd.index("--logits-processors") + 1] == "flexc.serving.requests:FlexcBudgets"
+    assert "--no-enable-prefix-caching" in cmd
+    served = served_budgets(artifacts["nested"])
+    assert served == [1.0, *BUDGETS]  # what the server's admission check accepts
+    assert check_budget(BUDGETS[1], served) == BUDGETS[1]
+    with pytest.raises(ValueError, match=r"flexc_budget 0.33 is not a budget of the served artifact; available: 1, "
+                                         r"0.75, 0.4"):
+        check_budget(0.33, served)
+    with pytest.raises(ValueError, match=r"keep ratio in \(0, 1\]; got 1.5"):
+        check_budget("1.5", None)
+    with pytest.raises(ValueError, match="must be a keep ratio"):
+        check_budget("half", None)
+    sliced = artifacts[f"keep_{BUDGETS[0]:.2f}"]
+    assert main(["serve", str(sliced), "--per-request-budgets", "--dry-run"]) == 2
+    assert "per-request budgets need the nested artifact" in "".join(capsys.readouterr())
+
+
 @pytest.mark.parametrize("which", ["missing", "stock"])
 def test_what_is_not_a_flexc_artifact_is_refused(which, moe_dir, tmp_path, capsys):
     directory = tmp_path / "nothing" if which == "missing" else moe_dir

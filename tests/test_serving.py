@@ -90,10 +90,14 @@ def artifacts(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=MODELS)
 def engine(request, artifacts):
-    """One engine per model, started at keep 0.75 on the nested artifact (closed after its tests)."""
+    """One engine per model, started at keep 0.75 on the nested artifact (closed after its tests), with
+    per-request budgets enabled (flexc's logits processor; prefix caching off)."""
+    from flexc.serving.requests import PROCESSOR
+
     paths, ids, refs = artifacts[request.param]
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    llm = start_engine(paths["nested"], hf_overrides={"flexc_budget": BUDGETS[0]})
+    llm = start_engine(paths["nested"], hf_overrides={"flexc_budget": BUDGETS[0]}, logits_processors=[PROCESSOR],
+                       enable_prefix_caching=False)
     yield request.param, llm, ids, refs
     _shutdown(llm)
 
@@ -131,6 +135,35 @@ def test_unknown_budget_is_refused_and_leaves_the_engine_serving(engine):
         set_budget(llm, 0.33)
     assert get_budget(llm)["budget"] == before
     assert served(llm, ids[:1]) == refs[None if before == 1.0 else before][:1]
+
+
+def test_requests_of_different_budgets_share_one_batch(engine):
+    """Each request names its budget: three prompts at three budgets, submitted together (one forward
+    pass runs all three budgets), each gives flexc.load's tokens at its own budget; a request naming a
+    budget the artifact lacks runs at the largest exported one below it; a keep outside (0, 1] is
+    refused on admission."""
+    from vllm import SamplingParams
+
+    from flexc.serving import get_budget, set_budget
+
+    name, llm, ids, refs = engine
+    set_budget(llm, BUDGETS[0])  # the engine's budget, for requests that name none
+
+    def params(budget):
+        return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                              extra_args=None if budget is None else {"flexc_budget": budget})
+
+    def run(budgets):
+        outs = llm.generate([{"prompt_token_ids": row} for row in ids], [params(b) for b in budgets], use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    assert run([BUDGETS[1], None, 1.0]) == [refs[BUDGETS[1]][0], refs[BUDGETS[0]][1], refs[None][2]], name
+    assert get_budget(llm)["most_budgets_in_a_pass"] == 3  # the three budgets ran in one forward pass
+    assert run([1.0, BUDGETS[1], 0.5]) == [refs[None][0], refs[BUDGETS[1]][1], refs[BUDGETS[1]][2]], name
+    assert get_budget(llm)["budget"] == pytest.approx(BUDGETS[0])  # the engine's own budget is untouched
+    with pytest.raises(Exception, match=r"flexc_budget must be a keep ratio in \(0, 1\]; got 1.5"):
+        llm.generate([{"prompt_token_ids": ids[0]}], params(1.5), use_tqdm=False)
+    assert run([None, None, None]) == [refs[BUDGETS[0]][i] for i in range(3)], name
 
 
 def test_sliced_checkpoint_is_served_at_its_widths(artifacts):

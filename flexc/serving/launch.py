@@ -27,8 +27,9 @@ INSTALL_HINT = ("install vLLM beside flexc in its own environment: pip install -
                 "'flexc[serve]' on CUDA; see docs/serving.md")
 
 
-def check_artifact(directory: Path, budget: float | None) -> str:
-    """What ``directory`` is (``nested`` or ``sliced``), after checking that flexc serves it at ``budget``."""
+def check_artifact(directory: Path, budget: float | None, per_request: bool = False) -> str:
+    """What ``directory`` is (``nested`` or ``sliced``), after checking that flexc serves it at ``budget``
+    (and, with ``per_request``, that it has budgets to choose from)."""
     if not directory.is_dir():
         raise ServingError(f"{directory}: no such directory (expected a flexc nested artifact or sliced checkpoint, "
                            "e.g. runs/quickstart/nested)")
@@ -48,15 +49,28 @@ def check_artifact(directory: Path, budget: float | None) -> str:
     family_for(str(config.get("model_type")))  # an unserved family is refused with its message
     if artifact.kind == "nested" and budget is not None:
         artifact.tables.table(budget)  # an unknown budget raises BudgetError listing the exported ones
+    if per_request and artifact.kind != "nested":
+        raise ServingError(f"{directory} is a sliced checkpoint (one fixed budget): per-request budgets need the "
+                           "nested artifact")
     return artifact.kind
 
 
+def served_budgets(directory: Path) -> list[float]:
+    """The keep ratios a nested artifact serves: full width and every exported budget."""
+    artifact = detect(directory, SimpleNamespace(**json.loads((directory / "config.json").read_text())))
+    return sorted({1.0, *artifact.tables.budgets}, reverse=True)
+
+
 def server_command(directory: Path, budget: float | None, host: str | None, port: int | None,
-                   extra: list[str]) -> list[str]:
+                   extra: list[str], per_request: bool = False) -> list[str]:
     """vLLM's server command line for ``directory``."""
+    from flexc.serving.requests import PROCESSOR
+
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", str(directory)]
     if budget is not None:
         cmd += ["--hf-overrides", json.dumps({BUDGET_KEY: budget})]
+    if per_request:  # requests name their budget; a KV block must not serve another budget
+        cmd += ["--logits-processors", PROCESSOR, "--no-enable-prefix-caching"]
     if host is not None:
         cmd += ["--host", host]
     if port is not None:
@@ -72,16 +86,24 @@ def server_environment(environ: dict[str, str]) -> dict[str, str]:
 
 
 def serve(directory: str | Path, budget: float | None = None, host: str | None = None, port: int | None = None,
-          extra: list[str] | None = None, dry_run: bool = False) -> list[str]:
-    """Check the artifact, then replace this process with vLLM's server (``dry_run``: return the command)."""
+          extra: list[str] | None = None, dry_run: bool = False, per_request: bool = False) -> list[str]:
+    """Check the artifact, then replace this process with vLLM's server (``dry_run``: return the command).
+
+    ``per_request``: requests may name their budget (``vllm_xargs: {"flexc_budget": KEEP}``), checked
+    by the server against the artifact's budgets (see :mod:`flexc.serving.requests`)."""
+    from flexc.serving.requests import BUDGETS_ENV
+
     directory = Path(directory)
-    check_artifact(directory, budget)
-    cmd = server_command(directory, budget, host, port, list(extra or []))
+    check_artifact(directory, budget, per_request)
+    cmd = server_command(directory, budget, host, port, list(extra or []), per_request)
     if dry_run:
         return cmd
     if importlib.util.find_spec("vllm") is None:
         raise ServingError(f"vLLM is not installed in this environment ({sys.executable}): {INSTALL_HINT}")
+    environment = server_environment(dict(os.environ))
+    if per_request:
+        environment[BUDGETS_ENV] = ",".join(f"{b:g}" for b in served_budgets(directory))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, cmd, server_environment(dict(os.environ)))
+    os.execve(sys.executable, cmd, environment)
     raise AssertionError("unreachable: execve returns only by raising")

@@ -41,6 +41,10 @@ class BudgetControl:
         self.directory = artifact.directory
         self.budget: float | None = None
         self.rows: dict[float, list[torch.Tensor]] = {}
+        self._position = {layer: i for i, layer in enumerate(sorted(blocks))}
+        self._warned: set[float] = set()
+        self._groups, self._groups_for = None, None
+        self.most_budgets_in_a_pass = 1  # the most budgets one forward pass ran (per-request budgets)
         if artifact.kind == "sliced":
             self.budget = artifact.sliced.get("budget")
             return
@@ -85,7 +89,43 @@ class BudgetControl:
 
     def state(self) -> dict[str, Any]:
         widths = {layer: self.blocks[layer].experts.widths.tolist() for layer in sorted(self.blocks)}
-        return {"kind": self.kind, "budget": self.budget, "budgets": self.budgets, "widths": widths}
+        return {"kind": self.kind, "budget": self.budget, "budgets": self.budgets, "widths": widths,
+                "most_budgets_in_a_pass": self.most_budgets_in_a_pass}
+
+    # -- per-request budgets (flexc.serving.requests) ---------------------------------------
+
+    def resolve(self, requested: float) -> float:
+        """The exported budget a request asking for ``requested`` runs at: the same one, else the largest
+        below it (the smallest if none is), with a warning."""
+        key = next((b for b in self.rows if abs(b - requested) < 1e-6), None)
+        if key is not None:
+            return key
+        below = [b for b in self.rows if b <= requested]
+        key = max(below) if below else min(self.rows)
+        if requested not in self._warned:
+            self._warned.add(requested)
+            logger.warning("flexc: a request asks for keep %g, which %s does not export; it runs at keep %g "
+                           "(budgets: %s)", requested, self.directory, key, self.budgets)
+        return key
+
+    def groups(self, num_tokens: int) -> list[tuple[float, torch.Tensor]] | None:
+        """This forward pass's tokens by budget (None: all at the engine's budget); computed once per
+        pass, by the first MoE block that asks."""
+        if self.kind != "nested":
+            return None
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        from flexc.serving.requests import token_groups
+
+        context = get_forward_context() if is_forward_context_available() else None
+        if context is None or self._groups_for is not context:
+            self._groups = token_groups(list(self.rows), self.budget, num_tokens, self.resolve)
+            self._groups_for = context
+            self.most_budgets_in_a_pass = max(self.most_budgets_in_a_pass, len(self._groups or [None]))
+        return self._groups
+
+    def row(self, budget: float, layer: int) -> torch.Tensor:
+        return self.rows[budget][self._position[layer]]
 
 
 @contextmanager
@@ -130,6 +170,8 @@ def _flexc_init(self, base: type, family: ServedFamily, vllm_config, prefix: str
 
     use_backend("auto", device)  # Triton kernels on CUDA, the op's CPU path elsewhere
     self.flexc = BudgetControl(artifact, plan.blocks)
+    for block in plan.blocks.values():
+        block.control = self.flexc
     self._flexc_prefixes = {block.prefix + ".": block for block in plan.blocks.values()}
     self._flexc_initial = artifact.budget
 

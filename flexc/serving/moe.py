@@ -98,9 +98,12 @@ class FlexcExperts(nn.Module):
         self.register_buffer("widths", initial.to(self.down_proj.device), persistent=False)
         self._loaded: set[tuple[int, str]] = set()  # (expert, part) pieces loaded from per-expert names
 
-    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                widths: torch.Tensor | None = None) -> torch.Tensor:
+        """The experts at ``widths`` (default: the width buffer, the engine's budget)."""
         return call_moe_experts(hidden, topk_ids, topk_weights, self.gate_up_proj, self.down_proj,
-                                widths=self.widths, activation=self.activation, alpha=self.alpha, limit=self.limit)
+                                widths=self.widths if widths is None else widths, activation=self.activation,
+                                alpha=self.alpha, limit=self.limit)
 
     # -- weight loading ------------------------------------------------------------------
 
@@ -201,6 +204,7 @@ class FlexcMoeBlock(nn.Module):
         self.n_routed_experts = self.n_logical_experts = num_experts
         self.n_physical_experts = self.n_local_physical_experts = num_experts
         self.n_redundant_experts = 0
+        self.control = None  # the model's BudgetControl (set once the model is built)
         plan.blocks[self.layer] = self
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +222,15 @@ class FlexcMoeBlock(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         ids, weights = self.route(x)
-        out = self.experts(x, ids, weights)
+        groups = None if self.control is None else self.control.groups(x.shape[0])
+        if groups is None:
+            out = self.experts(x, ids, weights)
+        else:  # per-request budgets: each budget's tokens through the experts at its widths
+            out = torch.empty_like(x)
+            for budget, tokens in groups:
+                tokens = tokens.to(x.device)
+                out[tokens] = self.experts(x[tokens], ids[tokens], weights[tokens],
+                                           self.control.row(budget, self.layer))
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(shape)
