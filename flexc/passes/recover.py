@@ -115,7 +115,7 @@ def select_budget(tables: WidthTables, keep: float, tolerance: float) -> float:
     return nearest
 
 
-def _attention_linears(model: nn.Module) -> list[str]:
+def attention_linears(model: nn.Module) -> list[str]:
     """Names of the linear layers inside attention blocks (any module path part ending in 'attn'/'attention')."""
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
             and any(part.endswith(("attn", "attention")) for part in name.split(".")[:-1])]
@@ -126,7 +126,7 @@ def attach_adapters(model: nn.Module, groups, *, rank: int, alpha: float, target
     from peft import LoraConfig, get_peft_model
 
     params = [f"{g.path}.{name}" for g in groups for name in EXPERT_WEIGHTS] if "experts" in targets else []
-    modules = _attention_linears(model) if "attention" in targets else []
+    modules = attention_linears(model) if "attention" in targets else []
     if "attention" in targets and not modules:
         raise ValueError("recover: targets include 'attention', but the model has no linear layer inside a module "
                          "named '*attn' or '*attention'")
@@ -218,8 +218,9 @@ class Recover(Pass):
     guarantees = frozenset({"recovered"})
     preserves_computation = False
 
-    # Test hook: called as on_step(step, peft_model) after each optimizer step (gradients still set).
-    on_step: Callable[[int, nn.Module], None] | None = None
+    # Test hook: called as on_step(step, adapters) after each optimizer step (gradients still set):
+    # the peft model in memory, the LayerAdapters in a streamed compile.
+    on_step: Callable[[int, object], None] | None = None
 
     def run(self, graph, ctx: PassContext) -> PassResult:
         from flexc.ir.streaming import LayerModel
@@ -288,8 +289,7 @@ class Recover(Pass):
         """Train the adapters one decoder layer at a time; they go into the state, and the exports merge
         them into each layer they write (:mod:`flexc.passes.recover_streamed`)."""
         from flexc.ir.permute import layer_permuter
-        from flexc.passes.recover_streamed import (STATE_KEY, LayerAdapters, StreamedRecoverModel,
-                                                   merge_into_layer)
+        from flexc.passes.recover_streamed import STATE_KEY, LayerAdapters, StreamedRecoverModel, merge_norms
 
         opts = self.options
         adapters = LayerAdapters(lm, rank=opts.rank, alpha=opts.alpha, targets=opts.targets, seed=ctx.seed)
@@ -297,15 +297,7 @@ class Recover(Pass):
         step = StreamedRecoverModel(lm, adapters, table, opts.loss, transform)
         history = self._train(step, adapters, adapters.params, table, batches, budget, ctx)
         ctx.state.extras[STATE_KEY] = adapters.state(table)
-        stats = []
-        for i in range(lm.num_layers):  # the merge's norms for the report, on an unloaded copy of each layer
-            if lm.group_at(i) is None and not adapters.modules[i]:
-                continue
-            shell = _LayerShell(lm, i)
-            merged = merge_into_layer(adapters, table, i, shell)
-            if merged is not None and lm.group_at(i) is not None:
-                stats.append(merged)
-        return history, stats
+        return history, merge_norms(adapters, table)
 
     def _train(self, model, hooked, adapters, table, batches, budget, ctx) -> list[dict]:
         """Train ``adapters`` (name -> parameter) through ``model`` (its ``forward_loss``); ``hooked`` is
@@ -381,17 +373,3 @@ class EagerRecoverModel:
         part = quality_loss(self.loss_kind, student, teacher, ids) * weight
         return part, part.backward
 
-
-class _LayerShell:
-    """An uninitialised copy of one decoder layer (shapes, no weights read) with the LayerGraph calls
-    the merge uses: the adapters' merge norms depend on the factors alone."""
-
-    def __init__(self, lm, layer: int):
-        import copy
-
-        self.model = copy.deepcopy(lm.layers[layer]).to_empty(device=lm.device)
-        prefix = f"{lm.model.base_model_prefix}.layers.{layer}."
-        self._prefix = prefix
-
-    def experts_module(self, group) -> nn.Module:
-        return self.model.get_submodule(group.path.removeprefix(self._prefix))

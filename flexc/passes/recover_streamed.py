@@ -43,17 +43,30 @@ def _layer_prefix(lm, layer: int) -> str:
     return f"{lm.model.base_model_prefix}.layers.{layer}."
 
 
+class _Shell:
+    """An uninitialised copy of one decoder layer (its shapes; no weight read), with the two LayerGraph
+    calls the adapters use: peft reads shapes to create adapters, and a merge's norms depend on the
+    factors alone."""
+
+    def __init__(self, lm, layer: int):
+        self.model = copy.deepcopy(lm.layers[layer]).to_empty(device=lm.device)
+        self._prefix = _layer_prefix(lm, layer)
+
+    def experts_module(self, group) -> nn.Module:
+        return self.model.get_submodule(group.path.removeprefix(self._prefix))
+
+
 class LayerAdapters:
     """Every decoder layer's LoRA factors, attached to a layer while it is loaded."""
 
     def __init__(self, lm, *, rank: int, alpha: float, targets, params: dict[str, torch.Tensor] | None = None,
                  seed: int | None = None):
-        from flexc.passes.recover import EXPERT_WEIGHTS, _attention_linears
+        from flexc.passes.recover import EXPERT_WEIGHTS, attention_linears
 
         self.lm, self.rank, self.alpha, self.targets = lm, rank, alpha, sorted(targets)
         self.modules: list[list[str]] = []  # per layer: attention linears (names within the layer)
         self.parameters: list[list[str]] = []  # per layer: stacked expert weights (names within the layer)
-        attention = _attention_linears(lm.model) if "attention" in self.targets else []
+        attention = attention_linears(lm.model) if "attention" in self.targets else []
         if "attention" in self.targets and not attention:
             raise ValueError("recover: targets include 'attention', but the model has no linear layer inside a "
                              "module named '*attn' or '*attention'")
@@ -108,7 +121,7 @@ class LayerAdapters:
                     config = self._config(i, modules=kind == "modules", parameters=kind == "parameters")
                     if config is None:
                         continue
-                    shell = copy.deepcopy(self.lm.layers[i]).to_empty(device=self.lm.device)  # shapes only
+                    shell = _Shell(self.lm, i).model
                     LoraModel(shell, config, ADAPTER)
                     prefix = _layer_prefix(self.lm, i)
                     out.update({prefix + n: p.detach().clone() for n, p in shell.named_parameters() if ".lora_" in n})
@@ -156,8 +169,19 @@ def merge_into_layer(adapters: LayerAdapters, table: torch.Tensor | None, layer:
     with adapters.attached(layer, graph.model) as lora:
         if lora is None:
             return None
-        stats = merge_adapters(lora, experts, groups, rows if groups else None)
+        stats = merge_adapters(lora, experts, groups, rows)
     return stats[0] if stats else None
+
+
+def merge_norms(adapters: LayerAdapters, table: torch.Tensor) -> list[dict]:
+    """Per MoE layer, the norms of the update the exports will merge and of the part the mask drops
+    (the in-memory recover's report), computed on an uninitialised copy of each layer."""
+    stats = []
+    for group in adapters.lm.groups:
+        with torch.no_grad():
+            merged = merge_into_layer(adapters, table, group.layer, _Shell(adapters.lm, group.layer))
+        stats.append(merged or {"layer": group.layer, "merged_norm": 0.0, "dropped_norm": 0.0})
+    return stats
 
 
 def layer_merger(lm, state) -> Callable | None:
