@@ -54,15 +54,19 @@ def _http(url: str, body: dict | None = None) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def nested_artifact(tmp_path_factory):
     model, tokenizer = source_model("tiny")
-    paths = write_artifacts(model, tokenizer, tmp_path_factory.mktemp("online"))
+    return write_artifacts(model, tokenizer, tmp_path_factory.mktemp("online"))["nested"], tokenizer
+
+
+def _serve(nested, tmp_path_factory, *flags: str):
+    """``flexc serve`` (vLLM's own server with the plugin named and the budget as hf_overrides) on a free
+    port, once it answers /health: yields the base URL."""
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     log = open(tmp_path_factory.mktemp("log") / "serve.log", "w")
     proc = subprocess.Popen(
-        # ``flexc serve``: vLLM's own server with the plugin named and the budget as hf_overrides.
-        [sys.executable, "-m", "flexc.cli", "serve", str(paths["nested"]), "--budget", str(BUDGETS[0]), "--port",
+        [sys.executable, "-m", "flexc.cli", "serve", str(nested), "--budget", str(BUDGETS[0]), *flags, "--port",
          str(port), "--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
          "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "32"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -79,10 +83,17 @@ def server(tmp_path_factory):
     else:
         proc.terminate()
         pytest.fail(f"vllm serve did not start in 240 s; see {log.name}")
-    yield base, paths["nested"], tokenizer
+    yield base
     proc.terminate()
     proc.wait(timeout=60)
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(nested_artifact, tmp_path_factory):
+    nested, tokenizer = nested_artifact
+    for base in _serve(nested, tmp_path_factory):
+        yield base, nested, tokenizer
 
 
 class Greedy:
@@ -113,10 +124,13 @@ def _running_requests(base: str) -> float:
                if line.startswith("vllm:num_requests_running"))
 
 
-async def _complete(client, ids: list[int]) -> tuple[list[int], float]:
+async def _complete(client, ids: list[int], budget: float | None = None,
+                    max_tokens: int = MAX_TOKENS) -> tuple[list[int], float]:
+    extra = {"return_token_ids": True, "ignore_eos": True}
+    if budget is not None:
+        extra["vllm_xargs"] = {"flexc_budget": budget}
     response = await client.completions.create(
-        model=client.served_model, prompt=ids, max_tokens=MAX_TOKENS, temperature=0.0,
-        extra_body={"return_token_ids": True, "ignore_eos": True})
+        model=client.served_model, prompt=ids, max_tokens=max_tokens, temperature=0.0, extra_body=extra)
     return list(response.choices[0].token_ids), time.perf_counter()
 
 
@@ -173,3 +187,51 @@ def test_bad_budget_requests_are_refused_with_the_reason(server):
     assert status == 400 and "no width table for keep 0.33" in body["error"]
     status, body = _http(base + "/flexc/budget", {"budget": "half"})
     assert status == 400 and '{"keep": <keep ratio>}' in body["error"]
+
+
+# ------------------------------------------------------------------ per-request budgets
+
+PER_REQUEST_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def mixed_server(nested_artifact, tmp_path_factory):
+    nested, tokenizer = nested_artifact
+    for base in _serve(nested, tmp_path_factory, "--per-request-budgets"):
+        yield base, nested, tokenizer
+
+
+async def _mixed(base: str, jobs: list[tuple[list[int], float | None]]):
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
+    client.served_model = (await client.models.list()).data[0].id
+    results = await asyncio.gather(*[_complete(client, ids, b, PER_REQUEST_TOKENS) for ids, b in jobs])
+    refused = []
+    for bad in (0.33, 1.5):
+        try:
+            await _complete(client, jobs[0][0], bad, 2)
+            refused.append(None)
+        except openai.BadRequestError as exc:
+            refused.append(str(exc))
+    await client.close()
+    return [tokens for tokens, _ in results], refused
+
+
+def test_concurrent_requests_at_their_own_budgets(mixed_server):
+    """``flexc serve --per-request-budgets``: 16 concurrent requests, each prompt at the engine's budget
+    and at three named ones (``vllm_xargs``), all batched together: every answer equals flexc.load's
+    greedy tokens at its request's budget; a budget the artifact lacks and a keep above 1 are refused
+    with 400 and the reason."""
+    base, nested, tokenizer = mixed_server
+    budgets = [None, 1.0, BUDGETS[0], BUDGETS[1]]
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    jobs = [(ids, b) for ids in prompts for b in budgets]
+    tokens, refused = asyncio.run(_mixed(base, jobs))
+    greedy = {b: Greedy(nested, b) for b in (None, BUDGETS[0], BUDGETS[1])}
+    for (ids, b), got in zip(jobs, tokens):
+        want = greedy[BUDGETS[0] if b is None else (None if b == 1.0 else b)](ids, PER_REQUEST_TOKENS)
+        assert got == want, f"request at keep {b}"
+    assert len({tuple(t) for t in tokens[:len(budgets)]}) > 1  # the budgets give different answers
+    assert refused[0] is not None and "flexc_budget 0.33 is not a budget of the served artifact" in refused[0]
+    assert refused[1] is not None and "keep ratio in (0, 1]" in refused[1]
+    status, state = _http(base + "/flexc/budget")
+    assert status == 200 and state["most_budgets_in_a_pass"] >= 3
