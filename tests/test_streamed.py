@@ -189,6 +189,16 @@ ANNEAL = [{"rank_channels": {"score": "activation", "plot": False}}, {"insert_ac
           {"anneal": {"steps": 6, "checkpoint_every": 1, "validation_samples": 8}}, "fold_masks"]
 
 
+def _killed_then_resumed(spec: dict, pass_cls, hook, monkeypatch):
+    """Compile ``spec`` with ``hook`` as the training pass's ``on_step`` (it raises KeyboardInterrupt), then
+    again without it: the resumed compile's result."""
+    with monkeypatch.context() as m:
+        m.setattr(pass_cls, "on_step", hook)
+        with pytest.raises(KeyboardInterrupt):
+            flexc.compile(spec, quiet=True)
+    return flexc.compile(spec, quiet=True)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streamed_anneal_equals_in_memory(family, family_dirs, tmp_path, monkeypatch):
     """The gates trained through the layer-streamed model (a forward sweep and a recomputing backward
@@ -224,11 +234,7 @@ def test_streamed_anneal_killed_resumes_to_the_same_tables(family_dirs, tmp_path
             raise KeyboardInterrupt("killed at step 3")
 
     spec = _spec(family_dirs["qwen3_moe"], tmp_path / "k", "layers", pipeline=ANNEAL)
-    with monkeypatch.context() as m:
-        m.setattr(Anneal, "on_step", kill)
-        with pytest.raises(KeyboardInterrupt):
-            flexc.compile(spec, quiet=True)
-    resumed = flexc.compile(spec, quiet=True)
+    resumed = _killed_then_resumed(spec, Anneal, kill, monkeypatch)
     assert resumed.skipped == ["01-rank_channels", "02-insert_action_gates"]
     flexc.compile(_spec(family_dirs["qwen3_moe"], tmp_path / "clean", "layers", pipeline=ANNEAL), quiet=True)
     a = WidthTables.load(tmp_path / "k" / "nested" / WIDTHS_FILE)
@@ -280,11 +286,7 @@ def test_streamed_recover_killed_resumes_to_the_same_weights(family_dirs, tmp_pa
             raise KeyboardInterrupt("killed at step 1")
 
     spec = _spec(family_dirs["qwen3_moe"], tmp_path / "k", "layers", pipeline=RECOVER)
-    with monkeypatch.context() as m:
-        m.setattr(Recover, "on_step", staticmethod(kill))
-        with pytest.raises(KeyboardInterrupt):
-            flexc.compile(spec, quiet=True)
-    resumed = flexc.compile(spec, quiet=True)
+    resumed = _killed_then_resumed(spec, Recover, staticmethod(kill), monkeypatch)
     assert resumed.skipped == ["01-rank_channels", "02-coverage", "03-fold_masks"]
     flexc.compile(_spec(family_dirs["qwen3_moe"], tmp_path / "clean", "layers", pipeline=RECOVER), quiet=True)
     history = (tmp_path / "k" / "stages" / "04-recover" / "recover_history.json").read_text()

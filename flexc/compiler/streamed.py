@@ -179,7 +179,6 @@ def _scores_with_backward(lm, batches, score_cls, ctx):
     expert weight gradients going to the score's observers, the gradient at its input going on
     to the layer below. The same per-batch gradients as one backward through the whole model."""
     from flexc.ir.op import observe_expert_grads
-    from flexc.ir.streaming import LayerGraph
     from flexc.passes.calibrate import next_token_loss
 
     _, counts, sums, last, inputs, kwargs = _forward_sweep(lm, batches, score_cls, ctx, keep_inputs=True)
@@ -187,10 +186,8 @@ def _scores_with_backward(lm, batches, score_cls, ctx):
     del last
     scores = [None] * len(lm.groups)
     for i in reversed(range(lm.num_layers)):
-        module = lm.materialise(i)
-        module.requires_grad_(False)
+        graph = lm.frozen_layer(i, kwargs)
         group = lm.group_at(i)
-        graph = LayerGraph(module, lm, group, kwargs, index=i)
         score = None if group is None else _layer_score(score_cls, group)
         observer = (lambda info: score.on_backward(0, info)) if score is not None else (lambda info: None)
         with observe_expert_grads(observer):

@@ -258,6 +258,16 @@ class LayerModel:
         self.peak_live = max(self.peak_live, len(self.live_layers()))
         return module
 
+    def frozen_layer(self, layer: int, kwargs_by_shape=None, transform=None) -> "LayerGraph":
+        """Decoder ``layer`` materialised with its weights frozen, as a :class:`LayerGraph` (run with
+        ``kwargs_by_shape``), after ``transform(layer, graph)`` (a streamed compile's permutation)."""
+        module = self.materialise(layer)
+        module.requires_grad_(False)
+        graph = LayerGraph(module, self, self.group_at(layer), kwargs_by_shape, index=layer)
+        if transform is not None:
+            transform(layer, graph)
+        return graph
+
     def free(self, layer: int) -> None:
         """Put decoder ``layer`` back on ``meta`` (its storage is released)."""
         self.layers[layer].to_empty(device="meta")

@@ -72,16 +72,6 @@ class StreamedGatedModel:
         for group in self.lm.groups:
             experts_impl.override_op(self.lm.model.get_submodule(group.path), None)
 
-    def _layer(self, i: int, kwargs):
-        from flexc.ir.streaming import LayerGraph
-
-        module = self.lm.materialise(i)
-        module.requires_grad_(False)
-        graph = LayerGraph(module, self.lm, self.lm.group_at(i), kwargs, index=i)
-        if self.transform is not None:
-            self.transform(i, graph)
-        return graph
-
     def _sweep(self, batches: list[torch.Tensor], keep_inputs: bool):
         """The batches through every decoder layer (no gradients): the last layer's outputs, each
         layer's inputs if ``keep_inputs`` (else an empty list), and the layers' keyword arguments."""
@@ -91,7 +81,7 @@ class StreamedGatedModel:
         for i in range(lm.num_layers):
             if keep_inputs:
                 inputs.append(hidden)
-            graph = self._layer(i, kwargs)
+            graph = self.lm.frozen_layer(i, kwargs, self.transform)
             with torch.no_grad():
                 for h in hidden:
                     graph.logits(h.to(lm.device))
@@ -118,7 +108,7 @@ class StreamedGatedModel:
 
         grad = lm.head_gradients(last, [ids], loss)[0]
         for i in reversed(range(lm.num_layers)):
-            graph = self._layer(i, kwargs)
+            graph = self.lm.frozen_layer(i, kwargs, self.transform)
             grad = graph.backward(inputs[i][0], grad)
             inputs[i] = None  # this layer's boundary state is spent
             lm.free(i)

@@ -206,16 +206,6 @@ class StreamedRecoverModel:
     def __init__(self, lm, adapters: LayerAdapters, table: torch.Tensor, loss_kind: str, transform):
         self.lm, self.adapters, self.table, self.loss_kind, self.transform = lm, adapters, table, loss_kind, transform
 
-    def _layer(self, i: int, kwargs):
-        from flexc.ir.streaming import LayerGraph
-
-        module = self.lm.materialise(i)
-        module.requires_grad_(False)
-        graph = LayerGraph(module, self.lm, self.lm.group_at(i), kwargs, index=i)
-        if self.transform is not None:
-            self.transform(i, graph)
-        return graph
-
     def _set_widths(self, graph, table: bool) -> None:
         for group in graph.groups:
             row = (self.table[self.lm.groups.index(group)] if table
@@ -232,7 +222,7 @@ class StreamedRecoverModel:
         teacher = student
         inputs: list[torch.Tensor] = []
         for i in range(lm.num_layers):
-            graph = self._layer(i, kwargs)
+            graph = self.lm.frozen_layer(i, kwargs, self.transform)
             with torch.no_grad():
                 if distill:  # the unpruned model: full width, no adapters
                     self._set_widths(graph, table=False)
@@ -255,7 +245,7 @@ class StreamedRecoverModel:
         def backward() -> None:
             g = grad.to("cpu")
             for i in reversed(range(lm.num_layers)):
-                graph = self._layer(i, kwargs)
+                graph = self.lm.frozen_layer(i, kwargs, self.transform)
                 self._set_widths(graph, table=True)
                 with self.adapters.attached(i, graph.model):
                     g = graph.backward(inputs[i], g)
