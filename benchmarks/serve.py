@@ -5,8 +5,11 @@ one flexc engine serves the nested artifact and is switched live through every b
 engine/budget: prefill throughput (8 prompts of ``--prefill-len`` tokens, one output token),
 decode throughput and per-token latency at batch 1 and 8, each the median of ``--repeats`` runs;
 the ratio to stock and the *ideal* ratio beside it (active parameters per token, unpruned over
-pruned: the FLOPs and, at batch 1, the bytes a token touches). Then the switch time against an
-engine restart.
+pruned: the FLOPs and, at batch 1, the bytes a token touches). Then a *mixed* batch: 8 requests
+decoding together, each naming its own budget (1, 0.75, 0.5, 0.25, twice; per-request budgets,
+docs/serving.md), its ideal the mean active parameters of those requests. Then the switch time
+against an engine restart. Prefix caching is off in every engine (the repeats send the same
+prompts: with it on, every repeat after the first would prefill from the cache).
 
 The artifact is the zoo model's own weights with *uniform* widths (every expert keeps the same
 prefix), so that each keep ratio is exact and the ideal is a plain formula; a compiled artifact
@@ -72,25 +75,37 @@ def active_params(manifest: dict, config: dict, widths) -> float:
     return total + routed
 
 
-def measure(llm, args) -> dict:
+DECODE_PROMPTS = [[200 + (i * 11 + j) % 1500 for j in range(16)] for i in range(8)]
+
+
+def _timed(llm, prompts, max_tokens, budgets=None) -> float:
+    """Seconds to generate ``max_tokens`` for every prompt at once (``budgets``: one per request)."""
     from vllm import SamplingParams
 
+    budgets = budgets or [None] * len(prompts)
+    params = [SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                             extra_args=None if b is None else {"flexc_budget": b}) for b in budgets]
+    start = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - start
+
+
+def measure_mixed(llm, args, budgets: list[float]) -> dict:
+    """Decode throughput of 8 requests decoding together, request i at ``budgets[i]``."""
+    seconds = statistics.median(_timed(llm, DECODE_PROMPTS, args.decode_len, budgets) for _ in range(args.repeats))
+    return {"decode_b8_tok_s": 8 * args.decode_len / seconds, "decode_b8_ms_per_step": 1e3 * seconds / args.decode_len}
+
+
+def measure(llm, args) -> dict:
+    """Prefill throughput (8 prompts), decode throughput and per-step latency at batch 1 and 8."""
     prefill_prompts = [[100 + (i * 7 + j) % 1500 for j in range(args.prefill_len)] for i in range(8)]
-    decode_prompts = [[200 + (i * 11 + j) % 1500 for j in range(16)] for i in range(8)]
-
-    def timed(prompts, max_tokens):
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        inputs = [{"prompt_token_ids": p} for p in prompts]
-        start = time.perf_counter()
-        llm.generate(inputs, params, use_tqdm=False)
-        return time.perf_counter() - start
-
-    timed(decode_prompts[:1], 4)  # warm-up
+    _timed(llm, DECODE_PROMPTS[:1], 4)  # warm-up
     out = {}
-    prefill = statistics.median(timed(prefill_prompts, 1) for _ in range(args.repeats))
+    prefill = statistics.median(_timed(llm, prefill_prompts, 1) for _ in range(args.repeats))
     out["prefill_tok_s"] = 8 * args.prefill_len / prefill
     for batch in (1, 8):
-        seconds = statistics.median(timed(decode_prompts[:batch], args.decode_len) for _ in range(args.repeats))
+        seconds = statistics.median(_timed(llm, DECODE_PROMPTS[:batch], args.decode_len)
+                                    for _ in range(args.repeats))
         out[f"decode_b{batch}_tok_s"] = batch * args.decode_len / seconds
         out[f"decode_b{batch}_ms_per_step"] = 1e3 * seconds / args.decode_len
     return out
@@ -101,7 +116,7 @@ def start(model: str, **kwargs):
 
     begin = time.perf_counter()
     llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
-              kv_cache_memory_bytes=256 << 20, **kwargs)
+              kv_cache_memory_bytes=256 << 20, enable_prefix_caching=False, **kwargs)
     return llm, time.perf_counter() - begin
 
 
@@ -147,18 +162,24 @@ def main() -> None:
         rows.append({"engine": "stock vLLM", "keep": 1.0, **stock, "ideal": 1.0, "start_s": stock_start})
         shutdown(llm)
 
-    llm, flexc_start = start(str(nested))
+    from flexc.serving.requests import PROCESSOR
+
+    llm, flexc_start = start(str(nested), logits_processors=[PROCESSOR])  # per-request budgets too
     full_widths = get_budget(llm)["widths"]
     config = json.loads((nested / "config.json").read_text())
     full_active = active_params(manifest, config, [full_widths[k] for k in sorted(full_widths, key=int)])
-    switches = []
+    switches, active = [], {}
     for keep in get_budget(llm)["budgets"]:
         state = set_budget(llm, keep)
         switches.append(state["total_s"])
         widths = [state["widths"][k] for k in sorted(state["widths"], key=int)]
+        active[keep] = active_params(manifest, config, widths)
         figures = measure(llm, args)
-        rows.append({"engine": "flexc", "keep": keep, **figures,
-                     "ideal": full_active / active_params(manifest, config, widths), "start_s": flexc_start})
+        rows.append({"engine": "flexc", "keep": keep, **figures, "ideal": full_active / active[keep],
+                     "start_s": flexc_start})
+    mixed = [b for _ in range(2) for b in sorted(active, reverse=True)][:8]
+    mixed_row = {"engine": "flexc mixed", "budgets": mixed, **measure_mixed(llm, args, mixed),
+                 "ideal": full_active / statistics.mean(active[b] for b in mixed)}
     shutdown(llm)
 
     base = stock or rows[0]
@@ -170,11 +191,17 @@ def main() -> None:
         ratios = " / ".join(f"{r['ratios'][k]:.2f}" for k in keys)
         print(f"{r['engine']:<11} {r['keep']:>5.2f} {r['prefill_tok_s']:>14.0f} {r['decode_b1_tok_s']:>9.1f} "
               f"{r['decode_b1_ms_per_step']:>7.1f} {r['decode_b8_tok_s']:>9.1f} {ratios:>32} {r['ideal']:>6.2f}")
+    b8 = base["decode_b8_tok_s"]
+    mixed_row["ratio_b8"] = mixed_row["decode_b8_tok_s"] / b8
+    print(f"{'flexc mixed':<11} {'/'.join(f'{b:g}' for b in mixed[:4])} per request: decode b8 "
+          f"{mixed_row['decode_b8_tok_s']:.1f} tok/s ({mixed_row['decode_b8_ms_per_step']:.1f} ms a step), "
+          f"{mixed_row['ratio_b8']:.2f} vs stock, ideal {mixed_row['ideal']:.2f}")
     switch = statistics.median(switches)
     print(f"budget switch (set_budget round trip, median of {len(switches)}): {switch * 1e3:.1f} ms; "
           f"engine start: flexc {flexc_start:.1f} s" + (f", stock {rows[0]['start_s']:.1f} s" if stock else ""))
     result = {"model": args.artifact or args.model, "repeats": args.repeats, "prefill_len": args.prefill_len,
-              "decode_len": args.decode_len, "rows": rows, "switch_s": switch, "restart_s": flexc_start,
+              "decode_len": args.decode_len, "rows": rows, "mixed": mixed_row, "switch_s": switch,
+              "restart_s": flexc_start, "prefix_caching": False,
               "threads": os.environ.get("OMP_NUM_THREADS")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
