@@ -54,7 +54,7 @@ def test_per_request_budgets_add_the_processor_and_turn_prefix_caching_off(artif
     assert main(["serve", str(artifacts["nested"]), "--per-request-budgets", "--dry-run"]) == 0
     cmd = capsys.readouterr().out.split()
     assert cmd[cmd.index("--logits-processors") + 1] == "flexc.serving.requests:FlexcBudgets"
-    assert "--no-enable-prefix-caching" in cmd
+    assert "--no-enable-prefix-caching" in cmd and "--enforce-eager" in cmd
     served = served_budgets(artifacts["nested"])
     assert served == [1.0, *BUDGETS]  # what the server's admission check accepts
     assert check_budget(BUDGETS[1], served) == BUDGETS[1]

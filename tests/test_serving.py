@@ -166,6 +166,23 @@ def test_requests_of_different_budgets_share_one_batch(engine):
     assert run([None, None, None]) == [refs[BUDGETS[0]][i] for i in range(3)], name
 
 
+@pytest.mark.parametrize("compiled, caching, message", [(True, False, "eager mode"), (False, True, "prefix caching off")])
+def test_per_request_budgets_refuse_what_would_mix_budgets(compiled, caching, message):
+    """Under torch.compile the per-token budget grouping would be traced once; with prefix caching a KV
+    block of one budget could serve another: the processor refuses both at start."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationMode
+
+    from flexc.serving.requests import FlexcBudgets
+
+    config = SimpleNamespace(
+        compilation_config=SimpleNamespace(mode=CompilationMode.VLLM_COMPILE if compiled else CompilationMode.NONE),
+        cache_config=SimpleNamespace(enable_prefix_caching=caching))
+    with pytest.raises(ValueError, match=message):
+        FlexcBudgets(config, torch.device("cpu"), False)
+
+
 def test_sliced_checkpoint_is_served_at_its_widths(artifacts):
     """A sliced checkpoint (packed experts) is served by flexc's class, equal to the nested model
     at its budget; its budget cannot be switched."""

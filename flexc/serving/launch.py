@@ -69,8 +69,8 @@ def server_command(directory: Path, budget: float | None, host: str | None, port
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", str(directory)]
     if budget is not None:
         cmd += ["--hf-overrides", json.dumps({BUDGET_KEY: budget})]
-    if per_request:  # requests name their budget; a KV block must not serve another budget
-        cmd += ["--logits-processors", PROCESSOR, "--no-enable-prefix-caching"]
+    if per_request:  # requests name their budget; a KV block must not serve another budget; eager only
+        cmd += ["--logits-processors", PROCESSOR, "--no-enable-prefix-caching", "--enforce-eager"]
     if host is not None:
         cmd += ["--host", host]
     if port is not None:

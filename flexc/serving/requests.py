@@ -18,7 +18,8 @@ budget's tokens (:meth:`FlexcMoeBlock.forward`).
 
 KV blocks are computed at one budget and must never serve a request of another: per-request
 budgets need prefix caching off (``enable_prefix_caching=False``), which the processor checks
-at start. A budget the artifact did not export runs at the largest exported budget below it
+at start, as it checks eager mode (``enforce_eager=True``: under torch.compile the grouping of
+a batch's tokens by budget, plain Python here, would be traced once). A budget the artifact did not export runs at the largest exported budget below it
 (the smallest one if none is), with a warning in the engine's log.
 """
 
@@ -82,6 +83,11 @@ class FlexcBudgets(LogitsProcessor):
             check_budget(extra[EXTRA_ARG], _served_budgets())
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        from vllm.config import CompilationMode
+
+        if vllm_config.compilation_config.mode != CompilationMode.NONE:
+            raise ValueError("flexc per-request budgets run in eager mode for now (enforce_eager=True, or "
+                             "--enforce-eager): a compiled model would trace one batch's budgets and reuse them")
         if vllm_config.cache_config.enable_prefix_caching:
             raise ValueError("flexc per-request budgets need prefix caching off (enable_prefix_caching=False, or "
                              "--no-enable-prefix-caching): a KV block computed at one budget must not serve a "
