@@ -48,14 +48,14 @@ def test_a_sliced_checkpoint_is_served_at_its_own_budget_only(artifacts, capsys)
 
 
 def test_per_request_budgets_add_the_processor_and_turn_prefix_caching_off(artifacts, capsys):
-    from flexc.serving.launch import served_budgets
+    from flexc.serving.launch import check_artifact, served_budgets
     from flexc.serving.requests import check_budget
 
     assert main(["serve", str(artifacts["nested"]), "--per-request-budgets", "--dry-run"]) == 0
     cmd = capsys.readouterr().out.split()
     assert cmd[cmd.index("--logits-processors") + 1] == "flexc.serving.requests:FlexcBudgets"
     assert "--no-enable-prefix-caching" in cmd and "--enforce-eager" in cmd
-    served = served_budgets(artifacts["nested"])
+    served = served_budgets(check_artifact(artifacts["nested"], None, per_request=True))
     assert served == [1.0, *BUDGETS]  # what the server's admission check accepts
     assert check_budget(BUDGETS[1], served) == BUDGETS[1]
     with pytest.raises(ValueError, match=r"flexc_budget 0.33 is not a budget of the served artifact; available: 1, "

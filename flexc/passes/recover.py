@@ -50,6 +50,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -121,23 +122,37 @@ def attention_linears(model: nn.Module) -> list[str]:
             and any(part.endswith(("attn", "attention")) for part in name.split(".")[:-1])]
 
 
+def lora_config(rank: int, alpha: float, modules: list[str], params: list[str]):
+    """peft's LoRA options for ``modules`` (linear layers) and ``params`` (stacked expert weights)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=modules, target_parameters=params)
+
+
+@contextmanager
+def peft_rng(seed: int | None = None):
+    """Creating adapters leaves the global RNG as it was (drawn from ``seed`` if given), and peft's
+    query of a deprecated transformers attribute is not reported."""
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
 def attach_adapters(model: nn.Module, groups, *, rank: int, alpha: float, targets, seed: int):
     """Wrap ``model`` (in place) with LoRA adapters; returns the peft model. Base weights stay frozen."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     params = [f"{g.path}.{name}" for g in groups for name in EXPERT_WEIGHTS] if "experts" in targets else []
     modules = attention_linears(model) if "attention" in targets else []
     if "attention" in targets and not modules:
         raise ValueError("recover: targets include 'attention', but the model has no linear layer inside a module "
                          "named '*attn' or '*attention'")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=modules,
-                        target_parameters=params)
     for p in model.parameters():
         p.requires_grad_(False)
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        torch.manual_seed(seed)  # the adapters' init is a function of the seed, so a resumed run matches
-        warnings.simplefilter("ignore", FutureWarning)  # peft queries a deprecated transformers attribute
-        return get_peft_model(model, config)
+    with peft_rng(seed):  # the adapters' init is a function of the seed, so a resumed run matches
+        return get_peft_model(model, lora_config(rank, alpha, modules, params))
 
 
 def adapter_parameters(peft_model) -> dict[str, nn.Parameter]:

@@ -26,7 +26,6 @@ land in the kept parameters; unloaded before the layer is freed).
 from __future__ import annotations
 
 import copy
-import warnings
 from contextlib import contextmanager
 from typing import Callable
 
@@ -81,41 +80,21 @@ class LayerAdapters:
         self.params: dict[str, nn.Parameter] = {n: nn.Parameter(t.to(lm.device)) for n, t in params.items()}
 
     def _config(self, layer: int, modules: bool = True, parameters: bool = True):
-        from peft import LoraConfig
+        from flexc.passes.recover import lora_config
 
         mods = self.modules[layer] if modules else []
         params = self.parameters[layer] if parameters else []
-        if not mods and not params:
-            return None
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0, target_modules=mods,
-                          target_parameters=params)
-
-    @contextmanager
-    def _lora(self, module: nn.Module, config):
-        """peft's LoRA model on ``module`` (a decoder layer) until the context exits."""
-        from peft.tuners.lora import LoraModel
-
-        from flexc.passes.recover import ADAPTER
-
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # peft queries a deprecated transformers attribute
-            lora = LoraModel(module, config, ADAPTER)
-        try:
-            yield lora
-        finally:
-            lora.unload()
+        return lora_config(self.rank, self.alpha, mods, params) if mods or params else None
 
     def _initial(self, seed: int) -> dict[str, torch.Tensor]:
         """The factors ``get_peft_model`` on the whole model draws from ``seed``, in its order: attention
         linears of every layer first, then the experts' stacked weights of every layer."""
         from peft.tuners.lora import LoraModel
 
-        from flexc.passes.recover import ADAPTER
+        from flexc.passes.recover import ADAPTER, peft_rng
 
         out: dict[str, torch.Tensor] = {}
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.manual_seed(seed)
+        with peft_rng(seed):
             for kind in ("modules", "parameters"):
                 for i in range(self.lm.num_layers):
                     config = self._config(i, modules=kind == "modules", parameters=kind == "parameters")
@@ -132,17 +111,24 @@ class LayerAdapters:
     def attached(self, layer: int, module: nn.Module):
         """``module`` (loaded decoder ``layer``) with its adapters attached: yields peft's LoRA model,
         whose factors are this object's parameters (gradients accumulate here)."""
+        from peft.tuners.lora import LoraModel
+
+        from flexc.passes.recover import ADAPTER, peft_rng
+
         config = self._config(layer)
         if config is None:
             yield None
             return
-        prefix = _layer_prefix(self.lm, layer)
-        with self._lora(module, config) as lora:
-            for name, p in module.named_parameters():
-                if ".lora_" in name:
-                    owner, attr = name.rsplit(".", 1)
-                    setattr(module.get_submodule(owner), attr, self.params[prefix + name])
+        with peft_rng():  # peft draws fresh factors, replaced below
+            lora = LoraModel(module, config, ADAPTER)
+        try:
+            prefix = _layer_prefix(self.lm, layer)
+            for name in [n for n, _ in module.named_parameters() if ".lora_" in n]:
+                owner, attr = name.rsplit(".", 1)
+                setattr(module.get_submodule(owner), attr, self.params[prefix + name])
             yield lora
+        finally:
+            lora.unload()
 
     def state(self, table: torch.Tensor) -> dict:
         """What the exports need to merge the adapters: factors, peft's options, the fine-tuned table."""

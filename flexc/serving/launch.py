@@ -27,9 +27,9 @@ INSTALL_HINT = ("install vLLM beside flexc in its own environment: pip install -
                 "'flexc[serve]' on CUDA; see docs/serving.md")
 
 
-def check_artifact(directory: Path, budget: float | None, per_request: bool = False) -> str:
-    """What ``directory`` is (``nested`` or ``sliced``), after checking that flexc serves it at ``budget``
-    (and, with ``per_request``, that it has budgets to choose from)."""
+def check_artifact(directory: Path, budget: float | None, per_request: bool = False):
+    """The flexc artifact in ``directory`` (nested or sliced), after checking that flexc serves it at
+    ``budget`` (and, with ``per_request``, that it has budgets to choose from)."""
     if not directory.is_dir():
         raise ServingError(f"{directory}: no such directory (expected a flexc nested artifact or sliced checkpoint, "
                            "e.g. runs/quickstart/nested)")
@@ -52,12 +52,11 @@ def check_artifact(directory: Path, budget: float | None, per_request: bool = Fa
     if per_request and artifact.kind != "nested":
         raise ServingError(f"{directory} is a sliced checkpoint (one fixed budget): per-request budgets need the "
                            "nested artifact")
-    return artifact.kind
+    return artifact
 
 
-def served_budgets(directory: Path) -> list[float]:
+def served_budgets(artifact) -> list[float]:
     """The keep ratios a nested artifact serves: full width and every exported budget."""
-    artifact = detect(directory, SimpleNamespace(**json.loads((directory / "config.json").read_text())))
     return sorted({1.0, *artifact.tables.budgets}, reverse=True)
 
 
@@ -94,7 +93,7 @@ def serve(directory: str | Path, budget: float | None = None, host: str | None =
     from flexc.serving.requests import BUDGETS_ENV
 
     directory = Path(directory)
-    check_artifact(directory, budget, per_request)
+    artifact = check_artifact(directory, budget, per_request)
     cmd = server_command(directory, budget, host, port, list(extra or []), per_request)
     if dry_run:
         return cmd
@@ -102,7 +101,7 @@ def serve(directory: str | Path, budget: float | None = None, host: str | None =
         raise ServingError(f"vLLM is not installed in this environment ({sys.executable}): {INSTALL_HINT}")
     environment = server_environment(dict(os.environ))
     if per_request:
-        environment[BUDGETS_ENV] = ",".join(f"{b:g}" for b in served_budgets(directory))
+        environment[BUDGETS_ENV] = ",".join(f"{b:g}" for b in served_budgets(artifact))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, cmd, environment)

@@ -19,8 +19,9 @@ budget's tokens (:meth:`FlexcMoeBlock.forward`).
 KV blocks are computed at one budget and must never serve a request of another: per-request
 budgets need prefix caching off (``enable_prefix_caching=False``), which the processor checks
 at start, as it checks eager mode (``enforce_eager=True``: under torch.compile the grouping of
-a batch's tokens by budget, plain Python here, would be traced once). A budget the artifact did not export runs at the largest exported budget below it
-(the smallest one if none is), with a warning in the engine's log.
+a batch's tokens by budget, plain Python here, would be traced once). A budget the artifact did
+not export runs at the largest exported budget below it (the smallest one if none is), with a
+warning in the engine's log.
 """
 
 from __future__ import annotations
