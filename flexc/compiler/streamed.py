@@ -62,7 +62,7 @@ log = logging.getLogger("flexc")
 STREAMABLE_PASSES = ("rank_channels", "uniform", "coverage", "insert_action_gates", "anneal", "fold_masks", "recover")
 # Passes that read the layers' weights as the source has them (permuted on load, nothing else): after a
 # streamed recover, whose adapters are merged by the exports alone, they would miss the fine-tune.
-_READ_SOURCE_WEIGHTS = ("rank_channels", "anneal")
+_READ_SOURCE_WEIGHTS = ("rank_channels", "anneal", "recover")
 STREAMABLE_EXPORTS = ("nested", "sliced", "hf")
 _WHY = {
     "expert_prune": "it rewrites the in-memory graph's routers",
@@ -78,17 +78,17 @@ def streaming_problems(spec) -> list[tuple[tuple, str]]:
     if not spec.pipeline:
         problems.append((("execution", "stream"), "execution.stream: layers needs a pipeline (rank_channels, a width "
                          "pass, fold_masks); an empty pipeline just copies the model"))
+    recovered = False
     for i, entry in enumerate(spec.pipeline):
         if entry.name not in STREAMABLE_PASSES:
             why = _WHY.get(entry.name, "streamed execution runs only the passes it knows to be layer-local")
             problems.append((("pipeline", i), f"pass {entry.name!r} cannot run with execution.stream: layers: {why}; "
                              f"a streamed compile runs {runs} (see docs/scale.md), or set execution.stream: off"))
-    recovered = next((i for i, e in enumerate(spec.pipeline) if e.name == "recover"), None)
-    for i, entry in enumerate(spec.pipeline):
-        if recovered is not None and i > recovered and entry.name in _READ_SOURCE_WEIGHTS:
+        elif recovered and entry.name in _READ_SOURCE_WEIGHTS:
             problems.append((("pipeline", i), f"pass {entry.name!r} cannot run after recover with execution.stream: "
                              "layers: a streamed recover's adapters are merged into the weights by the exports, so "
-                             f"{entry.name} would not see them; move recover after it, or set execution.stream: off"))
+                             f"{entry.name} would not see them; run it before recover, or set execution.stream: off"))
+        recovered = recovered or entry.name == "recover"
     for j, fmt in enumerate(spec.export.formats):
         if fmt not in STREAMABLE_EXPORTS:
             problems.append((("export", "formats", j), f"export {fmt!r} cannot be written with execution.stream: "
