@@ -361,3 +361,34 @@ def test_stream_auto_says_why_a_model_that_does_not_fit_cannot_stream(moe_dir, t
     text = str(err.value)
     assert "execution.stream: auto" in text and "GB is available" in text
     assert "pass 'lower_kernels' cannot run with execution.stream: layers" in text
+
+
+def test_release_memory_collects_garbage_only_when_memory_did_not_come_back(monkeypatch):
+    """A collection costs 0.1-0.2 s and freed layers come back without one; it runs when resident memory
+    grew by more than half a large free since the previous release (something still holds the tensors)."""
+    import gc
+
+    from flexc.ir import streaming
+
+    layer = 256 << 20
+    resident = [1 << 30]
+    collections = []
+    monkeypatch.setattr(streaming, "_resident_bytes", lambda: resident[0])
+    monkeypatch.setattr(streaming, "_after_last_release", [])
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(resident[0]) or 0)
+
+    streaming.release_memory(layer)  # no earlier reading: collects once
+    streaming.release_memory(layer)  # memory came back: nothing to collect
+    resident[0] += layer // 4
+    streaming.release_memory(layer)  # grew by a quarter of a layer (e.g. boundary states): still none
+    assert len(collections) == 1
+    resident[0] += layer  # a whole layer still resident
+    streaming.release_memory(layer)
+    assert len(collections) == 2
+    resident[0] += 2 * layer
+    streaming.release_memory(1 << 20)  # a small free never collects
+    assert len(collections) == 2
+    monkeypatch.setattr(streaming, "_resident_bytes", lambda: None)  # not Linux: collect after large frees
+    streaming.release_memory(layer)
+    streaming.release_memory(layer)
+    assert len(collections) == 4
