@@ -3,8 +3,9 @@
 For each family (Qwen3-MoE, Mixtral, Qwen2-MoE with its shared expert) one engine is started on
 a nested artifact at keep 0.75 (chosen at load through ``hf_overrides``); its greedy tokens must
 equal ``flexc.load`` + transformers at that budget, then, switched live with
-``flexc.serving.set_budget`` (no reload), at keep 0.4 and at full width. A sliced checkpoint must
-be served at its widths, and a budget switch on it refused.
+``flexc.serving.set_budget`` (no reload), at keep 0.4 and at full width; and, with per-request
+budgets, requests naming different budgets in one batch must each get their own budget's tokens.
+A sliced checkpoint must be served at its widths, and a budget switch on it refused.
 
 Needs vLLM: tests/test_serving_suite.py builds an environment with the ``serve-cpu`` extra and
 runs this file there (vLLM's CPU build pins transformers and torch; see docs/serving.md). Without
