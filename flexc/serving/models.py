@@ -111,13 +111,11 @@ class BudgetControl:
     def groups(self, num_tokens: int) -> list[tuple[float, torch.Tensor]] | None:
         """This forward pass's tokens by budget (None: all at the engine's budget); computed once per
         pass, by the first MoE block that asks."""
-        if self.kind != "nested":
+        from flexc.serving.requests import active, current_pass, token_groups
+
+        if self.kind != "nested" or active() is None:  # no per-request budgets: every block's fast path
             return None
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-
-        from flexc.serving.requests import token_groups
-
-        context = get_forward_context() if is_forward_context_available() else None
+        context = current_pass()
         if context is None or self._groups_for is not context:
             self._groups = token_groups(list(self.rows), self.budget, num_tokens, self.resolve)
             self._groups_for = context

@@ -110,6 +110,13 @@ def active() -> FlexcBudgets | None:
     return _ACTIVE[0] if _ACTIVE else None
 
 
+def current_pass():
+    """vLLM's context of the forward pass running now (one per pass), or None outside one."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    return get_forward_context() if is_forward_context_available() else None
+
+
 def token_groups(keys: list[float], default: float, num_tokens: int, resolve) -> list[tuple[float, torch.Tensor]] | None:
     """This forward pass's tokens grouped by budget: ``[(budget, token indices)]``, or None when every
     token runs at ``default`` (or no per-request budget is in play).
@@ -118,14 +125,10 @@ def token_groups(keys: list[float], default: float, num_tokens: int, resolve) ->
     The tokens of request ``i`` (vLLM's batch order) are ``query_start_loc[i]:query_start_loc[i+1]``
     of the attention metadata; padding rows past the last request run at ``default``.
     """
-    processor = active()
-    if processor is None or not processor.budgets:
+    processor, context = active(), current_pass()
+    if processor is None or not processor.budgets or context is None:
         return None
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
-    if not is_forward_context_available():
-        return None
-    metadata = get_forward_context().attn_metadata
+    metadata = context.attn_metadata
     if isinstance(metadata, list):  # micro-batches: not used with flexc artifacts
         metadata = metadata[0]
     if not metadata:
