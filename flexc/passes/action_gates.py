@@ -28,8 +28,8 @@ from torch import nn
 from flexc.ir.graph import is_expert_node
 from flexc.ir.layout import ExpertLayout
 from flexc.ir.op import call_moe_experts
-from flexc.ir.routing import route_by_expert
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
+from flexc.passes.masked_experts import masked_experts
 from flexc.passes.registry import register_pass
 
 GATE_PREFIX = "flexc_gates_"
@@ -54,39 +54,6 @@ def level_widths(intermediate: int, levels: int | None, granule: int) -> torch.T
     if (widths[1:] < widths[:-1]).any():
         raise ValueError(f"level widths not ascending: {widths.tolist()}")
     return widths
-
-
-def gated_experts_masked(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, mask,
-                         activation, interleaved, alpha, limit):
-    """Routed experts with a (differentiable) channel mask ``[E, I]`` on the gated activations.
-
-    Plain torch, so autograd reaches ``mask`` (and hidden); used only while training actions.
-    """
-    num_tokens, hidden_size = hidden.shape
-    routing = route_by_expert(topk_ids, down.shape[0])
-    layout = ExpertLayout(activation, interleaved, alpha, limit)
-    # Split into per-expert segments (not sliced one by one): a slice's backward writes its gradient
-    # into zeros the size of the whole input, once per expert; a split's backward is one concatenation.
-    xs = hidden[routing.token].split(routing.counts)
-    ws = routing.sorted_weights(topk_weights).split(routing.counts)
-    masks = mask.unbind(0)
-    pieces = []
-    for e, n in enumerate(routing.counts):
-        if n == 0:
-            continue
-        x = xs[e]
-        gate = x @ layout.rows(gate_up[e], 0).t()
-        up = x @ layout.rows(gate_up[e], 1).t()
-        if gate_up_bias is not None:
-            gate = gate + layout.rows(gate_up_bias[e], 0)
-            up = up + layout.rows(gate_up_bias[e], 1)
-        inner = layout.act(gate, up) * masks[e]
-        y = inner @ down[e].t()
-        if down_bias is not None:
-            y = y + down_bias[e] * (masks[e].amax() > 0)  # a fully pruned expert contributes nothing
-        pieces.append((y.to(ws[e].dtype) * ws[e][:, None]).to(hidden.dtype))
-    y_sorted = torch.cat(pieces) if pieces else hidden.new_zeros(0, hidden_size)
-    return routing.combine(y_sorted, num_tokens)
 
 
 class GatedExperts(nn.Module):
@@ -136,9 +103,15 @@ class GatedExperts(nn.Module):
         # The gates stay on the CPU (their state is tiny and the anneal's bookkeeping is CPU
         # tensors); what reaches the experts moves to the activations' device.
         if self.mode == "sample":
-            mask = self.channel_mask(self.sample()).to(device=hidden.device, dtype=hidden.dtype)
-            return gated_experts_masked(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias,
-                                        mask, activation, interleaved, alpha, limit)
+            actions = self.sample()
+            mask = self.channel_mask(actions).to(device=hidden.device, dtype=hidden.dtype)
+            # The mask is a prefix: zero from the sampled width on, and only the allowed actions'
+            # widths can take its gradient anywhere (masked_experts computes no more than that).
+            sampled = self.level_widths[actions.detach().argmax(dim=-1)]
+            upper = (self.level_widths[self.max_levels] if self.max_levels is not None
+                     else torch.full_like(sampled, self.intermediate))
+            return masked_experts(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, mask,
+                                  upper.tolist(), sampled.tolist(), ExpertLayout(activation, interleaved, alpha, limit))
         if self.mode == "deploy":
             widths = self.level_widths[self.deployed_levels()].to(device=hidden.device, dtype=torch.int32)
         elif self.mode == "table":

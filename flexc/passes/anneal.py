@@ -12,7 +12,8 @@ Loss = quality + lambda * cost - beta * entropy, where
 
 Two schedules:
 
-- ``track`` (default): one phase per budget, high to low, ``steps`` shared equally. A phase
+- ``track`` (default): one phase per budget, high to low, ``steps`` shared in proportion to what
+  each budget prunes (:func:`phase_weight`: equal shares from keep 0.5 down, less above). A phase
   starts from a warm-start table at its budget (the ``coverage`` baseline's, within the
   previous budget's table; or full width), with the logits favouring it by ``start_margin``
   and every action above the previous budget's table excluded. ``lambda`` follows the budget
@@ -94,7 +95,7 @@ TABLES_FILE = "width_tables.safetensors"
 TABLES_JSON = "width_tables.json"
 CURVES_PNG = "anneal_curves.png"
 CONTINUATION_DOUBLINGS = 8  # lambda doubles this many times over the extra steps
-STEPS_PER_BUDGET = 20  # track's default; on `tiny`, 40 per budget gained little (docs/evaluation.md)
+STEPS_PER_BUDGET = 20  # track's default per budget at keep <= 0.5 (phase_weight); on `tiny`, 40 gained little
 RAMP_STEPS = 200
 # Held-out sequences read after the calibration set for the track schedule's choice: on 16
 # held-out calibration sequences alone the check could not tell a 0.04% loss (docs/evaluation.md).
@@ -137,7 +138,8 @@ class AnnealOptions(PassOptions):
         "track", description="track: one phase per budget, high to low, warm-started and held at the budget; "
                              "ramp: one lambda ramp, tables exported as the deployed keep crosses each budget.")
     steps: int | None = Field(None, ge=0, description="Training steps (one calibration batch each). track: "
-                              "shared equally by the budgets, default 20 per budget (0: the warm start's tables); "
+                              "shared by the budgets in proportion to min(1, 2 * (1 - keep)); default 20 per budget "
+                              "at keep <= 0.5, fewer above (0: the warm start's tables); "
                               "ramp: the scheduled steps, default 200.")
     lr: float = Field(0.1, gt=0, description="Adam learning rate of the action logits.")
     quality: Literal["distill", "next_token"] = Field("distill", description="Quality term of the loss.")
@@ -165,6 +167,10 @@ class AnnealOptions(PassOptions):
     validation_z: float = Field(1.0, ge=0, description="track: the trained table is exported only if its held-out "
                                 "loss is below the best one-shot table's by more than this many standard errors of "
                                 "the per-sequence paired difference (0: any lower mean).")
+    validation_early_z: float | None = Field(
+        3.0, ge=0, description="track: the held-out check reads the first half of its sequences first and decides "
+        "there when every comparison is past this many standard errors (the trained table winning on both losses, "
+        "or losing on one); otherwise it reads the rest. null: always read all of it.")
     validation_loss: Literal["quality", "next_token", "both"] = Field(
         "both", description="track: what the held-out choice compares: the quality term of the loss, the "
                                "next-token loss on the held-out text (what perplexity measures), or both (the "
@@ -190,10 +196,12 @@ class AnnealOptions(PassOptions):
                              "held-out check)")
         return self
 
-    def total_steps(self, budgets: int) -> int:
+    def total_steps(self, budgets: list[float]) -> int:
         if self.steps is not None:
             return self.steps
-        return STEPS_PER_BUDGET * budgets if self.schedule == "track" else RAMP_STEPS
+        if self.schedule == "ramp":
+            return RAMP_STEPS
+        return round(STEPS_PER_BUDGET * sum(phase_weight(b) for b in budgets))
 
     def needs_calibration(self, earlier: frozenset[str]) -> bool:
         return True
@@ -251,9 +259,26 @@ def sequence_losses(kind: str, student: torch.Tensor, teacher: TeacherTargets | 
     return (next_token if kind == "next_token" else distill_kl(logp, teacher, reduction="none").mean(-1)), next_token
 
 
-def phase_lengths(steps: int, phases: int) -> list[int]:
-    """``steps`` shared by ``phases`` budgets, the remainder going to the first (highest) ones."""
-    return [steps // phases + (i < steps % phases) for i in range(phases)]
+def phase_weight(budget: float) -> float:
+    """A budget's share of the track schedule's steps: in proportion to what it prunes, full from keep
+    0.5 down. A budget that prunes little has little to allocate; at keep 0.9 and 0.75 the held-out
+    check kept the warm start on nearly every model and seed (docs/evaluation.md)."""
+    return min(1.0, 2.0 * (1.0 - budget))
+
+
+def phase_lengths(steps: int, budgets: list[float]) -> list[int]:
+    """``steps`` shared by the budgets' phases in proportion to :func:`phase_weight` (largest
+    remainder; ties to the higher budget)."""
+    weights = [phase_weight(b) for b in budgets]
+    total = sum(weights)
+    if total == 0:
+        return [0] * len(budgets)
+    exact = [steps * w / total for w in weights]
+    lengths = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(budgets)), key=lambda i: (lengths[i] - exact[i], i))
+    for i in by_remainder[: steps - sum(lengths)]:
+        lengths[i] += 1
+    return lengths
 
 
 def snap_to_levels(widths: torch.Tensor, level_widths: torch.Tensor) -> torch.Tensor:
@@ -464,7 +489,7 @@ class Anneal(Pass):
         n = setup.training
         held = min(max(round(n * opts.validation), 1), n - 1) if opts.validation > 0 else 0
         train, val = list(range(n - held)), list(range(n - held, len(setup.batches)))  # + validation_samples' text
-        lengths = phase_lengths(opts.total_steps(len(setup.budgets)), len(setup.budgets))
+        lengths = phase_lengths(opts.total_steps(setup.budgets), setup.budgets)
 
         exported: dict[float, dict] = {}
         history: list[dict] = []
@@ -544,43 +569,88 @@ class Anneal(Pass):
         if not val:
             record["how"] = "trained (no held-out batches to check it on)"
             return self._log_choice(ctx, budget, steps, record)
-        held_out = {name: self._table_losses(setup, levels, val) for name, levels in one_shot.items()}
-        held_out["trained"] = held_out[same] if same is not None else self._table_losses(setup, trained, val)
+        scored = list(one_shot) + (["trained"] if same is None else [])
+        tables = {**one_shot, "trained": trained}
+        half = len(val) // 2 if opts.validation_early_z is not None else 0
+        held_out = {name: self._table_losses(setup, tables[name], val[: half or len(val)]) for name in scored}
+        verdict = self._verdict(held_out, list(one_shot), same, opts.validation_early_z) if half else None
+        if verdict is None and half:  # the first half did not decide: read the rest
+            rest = {name: self._table_losses(setup, tables[name], val[half:]) for name in scored}
+            held_out = {name: {k: torch.cat([v[k], rest[name][k]]) for k in v} for name, v in held_out.items()}
+        if verdict is None:
+            verdict = self._verdict(held_out, list(one_shot), same, opts.validation_z, final=True)
+        read = len(next(iter(held_out.values()))["quality"])
+        if same is not None:
+            held_out["trained"] = held_out[same]
         ranked_on = "next_token" if opts.validation_loss == "next_token" else "quality"
-        seq = {name: v[ranked_on] for name, v in held_out.items()}
-        losses = {name: float(v.mean()) for name, v in seq.items()}
+        losses = {name: float(v[ranked_on].mean()) for name, v in held_out.items()}
         record["validation_loss"] = losses
+        record["held_out_read"] = read
         if opts.validation_loss == "both":
             record["validation_next_token"] = {name: float(v["next_token"].mean()) for name, v in held_out.items()}
-        fallback = min(one_shot, key=lambda name: losses[name])  # ties: the warm start (first)
-        choice, lost_on_text = fallback, False
-        if same == fallback:
-            choice = "trained"
-        elif same is None:
-            diff = seq["trained"] - seq[fallback]
-            se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
-            record["validation_difference"] = {"against": fallback, "mean": float(diff.mean()), "standard_error": se}
-            wins = float(diff.mean()) < min(0.0, -opts.validation_z * se)
-            if wins and opts.validation_loss == "both":  # it must not lose on the text itself either
-                nt = record["validation_next_token"]
-                lost_on_text = nt["trained"] > nt[fallback]
-                wins = not lost_on_text
-            if wins:
-                choice = "trained"
+        if "difference" in verdict:
+            record["validation_difference"] = verdict["difference"]
+        choice = verdict["choice"]
+        early = f" on the first {read} of {record['held_out_sequences']} held-out sequences" if read < \
+            record["held_out_sequences"] else ""
         labels = {"trained": "trained table", "warm_start": "warm start", "coverage": "unconstrained coverage table"}
         if choice == "trained":
-            record["how"] = "trained" if same is None else f"trained (same table as the {labels[same]})"
+            record["how"] = ("trained" if same is None else f"trained (same table as the {labels[same]})") + (
+                f" (won{early})" if early else "")
         else:
             names = {"warm_start": "warm start", "coverage": "coverage, unconstrained"}
             beaten = [labels[n] for n in losses if n != choice and losses[n] > losses[choice]]
             if len(beaten) == len(losses) - 1:
-                why = f"lower held-out loss than the {' and the '.join(beaten)}"
-            elif lost_on_text:
-                why = "the trained table's held-out next-token loss was higher"
+                why = f"lower held-out loss than the {' and the '.join(beaten)}{early}"
+            elif verdict.get("lost_on_text"):
+                why = f"the trained table's held-out next-token loss was higher{early}"
             else:
                 why = f"the trained table's held-out loss was not lower by {opts.validation_z:g} standard errors"
             record.update(levels=one_shot[choice], how=f"{names[choice]} ({why})")
         return self._log_choice(ctx, budget, steps, record)
+
+    def _verdict(self, held_out: dict, one_shot: list[str], same: str | None, z: float,
+                 final: bool = False) -> dict | None:
+        """The held-out check on the sequences read so far: ``{"choice": name, ...}``, or (not
+        ``final``) None where they do not decide it at ``z`` standard errors yet.
+
+        The fallback is the one-shot candidate with the lower loss; the trained table replaces it if
+        its loss is lower by more than ``z`` standard errors of the per-sequence paired difference
+        and (``validation_loss: both``) its next-token loss is not higher. Before the last sequence
+        (``final`` False: the first half of the held-out text) a choice needs every comparison it
+        rests on to be past ``z`` standard errors: between the one-shot candidates, and the trained
+        table against the fallback (winning on both losses, or losing on one)."""
+        opts = self.options
+        ranked_on = "next_token" if opts.validation_loss == "next_token" else "quality"
+
+        def paired(a: str, b: str, loss: str) -> tuple[float, float]:  # mean and standard error of a - b
+            diff = held_out[a][loss] - held_out[b][loss]
+            return float(diff.mean()), float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+
+        fallback = min(one_shot, key=lambda name: float(held_out[name][ranked_on].mean()))  # ties: the warm start
+        if not final and len(one_shot) > 1:
+            mean, se = paired(one_shot[0], one_shot[1], ranked_on)
+            if abs(mean) <= z * se:
+                return None
+        if same is not None:
+            return {"choice": "trained" if same == fallback else fallback}
+        mean, se = paired("trained", fallback, ranked_on)
+        out = {"difference": {"against": fallback, "mean": mean, "standard_error": se}}
+        wins = mean < min(0.0, -z * se)
+        loses = mean > z * se
+        if opts.validation_loss == "both":  # it must not lose on the text itself either
+            text_mean, text_se = paired("trained", fallback, "next_token")
+            out["lost_on_text"] = wins and text_mean > 0
+            if final:
+                wins = wins and not out["lost_on_text"]
+            else:
+                wins = wins and text_mean < 0
+                loses = loses or text_mean > z * text_se
+        if wins:
+            return {**out, "choice": "trained"}
+        if final or loses:
+            return {**out, "choice": fallback}
+        return None
 
     @staticmethod
     def _log_choice(ctx, budget, steps, record) -> dict:
@@ -592,7 +662,7 @@ class Anneal(Pass):
         """One lambda ramp; each budget's table is exported when the deployed keep first reaches it."""
         opts = self.options
         budgets = setup.budgets
-        steps = opts.total_steps(len(budgets))
+        steps = opts.total_steps(budgets)
         optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
         extra = opts.extra_steps if opts.extra_steps is not None else steps // 2
         exported: dict[float, dict] = {}
