@@ -388,6 +388,45 @@ def test_track_with_both_losses_keeps_the_one_shot_table_where_the_text_loss_dis
         assert record["how"] == "trained" and torch.equal(record["levels"], trained)
 
 
+@pytest.mark.parametrize("case", ["wins", "loses", "undecided", "no early look"])
+def test_track_decides_on_the_first_half_of_the_held_out_text_only_past_the_early_z(tmp_path, monkeypatch, case):
+    """The held-out check reads the first half of its sequences and stops there only when every
+    comparison is past ``validation_early_z`` standard errors; otherwise it reads the rest and
+    decides as before on all of it."""
+    options = {"validation_early_z": None} if case == "no early look" else {}
+    graph, ctx, pass_, setup, warm, trained = _trained_beside_warm_start(tmp_path, options)
+    base = torch.full((4,), 0.10, dtype=torch.float64)
+    jitter = torch.tensor([0.001, -0.001, 0.002, -0.002], dtype=torch.float64)
+    # the trained table's per-sequence quality and next-token losses on batch 0 and on batch 1
+    trained_losses = {
+        "wins": [(base - 0.05 + jitter, base - 0.02 + jitter)] * 2,
+        "loses": [(base + 0.05 + jitter, base + jitter)] * 2,
+        "undecided": [(base - 0.05 + jitter, base + 0.001 + jitter), (base - 0.05 + jitter, base - 0.01 + jitter)],
+        "no early look": [(base - 0.05 + jitter, base - 0.02 + jitter)] * 2,
+    }[case]
+    read = []
+
+    def losses(self, setup, levels, batches):
+        read.append(list(batches))
+        if torch.equal(levels, trained):
+            parts = [trained_losses[b] for b in batches]
+            return {"quality": torch.cat([q for q, _ in parts]), "next_token": torch.cat([t for _, t in parts])}
+        return dict.fromkeys(("quality", "next_token"), base.repeat(len(batches)))
+
+    monkeypatch.setattr(Anneal, "_table_losses", losses)
+    record = pass_._choose(graph, ctx, setup, 0.5, warm, None, [0, 1], step=8, steps=8)
+    first_half_only = case in ("wins", "loses")
+    assert read == ([[0], [0]] if first_half_only else [[0], [0], [1], [1]] if case == "undecided" else [[0, 1]] * 2)
+    assert record["held_out_read"] == (4 if first_half_only else 8) and record["held_out_sequences"] == 8
+    if case == "wins":
+        assert record["how"] == "trained (won on the first 4 of 8 held-out sequences)"
+    elif case == "loses":
+        assert record["how"] == ("warm start (lower held-out loss than the trained table on the first 4 of 8 "
+                                 "held-out sequences)") and torch.equal(record["levels"], warm)
+    else:  # read it all: the trained table wins on both losses over the 8 sequences
+        assert record["how"] == "trained" and torch.equal(record["levels"], trained)
+
+
 def test_following_reads_the_windows_after_the_calibration_set(tmp_path):
     """``validation_samples``' text: the windows that follow the calibration set in the same seeded
     stream, never one of its own."""

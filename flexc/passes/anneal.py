@@ -12,8 +12,7 @@ Loss = quality + lambda * cost - beta * entropy, where
 
 Two schedules:
 
-- ``track`` (default): one phase per budget, high to low, ``steps`` shared in proportion to what
-  each budget prunes (:func:`phase_weight`: equal shares from keep 0.5 down, less above). A phase
+- ``track`` (default): one phase per budget, high to low, ``steps`` shared equally. A phase
   starts from a warm-start table at its budget (the ``coverage`` baseline's, within the
   previous budget's table; or full width), with the logits favouring it by ``start_margin``
   and every action above the previous budget's table excluded. ``lambda`` follows the budget
@@ -95,7 +94,7 @@ TABLES_FILE = "width_tables.safetensors"
 TABLES_JSON = "width_tables.json"
 CURVES_PNG = "anneal_curves.png"
 CONTINUATION_DOUBLINGS = 8  # lambda doubles this many times over the extra steps
-STEPS_PER_BUDGET = 20  # track's default per budget at keep <= 0.5 (phase_weight); on `tiny`, 40 gained little
+STEPS_PER_BUDGET = 20  # track's default; on `tiny`, 40 per budget gained little (docs/evaluation.md)
 RAMP_STEPS = 200
 # Held-out sequences read after the calibration set for the track schedule's choice: on 16
 # held-out calibration sequences alone the check could not tell a 0.04% loss (docs/evaluation.md).
@@ -138,8 +137,7 @@ class AnnealOptions(PassOptions):
         "track", description="track: one phase per budget, high to low, warm-started and held at the budget; "
                              "ramp: one lambda ramp, tables exported as the deployed keep crosses each budget.")
     steps: int | None = Field(None, ge=0, description="Training steps (one calibration batch each). track: "
-                              "shared by the budgets in proportion to min(1, 2 * (1 - keep)); default 20 per budget "
-                              "at keep <= 0.5, fewer above (0: the warm start's tables); "
+                              "shared equally by the budgets, default 20 per budget (0: the warm start's tables); "
                               "ramp: the scheduled steps, default 200.")
     lr: float = Field(0.1, gt=0, description="Adam learning rate of the action logits.")
     quality: Literal["distill", "next_token"] = Field("distill", description="Quality term of the loss.")
@@ -196,12 +194,10 @@ class AnnealOptions(PassOptions):
                              "held-out check)")
         return self
 
-    def total_steps(self, budgets: list[float]) -> int:
+    def total_steps(self, budgets: int) -> int:
         if self.steps is not None:
             return self.steps
-        if self.schedule == "ramp":
-            return RAMP_STEPS
-        return round(STEPS_PER_BUDGET * sum(phase_weight(b) for b in budgets))
+        return STEPS_PER_BUDGET * budgets if self.schedule == "track" else RAMP_STEPS
 
     def needs_calibration(self, earlier: frozenset[str]) -> bool:
         return True
@@ -259,26 +255,9 @@ def sequence_losses(kind: str, student: torch.Tensor, teacher: TeacherTargets | 
     return (next_token if kind == "next_token" else distill_kl(logp, teacher, reduction="none").mean(-1)), next_token
 
 
-def phase_weight(budget: float) -> float:
-    """A budget's share of the track schedule's steps: in proportion to what it prunes, full from keep
-    0.5 down. A budget that prunes little has little to allocate; at keep 0.9 and 0.75 the held-out
-    check kept the warm start on nearly every model and seed (docs/evaluation.md)."""
-    return min(1.0, 2.0 * (1.0 - budget))
-
-
-def phase_lengths(steps: int, budgets: list[float]) -> list[int]:
-    """``steps`` shared by the budgets' phases in proportion to :func:`phase_weight` (largest
-    remainder; ties to the higher budget)."""
-    weights = [phase_weight(b) for b in budgets]
-    total = sum(weights)
-    if total == 0:
-        return [0] * len(budgets)
-    exact = [steps * w / total for w in weights]
-    lengths = [math.floor(x) for x in exact]
-    by_remainder = sorted(range(len(budgets)), key=lambda i: (lengths[i] - exact[i], i))
-    for i in by_remainder[: steps - sum(lengths)]:
-        lengths[i] += 1
-    return lengths
+def phase_lengths(steps: int, phases: int) -> list[int]:
+    """``steps`` shared by ``phases`` budgets, the remainder going to the first (highest) ones."""
+    return [steps // phases + (i < steps % phases) for i in range(phases)]
 
 
 def snap_to_levels(widths: torch.Tensor, level_widths: torch.Tensor) -> torch.Tensor:
@@ -489,7 +468,7 @@ class Anneal(Pass):
         n = setup.training
         held = min(max(round(n * opts.validation), 1), n - 1) if opts.validation > 0 else 0
         train, val = list(range(n - held)), list(range(n - held, len(setup.batches)))  # + validation_samples' text
-        lengths = phase_lengths(opts.total_steps(setup.budgets), setup.budgets)
+        lengths = phase_lengths(opts.total_steps(len(setup.budgets)), len(setup.budgets))
 
         exported: dict[float, dict] = {}
         history: list[dict] = []
@@ -662,7 +641,7 @@ class Anneal(Pass):
         """One lambda ramp; each budget's table is exported when the deployed keep first reaches it."""
         opts = self.options
         budgets = setup.budgets
-        steps = opts.total_steps(budgets)
+        steps = opts.total_steps(len(budgets))
         optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
         extra = opts.extra_steps if opts.extra_steps is not None else steps // 2
         exported: dict[float, dict] = {}
