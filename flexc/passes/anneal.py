@@ -26,9 +26,12 @@ Two schedules:
   held-out loss is the fallback; the trained table is exported only if its held-out loss is
   lower by more than ``validation_z`` standard errors of the per-sequence paired difference (a
   lower mean on a few sequences can be noise) and (``validation_loss: both``, the default) its
-  held-out next-token loss is not higher (the KL and perplexity can disagree by a hair). So
-  training is spent at every budget, no table is chosen on the batches it was trained on, and
-  a trained table replaces the one-shot answer only where held-out text says it is better.
+  held-out next-token loss is not higher (the KL and perplexity can disagree by a hair). The
+  check looks at the losses after 30%, 50% and 70% of the held-out sequences and stops at the
+  first look where every comparison is past ``validation_early_z`` standard errors (a clear win
+  or loss needs no more text); otherwise it reads them all. So training is spent at every
+  budget, no table is chosen on the batches it was trained on, and a trained table replaces the
+  one-shot answer only where held-out text says it is better.
 - ``ramp``: ``lambda`` rises, ``tau`` and ``beta`` fall over ``steps``; after every step the
   deployed keep ratio (argmax actions) is compared with the next requested budget, from high
   to low, and a budget's table is exported when the deployed keep first reaches it. If the
@@ -50,6 +53,8 @@ Checkpoints, resume, the divergence checks and the step bar are
 :class:`flexc.passes.training.TrainingRun`'s, as in ``recover``: this module is the schedules.
 The model the gates train through is a :mod:`flexc.passes.gated_model`: the graph in memory, or
 in a streamed compile the layer model, one decoder layer at a time (same steps, same tables).
+Through either, a training step's experts run :func:`flexc.passes.masked_experts.masked_experts`:
+only the channels the sample keeps and the actions the nesting allows are computed.
 
 Under torchrun (docs/scale.md, "Several processes") every step still trains on one whole
 calibration batch: each rank takes a contiguous share of its sequences
@@ -99,6 +104,11 @@ RAMP_STEPS = 200
 # Held-out sequences read after the calibration set for the track schedule's choice: on 16
 # held-out calibration sequences alone the check could not tell a 0.04% loss (docs/evaluation.md).
 VALIDATION_SAMPLES = 64
+# Early looks of the held-out check (shares of its sequences) and the default standard errors a
+# decision needs there: replayed on the losses of 58 phases (zoo models, several seeds) the looks
+# read 44-56% of the text; the choices differed from reading it all in 3 of them (docs/evaluation.md).
+EARLY_LOOKS = (0.3, 0.5, 0.7)
+EARLY_Z = 2.5
 
 
 class AnnealDiverged(checkpoint.TrainingDiverged):
@@ -166,9 +176,10 @@ class AnnealOptions(PassOptions):
                                 "loss is below the best one-shot table's by more than this many standard errors of "
                                 "the per-sequence paired difference (0: any lower mean).")
     validation_early_z: float | None = Field(
-        3.0, ge=0, description="track: the held-out check reads the first half of its sequences first and decides "
-        "there when every comparison is past this many standard errors (the trained table winning on both losses, "
-        "or losing on one); otherwise it reads the rest. null: always read all of it.")
+        EARLY_Z, ge=0, description="track: the held-out check looks at its losses after 30%, 50% and 70% of its "
+        "sequences and stops at the first look where every comparison is past this many standard errors (the "
+        "trained table winning on both losses, or losing on one); otherwise it reads them all. null: read them all "
+        "before deciding (one sweep per candidate in a streamed compile).")
     validation_loss: Literal["quality", "next_token", "both"] = Field(
         "both", description="track: what the held-out choice compares: the quality term of the loss, the "
                                "next-token loss on the held-out text (what perplexity measures), or both (the "
@@ -550,14 +561,18 @@ class Anneal(Pass):
             return self._log_choice(ctx, budget, steps, record)
         scored = list(one_shot) + (["trained"] if same is None else [])
         tables = {**one_shot, "trained": trained}
-        half = len(val) // 2 if opts.validation_early_z is not None else 0
-        held_out = {name: self._table_losses(setup, tables[name], val[: half or len(val)]) for name in scored}
-        verdict = self._verdict(held_out, list(one_shot), same, opts.validation_early_z) if half else None
-        if verdict is None and half:  # the first half did not decide: read the rest
-            rest = {name: self._table_losses(setup, tables[name], val[half:]) for name in scored}
-            held_out = {name: {k: torch.cat([v[k], rest[name][k]]) for k in v} for name, v in held_out.items()}
-        if verdict is None:
-            verdict = self._verdict(held_out, list(one_shot), same, opts.validation_z, final=True)
+        held_out: dict = {}
+        done = 0
+        for end in self._looks(setup, val):  # read the held-out batches up to each look until one decides
+            part = {name: self._table_losses(setup, tables[name], val[done:end]) for name in scored}
+            held_out = {name: {k: torch.cat([held_out[name][k], v]) if held_out else v for k, v in losses.items()}
+                        for name, losses in part.items()}
+            done = end
+            final = end == len(val)
+            verdict = self._verdict(held_out, list(one_shot), same,
+                                    opts.validation_z if final else opts.validation_early_z, final=final)
+            if verdict is not None:
+                break
         read = len(next(iter(held_out.values()))["quality"])
         if same is not None:
             held_out["trained"] = held_out[same]
@@ -588,17 +603,33 @@ class Anneal(Pass):
             record.update(levels=one_shot[choice], how=f"{names[choice]} ({why})")
         return self._log_choice(ctx, budget, steps, record)
 
+    def _looks(self, setup: _Setup, val: list[int]) -> list[int]:
+        """How many of the held-out batches ``val`` are read at each look of the check: the first
+        batches holding each of ``EARLY_LOOKS`` of the sequences (with ``validation_early_z`` set),
+        then all of them."""
+        if self.options.validation_early_z is None:
+            return [len(val)]
+        sizes = [setup.rows[i][1] for i in val]
+        total, ends = sum(sizes), []
+        for share in EARLY_LOOKS:
+            seen, k = 0, 0
+            while seen < share * total:
+                seen, k = seen + sizes[k], k + 1
+            if (not ends or k > ends[-1]) and k < len(val):
+                ends.append(k)
+        return ends + [len(val)]
+
     def _verdict(self, held_out: dict, one_shot: list[str], same: str | None, z: float,
                  final: bool = False) -> dict | None:
         """The held-out check on the sequences read so far: ``{"choice": name, ...}``, or (not
-        ``final``) None where they do not decide it at ``z`` standard errors yet.
+        ``final``: an early look) None where they do not decide it at ``z`` standard errors yet.
 
         The fallback is the one-shot candidate with the lower loss; the trained table replaces it if
         its loss is lower by more than ``z`` standard errors of the per-sequence paired difference
-        and (``validation_loss: both``) its next-token loss is not higher. Before the last sequence
-        (``final`` False: the first half of the held-out text) a choice needs every comparison it
-        rests on to be past ``z`` standard errors: between the one-shot candidates, and the trained
-        table against the fallback (winning on both losses, or losing on one)."""
+        and (``validation_loss: both``) its next-token loss is not higher. At an early look a choice
+        needs every comparison it rests on to be past ``z`` standard errors: between the one-shot
+        candidates, and the trained table against the fallback (winning on both losses, or losing
+        on one)."""
         opts = self.options
         ranked_on = "next_token" if opts.validation_loss == "next_token" else "quality"
 
@@ -734,8 +765,8 @@ class Anneal(Pass):
                     "per_layer_keep": per_layer_keep(tables[i], full),
                     "exported_at_step": exported[b]["step"],
                     "how": exported[b]["how"],
-                    **{k: exported[b][k] for k in ("held_out_sequences", "validation_loss", "validation_difference",
-                                                   "seconds")
+                    **{k: exported[b][k] for k in ("held_out_sequences", "held_out_read", "validation_loss",
+                                                   "validation_next_token", "validation_difference", "seconds")
                        if k in exported[b]},
                 }
                 for i, b in enumerate(budgets)
