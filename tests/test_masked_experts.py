@@ -41,3 +41,26 @@ def test_masked_experts_matches_the_full_width_reference(layout, bias):
     # the mask's gradient wherever an allowed action can take it, zero beyond (no action reads it)
     torch.testing.assert_close(gmask[allowed], rgmask[allowed], rtol=1e-4, atol=1e-5)
     assert gmask[allowed].abs().sum() > 0 and (gmask[~allowed] == 0).all()
+
+
+@pytest.mark.parametrize("k,saturated", [(4, False), (64, False), (97, False), (4, True)])
+def test_mean_distill_loss_gradient_is_autograds(k, saturated):
+    """The distillation loss's written-out gradient equals autograd's through log-softmax, also
+    where the student's top-k mass passes the cap (no gradient through the clamp there)."""
+    import torch.nn.functional as F
+
+    from flexc.passes.distill import TeacherTargets, distill_kl, distill_loss
+
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(3, 5, 97, generator=g) * 3
+    teacher = TeacherTargets.from_logits(torch.randn(3, 5, 97, generator=g) * 3, k)
+    if saturated:  # the student puts all but ~e-20 of its mass on the teacher's top k
+        logits = logits.scatter_add(-1, teacher.index, torch.full(teacher.index.shape, 60.0))
+    logits.requires_grad_(True)
+    fused = distill_loss(logits, teacher)
+    (grad,) = torch.autograd.grad(fused, logits)
+    plain = distill_kl(F.log_softmax(logits, dim=-1), teacher)
+    (expected,) = torch.autograd.grad(plain, logits)
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7)
+    assert grad.abs().max() > 1e-4
