@@ -589,8 +589,10 @@ class Anneal(Pass):
             record["held_out_sequences"] else ""
         labels = {"trained": "trained table", "warm_start": "warm start", "coverage": "unconstrained coverage table"}
         if choice == "trained":
-            record["how"] = ("trained" if same is None else f"trained (same table as the {labels[same]})") + (
-                f" (won{early})" if early else "")
+            notes = [] if same is None else [f"same table as the {labels[same]}"]
+            if early:
+                notes.append(f"{'won' if same is None else 'decided'}{early}")
+            record["how"] = f"trained ({'; '.join(notes)})" if notes else "trained"
         else:
             names = {"warm_start": "warm start", "coverage": "coverage, unconstrained"}
             beaten = [labels[n] for n in losses if n != choice and losses[n] > losses[choice]]
@@ -650,12 +652,12 @@ class Anneal(Pass):
         loses = mean > z * se
         if opts.validation_loss == "both":  # it must not lose on the text itself either
             text_mean, text_se = paired("trained", fallback, "next_token")
-            out["lost_on_text"] = wins and text_mean > 0
             if final:
+                out["lost_on_text"] = wins and text_mean > 0
                 wins = wins and not out["lost_on_text"]
             else:
-                wins = wins and text_mean < 0
-                loses = loses or text_mean > z * text_se
+                out["lost_on_text"] = text_mean > z * text_se
+                wins, loses = wins and text_mean < 0, loses or out["lost_on_text"]
         if wins:
             return {**out, "choice": "trained"}
         if final or loses:
