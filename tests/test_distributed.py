@@ -206,7 +206,10 @@ def _anneal_report(out: Path) -> tuple[dict, list[dict]]:
 def assert_same_anneal(one: Path, two: Path) -> None:
     assert_same_artifacts(one, two, formats=("nested",))
     (tables, history), (tables2, history2) = _anneal_report(one), _anneal_report(two)
-    assert [b["how"] for b in tables["budgets"]] == [b["how"] for b in tables2["budgets"]] == ["trained", "trained"]
+    hows = [b["how"] for b in tables["budgets"]]
+    assert hows == [b["how"] for b in tables2["budgets"]] and all(h.startswith("trained") for h in hows)
+    # the held-out check's early looks see every rank's losses: the ranks stop where one process does
+    assert [b["held_out_read"] for b in tables["budgets"]] == [b["held_out_read"] for b in tables2["budgets"]]
     for b, b2 in zip(tables["budgets"], tables2["budgets"]):  # held out: every rank's sequences, in order
         assert b2["validation_loss"] == pytest.approx(b["validation_loss"], rel=ANNEAL_RTOL)
     assert len(history) == len(history2) == 8
