@@ -105,8 +105,8 @@ RAMP_STEPS = 200
 # held-out calibration sequences alone the check could not tell a 0.04% loss (docs/evaluation.md).
 VALIDATION_SAMPLES = 64
 # Early looks of the held-out check (shares of its sequences) and the default standard errors a
-# decision needs there: replayed on the losses of 58 phases (zoo models, several seeds) the looks
-# read 44-56% of the text; the choices differed from reading it all in 3 of them (docs/evaluation.md).
+# decision needs there: replayed on the losses of 58 phases (benchmarks/held_out_looks.py) they
+# read 44-56% of the text and chose differently from reading it all in 3 (docs/evaluation.md).
 EARLY_LOOKS = (0.3, 0.5, 0.7)
 EARLY_Z = 2.5
 
@@ -269,6 +269,19 @@ def sequence_losses(kind: str, student: torch.Tensor, teacher: TeacherTargets | 
 def phase_lengths(steps: int, phases: int) -> list[int]:
     """``steps`` shared by ``phases`` budgets, the remainder going to the first (highest) ones."""
     return [steps // phases + (i < steps % phases) for i in range(phases)]
+
+
+def look_ends(sizes: list[int], shares) -> list[int]:
+    """The held-out check's looks, for batches of ``sizes`` sequences: the number of batches that
+    first hold each of ``shares`` of the sequences (increasing, short of all), then all of them."""
+    total, ends = sum(sizes), []
+    for share in shares:
+        seen, k = 0, 0
+        while seen < share * total:
+            seen, k = seen + sizes[k], k + 1
+        if (not ends or k > ends[-1]) and k < len(sizes):
+            ends.append(k)
+    return ends + [len(sizes)]
 
 
 def snap_to_levels(widths: torch.Tensor, level_widths: torch.Tensor) -> torch.Tensor:
@@ -606,20 +619,11 @@ class Anneal(Pass):
         return self._log_choice(ctx, budget, steps, record)
 
     def _looks(self, setup: _Setup, val: list[int]) -> list[int]:
-        """How many of the held-out batches ``val`` are read at each look of the check: the first
-        batches holding each of ``EARLY_LOOKS`` of the sequences (with ``validation_early_z`` set),
-        then all of them."""
+        """How many of the held-out batches ``val`` are read at each look of the check (see
+        :func:`look_ends`; one look at the end without ``validation_early_z``)."""
         if self.options.validation_early_z is None:
             return [len(val)]
-        sizes = [setup.rows[i][1] for i in val]
-        total, ends = sum(sizes), []
-        for share in EARLY_LOOKS:
-            seen, k = 0, 0
-            while seen < share * total:
-                seen, k = seen + sizes[k], k + 1
-            if (not ends or k > ends[-1]) and k < len(val):
-                ends.append(k)
-        return ends + [len(val)]
+        return look_ends([setup.rows[i][1] for i in val], EARLY_LOOKS)
 
     def _verdict(self, held_out: dict, one_shot: list[str], same: str | None, z: float,
                  final: bool = False) -> dict | None:
