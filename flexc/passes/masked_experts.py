@@ -15,8 +15,8 @@ the expert take). :func:`masked_experts` computes what that structure needs and 
 It equals :func:`masked_experts_reference` (plain autograd over full-width GEMMs) up to float
 rounding, in the values and in every gradient that reaches an allowed action. On ``small``'s
 shape (E=16, H=I=256, top-4, 1,024 tokens) a layer's forward and backward takes the reference's
-time at full width and 23.7 / 19.4 ms against its ~31 at ``U``/``S`` = 192/128 and 128/64
-(docs/evaluation.md).
+time at full width and 24 / 19 ms against its ~31 at ``U``/``S`` = 192/128 and 128/64
+(``benchmarks/anneal_step.py``).
 """
 
 from __future__ import annotations
