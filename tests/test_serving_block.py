@@ -83,7 +83,7 @@ def test_block_loads_the_stacked_layout(tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_sliced_checkpoint_loads_packed_experts_at_their_widths(family, tmp_path):
+def test_sliced_checkpoint_loads_bucketed_experts_at_their_widths(family, tmp_path):
     from flexc.export.sliced import write_sliced
 
     model = tiny_model(family, seed=4)
@@ -101,7 +101,9 @@ def test_sliced_checkpoint_loads_packed_experts_at_their_widths(family, tmp_path
     for layer in range(len(groups)):
         block = _block(model, layer, artifact, weights)
         assert block.experts.widths.tolist() == widths[layer].tolist()
-        assert block.experts.capacity == int(widths[layer].max())  # memory: the widest expert, not full width
+        stored = sum(kernel.w2_weight.numel() for kernel in block.experts.kernels)
+        assert stored == model.config.hidden_size * int(widths[layer].sum())  # memory: each expert at its width
+        assert [w for w, _ in block.experts.buckets] == sorted(set(widths[layer].tolist()) - {0}, reverse=True)
         hf_block, hf_experts, _ = _hf_block(model, layer)
         set_widths(hf_experts, widths[layer])
         hidden = torch.randn(5, model.config.hidden_size, generator=gen)
@@ -119,7 +121,25 @@ def test_block_refuses_tensors_it_has_no_place_for(tmp_path):
         block.load("experts.0.bogus.weight", torch.zeros(1), "model.layers.0.mlp.experts.0.bogus.weight")
     with pytest.raises(ServingError, match=r"shape \(3, 3\), expected"):
         block.load("experts.0.gate_proj.weight", torch.zeros(3, 3), "model.layers.0.mlp.experts.0.gate_proj.weight")
-    with pytest.raises(ServingError, match="packed .sliced. experts in a checkpoint whose config has no flexc_sliced"):
+    with pytest.raises(ServingError, match="bucketed .sliced. experts in a checkpoint whose config has no flexc_sliced"):
+        block.load("experts.bucket_0_down", torch.zeros(3, 3), "model.layers.0.mlp.experts.bucket_0_down")
+
+
+def test_sliced_block_refuses_buckets_that_disagree_with_its_config(tmp_path):
+    model = tiny_model("qwen3_moe", seed=0)
+    hidden = model.config.hidden_size
+    widths = [16, 16, 32, 0, 16, 32, 16, 16]
+    section = {"experts": {"model.layers.0.mlp.experts": {"widths": widths}}}
+    with building(BlockPlan(family_for("qwen3_moe"), model.config, Artifact("sliced", tmp_path, sliced=section))):
+        block = FlexcMoeBlock(prefix="model.layers.0.mlp")
+    assert [(w, ids) for w, ids in block.experts.buckets] == [(32, [2, 5]), (16, [0, 1, 4, 6, 7])]
+    name = "model.layers.0.mlp.experts.bucket_1_down"
+    with pytest.raises(ServingError, match="bucket 1 .5 experts of width 16. needs .5, {}, 16.: the checkpoint's "
+                       "buckets disagree with its config".format(hidden)):
+        block.load("experts.bucket_1_down", torch.zeros(4, hidden, 16), name)
+    with pytest.raises(ServingError, match="bucket 2, but the config's widths give 2 buckets"):
+        block.load("experts.bucket_2_down", torch.zeros(1, hidden, 8), "model.layers.0.mlp.experts.bucket_2_down")
+    with pytest.raises(ServingError, match="stored by width bucket"):
         block.load("experts.sliced_down", torch.zeros(3, 3), "model.layers.0.mlp.experts.sliced_down")
 
 

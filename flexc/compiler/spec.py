@@ -202,6 +202,29 @@ class BudgetSpec(_Strict):
     metric: Literal["params", "flops"] = Field(
         "params", description="What a ratio counts: `params`, or `flops` (routed-expert FLOPs weighted by routing load)."
     )
+    grid: int | Literal["auto"] | None = Field(
+        "auto", description="Every expert width is a multiple of this many channels (or the full width), as serving "
+        "kernels want (vLLM: 32 on CPU, 64 for Marlin/NVFP4 on GPU). `auto`: 64 or 32, the coarsest leaving at least "
+        "8 widths per expert, else the pass's granule; null: the pass's granule only.",
+    )
+    max_buckets: int | None = Field(
+        4, description="At most this many distinct nonzero expert widths per MoE layer, so that a sliced checkpoint "
+        "runs as that many fused-MoE calls per layer in vLLM (a removed expert is no bucket); null: unbounded.",
+    )
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise _flexc_error(f"grid must be a positive number of channels, 'auto' or null; found {v}")
+        return v
+
+    @field_validator("max_buckets")
+    @classmethod
+    def _max_buckets(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise _flexc_error(f"max_buckets must be at least 1 (null: no bound); found {v}")
+        return v
 
     @field_validator("keep", "prune", mode="before")
     @classmethod

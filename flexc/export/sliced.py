@@ -6,11 +6,12 @@ Layout of ``<out>/sliced/``::
     keep_0.75/               one budget (folder name: :func:`flexc.ir.tables.budget_key`)
         config.json          the original architecture's config, plus
                                flexc_sliced: base class, and per experts module (by path) its
-                                             expert widths and gated activation
+                                             expert widths, width buckets and gated activation
                                auto_map:     AutoModelForCausalLM -> the modeling file below
-        model*.safetensors   weights; each MoE layer's experts packed at their widths
-                             (``...experts.sliced_gate_up``, ``sliced_down`` and, with biases,
-                             ``sliced_gate_up_bias``, ``sliced_down_bias``)
+        model*.safetensors   weights; each MoE layer's experts stacked by width bucket
+                             (``...experts.bucket_0_gate_up [n, 2w, H]``, ``bucket_0_down
+                             [n, H, w]``, ...; with biases ``bucket_0_gate_up_bias``,
+                             ``bucket_0_down_bias``): one fused-MoE call per bucket in vLLM
         modeling_flexc_sliced.py   self-contained modeling code (torch + transformers only)
         generation_config.json, tokenizer files
         flexc_manifest.json  kind "sliced": budget, widths, parameter counts, bytes
@@ -79,23 +80,23 @@ def _transformers_base(model: nn.Module) -> type:
 # ---- packing the experts ------------------------------------------------------------------
 
 
-def pack_layer(slices: LayerSlices, hidden_size: int) -> dict[str, torch.Tensor]:
-    """One layer's expert slices in the packed layout of ``SlicedExperts`` (fresh tensors)."""
-    ref = slices.experts[0].gate
-    gate_up = [torch.cat([s.gate, s.up]) for s in slices.experts]
-    down = [s.down.t() for s in slices.experts]  # [w, H]: an expert's rows are contiguous
-    packed = {
-        "sliced_gate_up": torch.cat(gate_up) if gate_up else ref.new_empty(0, hidden_size),
-        "sliced_down": torch.cat(down).contiguous() if down else ref.new_empty(0, hidden_size),
-    }
-    if slices.experts[0].down_bias is not None:
-        packed["sliced_gate_up_bias"] = torch.cat([torch.cat([s.gate_bias, s.up_bias]) for s in slices.experts])
-        packed["sliced_down_bias"] = torch.stack([s.down_bias for s in slices.experts])
+def pack_layer(slices: LayerSlices) -> dict[str, torch.Tensor]:
+    """One layer's expert slices by width bucket, in the layout of ``SlicedExperts`` (fresh tensors)."""
+    packed = {}
+    has_bias = slices.experts[0].down_bias is not None
+    for i, (width, ids) in enumerate(remote.width_buckets(slices.widths)):
+        experts = [slices.experts[e] for e in ids]
+        packed[f"bucket_{i}_gate_up"] = torch.stack([torch.cat([s.gate, s.up]) for s in experts])
+        packed[f"bucket_{i}_down"] = torch.stack([s.down for s in experts])
+        if has_bias:
+            packed[f"bucket_{i}_gate_up_bias"] = torch.stack([torch.cat([s.gate_bias, s.up_bias]) for s in experts])
+            packed[f"bucket_{i}_down_bias"] = torch.stack([s.down_bias for s in experts])
     return packed
 
 
 def _layer_entry(slices: LayerSlices) -> dict[str, Any]:
-    return {"widths": slices.widths, "activation": slices.activation, "alpha": slices.alpha,
+    buckets = [{"width": w, "experts": ids} for w, ids in remote.width_buckets(slices.widths)]
+    return {"widths": slices.widths, "buckets": buckets, "activation": slices.activation, "alpha": slices.alpha,
             "limit": slices.limit, "bias": slices.experts[0].down_bias is not None}
 
 
@@ -126,12 +127,11 @@ def build_sliced_model(model: nn.Module, groups, widths: torch.Tensor, budget: f
     base = _transformers_base(model)
     cls = sliced_class_for(base)
     packed, entries = {}, {}
-    hidden = model.config.get_text_config().hidden_size
     for group, row in zip(groups, widths):
         experts = model.get_submodule(group.path)
         slices = slice_experts(experts, row[: group.num_experts])
         entries[group.path] = _layer_entry(slices)
-        packed.update({f"{group.path}.{k}": v for k, v in pack_layer(slices, hidden).items()})
+        packed.update({f"{group.path}.{k}": v for k, v in pack_layer(slices).items()})
 
     config = copy.deepcopy(model.config)
     config.flexc_sliced = {"format": FORMAT_VERSION, "base_class": base.__name__, "budget": budget,
@@ -185,7 +185,7 @@ def write_sliced(target: str | Path, model: nn.Module, groups, widths: torch.Ten
     if tokenizer is not None:
         tokenizer.save_pretrained(target)
 
-    routed = sum(p.numel() for n, p in sliced.named_parameters() if ".sliced_" in n)
+    routed = sum(p.numel() for m in sliced.modules() if isinstance(m, remote.SlicedExperts) for p in m.parameters())
     total = sum(p.numel() for p in sliced.parameters())
     full_total = sum(p.numel() for p in model.parameters())
     manifest = sliced_manifest(target, budget, _transformers_base(model).__name__, type(sliced).__name__,

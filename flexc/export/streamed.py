@@ -159,7 +159,6 @@ def write_sliced_streamed(target: Path, lm: LayerModel, widths: torch.Tensor, *,
     names: dict[int, list[str]] = {}
     for name in sorted(_kept_names(sliced)):
         names.setdefault(layer_of(name), []).append(name)
-    hidden = lm.config.get_text_config().hidden_size
     rows = {g.layer: row for g, row in zip(lm.groups, widths)}
     writer = ShardWriter(target, lm.num_layers + 1)
     routed = total = 0
@@ -176,7 +175,7 @@ def write_sliced_streamed(target: Path, lm: LayerModel, widths: torch.Tensor, *,
         group = lm.group_at(i)
         if group is not None:
             experts = graph.experts_module(group)
-            packed = pack_layer(slice_experts(experts, rows[i][: group.num_experts]), hidden)
+            packed = pack_layer(slice_experts(experts, rows[i][: group.num_experts]))
             state.update({f"{group.path}.{k}": v for k, v in packed.items()})
             routed += sum(v.numel() for v in packed.values())
         chosen = pick(i, state)

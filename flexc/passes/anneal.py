@@ -44,6 +44,9 @@ action loses the least log-probability, or up where the higher one gains the mos
 the cap). So for every expert, widths never grow as the budget falls, and each table's keep
 ratio is at most the budget and short of it by less than one level step of one expert. The
 report (``width_tables.json``) says for each budget at which step and how its table was chosen.
+Every table a phase starts from, compares or exports is first projected onto the spec's width grid
+and bucket bound (``budgets: {grid, max_buckets}``, :mod:`flexc.ir.buckets`), within the budget
+and the cap, so the held-out check judges the tables that will be served.
 
 The run checkpoints its state every ``checkpoint_every`` steps (atomically); re-running resumes
 from the checkpoint and gives the same tables as an uninterrupted run (the Gumbel noise of step
@@ -468,8 +471,24 @@ class Anneal(Pass):
             levels = torch.full(setup.weights.shape, setup.level_widths.shape[1] - 1, dtype=torch.long)
             levels = levels if upper is None else torch.minimum(levels, upper)
             flat = torch.zeros(*levels.shape, setup.level_widths.shape[1])  # no preference: fill by index order
-            return fit_to_budget(levels, setup.level_widths, budget, setup.full, setup.weights, flat, upper)
+            levels = fit_to_budget(levels, setup.level_widths, budget, setup.full, setup.weights, flat, upper)
+            return self._bucketed(ctx, setup, levels, budget, upper)
         return self._coverage_levels(graph, ctx, setup, budget, upper)
+
+    def _bucketed(self, ctx, setup: _Setup, levels: torch.Tensor, budget: float,
+                  upper: torch.Tensor | None) -> torch.Tensor:
+        """``levels`` projected onto the spec's width grid and bucket bound (:mod:`flexc.ir.buckets`),
+        within ``budget`` and ``upper``: every table a phase exports or compares is a servable one."""
+        from flexc.passes.baselines import bucket_bound, bucketed
+
+        bound = bucket_bound(ctx)
+        if not bound.active:
+            return levels
+        granule = math.gcd(*setup.level_widths.flatten().tolist())
+        widths = bucketed(setup.widths(levels), bound, granule, budget, setup.full, setup.weights,
+                          None if upper is None else setup.widths(upper))
+        snapped = snap_to_levels(widths, setup.level_widths)
+        return snapped if upper is None else torch.minimum(snapped, upper)
 
     def _coverage_levels(self, graph, ctx, setup: _Setup, budget: float, upper: torch.Tensor | None) -> torch.Tensor:
         """The ``coverage`` baseline's table at ``budget`` on the actions' grid, within ``upper`` if given."""
@@ -482,7 +501,8 @@ class Anneal(Pass):
                                                    granules(graph.groups, grid), upper_widths)
         levels = snap_to_levels(table, setup.level_widths)
         flat = torch.zeros(*levels.shape, setup.level_widths.shape[1])  # no preference: fill by index order
-        return fit_to_budget(levels, setup.level_widths, budget, setup.full, setup.weights, flat, upper)
+        levels = fit_to_budget(levels, setup.level_widths, budget, setup.full, setup.weights, flat, upper)
+        return self._bucketed(ctx, setup, levels, budget, upper)
 
     def _run_track(self, graph, ctx, setup: _Setup) -> tuple[dict, list]:
         """One phase per budget, high to low: start from the warm-start table (within the previous
@@ -556,6 +576,7 @@ class Anneal(Pass):
         opts = self.options
         trained = fit_to_budget(setup.deployed_levels(), setup.level_widths, budget, setup.full, setup.weights,
                                 setup.preference(), upper)
+        trained = self._bucketed(ctx, setup, trained, budget, upper)
         record = {"levels": trained, "step": step, "how": "trained" if steps else "warm start (no steps)",
                   "held_out_sequences": sum(setup.rows[i][1] for i in val)}
         if not steps:
@@ -695,6 +716,7 @@ class Anneal(Pass):
             upper = previous[0] if previous else None  # the smallest larger budget's table
             levels = fit_to_budget(setup.deployed_levels(), setup.level_widths, budget, setup.full, setup.weights,
                                    setup.preference(), upper)
+            levels = self._bucketed(ctx, setup, levels, budget, upper)
             exported[budget] = {"levels": levels, "how": how, "step": step}
             ctx.logger.info("anneal: exported keep %.3f at step %d (%s)", budget, step, how)
 

@@ -12,6 +12,11 @@ above the previous budget's table) while the keep ratio stays at or below the bu
 table's keep ratio is at most the budget and short of it by less than one granule of one
 expert (in the ``params`` metric, where every granule weighs the same), and tables are
 nested: for every expert, widths never grow as the budget falls.
+
+Then the spec's width grid and bucket bound (``budgets: {grid, max_buckets}``,
+:mod:`flexc.ir.buckets`) project each table, within its budget and the previous table, so that
+a sliced checkpoint runs on a serving engine's fused-MoE kernels; with a bound the shortfall can
+exceed one granule (experts move between their layer's few widths only).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pydantic import Field, field_validator
 
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_keep_ratios
 from flexc.passes.registry import register_pass
+from flexc.ir.buckets import BucketBound, bucket_table, count_buckets
 from flexc.ir.tables import WidthTables, expert_weights, keep_ratio, per_layer_keep
 from flexc.utils.atomic import atomic_write_text
 
@@ -59,6 +65,22 @@ def budgets_and_metric(options, ctx: PassContext) -> tuple[list[float], str]:
     if bad:
         raise ValueError(f"keep ratios must lie in (0, 1]; found {bad}")
     return sorted({float(b) for b in keep}, reverse=True), metric
+
+
+def bucket_bound(ctx: PassContext) -> BucketBound:
+    """The spec's width grid and bucket bound (``budgets: {grid, max_buckets}``); no spec: none."""
+    spec_budgets = getattr(ctx.spec, "budgets", None)
+    return BucketBound(grid=getattr(spec_budgets, "grid", None), max_buckets=getattr(spec_budgets, "max_buckets", None))
+
+
+def bucketed(table: torch.Tensor, bound: BucketBound, granule: int, target: float, full: torch.Tensor,
+             weights: torch.Tensor, upper: torch.Tensor | None) -> torch.Tensor:
+    """``table`` on the spec's grid with at most its bucket bound of widths per layer (see
+    :mod:`flexc.ir.buckets`), within the budget and ``upper``; unchanged if no bound is set."""
+    if not bound.active:
+        return table
+    grids = bound.grids(full.tolist(), granule)
+    return bucket_table(table, full, weights, target, grids, bound.max_buckets, upper)
 
 
 def granules(groups, granule: int) -> torch.Tensor:
@@ -103,6 +125,7 @@ def write_report(workdir: Path, method: str, budgets, tables, metric, groups, fu
                 "keep_achieved": keep_ratio(t, full, weights),
                 "params_keep_achieved": keep_ratio(t, full, params_w),
                 "per_layer_keep": per_layer_keep(t, full),
+                "widths_per_layer": count_buckets(t),
             }
             for b, t in zip(budgets, tables)
         ],
@@ -145,13 +168,20 @@ class _WidthBaseline(Pass):
         full = torch.tensor([g.intermediate_size for g in groups])
         weights = expert_weights(groups, metric, ctx.state.routing_counts)
         step = granules(groups, self.options.granule)
-        floor = keep_ratio(step[:, None].expand(len(groups), weights.shape[1]), full, weights)
+        bound = bucket_bound(ctx)
+        if bound.active:  # the narrowest kept width is one grid step
+            step_floor = torch.maximum(step, torch.tensor(bound.grids(full.tolist(), self.options.granule)))
+        else:
+            step_floor = step
+        floor = keep_ratio(step_floor[:, None].expand(len(groups), weights.shape[1]), full, weights)
         if budgets[-1] < floor - 1e-9:
             raise ValueError(f"{self.name}: keep {budgets[-1]:g} is below {floor:.4g}, the keep ratio with every "
-                             "expert at one granule; use a smaller granule or a larger budget")
+                             "expert at its narrowest width (one granule, or one step of the spec's budgets.grid); use a "
+                             "smaller granule or grid, or a larger budget")
         tables, upper = [], None
         for b in budgets:
             table = self.choose(graph, ctx, b, full, weights, step, upper)
+            table = bucketed(table, bound, self.options.granule, b, full, weights, upper)
             tables.append(table)
             upper = table
         tables = torch.stack(tables).to(torch.int32)

@@ -163,7 +163,7 @@ def _flexc_init(self, base: type, family: ServedFamily, vllm_config, prefix: str
         base.__init__(self, vllm_config=vllm_config, prefix=prefix)
     if not plan.blocks:
         raise ServingError(f"{artifact.directory}: no MoE layer was built; is this a {family.display} checkpoint?")
-    device = next(iter(plan.blocks.values())).experts.down_proj.device
+    device = next(iter(plan.blocks.values())).experts.device
     from flexc.ir.backends import use_backend
 
     use_backend("auto", device)  # Triton kernels on CUDA, the op's CPU path elsewhere

@@ -25,6 +25,7 @@ from torch import nn
 from flexc.ir.families import FAMILIES as IR_FAMILIES
 from flexc.ir.op import call_moe_experts
 from flexc.serving.artifact import Artifact
+from flexc.serving.buckets import BucketedExperts
 from flexc.serving.families import ServedFamily, ServingError
 
 
@@ -51,6 +52,7 @@ def building(plan: BlockPlan) -> Iterator[BlockPlan]:
 
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_BUCKET = re.compile(r"bucket_(\d+)_(gate_up|down)(_bias)?")
 
 
 class _Linear(nn.Module):
@@ -81,10 +83,10 @@ class SharedExpert(nn.Module):
 
 
 class FlexcExperts(nn.Module):
-    """One layer's routed experts on the flexc op, at the widths in ``self.widths``.
+    """One layer's routed experts of a nested artifact on the flexc op, at the widths in ``self.widths``
+    (a sliced checkpoint's are :class:`flexc.serving.buckets.BucketedExperts`).
 
-    ``capacity`` is the channels stored per expert: the full intermediate size for a nested
-    artifact, the layer's widest expert for a sliced checkpoint (whose widths are fixed).
+    ``capacity`` is the channels stored per expert: the full intermediate size.
     """
 
     def __init__(self, num_experts: int, hidden: int, capacity: int, activation: tuple[str, float, float],
@@ -97,6 +99,10 @@ class FlexcExperts(nn.Module):
         initial = torch.tensor(widths if widths is not None else [capacity] * num_experts, dtype=torch.int32)
         self.register_buffer("widths", initial.to(self.down_proj.device), persistent=False)
         self._loaded: set[tuple[int, str]] = set()  # (expert, part) pieces loaded from per-expert names
+
+    @property
+    def device(self) -> torch.device:
+        return self.down_proj.device
 
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 widths: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,26 +139,6 @@ class FlexcExperts(nn.Module):
         parts = ("gate", "up") if which == "gate_up_proj" else ("down",)
         self._loaded.update((e, p) for e in range(self.num_experts) for p in parts)
 
-    def load_sliced(self, name: str, which: str, tensor: torch.Tensor) -> None:
-        """A sliced checkpoint's packed experts: ``sliced_gate_up [sum 2w, H]`` (each expert's gate
-        rows then up rows) or ``sliced_down [sum w, H]`` (each expert's down columns as rows)."""
-        widths = self.widths.tolist()
-        rows = sum(widths) * (2 if which == "sliced_gate_up" else 1)
-        self._check(name, tensor, (rows, self.hidden))
-        offset = 0
-        for e, w in enumerate(widths):
-            if which == "sliced_gate_up":
-                self.gate_up_proj.data[e].zero_()
-                self.gate_up_proj.data[e, :w].copy_(tensor[offset:offset + w])
-                self.gate_up_proj.data[e, self.capacity:self.capacity + w].copy_(tensor[offset + w:offset + 2 * w])
-                offset += 2 * w
-                self._loaded.update({(e, "gate"), (e, "up")})
-            else:
-                self.down_proj.data[e].zero_()
-                self.down_proj.data[e, :, :w].copy_(tensor[offset:offset + w].t())
-                offset += w
-                self._loaded.add((e, "down"))
-
     def missing(self) -> list[str]:
         return [f"expert {e} {p}" for e in range(self.num_experts) for p in ("gate", "up", "down")
                 if (e, p) not in self._loaded]
@@ -184,17 +170,16 @@ class FlexcMoeBlock(nn.Module):
         self.renormalize = (bool(getattr(config, "norm_topk_prob", False)) if family.renormalize is None
                             else family.renormalize)
         activation = IR_FAMILIES[family.model_type].activation(None, config)
-        widths = None
-        capacity = self.full
         self.sliced = artifact.kind == "sliced"
-        if artifact.kind == "sliced":
+        self.gate = _Linear(hidden, num_experts)
+        if self.sliced:
             widths = artifact.sliced_widths(self.layer)
             if len(widths) != num_experts or min(widths) < 0 or max(widths) > self.full:
                 raise ServingError(f"{artifact.directory}: {prefix}.experts has widths {widths}; expected "
                                    f"{num_experts} values in [0, {self.full}]")
-            capacity = max(max(widths), 1)
-        self.gate = _Linear(hidden, num_experts)
-        self.experts = FlexcExperts(num_experts, hidden, capacity, activation, widths)
+            self.experts = BucketedExperts(widths, hidden, activation, f"{prefix}.experts")
+        else:
+            self.experts = FlexcExperts(num_experts, hidden, self.full, activation)
         self.shared_expert = self.shared_expert_gate = None
         shared = int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
         if family.shared_expert and shared > 0:
@@ -241,22 +226,25 @@ class FlexcMoeBlock(nn.Module):
         fam = self.family
         parts = local.split(".")
         if parts[0] == "experts":
-            if len(parts) == 4 and parts[1].isdigit() and parts[3] == "weight":
+            if len(parts) == 4 and parts[1].isdigit() and parts[3] == "weight" and not self.sliced:
                 part = {fam.gate_name: "gate", fam.up_name: "up", fam.down_name: "down"}.get(parts[2])
                 if part is not None:
                     self.experts.load_expert(full_name, int(parts[1]), part, tensor)
                     return "experts.down_proj" if part == "down" else "experts.gate_up_proj"
+            bucket = _BUCKET.fullmatch(parts[1]) if len(parts) == 2 else None
+            if self.sliced:
+                if bucket is None or bucket.group(3):
+                    raise ServingError(f"{full_name}: a sliced checkpoint's experts are stored by width bucket "
+                                       "(bucket_N_gate_up, bucket_N_down; no expert biases in the families flexc "
+                                       "serves); re-export it")
+                index, part = int(bucket.group(1)), bucket.group(2)
+                return "experts." + self.experts.load_bucket(full_name, index, part, tensor)
+            if bucket is not None:
+                raise ServingError(f"{full_name}: bucketed (sliced) experts in a checkpoint whose config has no "
+                                   "flexc_sliced section; re-export it")
             if len(parts) == 2 and parts[1] in ("gate_up_proj", "down_proj"):
-                if self.sliced:
-                    raise ServingError(f"{full_name}: a sliced checkpoint's experts must be packed (sliced_*)")
                 self.experts.load_stacked(full_name, parts[1], tensor)
                 return local
-            if len(parts) == 2 and parts[1] in ("sliced_gate_up", "sliced_down"):
-                if not self.sliced:
-                    raise ServingError(f"{full_name}: packed (sliced) experts in a checkpoint whose config has no "
-                                       "flexc_sliced section; re-export it")
-                self.experts.load_sliced(full_name, parts[1], tensor)
-                return "experts.gate_up_proj" if parts[1] == "sliced_gate_up" else "experts.down_proj"
         params = dict(self.named_parameters())
         if local in params and not local.startswith("experts."):
             if tuple(params[local].shape) != tuple(tensor.shape):

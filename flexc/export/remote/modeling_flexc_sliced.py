@@ -9,17 +9,19 @@ loads the checkpoint it ships with. ``config.json`` holds the original architect
 plus ``flexc_sliced``: the transformers class the model derives from and, per experts module
 (by module path), the expert widths and the gated activation.
 
-Each experts module stores its experts packed along the channel axis, expert after expert, so
-that no checkpoint key looks like the per-expert keys transformers converts when loading
-MoE families (``experts.N.gate_proj.weight``, ``experts.N.w1.weight``, ...):
+Each experts module stores its experts in **width buckets**: the experts of one width, stacked in
+the layout fused-MoE kernels take (vLLM's ``w13`` / ``w2``), so that a serving engine runs a layer
+as one fused-MoE call per bucket. Bucket ``i`` (widest first; its experts in ascending id order,
+listed in the config entry's ``buckets``) holds
 
-- ``sliced_gate_up [2 * sum(w), H]``: for expert ``e`` at channel offset ``o``, rows
-  ``[2o, 2o + w)`` are its gate rows and ``[2o + w, 2o + 2w)`` its up rows;
-- ``sliced_down [sum(w), H]``: rows ``[o, o + w)`` are its down projection, transposed;
-- where the family has biases, ``sliced_gate_up_bias [2 * sum(w)]`` (same layout) and
-  ``sliced_down_bias [E, H]``.
+- ``bucket_{i}_gate_up [n, 2w, H]``: each expert's gate rows then its up rows;
+- ``bucket_{i}_down [n, H, w]``;
+- where the family has biases, ``bucket_{i}_gate_up_bias [n, 2w]`` and ``bucket_{i}_down_bias [n, H]``.
 
-An expert of width 0 has no weights and contributes nothing (its bias included).
+No key looks like the per-expert keys transformers converts when loading MoE families
+(``experts.N.gate_proj.weight``, ``experts.N.w1.weight``, ...). The router is unchanged: a bucket
+names its experts by id. An expert of width 0 is in no bucket and contributes nothing (its bias
+included).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 
 CONFIG_KEY = "flexc_sliced"
 CLASS_PREFIX = "FlexcSliced"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: width buckets (1: experts packed along the channel axis)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "swiglu_clamped")
 
 
@@ -52,9 +54,28 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, kind: str, alpha: flo
     raise ValueError(f"unknown expert activation {kind!r}; expected one of {ACTIVATIONS}")
 
 
+def width_buckets(widths: list[int]) -> list[tuple[int, list[int]]]:
+    """``(width, expert ids)`` of each nonzero width, widest first, ids ascending."""
+    by_width: dict[int, list[int]] = {}
+    for e, w in enumerate(widths):
+        if int(w) > 0:
+            by_width.setdefault(int(w), []).append(e)
+    return sorted(by_width.items(), reverse=True)
+
+
+def check_buckets(widths: list[int], buckets) -> None:
+    """Refuse a config entry whose ``buckets`` are not the buckets of its ``widths``."""
+    expected = [[w, ids] for w, ids in width_buckets(widths)]
+    found = [[b.get("width"), b.get("experts")] for b in buckets] if isinstance(buckets, list) and all(
+        isinstance(b, dict) for b in buckets) else buckets
+    if found != expected:
+        raise ValueError(f"the config's buckets {found} are not the width buckets of its widths {widths} "
+                         f"(expected {expected}); re-export the sliced checkpoint")
+
+
 class SlicedExperts(nn.Module):
-    """One MoE layer's routed experts at their own widths; a drop-in for transformers' experts
-    modules: ``forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``."""
+    """One MoE layer's routed experts at their own widths, stored by width bucket; a drop-in for
+    transformers' experts modules: ``forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``."""
 
     def __init__(self, widths: list[int], hidden_size: int, activation: str = "silu", alpha: float = 1.702,
                  limit: float = 7.0, has_bias: bool = False):
@@ -64,34 +85,36 @@ class SlicedExperts(nn.Module):
         if any(int(w) < 0 for w in widths):
             raise ValueError(f"expert widths must be non-negative, got {widths}")
         self.widths = [int(w) for w in widths]
-        self.offsets = [0]
-        for w in self.widths:
-            self.offsets.append(self.offsets[-1] + w)
         self.num_experts = len(self.widths)
         self.hidden_size = hidden_size
         self.activation, self.alpha, self.limit = activation, float(alpha), float(limit)
         self.has_bias = has_bias
-        total = self.offsets[-1]
-        self.sliced_gate_up = nn.Parameter(torch.empty(2 * total, hidden_size))
-        self.sliced_down = nn.Parameter(torch.empty(total, hidden_size))
-        if has_bias:
-            self.sliced_gate_up_bias = nn.Parameter(torch.empty(2 * total))
-            self.sliced_down_bias = nn.Parameter(torch.empty(self.num_experts, hidden_size))
+        self.buckets = width_buckets(self.widths)
+        self.slot = {}  # expert -> (bucket, index within it)
+        for i, (w, ids) in enumerate(self.buckets):
+            self.register_parameter(f"bucket_{i}_gate_up", nn.Parameter(torch.empty(len(ids), 2 * w, hidden_size)))
+            self.register_parameter(f"bucket_{i}_down", nn.Parameter(torch.empty(len(ids), hidden_size, w)))
+            if has_bias:
+                self.register_parameter(f"bucket_{i}_gate_up_bias", nn.Parameter(torch.empty(len(ids), 2 * w)))
+                self.register_parameter(f"bucket_{i}_down_bias", nn.Parameter(torch.empty(len(ids), hidden_size)))
+            self.slot.update({e: (i, j) for j, e in enumerate(ids)})
 
     def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, hidden={self.hidden_size}, channels={self.offsets[-1]}, "
-                f"widths={self.widths}, activation={self.activation}, bias={self.has_bias}")
+        buckets = ", ".join(f"{len(ids)}x{w}" for w, ids in self.buckets)
+        return (f"experts={self.num_experts}, hidden={self.hidden_size}, buckets=[{buckets}], "
+                f"activation={self.activation}, bias={self.has_bias}")
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` (width > 0) on its tokens ``x [n, H]``: one GEMM for gate and up together."""
-        o, w = self.offsets[e], self.widths[e]
-        gate_up = x @ self.sliced_gate_up[2 * o : 2 * (o + w)].t()
+        i, j = self.slot[e]
+        w = self.widths[e]
+        gate_up = x @ getattr(self, f"bucket_{i}_gate_up")[j].t()
         if self.has_bias:
-            gate_up = gate_up + self.sliced_gate_up_bias[2 * o : 2 * (o + w)]
+            gate_up = gate_up + getattr(self, f"bucket_{i}_gate_up_bias")[j]
         inner = gated_activation(gate_up[:, :w], gate_up[:, w:], self.activation, self.alpha, self.limit)
-        out = inner @ self.sliced_down[o : o + w]
+        out = inner @ getattr(self, f"bucket_{i}_down")[j].t()
         if self.has_bias:
-            out = out + self.sliced_down_bias[e]
+            out = out + getattr(self, f"bucket_{i}_down_bias")[j]
         return out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -119,9 +142,9 @@ def _settings(config) -> dict:
     settings = getattr(config, CONFIG_KEY, None)
     if not isinstance(settings, dict) or "experts" not in settings:
         raise ValueError(f"config has no {CONFIG_KEY!r} section: not a flexc sliced checkpoint")
-    if int(settings.get("format", FORMAT_VERSION)) > FORMAT_VERSION:
-        raise ValueError(f"sliced checkpoint format {settings['format']} is newer than this code "
-                         f"(format {FORMAT_VERSION}); re-export it or update its modeling file")
+    if int(settings.get("format", 1)) != FORMAT_VERSION:
+        raise ValueError(f"sliced checkpoint format {settings.get('format', 1)} is not this code's format "
+                         f"{FORMAT_VERSION}; re-export it (or load it with the modeling file it shipped with)")
     return settings
 
 
@@ -133,6 +156,8 @@ def install_sliced_experts(model: nn.Module, config) -> None:
         parent = model.get_submodule(parent_path) if parent_path else model
         if not hasattr(parent, name):
             raise ValueError(f"{type(model).__name__} has no module {path!r} to hold sliced experts")
+        if "buckets" in spec:
+            check_buckets([int(w) for w in spec["widths"]], spec["buckets"])
         setattr(parent, name, SlicedExperts(spec["widths"], hidden, spec.get("activation", "silu"),
                                             spec.get("alpha", 1.702), spec.get("limit", 7.0),
                                             bool(spec.get("bias", False))))

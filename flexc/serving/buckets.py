@@ -1,0 +1,157 @@
+"""A sliced checkpoint's routed experts on vLLM's own fused-MoE kernels, one call per width bucket.
+
+vLLM's fused-MoE layer takes one intermediate size per call. A sliced checkpoint stores each
+layer's experts by **width bucket** (the experts of one width, stacked as vLLM's ``w13`` / ``w2``;
+:mod:`flexc.export.remote.modeling_flexc_sliced`), so a layer is one vLLM ``RoutedExperts`` per
+bucket (built by vLLM's ``FusedMoEFactory``: its kernel choice for the platform, its weight
+prepacking after loading; on CPU its grouped-GEMM ``cpu_fused_moe``, on CUDA its Triton fused
+MoE). A forward pass sorts the (token, slot) pairs by bucket, runs each bucket's pairs as rows of
+top-1 routing (the routing weight applied by the kernel), and sums each token's slots in a fixed
+order. A layer with one bucket and no removed expert runs as one call on the original routing.
+
+Without vLLM (flexc's own tests of the block) or for an activation vLLM's kernels lack, a bucket
+runs flexc's expert op on the same stacked weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flexc.export.remote.modeling_flexc_sliced import width_buckets
+from flexc.ir.op import call_moe_experts
+from flexc.serving.families import ServingError
+
+# flexc's activation names -> vLLM's MoEActivation names, where vLLM's fused kernels have them.
+_VLLM_ACTIVATIONS = {"silu": "silu", "gelu": "gelu"}
+
+
+class _TorchBucket(nn.Module):
+    """One bucket on flexc's expert op (no vLLM)."""
+
+    def __init__(self, num_experts: int, width: int, hidden: int, activation: tuple[str, float, float]):
+        super().__init__()
+        self.activation, self.alpha, self.limit = activation
+        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * width, hidden), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden, width), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return call_moe_experts(x, ids, weights, self.w13_weight, self.w2_weight, activation=self.activation,
+                                alpha=self.alpha, limit=self.limit)
+
+
+class _VllmBucket(nn.Module):
+    """One bucket on vLLM's fused-MoE kernels: a ``RoutedExperts`` from vLLM's ``FusedMoEFactory``."""
+
+    def __init__(self, num_experts: int, width: int, hidden: int, activation: str, prefix: str):
+        super().__init__()
+        from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
+
+        # top_k 1: the block hands each bucket its (token, slot) pairs as rows of their own.
+        self.runner = FusedMoEFactory(num_experts=num_experts, top_k=1, hidden_size=hidden, intermediate_size=width,
+                                      renormalize=False, prefix=prefix, activation=activation)
+
+    @property
+    def experts(self) -> nn.Module:
+        return self.runner.routed_experts
+
+    @property
+    def w13_weight(self) -> torch.Tensor:
+        return self.experts.w13_weight
+
+    @property
+    def w2_weight(self) -> torch.Tensor:
+        return self.experts.w2_weight
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.experts.forward_modular(x, weights.float().contiguous(), ids.to(torch.int32).contiguous())
+
+
+def _vllm_available() -> bool:
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+    except ImportError:
+        return False
+    return get_current_vllm_config_or_none() is not None
+
+
+class BucketedExperts(nn.Module):
+    """One layer's routed experts of a sliced checkpoint: fixed ``widths [E]``, one kernel per bucket."""
+
+    def __init__(self, widths: list[int], hidden: int, activation: tuple[str, float, float], prefix: str):
+        super().__init__()
+        self.num_experts, self.hidden = len(widths), hidden
+        self.buckets = width_buckets(widths)
+        self.register_buffer("widths", torch.tensor(widths, dtype=torch.int32), persistent=False)
+        bucket_of = torch.full((self.num_experts,), -1, dtype=torch.long)
+        local = torch.zeros(self.num_experts, dtype=torch.int32)
+        for i, (_, ids) in enumerate(self.buckets):
+            bucket_of[ids] = i
+            local[ids] = torch.arange(len(ids), dtype=torch.int32)
+        self.register_buffer("bucket_of", bucket_of, persistent=False)
+        self.register_buffer("local", local, persistent=False)
+        name = activation[0]
+        on_vllm = _vllm_available() and name in _VLLM_ACTIVATIONS
+        self.kernel = "vllm" if on_vllm else "flexc"
+        self.kernels = nn.ModuleList(
+            _VllmBucket(len(ids), w, hidden, _VLLM_ACTIVATIONS[name], f"{prefix}.buckets.{i}") if on_vllm
+            else _TorchBucket(len(ids), w, hidden, activation)
+            for i, (w, ids) in enumerate(self.buckets))
+        self._whole = len(self.buckets) == 1 and len(self.buckets[0][1]) == self.num_experts
+        self._loaded: set[tuple[int, str]] = set()
+
+    @property
+    def device(self) -> torch.device:
+        return self.widths.device
+
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                widths: torch.Tensor | None = None) -> torch.Tensor:
+        if widths is not None:
+            raise ServingError("a sliced checkpoint's widths are fixed; per-request budgets need the nested artifact")
+        if self._whole:  # one bucket holding every expert: the routing as it is
+            return self.kernels[0](hidden, topk_weights, self.local[topk_ids])
+        num_tokens, k = topk_ids.shape
+        flat = topk_ids.reshape(-1)
+        bucket = self.bucket_of[flat]
+        order = torch.argsort(bucket, stable=True)
+        counts = torch.bincount(bucket + 1, minlength=len(self.buckets) + 1).tolist()  # removed experts first
+        rows = order[counts[0]:]
+        x = hidden[rows // k]
+        weights = topk_weights.reshape(-1)[rows, None]
+        ids = self.local[flat[rows]][:, None]
+        out = hidden.new_zeros(num_tokens * k, hidden.shape[1])
+        start = 0
+        for i, n in enumerate(counts[1:]):
+            if n:
+                part = slice(start, start + n)
+                out[rows[part]] = self.kernels[i](x[part], weights[part], ids[part]).to(hidden.dtype)
+            start += n
+        # Sum over the k slots of each token in a fixed order (deterministic, no scatter-add).
+        return out.view(num_tokens, k, -1).sum(dim=1)
+
+    # -- weight loading ------------------------------------------------------------------
+
+    def load_bucket(self, name: str, index: int, part: str, tensor: torch.Tensor) -> str:
+        """Bucket ``index``'s ``gate_up [n, 2w, H]`` or ``down [n, H, w]``, as the checkpoint stores them;
+        returns the name of the parameter it filled, relative to this module."""
+        if not 0 <= index < len(self.buckets):
+            raise ServingError(f"checkpoint tensor {name}: bucket {index}, but the config's widths give "
+                               f"{len(self.buckets)} buckets ({self._described()}); re-export the sliced checkpoint")
+        width, ids = self.buckets[index]
+        shape = (len(ids), 2 * width, self.hidden) if part == "gate_up" else (len(ids), self.hidden, width)
+        if tuple(tensor.shape) != shape:
+            raise ServingError(f"checkpoint tensor {name}: shape {tuple(tensor.shape)}, but the config's bucket "
+                               f"{index} ({len(ids)} experts of width {width}) needs {shape}: the checkpoint's buckets "
+                               "disagree with its config; re-export the sliced checkpoint")
+        kernel = self.kernels[index]
+        param = kernel.w13_weight if part == "gate_up" else kernel.w2_weight
+        param.data.copy_(tensor)
+        self._loaded.add((index, part))
+        return next(f"kernels.{index}.{n}" for n, p in kernel.named_parameters() if p is param)
+
+    def _described(self) -> str:
+        return ", ".join(f"{len(ids)} x width {w}" for w, ids in self.buckets)
+
+    def missing(self) -> list[str]:
+        return [f"bucket {i} {p}" for i in range(len(self.buckets)) for p in ("gate_up", "down")
+                if (i, p) not in self._loaded]
