@@ -14,6 +14,7 @@ vLLM the module is skipped.
 
 from __future__ import annotations
 
+import json
 import gc
 import os
 
@@ -184,22 +185,45 @@ def test_per_request_budgets_refuse_what_would_mix_budgets(compiled, caching, me
         FlexcBudgets(config, torch.device("cpu"), False)
 
 
-def test_sliced_checkpoint_is_served_at_its_widths(artifacts):
-    """A sliced checkpoint (packed experts) is served by flexc's class, equal to the nested model
-    at its budget; its budget cannot be switched."""
+@pytest.mark.parametrize("name", MODELS)
+def test_sliced_checkpoint_is_served_on_vllms_kernels_at_its_widths(artifacts, name):
+    """A sliced checkpoint (experts stored by width bucket) is served by flexc's class with each bucket
+    on vLLM's own fused-MoE kernels, equal to the nested model at its budget; its budget cannot be
+    switched."""
     from flexc.serving import get_budget, set_budget
 
-    paths, ids, refs = artifacts["tiny"]
+    paths, ids, refs = artifacts[name]
     budget = BUDGETS[1]
     llm = start_engine(paths[f"keep_{budget:.2f}"])
     try:
         state = get_budget(llm)
         assert state["kind"] == "sliced" and state["budget"] == pytest.approx(budget)
+        assert state["experts_kernel"] == ["vllm"]
+        assert max(len(b) for b in state["buckets"].values()) > 1  # several buckets: several vLLM calls per layer
         assert served(llm, ids) == refs[budget]
         with pytest.raises(Exception, match="sliced checkpoint of keep 0.4: its budget is fixed"):
             set_budget(llm, BUDGETS[0])
     finally:
         _shutdown(llm)
+
+
+def test_sliced_checkpoint_whose_buckets_disagree_with_its_config_is_refused(artifacts, tmp_path, monkeypatch):
+    """An edited config (one expert's width changed, its buckets left as exported) is refused at load
+    with a message naming the file, not served with weights in the wrong experts."""
+    import shutil
+
+    paths, _, _ = artifacts["tiny"]
+    copy = tmp_path / "edited"
+    shutil.copytree(paths[f"keep_{BUDGETS[1]:.2f}"], copy)
+    config = json.loads((copy / "config.json").read_text())
+    entry = next(iter(config["flexc_sliced"]["experts"].values()))
+    kept = next(e for e, w in enumerate(entry["widths"]) if w > 16)
+    entry["widths"][kept] -= 16
+    (copy / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine's error reaches this process
+    with pytest.raises(Exception, match=r"config.json, decoder layer 0: the config's buckets .* are not the width "
+                       r"buckets of its widths"):
+        start_engine(copy)
 
 
 def test_without_the_plugin_vllm_refuses_a_sliced_checkpoint(artifacts):

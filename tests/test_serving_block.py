@@ -129,7 +129,8 @@ def test_sliced_block_refuses_buckets_that_disagree_with_its_config(tmp_path):
     model = tiny_model("qwen3_moe", seed=0)
     hidden = model.config.hidden_size
     widths = [16, 16, 32, 0, 16, 32, 16, 16]
-    section = {"experts": {"model.layers.0.mlp.experts": {"widths": widths}}}
+    buckets = [{"width": 32, "experts": [2, 5]}, {"width": 16, "experts": [0, 1, 4, 6, 7]}]
+    section = {"experts": {"model.layers.0.mlp.experts": {"widths": widths, "buckets": buckets}}}
     with building(BlockPlan(family_for("qwen3_moe"), model.config, Artifact("sliced", tmp_path, sliced=section))):
         block = FlexcMoeBlock(prefix="model.layers.0.mlp")
     assert [(w, ids) for w, ids in block.experts.buckets] == [(32, [2, 5]), (16, [0, 1, 4, 6, 7])]
@@ -204,17 +205,31 @@ def test_width_file_without_a_nested_manifest_is_refused(nested_dir, tmp_path):
 def test_sliced_config_is_detected_and_refuses_a_budget(nested_dir):
     _, config = nested_dir
     config = type(config).from_dict(config.to_dict())
-    config.flexc_sliced = {"format": 1, "budget": 0.5, "experts": {}}
+    config.flexc_sliced = {"format": 2, "budget": 0.5, "experts": {}}
     assert detect(None, config).kind == "sliced"
     config.flexc_budget = 0.75
     with pytest.raises(ServingError, match="a sliced checkpoint holds one budget"):
         detect(None, config)
     del config.flexc_budget
-    config.flexc_sliced = {"format": 99, "experts": {}}
-    with pytest.raises(ServingError, match="newer than this flexc serves"):
-        detect(None, config)
+    for old_or_new in (1, 99):  # format 1 packed the experts along the channel axis
+        config.flexc_sliced = {"format": old_or_new, "experts": {}}
+        with pytest.raises(ServingError, match=f"sliced format {old_or_new}; this flexc serves format 2 .experts "
+                           "stored by width bucket.: re-export"):
+            detect(None, config)
 
 
 def test_unserved_family_names_what_is_served():
     with pytest.raises(ServingError, match="does not serve model type 'olmoe'.*Qwen3Moe, Qwen2Moe, Mixtral"):
         family_for("olmoe")
+
+
+def test_sliced_block_refuses_a_config_whose_buckets_are_not_its_widths(tmp_path):
+    model = tiny_model("qwen3_moe", seed=0)
+    widths = [16, 16, 32, 0, 16, 32, 16, 16]
+    edited = [{"width": 32, "experts": [2, 4]}, {"width": 16, "experts": [0, 1, 5, 6, 7]}]  # experts 4, 5 swapped
+    for buckets in (edited, None):
+        section = {"experts": {"model.layers.0.mlp.experts": {"widths": widths, "buckets": buckets}}}
+        with building(BlockPlan(family_for("qwen3_moe"), model.config, Artifact("sliced", tmp_path, sliced=section))):
+            with pytest.raises(ServingError, match=r"config.json, decoder layer 0: the config's buckets .* are not the "
+                               r"width buckets of its widths .*re-export the sliced checkpoint"):
+                FlexcMoeBlock(prefix="model.layers.0.mlp")

@@ -21,6 +21,7 @@ from flexc.export.nested import KIND as NESTED_KIND
 from flexc.export.nested import ArtifactError, read_manifest, load_tables
 from flexc.export.remote.modeling_flexc_sliced import CONFIG_KEY as SLICED_KEY
 from flexc.export.remote.modeling_flexc_sliced import FORMAT_VERSION as SLICED_FORMAT
+from flexc.export.remote.modeling_flexc_sliced import check_buckets
 from flexc.ir.tables import WIDTHS_FILE, WidthTables
 from flexc.serving.families import ServingError
 
@@ -45,7 +46,12 @@ class Artifact:
         if len(entries) != 1 or not isinstance(entries[0], dict) or not isinstance(entries[0].get("widths"), list):
             raise ServingError(f"{self._where()}: the config's {SLICED_KEY!r} section has no (single) widths entry "
                                f"for decoder layer {layer}; re-export the sliced checkpoint")
-        return [int(w) for w in entries[0]["widths"]]
+        widths = [int(w) for w in entries[0]["widths"]]
+        try:
+            check_buckets(widths, entries[0].get("buckets"))
+        except ValueError as exc:
+            raise ServingError(f"{self._where()}/config.json, decoder layer {layer}: {exc}") from None
+        return widths
 
     def _where(self) -> str:
         return str(self.directory) if self.directory is not None else "the sliced checkpoint"
@@ -69,9 +75,10 @@ def detect(model_path: str | Path | None, hf_config) -> Artifact | None:
         if not isinstance(settings, dict) or not isinstance(settings.get("experts"), dict):
             raise ServingError(f"{directory or 'the model'}: config.json's {SLICED_KEY!r} section is malformed; "
                                "re-export the sliced checkpoint")
-        if int(settings.get("format", SLICED_FORMAT)) > SLICED_FORMAT:
-            raise ServingError(f"{directory}: sliced format {settings.get('format')} is newer than this flexc "
-                               f"serves ({SLICED_FORMAT}); update flexc")
+        if int(settings.get("format", 1)) != SLICED_FORMAT:
+            raise ServingError(f"{directory}: sliced format {settings.get('format', 1)}; this flexc serves format "
+                               f"{SLICED_FORMAT} (experts stored by width bucket): re-export the sliced checkpoint "
+                               "with this flexc (or update flexc)")
         if getattr(hf_config, BUDGET_KEY, None) is not None:
             raise ServingError(f"{directory}: a sliced checkpoint holds one budget (keep "
                                f"{settings.get('budget')}); {BUDGET_KEY} applies to nested artifacts only. "

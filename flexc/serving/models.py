@@ -89,8 +89,13 @@ class BudgetControl:
 
     def state(self) -> dict[str, Any]:
         widths = {layer: self.blocks[layer].experts.widths.tolist() for layer in sorted(self.blocks)}
-        return {"kind": self.kind, "budget": self.budget, "budgets": self.budgets, "widths": widths,
-                "most_budgets_in_a_pass": self.most_budgets_in_a_pass}
+        state = {"kind": self.kind, "budget": self.budget, "budgets": self.budgets, "widths": widths,
+                 "most_budgets_in_a_pass": self.most_budgets_in_a_pass}
+        if self.kind == "sliced":  # which kernels run each layer's width buckets
+            state["buckets"] = {layer: [[w, len(ids)] for w, ids in self.blocks[layer].experts.buckets]
+                                for layer in sorted(self.blocks)}
+            state["experts_kernel"] = sorted({self.blocks[layer].experts.kernel for layer in self.blocks})
+        return state
 
     # -- per-request budgets (flexc.serving.requests) ---------------------------------------
 

@@ -66,8 +66,8 @@ def width_buckets(widths: list[int]) -> list[tuple[int, list[int]]]:
 def check_buckets(widths: list[int], buckets) -> None:
     """Refuse a config entry whose ``buckets`` are not the buckets of its ``widths``."""
     expected = [[w, ids] for w, ids in width_buckets(widths)]
-    found = [[b.get("width"), b.get("experts")] for b in buckets] if isinstance(buckets, list) and all(
-        isinstance(b, dict) for b in buckets) else buckets
+    well_formed = isinstance(buckets, list) and all(isinstance(b, dict) for b in buckets)
+    found = [[b.get("width"), b.get("experts")] for b in buckets] if well_formed else buckets
     if found != expected:
         raise ValueError(f"the config's buckets {found} are not the width buckets of its widths {widths} "
                          f"(expected {expected}); re-export the sliced checkpoint")
@@ -156,8 +156,7 @@ def install_sliced_experts(model: nn.Module, config) -> None:
         parent = model.get_submodule(parent_path) if parent_path else model
         if not hasattr(parent, name):
             raise ValueError(f"{type(model).__name__} has no module {path!r} to hold sliced experts")
-        if "buckets" in spec:
-            check_buckets([int(w) for w in spec["widths"]], spec["buckets"])
+        check_buckets([int(w) for w in spec["widths"]], spec.get("buckets"))
         setattr(parent, name, SlicedExperts(spec["widths"], hidden, spec.get("activation", "silu"),
                                             spec.get("alpha", 1.702), spec.get("limit", 7.0),
                                             bool(spec.get("bias", False))))
