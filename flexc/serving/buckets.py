@@ -51,9 +51,24 @@ class _VllmBucket(nn.Module):
         self.runner = FusedMoEFactory(num_experts=num_experts, top_k=1, hidden_size=hidden, intermediate_size=width,
                                       renormalize=False, prefix=prefix, activation=activation)
 
+        self._direct = None  # vLLM's CPU experts kernel, once weights are prepacked (see forward)
+
     @property
     def experts(self) -> nn.Module:
         return self.runner.routed_experts
+
+    def _cpu_kernel(self):
+        """vLLM's unquantized CPU experts implementation where it runs this bucket, else None.
+
+        Its modular wrapper (prepare, workspaces, finalize: all no-ops for unquantized CPU experts)
+        costs about as much as the kernel itself at decode sizes (~40 us per call measured), and a
+        bucketed layer makes several calls; the kernel is called directly there.
+        """
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+        kernel = getattr(getattr(self.experts.quant_method, "moe_kernel", None), "impl", None)
+        impl = getattr(kernel, "fused_experts", None)
+        return impl if isinstance(impl, CPUUnquantizedExperts) and not impl._use_zentorch else None
 
     @property
     def w13_weight(self) -> torch.Tensor:
@@ -64,7 +79,17 @@ class _VllmBucket(nn.Module):
         return self.experts.w2_weight
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.experts.forward_modular(x, weights.float().contiguous(), ids.to(torch.int32).contiguous())
+        weights, ids = weights.float().contiguous(), ids.to(torch.int32).contiguous()
+        if self._direct is None:
+            self._direct = self._cpu_kernel() or False
+        if not self._direct:
+            return self.experts.forward_modular(x, weights, ids)
+        out = torch.empty_like(x)
+        experts = self.experts
+        self._direct.apply(out, x, experts.w13_weight, experts.w2_weight, weights, ids,
+                           experts.moe_config.activation, experts.global_num_experts, None, None, None, None, None,
+                           None, False)
+        return out
 
 
 def _vllm_available() -> bool:
@@ -83,7 +108,7 @@ class BucketedExperts(nn.Module):
         self.num_experts, self.hidden = len(widths), hidden
         self.buckets = width_buckets(widths)
         self.register_buffer("widths", torch.tensor(widths, dtype=torch.int32), persistent=False)
-        bucket_of = torch.full((self.num_experts,), -1, dtype=torch.long)
+        bucket_of = torch.full((self.num_experts,), len(self.buckets), dtype=torch.long)  # removed: last
         local = torch.zeros(self.num_experts, dtype=torch.int32)
         for i, (_, ids) in enumerate(self.buckets):
             bucket_of[ids] = i
@@ -113,15 +138,15 @@ class BucketedExperts(nn.Module):
         num_tokens, k = topk_ids.shape
         flat = topk_ids.reshape(-1)
         bucket = self.bucket_of[flat]
-        order = torch.argsort(bucket, stable=True)
-        counts = torch.bincount(bucket + 1, minlength=len(self.buckets) + 1).tolist()  # removed experts first
-        rows = order[counts[0]:]
+        order = torch.argsort(bucket, stable=True)  # the pairs of bucket 0, 1, ..., then removed experts'
+        counts = torch.bincount(bucket, minlength=len(self.buckets) + 1).tolist()
+        rows = order[: num_tokens * k - counts[-1]]
         x = hidden[rows // k]
         weights = topk_weights.reshape(-1)[rows, None]
         ids = self.local[flat[rows]][:, None]
         out = hidden.new_zeros(num_tokens * k, hidden.shape[1])
         start = 0
-        for i, n in enumerate(counts[1:]):
+        for i, n in enumerate(counts[:-1]):
             if n:
                 part = slice(start, start + n)
                 out[rows[part]] = self.kernels[i](x[part], weights[part], ids[part]).to(hidden.dtype)
