@@ -9,6 +9,7 @@ held-out tokens. Runs :func:`flexc.eval.compare.compare` on a spec built from th
     python benchmarks/quality.py --model small --samples 64 --eval-tokens 30000
     python benchmarks/quality.py --model mixtral-tiny --eval-tokens 20000
     python benchmarks/quality.py --model tiny --methods flexmoe,coverage --seeds 0,1,2
+    python benchmarks/quality.py --model tiny --max-buckets none --grid none   # widths without the serving bound
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def spec_for(args, seed: int) -> Spec:
             "evaluation": {"builtin": "python-stdlib", "split": "heldout", "seq_len": seq_len, "batch_size": 16,
                            "num_samples": args.eval_tokens // seq_len},
         },
-        "budgets": {"keep": budgets, "metric": "params"},
+        "budgets": {"keep": budgets, "metric": "params", "grid": args.grid, "max_buckets": args.max_buckets},
         "pipeline": [
             {"rank_channels": {"score": "taylor", "plot": False}},
             {"insert_action_gates": {"levels": args.levels, "granule": 16, "init_margin": args.init_margin}},
@@ -54,6 +55,14 @@ def spec_for(args, seed: int) -> Spec:
         ],
         "seed": seed,
     })
+
+
+def _bound(text: str) -> int | None:
+    return None if text.lower() in ("none", "null") else int(text)
+
+
+def _grid(text: str) -> int | str | None:
+    return text if text == "auto" else _bound(text)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -77,6 +86,10 @@ def main() -> None:
     parser.add_argument("--levels", type=int, default=None, help="insert_action_gates' widths per expert (default: the pass's)")
     parser.add_argument("--anneal", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="another anneal option, VALUE in YAML (e.g. schedule=ramp, start_margin=1)")
+    parser.add_argument("--max-buckets", type=_bound, default=4, metavar="N|none",
+                        help="budgets.max_buckets: distinct widths per layer (default 4, the spec's; none: unbounded)")
+    parser.add_argument("--grid", type=_grid, default="auto", metavar="N|auto|none",
+                        help="budgets.grid (default auto, the spec's; none: the pass's granule)")
     parser.add_argument("--eval-tokens", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", default=None, metavar="S,S,...",

@@ -1,25 +1,30 @@
-"""Serving speed in vLLM: a flexc nested artifact at keep 1 / 0.75 / 0.5 / 0.25 beside stock vLLM.
+"""Serving speed in vLLM: flexc artifacts beside stock vLLM, in one run on one machine.
 
-One run, one machine: stock vLLM serves the unpruned checkpoint (vLLM's own fused-MoE layer);
-one flexc engine serves the nested artifact and is switched live through every budget. Per
-engine/budget: prefill throughput (8 prompts of ``--prefill-len`` tokens, one output token),
+Engines, each measured the same way:
+
+- **stock vLLM** on the unpruned checkpoint (vLLM's own fused-MoE layer);
+- **flexc nested, uniform**: the zoo model's weights with uniform widths (every expert keeps the
+  same prefix, so each keep ratio is exact), switched live through keep 1 / 0.75 / 0.5 / 0.25;
+- **flexc nested, learned**: a default compile's nested artifact (the README's pipeline:
+  rank_channels, insert_action_gates, anneal, fold_masks; learned per-expert widths under the
+  spec's default grid and bucket bound), switched live through its budgets;
+- **flexc sliced**: the same compile's sliced checkpoints (experts stored by width bucket), one
+  engine each, every bucket on vLLM's own fused-MoE kernel.
+
+Per engine/budget: prefill throughput (8 prompts of ``--prefill-len`` tokens, one output token),
 decode throughput and per-token latency at batch 1 and 8, each the median of ``--repeats`` runs;
 the ratio to stock and the *ideal* ratio beside it (active parameters per token, unpruned over
-pruned: the FLOPs and, at batch 1, the bytes a token touches). Then a *mixed* batch: 8 requests
-decoding together, each naming its own budget (1, 0.75, 0.5, 0.25, twice; per-request budgets,
-docs/serving.md), its ideal the mean active parameters of those requests. Then the switch time
-against an engine restart. Prefix caching is off in every engine (the repeats send the same
-prompts: with it on, every repeat after the first would prefill from the cache).
+pruned: the FLOPs and, at batch 1, the bytes a token touches), and the weights' bytes. Then a
+*mixed* batch on the uniform artifact: 8 requests decoding together, each naming its own budget
+(1, 0.75, 0.5, 0.25, twice; per-request budgets, docs/serving.md). Then the switch time against
+an engine restart. Prefix caching is off in every engine (the repeats send the same prompts).
 
-The artifact is the zoo model's own weights with *uniform* widths (every expert keeps the same
-prefix), so that each keep ratio is exact and the ideal is a plain formula; a compiled artifact
-(``--artifact runs/x/nested``) can be measured instead, at its own budgets.
-
-    python benchmarks/serve.py                       # zoo `small`, CPU, ~5 minutes on 2 cores
+    python benchmarks/serve.py                       # zoo `small`, CPU, ~15 minutes on 2 cores
     python benchmarks/serve.py --model tiny --repeats 1
+    python benchmarks/serve.py --run runs/x          # an existing compile's nested/ and sliced/
 
 Needs vLLM (the ``serve-cpu`` extra, docs/serving.md). Prints a table and writes
-``benchmarks/results/serve.json``.
+``benchmarks/results/serve.json`` and ``serve.png``.
 """
 
 from __future__ import annotations
@@ -130,82 +135,172 @@ def shutdown(llm) -> None:
     gc.collect()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="small", help="zoo model (default: small)")
-    parser.add_argument("--artifact", help="a nested artifact to measure instead (its own budgets)")
-    parser.add_argument("--stock", help="with --artifact: the unpruned checkpoint stock vLLM serves beside it")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prefill-len", type=int, default=256)
-    parser.add_argument("--decode-len", type=int, default=64)
-    parser.add_argument("--out", default=str(RESULTS / "serve.json"))
-    args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+def compiled_run(model_name: str, out: Path, keeps=KEEPS) -> Path:
+    """A default compile of the zoo model (the README's pipeline, the spec's default grid and bucket
+    bound) with nested and sliced exports, into ``out``."""
+    import flexc
+    import flexc.zoo
 
+    seq_len = json.loads((flexc.zoo.resolve(model_name) / "manifest.json").read_text())["recipe"]["seq_len"]
+    spec = flexc.Spec.model_validate({
+        "model": {"zoo": model_name, "dtype": "float32"},
+        "data": {"calibration": {"builtin": "python-stdlib", "split": "train", "num_samples": 64, "seq_len": seq_len,
+                                 "batch_size": 8}},
+        "budgets": {"keep": list(keeps)},
+        "pipeline": [{"rank_channels": {"score": "taylor"}}, "insert_action_gates", "anneal", "fold_masks"],
+        "export": {"dir": str(out), "formats": ["nested", "sliced"]},
+        "seed": 0,
+    })
+    flexc.compile(spec, quiet=True)
+    return out
+
+
+def _bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors") if f.name != "flexc_widths.safetensors")
+
+
+def _sorted_widths(state: dict) -> list:
+    return [state["widths"][k] for k in sorted(state["widths"], key=int)]
+
+
+def measure_nested(nested: Path, label: str, args, manifest_of, rows: list, processor: bool = False):
+    """Every budget of a nested artifact on one engine, switched live; returns (engine, active params
+    per budget, switch seconds, start seconds)."""
     from flexc.serving import get_budget, set_budget
-
-    work = Path(tempfile.mkdtemp(prefix="flexc-serve-bench-"))
-    if args.artifact:
-        nested = Path(args.artifact)
-        manifest = json.loads((nested / "flexc_manifest.json").read_text())
-        source = Path(args.stock) if args.stock else None
-    else:
-        nested = work / "nested"
-        source = uniform_artifact(args.model, nested)
-        manifest = json.loads((nested / "flexc_manifest.json").read_text())
-
-    rows = []
-    stock = None
-    if source is not None:
-        llm, stock_start = start(str(source))
-        stock = measure(llm, args)
-        rows.append({"engine": "stock vLLM", "keep": 1.0, **stock, "ideal": 1.0, "start_s": stock_start})
-        shutdown(llm)
-
     from flexc.serving.requests import PROCESSOR
 
-    llm, flexc_start = start(str(nested), logits_processors=[PROCESSOR])  # per-request budgets too
-    full_widths = get_budget(llm)["widths"]
-    config = json.loads((nested / "config.json").read_text())
-    full_active = active_params(manifest, config, [full_widths[k] for k in sorted(full_widths, key=int)])
+    llm, started = start(str(nested), **({"logits_processors": [PROCESSOR]} if processor else {}))
+    manifest, config = manifest_of(nested)
     switches, active = [], {}
     for keep in get_budget(llm)["budgets"]:
         state = set_budget(llm, keep)
         switches.append(state["total_s"])
-        widths = [state["widths"][k] for k in sorted(state["widths"], key=int)]
-        active[keep] = active_params(manifest, config, widths)
-        figures = measure(llm, args)
-        rows.append({"engine": "flexc", "keep": keep, **figures, "ideal": full_active / active[keep],
-                     "start_s": flexc_start})
-    mixed = [b for _ in range(2) for b in sorted(active, reverse=True)][:8]
-    mixed_row = {"engine": "flexc mixed", "budgets": mixed, **measure_mixed(llm, args, mixed),
-                 "ideal": full_active / statistics.mean(active[b] for b in mixed)}
+        active[keep] = active_params(manifest, config, _sorted_widths(state))
+        rows.append({"engine": label, "keep": keep, **measure(llm, args), "active_params": active[keep],
+                     "weights_bytes": _bytes(nested), "start_s": started})
+    return llm, active, switches, started
+
+
+def plot(rows: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("prefill_tok_s", "prefill"), ("decode_b1_tok_s", "decode b1"), ("decode_b8_tok_s", "decode b8")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    engines = [e for e in dict.fromkeys(r["engine"] for r in rows) if e != "stock vLLM"]
+    for ax, (key, title) in zip(axes, keys):
+        for engine in engines:
+            mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["keep"])
+            ax.plot([r["keep"] for r in mine], [r["ratios"][key] for r in mine], marker="o", label=engine)
+        ideal = sorted((r for r in rows if r["engine"] != "stock vLLM"), key=lambda r: r["keep"])
+        ax.plot([r["keep"] for r in ideal], [r["ideal"] for r in ideal], ":", color="grey", label="ideal")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("keep (routed-expert parameters)")
+    axes[0].set_ylabel("throughput / stock vLLM")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="small", help="zoo model (default: small)")
+    parser.add_argument("--run", help="an existing compile's output directory (nested/, sliced/) instead of "
+                                      "compiling the zoo model with the defaults")
+    parser.add_argument("--stock", help="with --run: the unpruned checkpoint stock vLLM serves (default: the zoo model)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefill-len", type=int, default=256)
+    parser.add_argument("--decode-len", type=int, default=64)
+    parser.add_argument("--skip", default="", help="comma-separated engines to leave out: uniform, learned, sliced")
+    parser.add_argument("--out", default=str(RESULTS / "serve.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    skip = set(filter(None, args.skip.split(",")))
+
+    import flexc.zoo
+
+    work = Path(tempfile.mkdtemp(prefix="flexc-serve-bench-"))
+    source = Path(args.stock) if args.stock else flexc.zoo.resolve(args.model)
+    run = Path(args.run) if args.run else None
+    if run is None and not {"learned", "sliced"} <= skip:
+        begin = time.perf_counter()
+        run = compiled_run(args.model, work / "run")
+        print(f"compiled {args.model} with the defaults in {time.perf_counter() - begin:.0f} s → {run}")
+
+    def manifest_of(nested: Path):
+        return (json.loads((nested / "flexc_manifest.json").read_text()),
+                json.loads((nested / "config.json").read_text()))
+
+    rows: list[dict] = []
+    llm, stock_start = start(str(source))
+    stock = {"engine": "stock vLLM", "keep": 1.0, **measure(llm, args), "weights_bytes": _bytes(source),
+             "start_s": stock_start}
+    rows.append(stock)
     shutdown(llm)
 
-    base = stock or rows[0]
+    mixed_row, switches, full_active, flexc_start = None, [], None, None
+    if "uniform" not in skip:
+        uniform_artifact(args.model, work / "uniform")
+        llm, active, switches, flexc_start = measure_nested(work / "uniform", "flexc nested, uniform", args,
+                                                            manifest_of, rows, processor=True)
+        full_active = active[1.0]
+        mixed = [b for _ in range(2) for b in sorted(active, reverse=True)][:8]
+        mixed_row = {"engine": "flexc mixed", "budgets": mixed, **measure_mixed(llm, args, mixed),
+                     "ideal": full_active / statistics.mean(active[b] for b in mixed)}
+        shutdown(llm)
+    learned_active = {}
+    if "learned" not in skip:
+        llm, learned_active, more, flexc_start = measure_nested(run / "nested", "flexc nested, learned", args,
+                                                                manifest_of, rows)
+        switches += more
+        full_active = full_active or learned_active[1.0]
+        shutdown(llm)
+    if "sliced" not in skip:
+        from flexc.serving import get_budget
+
+        index = json.loads((run / "sliced" / "flexc_manifest.json").read_text())
+        for entry in index["budgets"]:
+            directory = run / "sliced" / entry["dir"]
+            llm, started = start(str(directory))
+            state = get_budget(llm)
+            manifest, config = manifest_of(run / "nested")
+            rows.append({"engine": "flexc sliced", "keep": entry["keep"], **measure(llm, args),
+                         "active_params": active_params(manifest, config, _sorted_widths(state)),
+                         "buckets": {k: len(v) for k, v in state["buckets"].items()},
+                         "experts_kernel": state["experts_kernel"], "weights_bytes": _bytes(directory),
+                         "start_s": started})
+            shutdown(llm)
+
     keys = ["prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s"]
-    print(f"{'engine':<11} {'keep':>5} {'prefill tok/s':>14} {'b1 tok/s':>9} {'b1 ms':>7} {'b8 tok/s':>9} "
-          f"{'ratios vs stock (prefill/b1/b8)':>32} {'ideal':>6}")
+    print(f"{'engine':<22} {'keep':>5} {'prefill tok/s':>14} {'b1 tok/s':>9} {'b1 ms':>7} {'b8 tok/s':>9} "
+          f"{'ratios vs stock (prefill/b1/b8)':>32} {'ideal':>6} {'MB':>6}")
     for r in rows:
-        r["ratios"] = {k: r[k] / base[k] for k in keys}
+        r["ratios"] = {k: r[k] / stock[k] for k in keys}
+        r["ideal"] = full_active / r["active_params"] if "active_params" in r and full_active else 1.0
         ratios = " / ".join(f"{r['ratios'][k]:.2f}" for k in keys)
-        print(f"{r['engine']:<11} {r['keep']:>5.2f} {r['prefill_tok_s']:>14.0f} {r['decode_b1_tok_s']:>9.1f} "
-              f"{r['decode_b1_ms_per_step']:>7.1f} {r['decode_b8_tok_s']:>9.1f} {ratios:>32} {r['ideal']:>6.2f}")
-    b8 = base["decode_b8_tok_s"]
-    mixed_row["ratio_b8"] = mixed_row["decode_b8_tok_s"] / b8
-    print(f"{'flexc mixed':<11} {'/'.join(f'{b:g}' for b in mixed[:4])} per request: decode b8 "
-          f"{mixed_row['decode_b8_tok_s']:.1f} tok/s ({mixed_row['decode_b8_ms_per_step']:.1f} ms a step), "
-          f"{mixed_row['ratio_b8']:.2f} vs stock, ideal {mixed_row['ideal']:.2f}")
-    switch = statistics.median(switches)
-    print(f"budget switch (set_budget round trip, median of {len(switches)}): {switch * 1e3:.1f} ms; "
-          f"engine start: flexc {flexc_start:.1f} s" + (f", stock {rows[0]['start_s']:.1f} s" if stock else ""))
-    result = {"model": args.artifact or args.model, "repeats": args.repeats, "prefill_len": args.prefill_len,
-              "decode_len": args.decode_len, "rows": rows, "mixed": mixed_row, "switch_s": switch,
-              "restart_s": flexc_start, "prefix_caching": False,
+        print(f"{r['engine']:<22} {r['keep']:>5.2f} {r['prefill_tok_s']:>14.0f} {r['decode_b1_tok_s']:>9.1f} "
+              f"{r['decode_b1_ms_per_step']:>7.1f} {r['decode_b8_tok_s']:>9.1f} {ratios:>32} {r['ideal']:>6.2f} "
+              f"{r['weights_bytes'] / 1e6:>6.1f}")
+    if mixed_row is not None:
+        mixed_row["ratio_b8"] = mixed_row["decode_b8_tok_s"] / stock["decode_b8_tok_s"]
+        print(f"{'flexc mixed':<22} {'/'.join(f'{b:g}' for b in mixed_row['budgets'][:4])} per request: decode b8 "
+              f"{mixed_row['decode_b8_tok_s']:.1f} tok/s ({mixed_row['decode_b8_ms_per_step']:.1f} ms a step), "
+              f"{mixed_row['ratio_b8']:.2f} vs stock, ideal {mixed_row['ideal']:.2f}")
+    switch = statistics.median(switches) if switches else None
+    if switch is not None:
+        print(f"budget switch (set_budget round trip, median of {len(switches)}): {switch * 1e3:.1f} ms; "
+              f"engine start: flexc {flexc_start:.1f} s, stock {stock_start:.1f} s")
+    result = {"model": args.model, "run": str(run) if run else None, "repeats": args.repeats,
+              "prefill_len": args.prefill_len, "decode_len": args.decode_len, "rows": rows, "mixed": mixed_row,
+              "switch_s": switch, "restart_s": flexc_start, "prefix_caching": False,
               "threads": os.environ.get("OMP_NUM_THREADS")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    plot(rows, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
 
 
 if __name__ == "__main__":
