@@ -53,9 +53,38 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 # --------------------------------------------------------------------------- commands
 
 
+def _check_port(port: int | None) -> None:
+    if port is not None and not 1 <= port <= 65535:
+        raise FlexcError(f"--port {port}: a TCP port must be between 1 and 65535 (vLLM's default is 8000); "
+                         "choose a port in that range")
+
+
+def _graph_target(graph: str) -> Path:
+    """The path ``--graph`` names, checked writable before any model loads (a probe file in its folder)."""
+    import tempfile
+
+    target = Path(graph).expanduser()
+    if target.is_dir():
+        raise FlexcError(f"--graph {graph}: {target} is a directory; expected the path of an SVG file to write "
+                         "(e.g. graph.svg)")
+    folder = target.parent
+    if not folder.is_dir():
+        what = "is not a directory" if folder.exists() else "does not exist"
+        raise FlexcError(f"--graph {graph}: the output folder {folder} {what}; expected an SVG path in an "
+                         "existing, writable folder: create it or choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise FlexcError(f"--graph {graph}: the output folder {folder} is not writable ({exc.strerror or exc}); "
+                         "expected an SVG path in a writable folder: choose another path") from None
+    return target
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from flexc.serving.launch import serve
 
+    _check_port(args.port)
     cmd = serve(args.artifact, budget=args.budget, host=args.host, port=args.port, extra=args.rest,
                 dry_run=args.dry_run, per_request=args.per_request_budgets)
     print(" ".join(shlex.quote(part) for part in cmd))  # dry run only: serve() replaced this process otherwise
@@ -142,6 +171,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             return EXIT_OK
     if args.model is None:
         raise FlexcError("inspect needs a MODEL (a zoo name, a model directory or a cached hub id), or --families")
+    graph = _graph_target(args.graph) if args.graph is not None else None  # before minutes of loading
     from flexc import models
     from flexc.compiler.spec import ModelSpec
     from flexc.ir import inspect as ir_inspect
@@ -150,11 +180,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     loaded = models.load_model(ModelSpec(path=str(directory)), progress=args.verbosity >= 0)
     summary = ir_inspect.summarize(loaded.model)
     ir_inspect.render_summary(summary, console)
-    if args.graph is not None:
+    if graph is not None:
         from flexc.ir import lower
         from flexc.ir.draw import write_svg
 
-        written = write_svg(lower(loaded.model).module, Path(args.graph))
+        module = lower(loaded.model).module
+        try:
+            written = write_svg(module, graph)
+        except OSError as exc:  # e.g. the disk filled, or the folder changed since the check
+            raise FlexcError(f"--graph {args.graph}: cannot write {graph} ({exc.strerror or exc}); "
+                             "choose another path") from None
         console.print(f"graph drawn to {written}", highlight=False, soft_wrap=True)
     return EXIT_OK
 

@@ -192,6 +192,14 @@ def _one_cuda_device(tmp, mp):
     mp.setattr(torch.cuda, "device_count", lambda: 1)
 
 
+def anchor_bomb(levels: int = 9, fanout: int = 10) -> str:
+    """A spec of about 1 KB whose nested anchors expand to ``fanout ** levels`` values (10^9)."""
+    lines = ["model: {zoo: tiny}", "l0: &l0 [" + ", ".join(["x"] * fanout) + "]"]
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * fanout) + "]")
+    return "\n".join(lines) + f"\nseed: *l{levels - 1}\n"
+
+
 _MODELS: dict[str, Path] = {}
 MOE = "model: {path: {moe}}\n"
 MOE_CAL = MOE + CAL
@@ -382,6 +390,12 @@ CASES = [
     Case("spec_long_line", "model: {zoo: tiny}\nbudgets: {keep: [0.5], metric: '" + "x" * 50_000 + "'}\n",
          "budgets.metric", "expected one of 'params', 'flops'"),
     Case("spec_not_utf8", "model: {zoo: caf\udce9}\n", None, "cannot read spec file"),
+    Case("spec_random_bytes", bytes(range(128, 256)).decode("latin-1"), None, "not UTF-8 YAML text"),
+    Case("spec_binary_garbage", "".join(map(chr, range(128))) * 8, None, "not UTF-8 YAML text"),  # valid UTF-8
+    Case("spec_binary_after_text", MOE + "seed: 1\x00\x01\x02\x03\n", None, "control character #x0000"),
+    Case("spec_anchor_bomb", anchor_bomb(), None, "aliases expand too far"),  # 10^9 values from ~1 KB
+    Case("spec_recursive_alias", MOE + "seed: &s [1, *s]\n", None, "refers to the collection that contains it"),
+    Case("spec_nested_too_deep", MOE + "seed: " + "[" * 5000 + "]" * 5000 + "\n", None, "nested more than 200 deep"),
     Case("spec_yaml_syntax", "model: {zoo: tiny\n", None, "YAML syntax error"),
     Case("spec_empty", "# nothing\n", None, "the spec is empty"),
     Case("spec_top_level_list", "- model\n", None, "expected a mapping"),
@@ -466,3 +480,182 @@ def test_a_budget_exactly_at_the_floor_and_a_whole_model_validate(models, tmp_pa
     spec.write_text(f"model: {{path: {models['moe56']}}}\n{CAL}budgets: {{keep: [0.75, {16 / 56}]}}\n{GATES}"
                     "export: {formats: [nested, sliced, hf, graph]}\nseed: 9223372036854775807\n")
     assert main(["validate", str(spec)]) == 0, capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the anchor bomb's cost
+
+
+def test_the_anchor_bomb_is_refused_fast_and_small(tmp_path, capsys):
+    import time
+    import tracemalloc
+
+    text = anchor_bomb()  # 10^9 values: building them took minutes and every byte of memory
+    assert len(text) < 1200
+    spec = tmp_path / "bomb.yaml"
+    spec.write_text(text)
+    warm = tmp_path / "warm.yaml"
+    warm.write_text("model: {zoo: tinny}\n")
+    main(["validate", str(warm)])  # the modules imported, as in a fresh `flexc validate` before parsing
+    capsys.readouterr()
+    start = time.perf_counter()
+    code = main(["validate", str(spec)])
+    elapsed = time.perf_counter() - start
+    tracemalloc.start()
+    try:
+        main(["validate", str(spec)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert elapsed < 1.0, f"refused in {elapsed:.2f} s"
+    assert peak < 100 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    first = err.splitlines()[1]  # the one problem: file, line, column and what to do
+    assert first.startswith(f"{spec}:5:") and "aliases expand too far" in first and "write the values out" in first
+
+
+def test_a_few_aliases_and_merge_keys_still_load():
+    from flexc.compiler.yamlpos import MAX_ALIAS_NODES, YamlSyntaxError, load_with_positions
+
+    data, _, _ = load_with_positions("base: &b {lr: 0.1, steps: [1, 2]}\nx:\n  <<: *b\n  lr: 0.2\ny: [*b, *b]\n")
+    assert data["x"] == {"lr": 0.2, "steps": [1, 2]} and data["y"] == [data["base"]] * 2
+    items = MAX_ALIAS_NODES // 2 - 1  # an aliased list of `items` values adds items + 1 nodes
+    many = f"a: &a [{', '.join(['1'] * items)}]\nb: *a\n"
+    assert len(load_with_positions(many)[0]["b"]) == items  # at the bound
+    with pytest.raises(YamlSyntaxError, match="aliases expand too far") as info:
+        load_with_positions(many + "c: *a\nd: *a\n")  # past it
+    assert info.value.position.line == 4
+
+
+# --------------------------------------------------------------------------- other commands' arguments
+
+
+def _refused(argv, capsys, *says):
+    code = main(argv)
+    captured = capsys.readouterr()
+    text = captured.err + captured.out
+    assert code == 2, text
+    assert "Traceback" not in text and "internal error" not in text, text
+    for piece in says:
+        assert piece in text, text
+    return text
+
+
+def _readonly_folder(tmp: Path) -> Path:
+    """A folder no file can be created in, even by root."""
+    if Path("/proc/self").is_dir():
+        return Path("/proc")
+    folder = tmp / "readonly"
+    folder.mkdir()
+    folder.chmod(0o500)
+    return folder
+
+
+@pytest.mark.parametrize("where", ["missing_folder", "folder_is_a_file", "target_is_a_folder", "readonly_folder"])
+def test_inspect_graph_to_an_unwritable_path(where, models, tmp_path, capsys, monkeypatch):
+    import flexc.models
+
+    monkeypatch.setattr(flexc.models, "load_model", lambda *a, **k: pytest.fail("checked before the model loads"))
+    (tmp_path / "file.txt").write_text("x")
+    target, says = {
+        "missing_folder": (tmp_path / "nowhere" / "g.svg", "does not exist"),
+        "folder_is_a_file": (tmp_path / "file.txt" / "g.svg", "is not a directory"),
+        "target_is_a_folder": (tmp_path, "is a directory; expected the path of an SVG file"),
+        "readonly_folder": (_readonly_folder(tmp_path) / "g.svg", "is not writable"),
+    }[where]
+    _refused(["inspect", str(models["moe"]), "--graph", str(target)], capsys, f"--graph {target}", says)
+
+
+def test_inspect_graph_expands_the_home_folder(models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", str(models["moe"]), "--graph", "~/g.svg", "-q"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "g.svg").is_file() and not (tmp_path / "~").exists()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict[str, Path]:
+    """A nested artifact and sliced checkpoints of a tiny random model (no compile, no training)."""
+    from flexc.ir.testing import tiny_model
+    from serving_artifacts import write_artifacts
+
+    return write_artifacts(tiny_model("qwen3_moe"), None, tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "-1"])
+def test_serve_port_out_of_range(port, artifacts, capsys):
+    assert main(["serve", str(artifacts["nested"]), "--port", "8000", "--dry-run"]) == 0  # the artifact is servable
+    capsys.readouterr()
+    _refused(["serve", str(artifacts["nested"]), "--port", port, "--dry-run"], capsys, f"--port {port}",
+             "between 1 and 65535")
+
+
+def test_out_tilde_is_the_home_folder(models, tmp_path, capsys, monkeypatch):
+    from flexc.compiler.driver import output_dir
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    (home / "notes.txt").write_text("mine")  # a home folder is not a flexc run: refused, and kept
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert output_dir(None, None, "~/runs/x") == home / "runs" / "x"
+    spec = cwd / "spec.yaml"
+    spec.write_text(f"model: {{path: {models['moe']}}}\n")
+    _refused(["compile", str(spec), "--out", "~", "-q"], capsys, str(home))
+    assert not (cwd / "~").exists() and (home / "notes.txt").read_text() == "mine"
+    assert list(cwd.iterdir()) == [spec]
+
+
+# --------------------------------------------------------------------------- the Python API
+
+
+@pytest.mark.parametrize("budget", ["0.5", None, True, [0.5]])
+def test_set_budget_of_the_wrong_type(budget, artifacts):
+    import flexc
+    from flexc.compiler.errors import FlexcError
+
+    model = flexc.load(artifacts["nested"])
+    with pytest.raises(TypeError, match=r"set_budget\(budget\) (must be a number|needs a keep ratio)") as info:
+        model.set_budget(budget)
+    assert isinstance(info.value, FlexcError)
+    if budget == "0.5":
+        assert "found the string '0.5' (write 0.5 without quotes)" in str(info.value)
+    with pytest.raises(TypeError, match=r"flexc.load\(budget\) must be a number"):
+        flexc.load(artifacts["nested"], budget="0.4")
+    model.set_budget(0.4)  # a number still works
+    assert model.flexc.budget == 0.4
+
+
+def _truncate_weights(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _unknown_dtype(path: Path) -> None:
+    """A header the checks pass (an unknown dtype has no size to check) but safetensors refuses."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8: 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["dtype"] = "Z9"
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    path.write_bytes(raw[:8] + text + raw[8 + n:]) if len(text) == n else pytest.skip("header grew")
+
+
+@pytest.mark.parametrize("kind", ["nested", "sliced"])
+@pytest.mark.parametrize("damage", [_truncate_weights, _unknown_dtype], ids=["truncated", "unknown_dtype"])
+def test_load_of_damaged_weights_names_the_file(kind, damage, artifacts, tmp_path):
+    import flexc
+    from flexc.export.nested import ArtifactError
+
+    source = artifacts["nested"] if kind == "nested" else next(v for k, v in artifacts.items() if k != "nested")
+    copy = tmp_path / kind
+    shutil.copytree(source, copy)
+    weights = copy / "model.safetensors"
+    damage(weights)
+    with pytest.raises(ArtifactError) as info:
+        flexc.load(copy)
+    message = str(info.value)
+    assert message.startswith(f"{weights}: ") and "re-export the artifact" in message, message
+    assert "flexc_widths" not in message  # only the damaged file

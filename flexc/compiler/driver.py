@@ -96,7 +96,7 @@ def prepare_spec(spec_or_path: Any, overrides: dict[str, Any] | None = None) -> 
 
 def output_dir(spec: Spec, source: Path | None, out: str | Path | None) -> Path:
     if out is not None:
-        return Path(out)
+        return Path(out).expanduser()  # as export.dir: a quoted --out '~/runs' is not a folder named '~'
     if spec.export.dir is not None:
         return Path(spec.export.dir).expanduser()
     return Path("runs") / (source.stem if source is not None else "flexc")

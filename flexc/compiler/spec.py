@@ -744,7 +744,11 @@ def read_spec_text(path: str | Path) -> str:
         return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError([SpecIssue((), f"spec file not found: {p}", show_field=False)], str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise SpecError([SpecIssue((), f"cannot read spec file: it is not UTF-8 YAML text (byte "
+                                       f"{exc.object[exc.start]:#04x} at offset {exc.start:,}); expected a YAML spec "
+                                       "saved as UTF-8 (is this the right file?)", show_field=False)], str(path)) from None
+    except OSError as exc:
         raise SpecError([SpecIssue((), f"cannot read spec file: {exc}", show_field=False)], str(path)) from None
 
 

@@ -4,6 +4,13 @@ Spec errors must name the file, line and column of the offending key or value. P
 composer keeps a mark on every node; :func:`load_with_positions` builds the plain Python
 data as usual and, beside it, an index from *paths* (tuples of mapping keys and list
 indices, the same shape as a pydantic error's ``loc``) to positions.
+
+The loader refuses, while composing and before anything is built, what would take minutes and
+gigabytes to build: aliases that expand the document by more than :data:`MAX_ALIAS_NODES`
+nodes (an "anchor bomb": a 1 KB file of nested anchors can expand to 10^9 values), an alias to
+the collection that contains it, and nesting deeper than :data:`MAX_DEPTH`. Text that is not
+YAML at all (control characters, e.g. a binary file that happens to decode as UTF-8) is refused
+with its line and column.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ from typing import Any
 import yaml
 
 Path_ = tuple[Any, ...]
+
+MAX_ALIAS_NODES = 10_000  # nodes that aliases may add to a document, in all (a spec uses a few dozen)
+MAX_DEPTH = 200  # nested collections; the composer, the constructor and the index recurse
 
 
 @dataclass(frozen=True)
@@ -94,9 +104,78 @@ def _index(node: yaml.Node, path: Path_, index: PositionIndex, dups: list[Duplic
             _index(item, child, index, dups)
 
 
+def _line_column(text: str, offset: int) -> Position:
+    """The 1-based position of character ``offset`` of ``text``."""
+    line = text.count("\n", 0, offset) + 1
+    return Position(line, offset - (text.rfind("\n", 0, offset) + 1) + 1)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, composing with a count of the nodes each node expands to.
+
+    An alias reuses its anchor's node, so composing stays linear in the text; what explodes is
+    building (and indexing) the expanded document. Each node's expanded size is known once it is
+    composed, so each alias adds its target's size to a running total, refused past the bound at
+    the alias that crosses it.
+    """
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self._sizes: dict[int, int] = {}  # id(node) -> nodes it expands to (itself included)
+        self._aliased = 0  # nodes that aliases have added so far
+        self._depth = 0
+
+    def compose_node(self, parent, index):  # noqa: D401 - PyYAML's hook
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            target = self.anchors.get(event.anchor)
+            if target is not None and id(target) not in self._sizes:
+                raise yaml.composer.ComposerError(
+                    None, None,
+                    f"alias *{event.anchor} refers to the collection that contains it (a recursive structure, "
+                    "which a spec cannot be); expected an alias to a value defined before it", event.start_mark)
+            node = super().compose_node(parent, index)  # an undefined alias raises PyYAML's error
+            self._aliased += self._sizes[id(node)]
+            if self._aliased > MAX_ALIAS_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None,
+                    f"aliases expand too far: with alias *{event.anchor} the aliases expand the document by more "
+                    f"than {MAX_ALIAS_NODES:,} values (an anchor bomb?); expected a few aliases of small values: "
+                    "write the values out, or alias fewer nested anchors", event.start_mark)
+            return node
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"collections nested more than {MAX_DEPTH} deep; expected a spec's few levels "
+                "(is this the right file?)", event.start_mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            size += sum(self._sizes[id(item)] for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size += sum(self._sizes[id(k)] + self._sizes[id(v)] for k, v in node.value)
+        self._sizes[id(node)] = size
+        return node
+
+
 def load_with_positions(text: str, filename: str = "<spec>") -> tuple[Any, PositionIndex, list[DuplicateKey]]:
-    """Parse YAML ``text``: the data, the position index, and any duplicate keys found."""
-    loader = yaml.SafeLoader(text)
+    """Parse YAML ``text``: the data, the position index, and any duplicate keys found.
+
+    Raises :class:`YamlSyntaxError` for invalid YAML, for characters YAML does not allow (not
+    YAML text), and for aliases that expand too far (see :class:`_BoundedLoader`).
+    """
+    try:
+        loader = _BoundedLoader(text)  # checks every character: a binary file fails here
+    except yaml.reader.ReaderError as exc:
+        where = _line_column(text, exc.position) if isinstance(exc.position, int) else None
+        character = exc.character if isinstance(exc.character, int) else ord(exc.character or "\0")
+        raise YamlSyntaxError(
+            f"the file is not UTF-8 YAML text: it has the control character #x{character:04x}, which YAML does "
+            "not allow; expected a YAML spec saved as UTF-8 text (is this the right file?)", where) from None
     loader.name = filename
     try:
         node = loader.get_single_node()

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flexc.runtime.nested import NestedRuntime, attach, load_nested
+from flexc.runtime.nested import BudgetTypeError, NestedRuntime, attach, checked_budget, load_nested
 
-__all__ = ["NestedRuntime", "attach", "load", "load_nested"]
+__all__ = ["BudgetTypeError", "NestedRuntime", "attach", "load", "load_nested"]
 
 
 def _artifact_dir(path: Path) -> tuple[Path, dict[str, Any]]:
@@ -35,14 +35,19 @@ def load(path: str | Path, budget: float | None = None, *, dtype: Any = None, de
 
     ``backend`` (``auto``/``reference``/``triton``) picks the nested runtime's expert kernels.
     """
+    budget = checked_budget(budget, "flexc.load(budget)")  # "0.5": a clear error, not a TypeError later
     directory, manifest = _artifact_dir(Path(path).expanduser())
     kind = manifest.get("kind")
     if kind == "nested":
         return load_nested(directory, budget, dtype=dtype, device=device, backend=backend)
     if kind == "sliced":
-        from flexc.export.sliced import load_sliced
+        from flexc.export.sliced import load_sliced, resolve_budget_dir
+        from flexc.runtime.nested import check_weights, weights_errors
 
-        model = load_sliced(directory, budget, **({"dtype": dtype} if dtype is not None else {}))
+        folder = resolve_budget_dir(directory, budget)
+        check_weights(folder)
+        with weights_errors(folder):
+            model = load_sliced(folder, **({"dtype": dtype} if dtype is not None else {}))
         return model.to(device).eval() if device is not None else model.eval()
     from flexc.export.nested import MANIFEST_FILE, ArtifactError
 

@@ -8,15 +8,44 @@ recompiled, and on CUDA the Triton kernels read only the kept channels.
 
 from __future__ import annotations
 
+import contextlib
+import numbers
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from flexc.errors import FlexcError
 from flexc.ir.tables import BudgetError, WidthTables
 from flexc.ir.experts_impl import WIDTHS_BUFFER, set_widths, use_flexc_experts
 from flexc.ir.groups import ExpertGroup, find_expert_groups
+
+
+class BudgetTypeError(FlexcError, TypeError):
+    """A budget argument that is not a number (e.g. the string ``"0.5"``)."""
+
+
+def checked_budget(budget: Any, argument: str = "budget") -> float | None:
+    """``budget`` as a float (None stays None); a :class:`BudgetTypeError` naming ``argument`` if it is not a number."""
+    if budget is None:
+        return None
+    if isinstance(budget, torch.Tensor) and budget.numel() == 1 and not budget.dtype == torch.bool:
+        return float(budget.item())
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        found = f"the string {budget!r}" if isinstance(budget, str) else f"{type(budget).__name__} {budget!r}"[:200]
+        hint = f" (write {budget.strip()} without quotes)" if isinstance(budget, str) and _is_number(budget) else ""
+        raise BudgetTypeError(f"{argument} must be a number, the keep ratio of an exported budget (e.g. 0.5, or 1.0 "
+                              f"for full width); found {found}{hint}")
+    return float(budget)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class NestedRuntime:
@@ -44,6 +73,9 @@ class NestedRuntime:
 
     def set_budget(self, budget: float, overrides: dict[int, Any] | None = None) -> None:
         """Switch every layer to ``budget``'s widths; ``overrides`` maps layer → widths ``[E]``."""
+        budget = checked_budget(budget, "set_budget(budget)")
+        if budget is None:
+            raise BudgetTypeError("set_budget(budget) needs a keep ratio (e.g. 0.5, or 1.0 for full width); found None")
         key = self._closest(budget)
         if key is None:
             raise BudgetError(f"no width table for budget {budget}; available budgets: "
@@ -105,12 +137,15 @@ def load_nested(directory: str | Path, budget: float | None = None, *, dtype: An
     from flexc.export.nested import load_tables, read_manifest
 
     directory = Path(directory)
+    budget = checked_budget(budget)
     # Checked against the manifest's budgets, with errors that name the file.
     tables = load_tables(directory, read_manifest(directory))
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
+    check_weights(directory)
+    with weights_errors(directory):
+        model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
     if device is not None:
         model.to(device)
     model.eval()
@@ -122,6 +157,50 @@ def load_nested(directory: str | Path, budget: float | None = None, *, dtype: An
         from flexc.ir.tables import WIDTHS_FILE
 
         raise ArtifactError(f"{directory / WIDTHS_FILE}: {exc}") from None
+
+
+def check_weights(directory: Path) -> None:
+    """Refuse an artifact whose weight files are truncated or corrupt (headers and sizes only), naming the file."""
+    from flexc.export.nested import ArtifactError
+    from flexc.models import check_weight_files
+
+    problems = check_weight_files(directory)
+    if problems:
+        raise ArtifactError(f"{problems[0]}; expected the weights the export wrote: re-export the artifact "
+                            "(compile again with --force, or copy it again)")
+
+
+@contextlib.contextmanager
+def weights_errors(directory: Path):
+    """Turn safetensors' own errors while loading weights (``SafetensorError``, ``HeaderTooLarge``: a file
+    damaged in a way its header does not show) into an :class:`~flexc.export.nested.ArtifactError`
+    naming the weight files."""
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__name__ not in ("SafetensorError", "HeaderTooLarge") or isinstance(exc, FlexcError):
+            raise
+        from flexc.export.nested import ArtifactError
+
+        files = sorted(directory.glob("*.safetensors"))
+        named = ", ".join(str(f) for f in _unreadable(files) or files) or str(directory)
+        raise ArtifactError(f"{named}: cannot load the artifact's weights ({type(exc).__name__}: {exc}); expected "
+                            "the weights the export wrote: re-export the artifact (compile again with --force, or "
+                            "copy it again)") from None
+
+
+def _unreadable(files: list[Path]) -> list[Path]:
+    """Those of ``files`` whose safetensors header the library refuses (it reads the header only)."""
+    from safetensors import safe_open
+
+    bad = []
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as handle:
+                handle.keys()
+        except Exception:  # noqa: BLE001 - any refusal marks the file
+            bad.append(f)
+    return bad
 
 
 def _install_backend(backend: str, device: torch.device) -> None:
