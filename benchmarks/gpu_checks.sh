@@ -2,7 +2,7 @@
 # The GPU checks of one lent CUDA machine, in one script (each step time-boxed so that a slow
 # one still leaves the others' results): the CUDA tests, a whole compile of a model with
 # Qwen3-30B-A3B's layer shapes (benchmarks/cuda_compile.py), and the expert-kernel benchmark
-# after autotuning on this GPU (benchmarks/kernels.py --tune). Results go to $OUT (default ./gpu-out).
+# after autotuning on this GPU (benchmarks/expert_kernels.py --tune). Results go to $OUT (default ./gpu-out).
 #
 #   FLEXC_CACHE=<dir with zoo/tiny> bash benchmarks/gpu_checks.sh
 set -uo pipefail
@@ -18,6 +18,6 @@ timeout "${T_COMPILE:-150}" python3 benchmarks/cuda_compile.py --layers "${LAYER
   | grep -v "it/s\]" | tee "$OUT/cuda_compile.log"
 rm -rf /tmp/flexc-cuda-compile
 echo "== expert kernels, tuned on this GPU"
-timeout "${T_KERNELS:-330}" python3 benchmarks/kernels.py --tune --tune-out "$OUT/kernel_configs.json" --out "$OUT/kernels.json" 2>&1 \
+timeout "${T_KERNELS:-330}" python3 benchmarks/expert_kernels.py --tune --tune-out "$OUT/kernel_configs.json" --out "$OUT/kernels.json" 2>&1 \
   | tee "$OUT/kernels.log" | grep -v "^tune\|^  tun"
 ls -la "$OUT"

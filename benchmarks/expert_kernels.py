@@ -2,7 +2,7 @@
 
 One command on any CUDA machine::
 
-    python benchmarks/kernels.py --out results.json
+    python benchmarks/expert_kernels.py --out results.json
 
 For the expert shapes of Qwen3-30B-A3B (E=128, H=2048, I=768, top-8) and Mixtral-8x7B (E=8,
 H=4096, I=14336, top-2), bf16, batches 1..4096 tokens, keep 1.0/0.75/0.5/0.25 (uniform widths
@@ -304,7 +304,7 @@ def main(argv=None):
         DEV, SMOKE, DTYPE = "cpu", True, torch.float32
         args.shapes = "tiny"
     elif not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+        sys.exit("benchmarks/expert_kernels.py needs a CUDA GPU")
 
     import triton
 
