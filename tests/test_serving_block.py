@@ -83,15 +83,20 @@ def test_block_loads_the_stacked_layout(tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_sliced_checkpoint_loads_bucketed_experts_at_their_widths(family, tmp_path):
+@pytest.mark.parametrize("pattern", ["mixed", "one bucket"])
+def test_sliced_checkpoint_loads_bucketed_experts_at_their_widths(family, pattern, tmp_path):
     from flexc.export.sliced import write_sliced
 
     model = tiny_model(family, seed=4)
     use_flexc_experts(model)
     groups = find_expert_groups(model, detect_family(model.config))
     gen = torch.Generator().manual_seed(5)
-    widths = torch.stack([torch.randint(0, g.intermediate_size + 1, (g.num_experts,), generator=gen) for g in groups])
-    widths[0, 0] = 0  # a removed expert
+    if pattern == "mixed":
+        widths = torch.stack([torch.randint(0, g.intermediate_size + 1, (g.num_experts,), generator=gen)
+                              for g in groups])
+        widths[0, 0] = 0  # a removed expert
+    else:  # every expert of a layer at one width: one call on the routing as it is
+        widths = torch.stack([torch.full((g.num_experts,), g.intermediate_size // 2) for g in groups])
     write_sliced(tmp_path, model, groups, widths, budget=0.5)
     config = json.loads((tmp_path / "config.json").read_text())
     weights = {}
@@ -104,6 +109,7 @@ def test_sliced_checkpoint_loads_bucketed_experts_at_their_widths(family, tmp_pa
         stored = sum(kernel.w2_weight.numel() for kernel in block.experts.kernels)
         assert stored == model.config.hidden_size * int(widths[layer].sum())  # memory: each expert at its width
         assert [w for w, _ in block.experts.buckets] == sorted(set(widths[layer].tolist()) - {0}, reverse=True)
+        assert block.experts._whole == (pattern == "one bucket")
         hf_block, hf_experts, _ = _hf_block(model, layer)
         set_widths(hf_experts, widths[layer])
         hidden = torch.randn(5, model.config.hidden_size, generator=gen)

@@ -43,13 +43,12 @@ class _TorchBucket(nn.Module):
 class _VllmBucket(nn.Module):
     """One bucket on vLLM's fused-MoE kernels: a ``RoutedExperts`` from vLLM's ``FusedMoEFactory``."""
 
-    def __init__(self, num_experts: int, width: int, hidden: int, activation: str, prefix: str):
+    def __init__(self, num_experts: int, width: int, hidden: int, activation: str, prefix: str, top_k: int):
         super().__init__()
         from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
 
-        # top_k 1: the block hands each bucket its (token, slot) pairs as rows of their own.
-        self.runner = FusedMoEFactory(num_experts=num_experts, top_k=1, hidden_size=hidden, intermediate_size=width,
-                                      renormalize=False, prefix=prefix, activation=activation)
+        self.runner = FusedMoEFactory(num_experts=num_experts, top_k=top_k, hidden_size=hidden,
+                                      intermediate_size=width, renormalize=False, prefix=prefix, activation=activation)
 
         self._direct = None  # vLLM's CPU experts kernel, once weights are prepacked (see forward)
 
@@ -103,7 +102,8 @@ def _vllm_available() -> bool:
 class BucketedExperts(nn.Module):
     """One layer's routed experts of a sliced checkpoint: fixed ``widths [E]``, one kernel per bucket."""
 
-    def __init__(self, widths: list[int], hidden: int, activation: tuple[str, float, float], prefix: str):
+    def __init__(self, widths: list[int], hidden: int, activation: tuple[str, float, float], prefix: str,
+                 top_k: int):
         super().__init__()
         self.num_experts, self.hidden = len(widths), hidden
         self.buckets = width_buckets(widths)
@@ -118,11 +118,14 @@ class BucketedExperts(nn.Module):
         name = activation[0]
         on_vllm = _vllm_available() and name in _VLLM_ACTIVATIONS
         self.kernel = "vllm" if on_vllm else "flexc"
+        self._whole = len(self.buckets) == 1 and len(self.buckets[0][1]) == self.num_experts
+        # A bucket's calls take top-k rows (one bucket holding every expert: the routing as it is) or
+        # top-1 rows (the block hands each bucket its (token, slot) pairs as rows of their own).
+        k = top_k if self._whole else 1
         self.kernels = nn.ModuleList(
-            _VllmBucket(len(ids), w, hidden, _VLLM_ACTIVATIONS[name], f"{prefix}.buckets.{i}") if on_vllm
+            _VllmBucket(len(ids), w, hidden, _VLLM_ACTIVATIONS[name], f"{prefix}.buckets.{i}", k) if on_vllm
             else _TorchBucket(len(ids), w, hidden, activation)
             for i, (w, ids) in enumerate(self.buckets))
-        self._whole = len(self.buckets) == 1 and len(self.buckets[0][1]) == self.num_experts
         self._loaded: set[tuple[int, str]] = set()
 
     @property

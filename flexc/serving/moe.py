@@ -177,7 +177,7 @@ class FlexcMoeBlock(nn.Module):
             if len(widths) != num_experts or min(widths) < 0 or max(widths) > self.full:
                 raise ServingError(f"{artifact.directory}: {prefix}.experts has widths {widths}; expected "
                                    f"{num_experts} values in [0, {self.full}]")
-            self.experts = BucketedExperts(widths, hidden, activation, f"{prefix}.experts")
+            self.experts = BucketedExperts(widths, hidden, activation, f"{prefix}.experts", self.top_k)
         else:
             self.experts = FlexcExperts(num_experts, hidden, self.full, activation)
         self.shared_expert = self.shared_expert_gate = None
