@@ -1,6 +1,7 @@
 """Width buckets (budgets.grid, budgets.max_buckets): every table a pass chooses is on the grid, has
 at most max_buckets distinct nonzero widths per layer, stays within its budget and nests."""
 
+import json
 import logging
 from types import SimpleNamespace
 
@@ -111,3 +112,5 @@ def test_anneal_honours_the_bucket_bound(tmp_path):
     run_pass(Anneal({"steps": 12, "lr": 0.1, "checkpoint_every": 100}), graph, ctx)
     tables = _check_tables(graph, ctx, 2)
     assert bool((tables.tables[1:] <= tables.tables[:-1]).all())  # nested
+    report = json.loads((tmp_path / "anneal" / "width_tables.json").read_text())
+    assert [row["widths_per_layer"] for row in report["budgets"]] == [count_buckets(t) for t in tables.tables]

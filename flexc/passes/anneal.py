@@ -85,6 +85,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flexc.ir.buckets import count_buckets
 from flexc.ir.tables import WidthTables
 from flexc.passes import checkpoint
 from flexc.passes.action_gates import set_modes
@@ -791,6 +792,7 @@ class Anneal(Pass):
                     "keep_achieved": keep_ratio(tables[i], full, weights),
                     "params_keep_achieved": keep_ratio(tables[i], full, expert_weights(graph.groups, "params")),
                     "per_layer_keep": per_layer_keep(tables[i], full),
+                    "widths_per_layer": count_buckets(tables[i]),
                     "exported_at_step": exported[b]["step"],
                     "how": exported[b]["how"],
                     **{k: exported[b][k] for k in ("held_out_sequences", "held_out_read", "validation_loss",
