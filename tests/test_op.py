@@ -1,5 +1,7 @@
 """The canonical expert op: reference == naive per-token loop; autograd == finite differences."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -80,8 +82,8 @@ def test_grouped_cpu_path_equals_naive_loop(activation, interleaved, bias, T):
     def reference(widths):
         return moe_experts_reference(h, ids, w, gate_up, down, gub, db, widths, activation, interleaved)
 
-    # The registered op on CPU takes the grouped path when every expert hit shares a width, the
-    # reference loop otherwise. Both paths are deterministic, so the chosen one matches exactly.
+    # The registered op on CPU takes the one-width grouped path when every expert hit shares a
+    # width (deterministic, so it matches exactly), the mixed-width grouped path otherwise.
     uniform = torch.full((5,), 8)
     assert shared_width(h, ids, gate_up, down, uniform, interleaved) == 8
     assert torch.equal(op(uniform), moe_experts_grouped(h, ids, w, gate_up, down, gub, db, 8, activation, interleaved))
@@ -89,7 +91,7 @@ def test_grouped_cpu_path_equals_naive_loop(activation, interleaved, bias, T):
     mixed = torch.tensor([0, 16, 8, 16, 8])
     mixed[ids[0, 0]], mixed[ids[0, 1]] = 16, 8
     assert shared_width(h, ids, gate_up, down, mixed, interleaved) is None
-    assert torch.equal(op(mixed), reference(mixed))
+    torch.testing.assert_close(op(mixed), reference(mixed), rtol=1e-5, atol=1e-5)
 
 
 def test_default_widths_mean_full_width():
@@ -139,3 +141,149 @@ def test_backward_leaves_widths_and_routing_ids_untouched():
     assert h.grad.abs().max() > 0 and w.grad.abs().max() > 0
     assert torch.equal(ids, ids_before) and torch.equal(widths, widths_before)
     assert not ids.requires_grad and not widths.requires_grad
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU path with mixed widths: grouped GEMMs per run of widths (or one padded run), no
+# per-expert loop, equal to the reference up to float rounding.
+
+MIXED_E, MIXED_H, MIXED_I, MIXED_K = 8, 16, 32, 3
+MIXED_WIDTHS = {
+    "2 widths": [8, 24, 8, 24, 8, 24, 8, 24],
+    "4 widths with full": [8, 16, 24, 32, 32, 24, 16, 8],
+    "zeros": [0, 16, 0, 32, 16, 0, 32, 16],
+    "unaligned, zero and full": [5, 32, 13, 1, 32, 0, 27, 3],  # runs at the next 16 bytes up, masked
+}
+
+
+def mixed_inputs(dtype, T, bias, seed=0):
+    """Seeded weights; routing written out (token t, slot j -> expert (5t + 3j) mod 8), so token 0
+    hits experts 0, 3, 6 and every expert is hit from 6 tokens on."""
+    E, H, I, k = MIXED_E, MIXED_H, MIXED_I, MIXED_K
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, H, generator=g)
+    w = torch.rand(T, k, generator=g)
+    gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
+    down = torch.randn(E, H, I, generator=g) / I**0.5
+    gub = torch.randn(E, 2 * I, generator=g) if bias else None
+    db = torch.randn(E, H, generator=g) if bias else None
+    ids = (5 * torch.arange(T)[:, None] + 3 * torch.arange(k)[None, :]) % E
+    cast = [t if t is None else t.to(dtype) for t in (h, w, gate_up, down, gub, db)]
+    return cast[0], ids, *cast[1:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", list(MIXED_WIDTHS))
+@pytest.mark.parametrize("T", [1, 8, 200])
+@pytest.mark.parametrize("activation,interleaved,bias", CASES)
+def test_cpu_path_mixed_widths_equals_reference(activation, interleaved, bias, T, pattern, dtype):
+    from flexc.ir.grouped import moe_experts_cpu
+
+    h, ids, w, gate_up, down, gub, db = mixed_inputs(dtype, T, bias, seed=T)
+    widths = torch.tensor(MIXED_WIDTHS[pattern], dtype=torch.int32)
+    assert len(torch.unique(widths[ids])) >= 2  # the call really mixes widths, from one token on
+    want = moe_experts_reference(h, ids, w, gate_up, down, gub, db, widths, activation, interleaved)
+    assert want.abs().max() > 0.5  # a real signal, not zeros
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)
+    got = call_moe_experts(h, ids, w, gate_up, down, gate_up_bias=gub, down_bias=db, widths=widths,
+                           activation=activation, interleaved=interleaved)
+    torch.testing.assert_close(got, want, **tol)
+    # Both strategies at every size, one run per width and one padded run, each planned on the
+    # host and by tensor ops.
+    for strategy in ("group", "pad"):
+        for host_plan in (True, False):
+            got = moe_experts_cpu(h, ids, w, gate_up, down, gub, db, widths, activation, interleaved,
+                                  strategy=strategy, host_plan=host_plan)
+            assert got is not None and got.dtype == dtype
+            torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("hidden_dtype,weight_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_cpu_path_mixed_widths_routing_weights_in_another_dtype(hidden_dtype, weight_dtype):
+    """Each slot's output is weighted in the routing weights' dtype and rounded to the hidden
+    dtype, as in the reference."""
+    from flexc.ir.grouped import moe_experts_cpu
+
+    h, ids, w, gate_up, down, gub, db = mixed_inputs(hidden_dtype, 8, bias=True)
+    w = w.to(weight_dtype)
+    widths = torch.tensor(MIXED_WIDTHS["unaligned, zero and full"], dtype=torch.int32)
+    want = moe_experts_reference(h, ids, w, gate_up, down, gub, db, widths)
+    for strategy in ("group", "pad"):
+        got = moe_experts_cpu(h, ids, w, gate_up, down, gub, db, widths, strategy=strategy)
+        assert got.dtype == hidden_dtype
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=2e-2)
+
+
+def test_cpu_path_mixed_widths_runs_no_per_expert_loop(monkeypatch):
+    """Inference with mixed widths never reaches the reference loop nor the per-expert FFN."""
+    import flexc.ir.op as op_module
+
+    for (pattern, values), T in itertools.product(MIXED_WIDTHS.items(), (1, 8, 200)):  # host and tensor plans
+        h, ids, w, gate_up, down, gub, db = mixed_inputs(torch.float32, T, bias=True)
+        widths = torch.tensor(values, dtype=torch.int32)
+        want = moe_experts_reference(h, ids, w, gate_up, down, gub, db, widths, "swiglu_clamped", True)
+        with monkeypatch.context() as m:
+            def loop(*args, **kwargs):
+                raise AssertionError("the per-expert loop ran")
+
+            m.setattr(op_module, "moe_experts_reference", loop)
+            m.setattr(op_module, "expert_ffn", loop)
+            got = call_moe_experts(h, ids, w, gate_up, down, gate_up_bias=gub, down_bias=db, widths=widths,
+                                   activation="swiglu_clamped", interleaved=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{pattern}, {T} tokens")
+
+
+def test_cpu_path_mixed_widths_keeps_reference_for_observers_and_autograd():
+    """Observers still see the reference's expert events; a call that needs gradients still
+    differentiates through the reference backward (its forward runs the grouped path)."""
+    from flexc.ir.op import observe_expert_forward
+
+    h, ids, w, gate_up, down, gub, db = mixed_inputs(torch.float32, 8, bias=True)
+    widths = torch.tensor(MIXED_WIDTHS["zeros"], dtype=torch.int32)
+    events = []
+    with observe_expert_forward(lambda info: events.append(info["event"])):
+        call_moe_experts(h, ids, w, gate_up, down, gate_up_bias=gub, down_bias=db, widths=widths)
+    assert events[0] == "routing" and events.count("expert") == sum(1 for v in widths.tolist() if v > 0)
+
+    def grads(fn):
+        x, tw = h.clone().requires_grad_(), w.clone().requires_grad_()
+        fn(x, tw).square().sum().backward()
+        return x.grad, tw.grad
+
+    got = grads(lambda x, tw: call_moe_experts(x, ids, tw, gate_up, down, gate_up_bias=gub, down_bias=db,
+                                               widths=widths))
+    want = grads(lambda x, tw: moe_experts_reference(x, ids, tw, gate_up, down, gub, db, widths))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_path_rejects_hit_widths_out_of_range():
+    h, ids, w, gate_up, down, _, _ = mixed_inputs(torch.float32, 8, bias=False)
+    widths = torch.tensor([8, 16, 24, 33, 8, 16, 24, 32], dtype=torch.int32)  # expert 3 is hit
+    with pytest.raises(ValueError, match="widths must be 8 integers"):
+        call_moe_experts(h, ids, w, gate_up, down, widths=widths)
+
+
+def test_cpu_path_many_experts_one_token_goes_back_to_the_loop():
+    """With many experts and one token, a mixed-width call's grouped GEMMs would mostly visit
+    empty groups (EMPTY_GROUPS_PER_EXPERT): it runs the reference loop instead. With many
+    tokens the same layer runs grouped."""
+    from flexc.ir.grouped import moe_experts_cpu
+
+    E, H, I = 128, 16, 32
+    g = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
+    down = torch.randn(E, H, I, generator=g) / I**0.5
+    widths = torch.tensor([8, 16, 24, 32] * (E // 4), dtype=torch.int32)
+    h, w = torch.randn(1, H, generator=g), torch.rand(1, 4, generator=g)
+    ids = torch.tensor([[0, 40, 80, 127]])  # widths 8, 8, 8, 32; a run spanning all 128 experts
+    assert moe_experts_cpu(h, ids, w, gate_up, down, None, None, widths) is None
+    assert torch.equal(call_moe_experts(h, ids, w, gate_up, down, widths=widths),
+                       moe_experts_reference(h, ids, w, gate_up, down, widths=widths))
+
+    T = 64
+    h, w = torch.randn(T, H, generator=g), torch.rand(T, 4, generator=g)
+    ids = (torch.arange(T)[:, None] * 4 + torch.arange(4)[None, :]) % E  # 2 tokens per expert
+    got = moe_experts_cpu(h, ids, w, gate_up, down, None, None, widths)
+    assert got is not None
+    torch.testing.assert_close(got, moe_experts_reference(h, ids, w, gate_up, down, widths=widths),
+                               rtol=1e-5, atol=1e-5)

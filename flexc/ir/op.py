@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from flexc.ir.grouped import moe_experts_grouped, shared_width
+from flexc.ir.grouped import moe_experts_cpu
 from flexc.ir.layout import ACTIVATIONS, ExpertLayout, apply_activation, gate_up_rows  # noqa: F401 -- re-exported
 from flexc.ir.routing import route_by_expert
 
@@ -190,13 +190,13 @@ def _reference_positional(hidden, topk_ids, topk_weights, gate_up, down, gate_up
 
 def _cpu_forward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
                  activation, interleaved, alpha, limit):
-    """The op's CPU path: two grouped GEMMs when every expert hit shares one width, else the reference."""
+    """The op's CPU path: grouped GEMMs (any widths, flexc.ir.grouped) where they apply, else the reference."""
     if not _FORWARD_OBSERVERS:  # observers see the reference only
-        width = shared_width(hidden, topk_ids, gate_up, down, widths, interleaved)
-        if width is not None:
-            with torch.no_grad():
-                return moe_experts_grouped(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias,
-                                           width, activation, interleaved, alpha, limit)
+        with torch.no_grad():
+            out = moe_experts_cpu(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
+                                  activation, interleaved, alpha, limit)
+        if out is not None:
+            return out
     return _reference_positional(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
                                  activation, interleaved, alpha, limit)
 
