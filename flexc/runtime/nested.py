@@ -162,7 +162,7 @@ def load_nested(directory: str | Path, budget: float | None = None, *, dtype: An
 def check_weights(directory: Path) -> None:
     """Refuse an artifact whose weight files are truncated or corrupt (headers and sizes only), naming the file."""
     from flexc.export.nested import ArtifactError
-    from flexc.models import check_weight_files
+    from flexc.utils.weights import check_weight_files
 
     problems = check_weight_files(directory)
     if problems:
