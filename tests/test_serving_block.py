@@ -112,11 +112,19 @@ def test_sliced_checkpoint_loads_bucketed_experts_at_their_widths(family, patter
         assert block.experts._whole == (pattern == "one bucket")
         hf_block, hf_experts, _ = _hf_block(model, layer)
         set_widths(hf_experts, widths[layer])
-        hidden = torch.randn(5, model.config.hidden_size, generator=gen)
-        with torch.no_grad():
-            want = hf_block(hidden[None])
-            want = want[0] if isinstance(want, tuple) else want
-            torch.testing.assert_close(block(hidden), want[0], rtol=1e-5, atol=1e-5)
+        # 1 and 5 tokens: planned on the host (buckets over every token, padded); 100: sorted on the device
+        for tokens in (1, 5, 100):
+            hidden = torch.randn(tokens, model.config.hidden_size, generator=gen)
+            with torch.no_grad():
+                want = hf_block(hidden[None])
+                want = want[0] if isinstance(want, tuple) else want
+                torch.testing.assert_close(block(hidden), want[0], rtol=1e-5, atol=1e-5)
+                if tokens == 5 and pattern == "mixed":  # kernels built for one k: each pair a row of its own
+                    for kernel in block.experts.kernels:
+                        kernel.takes_any_k = lambda: False
+                    torch.testing.assert_close(block(hidden), want[0], rtol=1e-5, atol=1e-5)
+                    for kernel in block.experts.kernels:
+                        del kernel.takes_any_k
 
 
 def test_block_refuses_tensors_it_has_no_place_for(tmp_path):

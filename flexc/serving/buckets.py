@@ -22,6 +22,8 @@ from flexc.export.remote.modeling_flexc_sliced import width_buckets
 from flexc.ir.op import call_moe_experts
 from flexc.serving.families import ServingError
 
+# Up to this many (token, slot) pairs a call is planned on the host (decode sizes).
+HOST_PLANNED_PAIRS = 64
 # flexc's activation names -> vLLM's MoEActivation names, where vLLM's fused kernels have them.
 _VLLM_ACTIVATIONS = {"silu": "silu", "gelu": "gelu"}
 
@@ -34,6 +36,9 @@ class _TorchBucket(nn.Module):
         self.activation, self.alpha, self.limit = activation
         self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * width, hidden), requires_grad=False)
         self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden, width), requires_grad=False)
+
+    def takes_any_k(self) -> bool:
+        return True
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return call_moe_experts(x, ids, weights, self.w13_weight, self.w2_weight, activation=self.activation,
@@ -77,11 +82,19 @@ class _VllmBucket(nn.Module):
     def w2_weight(self) -> torch.Tensor:
         return self.experts.w2_weight
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        weights, ids = weights.float().contiguous(), ids.to(torch.int32).contiguous()
+    def takes_any_k(self) -> bool:
+        """Whether a call may route each row to any number of this bucket's experts (vLLM's CPU kernel
+        reads k from the ids; other kernels are built for the block's k)."""
         if self._direct is None:
             self._direct = self._cpu_kernel() or False
-        if not self._direct:
+        return bool(self._direct)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if weights.dtype != torch.float32 or not weights.is_contiguous():
+            weights = weights.float().contiguous()
+        if ids.dtype != torch.int32 or not ids.is_contiguous():
+            ids = ids.to(torch.int32).contiguous()
+        if not self.takes_any_k():
             return self.experts.forward_modular(x, weights, ids)
         out = torch.empty_like(x)
         experts = self.experts
@@ -115,6 +128,7 @@ class BucketedExperts(nn.Module):
             local[ids] = torch.arange(len(ids), dtype=torch.int32)
         self.register_buffer("bucket_of", bucket_of, persistent=False)
         self.register_buffer("local", local, persistent=False)
+        self._bucket_list, self._local_list = bucket_of.tolist(), local.tolist()  # host copies: decode planning
         name = activation[0]
         on_vllm = _vllm_available() and name in _VLLM_ACTIVATIONS
         self.kernel = "vllm" if on_vllm else "flexc"
@@ -126,6 +140,7 @@ class BucketedExperts(nn.Module):
             _VllmBucket(len(ids), w, hidden, _VLLM_ACTIVATIONS[name], f"{prefix}.buckets.{i}", k) if on_vllm
             else _TorchBucket(len(ids), w, hidden, activation)
             for i, (w, ids) in enumerate(self.buckets))
+        self._kernel_list = list(self.kernels)  # plain list: the decode path indexes it per call
         self._loaded: set[tuple[int, str]] = set()
 
     @property
@@ -139,6 +154,8 @@ class BucketedExperts(nn.Module):
         if self._whole:  # one bucket holding every expert: the routing as it is
             return self.kernels[0](hidden, topk_weights, self.local[topk_ids])
         num_tokens, k = topk_ids.shape
+        if num_tokens * k <= HOST_PLANNED_PAIRS:
+            return self._few_pairs(hidden, topk_ids, topk_weights)
         flat = topk_ids.reshape(-1)
         bucket = self.bucket_of[flat]
         order = torch.argsort(bucket, stable=True)  # the pairs of bucket 0, 1, ..., then removed experts'
@@ -155,6 +172,43 @@ class BucketedExperts(nn.Module):
                 out[rows[part]] = self.kernels[i](x[part], weights[part], ids[part]).to(hidden.dtype)
             start += n
         # Sum over the k slots of each token in a fixed order (deterministic, no scatter-add).
+        return out.view(num_tokens, k, -1).sum(dim=1)
+
+    def _few_pairs(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """Decode sizes: the pairs grouped on the host (a dozen small tensor ops cost more than the kernels
+        here). Where the kernels take any k (vLLM's CPU kernel), each bucket runs once over every token,
+        routed to its own experts of the bucket (padded with zero-weight repeats of one of them: compute
+        on weights already read, no extra weights), and the buckets' outputs are summed."""
+        num_tokens, k = topk_ids.shape
+        experts = topk_ids.reshape(-1).tolist()
+        plan: dict[int, list[int]] = {}
+        for slot, expert in enumerate(experts):
+            bucket = self._bucket_list[expert]
+            if bucket < len(self.buckets):
+                plan.setdefault(bucket, []).append(slot)
+        kernels, device = self._kernel_list, hidden.device
+        if all(kernels[b].takes_any_k() for b in plan):
+            weights = topk_weights.reshape(-1).tolist()
+            out = None
+            for bucket, slots in sorted(plan.items()):
+                rows: list[list[tuple[int, float]]] = [[] for _ in range(num_tokens)]
+                for s in slots:
+                    rows[s // k].append((self._local_list[experts[s]], weights[s]))
+                width = max(len(r) for r in rows)
+                pad = rows[slots[0] // k][0][0]
+                for r in rows:
+                    r.extend([(r[0][0] if r else pad, 0.0)] * (width - len(r)))
+                ids = torch.tensor([[e for e, _ in r] for r in rows], dtype=torch.int32, device=device)
+                y = kernels[bucket].forward(hidden, torch.tensor([[w for _, w in r] for r in rows], device=device), ids)
+                out = y if out is None else out.add_(y)
+            return hidden.new_zeros(hidden.shape) if out is None else out.to(hidden.dtype)
+        flat_weights = topk_weights.reshape(-1)
+        out = hidden.new_zeros(num_tokens * k, hidden.shape[1])
+        for bucket, slots in sorted(plan.items()):
+            index = torch.tensor(slots, device=device)
+            ids = torch.tensor([[self._local_list[experts[s]]] for s in slots], dtype=torch.int32, device=device)
+            y = kernels[bucket](hidden[index // k], flat_weights[index][:, None], ids)
+            out.index_copy_(0, index, y.to(hidden.dtype))
         return out.view(num_tokens, k, -1).sum(dim=1)
 
     # -- weight loading ------------------------------------------------------------------
