@@ -89,14 +89,13 @@ class FlexcExperts(nn.Module):
     ``capacity`` is the channels stored per expert: the full intermediate size.
     """
 
-    def __init__(self, num_experts: int, hidden: int, capacity: int, activation: tuple[str, float, float],
-                 widths: list[int] | None = None):
+    def __init__(self, num_experts: int, hidden: int, capacity: int, activation: tuple[str, float, float]):
         super().__init__()
         self.num_experts, self.hidden, self.capacity = num_experts, hidden, capacity
         self.activation, self.alpha, self.limit = activation
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * capacity, hidden), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, capacity), requires_grad=False)
-        initial = torch.tensor(widths if widths is not None else [capacity] * num_experts, dtype=torch.int32)
+        initial = torch.full((num_experts,), capacity, dtype=torch.int32)  # full width until a budget is set
         self.register_buffer("widths", initial.to(self.down_proj.device), persistent=False)
         self._loaded: set[tuple[int, str]] = set()  # (expert, part) pieces loaded from per-expert names
 
