@@ -245,12 +245,17 @@ def model_shape(spec: "ModelSpec") -> ModelShape | None:
     if adapter is None:
         return None
     try:
-        return ModelShape(int(getattr(text, adapter.intermediate_attr)), int(getattr(text, adapter.num_experts_attr)),
-                          adapter.top_k(text), getattr(text, "max_position_embeddings", None), directory,
-                          str(directory / "config.json"))
+        shape = ModelShape(int(getattr(text, adapter.intermediate_attr)), int(getattr(text, adapter.num_experts_attr)),
+                           adapter.top_k(text), getattr(text, "max_position_embeddings", None), directory,
+                           str(directory / "config.json"))
     except (AttributeError, TypeError, ValueError) as exc:
         raise ModelError(f"{directory / 'config.json'}: cannot read the expert shape "
                          f"({adapter.intermediate_attr}, {adapter.num_experts_attr}): {exc}") from None
+    if not 1 <= shape.top_k <= shape.num_experts:  # routing would fail deep inside lowering
+        raise ModelError(f"{directory / 'config.json'}: num_experts_per_tok is {shape.top_k}, but the model has "
+                         f"{shape.num_experts} routed experts ({adapter.num_experts_attr}); expected a value from 1 to "
+                         f"{shape.num_experts}")
+    return shape
 
 
 def has_tokenizer(directory: Path) -> bool:

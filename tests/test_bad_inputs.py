@@ -371,6 +371,8 @@ CASES = [
     model_case("config_not_json", lambda p: (p / "config.json").write_text(NOT_JSON), "cannot read",
                names_file="model/config.json"),
     model_case("config_missing", lambda p: (p / "config.json").unlink(), "no config.json"),
+    model_case("config_top_k_above_experts", lambda p: _edit_json(p / "config.json", num_experts_per_tok=99),
+               "num_experts_per_tok is 99, but the model has 8 routed experts", names_file="model/config.json"),
     Case("model_is_dense", "model: {path: {dense}}\n", "model.path", "no MoE layers"),
     Case("model_path_is_file", "model: {path: {tmp}/m.bin}\n", "model.path", "not a directory",
          _write("m.bin", b"x")),
