@@ -291,6 +291,10 @@ CASES = [
     Case("batch_size_bool", MOE + "data:\n  evaluation: {builtin: python-stdlib, batch_size: false}\n",
          "data.evaluation.batch_size", "found false"),
     Case("keep_ratio_bool", MOE + "budgets: {keep: [true]}\n", "budgets.keep", "found true"),
+    Case("keep_ratios_equal_to_two_decimals", MOE + "budgets: {keep: [0.501, 0.5]}\n", "budgets.keep[1]",
+         "0.501 and 0.5 are one budget to two decimals (both would be written to keep_0.50/)"),
+    Case("prune_ratios_equal_to_two_decimals", MOE + "budgets: {prune: [0.3, 0.304]}\n", "budgets.prune[1]",
+         "0.3 and 0.304 are one budget to two decimals (both would be written to keep_0.70/)"),
     Case("anneal_lr_inf", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, insert_action_gates, "
          "{anneal: {lr: .inf}}]\n", "pipeline[2].anneal.lr", "expected a finite number; found inf"),
     Case("anneal_steps_bool", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, insert_action_gates, "

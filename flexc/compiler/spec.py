@@ -279,6 +279,14 @@ def _check_ratios(values: list[float], kind: str, low_open: bool) -> None:
             extra = " (a ratio, not a percentage)" if v > 1 else ""
             raise _flexc_error(f"{kind} ratios must be in {interval}{extra}; found {v:g}", subloc=(i,))
     order = "decreasing (largest model first)" if kind == "keep" else "increasing (smallest cut first)"
+    folders: dict[str, int] = {}  # artifact folders are named by the keep ratio to two decimals (keep_0.50)
+    for i, v in enumerate(values):
+        folder = f"keep_{(v if kind == 'keep' else 1 - v):.2f}"
+        if folder in folders and values[folders[folder]] != v:
+            raise _flexc_error(f"{kind} ratios {values[folders[folder]]:g} and {v:g} are one budget to two decimals "
+                               f"(both would be written to {folder}/); expected ratios at least 0.01 apart",
+                               subloc=(i,))
+        folders.setdefault(folder, i)
     for i in range(1, len(values)):
         if values[i] == values[i - 1]:
             raise _flexc_error(f"duplicate {kind} ratio {values[i]:g} (also at position {i - 1})", subloc=(i,))
