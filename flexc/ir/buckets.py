@@ -157,24 +157,25 @@ def _fit(table: torch.Tensor, original: torch.Tensor, full: torch.Tensor, weight
     scale = weights.double() / full.double()[:, None]  # keep per channel of each expert
     dist = original.double()
 
+    # Each layer's levels, padded to one [L, A] tensor: -1 below every width, "none" above every cap.
+    none = 1 << 30
+    most = max((len(levels) for levels in level_sets), default=0)
+    if most == 0:  # every expert removed: nothing to move
+        return table.to(torch.int32)
+    below_pad = torch.full((table.shape[0], most), -1, dtype=torch.long)
+    above_pad = torch.full((table.shape[0], most), none, dtype=torch.long)
+    for l, levels in enumerate(level_sets):
+        below_pad[l, : len(levels)] = above_pad[l, : len(levels)] = torch.tensor(levels, dtype=torch.long)
+
     def neighbours(direction: int) -> torch.Tensor:
         """Each expert's next level down (-1) or up (+1) in its layer, or its own width if none."""
-        nxt = table.clone()
-        for l, levels in enumerate(level_sets):
-            if not levels:
-                continue
-            lv = torch.tensor(levels, dtype=torch.long)
-            row = table[l]
-            if direction < 0:
-                below = torch.where(lv[None, :] < row[:, None], lv[None, :], torch.full_like(lv[None, :], -1))
-                best = below.max(dim=1).values
-                nxt[l] = torch.where((best > 0) & (row > 0), best, row)
-            else:
-                above_ok = (lv[None, :] > row[:, None]) & (lv[None, :] <= caps[l][:, None])
-                above = torch.where(above_ok, lv[None, :], torch.full_like(lv[None, :], 1 << 30))
-                best = above.min(dim=1).values
-                nxt[l] = torch.where((best < (1 << 30)) & (row > 0), best, row)
-        return nxt
+        row = table[:, :, None]
+        if direction < 0:
+            lower = torch.where(below_pad[:, None, :] < row, below_pad[:, None, :], -1).max(dim=2).values
+            return torch.where((lower > 0) & (table > 0), lower, table)
+        fits = (above_pad[:, None, :] > row) & (above_pad[:, None, :] <= caps[:, :, None])
+        higher = torch.where(fits, above_pad[:, None, :], none).min(dim=2).values
+        return torch.where((higher < none) & (table > 0), higher, table)
 
     current = keep_ratio(table, full, weights)
     while current > target + 1e-12:
