@@ -45,7 +45,7 @@ REPORT_FILE = "report.md"
 STATE_DIR = "state"
 BASE_DIR = "base"
 MANIFEST_KIND = "flexc-compile-run"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: stage records list the digests of their files (integrity.py)
 
 
 def now() -> str:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flexc.compiler import artifacts
+from flexc.compiler import artifacts, integrity
 from flexc.compiler.artifacts import BASE_DIR, LOG_FILE, REPORT_FILE, SPEC_FILE, STATE_DIR, RunDir
 from flexc.compiler.errors import FlexcError, SpecError
 from flexc.compiler.spec import Spec, issues_from_errors, parse_spec, read_spec_text
@@ -163,11 +163,24 @@ def _dump_graph(out: Path, stage: str, graph: Any, changed: Any = ()) -> None:
     dump_graph(graph, out / "graphs" / stage, highlight=changed)
 
 
-def _save_state(out: Path, stage: str, graph: Any, state: "CompileState") -> None:
+def save_state(run: RunDir, stage: str, fill: Callable[[Path], None], **meta: Any) -> None:
+    """Replace ``state/`` with what ``fill(folder)`` writes, after recording its digests and those of
+    the stage's folder in the manifest (:mod:`flexc.compiler.integrity`)."""
+    out = run.path
     with artifacts.atomic_dir(out / STATE_DIR) as tmp:
-        graph.save_state(tmp / "graph")
-        state.save(tmp)
-        artifacts.write_json(tmp / "stage.json", {"stage": stage})
+        fill(tmp)
+        artifacts.write_json(tmp / "stage.json", {"stage": stage, **meta})
+        files = integrity.digests(tmp, out, prefix=STATE_DIR)
+        files.update(integrity.digests(out / "stages" / stage, out))
+        integrity.record_state(run.manifest, stage, files)
+        run.save()
+
+
+def stage_files(run: RunDir, stage: str) -> dict[str, str]:
+    """The digests of the files ``stage`` wrote in its stage folder, as its state save recorded them."""
+    record = run.manifest.get("state") or {}
+    prefix = f"stages/{stage}/"
+    return {k: v for k, v in (record.get("files") or {}).items() if k.startswith(prefix)}
 
 
 def _saved_stage(out: Path) -> str | None:
@@ -175,6 +188,22 @@ def _saved_stage(out: Path) -> str | None:
         return json.loads((out / STATE_DIR / "stage.json").read_text())["stage"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def resumed_up_to_date(run: RunDir, resumable: list[str]) -> bool:
+    """On a resume: tidy what a killed run left, and whether every stage is done (verified: the
+    files they wrote are as the manifest recorded them)."""
+    out = run.path
+    _clean_temporaries(out)
+    saved = _saved_stage(out)
+    if saved is not None and saved in resumable and not run.done(saved):
+        integrity.verify_state(out, run.manifest, saved)
+        run.record(saved, status="done", files=stage_files(run, saved))  # the manifest update was cut short
+    if all(run.done(n) for n in resumable) and run.manifest.get("status") == "complete":
+        integrity.verify_stages(out, run.manifest, resumable)
+        log.info("%s is up to date with this spec: nothing to do (use --force to start over)", out)
+        return True
+    return False
 
 
 def _clean_temporaries(out: Path) -> None:
@@ -280,15 +309,9 @@ def _compile(spec: Spec, source: Path | None, run: RunDir, *, dump_graphs: bool,
     names = _stage_names(spec)
     resumable = [n for n in names if n not in ("load", "lower")]
     result = CompileResult(out, spec, run.manifest)
-    if run.resumed:
-        _clean_temporaries(out)
-        saved = _saved_stage(out)
-        if saved is not None and saved in resumable and not run.done(saved):
-            run.record(saved, status="done")  # state was saved, the manifest update was cut short
-        if all(run.done(n) for n in resumable) and run.manifest.get("status") == "complete":
-            log.info("%s is up to date with this spec: nothing to do (use --force to start over)", out)
-            result.skipped = names
-            return result
+    if run.resumed and resumed_up_to_date(run, resumable):
+        result.skipped = names
+        return result
     started = time.perf_counter()
     run.manifest.update(
         status="running",
@@ -340,6 +363,7 @@ def _compile(spec: Spec, source: Path | None, run: RunDir, *, dump_graphs: bool,
     state = CompileState()
     if not spec.pipeline:
         if run.done("checkpoint"):
+            integrity.verify_stages(out, run.manifest, ["checkpoint"])
             result.skipped.append("checkpoint")
             next(step)
         else:
@@ -350,7 +374,7 @@ def _compile(spec: Spec, source: Path | None, run: RunDir, *, dump_graphs: bool,
                         loaded.tokenizer.save_pretrained(tmp)
                     else:
                         log.warning("the model has no tokenizer; %s/ holds the weights and config only", BASE_DIR)
-                st.info = {"outputs": [BASE_DIR]}
+                st.info = {"outputs": [BASE_DIR], "files": integrity.digests(out / BASE_DIR, out)}
             run.manifest["outputs"]["base"] = BASE_DIR
             result.ran.append("checkpoint")
     else:
@@ -384,6 +408,7 @@ def run_export_stages(spec: Spec, run: RunDir, stage, step, result: CompileResul
     for fmt in spec.export.formats:
         name = f"export:{fmt}"
         if run.done(name):
+            integrity.verify_stages(out, run.manifest, [name])
             result.skipped.append(name)
             next(step)
             continue
@@ -391,7 +416,7 @@ def run_export_stages(spec: Spec, run: RunDir, stage, step, result: CompileResul
         with stage(name) as st:
             with artifacts.atomic_dir(out / fmt) as tmp:
                 info = write(fmt, tmp)
-            st.info = {"outputs": [fmt], **info}
+            st.info = {"outputs": [fmt], **info, "files": integrity.digests(out / fmt, out)}
         run.manifest["outputs"][fmt] = fmt
         result.ran.append(name)
 
@@ -427,10 +452,10 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
     state = CompileState()
     first = resume_point(run, pass_names)
     if first:
-        graph.load_state(out / STATE_DIR / "graph", replay=replayer(dict(zip(pass_names[:first], passes[:first]))),
-                         # the other ranks replay into their scratch folder: rank 0 alone writes the run's
-                         replay_dir=None if distributed.is_writer() else stages_dir(run) / "replay")
-        state = CompileState.load(out / STATE_DIR, graph.groups)
+        state = load_saved_state(run, graph.groups, lambda: graph.load_state(
+            out / STATE_DIR / "graph", replay=replayer(dict(zip(pass_names[:first], passes[:first]))),
+            # the other ranks replay into their scratch folder: rank 0 alone writes the run's
+            replay_dir=None if distributed.is_writer() else stages_dir(run) / "replay"))
 
     device = str(next(loaded.model.parameters()).device)
     context = PassContext(workdir=stages_dir(run), spec=spec, seed=spec.seed, device=device, logger=log, quiet=quiet,
@@ -438,14 +463,36 @@ def _run_passes(spec, run, loaded, stage, step, result, *, dump_graphs: bool, qu
     runner = PassRunner(graph, context, stages_dir(run), state=state, done=[p.name for p in passes[:first]])
 
     def saved(name: str, entry, res) -> dict:
+        info = {"pass": entry.name, "modified": bool(res.modified), "properties": sorted(runner.graph.properties)}
         if distributed.is_writer():  # under torchrun, rank 0 alone writes the run's files
-            _save_state(out, name, runner.graph, runner.state)
+            save_state(run, name, lambda tmp: (runner.graph.save_state(tmp / "graph"), runner.state.save(tmp)))
+            info["files"] = stage_files(run, name)
             if dump_graphs:
                 _dump_graph(out, name, runner.graph, res.changed_nodes)
-        return {"pass": entry.name, "modified": bool(res.modified), "properties": sorted(runner.graph.properties)}
+        return info
 
     run_pass_stages(spec, run, stage, step, result, runner, list(zip(pass_names, spec.pipeline, passes)), first, saved)
     return runner.graph, runner.state
+
+
+def load_saved_state(run: RunDir, groups, restore_graph: Callable[[], None] | None = None) -> "CompileState":
+    """The compile state in ``state/`` (after ``restore_graph()`` restores the graph's), checked
+    against this model's MoE layers; a state that cannot be restored is an error naming it."""
+    from safetensors import SafetensorError
+
+    from flexc.ir.state import CompileState
+
+    folder = run.path / STATE_DIR
+    try:
+        if restore_graph is not None:
+            restore_graph()
+        state = CompileState.load(folder, groups)
+        state.check(groups, folder)
+    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as exc:
+        why = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise integrity.RunIntegrityError(f"{folder}: the saved state cannot be resumed: {why}; "
+                                          f"{integrity.remedy(run.path)}") from None
+    return state
 
 
 def resume_point(run: RunDir, pass_names: list[str]) -> int:
@@ -456,6 +503,8 @@ def resume_point(run: RunDir, pass_names: list[str]) -> int:
     saved = _saved_stage(run.path)
     if run.resumed and saved in pass_names and run.done(saved):
         first = pass_names.index(saved) + 1
+        integrity.verify_state(run.path, run.manifest, saved)
+        integrity.verify_stages(run.path, run.manifest, pass_names[:first])
         log.info("resuming after stage %s", saved)
     for name in pass_names[first:]:
         if run.done(name):

@@ -299,15 +299,9 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
     pass_names = [f"{i:02d}-{e.name.replace(':', '.')}" for i, e in enumerate(spec.pipeline, 1)]
     names = ["load", *pass_names, *[f"export:{fmt}" for fmt in spec.export.formats]]
     result = driver.CompileResult(out, spec, run.manifest)
-    if run.resumed:
-        driver._clean_temporaries(out)
-        saved = driver._saved_stage(out)
-        if saved is not None and saved in names[1:] and not run.done(saved):
-            run.record(saved, status="done")
-        if all(run.done(n) for n in names[1:]) and run.manifest.get("status") == "complete":
-            log.info("%s is up to date with this spec: nothing to do (use --force to start over)", out)
-            result.skipped = names
-            return result
+    if run.resumed and driver.resumed_up_to_date(run, names[1:]):
+        result.skipped = names
+        return result
     started = time.perf_counter()
     run.manifest.update(
         status="running", runs=run.manifest.get("runs", 0) + 1, versions=artifacts.library_versions(),
@@ -342,19 +336,19 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
     state = CompileState()
     first = driver.resume_point(run, pass_names)
     if first:
-        state = CompileState.load(out / STATE_DIR, lm.groups)
+        state = driver.load_saved_state(run, lm.groups)
     context = PassContext(workdir=stages_dir(run), spec=spec, seed=spec.seed, device=str(lm.device), logger=log,
                           quiet=quiet, tokenizer=tokenizer)
     graph = StreamedGraph(lm, check_pipeline(passes[:first]))  # what the passes that ran guarantee
     runner = PassRunner(graph, context, stages_dir(run), state=state, done=[p.name for p in passes[:first]])
 
     def saved(name: str, entry, res) -> dict:
+        info = {"pass": entry.name, "streamed": True, "peak_live_layers": lm.peak_live}
         if distributed.is_writer():  # under torchrun, rank 0 alone writes the run's files
-            with artifacts.atomic_dir(out / STATE_DIR) as tmp:
-                runner.state.save(tmp)
-                artifacts.write_json(tmp / "stage.json", {"stage": name, "execution": "layers"})
-        disk = _disk_bytes(stages_dir(run) / name, out / STATE_DIR)
-        return {"pass": entry.name, "streamed": True, "disk_bytes": disk, "peak_live_layers": lm.peak_live}
+            driver.save_state(run, name, runner.state.save, execution="layers")
+            info["files"] = driver.stage_files(run, name)
+        info["disk_bytes"] = _disk_bytes(stages_dir(run) / name, out / STATE_DIR)
+        return info
 
     driver.run_pass_stages(spec, run, stage, step, result, runner, list(zip(pass_names, spec.pipeline, passes)), first,
                            saved)

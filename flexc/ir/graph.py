@@ -244,20 +244,37 @@ class FlexGraph:
         for rewrite in pending:
             replay(rewrite, self, Path(replay_dir) if replay_dir is not None else directory / "replay")
         if meta.get("weights") == WEIGHTS_FORMAT:
+            from flexc.ir.permute import check_permutations
+
             for key in sorted((k for k in tensors if k.startswith(PERM_PREFIX)), key=lambda k: int(k[len(PERM_PREFIX):])):
-                self.permute_channels(int(key[len(PERM_PREFIX):]), tensors[key])
+                i = int(key[len(PERM_PREFIX):])
+                if not 0 <= i < len(self.groups):
+                    raise ValueError(f"{directory / STATE_WEIGHTS}: {key} names no MoE layer of this model")
+                g = self.groups[i]
+                check_permutations(tensors[key], g.num_experts, g.intermediate_size, f"{directory / STATE_WEIGHTS}: {key}")
+                self.permute_channels(i, tensors[key])
         else:  # the older format: every parameter saved
             missing = [n for n, _ in self.model.named_parameters() if n not in tensors]
             if missing:
                 raise ValueError(f"{directory / STATE_WEIGHTS}: no saved values for {missing[:3]}")
         saved = [n for n, _ in self.model.named_parameters() if n in tensors]
+        params = dict(self.model.named_parameters())
+        for name in saved:
+            if tensors[name].shape != params[name].shape:
+                raise ValueError(f"{directory / STATE_WEIGHTS}: {name} is {list(tensors[name].shape)}; this model's is "
+                                 f"{list(params[name].shape)} (a state of another model?)")
+        missing = [f"{g.path}.{WIDTHS_BUFFER}" for g in self.groups if f"{g.path}.{WIDTHS_BUFFER}" not in tensors]
+        if missing:
+            raise ValueError(f"{directory / STATE_WEIGHTS}: no saved widths for {missing[0]}")
         with torch.no_grad():
-            params = dict(self.model.named_parameters())
             for name in saved:
                 params[name].copy_(tensors[name])
             for name, t in self._graph_own_tensors():
                 t.copy_(tensors[f"{GRAPH_PREFIX}{name}"])
-        self.set_widths(torch.stack([tensors[f"{g.path}.{WIDTHS_BUFFER}"] for g in self.groups]))
+        try:
+            self.set_widths([tensors[f"{g.path}.{WIDTHS_BUFFER}"] for g in self.groups])
+        except ValueError as exc:
+            raise ValueError(f"{directory / STATE_WEIGHTS}: {exc}") from None
         self.properties = set(meta["properties"])
         for name in saved:  # they differ from the source (or, in the older format, may): saved again
             self.mark_changed(name)

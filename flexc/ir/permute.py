@@ -13,6 +13,19 @@ import torch
 from flexc.ir.op import gate_up_rows
 
 
+def check_permutations(perms: torch.Tensor, experts: int, channels: int, what: str) -> None:
+    """``perms`` is ``[experts, channels]`` and each row a permutation of ``range(channels)`` (else ValueError)."""
+    if not isinstance(perms, torch.Tensor) or tuple(perms.shape) != (experts, channels):
+        shape = tuple(perms.shape) if isinstance(perms, torch.Tensor) else type(perms).__name__
+        raise ValueError(f"{what}: expected a [{experts}, {channels}] channel permutation per expert; found {shape}")
+    if perms.dtype.is_floating_point or perms.dtype == torch.bool:
+        raise ValueError(f"{what}: expected integer channel indices; found {perms.dtype}")
+    ok = perms.sort(dim=-1).values.cpu() == torch.arange(channels)
+    if not bool(ok.all()):
+        e = int((~ok).any(dim=-1).nonzero()[0])
+        raise ValueError(f"{what}: expert {e}'s channel order is not a permutation of 0..{channels - 1}")
+
+
 def permute_expert_channels(graph, layer_index: int, perms: torch.Tensor) -> None:
     """Apply ``perms[e]`` (new position j takes old channel ``perms[e, j]``) to one layer, in place."""
     group = graph.groups[layer_index]

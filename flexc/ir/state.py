@@ -201,6 +201,51 @@ class CompileState(MutableMapping):
             state.width_tables = WidthTables.load(directory / tree["width_tables"])
         return state
 
+    def check(self, groups, where: str | Path = "the compile state") -> None:
+        """What a digest cannot vouch for: every tensor has this model's shape (``groups``: its MoE
+        layers) and a meaningful value; permutations are permutations, width tables belong to these
+        layers. Raises ValueError naming ``where``."""
+        from flexc.ir.permute import check_permutations
+
+        L = len(groups)
+        E = {g.num_experts for g in groups}
+        I = {g.intermediate_size for g in groups}
+        shape_le = (L, *E) if len(E) == 1 else None
+
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"{where}: {name} {why} (a state of another model, or edited?)")
+
+        for name in ("routing_counts", "routing_weight_sums"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if shape_le is not None and tuple(t.shape) != shape_le:
+                raise bad(name, f"is {list(t.shape)}; expected [{L}, {shape_le[1]}] (layers, experts)")
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise bad(name, "holds negative or non-finite values")
+        for name in ("channel_scores", "channel_perms"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if shape_le is not None and len(I) == 1 and tuple(t.shape) != (*shape_le, *I):
+                raise bad(name, f"is {list(t.shape)}; expected [{L}, {shape_le[1]}, {next(iter(I))}] "
+                                "(layers, experts, channels)")
+            if name == "channel_scores" and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise bad(name, "holds non-finite values")
+        if self.channel_perms is not None:
+            for i, g in enumerate(groups):
+                check_permutations(self.channel_perms[i], g.num_experts, g.intermediate_size,
+                                   f"{where}: channel_perms of layer {g.layer}")
+        t = self.width_tables
+        if t is not None and (list(t.layers) != [g.layer for g in groups]
+                              or list(t.full) != [g.intermediate_size for g in groups]
+                              or (len(E) == 1 and t.tables.shape[2] != next(iter(E)))):
+            raise bad("width_tables", f"are for layers {list(t.layers)} of widths {list(t.full)}; this model's MoE "
+                                      f"layers are {[g.layer for g in groups]} of widths "
+                                      f"{[g.intermediate_size for g in groups]}")
+        if self.expert_masks is not None and shape_le is not None and tuple(self.expert_masks.shape[1:]) != shape_le:
+            raise bad("expert_masks", f"is {list(self.expert_masks.shape)}; expected [budgets, {L}, {shape_le[1]}]")
+
     @classmethod
     def from_mapping(cls, mapping: dict[str, Any], groups=None) -> "CompileState":
         """A state from the dict form (``width_budgets``/``width_tables``/``width_metric`` become one
