@@ -148,6 +148,48 @@ def test_same_seed_same_tables_and_resume_matches(tmp_path, schedule, kill_at):
     assert torch.equal(resumed, first)
 
 
+def _killed_run(graph, ctx, run, kill_at=14):
+    class Killed(Exception):
+        pass
+
+    def kill(step):
+        if step == kill_at:
+            raise Killed
+
+    Anneal.on_step = staticmethod(kill)
+    try:
+        with pytest.raises(Killed):
+            anneal(graph, ctx, run)
+    finally:
+        Anneal.on_step = None
+    return run / "anneal_checkpoint.pt"
+
+
+@pytest.mark.parametrize("damage,says", [
+    (lambda c: c.update(logits=[t[:, :1] for t in c["logits"]]), "trained tensor 0 is"),
+    (lambda c: c.update(logits=c["logits"][:1]), "trained tensors; this run trains"),
+    (lambda c: c["logits"][0].fill_(float("nan")), "holds non-finite values"),
+    (lambda c: c.update(exported={0.75: {"levels": torch.full((1, 1), 0), "how": "crossing", "step": 0}}),
+     "the table of keep 0.75 is [1, 1]"),
+    (lambda c: c.update(exported={0.75: {"levels": torch.full(c["logits_shape"], 99), "how": "crossing", "step": 0}}),
+     "action indices outside"),
+    (lambda c: c.pop("history"), "'history'"),
+], ids=["logits_shape", "logits_count", "logits_nan", "levels_shape", "levels_range", "history_missing"])
+def test_resuming_a_checkpoint_that_does_not_fit_names_it(tmp_path, damage, says):
+    from flexc.passes.checkpoint import CheckpointError
+
+    graph, ctx = gated_graph(tmp_path)
+    path = _killed_run(graph, ctx, tmp_path / "run")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["logits_shape"] = (len(ckpt["logits"]), ckpt["logits"][0].shape[0])
+    damage(ckpt)
+    ckpt.pop("logits_shape")
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="does not fit this anneal run") as err:
+        anneal(graph, ctx, tmp_path / "run")
+    assert str(path) in str(err.value) and says in str(err.value) and "delete it" in str(err.value)
+
+
 def test_non_finite_loss_is_a_clear_error(tmp_path, monkeypatch):
     from flexc.compiler.errors import FlexcError
     from flexc.passes.action_gates import gates_of

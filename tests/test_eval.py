@@ -190,3 +190,29 @@ def test_compare_reuses_the_width_tables_of_a_finished_compile(tiny_model_dir, t
     nowhere = flexc.Spec.model_validate({**other.to_dict(), "export": {}})  # no export.dir: nothing to reuse
     with pytest.raises(AssertionError, match="annealed again"):
         compare(nowhere, parse_methods("flexmoe", nowhere), tmp_path / "cmp3", quiet=True)
+
+    from flexc.compiler.integrity import RunIntegrityError
+
+    tables_file = tmp_path / "run" / "stages" / "03-anneal" / "width_tables.safetensors"
+    tables_file.write_bytes(tables_file.read_bytes()[:-1] + b"\x01")  # one byte edited since the compile
+    with pytest.raises(RunIntegrityError, match=f"{tables_file}: changed since stage 03-anneal wrote it"):
+        reusable_run(spec, tmp_path / "run")
+
+
+def test_compare_of_a_run_directory_imports_no_score_it_names(tiny_model_dir, tmp_path, monkeypatch):
+    from flexc.compiler.artifacts import MANIFEST_KIND
+    from flexc.compiler.errors import FlexcError
+    from flexc.eval.compare import load_spec_or_run
+
+    sentinel = tmp_path / "imported"
+    (tmp_path / "evilscore.py").write_text(f"import pathlib\npathlib.Path({str(sentinel)!r}).touch()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"kind": MANIFEST_KIND, "stages": []}))
+    (run / "spec.yaml").write_text("model: {zoo: tiny}\ndata:\n  calibration: {builtin: python-stdlib}\n"
+                                   "pipeline: [{rank_channels: {score: 'evilscore:Score'}}]\n")
+    with pytest.raises(FlexcError, match=r"pipeline\[0\].rank_channels.score: 'evilscore:Score' is code named by a "
+                                         "run directory"):
+        load_spec_or_run(run)
+    assert not sentinel.exists()

@@ -113,6 +113,9 @@ def reusable_run(spec, run_dir: Path) -> tuple[Path, Path, WidthTables] | None:
         log.info("compare: the compile in %s is not a finished anneal with these options, model, data, budgets "
                  "and seed; ranking and annealing again", run_dir)
         return None
+    from flexc.compiler import integrity
+
+    integrity.verify_stages(run_dir, manifest, stages)  # reused as recorded, or an error naming the edited file
     try:
         tables = WidthTables.load(anneal_dir / TABLES_FILE)
     except Exception as exc:  # noqa: BLE001 -- e.g. written by an older flexc: anneal again
@@ -129,8 +132,29 @@ def load_spec_or_run(path: str | Path):
 
     path = Path(path)
     if path.is_dir() and read_manifest(path) is not None:
+        _refuse_code_named_in(path / SPEC_FILE)
         return validate_file(path / SPEC_FILE), path
     return validate_file(path), None
+
+
+def _refuse_code_named_in(spec_file: Path) -> None:
+    """A run directory may come from elsewhere: its spec's custom scores (``module:Class``) are not
+    imported (checking a spec imports them); the user names them in a spec file of their own."""
+    from flexc.compiler.errors import FlexcError
+    from flexc.compiler.spec import read_spec_text
+    from flexc.compiler.yamlpos import YamlSyntaxError, load_with_positions
+
+    try:
+        data = load_with_positions(read_spec_text(spec_file), str(spec_file))[0]
+    except YamlSyntaxError:
+        return  # validate_file reports it
+    for i, entry in enumerate(data.get("pipeline") or [] if isinstance(data, dict) else []):
+        options = entry.get("rank_channels") if isinstance(entry, dict) else None
+        score = options.get("score") if isinstance(options, dict) else None
+        if isinstance(score, str) and ":" in score:
+            raise FlexcError(
+                f"{spec_file}: pipeline[{i}].rank_channels.score: {score!r} is code named by a run directory, which "
+                f"flexc compare does not import; compare the spec file that names it instead (flexc compare SPEC)")
 
 
 def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, logger=None,

@@ -198,22 +198,27 @@ class CompileState(MutableMapping):
         for name in _VALUE_FIELDS:
             setattr(state, name, tree.get(name))
         if tree.get("width_tables"):
-            state.width_tables = WidthTables.load(directory / tree["width_tables"])
+            try:
+                state.width_tables = WidthTables.load(directory / tree["width_tables"])
+            except (ValueError, KeyError) as exc:
+                raise ValueError(f"{directory / tree['width_tables']}: {exc}") from None
         return state
 
-    def check(self, groups, where: str | Path = "the compile state") -> None:
+    def check(self, groups, where: str | Path) -> None:
         """What a digest cannot vouch for: every tensor has this model's shape (``groups``: its MoE
         layers) and a meaningful value; permutations are permutations, width tables belong to these
-        layers. Raises ValueError naming ``where``."""
+        layers. Raises ValueError naming the file in ``where`` (the folder :meth:`save` wrote)."""
         from flexc.ir.permute import check_permutations
 
+        tensors_file, widths_file = Path(where) / STATE_TENSORS, Path(where) / WIDTHS_FILE
         L = len(groups)
         E = {g.num_experts for g in groups}
         I = {g.intermediate_size for g in groups}
         shape_le = (L, *E) if len(E) == 1 else None
 
         def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"{where}: {name} {why} (a state of another model, or edited?)")
+            file = widths_file if name == "width_tables" else tensors_file
+            return ValueError(f"{file}: {name} {why} (a state of another model, or edited?)")
 
         for name in ("routing_counts", "routing_weight_sums"):
             t = getattr(self, name)
@@ -235,7 +240,7 @@ class CompileState(MutableMapping):
         if self.channel_perms is not None:
             for i, g in enumerate(groups):
                 check_permutations(self.channel_perms[i], g.num_experts, g.intermediate_size,
-                                   f"{where}: channel_perms of layer {g.layer}")
+                                   f"{tensors_file}: channel_perms of layer {g.layer}")
         t = self.width_tables
         if t is not None and (list(t.layers) != [g.layer for g in groups]
                               or list(t.full) != [g.intermediate_size for g in groups]

@@ -93,7 +93,7 @@ from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_
 from flexc.passes.distill import TeacherTargets, distill_kl, distill_loss
 from flexc.passes.gated_model import GatedModel, gated_model
 from flexc.passes.registry import register_pass
-from flexc.passes.training import TrainingRun, fingerprint, restore
+from flexc.passes.training import TrainingRun, fingerprint, restore, restore_optimizer
 from flexc.passes.width_tables import expert_weights, fit_to_budget, keep_ratio, per_layer_keep
 from flexc.utils import distributed
 from flexc.utils.atomic import atomic_path, atomic_write_text
@@ -324,6 +324,18 @@ class _Setup:
     def deployed_levels(self) -> torch.Tensor:
         return torch.stack([g.deployed_levels() for g in self.gates])
 
+    def check_levels(self, exported: dict, *more: torch.Tensor | None) -> None:
+        """A checkpoint's exported tables and saved levels are ``[layers, experts]`` action indices of
+        these gates (else ValueError: the checkpoint is another run's, or edited)."""
+        shape, actions = tuple(self.deployed_levels().shape), self.level_widths.shape[1]
+        tables = [(f"the table of keep {b}", r["levels"]) for b, r in exported.items()]
+        for name, levels in [*tables, *(("the saved levels", m) for m in more if m is not None)]:
+            if not isinstance(levels, torch.Tensor) or tuple(levels.shape) != shape:
+                found = list(levels.shape) if isinstance(levels, torch.Tensor) else type(levels).__name__
+                raise ValueError(f"{name} is {found}; expected {list(shape)} (layers, experts)")
+            if levels.is_floating_point() or int(levels.min()) < 0 or int(levels.max()) >= actions:
+                raise ValueError(f"{name} holds action indices outside 0..{actions - 1}")
+
     def preference(self) -> torch.Tensor:
         return torch.stack([F.log_softmax(g.masked_logits().detach(), dim=-1) for g in self.gates])
 
@@ -521,10 +533,12 @@ class Anneal(Pass):
         optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
         ckpt = setup.run.resume()
         if ckpt is not None:
-            exported, history, lam = ckpt["exported"], ckpt["history"], ckpt["lambda"]
-            phase, t, start_levels = ckpt["phase"], ckpt["phase_step"], ckpt["start_levels"]
-            restore(setup.logits, ckpt["logits"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            with setup.run.restoring():
+                exported, history, lam = ckpt["exported"], ckpt["history"], ckpt["lambda"]
+                phase, t, start_levels = ckpt["phase"], ckpt["phase_step"], ckpt["start_levels"]
+                restore(setup.logits, ckpt["logits"])
+                restore_optimizer(optimizer, ckpt["optimizer"])
+                setup.check_levels(exported, start_levels)
 
         def save(step: int) -> None:
             setup.run.save(step, logits=[p.detach().clone() for p in setup.logits], optimizer=optimizer.state_dict(),
@@ -708,9 +722,11 @@ class Anneal(Pass):
         start = 0
         ckpt = setup.run.resume()
         if ckpt is not None:
-            restore(setup.logits, ckpt["logits"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            exported, history, start = ckpt["exported"], ckpt["history"], ckpt["step"]
+            with setup.run.restoring():
+                restore(setup.logits, ckpt["logits"])
+                restore_optimizer(optimizer, ckpt["optimizer"])
+                exported, history, start = ckpt["exported"], ckpt["history"], ckpt["step"]
+                setup.check_levels(exported)
 
         def export(budget: float, how: str, step: int) -> None:
             previous = [exported[b]["levels"] for b in sorted(exported) if b > budget]

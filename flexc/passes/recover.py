@@ -65,7 +65,7 @@ from flexc.passes.anneal import quality_loss
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.distill import TeacherTargets
 from flexc.passes.registry import register_pass
-from flexc.passes.training import TrainingRun, fingerprint, restore
+from flexc.passes.training import TrainingRun, fingerprint, restore, restore_optimizer
 from flexc.utils import distributed
 from flexc.utils.atomic import atomic_write_text
 
@@ -330,9 +330,10 @@ class Recover(Pass):
         start = 0
         ckpt = run.resume()
         if ckpt is not None:
-            restore(adapters.values(), [ckpt["adapters"][name] for name in adapters])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            history, start = ckpt["history"], ckpt["step"]
+            with run.restoring():
+                restore(adapters.values(), [ckpt["adapters"][name] for name in adapters])
+                restore_optimizer(optimizer, ckpt["optimizer"])
+                history, start = ckpt["history"], ckpt["step"]
 
         def save_checkpoint(step: int) -> None:
             run.save(step, optimizer=optimizer.state_dict(),

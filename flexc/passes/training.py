@@ -108,8 +108,45 @@ class TrainingRun:
             yield bar
 
 
+    @contextlib.contextmanager
+    def restoring(self) -> Iterator[None]:
+        """Apply a resumed checkpoint: a payload of the wrong kind, shape or range (edited, or another
+        run's) is an error naming the file, not a raw traceback or a silently broadcast tensor."""
+        try:
+            yield
+        except checkpoint.CheckpointError:
+            raise
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as exc:
+            why = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise checkpoint.CheckpointError(
+                f"{self.path}: does not fit this {self.name} run ({why}); delete it to start {self.name} over"
+            ) from None
+
+
 @torch.no_grad()
 def restore(params: Iterable[torch.Tensor], saved: Iterable[torch.Tensor]) -> None:
-    """Copy a checkpoint's saved tensors back into ``params``, in order (in place: optimizers keep them)."""
+    """Copy a checkpoint's saved tensors back into ``params``, in order (in place: optimizers keep them).
+    Each must have its parameter's exact shape (``copy_`` would broadcast a smaller one) and be finite."""
+    params, saved = list(params), list(saved)
+    if len(saved) != len(params):
+        raise ValueError(f"it holds {len(saved)} trained tensors; this run trains {len(params)}")
+    for i, (p, value) in enumerate(zip(params, saved)):
+        if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+            found = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"trained tensor {i} is {found}; expected {list(p.shape)}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"trained tensor {i} holds non-finite values")
     for p, value in zip(params, saved):
         p.copy_(value)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer state; its moment tensors must have their parameters' shapes
+    (``load_state_dict`` checks only the number of parameters)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(f"the optimizer's {key} of trained tensor {i} is {list(value.shape)}; "
+                                     f"expected {list(p.shape)}")
