@@ -88,7 +88,7 @@ def test_non_flexc_directory_is_never_overwritten(moe_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
 
 
-def test_interrupted_checkpoint_leaves_no_partial_output(moe_dir, tmp_path, monkeypatch):
+def test_an_interrupted_checkpoint_leaves_no_partial_output(moe_dir, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
     out = tmp_path / "run"
@@ -101,9 +101,7 @@ def test_interrupted_checkpoint_leaves_no_partial_output(moe_dir, tmp_path, monk
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash)
     with pytest.raises(KeyboardInterrupt):
         flexc.compile(spec_dict(moe_dir, out), quiet=True)
-    assert not (out / "base").exists()
-    assert stages(out) == {"load": "done", "checkpoint": "interrupted"}
-    assert manifest(out)["status"] == "interrupted"
+    assert not out.exists()  # no stage finished: the folder this run made is gone, half a file with it
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", real_save)
     result = flexc.compile(spec_dict(moe_dir, out), quiet=True)
     assert result.ran == ["load", "checkpoint"]
@@ -135,6 +133,41 @@ def test_pipeline_runs_passes_and_resumes_after_the_last_completed_stage(moe_dir
     assert state.extras["gated"] is True and torch.equal(state.extras["toy_scores"]["layer0"], torch.arange(4.0))
     saved = json.loads((out / "state" / "stage.json").read_text())
     assert saved == {"stage": "02-toy_gate"}
+
+
+@pytest.mark.parametrize("before", ["absent", "empty"])
+def test_a_run_that_finished_no_stage_leaves_nothing(moe_dir, tmp_path, toy_passes, monkeypatch, before):
+    out = tmp_path / "run"
+    if before == "empty":
+        out.mkdir()
+    spec = spec_dict(moe_dir, out, pipeline=[{"toy_rank": {"score": "activation"}}])
+
+    def fail(self, graph, ctx):
+        (ctx.workdir / "scores.txt").write_text("half")
+        raise RuntimeError("toy_rank failed on purpose")
+
+    monkeypatch.setattr(helpers.ToyRank, "run", fail)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        flexc.compile(spec, quiet=True)
+    if before == "absent":
+        assert not out.exists()
+    else:  # the user's folder stays, as empty as it was
+        assert out.is_dir() and [p.name for p in out.iterdir()] == []
+
+
+def test_a_failed_stage_with_a_training_checkpoint_is_kept_to_resume(moe_dir, tmp_path, toy_passes, monkeypatch):
+    out = tmp_path / "run"
+    spec = spec_dict(moe_dir, out, pipeline=[{"toy_rank": {"score": "activation"}}])
+
+    def fail(self, graph, ctx):
+        (ctx.workdir / "anneal_checkpoint.pt").write_bytes(b"step 500 of 1000")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(helpers.ToyRank, "run", fail)
+    with pytest.raises(KeyboardInterrupt):
+        flexc.compile(spec, quiet=True)
+    assert (out / "stages" / "01-toy_rank" / "anneal_checkpoint.pt").is_file()
+    assert stages(out)["01-toy_rank"] == "interrupted"
 
 
 def test_pass_state_round_trip_and_refusal(tmp_path):

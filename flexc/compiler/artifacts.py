@@ -170,6 +170,7 @@ class RunDir:
     manifest: dict[str, Any]
     resumed: bool = False
     lock: Any = None
+    made: str | None = None  # "folder": this run created the directory; "contents": it was empty
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -194,6 +195,7 @@ class RunDir:
                     "flexc will not overwrite it — choose another directory (--out)"
                 )
             check_clearable(path, None, protected)  # always refuses: nothing there is flexc's
+        made = "folder" if not path.exists() else "contents" if not has_files else None
         clear = False
         if existing is not None and existing.get("spec_fingerprint") != fingerprint:
             if not force and _has_results(existing):
@@ -224,7 +226,7 @@ class RunDir:
                 "stages": [],
                 "outputs": {},
             }
-            run = cls(path, manifest, lock=lock)
+            run = cls(path, manifest, lock=lock, made=made)
             run.save()
             return run
         except BaseException:
@@ -235,6 +237,24 @@ class RunDir:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def worth_keeping(self) -> bool:
+        """Whether a failed run leaves anything to resume: a completed stage beyond loading and
+        lowering, or a training checkpoint of the stage that stopped."""
+        return _has_results(self.manifest) or any((self.path / "stages").glob("*/*checkpoint*"))
+
+    def discard(self) -> None:
+        """Remove what this run created (call holding the lock, on failure, when nothing is worth
+        keeping): the directory if it made it, else its contents. The lock file goes last, after
+        release (a compile waiting for it then finds the directory gone or empty)."""
+        if self.made is None:
+            return
+        self._clear(self.path)
+        self.close()
+        (self.path / LOCK_FILE).unlink(missing_ok=True)
+        if self.made == "folder":
+            with contextlib.suppress(OSError):  # another compile may have started writing into it
+                self.path.rmdir()
 
     @staticmethod
     def _clear(path: Path) -> None:

@@ -245,6 +245,10 @@ def compile(
 
                     return compile_streamed(spec, source, run, quiet=quiet)
                 return _compile(spec, source, run, dump_graphs=dump_graphs, quiet=quiet)
+        except BaseException:
+            if distributed.is_writer() and not run.worth_keeping():
+                run.discard()  # a failure before any stage finished leaves nothing behind to block the fixed spec
+            raise
         finally:
             run.close()
 
