@@ -303,11 +303,27 @@ def load_model(spec: "ModelSpec", *, progress: bool = True) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     dtype: Any = "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' load report: flexc says what is wrong itself, below
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True,
+                                                           output_loading_info=True)
     except Exception as exc:
-        raise ModelError(f"cannot load the model in {directory}: {type(exc).__name__}: {exc}") from None
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        if "conversion" in text:  # its message points at a load report flexc does not print
+            text = ("transformers could not assemble the weights: a tensor is missing from the safetensors files or "
+                    "has another shape than config.json implies (is the download complete?)")
+        raise ModelError(f"cannot load the model in {directory}: {type(exc).__name__}: {text}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would initialise them at random and carry on
+        raise ModelError(f"{directory}: its weight files lack {len(missing)} tensor(s) the model needs "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); expected every tensor "
+                         "of the model (is the download complete, or the checkpoint edited?)")
     model.to(device)
     model.eval()
     return LoadedModel(model, load_tokenizer(directory), model.config, directory, family)

@@ -145,6 +145,11 @@ def check_pipeline_order(spec: Spec) -> list[Problem]:
     except ImportError:
         return []
     passes = [entry.build() for entry in spec.pipeline]
+    first: dict[str, int] = {}
+    for i, p in enumerate(passes):  # a built-in pass twice re-ranks, re-gates or re-folds what it did
+        if type(p).__module__.startswith("flexc.passes.") and first.setdefault(p.name, i) != i:
+            return [(("pipeline", i), "value", f"pass {p.name!r} is listed twice (pipeline[{first[p.name]}] and "
+                     f"pipeline[{i}]); a built-in pass runs once: remove one")]
     try:
         check_pipeline(passes, initial_properties())
     except ValueError as exc:

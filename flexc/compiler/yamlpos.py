@@ -15,6 +15,7 @@ with its line and column.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,6 +161,14 @@ class _BoundedLoader(yaml.SafeLoader):
             size += sum(self._sizes[id(k)] + self._sizes[id(v)] for k, v in node.value)
         self._sizes[id(node)] = size
         return node
+
+
+# YAML 1.2 exponents (1e-4, 1.0e300, 5E3): PyYAML follows YAML 1.1, whose floats need a dot and a
+# signed exponent, and reads the rest as strings; a spec's numbers are never strings
+# (base.reject_bool_numbers refuses a quoted "0.5").
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
 
 
 def load_with_positions(text: str, filename: str = "<spec>") -> tuple[Any, PositionIndex, list[DuplicateKey]]:

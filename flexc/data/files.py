@@ -1,7 +1,7 @@
 """Cheap checks of local data files, run by ``flexc validate`` before any model loads.
 
-Each reads at most the first :data:`SNIFF_BYTES` of a file (a Parquet file's footer schema, a
-small ``.json`` file whole) and says what is wrong in one sentence naming the file: empty,
+Each parses at most the first :data:`SNIFF_BYTES` of a file (a Parquet file's footer schema, a
+small ``.json`` file whole), streams the rest only to check it is UTF-8 text, and says what is wrong in one sentence naming the file: empty,
 binary, not UTF-8, not JSON, records without the ``text_field``, a text field that is not a
 string. The formats are those :func:`flexc.data.calibration._load_dataset` reads: ``.txt``
 (one document per file), ``.jsonl``/``.json`` (JSON lines, a JSON array of objects, or one
@@ -41,6 +41,10 @@ def check_data_file(path: Path, text_field: str, role: str = "calibration") -> s
         if complete or exc.start < len(head) - 3:  # else only the read cut a multi-byte character
             return f"{path} is not UTF-8 text (invalid byte at offset {exc.start})"
         text = head[: exc.start].decode("utf-8")
+    if not complete:
+        tail = _check_rest(path, suffix)
+        if tail is not None:
+            return tail
     text = text.removeprefix("\ufeff")  # a byte-order mark is allowed (datasets skips it)
     if not text.strip() and complete:
         return f"{path} holds only whitespace"
@@ -58,6 +62,30 @@ def check_data_file(path: Path, text_field: str, role: str = "calibration") -> s
         value = record[text_field]
         if value is not None and not isinstance(value, str):
             return f"{path}: field {text_field!r} of record {i} is {_kind(value)}; expected a string"
+    return None
+
+
+def _check_rest(path: Path, suffix: str) -> str | None:
+    """The whole file is UTF-8 text without NUL bytes (the first read saw only its start; a binary tail
+    would fail tokenization minutes later). Streams it: a gigabyte takes about a second."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            if b"\0" in chunk:
+                return (f"{path} holds binary data (a NUL byte at offset {offset + chunk.index(0):,}); a {suffix} data "
+                        "file must be UTF-8 text throughout")
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                return f"{path} is not UTF-8 text (invalid byte at offset {offset + exc.start:,}); expected UTF-8 throughout"
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return f"{path} is not UTF-8 text (it ends inside a multi-byte character); expected UTF-8 throughout"
     return None
 
 

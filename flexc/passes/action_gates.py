@@ -28,7 +28,7 @@ from torch import nn
 from flexc.ir.graph import is_expert_node
 from flexc.ir.layout import ExpertLayout
 from flexc.ir.op import call_moe_experts
-from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
+from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_granule
 from flexc.passes.masked_experts import masked_experts
 from flexc.passes.registry import register_pass
 
@@ -145,14 +145,10 @@ class InsertActionGatesOptions(PassOptions):
                                "levels/levels (default: one per granule, i.e. every multiple of the granule, "
                                "at most 64).")
     granule: int = Field(16, ge=1, description="Widths are rounded to multiples of this many channels.")
-    init_margin: float = Field(3.0, ge=0, description="Initial logit advantage of the full-width action.")
+    init_margin: float = Field(3.0, ge=0, le=50, description="Initial logit advantage of the full-width action "
+                                                           "(at most 50: softmax saturates long before).")
 
-    @field_validator("granule")
-    @classmethod
-    def _granule(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"granule must be a power of two (kernel tiles); found {v}")
-        return v
+    _granule = field_validator("granule")(classmethod(lambda cls, v: check_granule(v)))
 
 
 @register_pass

@@ -89,7 +89,8 @@ from flexc.ir.buckets import count_buckets
 from flexc.ir.tables import WidthTables
 from flexc.passes import checkpoint
 from flexc.passes.action_gates import set_modes
-from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_keep_ratios, reject_bool_numbers
+from flexc.passes.base import (MAX_STEPS, Pass, PassContext, PassOptions, PassResult, check_keep_ratios,
+                               reject_bool_numbers)
 from flexc.passes.distill import TeacherTargets, distill_kl, distill_loss
 from flexc.passes.gated_model import GatedModel, gated_model
 from flexc.passes.registry import register_pass
@@ -150,7 +151,7 @@ class AnnealOptions(PassOptions):
     schedule: Literal["track", "ramp"] = Field(
         "track", description="track: one phase per budget, high to low, warm-started and held at the budget; "
                              "ramp: one lambda ramp, tables exported as the deployed keep crosses each budget.")
-    steps: int | None = Field(None, ge=0, description="Training steps (one calibration batch each). track: "
+    steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="Training steps (one calibration batch each). track: "
                               "shared equally by the budgets, default 20 per budget (0: the warm start's tables); "
                               "ramp: the scheduled steps, default 200.")
     lr: float = Field(0.1, gt=0, description="Adam learning rate of the action logits.")
@@ -189,7 +190,7 @@ class AnnealOptions(PassOptions):
                                "next-token loss on the held-out text (what perplexity measures), or both (the "
                                "trained table must win on the quality term by validation_z standard errors and "
                                "not lose on the next-token loss).")
-    extra_steps: int | None = Field(None, ge=0, description="ramp: bounded continuation if budgets remain, with "
+    extra_steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="ramp: bounded continuation if budgets remain, with "
                                     "lambda doubling and fresh optimizer moments (default: half of steps).")
     checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints.")
     budgets: list[float] | None = Field(None, description="Keep ratios to export (default: the spec's budgets).")

@@ -29,22 +29,63 @@ def _numeric(annotation: Any) -> bool:
     return bool not in args and any(_numeric(a) for a in args)
 
 
+def _accepts_str(annotation: Any) -> bool:
+    """Whether a field annotation takes any string (``str``, a string ``Literal``, a union with one)."""
+    if annotation is str:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, str) for a in get_args(annotation))
+    return any(_accepts_str(a) for a in get_args(annotation))
+
+
+def _not_a_number(value: Any, strings: bool) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if strings and isinstance(value, str):
+        return f"the string {value!r}" + (" (remove the quotes)" if _parses_as_number(value) else "")
+    return None
+
+
+def _parses_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def reject_bool_numbers(cls: type[BaseModel], value: Any, info: Any) -> Any:
-    """A ``field_validator("*", mode="before")`` body: refuse ``true``/``false`` where a number is expected.
+    """A ``field_validator("*", mode="before")`` body: refuse ``true``/``false`` where a number is
+    expected, and a string where only a number is.
 
     pydantic reads a bool as 1/0 for int and float fields, so ``num_samples: true`` would run
-    with one sample; a spec author never means that.
+    with one sample, and a quoted ``"0.3"`` as 0.3, so one budget list could mix numbers and
+    strings; a spec author never means either.
     """
     field = cls.model_fields.get(info.field_name)
     if field is None or not _numeric(field.annotation):
         return value
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number; found {'true' if value else 'false'}")
+    strings = not _accepts_str(field.annotation)
+    found = _not_a_number(value, strings)
+    if found is not None:
+        raise ValueError(f"expected a number; found {found}")
     if isinstance(value, list) and get_origin(field.annotation) is not None:
         for i, item in enumerate(value):
-            if isinstance(item, bool):
-                raise ValueError(f"expected numbers; found {'true' if item else 'false'} at position {i}")
+            found = _not_a_number(item, strings)
+            if found is not None:
+                raise ValueError(f"expected numbers; found {found} at position {i}")
     return value
+
+
+MAX_STEPS = 1_000_000  # training steps a pass accepts: days of training; beyond it, a typo (steps: 10**9)
+
+
+def check_granule(v: int | None) -> int | None:
+    """A width granule: a power of two (the kernels' tiles, and every pass's widths the same grid)."""
+    if v is not None and v & (v - 1):
+        raise ValueError(f"granule must be a power of two (kernel tiles); found {v}, expected e.g. "
+                         f"{1 << (v.bit_length() - 1)} or {1 << v.bit_length()}")
+    return v
 
 
 def check_keep_ratios(values: list[float] | None) -> list[float] | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from pydantic import Field, field_validator
 
-from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_keep_ratios
+from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_granule, check_keep_ratios
 from flexc.passes.registry import register_pass
 from flexc.ir.buckets import BucketBound, bucket_table, count_buckets
 from flexc.ir.tables import WidthTables, expert_weights, keep_ratio, per_layer_keep
@@ -39,7 +39,9 @@ REPORT_FILE = "width_tables.json"
 class BaselineOptions(PassOptions):
     budgets: list[float] | None = Field(None, description="Keep ratios (default: the spec's budgets).")
     metric: str | None = Field(None, description="Budget metric, 'params' or 'flops' (default: the spec's).")
-    granule: int = Field(16, ge=1, description="Widths are multiples of this many channels (kernel tiles).")
+    granule: int = Field(16, ge=1, description="Widths are multiples of this many channels (kernel tiles): a "
+                                               "power of two.")
+    _granule = field_validator("granule")(classmethod(lambda cls, v: check_granule(v)))
 
     @field_validator("metric")
     @classmethod

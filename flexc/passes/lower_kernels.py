@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from flexc.ir.graph import is_expert_node
 from flexc.ir.op import call_moe_experts
-from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
+from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_granule
 from flexc.passes.registry import register_pass
 from flexc.utils.atomic import atomic_write_text
 
@@ -55,6 +55,7 @@ class LowerKernelsOptions(PassOptions):
                                                 "(only when the shipped table has no entry).")
     granule: int | None = Field(None, ge=1, description="Width granule the kernels may assume (default: the "
                                                         "action gates' granule, else none).")
+    _granule = field_validator("granule")(classmethod(lambda cls, v: check_granule(v)))
 
 
 def _graph_granule(graph) -> int | None:

@@ -62,7 +62,7 @@ from flexc.ir.experts_impl import set_widths
 from flexc.ir.tables import WidthTables, expert_weights, keep_ratio
 from flexc.passes import checkpoint
 from flexc.passes.anneal import quality_loss
-from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
+from flexc.passes.base import MAX_STEPS, Pass, PassContext, PassOptions, PassResult
 from flexc.passes.distill import TeacherTargets
 from flexc.passes.registry import register_pass
 from flexc.passes.training import TrainingRun, fingerprint, restore, restore_optimizer
@@ -83,7 +83,7 @@ class RecoverDiverged(checkpoint.TrainingDiverged):
 class RecoverOptions(PassOptions):
     keep: float = Field(0.6, gt=0, le=1, description="Keep ratio to fine-tune at: the exported budget nearest to it.")
     keep_tolerance: float = Field(0.05, ge=0, description="Largest allowed distance from keep to that budget.")
-    steps: int = Field(100, ge=1, description="Training steps (one calibration batch each).")
+    steps: int = Field(100, ge=1, le=MAX_STEPS, description="Training steps (one calibration batch each).")
     lr: float = Field(1e-3, gt=0, description="Peak Adam learning rate (cosine decay to a tenth of it).")
     rank: int = Field(8, ge=1, description="LoRA rank (per expert for stacked expert weights).")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha: updates are scaled by alpha / rank.")

@@ -4,6 +4,7 @@ here, before minutes of loading). Used by model resolution, spec checks and the 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,25 @@ def check_safetensors(path: Path) -> str | None:
     return None
 
 
+def check_generation_config(directory: Path) -> list[str]:
+    """A ``generation_config.json`` that is not a JSON object (transformers ignores it silently: the
+    exports would lose the model's generation settings)."""
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return []
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return [f"{path}: not a generation config ({type(exc).__name__}: {exc}); expected a JSON object such as "
+                "{\"eos_token_id\": 2}, or remove the file"]
+    if not isinstance(raw, dict):
+        return [f"{path}: expected a JSON object (a generation config); found a JSON {type(raw).__name__}"]
+    return []
+
+
 def check_weight_files(directory: Path) -> list[str]:
-    """Problems with the weight files of a model directory, found without loading them."""
-    problems = []
+    """Problems with the weight files (and the generation config) of a model directory, found without loading them."""
+    problems = check_generation_config(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -78,4 +95,39 @@ def check_weight_files(directory: Path) -> list[str]:
     if not files and not index.is_file() and not any(directory.glob("*.bin")):
         problems.append(f"{directory} has no weights (no *.safetensors or *.bin files)")
     problems += [msg for f in files if (msg := check_safetensors(f))]
+    if not problems and files:
+        problems += _missing_expert_tensors(directory, files)
     return problems
+
+
+_EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.(.+)$")  # per-expert tensors: <...>.experts.<e>.<name>
+
+
+def _missing_expert_tensors(directory: Path, files: list[Path]) -> list[str]:
+    """Per-expert tensors some experts lack (transformers stacks them into one tensor per layer and
+    fails with a message about its conversion report); a checkpoint with stacked experts has none."""
+    try:
+        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []  # reported by the config checks
+    experts = next((raw[k] for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if isinstance(raw, dict) and isinstance(raw.get(k), int)), None)
+    if experts is None:
+        return []
+    found: dict[str, dict[str, set[int]]] = {}
+    where: dict[str, Path] = {}
+    for f in files:
+        for key in read_safetensors_header(f):
+            m = _EXPERT_KEY.match(key)
+            if m:
+                found.setdefault(m[1], {}).setdefault(m[3], set()).add(int(m[2]))
+                where[m[1]] = f
+    names = {name for per_layer in found.values() for name in per_layer}
+    missing = [f"{prefix}.{e}.{name}" for prefix, per_layer in sorted(found.items()) for name in sorted(names)
+               for e in range(experts) if e not in per_layer.get(name, set())]
+    if not missing:
+        return []
+    first = missing[0].rsplit(".experts.", 1)[0] + ".experts"
+    return [f"{where[first]}: lacks {len(missing)} expert tensor(s) ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}); expected {', '.join(sorted(names))} for each of the {experts} "
+            f"experts of every MoE layer (config.json) — is the download complete?"]
