@@ -647,9 +647,13 @@ def describe_errors(errors: list[dict[str, Any]], root: type[BaseModel]) -> list
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
             if close:
                 msg += f" — did you mean {close[0]!r}?"
-            if valid:
-                msg += f" (valid keys here: {', '.join(valid)})"
+            msg += f" (valid keys here: {', '.join(valid)})" if valid else "; expected no options here: remove it"
             out.append((loc, "key", msg))
+            continue
+        if etype in ("too_short", "too_long"):
+            limit = ctx.get("min_length") if etype == "too_short" else ctx.get("max_length")
+            bound = "at least" if etype == "too_short" else "at most"
+            out.append((loc, "value", f"expected {bound} {limit} item(s); found {ctx.get('actual_length', '?')}"))
             continue
         if etype == "missing":
             out.append((loc[:-1], "value", f"missing required key {loc[-1]!r}"))
@@ -718,7 +722,8 @@ def parse_spec(text: str, filename: str = "<spec>") -> tuple[Spec, PositionIndex
         raise SpecError([SpecIssue((), f"YAML syntax error: {exc}", exc.position, show_field=False)], filename, text) from None
     if dups:
         issues = [
-            SpecIssue(d.path, f"duplicate key {d.path[-1]!r} (first given at line {d.first.line})", d.again)
+            SpecIssue(d.path, f"duplicate key {d.path[-1]!r} (first given at line {d.first.line}); expected each key "
+                              "once: keep one of the two", d.again)
             for d in dups
         ]
         raise SpecError(issues, filename, text)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 SNIFF_BYTES = 64 * 1024
+_FORMATS = {".txt": "UTF-8 text", ".jsonl": "JSON lines", ".json": "JSON", ".parquet": "a Parquet table"}
 WHOLE_JSON_BYTES = 10_000_000  # a .json file up to this size may be parsed whole to check it
 RECORDS_CHECKED = 5
 
@@ -25,9 +26,9 @@ def check_data_file(path: Path, text_field: str, role: str = "calibration") -> s
     ``role`` (calibration or evaluation) names the spec section in hints.
     """
     size = path.stat().st_size
-    if size == 0:
-        return f"{path} is empty"
     suffix = path.suffix.lower()
+    if size == 0:
+        return f"{path} is empty; expected {_FORMATS.get(suffix, 'text')} with at least one document"
     if suffix == ".parquet":
         return _check_parquet(path, text_field, role)
     with path.open("rb") as f:
@@ -39,7 +40,8 @@ def check_data_file(path: Path, text_field: str, role: str = "calibration") -> s
         text = head.decode("utf-8")
     except UnicodeDecodeError as exc:
         if complete or exc.start < len(head) - 3:  # else only the read cut a multi-byte character
-            return f"{path} is not UTF-8 text (invalid byte at offset {exc.start})"
+            return (f"{path} is not UTF-8 text (invalid byte at offset {exc.start}); expected UTF-8 text "
+                    "(re-save it as UTF-8)")
         text = head[: exc.start].decode("utf-8")
     if not complete:
         tail = _check_rest(path, suffix)
@@ -47,7 +49,7 @@ def check_data_file(path: Path, text_field: str, role: str = "calibration") -> s
             return tail
     text = text.removeprefix("\ufeff")  # a byte-order mark is allowed (datasets skips it)
     if not text.strip() and complete:
-        return f"{path} holds only whitespace"
+        return f"{path} holds only whitespace; expected {_FORMATS.get(suffix, 'text')} with at least one document"
     if suffix == ".txt":
         return None
     records = _first_records(path, text, complete, size)
@@ -108,7 +110,7 @@ def _first_records(path: Path, text: str, complete: bool, size: int) -> list[Any
                     pos += 1
         except json.JSONDecodeError as exc:
             if complete:
-                return f"{path} is not valid JSON: {exc}"
+                return f"{path} is not valid JSON ({exc}); expected a JSON array of objects, or one object"
         return out
     lines = text.splitlines()
     if not complete:
@@ -130,7 +132,7 @@ def _first_records(path: Path, text: str, complete: bool, size: int) -> list[Any
         try:
             whole = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return f"{path} is not valid JSON: {exc}"
+            return f"{path} is not valid JSON ({exc}); expected a JSON array of objects, or one object"
         return whole[:RECORDS_CHECKED] if isinstance(whole, list) else [whole]
     return bad
 
@@ -155,7 +157,7 @@ def _check_parquet(path: Path, text_field: str, role: str) -> str | None:
     try:
         schema = pq.read_schema(str(path))
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a bad file
-        return f"{path} is not a readable Parquet file: {exc}"
+        return f"{path} is not a readable Parquet file ({exc}); expected a Parquet table with a {text_field!r} column"
     if text_field not in schema.names:
         columns = ", ".join(schema.names[:10])
         return f"{path} has no column {text_field!r} (its columns: {columns}); set data.{role}.text_field"

@@ -30,19 +30,20 @@ def _numeric(annotation: Any) -> bool:
 
 
 def _accepts_str(annotation: Any) -> bool:
-    """Whether a field annotation takes any string (``str``, a string ``Literal``, a union with one)."""
+    """Whether a field annotation takes free text (``str``, or a union with it; a ``Literal`` of
+    words such as ``"auto"`` does not: ``"64"`` is then a quoted number)."""
     if annotation is str:
         return True
     if get_origin(annotation) is Literal:
-        return any(isinstance(a, str) for a in get_args(annotation))
+        return False
     return any(_accepts_str(a) for a in get_args(annotation))
 
 
 def _not_a_number(value: Any, strings: bool) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if strings and isinstance(value, str):
-        return f"the string {value!r}" + (" (remove the quotes)" if _parses_as_number(value) else "")
+    if strings and isinstance(value, str) and _parses_as_number(value):  # other strings: pydantic's own message
+        return f"the string {value!r} (remove the quotes)"
     return None
 
 
