@@ -13,6 +13,7 @@ zoo case reads its recipe or cached config).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import sys
@@ -823,3 +824,14 @@ def test_a_missing_weight_tensor_is_refused_at_load_and_leaves_nothing(models, t
     assert f"{model}: its weight files lack 1 tensor(s) the model needs (model.layers.1.self_attn.q_proj.weight)" in err
     assert "LOAD REPORT" not in err  # transformers' own report is not printed beside flexc's message
     assert not out.exists()
+
+
+@pytest.mark.parametrize("call,says", [
+    (lambda flexc: flexc.compile(42), "expected a flexc.Spec, a mapping or the path of a YAML spec; found int"),
+    (lambda flexc: flexc.load(None), "flexc.load(path): expected the path of a compiled artifact; found NoneType"),
+], ids=["compile_of_a_number", "load_of_none"])
+def test_the_python_api_names_the_argument_of_the_wrong_type(call, says):
+    import flexc
+
+    with pytest.raises(TypeError, match=re.escape(says)):
+        call(flexc)

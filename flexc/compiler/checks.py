@@ -414,5 +414,8 @@ def load(spec_or_path: Any) -> tuple[Spec, Path | None]:
         except ValidationError as exc:
             raise SpecError(issues_from_errors(exc.errors(), None)) from None
         return validate_spec(spec), None
+    if not isinstance(spec_or_path, (str, os.PathLike)):
+        raise TypeError(f"expected a flexc.Spec, a mapping or the path of a YAML spec; found "
+                        f"{type(spec_or_path).__name__}")
     path = Path(spec_or_path)
     return validate_file(path), path

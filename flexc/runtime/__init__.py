@@ -3,6 +3,7 @@ or a sliced checkpoint."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ def load(path: str | Path, budget: float | None = None, *, dtype: Any = None, de
     ``backend`` (``auto``/``reference``/``triton``) picks the nested runtime's expert kernels.
     """
     budget = checked_budget(budget, "flexc.load(budget)")  # "0.5": a clear error, not a TypeError later
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"flexc.load(path): expected the path of a compiled artifact; found {type(path).__name__}")
     directory, manifest = _artifact_dir(Path(path).expanduser())
     kind = manifest.get("kind")
     if kind == "nested":
