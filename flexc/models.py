@@ -125,11 +125,14 @@ def resolve_directory(spec: "ModelSpec", *, progress: bool = True) -> Path:
 def check_model_directory(path: Path) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
-        raise ModelError(f"model directory not found: {path} (relative paths are taken from {Path.cwd()})")
+        raise ModelError(f"model directory not found: {path} (relative paths are taken from {Path.cwd()}); expected "
+                         "a Hugging Face model directory (config.json, weights, tokenizer)")
     if not path.is_dir():
-        raise ModelError(f"model path is not a directory: {path}")
+        raise ModelError(f"model path is not a directory: {path}; expected a Hugging Face model directory "
+                         "(config.json, weights, tokenizer)")
     if not (path / "config.json").is_file():
-        raise ModelError(f"{path} is not a Hugging Face model directory: it has no config.json")
+        raise ModelError(f"{path} is not a Hugging Face model directory: it has no config.json; expected the "
+                         "folder save_pretrained wrote (config.json, weights, tokenizer)")
     return path
 
 
@@ -158,7 +161,7 @@ def _read_config_json(directory: Path) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from None
+        raise ModelError(f"cannot read {path}: {exc}; expected the model's config (a JSON object)") from None
     if not isinstance(raw, dict):
         raise ModelError(f"{path}: expected a JSON object (a model config); found a JSON {type(raw).__name__}")
     return raw
@@ -218,6 +221,7 @@ class ModelShape:
     max_positions: int | None  # max_position_embeddings, when the config says
     directory: Path | None  # None for a zoo model that is not built yet
     config_file: str  # where the numbers come from, for messages
+    vocab_size: int | None = None  # the LM head's outputs, when the config says
 
 
 def model_shape(spec: "ModelSpec") -> ModelShape | None:
@@ -232,8 +236,10 @@ def model_shape(spec: "ModelSpec") -> ModelShape | None:
         entry = {e.name: e for e in zoo.available()}[value]
         if not entry.cached:  # not built yet: the recipe gives the config without training
             recipe = zoo.RECIPES[value]
+            config = recipe.model_config()
             return ModelShape(recipe.moe_intermediate_size, recipe.num_experts, recipe.top_k,
-                              recipe.model_config().max_position_embeddings, None, f"zoo recipe {value!r}")
+                              config.max_position_embeddings, None, f"zoo recipe {value!r}",
+                              getattr(config, "vocab_size", None))
         directory = Path(entry.path)
     else:
         directory = resolve_directory(spec, progress=False)
@@ -247,7 +253,7 @@ def model_shape(spec: "ModelSpec") -> ModelShape | None:
     try:
         shape = ModelShape(int(getattr(text, adapter.intermediate_attr)), int(getattr(text, adapter.num_experts_attr)),
                            adapter.top_k(text), getattr(text, "max_position_embeddings", None), directory,
-                           str(directory / "config.json"))
+                           str(directory / "config.json"), getattr(text, "vocab_size", None))
     except (AttributeError, TypeError, ValueError) as exc:
         raise ModelError(f"{directory / 'config.json'}: cannot read the expert shape "
                          f"({adapter.intermediate_attr}, {adapter.num_experts_attr}): {exc}") from None
@@ -274,9 +280,10 @@ def resolve_device(device: str) -> str:
         raise ModelError(f"device {device!r} requested but CUDA is not available here (use device: cpu or auto)")
     if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
         raise ModelError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA "
-                         f"device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+                         f"device(s); expected one of cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device == "mps" and not torch.backends.mps.is_available():
-        raise ModelError("device 'mps' requested but MPS is not available here")
+        raise ModelError("device 'mps' requested but MPS is not available here; expected 'cpu' or 'auto' on this "
+                         "machine")
     return device
 
 

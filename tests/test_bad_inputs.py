@@ -315,6 +315,9 @@ CASES = [
     Case("anneal_steps_a_billion", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, "
          "insert_action_gates, {anneal: {steps: 1000000000}}]\n", "pipeline[2].anneal.steps",
          "less than or equal to 1000000; found 1000000000"),
+    Case("anneal_teacher_topk_beyond_the_vocabulary", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, "
+         "insert_action_gates, {anneal: {teacher_topk: 1000000000000}}]\n", "pipeline[2].anneal.teacher_topk",
+         "teacher_topk 1000000000000 exceeds the vocabulary (290 tokens"),
     Case("uniform_granule_not_a_power_of_two", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, "
          "{uniform: {granule: 3}}]\n", "pipeline[1].uniform.granule", "power of two (kernel tiles); found 3"),
     Case("gates_init_margin_huge", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, "
@@ -550,6 +553,11 @@ def _generated_cases() -> list[Case]:
 CASES += _generated_cases()
 
 
+# A message says what was expected, or what to do: one of these words or phrases.
+GUIDANCE = re.compile(r"expected|expects|set |remove|did you mean|choose|use |add |give |write |re-save|save |"
+                      r"move |delete|install|must be|is the right file|compresses MoE|less than|greater than", re.I)
+
+
 def _spec_text(case: Case, tmp: Path) -> bytes:
     subst = {"{tmp}": str(tmp), "{model}": str(tmp / "model"), **{f"{{{k}}}": str(v) for k, v in _MODELS.items()}}
     text = case.spec
@@ -582,6 +590,8 @@ def test_bad_input(case: Case, command, models, tmp_path, monkeypatch, capsys):
     if case.field is not None:
         assert f": {case.field}: " in err, err  # the field
     assert case.says in err, err
+    line = next(line for line in err.splitlines() if case.says in line)
+    assert GUIDANCE.search(line), f"says what is wrong but not what was expected or what to do: {line}"
     if case.names_file is not None:
         assert str(tmp_path / case.names_file) in err, err
     assert len(err) < 5000, "messages stay short"

@@ -96,9 +96,11 @@ def check_data(spec: Spec, shape=None) -> list[Problem]:
             p = Path(name).expanduser()
             loc = ("data", role, "files", i)
             if not p.exists():
-                out.append((loc, "value", f"data file not found: {p} (relative paths are taken from {Path.cwd()})"))
+                out.append((loc, "value", f"data file not found: {p} (relative paths are taken from {Path.cwd()}); "
+                            "expected a .txt, .jsonl, .json or .parquet file"))
             elif not p.is_file():
-                out.append((loc, "value", f"data file is not a regular file: {p}"))
+                out.append((loc, "value", f"data file is not a regular file: {p}; expected a .txt, .jsonl, .json or "
+                            ".parquet file"))
             elif not os.access(p, os.R_OK):
                 out.append((loc, "value", f"data file is not readable (permission denied): {p}"))
             elif msg := check_data_file(p, source.text_field, role):
@@ -188,6 +190,11 @@ def check_pass_inputs(spec: Spec, shape=None) -> list[Problem]:
         if "budgets" in type(options).model_fields and options.budgets is None and spec.budgets is None:
             out.append((("pipeline", i), "value",
                         f"pass {entry.name!r} needs budgets: set budgets.keep in the spec or the pass's budgets option"))
+        topk, vocab = getattr(options, "teacher_topk", None), getattr(shape, "vocab_size", None)
+        if isinstance(topk, int) and isinstance(vocab, int) and topk > vocab:
+            out.append((("pipeline", i, entry.name, "teacher_topk"), "value",
+                        f"teacher_topk {topk} exceeds the vocabulary ({vocab} tokens, {shape.config_file}); expected "
+                        f"at most {vocab}, or null for the whole distribution"))
         if entry.name == "lower_kernels" and options.backend == "triton":
             out += _triton_problems(spec, i)
     return out
@@ -204,7 +211,8 @@ def _tokenizer_problems(spec: Spec, directory: Path, pass_name: str) -> list[Pro
     tokenizer = models.load_tokenizer(directory)  # no weights: a few files of vocabulary
     if tokenizer is None:
         return [(loc, "value", f"the tokenizer in {directory} cannot be loaded (run with --verbose for why), and "
-                 f"pass {pass_name!r} tokenizes calibration text")]
+                 f"pass {pass_name!r} tokenizes calibration text; expected the model's tokenizer files as "
+                 "save_pretrained writes them")]
     if getattr(tokenizer, "eos_token_id", None) is None:
         return [(loc, "value", f"the tokenizer in {directory} has no end-of-text token (eos_token), which "
                  f"calibration uses to separate documents for pass {pass_name!r}; set eos_token in tokenizer_config.json")]
@@ -230,7 +238,8 @@ def _saved_scores_problems(source: Path, i: int, shape) -> list[Problem]:
     wrong = sorted(k for k, s in perms.items() if expected is not None and s != expected)
     if wrong:
         return [(loc, "value", f"rank_channels from: {path} ranks experts of shape {perms[wrong[0]]} ({wrong[0]}), "
-                 f"but this model's are {expected} (experts x channels, {shape.config_file}): scores of another model?")]
+                 f"but this model's are {expected} (experts x channels, {shape.config_file}): scores of another model? "
+                 "Expected the channel_scores.safetensors of a rank_channels stage on this model")]
     return []
 
 

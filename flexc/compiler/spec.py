@@ -447,7 +447,7 @@ class ExportSpec(_Strict):
         issues = []
         for i, fmt in enumerate(v):
             if v.index(fmt) != i:
-                issues.append(((i,), "value", f"format {fmt!r} is listed twice"))
+                issues.append(((i,), "value", f"format {fmt!r} is listed twice; expected each format once: remove one"))
             elif fmt not in have:
                 issues.append(((i,), "value", not_available_message(fmt)))
         if issues:

@@ -48,9 +48,11 @@ class RankChannelsOptions(PassOptions):
             try:
                 score = resolve_score(v)
             except Exception as exc:  # noqa: BLE001 - any import failure is the spec's problem
-                raise ValueError(f"cannot import score {v!r}: {type(exc).__name__}: {exc}") from None
+                raise ValueError(f"cannot import score {v!r}: {type(exc).__name__}: {exc}; expected "
+                                 "'package.module:ClassName' importable from the working directory or PYTHONPATH") from None
             if not (isinstance(score, type) and issubclass(score, ChannelScore)):
-                raise ValueError(f"score {v!r} is not a flexc.passes.scores.ChannelScore subclass")
+                raise ValueError(f"score {v!r} is not a flexc.passes.scores.ChannelScore subclass; expected a class "
+                                 "deriving from it")
         return v
 
     @field_validator("from_")

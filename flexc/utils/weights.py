@@ -21,6 +21,13 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
 
 
 def check_safetensors(path: Path) -> str | None:
+    """What is wrong with a ``.safetensors`` file, from its header and size alone (None: looks whole),
+    and what to do about it."""
+    problem = _safetensors_problem(path)
+    return None if problem is None else f"{problem}; expected a whole safetensors file: download or copy it again"
+
+
+def _safetensors_problem(path: Path) -> str | None:
     """What is wrong with a ``.safetensors`` file, from its header and size alone (None: looks whole).
 
     Layout: 8-byte little-endian header length, a JSON header mapping tensor names to dtype, shape
@@ -89,11 +96,14 @@ def check_weight_files(directory: Path) -> list[str]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             shards = sorted(set(weight_map.values()))
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            return [f"{index}: not a safetensors index (a JSON object with a weight_map): {exc}"]
-        problems += [f"{index} names {s}, which is missing" for s in shards if not (directory / s).is_file()]
+            return [f"{index}: not a safetensors index ({type(exc).__name__}: {exc}); expected a JSON object with a "
+                    "weight_map: download or copy it again"]
+        problems += [f"{index} names {s}, which is missing; expected every shard the index names: download it again"
+                     for s in shards if not (directory / s).is_file()]
     files = sorted(directory.glob("*.safetensors"))
     if not files and not index.is_file() and not any(directory.glob("*.bin")):
-        problems.append(f"{directory} has no weights (no *.safetensors or *.bin files)")
+        problems.append(f"{directory} has no weights (no *.safetensors or *.bin files); expected model.safetensors, "
+                        "or shards with model.safetensors.index.json")
     problems += [msg for f in files if (msg := check_safetensors(f))]
     if not problems and files:
         problems += _missing_expert_tensors(directory, files)
