@@ -64,13 +64,13 @@ def test_reference_equals_naive_loop_with_widths(activation, interleaved, bias):
 def test_grouped_cpu_path_equals_naive_loop(activation, interleaved, bias, T):
     """The CPU inference path for one shared width (grouped GEMMs) against the definition,
     and the op's choice between it and the reference loop."""
-    from flexc.ir.grouped import moe_experts_grouped, shared_width
+    from flexc.ir.grouped import moe_experts_cpu
 
     h, ids, w, gate_up, down, gub, db = make_inputs(torch.float32, T=T, bias=bias, seed=T)
     as_double = [t.double() if t is not None and t.is_floating_point() else t for t in (h, ids, w, gate_up, down, gub, db)]
     for width in (16, 8, 0):  # full, part, removed
         widths = torch.full((5,), width)
-        got = moe_experts_grouped(h, ids, w, gate_up, down, gub, db, width, activation, interleaved)
+        got = moe_experts_cpu(h, ids, w, gate_up, down, gub, db, widths, activation, interleaved)
         want = naive_experts(*as_double, widths, activation, interleaved)
         assert width == 0 or want.abs().max() > 1.0
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
@@ -85,12 +85,10 @@ def test_grouped_cpu_path_equals_naive_loop(activation, interleaved, bias, T):
     # The registered op on CPU takes the one-width grouped path when every expert hit shares a
     # width (deterministic, so it matches exactly), the mixed-width grouped path otherwise.
     uniform = torch.full((5,), 8)
-    assert shared_width(h, ids, gate_up, down, uniform, interleaved) == 8
-    assert torch.equal(op(uniform), moe_experts_grouped(h, ids, w, gate_up, down, gub, db, 8, activation, interleaved))
+    assert torch.equal(op(uniform), moe_experts_cpu(h, ids, w, gate_up, down, gub, db, uniform, activation, interleaved))
     # Mixed widths among the experts hit: token 0's two experts get different widths.
     mixed = torch.tensor([0, 16, 8, 16, 8])
     mixed[ids[0, 0]], mixed[ids[0, 1]] = 16, 8
-    assert shared_width(h, ids, gate_up, down, mixed, interleaved) is None
     torch.testing.assert_close(op(mixed), reference(mixed), rtol=1e-5, atol=1e-5)
 
 

@@ -108,22 +108,6 @@ def _aligned(width: int, element_size: int) -> bool:
     return width * element_size % 16 == 0  # activations are [n, width]
 
 
-def shared_width(hidden: torch.Tensor, topk_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                 widths: torch.Tensor | None, interleaved: bool) -> int | None:
-    """The width every expert hit shares, where one unmasked run serves the call; else None."""
-    if not _eligible(hidden, gate_up, down, interleaved):
-        return None
-    intermediate = down.shape[2]
-    if widths is None:
-        width = intermediate
-    else:
-        hit = torch.unique(widths[topk_ids])
-        if hit.numel() != 1:
-            return None
-        width = min(max(int(hit), 0), intermediate)
-    return width if _aligned(width, gate_up.element_size()) else None
-
-
 class _Plan(NamedTuple):
     """A call's (token, slot) pairs sorted by (run, expert): each run's rows contiguous and
     sorted by expert, the rows of width-0 experts last; ties keep token order, as in
@@ -273,16 +257,6 @@ def _forward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_b
     if dead:  # removed experts contribute nothing, bias included
         y[start:].zero_()
     return plan.combine(y)  # the k slots of each token summed in slot order, as in the reference
-
-
-def moe_experts_grouped(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, width: int,
-                        activation="silu", interleaved=False, alpha=1.702, limit=7.0) -> torch.Tensor:
-    """The op's forward with every expert hit at ``width`` (from :func:`shared_width`); inference only."""
-    if width == 0:  # removed experts contribute nothing, bias included
-        return hidden.new_zeros(hidden.shape)
-    ids = topk_ids.reshape(-1).tolist() if topk_ids.numel() <= HOST_PLAN_PAIRS else None
-    return _forward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, None, [width], [False],
-                    False, activation, interleaved, alpha, limit, ids)
 
 
 def moe_experts_cpu(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
