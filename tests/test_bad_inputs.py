@@ -783,6 +783,29 @@ def test_set_budget_of_the_wrong_type(budget, artifacts):
     assert model.flexc.budget == 0.4
 
 
+@pytest.mark.parametrize("budget", [0.33, 2.0, float("nan")])
+def test_a_budget_the_artifact_lacks_is_a_flexc_error(budget, artifacts):
+    import flexc
+    from flexc.compiler.errors import FlexcError
+
+    model = flexc.load(artifacts["nested"])
+    with pytest.raises(FlexcError, match="no width table for budget .*; available budgets: 0.75, 0.4"):
+        model.set_budget(budget)
+    with pytest.raises(KeyError):  # a lookup that fails, as Python's convention has it
+        model.set_budget(budget)
+
+
+@pytest.mark.parametrize("kwargs,says", [
+    ({"dtype": "float17"}, "flexc.load(dtype): expected a torch dtype or its name"),
+    ({"device": "tpu"}, "flexc.load(device): expected a torch device such as 'cpu' or 'cuda:0'; found 'tpu'"),
+], ids=["dtype", "device"])
+def test_load_names_a_bad_dtype_or_device_before_loading(kwargs, says, artifacts):
+    import flexc
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        flexc.load(artifacts["nested"], **kwargs)
+
+
 def _truncate_weights(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])

@@ -28,10 +28,12 @@ from pathlib import Path
 
 import torch
 
+from flexc.errors import FlexcError
+
 WIDTHS_FILE = "flexc_widths.safetensors"
 
 
-class BudgetError(KeyError):
+class BudgetError(FlexcError, KeyError):
     """A budget was asked for that the artifact does not have."""
 
     def __str__(self) -> str:  # KeyError quotes its message; this one is a sentence

@@ -25,6 +25,21 @@ def _artifact_dir(path: Path) -> tuple[Path, dict[str, Any]]:
                              "directory")
 
 
+def _check_dtype_and_device(dtype: Any, device: Any) -> None:
+    import torch
+
+    if dtype is not None and not isinstance(dtype, torch.dtype) and not (
+            isinstance(dtype, str) and (dtype == "auto" or isinstance(getattr(torch, dtype, None), torch.dtype))):
+        raise ValueError(f"flexc.load(dtype): expected a torch dtype or its name ('float32', 'bfloat16', 'float16', "
+                         f"'auto'); found {dtype!r}")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"flexc.load(device): expected a torch device such as 'cpu' or 'cuda:0'; "
+                             f"found {device!r}") from None
+
+
 def load(path: str | Path, budget: float | None = None, *, dtype: Any = None, device: Any = None,
          backend: str = "auto"):
     """Load a compiled model as a transformers model.
@@ -39,6 +54,7 @@ def load(path: str | Path, budget: float | None = None, *, dtype: Any = None, de
     budget = checked_budget(budget, "flexc.load(budget)")  # "0.5": a clear error, not a TypeError later
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"flexc.load(path): expected the path of a compiled artifact; found {type(path).__name__}")
+    _check_dtype_and_device(dtype, device)  # before the weights load, not after
     directory, manifest = _artifact_dir(Path(path).expanduser())
     kind = manifest.get("kind")
     if kind == "nested":
