@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
-from flexc.ir.layout import ExpertLayout  # noqa: E402
+from flexc.ir.layout import ExpertLayout, ExpertWeights  # noqa: E402
 from flexc.passes.distill import TeacherTargets, distill_kl, distill_loss  # noqa: E402
 from flexc.passes.masked_experts import masked_experts, masked_experts_reference  # noqa: E402
 
@@ -69,11 +69,11 @@ def main() -> None:
         mask = torch.zeros(EXPERTS, INTER)
         mask[:, :sampled] = 1
         mask.requires_grad_(True)
+        experts = ExpertWeights(gate_up, down, layout=layout)
         reference, written = side_by_side(
-            lambda: masked_experts_reference(hidden, ids, weights, gate_up, down, None, None, mask, layout).sum()
-            .backward(),
-            lambda: masked_experts(hidden, ids, weights, gate_up, down, None, None, mask, [upper] * EXPERTS,
-                                   [sampled] * EXPERTS, layout).sum().backward(), args.repeats)
+            lambda: masked_experts_reference(hidden, ids, weights, experts, mask).sum().backward(),
+            lambda: masked_experts(hidden, ids, weights, experts, mask, [upper] * EXPERTS,
+                                   [sampled] * EXPERTS).sum().backward(), args.repeats)
         rows.append({"piece": f"experts U={upper} S={sampled}", "autograd_min_ms": summary(reference)[0],
                      "autograd_median_ms": summary(reference)[1], "flexc_min_ms": summary(written)[0],
                      "flexc_median_ms": summary(written)[1]})

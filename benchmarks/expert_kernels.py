@@ -179,7 +179,7 @@ def rel_err(out, ref):
 def run_shape(name, spec, batches, keeps, with_mix, rep_ms, results, check=True):
     from transformers.integrations.moe import batched_mm_experts_forward, grouped_mm_experts_forward
 
-    from flexc.ir.op import moe_experts_reference
+    from flexc.ir.op import ExpertWeights, moe_experts_reference
     from flexc.kernels.dispatch import triton_forward
     from flexc.kernels.tuning import lookup_config
 
@@ -188,6 +188,7 @@ def run_shape(name, spec, batches, keeps, with_mix, rep_ms, results, check=True)
     gate_up = torch.randn(E, 2 * I, H, device=DEV, dtype=DTYPE, generator=g).mul_(H**-0.5)
     down = torch.randn(E, H, I, device=DEV, dtype=DTYPE, generator=g).mul_(I**-0.5)
     hf = _HFExperts(gate_up, down)
+    experts = ExpertWeights(gate_up, down)
     gate_up32 = down32 = None
     if check:
         gate_up32, down32 = gate_up.float(), down.float()
@@ -213,12 +214,12 @@ def run_shape(name, spec, batches, keeps, with_mix, rep_ms, results, check=True)
                                   "TFLOPs": fl / (ms * 1e-3) / 1e12, "weight_MB": wb / 1e6, **(extra or {})}
 
         for label, widths, kp in variants:
-            fn = lambda x, ids, tw, widths=widths: triton_forward(x, ids, tw, gate_up, down, None, None, widths)  # noqa: E731
+            fn = lambda x, ids, tw, widths=widths: triton_forward(x, ids, tw, experts, widths)  # noqa: E731
             extra = {"keep": float(widths.float().mean() / I)}
             if check:
                 x, ids, tw = sets[0]
                 out = fn(x, ids, tw)
-                ref = moe_experts_reference(x.float(), ids, tw.float(), gate_up32, down32, None, None, widths)
+                ref = moe_experts_reference(x.float(), ids, tw.float(), ExpertWeights(gate_up32, down32), widths)
                 extra["rel_err"] = rel_err(out, ref)
             record(f"flexc_{label}", bench_graph(fn, sets, rep_ms), work(sets, widths, H, I), extra)
         record("grouped_mm", bench_graph(lambda x, ids, tw: grouped_mm_experts_forward(hf, x, ids, tw), sets, rep_ms),
@@ -231,7 +232,7 @@ def run_shape(name, spec, batches, keeps, with_mix, rep_ms, results, check=True)
             record("batched_mm", bench_graph(lambda x, ids, tw: batched_mm_experts_forward(hf, x, ids, tw), sets,
                                              rep_ms), full_work)
         if T <= 16:
-            record("reference", bench_eager(lambda x, ids, tw: moe_experts_reference(x, ids, tw, gate_up, down), sets,
+            record("reference", bench_eager(lambda x, ids, tw: moe_experts_reference(x, ids, tw, experts), sets,
                                             rep_ms), full_work)
         results.append(row)
         im = row["impls"]

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
 from flexc.ir.grouped import moe_experts_cpu  # noqa: E402
-from flexc.ir.op import call_moe_experts, moe_experts_reference  # noqa: E402
+from flexc.ir.op import ExpertWeights, moe_experts_reference, run_experts  # noqa: E402
 
 
 def level_widths(num_experts: int, intermediate: int, granule: int = 32, seed: int = 0) -> torch.Tensor:
@@ -94,6 +94,7 @@ def main() -> None:
 
     experts, top_k = load_experts(args.model, args.synthetic)
     gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    canonical = ExpertWeights(gate_up, down)  # the op's view of the module's weights
     num_experts, _, intermediate = down.shape
     patterns = {
         "full": None,
@@ -110,15 +111,14 @@ def main() -> None:
         weights, ids = torch.topk(torch.randn(tokens, num_experts, generator=g).softmax(-1), top_k)
         calls = {("stock transformers", "-"): lambda: experts(x, ids, weights)}
         for name, widths in patterns.items():
-            calls[("flexc op", name)] = lambda w=widths: call_moe_experts(x, ids, weights, gate_up, down, widths=w)
+            calls[("flexc op", name)] = lambda w=widths: run_experts(x, ids, weights, canonical, w)
         for name in ["full", *mixed]:
-            calls[("reference loop", name)] = lambda w=patterns[name]: moe_experts_reference(
-                x, ids, weights, gate_up, down, widths=w)
+            calls[("reference loop", name)] = lambda w=patterns[name]: moe_experts_reference(x, ids, weights, canonical, w)
         if args.strategies:
             for name in mixed:
                 for strategy in ("pad", "group"):
                     calls[(f"mixed path, {strategy}", name)] = lambda w=patterns[name], s=strategy: moe_experts_cpu(
-                        x, ids, weights, gate_up, down, None, None, w, strategy=s)
+                        x, ids, weights, canonical, w, strategy=s)
         reps = max(1, 400 // max(tokens, 1)) if tokens < 2048 else 2
         with torch.no_grad():
             # a forced strategy the path declines (None: the op would run the loop) is left out

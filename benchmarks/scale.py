@@ -55,7 +55,9 @@ BUDGET = 0.5
 def _config(num_layers: int):
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(num_hidden_layers=num_layers, dtype="bfloat16", **SHAPE)
+    # architectures: what vLLM reads to serve it as a causal LM (benchmarks/serve.py --stock)
+    return Qwen3MoeConfig(num_hidden_layers=num_layers, dtype="bfloat16", architectures=["Qwen3MoeForCausalLM"],
+                          **SHAPE)
 
 
 def _tokenizer():

@@ -176,9 +176,9 @@ def test_expert_prune_switches_replays_and_renormalises(ranked, tmp_path, replay
                           norm_topk_prob=False)
     topk_ids, topk_w = routing_of(fresh, ids)
     assert not torch.isin(topk_ids, torch.tensor([1, 4, 6])).any()
-    from flexc.ir.op import moe_experts_reference
+    from flexc.ir.op import ExpertWeights, moe_experts_reference
 
-    torch.testing.assert_close(moe_experts_reference(x, topk_ids, topk_w, gate_up, down), expected,
+    torch.testing.assert_close(moe_experts_reference(x, topk_ids, topk_w, ExpertWeights(gate_up, down)), expected,
                                rtol=1e-5, atol=1e-5)
     set_expert_mask(fresh, None)
     assert torch.isin(routing_of(fresh, ids)[0], torch.tensor([1, 4, 6])).any()  # switchable: masks off

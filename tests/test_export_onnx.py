@@ -24,7 +24,7 @@ from flexc.export.slicing import slice_experts
 from flexc.export.tables import WidthTables, budget_key
 from flexc.ir.experts_impl import WIDTHS_BUFFER, canonical_weights, expert_activation, set_widths, use_flexc_experts
 from flexc.ir.groups import find_expert_groups
-from flexc.ir.op import moe_experts_reference
+from flexc.ir.op import ExpertLayout, ExpertWeights, moe_experts_reference
 from flexc.ir.testing import tiny_families, tiny_model
 
 ort = pytest.importorskip("onnxruntime")
@@ -163,10 +163,9 @@ def test_fused_experts_equal_reference_op(family):
     weights = torch.rand(11, group.top_k, generator=g)
     gate_up, down = canonical_weights(experts)
     activation, alpha, limit = expert_activation(experts)
-    want = moe_experts_reference(hidden, ids, weights, gate_up, down,
-                                 experts.gate_up_proj_bias if group.has_bias else None,
-                                 experts.down_proj_bias if group.has_bias else None, widths,
-                                 activation, group.interleaved, alpha, limit)
+    biases = (experts.gate_up_proj_bias, experts.down_proj_bias) if group.has_bias else (None, None)
+    layout = ExpertLayout(activation, group.interleaved, alpha, limit)  # the group's view, not slice_experts'
+    want = moe_experts_reference(hidden, ids, weights, ExpertWeights(gate_up, down, *biases, layout), widths)
     fused = FusedExperts(slice_experts(experts, widths), group.num_experts)
     with torch.no_grad():
         assert torch.allclose(fused(hidden, ids, weights), want, atol=1e-5)

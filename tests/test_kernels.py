@@ -24,7 +24,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import: it fixes the mode of triton's own library
 
-from flexc.ir.op import call_moe_experts, moe_experts_reference, register_backend  # noqa: E402
+from flexc.ir.op import ExpertLayout, ExpertWeights, moe_experts_reference, register_backend, run_experts  # noqa: E402
 
 
 def _kernels_runnable_here() -> bool:
@@ -99,15 +99,20 @@ def make_case(T, E, H, I, k, dtype, *, seed, bias=False, transposed=False, devic
                 gate_up_bias=to(gub), down_bias=to(db))
 
 
+def case_weights(case) -> ExpertWeights:
+    """A case's expert weights as the op's one value (the kernels' backend signature takes it)."""
+    return ExpertWeights(case["gate_up"], case["down"], case["gate_up_bias"], case["down_bias"])
+
+
 def reference(case, widths, activation="silu", interleaved=False, alpha=1.702, limit=7.0):
     """The reference op in float64 on the CPU."""
     def f(t):
         return None if t is None else t.detach().to("cpu", torch.float64)
 
     w = None if widths is None else widths.cpu()
-    return moe_experts_reference(f(case["hidden"]), case["topk_ids"].cpu(), f(case["topk_weights"]), f(case["gate_up"]),
-                                 f(case["down"]), f(case["gate_up_bias"]), f(case["down_bias"]), w, activation,
-                                 interleaved, alpha, limit)
+    weights = ExpertWeights(f(case["gate_up"]), f(case["down"]), f(case["gate_up_bias"]), f(case["down_bias"]),
+                            ExpertLayout(activation, interleaved, alpha, limit))
+    return moe_experts_reference(f(case["hidden"]), case["topk_ids"].cpu(), f(case["topk_weights"]), weights, w)
 
 
 def run_kernel(case, widths, config=None, activation="silu", interleaved=False, alpha=1.702, limit=7.0, granule=None):
@@ -295,16 +300,15 @@ def test_resolve_backend(monkeypatch):
         assert resolve_backend("auto", "cuda") == "triton"
 
 
-def test_dispatch_moe_experts_backends():
+def test_run_experts_with_a_chosen_backend():
     _kernels()
-    from flexc.ir.backends import moe_experts
 
     case = make_case(5, 4, 32, 32, 2, torch.float32, seed=12)
     widths = torch.tensor([32, 0, 16, 8], dtype=torch.int32, device=DEVICE)
     ref = reference(case, widths)
-    args = list(case.values()) + [widths]
-    assert rel_err(moe_experts(*args, backend="reference"), ref) < 1e-4
-    assert rel_err(moe_experts(*args, backend="triton"), ref) < 1e-4
+    args = (case["hidden"], case["topk_ids"], case["topk_weights"], case_weights(case), widths)
+    assert rel_err(run_experts(*args, backend="reference"), ref) < 1e-4
+    assert rel_err(run_experts(*args, backend="triton"), ref) < 1e-4
 
 
 def test_op_backend_registration():
@@ -321,8 +325,7 @@ def test_op_backend_registration():
             install_cuda_backend()
         else:
             register_backend("cpu", triton_forward)
-        out = call_moe_experts(case["hidden"], case["topk_ids"], case["topk_weights"], case["gate_up"], case["down"],
-                               widths=widths)
+        out = run_experts(case["hidden"], case["topk_ids"], case["topk_weights"], case_weights(case), widths)
         assert rel_err(out, ref) < 1e-4
     finally:
         install_cuda_backend(False)
@@ -485,5 +488,5 @@ def test_bf16_tuned_configs_on_real_shape(batch):
     E, H, I, k = 128, 2048, 768, 8
     case = make_case(batch, E, H, I, k, torch.bfloat16, seed=19)
     widths = width_mix(E, I, 16, seed=batch)
-    out = triton_forward(*case.values(), widths)
+    out = triton_forward(case["hidden"], case["topk_ids"], case["topk_weights"], case_weights(case), widths)
     assert rel_err(out, reference(case, widths)) < TOL[torch.bfloat16]

@@ -196,7 +196,7 @@ def test_the_reader_sees_nested_relative_and_dynamic_imports():
         "    from flexc.compiler.spec import Spec\n"  # not counted: never runs
         "def f():\n"
         "    from flexc import models\n"  # a submodule imported from the package
-        "    from ..ir.op import call_moe_experts\n"  # relative
+        "    from ..ir.op import run_experts\n"  # relative
         "    import flexc.kernels.dispatch\n"
         "    importlib.import_module('flexc.export')\n"
         "    from flexc import __version__\n"  # the version string: not a dependency

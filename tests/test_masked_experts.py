@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flexc.ir.layout import ExpertLayout
+from flexc.ir.layout import ExpertLayout, ExpertWeights
 from flexc.passes.masked_experts import masked_experts, masked_experts_reference
 
 UPPER = [48, 32, 16, 48, 32, 48]  # widest allowed action per expert
@@ -28,9 +28,9 @@ def test_masked_experts_matches_the_full_width_reference(layout, bias):
     mask.requires_grad_(True)
     probe = torch.linspace(-1, 1, hidden)
     results = []
-    for run in (lambda: masked_experts(x, ids, weights, gate_up, down, gate_up_bias, down_bias, mask, UPPER, SAMPLED,
-                                       layout),
-                lambda: masked_experts_reference(x, ids, weights, gate_up, down, gate_up_bias, down_bias, mask, layout)):
+    experts = ExpertWeights(gate_up, down, gate_up_bias, down_bias, layout)
+    for run in (lambda: masked_experts(x, ids, weights, experts, mask, UPPER, SAMPLED),
+                lambda: masked_experts_reference(x, ids, weights, experts, mask)):
         out = run()
         results.append((out.detach(), *torch.autograd.grad((out * probe).sum(), (x, router, mask), retain_graph=True)))
     (out, gx, grouter, gmask), (ref, rgx, rgrouter, rgmask) = results

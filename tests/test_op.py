@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from flexc.ir.op import apply_activation, call_moe_experts, gate_up_rows, moe_experts_reference
+from flexc.ir.op import ExpertLayout, ExpertWeights, apply_activation, gate_up_rows, moe_experts_reference, run_experts
 
 
 def naive_experts(h, ids, w, gate_up, down, gub, db, widths, activation, interleaved):
@@ -51,9 +51,9 @@ def make_inputs(dtype, E=5, H=12, I=16, T=9, k=2, bias=False, seed=0):
 @pytest.mark.parametrize("activation,interleaved,bias", CASES)
 def test_reference_equals_naive_loop_with_widths(activation, interleaved, bias):
     h, ids, w, gate_up, down, gub, db = make_inputs(torch.float64, bias=bias)
+    experts = ExpertWeights(gate_up, down, gub, db, ExpertLayout(activation, interleaved))
     widths = torch.tensor([0, 16, 5, 1, 11])  # zero, full, odd mixes
-    got = call_moe_experts(h, ids, w, gate_up, down, gate_up_bias=gub, down_bias=db, widths=widths,
-                           activation=activation, interleaved=interleaved)
+    got = run_experts(h, ids, w, experts, widths)
     want = naive_experts(h, ids, w, gate_up, down, gub, db, widths, activation, interleaved)
     assert got.abs().max() > 1.0  # a real signal, not zeros
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -67,25 +67,25 @@ def test_grouped_cpu_path_equals_naive_loop(activation, interleaved, bias, T):
     from flexc.ir.grouped import moe_experts_cpu
 
     h, ids, w, gate_up, down, gub, db = make_inputs(torch.float32, T=T, bias=bias, seed=T)
+    experts = ExpertWeights(gate_up, down, gub, db, ExpertLayout(activation, interleaved))
     as_double = [t.double() if t is not None and t.is_floating_point() else t for t in (h, ids, w, gate_up, down, gub, db)]
     for width in (16, 8, 0):  # full, part, removed
         widths = torch.full((5,), width)
-        got = moe_experts_cpu(h, ids, w, gate_up, down, gub, db, widths, activation, interleaved)
+        got = moe_experts_cpu(h, ids, w, experts, widths)
         want = naive_experts(*as_double, widths, activation, interleaved)
         assert width == 0 or want.abs().max() > 1.0
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
     def op(widths):
-        return call_moe_experts(h, ids, w, gate_up, down, gate_up_bias=gub, down_bias=db, widths=widths,
-                                activation=activation, interleaved=interleaved)
+        return run_experts(h, ids, w, experts, widths)
 
     def reference(widths):
-        return moe_experts_reference(h, ids, w, gate_up, down, gub, db, widths, activation, interleaved)
+        return moe_experts_reference(h, ids, w, experts, widths)
 
     # The registered op on CPU takes the one-width grouped path when every expert hit shares a
     # width (deterministic, so it matches exactly), the mixed-width grouped path otherwise.
     uniform = torch.full((5,), 8)
-    assert torch.equal(op(uniform), moe_experts_cpu(h, ids, w, gate_up, down, gub, db, uniform, activation, interleaved))
+    assert torch.equal(op(uniform), moe_experts_cpu(h, ids, w, experts, uniform))
     # Mixed widths among the experts hit: token 0's two experts get different widths.
     mixed = torch.tensor([0, 16, 8, 16, 8])
     mixed[ids[0, 0]], mixed[ids[0, 1]] = 16, 8
@@ -95,21 +95,21 @@ def test_grouped_cpu_path_equals_naive_loop(activation, interleaved, bias, T):
 def test_default_widths_mean_full_width():
     h, ids, w, gate_up, down, _, _ = make_inputs(torch.float64)
     full = torch.full((5,), 16)
-    torch.testing.assert_close(call_moe_experts(h, ids, w, gate_up, down),
-                               call_moe_experts(h, ids, w, gate_up, down, widths=full))
+    torch.testing.assert_close(run_experts(h, ids, w, ExpertWeights(gate_up, down)),
+                               run_experts(h, ids, w, ExpertWeights(gate_up, down), full))
 
 
 def test_width_zero_expert_contributes_nothing():
     h, ids, w, gate_up, down, gub, db = make_inputs(torch.float64, bias=True)
     widths = torch.zeros(5, dtype=torch.int64)
-    out = call_moe_experts(h, ids, w, gate_up, down, gate_up_bias=gub, down_bias=db, widths=widths)
+    out = run_experts(h, ids, w, ExpertWeights(gate_up, down, gub, db), widths)
     assert torch.count_nonzero(out) == 0
 
 
 def test_invalid_widths_are_rejected():
     h, ids, w, gate_up, down, _, _ = make_inputs(torch.float64)
     with pytest.raises(ValueError, match="widths must be 5 integers"):
-        moe_experts_reference(h, ids, w, gate_up, down, widths=torch.tensor([0, 17, 1, 1, 1]))
+        moe_experts_reference(h, ids, w, ExpertWeights(gate_up, down), torch.tensor([0, 17, 1, 1, 1]))
 
 
 @pytest.mark.parametrize("activation,interleaved,bias", CASES)
@@ -120,9 +120,9 @@ def test_gradcheck_float64(activation, interleaved, bias):
     tensors = [t.requires_grad_() for t in tensors]
 
     def f(*args):
-        extra = {"gate_up_bias": args[4], "down_bias": args[5]} if bias else {}
-        return call_moe_experts(args[0], ids, args[1], args[2], args[3], widths=widths,
-                                activation=activation, interleaved=interleaved, **extra)
+        biases = (args[4], args[5]) if bias else (None, None)
+        weights = ExpertWeights(args[2], args[3], *biases, ExpertLayout(activation, interleaved))
+        return run_experts(args[0], ids, args[1], weights, widths)
 
     assert torch.autograd.gradcheck(f, tuple(tensors))
 
@@ -135,7 +135,7 @@ def test_backward_leaves_widths_and_routing_ids_untouched():
     w.requires_grad_()
     widths = torch.tensor([3, 16, 5, 1, 11])
     ids_before, widths_before = ids.clone(), widths.clone()
-    call_moe_experts(h, ids, w, gate_up, down, widths=widths).sum().backward()
+    run_experts(h, ids, w, ExpertWeights(gate_up, down), widths).sum().backward()
     assert h.grad.abs().max() > 0 and w.grad.abs().max() > 0
     assert torch.equal(ids, ids_before) and torch.equal(widths, widths_before)
     assert not ids.requires_grad and not widths.requires_grad
@@ -178,20 +178,19 @@ def test_cpu_path_mixed_widths_equals_reference(activation, interleaved, bias, T
     from flexc.ir.grouped import moe_experts_cpu
 
     h, ids, w, gate_up, down, gub, db = mixed_inputs(dtype, T, bias, seed=T)
+    experts = ExpertWeights(gate_up, down, gub, db, ExpertLayout(activation, interleaved))
     widths = torch.tensor(MIXED_WIDTHS[pattern], dtype=torch.int32)
     assert len(torch.unique(widths[ids])) >= 2  # the call really mixes widths, from one token on
-    want = moe_experts_reference(h, ids, w, gate_up, down, gub, db, widths, activation, interleaved)
+    want = moe_experts_reference(h, ids, w, experts, widths)
     assert want.abs().max() > 0.5  # a real signal, not zeros
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)
-    got = call_moe_experts(h, ids, w, gate_up, down, gate_up_bias=gub, down_bias=db, widths=widths,
-                           activation=activation, interleaved=interleaved)
+    got = run_experts(h, ids, w, experts, widths)
     torch.testing.assert_close(got, want, **tol)
     # Both strategies at every size, one run per width and one padded run, each planned on the
     # host and by tensor ops.
     for strategy in ("group", "pad"):
         for host_plan in (True, False):
-            got = moe_experts_cpu(h, ids, w, gate_up, down, gub, db, widths, activation, interleaved,
-                                  strategy=strategy, host_plan=host_plan)
+            got = moe_experts_cpu(h, ids, w, experts, widths, strategy=strategy, host_plan=host_plan)
             assert got is not None and got.dtype == dtype
             torch.testing.assert_close(got, want, **tol)
 
@@ -205,9 +204,9 @@ def test_cpu_path_mixed_widths_routing_weights_in_another_dtype(hidden_dtype, we
     h, ids, w, gate_up, down, gub, db = mixed_inputs(hidden_dtype, 8, bias=True)
     w = w.to(weight_dtype)
     widths = torch.tensor(MIXED_WIDTHS["unaligned, zero and full"], dtype=torch.int32)
-    want = moe_experts_reference(h, ids, w, gate_up, down, gub, db, widths)
+    want = moe_experts_reference(h, ids, w, ExpertWeights(gate_up, down, gub, db), widths)
     for strategy in ("group", "pad"):
-        got = moe_experts_cpu(h, ids, w, gate_up, down, gub, db, widths, strategy=strategy)
+        got = moe_experts_cpu(h, ids, w, ExpertWeights(gate_up, down, gub, db), widths, strategy=strategy)
         assert got.dtype == hidden_dtype
         torch.testing.assert_close(got, want, rtol=1.6e-2, atol=2e-2)
 
@@ -218,16 +217,16 @@ def test_cpu_path_mixed_widths_runs_no_per_expert_loop(monkeypatch):
 
     for (pattern, values), T in itertools.product(MIXED_WIDTHS.items(), (1, 8, 200)):  # host and tensor plans
         h, ids, w, gate_up, down, gub, db = mixed_inputs(torch.float32, T, bias=True)
+        experts = ExpertWeights(gate_up, down, gub, db, ExpertLayout("swiglu_clamped", True))
         widths = torch.tensor(values, dtype=torch.int32)
-        want = moe_experts_reference(h, ids, w, gate_up, down, gub, db, widths, "swiglu_clamped", True)
+        want = moe_experts_reference(h, ids, w, experts, widths)
         with monkeypatch.context() as m:
             def loop(*args, **kwargs):
                 raise AssertionError("the per-expert loop ran")
 
             m.setattr(op_module, "moe_experts_reference", loop)
             m.setattr(op_module, "expert_ffn", loop)
-            got = call_moe_experts(h, ids, w, gate_up, down, gate_up_bias=gub, down_bias=db, widths=widths,
-                                   activation="swiglu_clamped", interleaved=True)
+            got = run_experts(h, ids, w, experts, widths)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{pattern}, {T} tokens")
 
 
@@ -240,7 +239,7 @@ def test_cpu_path_mixed_widths_keeps_reference_for_observers_and_autograd():
     widths = torch.tensor(MIXED_WIDTHS["zeros"], dtype=torch.int32)
     events = []
     with observe_expert_forward(lambda info: events.append(info["event"])):
-        call_moe_experts(h, ids, w, gate_up, down, gate_up_bias=gub, down_bias=db, widths=widths)
+        run_experts(h, ids, w, ExpertWeights(gate_up, down, gub, db), widths)
     assert events[0] == "routing" and events.count("expert") == sum(1 for v in widths.tolist() if v > 0)
 
     def grads(fn):
@@ -248,9 +247,8 @@ def test_cpu_path_mixed_widths_keeps_reference_for_observers_and_autograd():
         fn(x, tw).square().sum().backward()
         return x.grad, tw.grad
 
-    got = grads(lambda x, tw: call_moe_experts(x, ids, tw, gate_up, down, gate_up_bias=gub, down_bias=db,
-                                               widths=widths))
-    want = grads(lambda x, tw: moe_experts_reference(x, ids, tw, gate_up, down, gub, db, widths))
+    got = grads(lambda x, tw: run_experts(x, ids, tw, ExpertWeights(gate_up, down, gub, db), widths))
+    want = grads(lambda x, tw: moe_experts_reference(x, ids, tw, ExpertWeights(gate_up, down, gub, db), widths))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -258,7 +256,7 @@ def test_cpu_path_rejects_hit_widths_out_of_range():
     h, ids, w, gate_up, down, _, _ = mixed_inputs(torch.float32, 8, bias=False)
     widths = torch.tensor([8, 16, 24, 33, 8, 16, 24, 32], dtype=torch.int32)  # expert 3 is hit
     with pytest.raises(ValueError, match="widths must be 8 integers"):
-        call_moe_experts(h, ids, w, gate_up, down, widths=widths)
+        run_experts(h, ids, w, ExpertWeights(gate_up, down), widths)
 
 
 def test_cpu_path_many_experts_one_token_goes_back_to_the_loop():
@@ -274,14 +272,14 @@ def test_cpu_path_many_experts_one_token_goes_back_to_the_loop():
     widths = torch.tensor([8, 16, 24, 32] * (E // 4), dtype=torch.int32)
     h, w = torch.randn(1, H, generator=g), torch.rand(1, 4, generator=g)
     ids = torch.tensor([[0, 40, 80, 127]])  # widths 8, 8, 8, 32; a run spanning all 128 experts
-    assert moe_experts_cpu(h, ids, w, gate_up, down, None, None, widths) is None
-    assert torch.equal(call_moe_experts(h, ids, w, gate_up, down, widths=widths),
-                       moe_experts_reference(h, ids, w, gate_up, down, widths=widths))
+    assert moe_experts_cpu(h, ids, w, ExpertWeights(gate_up, down), widths) is None
+    assert torch.equal(run_experts(h, ids, w, ExpertWeights(gate_up, down), widths),
+                       moe_experts_reference(h, ids, w, ExpertWeights(gate_up, down), widths))
 
     T = 64
     h, w = torch.randn(T, H, generator=g), torch.rand(T, 4, generator=g)
     ids = (torch.arange(T)[:, None] * 4 + torch.arange(4)[None, :]) % E  # 2 tokens per expert
-    got = moe_experts_cpu(h, ids, w, gate_up, down, None, None, widths)
+    got = moe_experts_cpu(h, ids, w, ExpertWeights(gate_up, down), widths)
     assert got is not None
-    torch.testing.assert_close(got, moe_experts_reference(h, ids, w, gate_up, down, widths=widths),
+    torch.testing.assert_close(got, moe_experts_reference(h, ids, w, ExpertWeights(gate_up, down), widths),
                                rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flexc.ir.experts_impl import canonical_weights, expert_activation
+from flexc.ir.experts_impl import module_weights
 from flexc.ir.op import gate_up_rows
 
 
@@ -47,24 +47,23 @@ class LayerSlices:
 
 def slice_experts(experts: nn.Module, widths: torch.Tensor | list[int]) -> LayerSlices:
     """Cut a Hugging Face experts module's weights to ``widths [E]`` (no change to the module)."""
-    gate_up, down = canonical_weights(experts)
-    interleaved = not experts.is_concatenated
-    has_bias = bool(getattr(experts, "has_bias", False))
+    weights = module_weights(experts)
+    rows = weights.layout.rows
     widths = [int(w) for w in torch.as_tensor(widths).tolist()]
-    if len(widths) != gate_up.shape[0]:
-        raise ValueError(f"{len(widths)} widths for {gate_up.shape[0]} experts")
+    if len(widths) != weights.num_experts:
+        raise ValueError(f"{len(widths)} widths for {weights.num_experts} experts")
     out = []
     with torch.no_grad():
         for e, w in enumerate(widths):
             piece = ExpertSlice(
-                gate=gate_up_rows(gate_up[e], interleaved, 0)[:w].contiguous().clone(),
-                up=gate_up_rows(gate_up[e], interleaved, 1)[:w].contiguous().clone(),
-                down=down[e][:, :w].contiguous().clone(),
+                gate=rows(weights.gate_up[e], 0)[:w].contiguous().clone(),
+                up=rows(weights.gate_up[e], 1)[:w].contiguous().clone(),
+                down=weights.down[e][:, :w].contiguous().clone(),
             )
-            if has_bias:
-                piece.gate_bias = gate_up_rows(experts.gate_up_proj_bias[e], interleaved, 0)[:w].contiguous().clone()
-                piece.up_bias = gate_up_rows(experts.gate_up_proj_bias[e], interleaved, 1)[:w].contiguous().clone()
-                piece.down_bias = experts.down_proj_bias[e].detach().contiguous().clone()
+            if weights.gate_up_bias is not None:
+                piece.gate_bias = rows(weights.gate_up_bias[e], 0)[:w].contiguous().clone()
+                piece.up_bias = rows(weights.gate_up_bias[e], 1)[:w].contiguous().clone()
+                piece.down_bias = weights.down_bias[e].detach().contiguous().clone()
             out.append(piece)
-    activation, alpha, limit = expert_activation(experts)
+    activation, _, alpha, limit = weights.layout
     return LayerSlices(out, activation, float(alpha), float(limit))

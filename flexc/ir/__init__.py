@@ -23,7 +23,8 @@ _LAZY = {
     "ExpertGroup": "groups",
     "find_expert_groups": "groups",
     "lower": "lower",
-    "call_moe_experts": "op",
+    "run_experts": "op",
+    "ExpertWeights": "op",
     "moe_experts_reference": "op",
 }
 
@@ -55,7 +56,8 @@ __all__ = [
     "NotMoEError",
     "UnsupportedFamilyError",
     "UnsupportedModelError",
-    "call_moe_experts",
+    "ExpertWeights",
+    "run_experts",
     "detect_family",
     "find_expert_groups",
     "lower",

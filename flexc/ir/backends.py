@@ -29,9 +29,7 @@ def use_backend(backend: str, device: torch.device | str) -> str:
     return resolved
 
 
-def moe_experts(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias=None, down_bias=None, widths=None,
-                activation="silu", interleaved=False, alpha=1.702, limit=7.0, *, backend: str = "auto"):
-    """The routed-experts forward through the chosen backend (forward only for ``"triton"``)."""
-    fn = triton_forward if resolve_backend(backend, hidden.device) == "triton" else moe_experts_reference
-    return fn(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
-              activation, interleaved, alpha, limit)
+def backend_forward(backend: str, device: torch.device | str):
+    """The forward of ``backend`` (auto | triton | reference) on ``device``, with a backend's signature
+    ``(hidden, topk_ids, topk_weights, weights, widths)``; forward only for ``"triton"``."""
+    return triton_forward if resolve_backend(backend, device) == "triton" else moe_experts_reference

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from flexc.ir.families import UnsupportedFamilyError, detect_family
-from flexc.ir.op import call_moe_experts
+from flexc.ir.layout import ExpertLayout, ExpertWeights
+from flexc.ir.op import run_experts
 
 IMPLEMENTATION_NAME = "flexc"
 WIDTHS_BUFFER = "flexc_widths"
@@ -41,25 +42,22 @@ def expert_activation(experts: nn.Module) -> tuple[str, float, float]:
     return cached
 
 
+def module_weights(experts: nn.Module) -> ExpertWeights:
+    """A transformers experts module's weights as the op's one value (views, no copy)."""
+    gate_up, down = canonical_weights(experts)
+    activation, alpha, limit = expert_activation(experts)
+    return ExpertWeights(gate_up, down, experts.gate_up_proj_bias if experts.has_bias else None,
+                         experts.down_proj_bias if experts.has_bias else None,
+                         ExpertLayout(activation, not experts.is_concatenated, alpha, limit))
+
+
 def flexc_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                           top_k_weights: torch.Tensor) -> torch.Tensor:
-    gate_up, down = canonical_weights(self)
-    activation, alpha, limit = expert_activation(self)
+    weights, widths = module_weights(self), getattr(self, WIDTHS_BUFFER, None)
     op = getattr(self, OP_OVERRIDE, None)
-    return (call_moe_experts if op is None else op)(
-        hidden_states,
-        top_k_index,
-        top_k_weights,
-        gate_up,
-        down,
-        gate_up_bias=self.gate_up_proj_bias if self.has_bias else None,
-        down_bias=self.down_proj_bias if self.has_bias else None,
-        widths=getattr(self, WIDTHS_BUFFER, None),
-        activation=activation,
-        interleaved=not self.is_concatenated,
-        alpha=alpha,
-        limit=limit,
-    )
+    if op is None:
+        return run_experts(hidden_states, top_k_index, top_k_weights, weights, widths)
+    return op(hidden_states, top_k_index, top_k_weights, *weights.op_args(widths))  # stands in for the op
 
 
 def register() -> None:
@@ -81,7 +79,7 @@ def use_flexc_experts(model: nn.Module) -> None:
 
 
 def override_op(experts: nn.Module, op=None) -> None:
-    """Make ``experts`` call ``op`` (same arguments as :func:`call_moe_experts`) instead of the flexc op;
+    """Make ``experts`` call ``op`` (the op's flat arguments: it stands in for the op) instead of the flexc op;
     None restores it. Kept outside the module's registry (an ``nn.Module`` op is not a submodule),
     so the module's parameters, state dict and ``to_empty`` are unchanged."""
     if op is None:

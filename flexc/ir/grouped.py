@@ -65,7 +65,7 @@ from typing import NamedTuple
 
 import torch
 
-from flexc.ir.layout import apply_activation, gate_up_rows
+from flexc.ir.layout import ExpertWeights, apply_activation, gate_up_rows
 from flexc.ir.routing import route_by_expert
 
 # A call with mixed widths runs as one padded run while the multiply-adds padding wastes stay
@@ -210,14 +210,15 @@ def _run(x, offs, experts, gate_up, down, gate_up_bias, down_bias, width, mask_w
     return out
 
 
-def _forward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths, runs, masked, dead,
-             activation, interleaved, alpha, limit, ids: list[int] | None = None,
+def _forward(hidden, topk_ids, topk_weights, weights, widths, runs, masked, dead, ids: list[int] | None = None,
              guard: bool = False) -> torch.Tensor | None:
     """The pairs in ``len(runs)`` runs (run ``b`` at GEMM width ``runs[b]``, masked where
     ``masked[b]``) and, where ``dead``, the pairs of width-0 experts, which contribute zeros.
     ``ids``: the flat ``topk_ids`` as a list where the host plans the call. ``guard``: None
     where the GEMMs would visit too many empty groups (:data:`EMPTY_GROUPS_PER_EXPERT`)."""
     hidden_size = hidden.shape[1]
+    gate_up, down, gate_up_bias, down_bias = weights.gate_up, weights.down, weights.gate_up_bias, weights.down_bias
+    activation, interleaved, alpha, limit = weights.layout
     num_experts = down.shape[0]
     live_runs = len(runs)
     num_runs = live_runs + dead
@@ -240,7 +241,7 @@ def _forward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_b
         if empty > EMPTY_GROUPS_PER_EXPERT * sum(plan.hit):
             return None
     x = hidden[plan.token]
-    weights = topk_weights.reshape(-1)[plan.order]
+    slot_weights = topk_weights.reshape(-1)[plan.order]
     y = hidden.new_empty(topk_ids.numel(), hidden_size)  # sorted rows, weighted
     start = 0
     for b, width in enumerate(runs):
@@ -253,15 +254,14 @@ def _forward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_b
         out = _run(x[rows], plan.offs[b], experts, gate_up[span], down[span], gate_up_bias, down_bias, width,
                    widths[experts] if masked[b] else None, activation, interleaved, alpha, limit)
         # out * weight in the weights' dtype, rounded to the hidden dtype, as the reference does
-        torch.mul(out.to(weights.dtype), weights[rows, None], out=y[rows])
+        torch.mul(out.to(slot_weights.dtype), slot_weights[rows, None], out=y[rows])
     if dead:  # removed experts contribute nothing, bias included
         y[start:].zero_()
     return plan.combine(y)  # the k slots of each token summed in slot order, as in the reference
 
 
-def moe_experts_cpu(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
-                    activation="silu", interleaved=False, alpha=1.702, limit=7.0, *,
-                    strategy: str | None = None, host_plan: bool | None = None) -> torch.Tensor | None:
+def moe_experts_cpu(hidden, topk_ids, topk_weights, weights: ExpertWeights, widths=None, *, strategy: str | None = None,
+                    host_plan: bool | None = None) -> torch.Tensor | None:
     """The op's CPU inference forward by grouped GEMMs, any widths; None where grouped GEMMs do
     not apply (dtype, alignment, invalid widths or ids, no tokens, the empty-group guard), for
     the caller to run the reference.
@@ -270,9 +270,10 @@ def moe_experts_cpu(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias,
     width) instead of the choice by :data:`PAD_MACS_PER_RUN`; ``host_plan`` overrides
     :data:`HOST_PLAN_PAIRS`.
     """
+    gate_up, down = weights.gate_up, weights.down
     num_experts, _, intermediate = down.shape
     pairs = topk_ids.numel()
-    if pairs == 0 or not _eligible(hidden, gate_up, down, interleaved):
+    if pairs == 0 or not _eligible(hidden, gate_up, down, weights.layout.interleaved):
         return None
     if widths is not None and widths.shape != (num_experts,):
         return None
@@ -295,8 +296,7 @@ def moe_experts_cpu(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias,
     if len(hit) == 1 and _aligned(hit[0], size):  # one width: one unmasked run
         if hit[0] == 0:
             return hidden.new_zeros(hidden.shape)
-        return _forward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, None, hit, [False],
-                        False, activation, interleaved, alpha, limit, ids)
+        return _forward(hidden, topk_ids, topk_weights, weights, None, hit, [False], False, ids)
     step = 16 // size  # GEMM widths are multiples of 16 bytes
     run_at = {w: min(-(-w // step) * step, intermediate) for w in hit if w > 0}  # own width -> GEMM width
     widest = max(run_at.values())
@@ -315,8 +315,7 @@ def moe_experts_cpu(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias,
         for w in run_at:
             b = bisect_left(runs, w)
             masked[b] = masked[b] or w != runs[b]
-        out = _forward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths, runs, masked,
-                       hit[0] == 0, activation, interleaved, alpha, limit, ids, guard=True)
+        out = _forward(hidden, topk_ids, topk_weights, weights, widths, runs, masked, hit[0] == 0, ids, guard=True)
         if out is not None:
             return out
     return None

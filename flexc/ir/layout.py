@@ -4,12 +4,15 @@ alpha, limit`` arguments mean, in one place.
 ``gate_up [E, 2I, H]`` holds gate rows then up rows (``interleaved=False``) or alternating
 gate/up rows (``interleaved=True``, GPT-OSS); ``activation`` is one of :data:`ACTIVATIONS`
 and ``alpha``/``limit`` parametrise GPT-OSS's ``swiglu_clamped``. :class:`ExpertLayout` is that
-argument group as one record; the registered op keeps the four scalar arguments (a custom op's
-schema takes no records), and Python code passes ``*layout`` where it forwards them.
+argument group as one record, and :class:`ExpertWeights` one layer's weights with their layout:
+the value every path takes. The registered op and the graph nodes that stand in for it keep the
+flat arguments (a custom op's schema takes no records): they convert once, with
+:meth:`ExpertWeights.of` and :meth:`ExpertWeights.op_args`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -33,6 +36,50 @@ class ExpertLayout(NamedTuple):
     def act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """``act(gate) * up`` (see :func:`apply_activation`)."""
         return apply_activation(gate, up, self.activation, self.alpha, self.limit)
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertWeights:
+    """One MoE layer's routed-expert weights in the op's canonical form, and how they apply: the one
+    value the op's backends, the kernels, the masked training function and the serving layers take.
+
+    ``gate_up [E, 2I, H]`` (gate rows then up rows, or alternating with ``layout.interleaved``; may be
+    a transposed view), ``down [E, H, I]``, ``gate_up_bias [E, 2I]`` and ``down_bias [E, H]`` where the
+    family has biases. Holds views, never copies.
+    """
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    layout: ExpertLayout = ExpertLayout()
+
+    @classmethod
+    def of(cls, gate_up, down, gate_up_bias, down_bias, activation, interleaved, alpha, limit) -> "ExpertWeights":
+        """From the op's flat arguments (the custom op and the graph nodes that stand in for it)."""
+        return cls(gate_up, down, gate_up_bias, down_bias, ExpertLayout(activation, interleaved, float(alpha),
+                                                                        float(limit)))
+
+    def op_args(self, widths: torch.Tensor | None) -> tuple:
+        """The op's arguments after ``hidden, topk_ids, topk_weights``, ``widths`` among them."""
+        activation, interleaved, alpha, limit = self.layout
+        return (self.gate_up, self.down, self.gate_up_bias, self.down_bias, widths, activation, bool(interleaved),
+                float(alpha), float(limit))  # the op's schema: exact Python types
+
+    @property
+    def num_experts(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.down.shape[1]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.down.shape[2]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.gate_up, self.down, self.gate_up_bias, self.down_bias) if t is not None)
 
 
 def apply_activation(gate: torch.Tensor, up: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:

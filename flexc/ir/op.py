@@ -19,6 +19,11 @@ Canonical form (what family adapters map checkpoints to, as views, never copies)
 
 Expert ``e`` applied to a token ``x`` computes ``down_e[:, :w] @ act(gate_e[:w] x, up_e[:w] x)``
 (plus biases), and the layer output is the routing-weighted sum over the ``k`` slots.
+
+Python code holds a layer's weights and layout as one :class:`~flexc.ir.layout.ExpertWeights` and
+calls :func:`run_experts` (the one public entry point); backends take ``(hidden, topk_ids,
+topk_weights, weights, widths)``. Only the registered op, and the graph modules that stand in for
+its nodes, carry the flat arguments above.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from flexc.ir.grouped import moe_experts_cpu
-from flexc.ir.layout import ACTIVATIONS, ExpertLayout, apply_activation, gate_up_rows  # noqa: F401 -- re-exported
+from flexc.ir.layout import (ACTIVATIONS, ExpertLayout, ExpertWeights, apply_activation,  # noqa: F401 -- re-exported
+                             gate_up_rows)
 from flexc.ir.routing import route_by_expert
 
 _OP_NAME = "flexc::moe_experts"
@@ -68,20 +74,8 @@ def _widths_list(widths: torch.Tensor | None, num_experts: int, full: int) -> li
     return values
 
 
-def moe_experts_reference(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    gate_up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-    widths: torch.Tensor | None = None,
-    activation: str = "silu",
-    interleaved: bool = False,
-    alpha: float = 1.702,
-    limit: float = 7.0,
-) -> torch.Tensor:
+def moe_experts_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                          weights: ExpertWeights, widths: torch.Tensor | None = None) -> torch.Tensor:
     """Reference forward, batched by expert: one pair of GEMMs per expert hit, no per-token loop.
 
     Differentiable with plain autograd. Active forward observers (see
@@ -89,10 +83,11 @@ def moe_experts_reference(
     intermediate activations.
     """
     num_tokens, hidden_size = hidden.shape
+    gate_up, down, gate_up_bias, down_bias, layout = (weights.gate_up, weights.down, weights.gate_up_bias,
+                                                      weights.down_bias, weights.layout)
     num_experts, _, intermediate = down.shape
     routing = route_by_expert(topk_ids, num_experts)
     widths_ = _widths_list(widths, num_experts, intermediate)
-    layout = ExpertLayout(activation, interleaved, alpha, limit)
     x_sorted = hidden[routing.token]
     w_sorted = routing.sorted_weights(topk_weights)
     observers = list(_FORWARD_OBSERVERS)
@@ -150,10 +145,8 @@ def moe_experts(
     limit: float,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer (see the module docstring for the canonical form)."""
-    return _dispatch(hidden.device)(
-        hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
-        activation, interleaved, alpha, limit,
-    )
+    weights = ExpertWeights.of(gate_up, down, gate_up_bias, down_bias, activation, interleaved, alpha, limit)
+    return _dispatch(hidden.device)(hidden, topk_ids, topk_weights, weights, widths)
 
 
 # The op's backend registry: which forward runs on tensors of which device type. ``_DEFAULTS``
@@ -165,7 +158,8 @@ _DEFAULTS: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def register_backend(device_type: str, fn: Callable[..., torch.Tensor] | None) -> None:
-    """Route the op's forward on ``device_type`` tensors to ``fn`` (positional op signature).
+    """Route the op's forward on ``device_type`` tensors to ``fn(hidden, topk_ids, topk_weights,
+    weights: ExpertWeights, widths)``.
 
     None removes it: the op's own path for that device type (or the reference) runs again.
     """
@@ -176,29 +170,22 @@ def register_backend(device_type: str, fn: Callable[..., torch.Tensor] | None) -
 
 
 def _dispatch(device: torch.device) -> Callable[..., torch.Tensor]:
-    return _BACKENDS.get(device.type) or _DEFAULTS.get(device.type) or _reference_positional
+    return _BACKENDS.get(device.type) or _DEFAULTS.get(device.type) or _reference
 
 
-def _reference_positional(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
-                          activation, interleaved, alpha, limit):
+def _reference(hidden, topk_ids, topk_weights, weights: ExpertWeights, widths):
     with torch.no_grad():
-        return moe_experts_reference(
-            hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
-            activation, interleaved, alpha, limit,
-        )
+        return moe_experts_reference(hidden, topk_ids, topk_weights, weights, widths)
 
 
-def _cpu_forward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
-                 activation, interleaved, alpha, limit):
+def _cpu_forward(hidden, topk_ids, topk_weights, weights: ExpertWeights, widths):
     """The op's CPU path: grouped GEMMs (any widths, flexc.ir.grouped) where they apply, else the reference."""
     if not _FORWARD_OBSERVERS:  # observers see the reference only
         with torch.no_grad():
-            out = moe_experts_cpu(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
-                                  activation, interleaved, alpha, limit)
+            out = moe_experts_cpu(hidden, topk_ids, topk_weights, weights, widths)
         if out is not None:
             return out
-    return _reference_positional(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
-                                 activation, interleaved, alpha, limit)
+    return _reference(hidden, topk_ids, topk_weights, weights, widths)
 
 
 _DEFAULTS["cpu"] = _cpu_forward
@@ -358,37 +345,26 @@ def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def call_moe_experts(
-    hidden: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    *,
-    gate_up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-    widths: torch.Tensor | None = None,
-    activation: str = "silu",
-    interleaved: bool = False,
-    alpha: float = 1.702,
-    limit: float = 7.0,
-) -> torch.Tensor:
-    """Keyword-friendly entry point to ``torch.ops.flexc.moe_experts``."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown expert activation {activation!r}; expected one of {ACTIVATIONS}")
-    if not torch.compiler.is_compiling() and not _needs_autograd(hidden, topk_weights, gate_up, down, gate_up_bias,
-                                                                 down_bias):
+def run_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: ExpertWeights,
+                widths: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """One MoE layer's routed experts: the public entry point to ``torch.ops.flexc.moe_experts``.
+
+    ``backend`` None runs the op's registered backend for the tensors' device (differentiable, through
+    the op where autograd or a compile needs it); ``"auto"``, ``"triton"`` or ``"reference"`` force
+    one (forward only for ``"triton"``; see :mod:`flexc.ir.backends`).
+    """
+    if weights.layout.activation not in ACTIVATIONS:
+        raise ValueError(f"unknown expert activation {weights.layout.activation!r}; expected one of {ACTIVATIONS}")
+    if backend is not None:
+        from flexc.ir.backends import backend_forward
+
+        return backend_forward(backend, hidden.device)(hidden, topk_ids, topk_weights, weights, widths)
+    if not torch.compiler.is_compiling() and not _needs_autograd(hidden, topk_weights, *weights.tensors()):
         # Eager inference (generate, evaluation): the op's forward without the custom-op
         # dispatch, which costs more than a decode step's expert GEMMs on CPU. Exports,
         # compiles and training still go through the op.
-        return _dispatch(hidden.device)(
-            hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
-            activation, interleaved, float(alpha), float(limit),
-        )
-    return torch.ops.flexc.moe_experts(
-        hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
-        activation, interleaved, float(alpha), float(limit),
-    )
+        return _dispatch(hidden.device)(hidden, topk_ids, topk_weights, weights, widths)
+    return torch.ops.flexc.moe_experts(hidden, topk_ids, topk_weights, *weights.op_args(widths))
 
 
 def op_overloads() -> Sequence[object]:

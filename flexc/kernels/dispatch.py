@@ -89,17 +89,16 @@ def kernels_module() -> ModuleType:
     return mod
 
 
-def triton_forward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias=None, down_bias=None, widths=None,
-                   activation="silu", interleaved=False, alpha=1.702, limit=7.0, config=None):
-    """The Triton path with the op's positional signature; picks the block config by shape and batch."""
+def triton_forward(hidden, topk_ids, topk_weights, weights, widths=None, config=None):
+    """The Triton path with a backend's signature (``weights``: an ``ExpertWeights``); picks the block
+    config by shape and batch."""
     mod = kernels_module()
     if config is None:
         from flexc.kernels.tuning import lookup_config
 
-        config = lookup_config(gate_up.shape[0], hidden.shape[1], down.shape[2], topk_ids.shape[1], gate_up.dtype,
-                               hidden.device, hidden.shape[0])
-    return mod.moe_forward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
-                           activation, interleaved, alpha, limit, config=config)
+        config = lookup_config(weights.num_experts, hidden.shape[1], weights.intermediate_size, topk_ids.shape[1],
+                               weights.gate_up.dtype, hidden.device, hidden.shape[0])
+    return mod.moe_forward(hidden, topk_ids, topk_weights, *weights.op_args(widths), config=config)
 
 
 __all__ = ["BACKENDS", "interpret_mode", "kernels_module", "resolve_backend", "triton_available", "triton_forward"]

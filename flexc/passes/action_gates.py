@@ -26,8 +26,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from flexc.ir.graph import is_expert_node
-from flexc.ir.layout import ExpertLayout
-from flexc.ir.op import call_moe_experts
+from flexc.ir.layout import ExpertWeights
+from flexc.ir.op import run_experts
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_granule
 from flexc.passes.masked_experts import masked_experts
 from flexc.passes.registry import register_pass
@@ -100,6 +100,9 @@ class GatedExperts(nn.Module):
 
     def forward(self, hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
                 activation, interleaved, alpha, limit):
+        # The op's flat arguments: this module stands in for the op in the graph (and, through
+        # experts_impl.override_op, on a streamed layer).
+        weights = ExpertWeights.of(gate_up, down, gate_up_bias, down_bias, activation, interleaved, alpha, limit)
         # The gates stay on the CPU (their state is tiny and the anneal's bookkeeping is CPU
         # tensors); what reaches the experts moves to the activations' device.
         if self.mode == "sample":
@@ -110,17 +113,14 @@ class GatedExperts(nn.Module):
             sampled = self.level_widths[actions.detach().argmax(dim=-1)]
             upper = (self.level_widths[self.max_levels] if self.max_levels is not None
                      else torch.full_like(sampled, self.intermediate))
-            return masked_experts(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, mask,
-                                  upper.tolist(), sampled.tolist(), ExpertLayout(activation, interleaved, alpha, limit))
+            return masked_experts(hidden, topk_ids, topk_weights, weights, mask, upper.tolist(), sampled.tolist())
         if self.mode == "deploy":
             widths = self.level_widths[self.deployed_levels()].to(device=hidden.device, dtype=torch.int32)
         elif self.mode == "table":
             widths = None if self.table is None else self.table.to(hidden.device)
         elif self.mode != "full":
             raise ValueError(f"unknown gate mode {self.mode!r}")
-        return call_moe_experts(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias=gate_up_bias,
-                                down_bias=down_bias, widths=widths, activation=activation,
-                                interleaved=interleaved, alpha=alpha, limit=limit)
+        return run_experts(hidden, topk_ids, topk_weights, weights, widths)
 
 
 def gates_of(graph) -> list[GatedExperts]:

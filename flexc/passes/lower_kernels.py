@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from flexc.ir.graph import is_expert_node
-from flexc.ir.op import call_moe_experts
+from flexc.ir.op import ExpertWeights, run_experts
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_granule
 from flexc.passes.registry import register_pass
 from flexc.utils.atomic import atomic_write_text
@@ -40,9 +40,8 @@ class PlannedExperts(nn.Module):
                 activation, interleaved, alpha, limit):
         if torch.is_grad_enabled() and (hidden.requires_grad or gate_up.requires_grad):
             # The kernels have no backward: keep training on the reference op.
-            return call_moe_experts(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias=gate_up_bias,
-                                    down_bias=down_bias, widths=widths, activation=activation,
-                                    interleaved=interleaved, alpha=alpha, limit=limit)
+            weights = ExpertWeights.of(gate_up, down, gate_up_bias, down_bias, activation, interleaved, alpha, limit)
+            return run_experts(hidden, topk_ids, topk_weights, weights, widths)
         return self.plan.forward(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, widths,
                                  activation, interleaved, alpha, limit)
 

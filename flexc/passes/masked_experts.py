@@ -23,20 +23,20 @@ from __future__ import annotations
 
 import torch
 
-from flexc.ir.layout import ExpertLayout
+from flexc.ir.layout import ExpertWeights
 from flexc.ir.routing import ExpertRouting, route_by_expert
 
 
-def masked_experts(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, mask, upper, sampled,
-                   layout: ExpertLayout) -> torch.Tensor:
+def masked_experts(hidden, topk_ids, topk_weights, weights: ExpertWeights, mask, upper, sampled) -> torch.Tensor:
     """``[T, H]``: the experts' output with channel ``c`` of expert ``e`` scaled by ``mask[e, c]``.
 
     ``upper[e]`` / ``sampled[e]`` (ints): the channels that can reach an allowed action, and the
     prefix where the mask is nonzero (``sampled[e] <= upper[e]``; the mask must be zero from
     ``sampled[e]`` on). Gradients flow to ``hidden``, ``topk_weights`` and ``mask[:, :upper]``."""
-    routing = route_by_expert(topk_ids, down.shape[0])
-    return _MaskedExperts.apply(hidden, topk_weights, mask, routing, gate_up, down, gate_up_bias, down_bias,
-                                [int(u) for u in upper], [int(s) for s in sampled], layout)
+    routing = route_by_expert(topk_ids, weights.num_experts)
+    return _MaskedExperts.apply(hidden, topk_weights, mask, routing, weights.gate_up, weights.down,
+                                weights.gate_up_bias, weights.down_bias, [int(u) for u in upper],
+                                [int(s) for s in sampled], weights.layout)
 
 
 class _MaskedExperts(torch.autograd.Function):
@@ -117,10 +117,11 @@ class _MaskedExperts(torch.autograd.Function):
         return grad_hidden, grad_topk, grad_mask, None, None, None, None, None, None, None, None
 
 
-def masked_experts_reference(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bias, mask,
-                             layout: ExpertLayout) -> torch.Tensor:
+def masked_experts_reference(hidden, topk_ids, topk_weights, weights: ExpertWeights, mask) -> torch.Tensor:
     """:func:`masked_experts` in plain autograd over full-width GEMMs (what tests compare it with)."""
     num_tokens, hidden_size = hidden.shape
+    gate_up, down, gate_up_bias, down_bias, layout = (weights.gate_up, weights.down, weights.gate_up_bias,
+                                                      weights.down_bias, weights.layout)
     routing = route_by_expert(topk_ids, down.shape[0])
     xs = hidden[routing.token].split(routing.counts)
     ws = routing.sorted_weights(topk_weights).split(routing.counts)

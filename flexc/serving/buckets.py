@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from flexc.export.remote.modeling_flexc_sliced import width_buckets
-from flexc.ir.op import call_moe_experts
+from flexc.ir.op import ExpertLayout, ExpertWeights, run_experts
 from flexc.serving.families import ServingError
 
 # Up to this many (token, slot) pairs a call is planned on the host (decode sizes).
@@ -41,8 +41,9 @@ class _TorchBucket(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return call_moe_experts(x, ids, weights, self.w13_weight, self.w2_weight, activation=self.activation,
-                                alpha=self.alpha, limit=self.limit)
+        experts = ExpertWeights(self.w13_weight, self.w2_weight,
+                                layout=ExpertLayout(self.activation, False, self.alpha, self.limit))
+        return run_experts(x, ids, weights, experts)
 
 
 class _VllmBucket(nn.Module):

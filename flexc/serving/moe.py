@@ -1,7 +1,7 @@
 """flexc's MoE block for vLLM models: the router, the routed experts on the flexc op, a width table.
 
 The routed experts are stored in flexc's canonical layout (``gate_up [E, 2I, H]`` gate rows then
-up rows, ``down [E, H, I]``) and run ``flexc.ir.op.call_moe_experts`` with a per-expert width
+up rows, ``down [E, H, I]``) and run ``flexc.ir.op.run_experts`` with a per-expert width
 buffer ``widths [E]`` on the weights' device: the op's CPU path on CPU, flexc's Triton kernels on
 CUDA (installed by :func:`flexc.ir.backends.use_backend`). Switching budget copies one int row
 into that buffer; nothing else changes.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexc.ir.families import FAMILIES as IR_FAMILIES
-from flexc.ir.op import call_moe_experts
+from flexc.ir.op import ExpertLayout, ExpertWeights, run_experts
 from flexc.serving.artifact import Artifact
 from flexc.serving.buckets import BucketedExperts
 from flexc.serving.families import ServedFamily, ServingError
@@ -106,9 +106,9 @@ class FlexcExperts(nn.Module):
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 widths: torch.Tensor | None = None) -> torch.Tensor:
         """The experts at ``widths`` (default: the width buffer, the engine's budget)."""
-        return call_moe_experts(hidden, topk_ids, topk_weights, self.gate_up_proj, self.down_proj,
-                                widths=self.widths if widths is None else widths, activation=self.activation,
-                                alpha=self.alpha, limit=self.limit)
+        weights = ExpertWeights(self.gate_up_proj, self.down_proj,
+                                layout=ExpertLayout(self.activation, False, self.alpha, self.limit))
+        return run_experts(hidden, topk_ids, topk_weights, weights, self.widths if widths is None else widths)
 
     # -- weight loading ------------------------------------------------------------------
 
