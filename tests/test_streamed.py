@@ -392,3 +392,50 @@ def test_release_memory_collects_garbage_only_when_memory_did_not_come_back(monk
     streaming.release_memory(layer)
     streaming.release_memory(layer)
     assert len(collections) == 4
+
+
+STREAMING_PASSES = '''
+from flexc.passes import Pass, PassResult
+
+
+class CountGroups(Pass):
+    """A user's pass with a streamed form of its own."""
+
+    name = "count_groups"
+    streams = True
+
+    def run(self, graph, ctx):
+        ctx.state.extras["seen"] = {"how": "run", "groups": len(graph.groups)}
+        return PassResult(graph=graph, modified=False)
+
+    def run_streamed(self, model, ctx):
+        ctx.state.extras["seen"] = {"how": "run_streamed", "groups": len(model.groups)}
+
+
+class WholeGraphOnly(Pass):
+    name = "whole_graph_only"
+    not_streamed_because = "it reads the whole graph at once"
+
+    def run(self, graph, ctx):
+        return PassResult(graph=graph, modified=False)
+'''
+
+
+def test_a_users_pass_declares_how_it_streams(moe_dir, tmp_path, monkeypatch):
+    from flexc.ir.state import CompileState
+
+    (tmp_path / "streampasses.py").write_text(STREAMING_PASSES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = {}
+    for stream in ("layers", "off"):
+        spec = _spec(moe_dir, tmp_path / stream, stream)
+        spec["pipeline"].append({"name": "streampasses:CountGroups"})
+        flexc.compile(spec, quiet=True)
+        seen[stream] = CompileState.load(tmp_path / stream / "state").extras["seen"]
+    assert seen["layers"] == {"how": "run_streamed", "groups": 2}
+    assert seen["off"] == {"how": "run", "groups": 2}
+    spec = _spec(moe_dir, tmp_path / "refused", "layers")
+    spec["pipeline"].append({"name": "streampasses:WholeGraphOnly"})
+    with pytest.raises(SpecError, match="pass 'streampasses:WholeGraphOnly' cannot run with execution.stream: layers: "
+                                        "it reads the whole graph at once"):
+        flexc.compile(spec)

@@ -156,10 +156,14 @@ class InsertActionGates(Pass):
     """Give every routed expert learnable width-action logits; freeze the model weights."""
 
     name = "insert_action_gates"
+    streams = True  # run_streamed: the options recorded, anneal builds the gates
     Options = InsertActionGatesOptions
     requires = frozenset({"channels_ranked"})
     guarantees = frozenset({"action_gates"})
     preserves_computation = True  # gates start in "full" mode
+
+    def run_streamed(self, model, ctx: PassContext) -> None:
+        insert_action_gates_streamed(self, model, ctx)
 
     def run(self, graph, ctx: PassContext) -> PassResult:
         for p in graph.model.parameters():

@@ -352,6 +352,8 @@ class Anneal(Pass):
     """Train the action logits and export nested width tables, one per budget."""
 
     name = "anneal"
+    streams = True  # trains the gates through the layer model (gated_model.py)
+    reads_source_weights = True
     Options = AnnealOptions
     requires = frozenset({"action_gates"})
     guarantees = frozenset({"width_tables"})

@@ -182,6 +182,15 @@ class Pass:
     guarantees: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
     preserves_computation: ClassVar[bool] = False
+    # A layer-streamed compile (execution.stream: layers, docs/scale.md) runs a pass that sets
+    # ``streams``: through :meth:`run` as it is (it reads ``graph.groups`` and the hand-off state,
+    # or trains through the layer model), or through :meth:`run_streamed` where the pass overrides it.
+    streams: ClassVar[bool] = False
+    not_streamed_because: ClassVar[str] = "it does not declare a streamed form (Pass.streams)"
+    # Reads the layers' weights as the source has them: it cannot follow a pass whose streamed form
+    # leaves its weight changes to the exports (``merges_at_export``, e.g. recover's adapters).
+    reads_source_weights: ClassVar[bool] = False
+    merges_at_export: ClassVar[bool] = False
 
     def __init__(self, options: PassOptions | dict | None = None):
         if options is None:
@@ -192,6 +201,11 @@ class Pass:
 
     def run(self, graph: "FlexGraph", ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError(f"pass {self.name!r} does not implement run()")
+
+    def run_streamed(self, model: Any, ctx: PassContext) -> None:
+        """This pass in a layer-streamed compile, on the layer model (:class:`flexc.ir.streaming.LayerModel`):
+        override where :meth:`run` needs the whole graph; results go to ``ctx.state``."""
+        raise NotImplementedError(f"pass {self.name!r} has no streamed form")
 
     def replay(self, graph: "FlexGraph", workdir: Path) -> None:
         """Re-apply this pass's structural rewrite to a freshly lowered graph (resume).

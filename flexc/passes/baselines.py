@@ -154,6 +154,8 @@ def spread_order(num_layers: int, num_experts: int) -> torch.Tensor:
 class _WidthBaseline(Pass):
     """Shared driver: choose one table per budget, high to low, each capped by the previous one."""
 
+    streams = True  # reads the groups and the hand-off state only
+
     requires = frozenset({"channels_ranked"})
     guarantees = frozenset({"width_tables"})
     preserves_computation = True  # only state is written; the graph stays at full width

@@ -61,6 +61,7 @@ class InsertRouterMasks(Pass):
     """Add a switchable additive mask on every MoE layer's router logits (zeros: no change)."""
 
     name = "insert_router_masks"
+    not_streamed_because = "it rewrites the in-memory graph's routers"
     requires = frozenset({"lowered"})
     guarantees = frozenset({"router_masks"})
     preserves_computation = True
@@ -173,6 +174,7 @@ class ExpertPrune(Pass):
     """Whole-expert pruning with router renormalisation, one mask per budget."""
 
     name = "expert_prune"
+    not_streamed_because = "it rewrites the in-memory graph's routers"
     Options = ExpertPruneOptions
     requires = frozenset({"lowered"})
     guarantees = frozenset({"width_tables", "router_masks"})

@@ -30,6 +30,7 @@ class FoldMasks(Pass):
     """Replace action gates by per-budget width tables over the ranked weights."""
 
     name = "fold_masks"
+    streams = True  # run_streamed: a streamed compile has no gates to fold
     Options = PassOptions
     requires = frozenset({"channels_ranked", "width_tables"})
     guarantees = frozenset({"nested"})
@@ -37,6 +38,12 @@ class FoldMasks(Pass):
     # The folded graph runs at full width: the same as the ranked model, not as the gates'
     # last mode. Tests compare it with the ranked model instead.
     preserves_computation = False
+
+    def run_streamed(self, model, ctx: PassContext) -> None:
+        """Without a graph: check the tables (shape, nesting); there are no gates to remove."""
+        tables = ctx.state.checked_width_tables()  # shape and nesting were checked when they were built
+        ctx.logger.info("fold_masks (streamed): %d budgets over %d MoE layers (%s)", len(tables.budgets),
+                        len(model.groups), ", ".join(f"keep {b:g}" for b in tables.budgets))
 
     def run(self, graph, ctx: PassContext) -> PassResult:
         tables = ctx.state.checked_width_tables()  # shape and nesting were checked when they were built

@@ -69,6 +69,7 @@ class LowerKernels(Pass):
     """Specialise Triton expert kernels to the model and rewrite expert nodes to use them."""
 
     name = "lower_kernels"
+    not_streamed_because = "it rewrites the in-memory graph"
     Options = LowerKernelsOptions
     requires = frozenset({"lowered"})
     guarantees = frozenset({"kernels_lowered"})

@@ -116,6 +116,8 @@ class RankChannels(Pass):
     """Score and sort every routed expert's intermediate channels (function-preserving)."""
 
     name = "rank_channels"
+    streams = True  # run_streamed: one decoder layer at a time (rank_channels_streamed.py)
+    reads_source_weights = True
     Options = RankChannelsOptions
     requires = frozenset({"lowered"})
     guarantees = frozenset({"channels_ranked", "routing_stats"})
@@ -134,6 +136,11 @@ class RankChannels(Pass):
         weights = {i: graph.expert_weights(g) for i, g in enumerate(graph.groups)}
         result = score.result(weights)
         return [result[i] for i in range(len(graph.groups))], stats
+
+    def run_streamed(self, model, ctx: PassContext) -> None:
+        from flexc.passes.rank_channels_streamed import rank_channels_streamed
+
+        rank_channels_streamed(self, model, ctx)
 
     def run(self, graph, ctx: PassContext) -> PassResult:
         workdir = Path(ctx.workdir)

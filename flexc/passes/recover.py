@@ -228,6 +228,9 @@ class Recover(Pass):
     """Fine-tune LoRA adapters at one budget's widths, then merge them into the nested weights."""
 
     name = "recover"
+    streams = True  # trains through the layer model (recover_streamed.py); the exports merge its adapters
+    reads_source_weights = True
+    merges_at_export = True
     Options = RecoverOptions
     requires = frozenset({"channels_ranked", "width_tables"})
     guarantees = frozenset({"recovered"})
