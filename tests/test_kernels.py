@@ -300,15 +300,16 @@ def test_resolve_backend(monkeypatch):
         assert resolve_backend("auto", "cuda") == "triton"
 
 
-def test_run_experts_with_a_chosen_backend():
+def test_a_chosen_backends_forward():
     _kernels()
+    from flexc.ir.backends import backend_forward
 
     case = make_case(5, 4, 32, 32, 2, torch.float32, seed=12)
     widths = torch.tensor([32, 0, 16, 8], dtype=torch.int32, device=DEVICE)
     ref = reference(case, widths)
     args = (case["hidden"], case["topk_ids"], case["topk_weights"], case_weights(case), widths)
-    assert rel_err(run_experts(*args, backend="reference"), ref) < 1e-4
-    assert rel_err(run_experts(*args, backend="triton"), ref) < 1e-4
+    assert rel_err(backend_forward("reference", DEVICE)(*args), ref) < 1e-4
+    assert rel_err(backend_forward("triton", DEVICE)(*args), ref) < 1e-4
 
 
 def test_op_backend_registration():

@@ -222,7 +222,7 @@ def _tokenizer_problems(spec: Spec, directory: Path, pass_name: str) -> list[Pro
 def _saved_scores_problems(source: Path, i: int, shape) -> list[Problem]:
     """rank_channels' ``from:`` file is whole and ranks experts of this model's shape (header only)."""
     from flexc import models
-    from flexc.passes.rank_channels import SCORES_FILE
+    from flexc.passes.ranking import SCORES_FILE
 
     path = source / SCORES_FILE if source.is_dir() else source
     loc = ("pipeline", i)

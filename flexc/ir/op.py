@@ -346,19 +346,12 @@ def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
 
 
 def run_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: ExpertWeights,
-                widths: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
-    """One MoE layer's routed experts: the public entry point to ``torch.ops.flexc.moe_experts``.
-
-    ``backend`` None runs the op's registered backend for the tensors' device (differentiable, through
-    the op where autograd or a compile needs it); ``"auto"``, ``"triton"`` or ``"reference"`` force
-    one (forward only for ``"triton"``; see :mod:`flexc.ir.backends`).
-    """
+                widths: torch.Tensor | None = None) -> torch.Tensor:
+    """One MoE layer's routed experts: the public entry point to ``torch.ops.flexc.moe_experts``,
+    on the backend registered for the tensors' device (differentiable, through the op where autograd
+    or a compile needs it). :func:`flexc.ir.backends.backend_forward` gives one backend's forward."""
     if weights.layout.activation not in ACTIVATIONS:
         raise ValueError(f"unknown expert activation {weights.layout.activation!r}; expected one of {ACTIVATIONS}")
-    if backend is not None:
-        from flexc.ir.backends import backend_forward
-
-        return backend_forward(backend, hidden.device)(hidden, topk_ids, topk_weights, weights, widths)
     if not torch.compiler.is_compiling() and not _needs_autograd(hidden, topk_weights, *weights.tensors()):
         # Eager inference (generate, evaluation): the op's forward without the custom-op
         # dispatch, which costs more than a decode step's expert GEMMs on CPU. Exports,

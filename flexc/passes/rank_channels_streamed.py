@@ -22,7 +22,7 @@ def rank_channels_streamed(p, lm, ctx) -> None:
     """``rank_channels`` one decoder layer at a time: the same files and hand-off state as
     :meth:`RankChannels.run`, plus ``channel_perms [L, E, I]``; no weight is changed or written."""
     from flexc.passes.calibrate import RoutingStats
-    from flexc.passes.rank_channels import load_ranking, record_ranking, sort_channels
+    from flexc.passes.ranking import load_ranking, record_ranking, sort_channels
     from flexc.passes.scores import resolve_score
 
     workdir = Path(ctx.workdir)
