@@ -14,8 +14,8 @@ from flexc.ir import lower
 from flexc.ir.testing import tiny_model
 from flexc.passes import PassContext
 from flexc.passes.manager import run_pass
-from flexc.passes.recover import (Recover, RecoverDiverged, apply_widths, attach_adapters, channel_mask,
-                                  merge_adapters, select_budget)
+from flexc.passes.lora import attach_adapters, channel_mask, merge_adapters
+from flexc.passes.recover import Recover, RecoverDiverged, apply_widths, select_budget
 
 BUDGETS = (1.0, 0.6, 0.3)
 

@@ -60,7 +60,7 @@ class LayerAdapters:
 
     def __init__(self, lm, *, rank: int, alpha: float, targets, params: dict[str, torch.Tensor] | None = None,
                  seed: int | None = None):
-        from flexc.passes.recover import EXPERT_WEIGHTS, attention_linears
+        from flexc.passes.lora import EXPERT_WEIGHTS, attention_linears
 
         self.lm, self.rank, self.alpha, self.targets = lm, rank, alpha, sorted(targets)
         self.modules: list[list[str]] = []  # per layer: attention linears (names within the layer)
@@ -80,7 +80,7 @@ class LayerAdapters:
         self.params: dict[str, nn.Parameter] = {n: nn.Parameter(t.to(lm.device)) for n, t in params.items()}
 
     def _config(self, layer: int, modules: bool = True, parameters: bool = True):
-        from flexc.passes.recover import lora_config
+        from flexc.passes.lora import lora_config
 
         mods = self.modules[layer] if modules else []
         params = self.parameters[layer] if parameters else []
@@ -91,7 +91,7 @@ class LayerAdapters:
         linears of every layer first, then the experts' stacked weights of every layer."""
         from peft.tuners.lora import LoraModel
 
-        from flexc.passes.recover import ADAPTER, peft_rng
+        from flexc.passes.lora import ADAPTER, peft_rng
 
         out: dict[str, torch.Tensor] = {}
         with peft_rng(seed):
@@ -113,7 +113,7 @@ class LayerAdapters:
         whose factors are this object's parameters (gradients accumulate here)."""
         from peft.tuners.lora import LoraModel
 
-        from flexc.passes.recover import ADAPTER, peft_rng
+        from flexc.passes.lora import ADAPTER, peft_rng
 
         config = self._config(layer)
         if config is None:
@@ -144,7 +144,7 @@ class LayerAdapters:
 def merge_into_layer(adapters: LayerAdapters, table: torch.Tensor | None, layer: int, graph) -> dict | None:
     """Merge decoder ``layer``'s adapters into its loaded weights (``graph``: its LayerGraph), the
     in-memory merge rule (expert updates masked to ``table``'s widths); the merge's norms, or None."""
-    from flexc.passes.recover import merge_adapters
+    from flexc.passes.lora import merge_adapters
 
     group = adapters.lm.group_at(layer)
     groups = [group] if group is not None else []
