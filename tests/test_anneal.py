@@ -108,6 +108,24 @@ def test_continuation_reaches_budgets_the_schedule_stops_short_of(tmp_path):
     assert all(b > a for a, b in zip(lambdas, lambdas[1:]))  # the pressure keeps rising
 
 
+def _killed_run(graph, ctx, run, kill_at=14, **options):
+    """Anneal into ``run`` killed at step ``kill_at`` (after a mid-run checkpoint); its checkpoint."""
+    class Killed(Exception):
+        pass
+
+    def kill(step):
+        if step == kill_at:
+            raise Killed
+
+    Anneal.on_step = staticmethod(kill)
+    try:
+        with pytest.raises(Killed):
+            anneal(graph, ctx, run, **options)
+    finally:
+        Anneal.on_step = None
+    return run / "anneal_checkpoint.pt"
+
+
 @pytest.mark.parametrize("schedule,kill_at", [("track", 14), ("ramp", 12)])  # both after a mid-run checkpoint
 def test_same_seed_same_tables_and_resume_matches(tmp_path, schedule, kill_at):
     graph, ctx = gated_graph(tmp_path)
@@ -127,42 +145,11 @@ def test_same_seed_same_tables_and_resume_matches(tmp_path, schedule, kill_at):
 
     # Kill mid-run (after the checkpoint of step 10), then re-run in the same directory.
     reset()
-
-    class Killed(Exception):
-        pass
-
-    def kill(step):
-        if step == kill_at:
-            raise Killed
-
-    Anneal.on_step = staticmethod(kill)
-    try:
-        with pytest.raises(Killed):
-            anneal(graph, ctx, tmp_path / "c", schedule=schedule)
-    finally:
-        Anneal.on_step = None
-    assert (tmp_path / "c" / "anneal_checkpoint.pt").is_file()
+    assert _killed_run(graph, ctx, tmp_path / "c", kill_at, schedule=schedule).is_file()
     assert not (tmp_path / "c" / "width_tables.safetensors").exists()
     reset()  # a fresh process would start from the initial logits too
     resumed, _ = anneal(graph, ctx, tmp_path / "c", schedule=schedule)
     assert torch.equal(resumed, first)
-
-
-def _killed_run(graph, ctx, run, kill_at=14):
-    class Killed(Exception):
-        pass
-
-    def kill(step):
-        if step == kill_at:
-            raise Killed
-
-    Anneal.on_step = staticmethod(kill)
-    try:
-        with pytest.raises(Killed):
-            anneal(graph, ctx, run)
-    finally:
-        Anneal.on_step = None
-    return run / "anneal_checkpoint.pt"
 
 
 @pytest.mark.parametrize("damage,says", [

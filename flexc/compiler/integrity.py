@@ -29,7 +29,7 @@ class RunIntegrityError(OutputDirError):
 
 
 def remedy(run_dir: Path) -> str:
-    return (f"compile again with --force to start {run_dir} over, or choose another directory (--out)")
+    return f"compile again with --force to start {run_dir} over, or choose another directory (--out)"
 
 
 def sha256(path: Path) -> str:

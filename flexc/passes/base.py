@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from flexc.utils.numbers import parses_as_number
+
 if TYPE_CHECKING:
     from flexc.ir.graph import FlexGraph
     from flexc.ir.state import CompileState
@@ -42,17 +44,9 @@ def _accepts_str(annotation: Any) -> bool:
 def _not_a_number(value: Any, strings: bool) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if strings and isinstance(value, str) and _parses_as_number(value):  # other strings: pydantic's own message
+    if strings and isinstance(value, str) and parses_as_number(value):  # other strings: pydantic's own message
         return f"the string {value!r} (remove the quotes)"
     return None
-
-
-def _parses_as_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def reject_bool_numbers(cls: type[BaseModel], value: Any, info: Any) -> Any:

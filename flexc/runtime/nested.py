@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from flexc.errors import FlexcError
+from flexc.utils.numbers import parses_as_number
 from flexc.ir.tables import BudgetError, WidthTables
 from flexc.ir.experts_impl import WIDTHS_BUFFER, set_widths, use_flexc_experts
 from flexc.ir.groups import ExpertGroup, find_expert_groups
@@ -34,18 +35,10 @@ def checked_budget(budget: Any, argument: str = "budget") -> float | None:
         return float(budget.item())
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         found = f"the string {budget!r}" if isinstance(budget, str) else f"{type(budget).__name__} {budget!r}"[:200]
-        hint = f" (write {budget.strip()} without quotes)" if isinstance(budget, str) and _is_number(budget) else ""
+        hint = f" (write {budget.strip()} without quotes)" if isinstance(budget, str) and parses_as_number(budget) else ""
         raise BudgetTypeError(f"{argument} must be a number, the keep ratio of an exported budget (e.g. 0.5, or 1.0 "
                               f"for full width); found {found}{hint}")
     return float(budget)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 class NestedRuntime:
