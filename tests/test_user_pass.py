@@ -98,3 +98,61 @@ def test_preserves_computation_is_enforced():
     graph = lower(tiny_model("mixtral"))
     with pytest.raises(AssertionError, match="claims preserves_computation"):
         run_checked(Liar(), graph, PassContext(workdir=Path(".")), {"input_ids": torch.randint(0, 97, (2, 7))})
+
+
+USER_CHECKS = '''
+from flexc.passes.base import Pass, PassOptions
+from flexc.passes.registry import register_pass
+
+
+class Options(PassOptions):
+    floor: float = 0.6
+
+
+@register_pass
+class Picky(Pass):
+    """Declares everything the compiler asks of a pass, with no entry for it in the compiler."""
+
+    name = "picky_user_pass"
+    Options = Options
+    packages = ("flexc_no_such_package",)
+    prunes_whole_experts = True
+
+    @classmethod
+    def check_spec(cls, options, site):
+        return [(site.loc, f"picky: {site.shape.num_experts} experts on {site.device}")]
+
+    @classmethod
+    def keep_floor(cls, options, shape, metric):
+        return options.floor, "picky keeps at least its floor"
+
+    @classmethod
+    def data_parallel_problem(cls, options):
+        return "picky counts on one process"
+
+    def run(self, graph, ctx):
+        return graph
+'''
+
+
+def test_a_user_pass_declares_its_own_checks(moe_dir, tmp_path, monkeypatch):
+    """What the compiler asks of a pass (packages, spec checks, keep floor, whole-expert pruning,
+    data-parallel limits) comes from the pass itself: a user's pass gets each without a compiler edit."""
+    from flexc.compiler.data_parallel import data_parallel_problems
+
+    (tmp_path / "picky_pass.py").write_text(USER_CHECKS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = write_spec(tmp_path / "spec.yaml", moe_dir, tmp_path / "run", """\
+  - rank_channels: {score: activation}
+  - name: picky_pass:Picky
+""").read_text().replace("export: {", "export: {formats: [hf], ")
+    (tmp_path / "spec.yaml").write_text(spec)
+    with pytest.raises(SpecError) as err:
+        flexc.validate(tmp_path / "spec.yaml")
+    text = str(err.value)
+    assert "needs flexc_no_such_package, not installed" in text
+    assert "picky: 8 experts on cpu" in text  # moe_dir: 8 experts per layer, device cpu
+    assert "keep 0.5 is below 0.6, the lowest keep reachable: picky keeps at least its floor" in text
+    assert "the hf export cannot express whole-expert pruning (picky_user_pass" in text
+    parsed = flexc.Spec.from_yaml_text(spec)
+    assert data_parallel_problems(parsed) == ["pipeline step 2: picky counts on one process"]

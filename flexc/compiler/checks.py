@@ -40,8 +40,6 @@ Problem = tuple[tuple, str, str]  # (spec path, "key" or "value", message)
 #: Export formats that write width tables, and what the optional ones need installed.
 WIDTH_EXPORTS = ("nested", "sliced", "onnx")
 EXPORT_PACKAGES = {"onnx": ("onnx", "onnxruntime", "onnxscript")}
-#: Passes that need an optional extra, found only when the pass starts (after earlier passes ran).
-PASS_PACKAGES = {"recover": ("peft",)}
 
 
 def check_model(spec: Spec) -> list[Problem]:
@@ -162,9 +160,10 @@ def check_pipeline_order(spec: Spec) -> list[Problem]:
 
 
 def check_pass_inputs(spec: Spec, shape=None) -> list[Problem]:
-    """Every pass has what it reads: calibration data (and a tokenizer for it), budgets, optional packages,
-    a kernel backend, a budget for recover, rank_channels' ``from:`` file."""
+    """Every pass has what it reads: calibration data (and a tokenizer for it), budgets, optional
+    packages, and what the pass itself checks (:meth:`flexc.passes.base.Pass.check_spec`)."""
     from flexc.compiler.spec import calibration_passes
+    from flexc.passes.base import SpecSite
 
     out = []
     needing = calibration_passes(spec.pipeline)
@@ -177,16 +176,14 @@ def check_pass_inputs(spec: Spec, shape=None) -> list[Problem]:
     directory = getattr(shape, "directory", None)
     if needing and directory is not None:
         out += _tokenizer_problems(spec, directory, spec.pipeline[needing[0]].name)
+    device = _resolved_device(spec)
     for i, entry in enumerate(spec.pipeline):
-        options = entry.pass_options
-        missing = [m for m in PASS_PACKAGES.get(entry.name, ()) if importlib.util.find_spec(m) is None]
+        options, cls = entry.pass_options, entry.pass_class
+        missing = [m for m in cls.packages if importlib.util.find_spec(m) is None]
         if missing:
             out.append((("pipeline", i), "value", f"pass {entry.name!r} needs {', '.join(missing)}, not installed "
                         f"here: pip install 'flexc[{entry.name}]'"))
-        if entry.name == "recover":
-            out += _recover_budget_problems(spec, i, options)
-        if entry.name == "rank_channels" and options.from_ is not None:
-            out += _saved_scores_problems(options.from_, i, shape)
+        out += [(loc, "value", msg) for loc, msg in cls.check_spec(options, SpecSite(spec, i, shape, device))]
         if "budgets" in type(options).model_fields and options.budgets is None and spec.budgets is None:
             out.append((("pipeline", i), "value",
                         f"pass {entry.name!r} needs budgets: set budgets.keep in the spec or the pass's budgets option"))
@@ -195,9 +192,17 @@ def check_pass_inputs(spec: Spec, shape=None) -> list[Problem]:
             out.append((("pipeline", i, entry.name, "teacher_topk"), "value",
                         f"teacher_topk {topk} exceeds the vocabulary ({vocab} tokens, {shape.config_file}); expected "
                         f"at most {vocab}, or null for the whole distribution"))
-        if entry.name == "lower_kernels" and options.backend == "triton":
-            out += _triton_problems(spec, i)
     return out
+
+
+def _resolved_device(spec: Spec) -> str | None:
+    """The device ``model.device`` names here ("auto": CUDA where there is one); None when it does not."""
+    from flexc import models
+
+    try:
+        return models.resolve_device(spec.model.device)
+    except FlexcError:
+        return None  # check_device reports it
 
 
 def _tokenizer_problems(spec: Spec, directory: Path, pass_name: str) -> list[Problem]:
@@ -219,64 +224,6 @@ def _tokenizer_problems(spec: Spec, directory: Path, pass_name: str) -> list[Pro
     return []
 
 
-def _saved_scores_problems(source: Path, i: int, shape) -> list[Problem]:
-    """rank_channels' ``from:`` file is whole and ranks experts of this model's shape (header only)."""
-    from flexc import models
-    from flexc.passes.ranking import SCORES_FILE
-
-    path = source / SCORES_FILE if source.is_dir() else source
-    loc = ("pipeline", i)
-    msg = models.check_safetensors(path)
-    if msg is not None:
-        return [(loc, "value", f"rank_channels from: {msg}")]
-    header = models.read_safetensors_header(path)
-    perms = {k: v.get("shape") for k, v in header.items() if k.startswith("layer") and k.endswith(".perm")}
-    if "layer0.perm" not in perms:
-        return [(loc, "value", f"rank_channels from: {path} holds no channel ranking (no layer0.perm); "
-                 "expected the channel_scores.safetensors of an earlier rank_channels stage")]
-    expected = [shape.num_experts, shape.intermediate_size] if shape is not None else None
-    wrong = sorted(k for k, s in perms.items() if expected is not None and s != expected)
-    if wrong:
-        return [(loc, "value", f"rank_channels from: {path} ranks experts of shape {perms[wrong[0]]} ({wrong[0]}), "
-                 f"but this model's are {expected} (experts x channels, {shape.config_file}): scores of another model? "
-                 "Expected the channel_scores.safetensors of a rank_channels stage on this model")]
-    return []
-
-
-def _recover_budget_problems(spec: Spec, i: int, options) -> list[Problem]:
-    """recover fine-tunes at the exported budget nearest its keep: one must lie within keep_tolerance."""
-    width = [j for j in range(i) if "width_tables" in spec.pipeline[j].build().guarantees]
-    if not width:
-        return []  # the pass order check reports it
-    budgets, _ = _budgets_of(spec, width[-1])
-    if not budgets:
-        return []
-    nearest = min(budgets, key=lambda b: abs(b - options.keep))
-    if abs(nearest - options.keep) <= options.keep_tolerance + 1e-9:
-        return []
-    listed = ", ".join(f"{b:g}" for b in budgets)
-    return [(("pipeline", i), "value", f"recover's keep {options.keep:g} is not within keep_tolerance "
-             f"{options.keep_tolerance:g} of any budget ({listed}); set keep to one of them or raise keep_tolerance")]
-
-
-def _triton_problems(spec: Spec, i: int) -> list[Problem]:
-    from flexc.kernels.dispatch import interpret_mode, triton_available
-
-    if not triton_available():
-        return [(("pipeline", i), "value", "lower_kernels backend 'triton' needs the triton package, which is "
-                 "not importable here; use backend 'auto' or 'reference'")]
-    from flexc import models
-
-    try:
-        device = models.resolve_device(spec.model.device)  # "auto" is CUDA where there is one
-    except FlexcError:
-        return []  # check_device reports it
-    if device.startswith("cuda") or interpret_mode():
-        return []
-    return [(("pipeline", i), "value", f"lower_kernels backend 'triton' needs CUDA tensors; model.device is "
-             f"{spec.model.device!r}. Use backend 'auto' or 'reference', device: cuda, or TRITON_INTERPRET=1")]
-
-
 def _spec_budget_loc(spec: Spec, keep: float) -> tuple:
     """Where a keep ratio of the spec's budgets is written (a prune ratio for ``prune:`` lists)."""
     b = spec.budgets
@@ -284,63 +231,30 @@ def _spec_budget_loc(spec: Spec, keep: float) -> tuple:
     return ("budgets", kind, values.index(keep)) if keep in values else ("budgets",)
 
 
-def _budgets_of(spec: Spec, index: int) -> tuple[list[float], tuple | None]:
-    """The keep ratios pass ``index`` (or the next pass that takes budgets) works to, and where they are set."""
-    for j in range(index, len(spec.pipeline)):
-        options = spec.pipeline[j].pass_options
-        if getattr(options, "budgets", None) is not None:
-            return list(options.budgets), ("pipeline", j)
-        if "budgets" in type(options).model_fields:
-            break
-    return (list(spec.budgets.keep_ratios), None) if spec.budgets is not None else ([], None)
-
-
 def check_budget_floor(spec: Spec, shape) -> list[Problem]:
-    """Budgets below the lowest keep a width pass can reach (every expert at its narrowest choice)."""
+    """Budgets below the lowest keep a width pass can reach (:meth:`flexc.passes.base.Pass.keep_floor`)."""
     if shape is None:
         return []
-    inter = shape.intermediate_size
     metric = spec.budgets.metric if spec.budgets is not None else "params"
     out = []
     for i, entry in enumerate(spec.pipeline):
-        options = entry.pass_options
-        if entry.name == "insert_action_gates":
-            if inter < options.granule:
-                out.append((("pipeline", i), "value",
-                            f"insert_action_gates: granule {options.granule} is wider than the experts "
-                            f"({inter} channels, {shape.config_file}); use a granule of at most {inter}"))
-                continue
-            from flexc.passes.action_gates import level_widths
-
-            narrowest = int(level_widths(inter, options.levels, options.granule)[0])
-            floor = narrowest / inter
-            why = (f"insert_action_gates (levels {options.levels or 'one per granule'}, granule {options.granule}) cannot make an "
-                   f"expert of {inter} channels ({shape.config_file}) narrower than {narrowest}; use a larger "
-                   "budget, or more levels or a smaller granule")
-        elif entry.name in ("uniform", "coverage"):
-            narrowest = min(options.granule, inter)
-            floor = narrowest / inter
-            why = (f"{entry.name} (granule {options.granule}) keeps at least {narrowest} of each expert's {inter} "
-                   "channels; use a larger budget or a smaller granule")
-        elif entry.name == "expert_prune" and metric == "params":  # the flops floor depends on routing
-            floor = shape.top_k / shape.num_experts
-            why = (f"expert_prune must keep top_k={shape.top_k} of the {shape.num_experts} experts of each layer "
-                   f"({shape.config_file}); use a larger budget")
-        else:
+        floor = entry.pass_class.keep_floor(entry.pass_options, shape, metric)
+        if floor is None:
             continue
-        budgets, where = _budgets_of(spec, i)
-        low = [b for b in budgets if b < floor - 1e-9]
+        lowest, why = floor
+        budgets, where = spec.budgets_for(i)
+        low = [b for b in budgets if b < lowest - 1e-9]
         if low:
             loc = where or _spec_budget_loc(spec, low[0])
-            out.append((loc, "value", f"keep {low[0]:g} is below {floor:.3g}, the lowest keep reachable: {why}"))
+            out.append((loc, "value", f"keep {low[0]:g} is below {lowest:.3g}, the lowest keep reachable: {why}"))
     return out
 
 
 def check_exports(spec: Spec) -> list[Problem]:
     """Each export has what it reads: width tables without whole-expert pruning, installed packages."""
     holds = set(initial_properties())
-    names = [e.name for e in spec.pipeline]
     passes = [entry.build() for entry in spec.pipeline]
+    pruning = [p.name for p in passes if p.prunes_whole_experts]
     for p in passes:
         holds |= set(p.guarantees)
     # flexc's passes declare the width tables they write; a pass of your own may write them undeclared
@@ -352,8 +266,8 @@ def check_exports(spec: Spec) -> list[Problem]:
             out.append((loc, "value", f"the {fmt} export writes one model per budget and needs width tables; no pass "
                         "in the pipeline chooses widths: add anneal (after rank_channels and insert_action_gates) "
                         "or a baseline (uniform, coverage) after rank_channels"))
-        elif fmt in WIDTH_EXPORTS + ("hf",) and "expert_prune" in names:
-            out.append((loc, "value", f"the {fmt} export cannot express whole-expert pruning (expert_prune re-routes "
+        elif fmt in WIDTH_EXPORTS + ("hf",) and pruning:
+            out.append((loc, "value", f"the {fmt} export cannot express whole-expert pruning ({pruning[0]} re-routes "
                         "tokens through router masks); drop it from export.formats or use a width pass"))
         elif fmt == "graph" and not spec.pipeline:
             out.append((loc, "value", "the graph export draws the lowered graph, and an empty pipeline never lowers "

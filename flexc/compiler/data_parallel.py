@@ -30,8 +30,6 @@ from flexc.utils import distributed
 
 def data_parallel_problems(spec) -> list[str]:
     """Why ``spec`` cannot compile with several processes (empty when it can)."""
-    from flexc.passes.scores import resolve_score
-
     problems = []
     if spec.model.device.startswith("cuda:"):
         problems.append(f"model.device {spec.model.device!r} puts every rank on one GPU; use device: cuda (each rank "
@@ -39,12 +37,9 @@ def data_parallel_problems(spec) -> list[str]:
     if not spec.pipeline:
         problems.append("an empty pipeline only copies the model: there is nothing to split across processes")
     for i, entry in enumerate(spec.pipeline, 1):
-        if entry.name == "rank_channels" and entry.options.get("from") is None:
-            score = entry.options.get("score", "taylor")
-            if resolve_score(score).summed is None:
-                problems.append(f"pipeline step {i}: rank_channels' score {score!r} does not declare which of its "
-                                "accumulators are sums over batches (ChannelScore.summed), so its ranks' scores "
-                                "cannot be added up")
+        why = entry.pass_class.data_parallel_problem(entry.pass_options)
+        if why:
+            problems.append(f"pipeline step {i}: {why}")
     return problems
 
 

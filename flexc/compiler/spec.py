@@ -351,11 +351,16 @@ class PassEntry(_Strict):
             ],
         }
 
-    def build(self) -> Any:
-        """Instantiate the pass with its validated options (a copy each: a pass may not change another's)."""
+    @property
+    def pass_class(self) -> Any:
+        """The :class:`~flexc.passes.base.Pass` subclass this entry names."""
         from flexc.passes.registry import resolve_pass
 
-        return resolve_pass(self.name)(self.pass_options.model_copy(deep=True))
+        return resolve_pass(self.name)
+
+    def build(self) -> Any:
+        """Instantiate the pass with its validated options (a copy each: a pass may not change another's)."""
+        return self.pass_class(self.pass_options.model_copy(deep=True))
 
 
 def _normalise_entry(data: Any) -> tuple[dict[str, Any], str]:
@@ -539,6 +544,17 @@ class Spec(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+    def budgets_for(self, index: int) -> tuple[list[float], tuple | None]:
+        """The keep ratios pipeline entry ``index`` (or the next entry that takes budgets) works to, and
+        where they are set (None: the spec's ``budgets``)."""
+        for j in range(index, len(self.pipeline)):
+            options = self.pipeline[j].pass_options
+            if getattr(options, "budgets", None) is not None:
+                return list(options.budgets), ("pipeline", j)
+            if "budgets" in type(options).model_fields:
+                break
+        return (list(self.budgets.keep_ratios), None) if self.budgets is not None else ([], None)
 
     def fingerprint(self) -> str:
         """A hash of what the spec computes (the export directory excluded)."""

@@ -81,20 +81,20 @@ def _disk_bytes(*paths: Path) -> int:
     return total
 
 
-def export_transform(lm, state):
-    """What the exports do to each loaded decoder layer: the ranking's permutation, then a streamed
-    ``recover``'s adapters merged (the order the in-memory compile applied them in)."""
+def export_transform(lm, state, pass_classes):
+    """What the exports do to each loaded decoder layer: the ranking's permutation, then the weight
+    changes of the passes (``pass_classes``) that leave them to the exports (:meth:`flexc.passes.base.Pass.export_merger`,
+    e.g. a streamed ``recover``'s adapters), in pipeline order as the in-memory compile applied them."""
     from flexc.ir.permute import layer_permuter
-    from flexc.passes.recover_streamed import layer_merger
 
-    permute = layer_permuter(lm.groups, state.channel_perms)
-    merge = layer_merger(lm, state)
-    if merge is None:
-        return permute
+    steps = [layer_permuter(lm.groups, state.channel_perms)]
+    steps += [m for cls in pass_classes if cls.merges_at_export and (m := cls.export_merger(lm, state)) is not None]
+    if len(steps) == 1:
+        return steps[0]
 
     def transform(layer: int, graph) -> None:
-        permute(layer, graph)
-        merge(layer, graph)
+        for step in steps:
+            step(layer, graph)
 
     return transform
 
@@ -177,7 +177,7 @@ def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = Fa
 
     def write(fmt: str, tmp: Path) -> dict:
         tables = state.checked_width_tables()
-        transform = export_transform(lm, state)
+        transform = export_transform(lm, state, [e.pass_class for e in spec.pipeline])
         provenance = {"spec": spec.to_yaml(), "seed": spec.seed, "versions": artifacts.library_versions()}
         if fmt == "nested":
             m = write_nested_streamed(tmp, lm, tables, transform=transform, tokenizer=tokenizer,

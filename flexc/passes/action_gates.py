@@ -162,6 +162,25 @@ class InsertActionGates(Pass):
     guarantees = frozenset({"action_gates"})
     preserves_computation = True  # gates start in "full" mode
 
+    @classmethod
+    def check_spec(cls, options, site) -> list:
+        inter = getattr(site.shape, "intermediate_size", None)
+        if inter is not None and inter < options.granule:
+            return [(site.loc, f"insert_action_gates: granule {options.granule} is wider than the experts ({inter} "
+                     f"channels, {site.shape.config_file}); use a granule of at most {inter}")]
+        return []
+
+    @classmethod
+    def keep_floor(cls, options, shape, metric: str) -> tuple[float, str] | None:
+        inter = shape.intermediate_size
+        if inter < options.granule:
+            return None  # check_spec reports it
+        narrowest = int(level_widths(inter, options.levels, options.granule)[0])
+        return narrowest / inter, (
+            f"insert_action_gates (levels {options.levels or 'one per granule'}, granule {options.granule}) cannot "
+            f"make an expert of {inter} channels ({shape.config_file}) narrower than {narrowest}; use a larger "
+            "budget, or more levels or a smaller granule")
+
     def run_streamed(self, model, ctx: PassContext) -> None:
         insert_action_gates_streamed(self, model, ctx)
 

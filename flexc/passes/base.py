@@ -3,6 +3,13 @@
 A pass is a class with a registry name, a pydantic options model (so a spec validates its
 options before anything runs), the graph properties it requires and guarantees, and a
 ``preserves_computation`` flag that tests check by running the graph before and after.
+
+It also says what the compiler must know of it without a table of pass names: the packages
+it needs, what it checks in a spec before anything loads (:meth:`Pass.check_spec`), the lowest
+keep it can reach (:meth:`Pass.keep_floor`), whether the width exports can express it
+(``prunes_whole_experts``), whether it runs data-parallel (:meth:`Pass.data_parallel_problem`),
+and whether and how it streams (``streams``, :meth:`Pass.run_streamed`,
+:meth:`Pass.export_merger`).
 """
 
 from __future__ import annotations
@@ -152,6 +159,26 @@ class PassContext:
         return CalibrationSet(source, self.tokenizer, seed=self.seed, device=self.device)
 
 
+Problem = tuple[tuple, str]  # (where in the spec, e.g. ("pipeline", 2), message)
+
+
+@dataclass(frozen=True)
+class SpecSite:
+    """Where a pass sits in a spec, for :meth:`Pass.check_spec`: the whole spec, the pass's index in
+    its pipeline, the model's shape as its config says (``intermediate_size``, ``num_experts``,
+    ``top_k``, ``vocab_size``, ``config_file``; None when the model is not known yet) and the device
+    the spec resolves to (None when it does not)."""
+
+    spec: Any
+    index: int
+    shape: Any = None
+    device: str | None = None
+
+    @property
+    def loc(self) -> tuple:
+        return ("pipeline", self.index)
+
+
 @dataclass
 class PassResult:
     """A pass's output: the (possibly new) graph and whether it changed anything."""
@@ -185,6 +212,35 @@ class Pass:
     # leaves its weight changes to the exports (``merges_at_export``, e.g. recover's adapters).
     reads_source_weights: ClassVar[bool] = False
     merges_at_export: ClassVar[bool] = False
+    # Optional packages the pass imports when it starts (``pip install 'flexc[<name>]'``): a spec
+    # that lists the pass is refused before the run when one is missing.
+    packages: ClassVar[tuple[str, ...]] = ()
+    # Removes whole experts by re-routing tokens: the width exports (nested, sliced, onnx, hf) cannot
+    # express it.
+    prunes_whole_experts: ClassVar[bool] = False
+
+    @classmethod
+    def check_spec(cls, options: PassOptions, site: SpecSite) -> list[Problem]:
+        """What this pass with ``options`` cannot do in ``site.spec`` on ``site.shape``, found from configs
+        and file headers before any weight loads; ``(spec location, message)`` pairs."""
+        return []
+
+    @classmethod
+    def keep_floor(cls, options: PassOptions, shape: Any, metric: str) -> tuple[float, str] | None:
+        """The lowest keep ratio this pass can reach on a model of ``shape`` under ``metric``, and why
+        (None: no floor, or one that depends on data)."""
+        return None
+
+    @classmethod
+    def data_parallel_problem(cls, options: PassOptions) -> str | None:
+        """Why this pass cannot split its calibration over torchrun's processes (None when it can)."""
+        return None
+
+    @classmethod
+    def export_merger(cls, model: Any, state: "CompileState") -> Any:
+        """For a pass that ``merges_at_export``: ``f(layer, layer_graph)`` that applies its weight change
+        to each decoder layer the streamed exports load (None when this compile made none)."""
+        return None
 
     def __init__(self, options: PassOptions | dict | None = None):
         if options is None:

@@ -160,6 +160,13 @@ class _WidthBaseline(Pass):
     guarantees = frozenset({"width_tables"})
     preserves_computation = True  # only state is written; the graph stays at full width
 
+    @classmethod
+    def keep_floor(cls, options, shape, metric: str) -> tuple[float, str]:
+        inter = shape.intermediate_size
+        narrowest = min(options.granule, inter)
+        return narrowest / inter, (f"{cls.name} (granule {options.granule}) keeps at least {narrowest} of each "
+                                   f"expert's {inter} channels; use a larger budget or a smaller granule")
+
     def choose(self, graph, ctx, target, full, weights, step, upper) -> torch.Tensor:
         raise NotImplementedError
 

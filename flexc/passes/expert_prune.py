@@ -175,10 +175,19 @@ class ExpertPrune(Pass):
 
     name = "expert_prune"
     not_streamed_because = "it rewrites the in-memory graph's routers"
+    prunes_whole_experts = True
     Options = ExpertPruneOptions
     requires = frozenset({"lowered"})
     guarantees = frozenset({"width_tables", "router_masks"})
     preserves_computation = True  # masks are left at zero
+
+    @classmethod
+    def keep_floor(cls, options, shape, metric: str) -> tuple[float, str] | None:
+        if metric != "params":  # the flops floor depends on routing
+            return None
+        return shape.top_k / shape.num_experts, (
+            f"expert_prune must keep top_k={shape.top_k} of the {shape.num_experts} experts of each layer "
+            f"({shape.config_file}); use a larger budget")
 
     def run(self, graph, ctx: PassContext) -> PassResult:
         budgets, metric = budgets_and_metric(self.options, ctx)

@@ -75,6 +75,21 @@ class LowerKernels(Pass):
     guarantees = frozenset({"kernels_lowered"})
     preserves_computation = True  # within kernel precision; tests compare with the reference
 
+    @classmethod
+    def check_spec(cls, options, site) -> list:
+        """backend: triton needs the package, and CUDA tensors unless Triton's interpreter is on."""
+        from flexc.kernels.dispatch import interpret_mode, triton_available
+
+        if options.backend != "triton":
+            return []
+        if not triton_available():
+            return [(site.loc, "lower_kernels backend 'triton' needs the triton package, which is not importable "
+                     "here; use backend 'auto' or 'reference'")]
+        if site.device is None or site.device.startswith("cuda") or interpret_mode():
+            return []  # an unknown device is reported by the device check
+        return [(site.loc, f"lower_kernels backend 'triton' needs CUDA tensors; model.device is "
+                 f"{site.spec.model.device!r}. Use backend 'auto' or 'reference', device: cuda, or TRITON_INTERPRET=1")]
+
     def run(self, graph, ctx: PassContext) -> PassResult:
         from flexc.ir.backends import install_cuda_backend
         from flexc.kernels.dispatch import resolve_backend

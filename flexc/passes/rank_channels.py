@@ -76,6 +76,38 @@ class RankChannels(Pass):
     guarantees = frozenset({"channels_ranked", "routing_stats"})
     preserves_computation = True
 
+    @classmethod
+    def check_spec(cls, options, site) -> list:
+        """``from:`` names a whole ranking of experts of this model's shape (its header only)."""
+        from flexc.utils.weights import check_safetensors, read_safetensors_header
+
+        if options.from_ is None:
+            return []
+        path = options.from_ / SCORES_FILE if options.from_.is_dir() else options.from_
+        msg = check_safetensors(path)
+        if msg is not None:
+            return [(site.loc, f"rank_channels from: {msg}")]
+        header = read_safetensors_header(path)
+        perms = {k: v.get("shape") for k, v in header.items() if k.startswith("layer") and k.endswith(".perm")}
+        if "layer0.perm" not in perms:
+            return [(site.loc, f"rank_channels from: {path} holds no channel ranking (no layer0.perm); expected the "
+                     f"{SCORES_FILE} of an earlier rank_channels stage")]
+        shape = site.shape
+        expected = [shape.num_experts, shape.intermediate_size] if shape is not None else None
+        wrong = sorted(k for k, s in perms.items() if expected is not None and s != expected)
+        if wrong:
+            return [(site.loc, f"rank_channels from: {path} ranks experts of shape {perms[wrong[0]]} ({wrong[0]}), but "
+                     f"this model's are {expected} (experts x channels, {shape.config_file}): scores of another "
+                     f"model? Expected the {SCORES_FILE} of a rank_channels stage on this model")]
+        return []
+
+    @classmethod
+    def data_parallel_problem(cls, options) -> str | None:
+        if options.from_ is None and resolve_score(options.score).summed is None:
+            return (f"rank_channels' score {options.score!r} does not declare which of its accumulators are sums "
+                    "over batches (ChannelScore.summed), so its ranks' scores cannot be added up")
+        return None
+
     def compute_scores(self, graph, ctx: PassContext) -> tuple[list[torch.Tensor], RoutingStats]:
         score_cls = resolve_score(self.options.score)
         layers = {i: (g.num_experts, g.hidden_size, g.intermediate_size) for i, g in enumerate(graph.groups)}

@@ -138,6 +138,30 @@ class Recover(Pass):
     requires = frozenset({"channels_ranked", "width_tables"})
     guarantees = frozenset({"recovered"})
     preserves_computation = False
+    packages = ("peft",)
+
+    @classmethod
+    def check_spec(cls, options, site) -> list:
+        """recover fine-tunes at the exported budget nearest its keep: one must lie within keep_tolerance."""
+        pipeline = site.spec.pipeline
+        width = [j for j in range(site.index) if "width_tables" in pipeline[j].build().guarantees]
+        if not width:
+            return []  # the pass order check reports it
+        budgets, _ = site.spec.budgets_for(width[-1])
+        if not budgets:
+            return []
+        nearest = min(budgets, key=lambda b: abs(b - options.keep))
+        if abs(nearest - options.keep) <= options.keep_tolerance + 1e-9:
+            return []
+        listed = ", ".join(f"{b:g}" for b in budgets)
+        return [(site.loc, f"recover's keep {options.keep:g} is not within keep_tolerance {options.keep_tolerance:g} "
+                 f"of any budget ({listed}); set keep to one of them or raise keep_tolerance")]
+
+    @classmethod
+    def export_merger(cls, model, state):
+        from flexc.passes.recover_streamed import layer_merger
+
+        return layer_merger(model, state)
 
     # Test hook: called as on_step(step, adapters) after each optimizer step (gradients still set):
     # the peft model in memory, the LayerAdapters in a streamed compile.
