@@ -7,10 +7,9 @@ Per-pass snapshots are ``flexc compile --dump-graphs``.
 
 from __future__ import annotations
 
-from flexc.export.registry import ExportContext, register_exporter
+from flexc.export.context import ExportContext
 
 
-@register_exporter("graph")
 def export_graph(ctx: ExportContext) -> None:
     if ctx.graph is None:
         raise ValueError("the graph export needs a lowered graph: give the spec a pipeline (an empty pipeline "

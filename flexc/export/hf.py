@@ -8,10 +8,9 @@ export carries every budget, ``sliced`` one checkpoint per budget.
 
 from __future__ import annotations
 
-from flexc.export.registry import ExportContext, register_exporter
+from flexc.export.context import ExportContext
 
 
-@register_exporter("hf")
 def export_hf(ctx: ExportContext) -> None:
     if ctx.state.removes_experts():
         raise ValueError("the hf export writes the full-width model, but this pipeline removed whole experts "

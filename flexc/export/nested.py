@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from flexc.errors import FlexcError
-from flexc.export.registry import ExportContext, register_exporter
+from flexc.export.context import ExportContext
 from flexc.ir.tables import WIDTHS_FILE, WidthTables, expert_weights, keep_ratio, per_layer_keep
 
 MANIFEST_FILE = "flexc_manifest.json"
@@ -142,7 +142,6 @@ def load_tables(directory: str | Path, manifest: dict[str, Any] | None = None) -
     return tables
 
 
-@register_exporter("nested")
 def export_nested(ctx: ExportContext) -> None:
     groups = ctx.expert_groups()
     tables = ctx.width_tables("nested")

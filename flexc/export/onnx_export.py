@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from flexc.errors import FlexcError
-from flexc.export.registry import ExportContext, register_exporter
+from flexc.export.context import ExportContext
 from flexc.export.slicing import LayerSlices, slice_experts
 from flexc.ir.op import apply_activation
 from flexc.ir.tables import budget_key
@@ -350,7 +350,6 @@ def write_onnx(target: str | Path, model: nn.Module, groups, widths: torch.Tenso
 # ---- the exporter ----------------------------------------------------------------------------
 
 
-@register_exporter("onnx")
 def export_onnx(ctx: ExportContext) -> None:
     require_onnx()
     if ctx.model is None:

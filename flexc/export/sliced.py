@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from flexc.errors import FlexcError
-from flexc.export.registry import ExportContext, register_exporter
+from flexc.export.context import ExportContext
 from flexc.export.remote import modeling_flexc_sliced as remote
 from flexc.export.nested import ArtifactError, read_json_object, read_manifest
 from flexc.export.slicing import LayerSlices, slice_experts
@@ -229,7 +229,6 @@ def _tables(ctx: ExportContext, groups) -> WidthTables:
     return tables
 
 
-@register_exporter("sliced")
 def export_sliced(ctx: ExportContext) -> None:
     if ctx.model is None:
         raise SlicedExportError("the sliced export needs the compiled model")

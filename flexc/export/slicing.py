@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from flexc.ir.experts_impl import module_weights
-from flexc.ir.op import gate_up_rows
 
 
 @dataclass

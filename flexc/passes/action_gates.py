@@ -30,7 +30,6 @@ from flexc.ir.layout import ExpertWeights
 from flexc.ir.op import run_experts
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_granule
 from flexc.passes.masked_experts import masked_experts
-from flexc.passes.registry import register_pass
 
 GATE_PREFIX = "flexc_gates_"
 STREAMED_GATES = "action_gates"  # the state entry of a streamed compile's gate options
@@ -151,7 +150,6 @@ class InsertActionGatesOptions(PassOptions):
     _granule = field_validator("granule")(classmethod(lambda cls, v: check_granule(v)))
 
 
-@register_pass
 class InsertActionGates(Pass):
     """Give every routed expert learnable width-action logits; freeze the model weights."""
 

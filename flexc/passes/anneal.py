@@ -93,7 +93,6 @@ from flexc.passes.base import (MAX_STEPS, Pass, PassContext, PassOptions, PassRe
                                reject_bool_numbers)
 from flexc.passes.distill import TeacherTargets, distill_kl, distill_loss
 from flexc.passes.gated_model import GatedModel, gated_model
-from flexc.passes.registry import register_pass
 from flexc.passes.training import TrainingRun, fingerprint, restore, restore_optimizer
 from flexc.passes.width_tables import expert_weights, fit_to_budget, keep_ratio, per_layer_keep
 from flexc.utils import distributed
@@ -347,7 +346,6 @@ class _Setup:
         return cost, entropy
 
 
-@register_pass
 class Anneal(Pass):
     """Train the action logits and export nested width tables, one per budget."""
 

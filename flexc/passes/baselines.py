@@ -28,7 +28,6 @@ import torch
 from pydantic import Field, field_validator
 
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_granule, check_keep_ratios
-from flexc.passes.registry import register_pass
 from flexc.ir.buckets import BucketBound, bucket_table, count_buckets
 from flexc.ir.tables import WidthTables, expert_weights, keep_ratio, per_layer_keep
 from flexc.utils.atomic import atomic_write_text
@@ -201,7 +200,6 @@ class _WidthBaseline(Pass):
         return PassResult(graph=graph, modified=False)
 
 
-@register_pass
 class Uniform(_WidthBaseline):
     """The same keep ratio in every expert, on ranked channels.
 
@@ -235,7 +233,6 @@ class CoverageOptions(BaselineOptions):
         return v
 
 
-@register_pass
 class Coverage(_WidthBaseline):
     """Per-expert widths from a channel-score coverage target, binary-searched to the budget.
 

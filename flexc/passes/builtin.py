@@ -1,8 +1,13 @@
-"""Imports every built-in pass module so that each registers itself."""
+"""The built-in passes, in the order ``flexc passes`` lists them; the registry reads this table."""
 
-# Each import below registers its pass(es) with flexc.passes.registry.
-from flexc.passes import rank_channels  # noqa: F401
-from flexc.passes import action_gates, anneal  # noqa: F401,E402
-from flexc.passes import fold_masks, lower_kernels  # noqa: F401,E402
-from flexc.passes import baselines, expert_prune  # noqa: F401,E402
-from flexc.passes import recover  # noqa: F401,E402
+from flexc.passes.action_gates import InsertActionGates
+from flexc.passes.anneal import Anneal
+from flexc.passes.baselines import Coverage, Uniform
+from flexc.passes.expert_prune import ExpertPrune, InsertRouterMasks
+from flexc.passes.fold_masks import FoldMasks
+from flexc.passes.lower_kernels import LowerKernels
+from flexc.passes.rank_channels import RankChannels
+from flexc.passes.recover import Recover
+
+BUILTIN_PASSES = (RankChannels, InsertActionGates, Anneal, Uniform, Coverage, ExpertPrune, InsertRouterMasks,
+                  FoldMasks, Recover, LowerKernels)

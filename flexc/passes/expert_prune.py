@@ -38,7 +38,6 @@ from flexc.ir.tables import expert_weights, keep_ratio
 from flexc.passes.base import Pass, PassContext, PassResult
 from flexc.passes.baselines import BaselineOptions, budgets_and_metric, hand_off, write_report
 from flexc.passes.calibrate import calibrate
-from flexc.passes.registry import register_pass
 from flexc.utils.distributed import all_reduce_sum, shard
 
 CRITERIA = ("frequency", "router_weight", "man", "msan", "reap")
@@ -56,7 +55,6 @@ def _router_linear(graph, group) -> fx.Node:
     raise ValueError(f"layer {group.layer}: no router linear node found under {block} in the lowered graph")
 
 
-@register_pass
 class InsertRouterMasks(Pass):
     """Add a switchable additive mask on every MoE layer's router logits (zeros: no change)."""
 
@@ -169,7 +167,6 @@ class ExpertPruneOptions(BaselineOptions):
         return self.criterion in ("man", "msan", "reap") or "routing_stats" not in earlier
 
 
-@register_pass
 class ExpertPrune(Pass):
     """Whole-expert pruning with router renormalisation, one mask per budget."""
 

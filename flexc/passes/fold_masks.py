@@ -22,10 +22,8 @@ import torch
 from flexc.ir.experts_impl import WIDTHS_BUFFER
 from flexc.passes.action_gates import GATE_PREFIX, GatedExperts
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
-from flexc.passes.registry import register_pass
 
 
-@register_pass
 class FoldMasks(Pass):
     """Replace action gates by per-budget width tables over the ranked weights."""
 

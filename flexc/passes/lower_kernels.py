@@ -23,7 +23,6 @@ from torch import nn
 from flexc.ir.graph import is_expert_node
 from flexc.ir.op import ExpertWeights, run_experts
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult, check_granule
-from flexc.passes.registry import register_pass
 from flexc.utils.atomic import atomic_write_text
 
 KERNEL_PREFIX = "flexc_kernels_"
@@ -64,7 +63,6 @@ def _graph_granule(graph) -> int | None:
     return None
 
 
-@register_pass
 class LowerKernels(Pass):
     """Specialise Triton expert kernels to the model and rewrite expert nodes to use them."""
 

@@ -21,7 +21,6 @@ from pydantic import Field, field_validator
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.calibrate import RoutingStats, calibrate
 from flexc.passes.ranking import SCORES_FILE, load_ranking, record_ranking, sort_channels
-from flexc.passes.registry import register_pass
 from flexc.passes.scores import ChannelScore, available_scores, resolve_score
 from flexc.utils.distributed import shard
 
@@ -64,7 +63,6 @@ class RankChannelsOptions(PassOptions):
         return self.from_ is None  # `from:` reuses an earlier run's scores
 
 
-@register_pass
 class RankChannels(Pass):
     """Score and sort every routed expert's intermediate channels (function-preserving)."""
 

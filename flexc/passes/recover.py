@@ -63,7 +63,6 @@ from flexc.passes.anneal import quality_loss
 from flexc.passes.base import MAX_STEPS, Pass, PassContext, PassOptions, PassResult
 from flexc.passes.distill import TeacherTargets
 from flexc.passes.lora import adapter_parameters, attach_adapters, merge_adapters
-from flexc.passes.registry import register_pass
 from flexc.passes.training import TrainingRun, fingerprint, restore, restore_optimizer
 from flexc.utils import distributed
 from flexc.utils.atomic import atomic_write_text
@@ -126,7 +125,6 @@ def lr_at(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-@register_pass
 class Recover(Pass):
     """Fine-tune LoRA adapters at one budget's widths, then merge them into the nested weights."""
 

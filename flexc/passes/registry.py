@@ -15,6 +15,7 @@ from flexc.passes.base import Pass
 ENTRY_POINT_GROUP = "flexc.passes"
 
 _BUILTINS: dict[str, type[Pass]] = {}
+_builtins_loaded = False
 
 
 class UnknownPassError(LookupError):
@@ -26,7 +27,8 @@ class UnknownPassError(LookupError):
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Class decorator for built-in passes (and for a user's passes registered in code)."""
+    """Class decorator for a user's passes registered in code (the built-ins are listed in
+    :mod:`flexc.passes.builtin`)."""
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} must set a non-empty `name`")
     _BUILTINS[cls.name] = cls
@@ -34,8 +36,15 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def _load_builtins() -> None:
-    # Importing the package registers every built-in pass module.
-    importlib.import_module("flexc.passes.builtin")
+    """Register the built-in passes, once (a pass registered in code before keeps its name)."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    from flexc.passes.builtin import BUILTIN_PASSES
+
+    for cls in BUILTIN_PASSES:
+        _BUILTINS.setdefault(cls.name, cls)
 
 
 def _plugin_entry_points() -> dict[str, object]:
