@@ -14,7 +14,7 @@ compile (``manifest.json``, ``stages/NN-<pass>/``, ``state/``, one folder per ex
   as a shard of its own and freed (:mod:`flexc.export.streamed`).
 
 The passes run through the same :class:`~flexc.passes.manager.PassRunner` and stage loop
-(:func:`flexc.compiler.driver.run_pass_stages`) as the in-memory compile. After every pass the
+(:mod:`flexc.compiler.stages`) as the in-memory compile. After every pass the
 hand-off state (scores, statistics, tables, permutations, LoRA factors: no weights) is saved to
 ``state/``, and a re-run resumes after the last completed pass.
 """
@@ -22,14 +22,13 @@ hand-off state (scores, statistics, tables, permutations, LoRA factors: no weigh
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
 
 from flexc.compiler import artifacts
 from flexc.compiler.artifacts import STATE_DIR, RunDir
-from flexc.utils import distributed
+from flexc.compiler.execution import Execution
 
 log = logging.getLogger("flexc")
 
@@ -99,104 +98,76 @@ def export_transform(lm, state, pass_classes):
     return transform
 
 
-# --------------------------------------------------------------------------- the compile
+# --------------------------------------------------------------------------- the execution
 
 
-def compile_streamed(spec, source: Path | None, run: RunDir, *, quiet: bool = False):
-    """The streamed counterpart of the driver's ``_compile`` (same stages, manifest and resume rules)."""
-    from flexc import models
-    from flexc.compiler import driver
-    from flexc.compiler.data_parallel import stages_dir
-    from flexc.export.streamed import export_sliced_streamed, write_checkpoint_streamed, write_nested_streamed
-    from flexc.ir.streaming import LayerModel
-    from flexc.ir.state import CompileState
-    from flexc.passes.base import PassContext
-    from flexc.passes.manager import PassRunner, check_pipeline
-    from flexc.passes.streamed import StreamedGraph, streamed_form
+class LayerStreamed(Execution):
+    """The model on the ``meta`` device, one decoder layer loaded at a time (see the module docstring)."""
 
-    out = run.path
-    pass_names = [f"{i:02d}-{e.name.replace(':', '.')}" for i, e in enumerate(spec.pipeline, 1)]
-    names = ["load", *pass_names, *[f"export:{fmt}" for fmt in spec.export.formats]]
-    result = driver.CompileResult(out, spec, run.manifest)
-    if run.resumed and driver.resumed_up_to_date(run, names[1:]):
-        result.skipped = names
-        return result
-    started = time.perf_counter()
-    run.manifest.update(
-        status="running", runs=run.manifest.get("runs", 0) + 1, versions=artifacts.library_versions(),
-        seed=spec.seed, spec_file=str(source) if source else None, execution=run.manifest.get("execution") or {"stream": "layers"},
-        budgets=({"keep": list(spec.budgets.keep_ratios), "metric": spec.budgets.metric} if spec.budgets else None),
-    )
-    run.set_plan(names)
-    if distributed.is_writer():
-        artifacts.write_text(out / artifacts.SPEC_FILE, spec.to_yaml())
-    log.info("flexc compile (streamed, one decoder layer at a time) → %s%s", out, " (resuming)" if run.resumed else "")
-    step = iter(range(1, len(names) + 1))
+    title = " (streamed, one decoder layer at a time)"
+    state_meta = {"execution": "layers"}
 
-    def stage(name: str):
-        return driver._Stage(run, name, next(step), len(names))
+    def manifest_entries(self, manifest: dict) -> dict:
+        return {"execution": manifest.get("execution") or {"stream": "layers"}}
 
-    driver._seed_everything(spec.seed)
-    with stage("load") as st:
-        directory = models.resolve_directory(spec.model, progress=not quiet)
+    def load(self):
+        from flexc import models
+        from flexc.ir.streaming import LayerModel
+
+        spec = self.spec
+        directory = models.resolve_directory(spec.model, progress=not self.quiet)
         family = models.check_moe_config(directory)
         device = models.resolve_device(spec.model.device)
         dtype = None if spec.model.dtype == "auto" else getattr(torch, spec.model.dtype)
-        lm = LayerModel(directory, dtype, device)
-        tokenizer = models.load_tokenizer(directory)
-        n_params = lm.parameter_count()
-        st.info = {"directory": str(directory), "family": family, "parameters": n_params,
-                   "decoder_layers": lm.num_layers, "moe_layers": len(lm.groups)}
-        run.manifest["model"] = {"source": dict([spec.model.source]), "directory": str(directory), "family": family,
-                                 "dtype": str(lm.dtype).removeprefix("torch."), "parameters": n_params}
-    result.ran.append("load")
+        self.lm = LayerModel(directory, dtype, device)
+        self.tokenizer = models.load_tokenizer(directory)
+        n_params = self.lm.parameter_count()
+        info = {"directory": str(directory), "family": family, "parameters": n_params,
+                "decoder_layers": self.lm.num_layers, "moe_layers": len(self.lm.groups)}
+        return info, {"directory": str(directory), "family": family,
+                      "dtype": str(self.lm.dtype).removeprefix("torch."), "parameters": n_params}
 
-    passes = [streamed_form(entry.build()) for entry in spec.pipeline]
-    state = CompileState()
-    first = driver.resume_point(run, pass_names)
-    if first:
-        state = driver.load_saved_state(run, lm.groups)
-    context = PassContext(workdir=stages_dir(run), spec=spec, seed=spec.seed, device=str(lm.device), logger=log,
-                          quiet=quiet, tokenizer=tokenizer)
-    graph = StreamedGraph(lm, check_pipeline(passes[:first]))  # what the passes that ran guarantee
-    runner = PassRunner(graph, context, stages_dir(run), state=state, done=[p.name for p in passes[:first]])
+    def build_passes(self, spec) -> list:
+        from flexc.passes.streamed import streamed_form
 
-    def saved(name: str, entry, res) -> dict:
-        info = {"pass": entry.name, "streamed": True, "peak_live_layers": lm.peak_live}
-        if distributed.is_writer():  # under torchrun, rank 0 alone writes the run's files
-            driver.save_state(run, name, runner.state.save, execution="layers")
-            info["files"] = driver.stage_files(run, name)
-        info["disk_bytes"] = _disk_bytes(stages_dir(run) / name, out / STATE_DIR)
-        return info
+        return [streamed_form(entry.build()) for entry in spec.pipeline]
 
-    driver.run_pass_stages(spec, run, stage, step, result, runner, list(zip(pass_names, spec.pipeline, passes)), first,
-                           saved)
-    state = runner.state
-    if not distributed.is_writer():  # under torchrun, rank 0 alone exports and reports
-        return result
+    def pass_runner(self, run: RunDir, done: dict):
+        from flexc.compiler.data_parallel import stages_dir
+        from flexc.compiler.stages import load_saved_state
+        from flexc.ir.state import CompileState
+        from flexc.passes.manager import PassRunner, check_pipeline
+        from flexc.passes.streamed import StreamedGraph
 
-    def write(fmt: str, tmp: Path) -> dict:
+        passes = list(done.values())
+        state = load_saved_state(run, self.lm.groups) if done else CompileState()
+        graph = StreamedGraph(self.lm, check_pipeline(passes))  # what the passes that ran guarantee
+        self.runner = PassRunner(graph, self.context(run, str(self.lm.device)), stages_dir(run), state=state,
+                                 done=[p.name for p in passes])
+        return self.runner
+
+    def stage_info(self, runner, result) -> dict:
+        return {"streamed": True, "peak_live_layers": self.lm.peak_live}
+
+    def after_stage(self, run: RunDir, name: str, runner, result) -> dict:
+        from flexc.compiler.data_parallel import stages_dir
+
+        return {"disk_bytes": _disk_bytes(stages_dir(run) / name, run.path / STATE_DIR)}
+
+    def export(self, fmt: str, folder: Path, state) -> dict:
+        from flexc.export.streamed import export_sliced_streamed, write_checkpoint_streamed, write_nested_streamed
+
+        lm, spec = self.lm, self.spec
         tables = state.checked_width_tables()
         transform = export_transform(lm, state, [e.pass_class for e in spec.pipeline])
         provenance = {"spec": spec.to_yaml(), "seed": spec.seed, "versions": artifacts.library_versions()}
         if fmt == "nested":
-            m = write_nested_streamed(tmp, lm, tables, transform=transform, tokenizer=tokenizer,
+            m = write_nested_streamed(folder, lm, tables, transform=transform, tokenizer=self.tokenizer,
                                       provenance=provenance)
             written = m.pop("_bytes_written")
         elif fmt == "hf":  # the ranked full-width checkpoint: budgets are in nested and sliced
-            written = write_checkpoint_streamed(tmp, lm, transform=transform, tokenizer=tokenizer)
+            written = write_checkpoint_streamed(folder, lm, transform=transform, tokenizer=self.tokenizer)
         else:
-            written = export_sliced_streamed(tmp, lm, tables, transform=transform, tokenizer=tokenizer,
+            written = export_sliced_streamed(folder, lm, tables, transform=transform, tokenizer=self.tokenizer,
                                              provenance=provenance, logger=log)
-        return {"disk_bytes": _disk_bytes(tmp), "weights_bytes": written, "peak_live_layers": lm.peak_live}
-
-    driver.run_export_stages(spec, run, stage, step, result, out, write)
-
-    run.manifest["outputs"].update({"spec": artifacts.SPEC_FILE, "log": artifacts.LOG_FILE,
-                                    "report": artifacts.REPORT_FILE})
-    driver._write_report(out, run, spec, None, state, tokenizer)
-    run.manifest["status"] = "complete"
-    run.manifest["seconds_this_run"] = round(time.perf_counter() - started, 3)
-    run.save()
-    log.info("done: %s (manifest: %s)", out, out / artifacts.MANIFEST)
-    return result
+        return {"disk_bytes": _disk_bytes(folder), "weights_bytes": written, "peak_live_layers": lm.peak_live}
