@@ -3,7 +3,7 @@
 Methods: learned nested widths (flexmoe: rank_channels, insert_action_gates, anneal), uniform
 widths, coverage widths, and whole-expert pruning (MAN and frequency criteria), all on the
 same ranked model, calibration set, budgets (fractions of routed-expert parameters) and
-held-out tokens. Runs :func:`flexc.eval.compare.compare` on a spec built from the arguments.
+held-out tokens. Runs :func:`flexc.compiler.compare.compare` on a spec built from the arguments.
 
     python benchmarks/quality.py --model tiny
     python benchmarks/quality.py --model small --samples 64 --eval-tokens 30000
@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
 from flexc.compiler.spec import Spec  # noqa: E402
-from flexc.eval.compare import compare, parse_methods  # noqa: E402
+from flexc.compiler.compare import compare  # noqa: E402
+from flexc.passes.methods import parse_methods  # noqa: E402
 
 BUDGETS = "0.9,0.75,0.6,0.5,0.4,0.3,0.25,0.2"
 METHODS = "flexmoe,uniform,coverage,expert_prune:man,expert_prune:frequency,expert_prune:reap"

@@ -214,14 +214,14 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from flexc.eval.cli import run_eval
+    from flexc.cli_eval import run_eval
 
     run_eval(args, logs.out_console())
     return EXIT_OK
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from flexc.eval.cli import run_compare
+    from flexc.cli_eval import run_compare
 
     run_compare(args, logs.out_console())
     return EXIT_OK

@@ -120,7 +120,7 @@ def test_builtin_heldout_documents_are_not_in_train():
 
 
 def test_methods_parse_and_flexmoe_runs_last():
-    from flexc.eval.compare import parse_methods
+    from flexc.passes.methods import parse_methods
 
     methods = parse_methods("flexmoe, uniform,expert_prune:reap")
     assert [m.label for m in methods] == ["uniform", "expert_prune:reap", "flexmoe"]
@@ -133,7 +133,7 @@ def test_methods_parse_and_flexmoe_runs_last():
 
 
 def test_compare_table_and_plot(tmp_path):
-    from flexc.eval.compare import markdown_table, plot
+    from flexc.compiler.compare import markdown_table, plot
 
     rows = [{"method": "unpruned", "keep_target": 1.0, "params_keep": 1.0, "ppl": 10.0}]
     for m, k in (("uniform", 1.2), ("coverage", 1.1)):
@@ -157,7 +157,8 @@ def test_eval_cli_on_a_base_model(tiny_model_dir, tmp_path):
 
 def test_compare_reuses_the_width_tables_of_a_finished_compile(tiny_model_dir, tmp_path, monkeypatch):
     import flexc
-    from flexc.eval.compare import compare, load_spec_or_run, parse_methods, reusable_run
+    from flexc.compiler.compare import compare, load_spec_or_run, reusable_run
+    from flexc.passes.methods import parse_methods
     from flexc.passes.anneal import Anneal
 
     def make(steps):
@@ -199,10 +200,14 @@ def test_compare_reuses_the_width_tables_of_a_finished_compile(tiny_model_dir, t
         reusable_run(spec, tmp_path / "run")
 
 
-def test_compare_of_a_run_directory_imports_no_score_it_names(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("entry, where", [
+    ("{rank_channels: {score: 'evilscore:Score'}}", r"pipeline\[0\].rank_channels.score: 'evilscore:Score'"),
+    ("{name: 'evilscore:Score'}", r"pipeline\[0\].name: 'evilscore:Score'"),
+])
+def test_compare_of_a_run_directory_imports_no_code_it_names(entry, where, tiny_model_dir, tmp_path, monkeypatch):
     from flexc.compiler.artifacts import MANIFEST_KIND
+    from flexc.compiler.compare import load_spec_or_run
     from flexc.compiler.errors import FlexcError
-    from flexc.eval.compare import load_spec_or_run
 
     sentinel = tmp_path / "imported"
     (tmp_path / "evilscore.py").write_text(f"import pathlib\npathlib.Path({str(sentinel)!r}).touch()\n")
@@ -211,8 +216,7 @@ def test_compare_of_a_run_directory_imports_no_score_it_names(tiny_model_dir, tm
     run.mkdir()
     (run / "manifest.json").write_text(json.dumps({"kind": MANIFEST_KIND, "stages": []}))
     (run / "spec.yaml").write_text("model: {zoo: tiny}\ndata:\n  calibration: {builtin: python-stdlib}\n"
-                                   "pipeline: [{rank_channels: {score: 'evilscore:Score'}}]\n")
-    with pytest.raises(FlexcError, match=r"pipeline\[0\].rank_channels.score: 'evilscore:Score' is code named by a "
-                                         "run directory"):
+                                   f"pipeline: [{entry}]\n")
+    with pytest.raises(FlexcError, match=where + " is code named by a run directory"):
         load_spec_or_run(run)
     assert not sentinel.exists()

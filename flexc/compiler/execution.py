@@ -85,12 +85,11 @@ class Execution:
         """Write the ``fmt`` export into ``folder``; its extra manifest info."""
         raise NotImplementedError
 
-    def context(self, run: RunDir, device: str):
+    def context(self, workdir: Path, device: str):
         """The passes' :class:`~flexc.passes.base.PassContext`."""
-        from flexc.compiler.data_parallel import stages_dir
         from flexc.passes.base import PassContext
 
-        return PassContext(workdir=stages_dir(run), spec=self.spec, seed=self.spec.seed, device=device, logger=log,
+        return PassContext(workdir=workdir, spec=self.spec, seed=self.spec.seed, device=device, logger=log,
                            quiet=self.quiet, tokenizer=self.tokenizer)
 
 
@@ -138,7 +137,7 @@ class InMemory(Execution):
                 # the other ranks replay into their scratch folder: rank 0 alone writes the run's
                 replay_dir=None if distributed.is_writer() else stages_dir(run) / "replay"))
         device = str(next(self.loaded.model.parameters()).device)
-        self.runner = PassRunner(self.graph, self.context(run, device), stages_dir(run), state=state,
+        self.runner = PassRunner(self.graph, self.context(stages_dir(run), device), stages_dir(run), state=state,
                                  done=[p.name for p in done.values()])
         return self.runner
 

@@ -142,7 +142,7 @@ class LayerStreamed(Execution):
         passes = list(done.values())
         state = load_saved_state(run, self.lm.groups) if done else CompileState()
         graph = StreamedGraph(self.lm, check_pipeline(passes))  # what the passes that ran guarantee
-        self.runner = PassRunner(graph, self.context(run, str(self.lm.device)), stages_dir(run), state=state,
+        self.runner = PassRunner(graph, self.context(stages_dir(run), str(self.lm.device)), stages_dir(run), state=state,
                                  done=[p.name for p in passes])
         return self.runner
 

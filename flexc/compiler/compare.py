@@ -1,30 +1,25 @@
-"""Compare width-choosing methods on one model, one calibration set and one set of budgets.
+"""``flexc compare``: width-choosing methods on one model, one calibration set and one set of budgets.
 
-Every method starts from the same ranked model (``rank_channels`` with the spec's options, run
-once) and the same budgets in the same metric, so a keep ratio means the same parameter count
-for all of them. Methods are named as on the command line:
-
-- ``flexmoe``: the spec's ``insert_action_gates`` and ``anneal`` (learned nested widths);
-- ``uniform``, ``coverage``: the baseline passes of :mod:`flexc.passes.baselines`;
-- ``expert_prune[:CRITERION]``: whole experts removed (criterion: frequency, router_weight,
-  man, msan, reap).
-
-Baselines run before ``flexmoe`` because its action gates stay in the graph (at full width).
-Each budget of each method is evaluated on the same held-out tokens; the result is a JSON
-file, a Markdown table and a plot of perplexity against keep ratio.
+The methods (:mod:`flexc.passes.methods`) are pipelines of passes; every one starts from the
+same ranked model (the ranking run once, with the spec's options) and the same budgets in the
+same metric, so a keep ratio means the same parameter count for all of them. The model is
+loaded and lowered by the compile's in-memory execution (:class:`flexc.compiler.execution.InMemory`)
+and the passes run through the same :class:`~flexc.passes.manager.PassRunner`. Each budget of
+each method is evaluated on the same held-out tokens; the result is a JSON file, a Markdown
+table and a plot of perplexity against keep ratio.
 
 A compile has usually annealed already: when ``run`` (or, by default, the spec's
 ``export.dir``) holds a compile whose ranking and anneal are those compare would run (same
-model, calibration data, budgets, seed, and ``rank_channels`` → ``insert_action_gates`` →
-``anneal`` first in its pipeline with the same options, each stage done), compare reads that
-run's channel permutation and width tables instead of computing them again.
+model, calibration data, budgets, seed, and the learned method's passes first in its pipeline
+with the same options, each stage done), compare reads that run's channel permutation and
+width tables instead of computing them again.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,50 +27,11 @@ import torch
 from flexc.eval.budgets import apply_budget
 from flexc.eval.perplexity import check_no_leak, evaluate, evaluation_stream
 from flexc.ir.tables import WidthTables, expert_weights, keep_ratio
-from flexc.passes import PassContext, resolve_pass
+from flexc.passes import resolve_pass
 from flexc.passes.anneal import TABLES_FILE
 from flexc.passes.manager import PassRunner
+from flexc.passes.methods import LEARNED_PREFIX, RANKING, Method, ranking_options, steps
 from flexc.utils.atomic import atomic_path, atomic_write_text
-
-BASELINES = ("uniform", "coverage", "expert_prune")
-METHODS = ("flexmoe", *BASELINES)
-
-
-@dataclass
-class Method:
-    label: str  # as given, e.g. "expert_prune:man"
-    passes: list[tuple[str, dict]] = field(default_factory=list)
-
-
-def parse_methods(text: str, spec=None) -> list[Method]:
-    """``"flexmoe,uniform,expert_prune:man"`` -> the passes each method runs after ranking."""
-    entries = {e.name: dict(e.options) for e in getattr(spec, "pipeline", None) or []}
-    out = []
-    for label in [m.strip() for m in text.split(",") if m.strip()]:
-        name, _, arg = label.partition(":")
-        if name not in METHODS:
-            raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)} "
-                             "(expert_prune takes a criterion: expert_prune:man)")
-        if arg and name != "expert_prune":
-            raise ValueError(f"method {name!r} takes no ':' argument (found {label!r})")
-        if name == "flexmoe":
-            passes = [("insert_action_gates", entries.get("insert_action_gates", {})),
-                      ("anneal", entries.get("anneal", {}))]
-        elif name == "expert_prune":
-            passes = [(name, {**entries.get(name, {}), **({"criterion": arg} if arg else {})})]
-        else:
-            passes = [(name, entries.get(name, {}))]
-        for pass_name, options in passes:
-            resolve_pass(pass_name)(options)  # validate options before anything runs
-        out.append(Method(label, passes))
-    if not out:
-        raise ValueError("no methods given")
-    if [m.label.split(":")[0] for m in out].count("flexmoe") > 1:
-        raise ValueError("flexmoe may be given once")
-    return sorted(out, key=lambda m: m.label.startswith("flexmoe"))  # gates stay in the graph: run last
-
-
-REUSED_PREFIX = ("rank_channels", "insert_action_gates", "anneal")
 
 
 def _normalised(entries) -> list[tuple[str, dict]]:
@@ -102,12 +58,12 @@ def reusable_run(spec, run_dir: Path) -> tuple[Path, Path, WidthTables] | None:
         same = (ran.model == spec.model and ran.data.calibration == spec.data.calibration and ran.seed == spec.seed
                 and ran.budgets == spec.budgets
                 and _normalised(ran.pipeline[:3]) == _normalised(
-                    e for name in REUSED_PREFIX for e in spec.pipeline if e.name == name))
+                    e for name in LEARNED_PREFIX for e in spec.pipeline if e.name == name))
     except Exception as exc:  # noqa: BLE001 -- an unreadable run is simply not reused
         log.info("compare: not reusing the compile in %s: %s", run_dir, exc)
         return None
     done = {r["name"] for r in manifest.get("stages", []) if r.get("status") == "done"}
-    stages = [f"{i + 1:02d}-{name}" for i, name in enumerate(REUSED_PREFIX)]
+    stages = [f"{i + 1:02d}-{name}" for i, name in enumerate(LEARNED_PREFIX)]
     rank_dir, anneal_dir = run_dir / "stages" / stages[0], run_dir / "stages" / stages[2]
     if not same or not set(stages) <= done or not (anneal_dir / TABLES_FILE).is_file():
         log.info("compare: the compile in %s is not a finished anneal with these options, model, data, budgets "
@@ -137,9 +93,13 @@ def load_spec_or_run(path: str | Path):
     return validate_file(path), None
 
 
+_CODE_NAME = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")  # module:Class, as a spec names code
+
+
 def _refuse_code_named_in(spec_file: Path) -> None:
-    """A run directory may come from elsewhere: its spec's custom scores (``module:Class``) are not
-    imported (checking a spec imports them); the user names them in a spec file of their own."""
+    """A run directory may come from elsewhere: code its spec names (a pass or a score given as
+    ``module:Class``) is not imported (checking a spec imports it); the user names it in a spec
+    file of their own."""
     from flexc.compiler.errors import FlexcError
     from flexc.compiler.spec import read_spec_text
     from flexc.compiler.yamlpos import YamlSyntaxError, load_with_positions
@@ -149,12 +109,24 @@ def _refuse_code_named_in(spec_file: Path) -> None:
     except YamlSyntaxError:
         return  # validate_file reports it
     for i, entry in enumerate(data.get("pipeline") or [] if isinstance(data, dict) else []):
-        options = entry.get("rank_channels") if isinstance(entry, dict) else None
-        score = options.get("score") if isinstance(options, dict) else None
-        if isinstance(score, str) and ":" in score:
-            raise FlexcError(
-                f"{spec_file}: pipeline[{i}].rank_channels.score: {score!r} is code named by a run directory, which "
-                f"flexc compare does not import; compare the spec file that names it instead (flexc compare SPEC)")
+        for where, value in _strings(entry, f"pipeline[{i}]"):
+            if _CODE_NAME.match(value):
+                raise FlexcError(
+                    f"{spec_file}: {where}: {value!r} is code named by a run directory, which flexc compare does not "
+                    "import; compare the spec file that names it instead (flexc compare SPEC)")
+
+
+def _strings(node, where: str):
+    """(location, text) of every string in a parsed YAML node, mapping keys included."""
+    if isinstance(node, str):
+        yield where, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _strings(key, where)
+            yield from _strings(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for j, value in enumerate(node):
+            yield from _strings(value, f"{where}[{j}]")
 
 
 def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, logger=None,
@@ -166,9 +138,8 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
     """
     import logging
 
-    from flexc import models
+    from flexc.compiler.execution import InMemory
     from flexc.data.calibration import CalibrationSet, LoadedCalibration
-    from flexc.ir import lower
 
     logger = logger or logging.getLogger("flexc")
     if spec.budgets is None:
@@ -178,14 +149,14 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
     check_no_leak(spec.data.calibration, spec.data.evaluation)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = models.load_model(spec.model, progress=not quiet)
-    tokenizer = loaded.tokenizer
-    graph = lower(loaded.model)
+    execution = InMemory(spec, out_dir, quiet=quiet)
+    execution.load()
+    execution.lower()
+    graph, tokenizer = execution.graph, execution.tokenizer
     batches = LoadedCalibration(CalibrationSet(spec.data.calibration, tokenizer, seed=spec.seed))
     stream = evaluation_stream(spec.data.evaluation, tokenizer)
-
-    context = PassContext(workdir=out_dir / "work", spec=spec, seed=spec.seed, logger=logger, quiet=quiet,
-                          tokenizer=tokenizer, calibration_data=batches)
+    context = execution.context(out_dir / "work", str(next(graph.model.parameters()).device))
+    context.logger, context.calibration_data = logger, batches
 
     def ppl() -> dict:
         r = evaluate(graph, tokenizer, spec.data.evaluation, stream=stream)
@@ -193,13 +164,13 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
 
     base = ppl()
     ranking = PassRunner(graph, context, out_dir / "work")
-    rank_options = next((dict(e.options) for e in spec.pipeline if e.name == "rank_channels"), {"plot": False})
+    rank_options = ranking_options(spec)
     run = run if run is not None else spec.export.dir  # where a compile of this spec would be
     reuse = reusable_run(spec, Path(run)) if run is not None else None
     if reuse is not None:  # the same permutation the compile's tables were annealed on
         rank_options = {**rank_options, "from": reuse[0], "plot": False}
         logger.info("compare: reusing the ranking and width tables of %s", reuse[0].parent.parent)
-    ranking.run_all([("rank_channels", resolve_pass("rank_channels")(rank_options))])
+    ranking.run_all([(RANKING, resolve_pass(RANKING)(rank_options))])
     rows = [{"method": "unpruned", "keep_target": 1.0, "keep": 1.0, "params_keep": 1.0, **base}]
     metric = spec.budgets.metric
     full = torch.tensor([g.intermediate_size for g in graph.groups])
@@ -208,18 +179,15 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
         # Every method starts from the ranking's state; its passes share one folder, named after it.
         runner = PassRunner(graph, context, out_dir / "work", state=ranking.state.copy(), done=ranking.done)
         start = time.perf_counter()
-        if method.label == "flexmoe" and reuse is not None:
+        if method.learned and reuse is not None:
             runner.state.width_tables = reuse[2]
             reused[method.label] = str(reuse[1])
-        steps = []
-        for pass_name, options in ([] if method.label in reused else method.passes):
-            if pass_name == "expert_prune":  # top_k experts per layer must remain: lower budgets are unreachable
-                floor = max(g.top_k / g.num_experts for g in graph.groups)
-                reachable = [b for b in spec.budgets.keep_ratios if b >= floor - 1e-9]
-                skipped[method.label] = [b for b in spec.budgets.keep_ratios if b < floor - 1e-9]
-                options = {**options, "budgets": reachable}
-            steps.append((method.label, resolve_pass(pass_name)(options)))
-        graph = runner.run_all(steps)
+            built = []
+        else:
+            built, unreachable = steps(method, graph.groups, list(spec.budgets.keep_ratios))
+            if unreachable is not None:
+                skipped[method.label] = unreachable
+        graph = runner.run_all(built)
         seconds[method.label] = time.perf_counter() - start
         state = runner.state
         weights = expert_weights(graph.groups, metric, state.routing_counts)

@@ -139,7 +139,8 @@ def _print_results(results: dict[str, list[dict]], source, console) -> None:
 
 def run_compare(args, console) -> dict:
     from flexc.compiler.driver import output_dir
-    from flexc.eval.compare import compare, load_spec_or_run, parse_methods
+    from flexc.compiler.compare import compare, load_spec_or_run
+    from flexc.passes.methods import parse_methods
 
     spec, run = load_spec_or_run(args.spec)  # a spec file, or a compile's output directory
     try:
