@@ -278,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(func=cmd_zoo)
 
+    _add_eval_commands(sub, common)
+    _add_serve_command(sub, common)
+
+    parser.set_defaults(verbosity=0)
+    return parser
+
+
+def _add_eval_commands(sub, common: argparse.ArgumentParser) -> None:
+    """``flexc eval`` and ``flexc compare``."""
     p = sub.add_parser("eval", parents=[common], help="held-out perplexity and lm-eval tasks of a model or a compiled artifact")
     p.add_argument("model", help="zoo name, model directory, cached hub id, or a flexc artifact (nested/sliced)")
     p.add_argument("--spec", help="take the evaluation data (data.evaluation) from this spec")
@@ -301,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: <the run's output directory>/compare)")
     p.set_defaults(func=cmd_compare)
 
+
+def _add_serve_command(sub, common: argparse.ArgumentParser) -> None:
+    """``flexc serve``: vLLM's OpenAI-compatible server on a flexc artifact."""
     p = sub.add_parser("serve", parents=[common], help="serve a nested artifact or sliced checkpoint with vLLM "
                        "(OpenAI-compatible server; the budget switchable at /flexc/budget)")
     p.add_argument("artifact", help="a flexc nested artifact (e.g. runs/quickstart/nested) or sliced checkpoint")
@@ -313,9 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check the artifact and print vLLM's command, do not run it")
     p.set_defaults(func=cmd_serve, passthrough=True)
     p.epilog = "Arguments after -- go to vLLM's server unchanged (e.g. -- --dtype float32 --max-model-len 4096)."
-
-    parser.set_defaults(verbosity=0)
-    return parser
 
 
 def _print_error(exc: BaseException, verbosity: int) -> None:

@@ -113,13 +113,26 @@ def hub_directory(repo_id: str, revision: str | None = None) -> Path:
 
 
 def resolve_directory(spec: "ModelSpec", *, progress: bool = True) -> Path:
-    """The local directory holding the spec's model (a zoo model is built if not cached)."""
-    kind, value = spec.source
-    if kind == "zoo":
-        return zoo_directory(value, progress=progress)
-    if kind == "hub":
-        return hub_directory(value, spec.revision)
-    return check_model_directory(Path(value))
+    """The local directory holding the spec's model (a zoo model is built if not cached); resolved
+    once per spec (the checks, the execution choice and the load ask again)."""
+    memo = getattr(spec, "_resolved", {})
+    if "directory" not in memo:
+        kind, value = spec.source
+        if kind == "zoo":
+            memo["directory"] = zoo_directory(value, progress=progress)
+        elif kind == "hub":
+            memo["directory"] = hub_directory(value, spec.revision)
+        else:
+            memo["directory"] = check_model_directory(Path(value))
+    return memo["directory"]
+
+
+def spec_device(spec: "ModelSpec") -> str:
+    """The device ``spec.device`` names on this machine (:func:`resolve_device`), resolved once per spec."""
+    memo = getattr(spec, "_resolved", {})
+    if "device" not in memo:
+        memo["device"] = resolve_device(spec.device)
+    return memo["device"]
 
 
 def check_model_directory(path: Path) -> Path:
@@ -306,7 +319,7 @@ def load_model(spec: "ModelSpec", *, progress: bool = True) -> LoadedModel:
     _offline()
     directory = resolve_directory(spec, progress=progress)
     family = check_moe_config(directory)
-    device = resolve_device(spec.device)
+    device = spec_device(spec)
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -65,7 +65,7 @@ def check_device(spec: Spec) -> list[Problem]:
     from flexc import models
 
     try:
-        models.resolve_device(spec.model.device)
+        models.spec_device(spec.model)
     except FlexcError as exc:
         return [(("model", "device"), "value", str(exc))]
     return []
@@ -200,7 +200,7 @@ def _resolved_device(spec: Spec) -> str | None:
     from flexc import models
 
     try:
-        return models.resolve_device(spec.model.device)
+        return models.spec_device(spec.model)
     except FlexcError:
         return None  # check_device reports it
 

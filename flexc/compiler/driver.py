@@ -118,7 +118,7 @@ def stream_mode(spec: Spec, run: RunDir, quiet: bool) -> str:
     from flexc.compiler import memory
 
     directory = models.resolve_directory(spec.model, progress=not quiet)
-    choice = memory.choose(directory, spec.model.dtype, models.resolve_device(spec.model.device))
+    choice = memory.choose(directory, spec.model.dtype, models.spec_device(spec.model))
     if choice.mode == "layers":
         from flexc.compiler.streamed import streaming_problems
 

@@ -47,8 +47,17 @@ class _Strict(BaseModel):
     _no_bools = field_validator("*", mode="before")(classmethod(reject_bool_numbers))
 
 
-def _given(obj: BaseModel, names: tuple[str, ...]) -> list[str]:
-    return [n for n in names if getattr(obj, n) is not None]
+def _exactly_one(obj: BaseModel, names: tuple[str, ...], what: str) -> None:
+    """Refuse ``obj`` unless exactly one of the fields ``names`` is set (``what``: which they are)."""
+    given = [n for n in names if getattr(obj, n) is not None]
+    if len(given) != 1:
+        found = f"found {' and '.join(given)}" if given else "found none"
+        raise _flexc_error(f"give exactly one {what}; {found}")
+
+
+def _only_with_hub(obj: BaseModel, name: str, what: str) -> None:
+    if getattr(obj, name) is not None and getattr(obj, "hub") is None:
+        raise _flexc_error(f"'{name}' only applies to a 'hub' {what}", subloc=(name,), at="key")
 
 
 # --------------------------------------------------------------------------- model
@@ -67,6 +76,14 @@ class ModelSpec(_Strict):
         "float32", description="Weights dtype after loading; `auto` keeps the checkpoint's own."
     )
     device: str = Field("cpu", description="`cpu`, `cuda`, `cuda:N`, `mps`, or `auto` (CUDA when available).")
+    # What flexc.models resolved for this spec (directory, device): once per spec, from the checks
+    # to the load. Not part of what the spec says: equality compares the fields only.
+    _resolved: dict = PrivateAttr(default_factory=dict)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ModelSpec) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment] -- mutable, like every pydantic model
 
     @field_validator("device")
     @classmethod
@@ -84,15 +101,9 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
-        given = _given(self, ("zoo", "path", "hub"))
-        if len(given) != 1:
-            found = f"found {' and '.join(given)}" if given else "found none"
-            raise _flexc_error(
-                f"give exactly one model source — zoo (a flexc zoo name), path (a local directory) "
-                f"or hub (an id in the local Hugging Face cache); {found}"
-            )
-        if self.revision is not None and self.hub is None:
-            raise _flexc_error("'revision' only applies to a 'hub' model", subloc=("revision",), at="key")
+        _exactly_one(self, ("zoo", "path", "hub"), "model source — zoo (a flexc zoo name), path (a local "
+                     "directory) or hub (an id in the local Hugging Face cache)")
+        _only_with_hub(self, "revision", "model")
         return self
 
     @property
@@ -149,15 +160,9 @@ class DataSource(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSource":
-        given = _given(self, ("builtin", "hub", "files"))
-        if len(given) != 1:
-            found = f"found {' and '.join(given)}" if given else "found none"
-            raise _flexc_error(
-                "give exactly one data source — builtin (python-stdlib), hub (a datasets name) "
-                f"or files (local .txt/.jsonl/.parquet); {found}"
-            )
-        if self.config is not None and self.hub is None:
-            raise _flexc_error("'config' only applies to a 'hub' dataset", subloc=("config",), at="key")
+        _exactly_one(self, ("builtin", "hub", "files"), "data source — builtin (python-stdlib), hub (a datasets "
+                     "name) or files (local .txt/.jsonl/.parquet)")
+        _only_with_hub(self, "config", "dataset")
         if self.split is not None and self.files is not None:
             raise _flexc_error("'split' does not apply to local files", subloc=("split",), at="key")
         if self.split is not None and self.builtin is not None and self.split not in BUILTIN_SPLITS:

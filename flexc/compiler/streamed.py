@@ -117,7 +117,7 @@ class LayerStreamed(Execution):
         spec = self.spec
         directory = models.resolve_directory(spec.model, progress=not self.quiet)
         family = models.check_moe_config(directory)
-        device = models.resolve_device(spec.model.device)
+        device = models.spec_device(spec.model)
         dtype = None if spec.model.dtype == "auto" else getattr(torch, spec.model.dtype)
         self.lm = LayerModel(directory, dtype, device)
         self.tokenizer = models.load_tokenizer(directory)

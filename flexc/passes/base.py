@@ -136,6 +136,9 @@ class PassContext:
     quiet: bool = False
     tokenizer: Any = None
     calibration_data: Any = None
+    # The spec's calibration set, read once and shared by every pass of a compile (the runner's
+    # per-pass copies of this context share the dict).
+    _read_once: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         from flexc.ir.state import CompileState  # here: validating a spec imports this module, not torch
@@ -146,7 +149,8 @@ class PassContext:
             self.state = CompileState.from_mapping(self.state)
 
     def calibration_batches(self):
-        """The calibration batches: the override if given, else the spec's calibration source."""
+        """The calibration batches: the override if given, else the spec's calibration source (read
+        and tokenized once per compile, on the first call)."""
         if self.calibration_data is not None:
             return self.calibration_data
         source = getattr(getattr(self.spec, "data", None), "calibration", None)
@@ -154,9 +158,13 @@ class PassContext:
             raise ValueError("this pass needs calibration data: set data.calibration in the spec")
         if self.tokenizer is None:
             raise ValueError("this pass needs the model's tokenizer to read calibration data")
-        from flexc.data.calibration import CalibrationSet
+        from flexc.data.calibration import CalibrationSet, LoadedCalibration
 
-        return CalibrationSet(source, self.tokenizer, seed=self.seed, device=self.device)
+        key = (id(source), id(self.tokenizer), self.seed, self.device)
+        if key not in self._read_once:
+            self._read_once[key] = LoadedCalibration(CalibrationSet(source, self.tokenizer, seed=self.seed,
+                                                                    device=self.device))
+        return self._read_once[key]
 
 
 Problem = tuple[tuple, str]  # (where in the spec, e.g. ("pipeline", 2), message)
