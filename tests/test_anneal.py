@@ -163,7 +163,7 @@ def test_same_seed_same_tables_and_resume_matches(tmp_path, schedule, kill_at):
     (lambda c: c.pop("history"), "'history'"),
 ], ids=["logits_shape", "logits_count", "logits_nan", "levels_shape", "levels_range", "history_missing"])
 def test_resuming_a_checkpoint_that_does_not_fit_names_it(tmp_path, damage, says):
-    from flexc.passes.checkpoint import CheckpointError
+    from flexc.utils.checkpoint import CheckpointError
 
     graph, ctx = gated_graph(tmp_path)
     path = _killed_run(graph, ctx, tmp_path / "run")

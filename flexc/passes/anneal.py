@@ -52,8 +52,9 @@ The run checkpoints its state every ``checkpoint_every`` steps (atomically); re-
 from the checkpoint and gives the same tables as an uninterrupted run (the Gumbel noise of step
 ``t`` is drawn from a generator seeded by (seed, t), batches are indexed by step). A
 non-finite loss or logit stops the run with a clear error and keeps the last good checkpoint.
-Checkpoints, resume, the divergence checks and the step bar are
-:class:`flexc.passes.training.TrainingRun`'s, as in ``recover``: this module is the schedules.
+The loop — checkpoints, resume, the divergence checks, the sums over torchrun's processes and the
+step bar — is :class:`flexc.utils.training.TrainingRun`'s, as in ``recover``: this module is the
+schedules, each a step function.
 The model the gates train through is a :mod:`flexc.passes.gated_model`: the graph in memory, or
 in a streamed compile the layer model, one decoder layer at a time (same steps, same tables).
 Through either, a training step's experts run :func:`flexc.passes.masked_experts.masked_experts`:
@@ -87,16 +88,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from flexc.ir.buckets import count_buckets
 from flexc.ir.tables import WidthTables
-from flexc.passes import checkpoint
 from flexc.passes.action_gates import set_modes
 from flexc.passes.base import (MAX_STEPS, Pass, PassContext, PassOptions, PassResult, check_keep_ratios,
                                reject_bool_numbers)
 from flexc.passes.distill import TeacherTargets, distill_kl, distill_loss
 from flexc.passes.gated_model import GatedModel, gated_model
-from flexc.passes.training import TrainingRun, fingerprint, restore, restore_optimizer
 from flexc.passes.width_tables import expert_weights, fit_to_budget, keep_ratio, per_layer_keep
-from flexc.utils import distributed
+from flexc.utils import checkpoint, distributed
 from flexc.utils.atomic import atomic_path, atomic_write_text
+from flexc.utils.training import TrainingRun, fingerprint, restore, restore_optimizer
 
 CHECKPOINT = "anneal_checkpoint.pt"
 TABLES_FILE = "width_tables.safetensors"
@@ -113,6 +113,13 @@ VALIDATION_SAMPLES = 64
 # read 44-56% of the text and chose differently from reading it all in 3 (docs/evaluation.md).
 EARLY_LOOKS = (0.3, 0.5, 0.7)
 EARLY_Z = 2.5
+
+
+def continuation_lambda(end: float, step: int, extra: int) -> float:
+    """The ramp's cost weight at step ``step`` of its ``extra`` continuation steps: double it
+    ``CONTINUATION_DOUBLINGS`` times over them. The quality cost of pruning grows steeply at low
+    budgets; a linear ramp to 3x the final lambda stalled at keep 0.27 of a 0.2 target on `tiny`."""
+    return end * 2 ** (CONTINUATION_DOUBLINGS * (step + 1) / max(extra, 1))
 
 
 class AnnealDiverged(checkpoint.TrainingDiverged):
@@ -444,13 +451,8 @@ class Anneal(Pass):
         ``grad``): its value and its gradient are summed over ranks before the step. ``penalty`` (cost
         and entropy) depends on the logits alone, the same on every rank. A non-finite loss or logit
         stops the run on every rank (the last checkpoint stays)."""
-        summed = distributed.all_reduce_sum(
-            torch.cat([quality.reshape(1), *(p.grad.flatten() for p in setup.logits)]),
-            "the anneal's quality loss and its gradient")
-        whole = summed[0]
+        whole = setup.run.sum_over_ranks(quality, setup.logits, "the anneal's quality loss")
         setup.run.check_finite(whole + penalty.detach(), "the loss", step, detail=f"quality {whole.item():.4g}, {parts}")
-        for p, grad in zip(setup.logits, summed[1:].split([p.numel() for p in setup.logits])):
-            p.grad = grad.view_as(p).clone()
         penalty.backward()  # adds the penalty's gradient
         optimizer.step()
         setup.run.check_finite_params(setup.logits, "the action logits", step)
@@ -532,14 +534,16 @@ class Anneal(Pass):
         history: list[dict] = []
         phase, t, lam, start_levels = 0, 0, 0.0, None
         optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
-        ckpt = setup.run.resume()
-        if ckpt is not None:
-            with setup.run.restoring():
-                exported, history, lam = ckpt["exported"], ckpt["history"], ckpt["lambda"]
-                phase, t, start_levels = ckpt["phase"], ckpt["phase_step"], ckpt["start_levels"]
-                restore(setup.logits, ckpt["logits"])
-                restore_optimizer(optimizer, ckpt["optimizer"])
-                setup.check_levels(exported, start_levels)
+
+        def restore_from(ckpt: dict) -> None:
+            nonlocal exported, history, lam, phase, t, start_levels
+            exported, history, lam = ckpt["exported"], ckpt["history"], ckpt["lambda"]
+            phase, t, start_levels = ckpt["phase"], ckpt["phase_step"], ckpt["start_levels"]
+            restore(setup.logits, ckpt["logits"])
+            restore_optimizer(optimizer, ckpt["optimizer"])
+            setup.check_levels(exported, start_levels)
+
+        setup.run.resume(restore_from)
 
         def save(step: int) -> None:
             setup.run.save(step, logits=[p.detach().clone() for p in setup.logits], optimizer=optimizer.state_dict(),
@@ -560,23 +564,26 @@ class Anneal(Pass):
                         for p, row in zip(setup.logits, start_levels):
                             p.zero_().scatter_(1, row[:, None], opts.start_margin)
                     optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
-                while t < steps:
-                    tau, beta = opts.tau.at(t, steps), opts.beta.at(t, steps)
-                    quality = self._sampled_loss(ctx, setup, step, train[step % len(train)], tau)
+                first = step - t  # the phase's first step, counted over all phases
+
+                def train_step(i: int) -> dict:  # the phase's step i
+                    nonlocal lam, t
+                    tau, beta = opts.tau.at(i, steps), opts.beta.at(i, steps)
+                    quality = self._sampled_loss(ctx, setup, first + i, train[(first + i) % len(train)], tau)
                     cost, entropy = setup.expected_cost_and_entropy()
-                    quality = self._update(optimizer, quality, lam * cost - beta * entropy, setup, step,
+                    quality = self._update(optimizer, quality, lam * cost - beta * entropy, setup, first + i,
                                            f"cost {cost.item():.4g}, budget {budget:g}")
                     lam = max(0.0, lam + opts.lambda_lr * (cost.item() - budget))
                     deployed = setup.keep(setup.deployed_levels())
-                    history.append({"step": step, "budget": budget, "lambda": lam, "tau": tau, "beta": beta,
+                    history.append({"step": first + i, "budget": budget, "lambda": lam, "tau": tau, "beta": beta,
                                     "quality": quality, "cost": cost.item(), "entropy": entropy.item(),
                                     "deployed_keep": deployed})
-                    bar.advance(loss=quality, keep=deployed, budget=budget)
-                    step, t = step + 1, t + 1
-                    if setup.run.due(t):  # counted within the phase
-                        save(step)
-                    if self.on_step is not None:
-                        self.on_step(step - 1)
+                    t = i + 1
+                    return {"loss": quality, "keep": deployed, "budget": budget}
+
+                setup.run.steps(train_step, t, steps, bar=bar, save=lambda done: save(first + done),  # due: within the phase
+                                on_step=lambda i: self.on_step(first + i) if self.on_step is not None else None)
+                step = first + steps
                 exported[budget] = self._choose(graph, ctx, setup, budget, start_levels, upper, val, step, steps)
                 exported[budget]["seconds"] = time.perf_counter() - phase_started  # this run's share, if resumed
                 phase, t, start_levels = phase + 1, 0, None
@@ -720,14 +727,16 @@ class Anneal(Pass):
         extra = opts.extra_steps if opts.extra_steps is not None else steps // 2
         exported: dict[float, dict] = {}
         history: list[dict] = []
-        start = 0
-        ckpt = setup.run.resume()
-        if ckpt is not None:
-            with setup.run.restoring():
-                restore(setup.logits, ckpt["logits"])
-                restore_optimizer(optimizer, ckpt["optimizer"])
-                exported, history, start = ckpt["exported"], ckpt["history"], ckpt["step"]
-                setup.check_levels(exported)
+
+        def restore_from(ckpt: dict) -> None:
+            nonlocal exported, history
+            restore(setup.logits, ckpt["logits"])
+            restore_optimizer(optimizer, ckpt["optimizer"])
+            exported, history = ckpt["exported"], ckpt["history"]
+            setup.check_levels(exported)
+
+        ckpt = setup.run.resume(restore_from)
+        start = ckpt["step"] if ckpt is not None else 0
 
         def export(budget: float, how: str, step: int) -> None:
             previous = [exported[b]["levels"] for b in sorted(exported) if b > budget]
@@ -750,38 +759,35 @@ class Anneal(Pass):
         if start == 0:
             export_crossed(0, setup.keep(setup.deployed_levels()))
         total = steps + extra
+
+        def train_step(step: int) -> dict:
+            nonlocal optimizer
+            if step == steps and step > start:
+                bar.set_total(total)  # the continuation runs: its steps join the bar
+            sched = min(step, steps - 1)
+            tau, beta = opts.tau.at(sched, steps), opts.beta.at(sched, steps)
+            lam = opts.lambda_.at(sched, steps)
+            if step == steps:
+                # Fresh Adam moments for the continuation: the main phase's second moments keep
+                # the now-peaked logits' steps tiny however hard the cost term pushes.
+                optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
+            if step >= steps:
+                lam = continuation_lambda(opts.lambda_.end, step - steps, extra)
+            quality = self._sampled_loss(ctx, setup, step, step % setup.training, tau)
+            cost, entropy = setup.expected_cost_and_entropy()
+            quality = self._update(optimizer, quality, lam * cost - beta * entropy, setup, step,
+                                   f"cost {cost.item():.4g}")
+            deployed_keep = setup.keep(setup.deployed_levels())
+            history.append({"step": step, "lambda": lam, "tau": tau, "beta": beta, "quality": quality,
+                            "cost": cost.item(), "entropy": entropy.item(), "deployed_keep": deployed_keep})
+            export_crossed(step, deployed_keep)
+            pending = [b for b in budgets if b not in exported]
+            return {"loss": quality, "keep": deployed_keep, "next": pending[0] if pending else "-"}
+
         with setup.run.progress(start, steps if start < steps else total, fields=("loss", "keep", "next")) as bar:
-            for step in range(start, total):
-                if len(exported) == len(budgets):
-                    break
-                if step == steps and step > start:
-                    bar.set_total(total)  # the continuation runs: its steps join the bar
-                sched = min(step, steps - 1)
-                tau, beta = opts.tau.at(sched, steps), opts.beta.at(sched, steps)
-                lam = opts.lambda_.at(sched, steps)
-                if step == steps:
-                    # Fresh Adam moments for the continuation: the main phase's second moments keep
-                    # the now-peaked logits' steps tiny however hard the cost term pushes.
-                    optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
-                if step >= steps:
-                    # Bounded continuation: double the cost weight CONTINUATION_DOUBLINGS times over
-                    # the extra steps. The quality cost of pruning grows steeply at low budgets; a
-                    # linear ramp to 3x the final lambda stalled at keep 0.27 of a 0.2 target on `tiny`.
-                    lam = opts.lambda_.end * 2 ** (CONTINUATION_DOUBLINGS * (step - steps + 1) / max(extra, 1))
-                quality = self._sampled_loss(ctx, setup, step, step % setup.training, tau)
-                cost, entropy = setup.expected_cost_and_entropy()
-                quality = self._update(optimizer, quality, lam * cost - beta * entropy, setup, step,
-                                       f"cost {cost.item():.4g}")
-                deployed_keep = setup.keep(setup.deployed_levels())
-                history.append({"step": step, "lambda": lam, "tau": tau, "beta": beta, "quality": quality,
-                                "cost": cost.item(), "entropy": entropy.item(), "deployed_keep": deployed_keep})
-                export_crossed(step, deployed_keep)
-                pending = [b for b in budgets if b not in exported]
-                bar.advance(loss=quality, keep=deployed_keep, next=pending[0] if pending else "-")
-                if setup.run.due(step + 1):
-                    save_checkpoint(step + 1)
-                if self.on_step is not None:
-                    self.on_step(step)
+            setup.run.steps(train_step, start, total, bar=bar, save=save_checkpoint,
+                            on_step=lambda step: self.on_step(step) if self.on_step is not None else None,
+                            until=lambda: len(exported) == len(budgets))
 
         missing = [b for b in budgets if b not in exported]
         for b in missing:  # greedy completion, from the last (lowest) exported table

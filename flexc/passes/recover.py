@@ -58,14 +58,13 @@ from torch import nn
 
 from flexc.ir.experts_impl import set_widths
 from flexc.ir.tables import WidthTables, expert_weights, keep_ratio
-from flexc.passes import checkpoint
 from flexc.passes.anneal import quality_loss
 from flexc.passes.base import MAX_STEPS, Pass, PassContext, PassOptions, PassResult
 from flexc.passes.distill import TeacherTargets
 from flexc.passes.lora import adapter_parameters, attach_adapters, merge_adapters
-from flexc.passes.training import TrainingRun, fingerprint, restore, restore_optimizer
-from flexc.utils import distributed
+from flexc.utils import checkpoint, distributed
 from flexc.utils.atomic import atomic_write_text
+from flexc.utils.training import TrainingRun, fingerprint, restore, restore_optimizer
 
 CHECKPOINT = "recover_checkpoint.pt"
 REPORT = "recover.json"
@@ -255,41 +254,39 @@ class Recover(Pass):
             every=opts.checkpoint_every, logger=ctx.logger, diverged=RecoverDiverged, advice="lr",
             unchanged="the weights are unchanged and ", quiet=ctx.quiet)
         history: list[dict] = []
-        start = 0
-        ckpt = run.resume()
-        if ckpt is not None:
-            with run.restoring():
-                restore(adapters.values(), [ckpt["adapters"][name] for name in adapters])
-                restore_optimizer(optimizer, ckpt["optimizer"])
-                history, start = ckpt["history"], ckpt["step"]
+
+        def restore_from(ckpt: dict) -> None:
+            nonlocal history
+            restore(adapters.values(), [ckpt["adapters"][name] for name in adapters])
+            restore_optimizer(optimizer, ckpt["optimizer"])
+            history = ckpt["history"]
+
+        ckpt = run.resume(restore_from)
+        start = ckpt["step"] if ckpt is not None else 0
 
         def save_checkpoint(step: int) -> None:
             run.save(step, optimizer=optimizer.state_dict(),
                      adapters={n: p.detach().clone() for n, p in adapters.items()}, history=history)
 
+        def train_step(step: int) -> dict:
+            ids, weight = batches[step % len(batches)]
+            part, backward = model.forward_loss(ids, weight)  # this rank's part of the loss
+            optimizer.zero_grad(set_to_none=True)
+            backward()
+            loss = run.sum_over_ranks(part, params, "the recover loss")
+            del part, backward
+            run.check_finite(loss, "the loss", step)  # the whole batch's: every rank stops at the same step
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm or math.inf)
+            run.check_finite(grad_norm, "the adapters' gradient norm", step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, opts.steps, opts.lr)
+            optimizer.step()
+            history.append({"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
+            return {"loss": loss.item()}
+
         with run.progress(start, opts.steps, f"recover (keep {budget:g})") as bar:
-            for step in range(start, opts.steps):
-                ids, weight = batches[step % len(batches)]
-                part, backward = model.forward_loss(ids, weight)  # this rank's part of the loss
-                loss = distributed.all_reduce_sum(part.detach().clone(), "the recover loss")
-                run.check_finite(loss, "the loss", step)  # the whole batch's: every rank stops at the same step
-                optimizer.zero_grad(set_to_none=True)
-                backward()
-                del part, backward
-                for p in params:  # in place, one adapter at a time: no second copy of every gradient
-                    if p.grad is not None:  # None on every rank alike (the same graph)
-                        distributed.all_reduce_sum(p.grad, "the adapters' gradients")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm or math.inf)
-                run.check_finite(grad_norm, "the adapters' gradient norm", step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, opts.steps, opts.lr)
-                optimizer.step()
-                history.append({"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
-                bar.advance(loss=loss.item())
-                if run.due(step + 1):
-                    save_checkpoint(step + 1)
-                if self.on_step is not None:
-                    self.on_step(step, hooked)
+            run.steps(train_step, start, opts.steps, bar=bar, save=save_checkpoint,
+                      on_step=lambda step: self.on_step(step, hooked) if self.on_step is not None else None)
         optimizer.zero_grad(set_to_none=True)
         if start < opts.steps or not run.path.is_file():
             save_checkpoint(opts.steps)

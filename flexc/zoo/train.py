@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from flexc.ir.routing import route_by_expert
-from flexc.utils.progress import console, step_progress
+from flexc.utils.progress import console
+from flexc.utils.training import TrainingRun
 from flexc.zoo.cache import MANIFEST
 from flexc.zoo.evaluate import encode_documents, perplexity, unigram_perplexity
 from flexc.zoo.recipes import Recipe
@@ -188,7 +189,7 @@ def _versions() -> dict[str, str]:
 
 
 class _Reporter:
-    """Rich console messages, or nothing (the training bar is :func:`flexc.utils.progress.step_progress`)."""
+    """Rich console messages, or nothing (the training bar is :meth:`flexc.utils.training.TrainingRun.progress`)."""
 
     def __init__(self, enabled: bool, title: str):
         self.enabled = enabled
@@ -246,8 +247,6 @@ def train_checkpoint(
             or the document names' hash for custom documents).
         extra_manifest: extra top-level manifest entries.
     """
-    from transformers import AutoModelForCausalLM
-
     out = Path(out_dir)
     seed = recipe.seed if seed is None else int(seed)
     steps = recipe.steps if steps is None else int(steps)
@@ -256,124 +255,131 @@ def train_checkpoint(
     threads = _threads(recipe)
     report = _Reporter(progress, f"zoo/{recipe.name}")
     started = time.perf_counter()
-
-    if train_documents is None and heldout_documents is None:
-        from flexc.data.corpus import stdlib_documents, stdlib_identity
-
-        train_documents, heldout_documents = stdlib_documents("train"), stdlib_documents("heldout")
-        corpus_identity = stdlib_identity() if corpus_identity is None else corpus_identity
-    elif train_documents is None or heldout_documents is None:
-        raise ValueError("pass both train_documents and heldout_documents, or neither")
-    if corpus_identity is None:
-        names = [d.name for d in train_documents] + ["\0"] + [d.name for d in heldout_documents]
-        corpus_identity = {
-            "name": "custom",
-            "train_files": len(train_documents),
-            "heldout_files": len(heldout_documents),
-            "list_sha256": hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest(),
-        }
+    train_documents, heldout_documents, corpus_identity = _documents(train_documents, heldout_documents,
+                                                                    corpus_identity)
 
     with _reproducible(threads), _quiet_transformers():
         # 1. Tokenizer.
-        report.say(f"training a {recipe.vocab_size}-token byte-level BPE on {len(train_documents)} files")
         t0 = time.perf_counter()
-        tokenizer = train_tokenizer([d.text for d in train_documents], recipe.vocab_size)
-        tokenizer.save_pretrained(out)
-        train_stream = encode_documents(tokenizer, (d.text for d in train_documents))
-        heldout_stream = encode_documents(tokenizer, (d.text for d in heldout_documents))
+        tokenizer, train_stream, heldout_stream = _tokenize(recipe, train_documents, heldout_documents, out, report)
         vocab_size = len(tokenizer)
         tokenizer_seconds = time.perf_counter() - t0
-        report.say(
-            f"tokenizer: {vocab_size} tokens; train {train_stream.numel():,} tokens, "
-            f"held-out {heldout_stream.numel():,} tokens ({tokenizer_seconds:.1f}s)"
-        )
 
         # 2. Model.
-        config = recipe.model_config(
-            vocab_size,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-        architecture = type(model).__name__
-        model.to(torch.float32)
-        stats = _model_stats(model, recipe)
-        report.say(
-            f"{architecture}: {stats['parameters']:,} parameters, {stats['routed_expert_parameters']:,} in routed "
-            f"experts, {stats['active_parameters_per_token']:,} active per token"
-        )
+        model, architecture, stats = _initial_model(recipe, tokenizer, seed, report)
 
-        # 3. Data order: windows of seq_len tokens, a fresh seeded permutation per epoch.
+        # 3. Train: windows of seq_len tokens, a fresh seeded permutation per epoch.
         seq_len, batch = recipe.seq_len, recipe.batch_size
-        n_windows = train_stream.numel() // seq_len
-        if n_windows < batch:
-            raise ValueError(f"train split too small: {n_windows} windows of {seq_len} tokens < batch {batch}")
-        data = train_stream[: n_windows * seq_len].view(n_windows, seq_len)
-        data_gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(n_windows, generator=data_gen)
-        cursor = 0
-
-        # 4. Train.
-        optimizer = torch.optim.AdamW(
-            _param_groups(model, recipe.weight_decay),
-            lr=recipe.lr,
-            betas=tuple(recipe.adam_betas),
-            eps=1e-8,
-            foreach=False,
-        )
-        losses: list[float] = []
-        aux_losses: list[float] = []
-        model.train()
         t0 = time.perf_counter()
-        with step_progress(steps, description=f"{report.title} training", disable=not progress) as bar:
-            with _training_experts(model):
-                for step in range(steps):
-                    if cursor + batch > n_windows:
-                        order = torch.randperm(n_windows, generator=data_gen)
-                        cursor = 0
-                    x = data[order[cursor : cursor + batch]]
-                    cursor += batch
-                    lr = recipe.lr_at(step, steps)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    outputs = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
-                    outputs.loss.backward()
-                    if recipe.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip, foreach=False)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    aux = float(outputs.aux_loss.detach()) if outputs.aux_loss is not None else 0.0
-                    lm = float(outputs.loss.detach()) - recipe.router_aux_loss_coef * aux
-                    if not math.isfinite(lm):
-                        raise FloatingPointError(f"training diverged at step {step}: loss {lm}")
-                    losses.append(lm)
-                    aux_losses.append(aux)
-                    bar.advance(loss=lm)
+        losses, aux_losses, n_windows = _pretrain(model, recipe, train_stream, seed=seed, steps=steps,
+                                                  progress=progress, title=f"{report.title} training")
         train_seconds = time.perf_counter() - t0
         tail = max(1, steps // 20)
-        final_loss = sum(losses[-tail:]) / tail
-        report.say(f"trained {steps} steps in {train_seconds:.0f}s; train loss {final_loss:.3f}")
+        report.say(f"trained {steps} steps in {train_seconds:.0f}s; train loss {sum(losses[-tail:]) / tail:.3f}")
 
-        # 5. Save, then evaluate the saved checkpoint as a user would load it.
+        # 4. Save, then evaluate the saved checkpoint as a user would load it.
         model.save_pretrained(out)
         digest = weights_sha256(model)
-        del model, optimizer
+        del model
         report.say("evaluating held-out perplexity")
         t0 = time.perf_counter()
-        loaded = AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager")
-        if weights_sha256(loaded) != digest:
-            raise RuntimeError("saved checkpoint does not reload to the trained weights")
-        heldout = perplexity(
-            loaded, heldout_stream, seq_len=seq_len, batch_size=recipe.eval_batch_size, progress=progress
-        )
-        unigram = unigram_perplexity(train_stream, heldout_stream, vocab_size=vocab_size, seq_len=seq_len)
+        heldout, unigram = _evaluate_saved(out, digest, recipe, train_stream, heldout_stream, vocab_size, progress)
         eval_seconds = time.perf_counter() - t0
-        del loaded
 
+    manifest = _manifest(recipe, seed, steps, architecture, corpus_identity, stats, digest, {
+        "vocab_size": vocab_size, "train_tokens": int(train_stream.numel()),
+        "heldout_tokens": int(heldout_stream.numel())}, {
+        "seconds": round(train_seconds, 2), "tokenizer_seconds": round(tokenizer_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2), "total_seconds": round(time.perf_counter() - started, 2),
+        "threads": threads, "tokens_seen": steps * batch * seq_len, "epochs": round(steps * batch / n_windows, 4)},
+        losses, aux_losses, heldout, unigram)
+    if extra_manifest:
+        manifest.update(extra_manifest)
+    report.say(
+        f"held-out perplexity {heldout.perplexity:.2f} over {heldout.tokens:,} tokens "
+        f"(unigram {unigram.perplexity:.1f}); total {manifest['training']['total_seconds']:.0f}s"
+    )
+    _write_manifest(out, manifest)
+    return manifest
+
+
+def _pretrain(model, recipe: Recipe, train_stream: torch.Tensor, *, seed: int, steps: int, progress: bool,
+              title: str) -> tuple[list[float], list[float], int]:
+    """Train ``model`` for ``steps`` steps on ``recipe.seq_len``-token windows of ``train_stream``, a fresh
+    seeded permutation of them per epoch, through the one training loop (:class:`TrainingRun`, no
+    checkpoints: a zoo model is built in one go). Returns the language-model and router losses per
+    step, and the number of windows."""
+    seq_len, batch = recipe.seq_len, recipe.batch_size
+    n_windows = train_stream.numel() // seq_len
+    if n_windows < batch:
+        raise ValueError(f"train split too small: {n_windows} windows of {seq_len} tokens < batch {batch}")
+    data = train_stream[: n_windows * seq_len].view(n_windows, seq_len)
+    data_gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_windows, generator=data_gen)
+    cursor = 0
+    optimizer = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr,
+                                  betas=tuple(recipe.adam_betas), eps=1e-8, foreach=False)
+    losses: list[float] = []
+    aux_losses: list[float] = []
+    model.train()
+
+    def train_step(step: int) -> dict:
+        nonlocal order, cursor
+        if cursor + batch > n_windows:
+            order = torch.randperm(n_windows, generator=data_gen)
+            cursor = 0
+        x = data[order[cursor : cursor + batch]]
+        cursor += batch
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.lr_at(step, steps)
+        outputs = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
+        outputs.loss.backward()
+        if recipe.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip, foreach=False)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        aux = float(outputs.aux_loss.detach()) if outputs.aux_loss is not None else 0.0
+        lm = float(outputs.loss.detach()) - recipe.router_aux_loss_coef * aux
+        if not math.isfinite(lm):
+            raise FloatingPointError(f"training diverged at step {step}: loss {lm}")
+        losses.append(lm)
+        aux_losses.append(aux)
+        return {"loss": lm}
+
+    run = TrainingRun(title, None, quiet=not progress)
+    with run.progress(0, steps) as bar, _training_experts(model):
+        run.steps(train_step, 0, steps, bar=bar)
+    return losses, aux_losses, n_windows
+
+
+def _documents(train, heldout, identity):
+    """The training and held-out documents (the ``python-stdlib`` splits unless both are given) and how
+    the manifest names the corpus."""
+    if train is None and heldout is None:
+        from flexc.data.corpus import stdlib_documents, stdlib_identity
+
+        train, heldout = stdlib_documents("train"), stdlib_documents("heldout")
+        identity = stdlib_identity() if identity is None else identity
+    elif train is None or heldout is None:
+        raise ValueError("pass both train_documents and heldout_documents, or neither")
+    if identity is None:
+        names = [d.name for d in train] + ["\0"] + [d.name for d in heldout]
+        identity = {
+            "name": "custom",
+            "train_files": len(train),
+            "heldout_files": len(heldout),
+            "list_sha256": hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest(),
+        }
+    return train, heldout, identity
+
+
+def _manifest(recipe: Recipe, seed: int, steps: int, architecture: str, corpus: dict, stats: dict, digest: str,
+              tokens: dict, timing: dict, losses: list[float], aux_losses: list[float], heldout, unigram) -> dict:
+    """The zoo model's ``manifest.json``: what was built, from what, how long it took and how well it does."""
+    seq_len = recipe.seq_len
     every = max(1, steps // 100)
-    manifest: dict[str, Any] = {
+    tail = max(1, steps // 20)
+    return {
         "format": MANIFEST_FORMAT,
         "name": recipe.name,
         "description": recipe.description,
@@ -382,25 +388,14 @@ def train_checkpoint(
         "seed": seed,
         "steps": steps,
         "default_build": seed == recipe.seed and steps == recipe.steps,
-        "corpus": corpus_identity,
-        "tokenizer": {
-            "type": "byte-level BPE",
-            "vocab_size": vocab_size,
-            "eos_token": EOS_TOKEN,
-            "pad_token": PAD_TOKEN,
-            "train_tokens": int(train_stream.numel()),
-            "heldout_tokens": int(heldout_stream.numel()),
-        },
+        "corpus": corpus,
+        "tokenizer": {"type": "byte-level BPE", "vocab_size": tokens["vocab_size"], "eos_token": EOS_TOKEN,
+                      "pad_token": PAD_TOKEN, "train_tokens": tokens["train_tokens"],
+                      "heldout_tokens": tokens["heldout_tokens"]},
         "model": stats,
         "training": {
-            "seconds": round(train_seconds, 2),
-            "tokenizer_seconds": round(tokenizer_seconds, 2),
-            "eval_seconds": round(eval_seconds, 2),
-            "total_seconds": round(time.perf_counter() - started, 2),
-            "threads": threads,
-            "tokens_seen": steps * batch * seq_len,
-            "epochs": round(steps * batch / n_windows, 4),
-            "train_loss": final_loss,
+            **timing,
+            "train_loss": sum(losses[-tail:]) / tail,
             "train_loss_window": tail,
             "router_aux_loss": sum(aux_losses[-tail:]) / tail,
             "loss_curve": [[i, losses[i]] for i in range(0, steps, every)] + [[steps - 1, losses[-1]]],
@@ -419,14 +414,55 @@ def train_checkpoint(
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if extra_manifest:
-        manifest.update(extra_manifest)
-    report.say(
-        f"held-out perplexity {heldout.perplexity:.2f} over {heldout.tokens:,} tokens "
-        f"(unigram {unigram.perplexity:.1f}); total {manifest['training']['total_seconds']:.0f}s"
-    )
-    # The manifest goes last: its presence marks the directory complete.
+
+
+def _tokenize(recipe: Recipe, train_documents, heldout_documents, out: Path, report) -> tuple:
+    """A byte-level BPE trained on the training documents and saved into ``out``, and both splits
+    encoded with it."""
+    report.say(f"training a {recipe.vocab_size}-token byte-level BPE on {len(train_documents)} files")
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer([d.text for d in train_documents], recipe.vocab_size)
+    tokenizer.save_pretrained(out)
+    train_stream = encode_documents(tokenizer, (d.text for d in train_documents))
+    heldout_stream = encode_documents(tokenizer, (d.text for d in heldout_documents))
+    report.say(f"tokenizer: {len(tokenizer)} tokens; train {train_stream.numel():,} tokens, held-out "
+               f"{heldout_stream.numel():,} tokens ({time.perf_counter() - t0:.1f}s)")
+    return tokenizer, train_stream, heldout_stream
+
+
+def _evaluate_saved(out: Path, digest: str, recipe: Recipe, train_stream, heldout_stream, vocab_size: int,
+                    progress: bool) -> tuple:
+    """Held-out and unigram perplexity of the checkpoint in ``out``, loaded as a user would (it must
+    reload to the trained weights, ``digest``)."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager")
+    if weights_sha256(loaded) != digest:
+        raise RuntimeError("saved checkpoint does not reload to the trained weights")
+    heldout = perplexity(loaded, heldout_stream, seq_len=recipe.seq_len, batch_size=recipe.eval_batch_size,
+                         progress=progress)
+    unigram = unigram_perplexity(train_stream, heldout_stream, vocab_size=vocab_size, seq_len=recipe.seq_len)
+    return heldout, unigram
+
+
+def _initial_model(recipe: Recipe, tokenizer, seed: int, report) -> tuple:
+    """The recipe's untrained model (float32, initialised from ``seed``), its class name and its sizes."""
+    from transformers import AutoModelForCausalLM
+
+    config = recipe.model_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    architecture = type(model).__name__
+    model.to(torch.float32)
+    stats = _model_stats(model, recipe)
+    report.say(f"{architecture}: {stats['parameters']:,} parameters, {stats['routed_expert_parameters']:,} in routed "
+               f"experts, {stats['active_parameters_per_token']:,} active per token")
+    return model, architecture, stats
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    """The manifest goes last: its presence marks the directory complete."""
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, out / MANIFEST)
-    return manifest

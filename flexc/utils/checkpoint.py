@@ -1,4 +1,4 @@
-"""Resumable training checkpoints of the passes that train (``anneal``, ``recover``).
+"""Resumable training checkpoints of the runs that train (``anneal``, ``recover``: :mod:`flexc.utils.training`).
 
 A checkpoint holds tensors, numbers, strings, lists and dicts only; it is read with
 ``torch.load(weights_only=True)``, which refuses anything else, so a crafted file in a stage
