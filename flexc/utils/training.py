@@ -39,6 +39,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,8 @@ from flexc.utils import checkpoint, distributed
 from flexc.utils.progress import StepBar, step_progress
 
 #: Below this many gradient values, a step's loss and gradients travel in one collective; above
-#: it, each gradient is summed in place (no second copy of every gradient).
+#: it, each gradient is summed in place (no second copy of every gradient). The environment
+#: variable FLEXC_PACKED_REDUCTION_LIMIT overrides it (the tests run both ways under torchrun).
 PACKED_REDUCTION_LIMIT = 1 << 20
 
 
@@ -145,7 +147,8 @@ class TrainingRun:
         params = [p for p in params if p.grad is not None]  # None on every rank alike (the same graph)
         if distributed.world_size() == 1:
             return loss.detach().clone()
-        if sum(p.numel() for p in params) <= PACKED_REDUCTION_LIMIT:  # one collective
+        limit = int(os.environ.get("FLEXC_PACKED_REDUCTION_LIMIT", PACKED_REDUCTION_LIMIT))
+        if sum(p.numel() for p in params) <= limit:  # one collective
             summed = distributed.all_reduce_sum(
                 torch.cat([loss.detach().reshape(1), *(p.grad.flatten() for p in params)]), f"{what} and its gradient")
             for p, grad in zip(params, summed[1:].split([p.numel() for p in params])):
