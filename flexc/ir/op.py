@@ -1,4 +1,4 @@
-"""The canonical expert op: one MoE layer's routed experts, with optional per-expert widths.
+"""The canonical expert op: one MoE layer's routed experts, with optional per-expert or per-pair widths.
 
 ``torch.ops.flexc.moe_experts`` is the single node every lowered MoE layer becomes. Its torch
 implementation here is the *reference*: every kernel (Triton, sliced export, ONNX) is checked
@@ -15,6 +15,9 @@ Canonical form (what family adapters map checkpoints to, as views, never copies)
 - ``gate_up_bias`` ``[E, 2I]`` and ``down_bias`` ``[E, H]`` where the family has biases
 - ``widths``       ``[E]`` int (optional): expert ``e`` uses only intermediate channels
   ``[0, widths[e])``. Width 0 removes the expert: it contributes nothing, bias included.
+  Or ``[T, k]`` like ``topk_ids``: the width of each routed (token, slot) pair, so one call
+  serves tokens at different budgets (nested weights: every width is a prefix of the same
+  rows). Where every pair of an expert has one width the two forms compute the same thing.
 - ``activation``   one of :data:`ACTIVATIONS`; ``alpha``/``limit`` parametrise ``swiglu_clamped``.
 
 Expert ``e`` applied to a token ``x`` computes ``down_e[:, :w] @ act(gate_e[:w] x, up_e[:w] x)``
@@ -46,32 +49,64 @@ def expert_ffn(
     down_e: torch.Tensor,
     gate_up_bias_e: torch.Tensor | None,
     down_bias_e: torch.Tensor | None,
-    width: int,
+    width: int | torch.Tensor,
     layout: ExpertLayout,
     observe_inner: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """One expert on its tokens ``x [n, H]``, using its first ``width`` channels. Differentiable."""
+    """One expert on its tokens ``x [n, H]``, using its first ``width`` channels, or (``width`` a
+    tensor ``[n]``) each token its own first ``width[i]``: the channels past a token's width are
+    zeroed before the down projection, and a token of width 0 gets nothing, bias included.
+    Differentiable."""
+    rows = width if isinstance(width, torch.Tensor) else None
+    if rows is not None:
+        width = int(rows.max())
     gate = x @ layout.rows(gate_up_e, 0)[:width].t()
     up = x @ layout.rows(gate_up_e, 1)[:width].t()
     if gate_up_bias_e is not None:
         gate = gate + layout.rows(gate_up_bias_e, 0)[:width]
         up = up + layout.rows(gate_up_bias_e, 1)[:width]
     inner = layout.act(gate, up)
+    if rows is not None:
+        inner = inner * (torch.arange(width, device=x.device) < rows[:, None]).to(inner.dtype)
     if observe_inner is not None:
         observe_inner(inner)
     out = inner @ down_e[:, :width].t()
     if down_bias_e is not None:
         out = out + down_bias_e
+    if rows is not None:
+        out = out * (rows > 0)[:, None].to(out.dtype)
     return out
 
 
-def _widths_list(widths: torch.Tensor | None, num_experts: int, full: int) -> list[int]:
+def expert_widths(widths: torch.Tensor | None, routing, topk_ids: torch.Tensor, full: int) -> list:
+    """Each expert's width as :func:`expert_ffn` takes it: an int where all its pairs share one
+    (always, for ``widths`` ``[E]``), else its pairs' widths ``[n]`` in ``routing``'s sorted order."""
+    num_experts = len(routing.counts)
     if widths is None:
         return [full] * num_experts
-    values = widths.tolist()
-    if len(values) != num_experts or any(w < 0 or w > full for w in values):
-        raise ValueError(f"widths must be {num_experts} integers in [0, {full}], got {values}")
-    return values
+    if widths.dim() == 1:
+        values = widths.tolist()
+        if len(values) != num_experts or any(w < 0 or w > full for w in values):
+            raise ValueError(f"widths must be {num_experts} integers in [0, {full}], got {values}")
+        return values
+    if tuple(widths.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"widths must be [E] = [{num_experts}] (per expert) or [T, k] = {list(topk_ids.shape)} "
+                         f"like topk_ids (per routed pair); got {list(widths.shape)}")
+    pairs = widths.reshape(-1)[routing.order]
+    if pairs.numel() and (int(pairs.min()) < 0 or int(pairs.max()) > full):
+        raise ValueError(f"widths must be in [0, {full}]; got values from {int(pairs.min())} to {int(pairs.max())}")
+    out: list = []
+    for e in range(num_experts):
+        seg = pairs[routing.segment(e)]
+        if seg.numel() == 0 or bool((seg == seg[0]).all()):
+            out.append(int(seg[0]) if seg.numel() else full)
+        else:
+            out.append(seg.to(torch.long))
+    return out
+
+
+def _no_channels(width: int | torch.Tensor) -> bool:
+    return not isinstance(width, torch.Tensor) and width == 0
 
 
 def moe_experts_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -87,7 +122,7 @@ def moe_experts_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_wei
                                                       weights.down_bias, weights.layout)
     num_experts, _, intermediate = down.shape
     routing = route_by_expert(topk_ids, num_experts)
-    widths_ = _widths_list(widths, num_experts, intermediate)
+    widths_ = expert_widths(widths, routing, topk_ids, intermediate)
     x_sorted = hidden[routing.token]
     w_sorted = routing.sorted_weights(topk_weights)
     observers = list(_FORWARD_OBSERVERS)
@@ -100,7 +135,7 @@ def moe_experts_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_wei
         n = routing.counts[e]
         if n == 0:
             continue
-        if widths_[e] == 0:
+        if _no_channels(widths_[e]):
             pieces.append(hidden.new_zeros(n, hidden_size))
             continue
         x_e = x_sorted[seg]
@@ -268,7 +303,7 @@ def _backward(ctx, grad_out):
     num_experts, _, intermediate = down.shape
     k = topk_ids.shape[1]
     routing = route_by_expert(topk_ids, num_experts)
-    widths_ = _widths_list(widths, num_experts, intermediate)
+    widths_ = expert_widths(widths, routing, topk_ids, intermediate)
 
     grad_hidden = torch.zeros_like(hidden) if needs["hidden"] else None
     grad_w_sorted = torch.zeros(routing.order.numel(), dtype=topk_weights.dtype, device=hidden.device)
@@ -284,7 +319,7 @@ def _backward(ctx, grad_out):
 
     for e in range(num_experts):
         n, width = routing.counts[e], widths_[e]
-        if n == 0 or width == 0:
+        if n == 0 or _no_channels(width):
             continue
         seg = routing.segment(e)
         with torch.enable_grad():
@@ -314,6 +349,7 @@ def _backward(ctx, grad_out):
         if grad_db is not None:
             grad_db[e] += grads[id(db)]
         if observe:
+            width = int(width.max()) if isinstance(width, torch.Tensor) else width  # per pair: the widest
             info = {
                 "expert": e,
                 "width": width,
