@@ -97,3 +97,48 @@ def test_the_cuda_backend_runs_per_pair_widths_by_the_reference_until_the_kernel
     weights = _weights(gate_up, down, gub, db)
     torch.testing.assert_close(kernels_forward(h, ids, w, weights, pair_widths),
                                moe_experts_reference(h, ids, w, weights, pair_widths), rtol=0, atol=0)
+
+
+PAIR_WIDTH_CHOICES = (0, 5, 8, 16, 24, 32)  # none, unaligned, aligned, full (MIXED_I = 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 8, 200])
+@pytest.mark.parametrize("activation,interleaved,bias", CASES)
+def test_cpu_path_with_pair_widths_equals_reference(activation, interleaved, bias, T, dtype):
+    """The grouped-GEMM CPU path reads each pair's width: pairs of one expert at different widths
+    run in different runs (or one padded, masked run), planned on the host and by tensor ops."""
+    from flexc.ir.grouped import moe_experts_cpu
+    from test_op import mixed_inputs
+
+    h, ids, w, gate_up, down, gub, db = mixed_inputs(dtype, T, bias, seed=T)
+    experts = ExpertWeights(gate_up, down, gub, db, ExpertLayout(activation, interleaved))
+    pick = torch.randint(0, len(PAIR_WIDTH_CHOICES), ids.shape, generator=torch.Generator().manual_seed(T))
+    widths = torch.tensor(PAIR_WIDTH_CHOICES, dtype=torch.int32)[pick]
+    want = moe_experts_reference(h, ids, w, experts, widths)
+    assert want.abs().max() > 0.5
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)
+    for strategy in ("group", "pad"):
+        for host_plan in (True, False):
+            got = moe_experts_cpu(h, ids, w, experts, widths, strategy=strategy, host_plan=host_plan)
+            assert got is not None and got.dtype == dtype, (strategy, host_plan)
+            torch.testing.assert_close(got, want, **tol)
+
+
+def test_inference_with_pair_widths_runs_no_per_expert_loop(monkeypatch):
+    import flexc.ir.op as op_module
+    from test_op import mixed_inputs
+
+    for T in (1, 8, 200):  # host and tensor plans
+        h, ids, w, gate_up, down, gub, db = mixed_inputs(torch.float32, T, bias=True)
+        experts = ExpertWeights(gate_up, down, gub, db, ExpertLayout("silu", False))
+        widths = torch.tensor(PAIR_WIDTH_CHOICES, dtype=torch.int32)[torch.arange(ids.numel()).view_as(ids) % 6]
+        want = moe_experts_reference(h, ids, w, experts, widths)
+        with monkeypatch.context() as m:
+            def loop(*args, **kwargs):
+                raise AssertionError("the per-expert loop ran")
+
+            m.setattr(op_module, "moe_experts_reference", loop)
+            m.setattr(op_module, "expert_ffn", loop)
+            got = run_experts(h, ids, w, experts, widths)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{T} tokens")

@@ -4,9 +4,10 @@ The reference (:func:`flexc.ir.op.moe_experts_reference`) runs its GEMMs expert 
 from Python. Here the (token, slot) pairs sorted by expert run as one ``torch._grouped_mm``
 for gate/up (two where gate and up rows are not one block) and one for down, over strided
 views of the weights (no copies; bytes read scale with the GEMM width). Experts of mixed
-widths (a learned table) split the pairs into *runs*, each at one GEMM width:
+widths (a learned table) — or pairs of per-pair widths (``[T, k]``: tokens at different budgets
+in one call) — split the pairs into *runs*, each at one GEMM width:
 
-- ``group``: one run per distinct width hit; every pair at its expert's width.
+- ``group``: one run per distinct width hit; every pair at its own width.
 - ``pad``: one run at the widest width hit; the channels past an expert's own width are
   computed, then zeroed before the down GEMM (exact zeros, so they add nothing wherever the
   weights are finite).
@@ -14,7 +15,7 @@ widths (a learned table) split the pairs into *runs*, each at one GEMM width:
 :func:`moe_experts_cpu` pads while the multiply-adds padding wastes stay under
 :data:`PAD_MACS_PER_RUN` per run it saves, and groups otherwise (below: pad at one token,
 group from 8 tokens on with 4 distinct widths). A width that is not a multiple of 16 bytes
-runs at the next one up, masked the same way. Pairs of width-0 experts are sorted last and
+runs at the next one up, masked the same way. Pairs of width 0 are sorted last and
 contribute zeros, bias included. Calls of up to :data:`HOST_PLAN_PAIRS` pairs are planned on the host from Python
 lists (a few list operations instead of a dozen small tensor ops); each token's ``k`` slots are
 summed in slot order, as ``routing.combine`` does for the reference. Same result as the
@@ -123,12 +124,12 @@ class _Plan(NamedTuple):
     combine: Callable[[torch.Tensor], torch.Tensor]  # [n, H] sorted rows -> [T, H]
 
 
-def _plan_host(topk_ids: torch.Tensor, ids: list[int], run_key: Callable[[int], int], live_runs: int,
+def _plan_host(topk_ids: torch.Tensor, ids: list[int], run_of: list[int] | None, live_runs: int,
                num_experts: int) -> _Plan:
-    """The plan from ``ids`` (``topk_ids`` flat, as a list); ``run_key(e)`` is expert ``e``'s run
-    (``live_runs`` for width 0)."""
+    """The plan from ``ids`` (``topk_ids`` flat, as a list); ``run_of`` is each pair's run
+    (``live_runs`` for width 0; None: one run)."""
     num_tokens, k = topk_ids.shape
-    keys = [run_key(e) * num_experts + e for e in ids]
+    keys = ids if run_of is None else [r * num_experts + e for r, e in zip(run_of, ids)]
     order = sorted(range(len(ids)), key=keys.__getitem__)  # stable
     sorted_keys = [keys[i] for i in order]
     starts = [bisect_left(sorted_keys, b * num_experts) for b in range(live_runs + 1)]
@@ -163,8 +164,8 @@ def _plan_host(topk_ids: torch.Tensor, ids: list[int], run_key: Callable[[int], 
 
 def _plan_tensors(topk_ids: torch.Tensor, run_of: torch.Tensor | None, num_runs: int, live_runs: int,
                   num_experts: int) -> _Plan:
-    """The plan by tensor ops; ``run_of [E]`` is each expert's run (None: one run)."""
-    keys = topk_ids if run_of is None else run_of[topk_ids] * num_experts + topk_ids
+    """The plan by tensor ops; ``run_of [T, k]`` is each pair's run (None: one run)."""
+    keys = topk_ids if run_of is None else run_of * num_experts + topk_ids
     routing = route_by_expert(keys, num_runs * num_experts)
     counts = routing.count_tensor.view(num_runs, num_experts)
     offs = torch.cumsum(counts, 1).to(torch.int32)  # group ends per run; 0 before the run's first expert
@@ -210,12 +211,13 @@ def _run(x, offs, experts, gate_up, down, gate_up_bias, down_bias, width, mask_w
     return out
 
 
-def _forward(hidden, topk_ids, topk_weights, weights, widths, runs, masked, dead, ids: list[int] | None = None,
-             guard: bool = False) -> torch.Tensor | None:
+def _forward(hidden, topk_ids, topk_weights, weights, pair_widths, runs, masked, dead, ids: list[int] | None = None,
+             host_widths: list[int] | None = None, guard: bool = False) -> torch.Tensor | None:
     """The pairs in ``len(runs)`` runs (run ``b`` at GEMM width ``runs[b]``, masked where
-    ``masked[b]``) and, where ``dead``, the pairs of width-0 experts, which contribute zeros.
-    ``ids``: the flat ``topk_ids`` as a list where the host plans the call. ``guard``: None
-    where the GEMMs would visit too many empty groups (:data:`EMPTY_GROUPS_PER_EXPERT`)."""
+    ``masked[b]``) and, where ``dead``, the pairs of width 0, which contribute zeros.
+    ``pair_widths [T*k]``: each pair's width (None: one run, unmasked). ``ids`` and
+    ``host_widths``: the flat ``topk_ids`` and pair widths as lists where the host plans the call.
+    ``guard``: None where the GEMMs would visit too many empty groups (:data:`EMPTY_GROUPS_PER_EXPERT`)."""
     hidden_size = hidden.shape[1]
     gate_up, down, gate_up_bias, down_bias = weights.gate_up, weights.down, weights.gate_up_bias, weights.down_bias
     activation, interleaved, alpha, limit = weights.layout
@@ -223,17 +225,13 @@ def _forward(hidden, topk_ids, topk_weights, weights, widths, runs, masked, dead
     live_runs = len(runs)
     num_runs = live_runs + dead
     if ids is not None:
-        if num_runs == 1:
-            plan = _plan_host(topk_ids, ids, lambda e: 0, 1, num_experts)
-        else:
-            widths_ = widths.tolist()
-            plan = _plan_host(topk_ids, ids, lambda e: bisect_left(runs, widths_[e]) if widths_[e] else live_runs,
-                              live_runs, num_experts)
+        run_of = None if num_runs == 1 else [bisect_left(runs, w) if w else live_runs for w in host_widths]
+        plan = _plan_host(topk_ids, ids, run_of, live_runs if run_of is not None else 1, num_experts)
     else:
         run_of = None
         if num_runs > 1:
-            run_of = torch.bucketize(widths, torch.tensor(runs, dtype=widths.dtype, device=widths.device))
-            run_of = run_of.masked_fill_(widths == 0, live_runs)
+            run_of = torch.bucketize(pair_widths, torch.tensor(runs, dtype=pair_widths.dtype, device=pair_widths.device))
+            run_of = run_of.masked_fill_(pair_widths == 0, live_runs).view_as(topk_ids)
         plan = _plan_tensors(topk_ids, run_of, num_runs, live_runs, num_experts)
     if guard:
         gemms = [2 if interleaved or width == down.shape[2] else 3 for width in runs]
@@ -252,7 +250,7 @@ def _forward(hidden, topk_ids, topk_weights, weights, widths, runs, masked, dead
         span = slice(plan.spans[b][0], plan.spans[b][1] + 1)
         experts = plan.experts[rows]
         out = _run(x[rows], plan.offs[b], experts, gate_up[span], down[span], gate_up_bias, down_bias, width,
-                   widths[experts] if masked[b] else None, activation, interleaved, alpha, limit)
+                   pair_widths[plan.order[rows]] if masked[b] else None, activation, interleaved, alpha, limit)
         # out * weight in the weights' dtype, rounded to the hidden dtype, as the reference does
         torch.mul(out.to(slot_weights.dtype), slot_weights[rows, None], out=y[rows])
     if dead:  # removed experts contribute nothing, bias included
@@ -262,9 +260,9 @@ def _forward(hidden, topk_ids, topk_weights, weights, widths, runs, masked, dead
 
 def moe_experts_cpu(hidden, topk_ids, topk_weights, weights: ExpertWeights, widths=None, *, strategy: str | None = None,
                     host_plan: bool | None = None) -> torch.Tensor | None:
-    """The op's CPU inference forward by grouped GEMMs, any widths; None where grouped GEMMs do
-    not apply (dtype, alignment, invalid widths or ids, no tokens, the empty-group guard), for
-    the caller to run the reference.
+    """The op's CPU inference forward by grouped GEMMs, any widths (``[E]`` per expert, or ``[T, k]``
+    per routed pair); None where grouped GEMMs do not apply (dtype, alignment, invalid widths or
+    ids, no tokens, the empty-group guard), for the caller to run the reference.
 
     ``strategy`` forces mixed widths to ``"pad"`` (one padded run) or ``"group"`` (one run per
     width) instead of the choice by :data:`PAD_MACS_PER_RUN`; ``host_plan`` overrides
@@ -275,20 +273,24 @@ def moe_experts_cpu(hidden, topk_ids, topk_weights, weights: ExpertWeights, widt
     pairs = topk_ids.numel()
     if pairs == 0 or not _eligible(hidden, gate_up, down, weights.layout.interleaved):
         return None
-    if widths is not None and widths.shape != (num_experts,):
+    per_pair = widths is not None and widths.shape == topk_ids.shape and widths.dim() == 2
+    if widths is not None and widths.shape != (num_experts,) and not per_pair:
         return None
     size = gate_up.element_size()
     host = pairs <= HOST_PLAN_PAIRS if host_plan is None else host_plan
     ids = topk_ids.reshape(-1).tolist() if host else None
     if ids is not None and (min(ids) < 0 or max(ids) >= num_experts):
         return None  # the reference says why
+    pair_widths = host_widths = None  # each pair's width, flat: a tensor, and a list where the host plans
     if widths is None:
         pairs_at = {intermediate: pairs}
     elif ids is not None:
-        widths_ = widths.tolist()
-        pairs_at = Counter(widths_[e] for e in ids)
+        per_expert = None if per_pair else widths.tolist()
+        host_widths = widths.reshape(-1).tolist() if per_pair else [per_expert[e] for e in ids]
+        pairs_at = Counter(host_widths)
     else:
-        values, counts = torch.unique(widths[topk_ids], return_counts=True)
+        pair_widths = widths.reshape(-1) if per_pair else widths[topk_ids].reshape(-1)
+        values, counts = torch.unique(pair_widths, return_counts=True)
         pairs_at = dict(zip(values.tolist(), counts.tolist()))
     hit = sorted(pairs_at)  # the widths hit; pairs_at[w]: how many pairs each
     if hit[0] < 0 or hit[-1] > intermediate:
@@ -315,7 +317,10 @@ def moe_experts_cpu(hidden, topk_ids, topk_weights, weights: ExpertWeights, widt
         for w in run_at:
             b = bisect_left(runs, w)
             masked[b] = masked[b] or w != runs[b]
-        out = _forward(hidden, topk_ids, topk_weights, weights, widths, runs, masked, hit[0] == 0, ids, guard=True)
+        if pair_widths is None:
+            pair_widths = widths.reshape(-1) if per_pair else widths[topk_ids].reshape(-1)
+        out = _forward(hidden, topk_ids, topk_weights, weights, pair_widths, runs, masked, hit[0] == 0, ids,
+                       host_widths, guard=True)
         if out is not None:
             return out
     return None
