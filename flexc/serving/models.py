@@ -44,6 +44,7 @@ class BudgetControl:
         self._position = {layer: i for i, layer in enumerate(sorted(blocks))}
         self._warned: set[float] = set()
         self._groups, self._groups_for = None, None
+        self._token_rows = None  # [T]: each token's position in this pass's groups (pair_widths)
         self.most_budgets_in_a_pass = 1  # the most budgets one forward pass ran (per-request budgets)
         if artifact.kind == "sliced":
             self.budget = artifact.sliced.get("budget")
@@ -123,12 +124,23 @@ class BudgetControl:
         context = current_pass()
         if context is None or self._groups_for is not context:
             self._groups = token_groups(list(self.rows), self.budget, num_tokens, self.resolve)
-            self._groups_for = context
+            self._groups_for, self._token_rows = context, None
             self.most_budgets_in_a_pass = max(self.most_budgets_in_a_pass, len(self._groups or [None]))
         return self._groups
 
     def row(self, budget: float, layer: int) -> torch.Tensor:
         return self.rows[budget][self._position[layer]]
+
+    def pair_widths(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """This pass's width of every routed pair at ``layer`` (``[T, k]``, like ``ids``): each token's
+        experts at its request's budget, for one op call over the whole mixed batch."""
+        if self._token_rows is None:  # once per pass, by the first block that asks
+            rows = torch.empty(ids.shape[0], dtype=torch.long)
+            for i, (_, tokens) in enumerate(self._groups):
+                rows[tokens] = i
+            self._token_rows = rows.to(ids.device)
+        stacked = torch.stack([self.row(budget, layer) for budget, _ in self._groups])  # [budgets, E]
+        return stacked[self._token_rows[:, None], ids]
 
 
 @contextmanager

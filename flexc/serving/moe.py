@@ -209,7 +209,9 @@ class FlexcMoeBlock(nn.Module):
         groups = None if self.control is None else self.control.groups(x.shape[0])
         if groups is None:
             out = self.experts(x, ids, weights)
-        else:  # per-request budgets: each budget's tokens through the experts at its widths
+        elif x.device.type == "cpu":  # per-request budgets in one call: each routed pair at its token's widths
+            out = self.experts(x, ids, weights, self.control.pair_widths(self.layer, ids))
+        else:  # the CUDA kernels read per-expert widths only: each budget's tokens in a call of their own
             out = torch.empty_like(x)
             for budget, tokens in groups:
                 tokens = tokens.to(x.device)
