@@ -305,7 +305,12 @@ def moe_experts_cpu(hidden, topk_ids, topk_weights, weights: ExpertWeights, widt
     if not _aligned(widest, size):
         return None  # the widest would run at a misaligned intermediate size
     auto = strategy is None
-    if auto:  # pad while the multiply-adds it wastes cost less than grouping's extra runs
+    if auto and per_pair:
+        # Per-pair widths (tokens at several budgets): every run spans nearly every expert, so each
+        # extra run visits all their groups again; one padded run measured faster at 4-256 tokens
+        # (benchmarks/mixed_budgets.py, zoo `small`'s shapes).
+        strategy = "pad"
+    elif auto:  # pad while the multiply-adds it wastes cost less than grouping's extra runs
         wasted = 3 * hidden.shape[1] * sum(pairs_at[w] * (widest - r) for w, r in run_at.items())
         strategy = "pad" if wasted < PAD_MACS_PER_RUN * (len(set(run_at.values())) - 1) else "group"
     elif strategy not in ("pad", "group"):
