@@ -181,6 +181,48 @@ def test_gemv_path_matches_reference(batch, top_k, split_slots):
     assert rel_err(run_kernel(case, widths, cfg), reference(case, widths)) < TOL[dtype]
 
 
+def pair_width_mix(T, k, I, seed):
+    """Per-pair widths ``[T, k]``: 0, odd, full and random values, so one expert's rows differ."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(0, I + 1, (T, k), generator=g, dtype=torch.int32)
+    w.view(-1)[: min(3, T * k)] = torch.tensor([0, I, 23 % I or 1], dtype=torch.int32)[: min(3, T * k)]
+    return w.to(DEVICE)
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("batch, top_k", [(1, 2), (7, 2), (40, 4)])
+def test_grouped_path_with_pair_widths_matches_reference(batch, top_k, bias, tma):
+    """Each routed pair at its own width (tokens at several budgets in one call): a row block runs to
+    its widest row, and each row stops at its own width in the down GEMM, bias only where it has any."""
+    E, H, I = 4, 48, 48
+    case = make_case(batch, E, H, I, top_k, torch.float32, seed=300 + batch, bias=bias)
+    widths = pair_width_mix(batch, top_k, I, seed=batch)
+    cfg = _interp_config(path="grouped", tma1=tma, tma2=tma)
+    assert rel_err(run_kernel(case, widths, cfg), reference(case, widths)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("split_slots", [True, False], ids=["split", "fused_slots"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_gemv_path_with_pair_widths_matches_reference(bias, split_slots):
+    E, H, I = 8, 48, 64
+    case = make_case(5, E, H, I, 2, torch.float32, seed=400, bias=bias)
+    widths = pair_width_mix(5, 2, I, seed=5)
+    cfg = _interp_config(path="gemv", split_slots=split_slots)
+    assert rel_err(run_kernel(case, widths, cfg), reference(case, widths)) < TOL[torch.float32]
+
+
+def test_pair_widths_shared_by_each_expert_equal_per_expert_widths_in_the_kernels():
+    E, H, I = 8, 32, 64
+    case = make_case(9, E, H, I, 2, torch.float32, seed=500, bias=True)
+    per_expert = width_mix(E, I, 16, seed=3)
+    by_pair = per_expert[case["topk_ids"]]
+    for path in ("grouped", "gemv"):
+        cfg = _interp_config(path=path)
+        torch.testing.assert_close(run_kernel(case, by_pair, cfg), run_kernel(case, per_expert, cfg),
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("path", ["grouped", "gemv"])
 def test_full_width_without_table(path):
     case = make_case(5, 4, 32, 32, 2, torch.float32, seed=3)

@@ -89,16 +89,6 @@ def test_pair_widths_of_the_wrong_shape_or_range_are_refused():
         moe_experts_reference(h, ids, w, ExpertWeights(gate_up, down), torch.tensor([[17, 0]] * 9))
 
 
-def test_the_cuda_backend_runs_per_pair_widths_by_the_reference_until_the_kernels_read_them():
-    from flexc.ir.backends import kernels_forward
-
-    h, ids, w, gate_up, down, gub, db = make_inputs(torch.float64, T=6, bias=True, seed=8)
-    pair_widths = torch.randint(0, 17, ids.shape, generator=torch.Generator().manual_seed(9))
-    weights = _weights(gate_up, down, gub, db)
-    torch.testing.assert_close(kernels_forward(h, ids, w, weights, pair_widths),
-                               moe_experts_reference(h, ids, w, weights, pair_widths), rtol=0, atol=0)
-
-
 PAIR_WIDTH_CHOICES = (0, 5, 8, 16, 24, 32)  # none, unaligned, aligned, full (MIXED_I = 32)
 
 

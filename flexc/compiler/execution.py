@@ -24,7 +24,9 @@ log = logging.getLogger("flexc")
 
 
 class Execution:
-    """One way to hold the model through a compile. Subclasses implement every method below."""
+    """One way to hold the model through a compile. Subclasses implement the methods that raise
+    ``NotImplementedError`` (``write_checkpoint`` and ``lower`` only where they apply) and override the
+    rest where they differ."""
 
     title = ""  # for the compile's first log line
     lowers = False  # runs a ``lower`` stage (a whole-model graph) before the passes

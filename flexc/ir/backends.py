@@ -16,18 +16,9 @@ from flexc.ir.op import moe_experts_reference, register_backend
 from flexc.kernels.dispatch import resolve_backend, triton_forward
 
 
-def kernels_forward(hidden, topk_ids, topk_weights, weights, widths=None):
-    """The Triton kernels' forward; with per-pair widths (``[T, k]``), which the kernels do not read
-    yet, the reference (same results, not the kernels' speed)."""
-    if widths is not None and widths.dim() != 1:
-        with torch.no_grad():
-            return moe_experts_reference(hidden, topk_ids, topk_weights, weights, widths)
-    return triton_forward(hidden, topk_ids, topk_weights, weights, widths)
-
-
 def install_cuda_backend(enable: bool = True) -> None:
     """Route ``torch.ops.flexc.moe_experts`` on CUDA tensors to the kernels (``False`` undoes it)."""
-    register_backend("cuda", kernels_forward if enable else None)
+    register_backend("cuda", triton_forward if enable else None)
 
 
 def use_backend(backend: str, device: torch.device | str) -> str:
@@ -41,4 +32,4 @@ def use_backend(backend: str, device: torch.device | str) -> str:
 def backend_forward(backend: str, device: torch.device | str):
     """The forward of ``backend`` (auto | triton | reference) on ``device``, with a backend's signature
     ``(hidden, topk_ids, topk_weights, weights, widths)``; forward only for ``"triton"``."""
-    return kernels_forward if resolve_backend(backend, device) == "triton" else moe_experts_reference
+    return triton_forward if resolve_backend(backend, device) == "triton" else moe_experts_reference

@@ -1,4 +1,4 @@
-"""Triton kernels for the routed experts of one MoE layer, with per-expert widths.
+"""Triton kernels for the routed experts of one MoE layer, with per-expert or per-pair widths.
 
 Semantics are those of ``torch.ops.flexc.moe_experts`` (see ``flexc/ir/op.py``): expert ``e``
 uses only its first ``widths[e]`` intermediate channels; width 0 contributes nothing, bias
@@ -223,21 +223,24 @@ def _gate_up_kernel(
     H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr, E_PAD: tl.constexpr,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    MASK_W: tl.constexpr, USE_TMA: tl.constexpr,
+    MASK_W: tl.constexpr, USE_TMA: tl.constexpr, PAIR_W: tl.constexpr,
 ):
     num_n = tl.cdiv(I, BLOCK_N)
     pid_m, pid_n = _block_of(tl.program_id(0), num_m, num_n, GROUP_M)
     e, row0, row_end = _expert_of_block(meta_ptr, pid_m, E, BLOCK_M, E_PAD)
     if e >= E:
         return
-    width = tl.minimum(tl.maximum(tl.load(widths_ptr + e), 0), I)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    pair = tl.load(order_ptr + rows, mask=row_ok, other=0)
+    if PAIR_W:  # the block runs to its widest row; the down kernel stops each row at its own width
+        width = tl.max(tl.minimum(tl.maximum(tl.load(widths_ptr + pair, mask=row_ok, other=0), 0), I), axis=0)
+    else:
+        width = tl.minimum(tl.maximum(tl.load(widths_ptr + e), 0), I)
     n0 = pid_n * BLOCK_N
     if n0 >= width:
         return
 
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
-    pair = tl.load(order_ptr + rows, mask=row_ok, other=0)
     tok = (pair // TOPK).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh
@@ -332,17 +335,22 @@ def _down_kernel(
     H: tl.constexpr, I: tl.constexpr, E_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, PAIR_W: tl.constexpr,
 ):
     num_n = tl.cdiv(H, BLOCK_N)
     pid_m, pid_n = _block_of(tl.program_id(0), num_m, num_n, GROUP_M)
     e, row0, row_end = _expert_of_block(meta_ptr, pid_m, E, BLOCK_M, E_PAD)
     if e >= E:
         return
-    width = tl.minimum(tl.maximum(tl.load(widths_ptr + e), 0), I)
-
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
+    pair = tl.load(order_ptr + rows, mask=row_ok, other=0)
+    if PAIR_W:  # each row's own width: its channels past it meet zeros in `a`, its bias only if it has any
+        row_w = tl.minimum(tl.maximum(tl.load(widths_ptr + pair, mask=row_ok, other=0), 0), I)
+        width = tl.max(row_w, axis=0)
+    else:
+        width = tl.minimum(tl.maximum(tl.load(widths_ptr + e), 0), I)
+        row_w = tl.zeros([BLOCK_M], dtype=tl.int32) + width
     rows_ld = tl.where(row_ok, rows, row0).to(tl.int64)  # always a real row: loads need no row mask
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_ok = cols < H
@@ -354,7 +362,10 @@ def _down_kernel(
     n0 = pid_n * BLOCK_N
     for k0 in range(0, width, BLOCK_K):
         k_ok = (k0 + offs_k) < width
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        if PAIR_W:
+            a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < row_w[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         if USE_TMA:  # down [E, H, I] through a descriptor; channels past the width meet zeros in `a`
             b = tl.trans(tl.reshape(w_desc.load([e, n0, k0]), (BLOCK_N, BLOCK_K)))
         else:
@@ -364,8 +375,7 @@ def _down_kernel(
         b_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         bias = tl.load(b_ptr + e.to(tl.int64) * stride_be + cols_ld * stride_bn, mask=cols_ok, other=0.0)
-        acc += tl.where(width > 0, bias.to(tl.float32), 0.0)[None, :]
-    pair = tl.load(order_ptr + rows, mask=row_ok, other=0)
+        acc += tl.where((row_w > 0)[:, None], bias.to(tl.float32)[None, :], 0.0)
     rw = tl.load(rw_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * rw[:, None]
     out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * H + cols[None, :]
@@ -385,12 +395,12 @@ def _gemv_gate_up_kernel(
     alpha, limit,
     H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr,
     ACT: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASK_W: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASK_W: tl.constexpr, PAIR_W: tl.constexpr,
 ):
     p = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     e = tl.load(ids_ptr + p)
-    width = tl.minimum(tl.maximum(tl.load(widths_ptr + e), 0), I)
+    width = tl.minimum(tl.maximum(tl.load(widths_ptr + (p if PAIR_W else e)), 0), I)
     if n0 >= width:
         return
     tok = (p // TOPK).to(tl.int64)
@@ -469,7 +479,7 @@ def _gemv_down_kernel(
     stride_be, stride_bn,
     H: tl.constexpr, I: tl.constexpr, TOPK: tl.constexpr,
     SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_W: tl.constexpr,
 ):
     """Program (row block, r): r is a token (SLOTS == TOPK, slots summed here in order) or a
     pair (SLOTS == 1, one output row per pair)."""
@@ -482,7 +492,7 @@ def _gemv_down_kernel(
     for s in tl.static_range(SLOTS):
         p = r * SLOTS + s
         e = tl.load(ids_ptr + p)
-        width = tl.minimum(tl.maximum(tl.load(widths_ptr + e), 0), I)
+        width = tl.minimum(tl.maximum(tl.load(widths_ptr + (p if PAIR_W else e)), 0), I)
         rw = tl.load(rw_ptr + p).to(tl.float32)
         a_ptrs = inter_ptr + p.to(tl.int64) * I + offs_k
         w_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols_ld[:, None] * stride_wn + offs_k[None, :] * stride_wk
@@ -555,8 +565,8 @@ def _check(hidden, topk_ids, topk_weights, gate_up, down, gate_up_bias, down_bia
         raise ValueError(f"gate_up_bias must be [E, 2I], got {tuple(gate_up_bias.shape)}")
     if down_bias is not None and tuple(down_bias.shape) != (E, H):
         raise ValueError(f"down_bias must be [E, H], got {tuple(down_bias.shape)}")
-    if widths is not None and tuple(widths.shape) != (E,):
-        raise ValueError(f"widths must be [E], got {tuple(widths.shape)}")
+    if widths is not None and tuple(widths.shape) not in ((E,), tuple(topk_ids.shape)):
+        raise ValueError(f"widths must be [E] or [T, k] like topk_ids, got {tuple(widths.shape)}")
     if gate_up.dtype != down.dtype:
         raise ValueError(f"gate_up ({gate_up.dtype}) and down ({down.dtype}) must share a dtype")
 
@@ -617,8 +627,8 @@ def moe_forward(
 ) -> torch.Tensor:
     """The op's forward through the Triton kernels (positional signature of the op, plus ``config``).
 
-    No host synchronisation: CUDA-graph capturable. ``widths`` values are clamped to ``[0, I]``
-    on the device; ``topk_ids`` must lie in ``[0, E)``. ``granule`` (optional) promises that
+    No host synchronisation: CUDA-graph capturable. ``widths`` (``[E]`` per expert, or ``[T, k]`` per
+    routed pair) values are clamped to ``[0, I]`` on the device; ``topk_ids`` must lie in ``[0, E)``. ``granule`` (optional) promises that
     every width is a multiple of it; where it is a multiple of the gate/up column block, the
     kernels skip the per-row width masks (correct either way: the promise only saves work).
     """
@@ -632,11 +642,12 @@ def moe_forward(
     if T == 0:
         return hidden.new_empty((0, H))
     x = hidden if hidden.dtype == gate_up.dtype else hidden.to(gate_up.dtype)
+    pair_w = widths is not None and widths.dim() == 2
     if widths is None:
         widths = torch.full((E,), I, dtype=torch.int32, device=device)
     elif widths.dtype != torch.int32 or widths.device != device:
         widths = widths.to(device=device, dtype=torch.int32)
-    widths = widths.contiguous()
+    widths = widths.reshape(-1).contiguous()  # per pair: [T*k], in pair order
     rw = topk_weights.reshape(-1).contiguous()
     if config is None:
         config = default_config(E, k, T, interpret=device.type == "cpu")
@@ -659,7 +670,8 @@ def moe_forward(
             x.stride(0), x.stride(1), *gate_up.stride(), *gub_strides,
             float(alpha), float(limit),
             H=H, I=I, TOPK=k, ACT=act, INTERLEAVED=bool(interleaved), HAS_BIAS=has_bias_gu,
-            BLOCK_N=bn1, BLOCK_K=config.gv_block_k1, MASK_W=_mask_w(granule, bn1), num_warps=config.gv_warps1,
+            BLOCK_N=bn1, BLOCK_K=config.gv_block_k1, MASK_W=_mask_w(granule, bn1), PAIR_W=pair_w,
+            num_warps=config.gv_warps1,
         )
         split = config.split_slots and k > 1
         out = torch.empty((P if split else T, H), dtype=out_dtype, device=device)
@@ -668,7 +680,7 @@ def moe_forward(
             inter, ids, rw, down, db, widths, out,
             *down.stride(), *db_strides,
             H=H, I=I, TOPK=k, SLOTS=1 if split else k, HAS_BIAS=has_bias_d,
-            BLOCK_N=bn2, BLOCK_K=config.gv_block_k2, num_warps=config.gv_warps2,
+            BLOCK_N=bn2, BLOCK_K=config.gv_block_k2, PAIR_W=pair_w, num_warps=config.gv_warps2,
         )
         if split:
             out = out.view(T, k, H).sum(dim=1)
@@ -690,7 +702,8 @@ def moe_forward(
         float(alpha), float(limit),
         H=H, I=I, TOPK=k, E_PAD=e_pad, ACT=act, INTERLEAVED=bool(interleaved), HAS_BIAS=has_bias_gu,
         DOT_PREC=dot_prec, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=config.block_k1, GROUP_M=config.group_m,
-        MASK_W=_mask_w(granule, bn1), USE_TMA=gu_desc is not None, num_warps=config.warps1, num_stages=config.stages1,
+        MASK_W=_mask_w(granule, bn1), USE_TMA=gu_desc is not None, PAIR_W=pair_w, num_warps=config.warps1,
+        num_stages=config.stages1,
     )
     out_pairs = torch.empty((P, H), dtype=out_dtype, device=device)
     bn2 = config.block_n2
@@ -700,7 +713,7 @@ def moe_forward(
         *down.stride(), *db_strides,
         H=H, I=I, E_PAD=e_pad, HAS_BIAS=has_bias_d, DOT_PREC=dot_prec,
         BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=config.block_k2, GROUP_M=config.group_m,
-        USE_TMA=d_desc is not None, num_warps=config.warps2, num_stages=config.stages2,
+        USE_TMA=d_desc is not None, PAIR_W=pair_w, num_warps=config.warps2, num_stages=config.stages2,
     )
     if k == 1:
         return out_pairs

@@ -133,7 +133,10 @@ class BudgetControl:
 
     def pair_widths(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
         """This pass's width of every routed pair at ``layer`` (``[T, k]``, like ``ids``): each token's
-        experts at its request's budget, for one op call over the whole mixed batch."""
+        experts at its request's budget, for one op call over the whole mixed batch (one budget in the
+        pass: its per-expert row ``[E]``)."""
+        if len(self._groups) == 1:
+            return self.row(self._groups[0][0], layer)
         if self._token_rows is None:  # once per pass, by the first block that asks
             rows = torch.empty(ids.shape[0], dtype=torch.long)
             for i, (_, tokens) in enumerate(self._groups):

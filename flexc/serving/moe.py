@@ -209,14 +209,8 @@ class FlexcMoeBlock(nn.Module):
         groups = None if self.control is None else self.control.groups(x.shape[0])
         if groups is None:
             out = self.experts(x, ids, weights)
-        elif x.device.type == "cpu":  # per-request budgets in one call: each routed pair at its token's widths
+        else:  # per-request budgets in one call: each routed pair at the widths of its token's budget
             out = self.experts(x, ids, weights, self.control.pair_widths(self.layer, ids))
-        else:  # the CUDA kernels read per-expert widths only: each budget's tokens in a call of their own
-            out = torch.empty_like(x)
-            for budget, tokens in groups:
-                tokens = tokens.to(x.device)
-                out[tokens] = self.experts(x[tokens], ids[tokens], weights[tokens],
-                                           self.control.row(budget, self.layer))
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(shape)
