@@ -213,21 +213,26 @@ def test_cpu_path_mixed_widths_routing_weights_in_another_dtype(hidden_dtype, we
 
 def test_cpu_path_mixed_widths_runs_no_per_expert_loop(monkeypatch):
     """Inference with mixed widths never reaches the reference loop nor the per-expert FFN."""
-    import flexc.ir.op as op_module
-
     for (pattern, values), T in itertools.product(MIXED_WIDTHS.items(), (1, 8, 200)):  # host and tensor plans
         h, ids, w, gate_up, down, gub, db = mixed_inputs(torch.float32, T, bias=True)
         experts = ExpertWeights(gate_up, down, gub, db, ExpertLayout("swiglu_clamped", True))
         widths = torch.tensor(values, dtype=torch.int32)
         want = moe_experts_reference(h, ids, w, experts, widths)
-        with monkeypatch.context() as m:
-            def loop(*args, **kwargs):
-                raise AssertionError("the per-expert loop ran")
-
-            m.setattr(op_module, "moe_experts_reference", loop)
-            m.setattr(op_module, "expert_ffn", loop)
-            got = run_experts(h, ids, w, experts, widths)
+        got = run_without_the_loop(monkeypatch, h, ids, w, experts, widths)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{pattern}, {T} tokens")
+
+
+def run_without_the_loop(monkeypatch, h, ids, w, experts, widths):
+    """``run_experts`` with the reference loop and the per-expert FFN made to fail if they run."""
+    import flexc.ir.op as op_module
+
+    with monkeypatch.context() as m:
+        def loop(*args, **kwargs):
+            raise AssertionError("the per-expert loop ran")
+
+        m.setattr(op_module, "moe_experts_reference", loop)
+        m.setattr(op_module, "expert_ffn", loop)
+        return run_experts(h, ids, w, experts, widths)
 
 
 def test_cpu_path_mixed_widths_keeps_reference_for_observers_and_autograd():
