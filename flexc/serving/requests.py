@@ -13,8 +13,9 @@ batch as requests come and go (``update_state``, before every forward pass), and
 request's budget on admission (``validate_params``: a keep ratio in (0, 1]; one of the served
 artifact's budgets when ``FLEXC_SERVED_BUDGETS`` lists them, as ``flexc serve`` does). In the
 forward pass the model reads the batch's tokens per request from vLLM's attention metadata
-(``query_start_loc``) and each MoE block runs the flexc op once per budget present, on that
-budget's tokens (:meth:`FlexcMoeBlock.forward`).
+(``query_start_loc``) and each MoE block runs the flexc op once over the whole batch, each routed
+pair at the width its token's budget gives its expert (per-pair widths:
+:meth:`flexc.serving.models.BudgetControl.pair_widths`, :meth:`FlexcMoeBlock.forward`).
 
 KV blocks are computed at one budget and must never serve a request of another: per-request
 budgets need prefix caching off (``enable_prefix_caching=False``), which the processor checks
