@@ -307,8 +307,8 @@ def moe_experts_cpu(hidden, topk_ids, topk_weights, weights: ExpertWeights, widt
     auto = strategy is None
     if auto and per_pair:
         # Per-pair widths (tokens at several budgets): every run spans nearly every expert, so each
-        # extra run visits all their groups again; one padded run measured faster at 4-256 tokens
-        # (benchmarks/mixed_budgets.py, zoo `small`'s shapes).
+        # extra run visits all their groups again. One padded run was the faster in 6 of 8 cases of
+        # benchmarks/mixed_budgets.py (two shapes, 4-256 tokens; grouping won at E=64 I=768, 8 tokens).
         strategy = "pad"
     elif auto:  # pad while the multiply-adds it wastes cost less than grouping's extra runs
         wasted = 3 * hidden.shape[1] * sum(pairs_at[w] * (widest - r) for w, r in run_at.items())
