@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from flexc.compiler import artifacts
 from flexc.compiler.artifacts import STATE_DIR, RunDir
 from flexc.compiler.execution import Execution
 
@@ -155,12 +154,13 @@ class LayerStreamed(Execution):
         return {"disk_bytes": _disk_bytes(stages_dir(run) / name, run.path / STATE_DIR)}
 
     def export(self, fmt: str, folder: Path, state) -> dict:
+        from flexc.export.context import provenance as export_provenance
         from flexc.export.streamed import export_sliced_streamed, write_checkpoint_streamed, write_nested_streamed
 
         lm, spec = self.lm, self.spec
         tables = state.checked_width_tables()
         transform = export_transform(lm, state, [e.pass_class for e in spec.pipeline])
-        provenance = {"spec": spec.to_yaml(), "seed": spec.seed, "versions": artifacts.library_versions()}
+        provenance = export_provenance(spec)
         if fmt == "nested":
             m = write_nested_streamed(folder, lm, tables, transform=transform, tokenizer=self.tokenizer,
                                       provenance=provenance)

@@ -50,8 +50,12 @@ class ExportContext:
         return self.state.checked_width_tables()
 
     def provenance(self) -> dict[str, Any]:
-        """What an artifact's manifest records about how it was made: the spec, seed, library versions."""
-        from flexc.utils.versions import library_versions
+        return provenance(self.spec)
 
-        return {"spec": self.spec.to_yaml() if self.spec is not None else None,
-                "seed": getattr(self.spec, "seed", None), "versions": library_versions()}
+
+def provenance(spec: Any) -> dict[str, Any]:
+    """What an artifact's manifest records about how it was made: the spec, seed, library versions."""
+    from flexc.utils.versions import library_versions
+
+    return {"spec": spec.to_yaml() if spec is not None else None, "seed": getattr(spec, "seed", None),
+            "versions": library_versions()}

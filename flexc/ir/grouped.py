@@ -273,9 +273,13 @@ def moe_experts_cpu(hidden, topk_ids, topk_weights, weights: ExpertWeights, widt
     pairs = topk_ids.numel()
     if pairs == 0 or not _eligible(hidden, gate_up, down, weights.layout.interleaved):
         return None
-    per_pair = widths is not None and widths.shape == topk_ids.shape and widths.dim() == 2
+    per_pair = widths is not None and widths.shape == topk_ids.shape
     if widths is not None and widths.shape != (num_experts,) and not per_pair:
         return None
+
+    def flat_pair_widths() -> torch.Tensor:  # each pair's width, in pair order (token * k + slot)
+        return widths.reshape(-1) if per_pair else widths[topk_ids].reshape(-1)
+
     size = gate_up.element_size()
     host = pairs <= HOST_PLAN_PAIRS if host_plan is None else host_plan
     ids = topk_ids.reshape(-1).tolist() if host else None
@@ -284,12 +288,15 @@ def moe_experts_cpu(hidden, topk_ids, topk_weights, weights: ExpertWeights, widt
     pair_widths = host_widths = None  # each pair's width, flat: a tensor, and a list where the host plans
     if widths is None:
         pairs_at = {intermediate: pairs}
+    elif per_pair and ids is not None:
+        host_widths = widths.reshape(-1).tolist()
+        pairs_at = Counter(host_widths)
     elif ids is not None:
-        per_expert = None if per_pair else widths.tolist()
-        host_widths = widths.reshape(-1).tolist() if per_pair else [per_expert[e] for e in ids]
+        per_expert = widths.tolist()
+        host_widths = [per_expert[e] for e in ids]
         pairs_at = Counter(host_widths)
     else:
-        pair_widths = widths.reshape(-1) if per_pair else widths[topk_ids].reshape(-1)
+        pair_widths = flat_pair_widths()
         values, counts = torch.unique(pair_widths, return_counts=True)
         pairs_at = dict(zip(values.tolist(), counts.tolist()))
     hit = sorted(pairs_at)  # the widths hit; pairs_at[w]: how many pairs each
@@ -322,8 +329,8 @@ def moe_experts_cpu(hidden, topk_ids, topk_weights, weights: ExpertWeights, widt
         for w in run_at:
             b = bisect_left(runs, w)
             masked[b] = masked[b] or w != runs[b]
-        if pair_widths is None:
-            pair_widths = widths.reshape(-1) if per_pair else widths[topk_ids].reshape(-1)
+        if pair_widths is None:  # planned on the host: the tensor only for the runs' masks
+            pair_widths = flat_pair_widths()
         out = _forward(hidden, topk_ids, topk_weights, weights, pair_widths, runs, masked, hit[0] == 0, ids,
                        host_widths, guard=True)
         if out is not None:
