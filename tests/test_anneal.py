@@ -75,6 +75,40 @@ def test_each_budget_within_one_granule_per_expert(annealed):
     assert (tables[0] == 64).all()  # keep 1.0 is full width
 
 
+def _deployed_at_the_budget(graph, report, levels_per_expert):
+    """Every phase ended with its deployed table (argmax actions) at the budget: at most the budget, short
+    of it by at most one expert's change of action, and the budget fit moved at most two experts."""
+    full = torch.tensor([g.intermediate_size for g in graph.groups])
+    weights = expert_weights(graph.groups, "params")
+    one_expert = float((weights / full[:, None]).max()) * float(full.max()) * (1 - 1 / levels_per_expert)
+    for row in report["budgets"]:
+        b = row["keep_target"]
+        assert b - one_expert - 1e-9 <= row["deployed_keep"] <= b + 1e-9, row
+        assert row["fit_moves"] <= 2, row
+
+
+def test_training_ends_each_phase_at_its_budget(annealed):
+    graph, _, _, report, _ = annealed
+    _deployed_at_the_budget(graph, report, levels_per_expert=4)
+
+
+def test_training_ends_each_phase_at_its_budget_on_the_zoo_model(tiny_model_dir, tmp_path):
+    """The same on a trained model (the zoo's tiny, real routing), where the drift the budget must stop is real."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    graph = lower(model)
+    spec = SimpleNamespace(budgets=SimpleNamespace(keep_ratios=(0.75, 0.5, 0.25), metric="params"))
+    batches = [torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(i))
+               for i in range(4)]
+    ctx = PassContext(workdir=tmp_path, spec=spec, calibration_data=batches, quiet=True,
+                      logger=logging.getLogger("test"))
+    run_pass(resolve_pass("rank_channels")({"plot": False}), graph, ctx)
+    run_pass(resolve_pass("insert_action_gates")({}), graph, ctx)
+    _, report = anneal(graph, ctx, tmp_path / "run", steps=24, validation_samples=0)
+    _deployed_at_the_budget(graph, report, levels_per_expert=8)
+
+
 def test_outputs_written(annealed):
     _, _, _, report, root = annealed
     assert (root / "run" / "anneal_curves.png").stat().st_size > 5000
@@ -456,34 +490,61 @@ def test_track_decides_on_the_first_half_of_the_held_out_text_only_past_the_earl
         assert record["how"] == "trained" and torch.equal(record["levels"], trained)
 
 
-def test_following_reads_the_windows_after_the_calibration_set(tmp_path):
-    """``validation_samples``' text: the windows that follow the calibration set in the same seeded
-    stream, never one of its own."""
+def test_held_out_text_comes_from_documents_the_calibration_set_never_touched(tmp_path):
+    """``validation_samples``' text: windows packed afresh from the documents after the last one the
+    calibration set touched (same seeded order), so no held-out window shares a document with it; a
+    one-document source (one text file) gives the contiguous span after the set's windows instead."""
+    import itertools
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent / "broken_specs"))
     import compiler_helpers
 
-    from flexc.data.calibration import CalibrationSet, DataError
+    from flexc.data.calibration import CalibrationSet, DataError, iter_documents, iter_token_windows
 
     tok = compiler_helpers._tokenizer(256)
     source = SimpleNamespace(builtin="python-stdlib", split="train", num_samples=6, seq_len=16, batch_size=4)
     calib = CalibrationSet(source, tok, seed=3)
-    longer = CalibrationSet(SimpleNamespace(**{**vars(source), "num_samples": 11}), tok, seed=3)
-    rows = torch.cat(list(longer))
-    assert torch.equal(torch.cat(list(calib)), rows[:6])
+    spans = calib.window_documents()
+    assert len(spans) == 6 and all(first <= last for first, last in spans)
+    documents = list(itertools.islice(iter_documents(source, seed=3), spans[-1][1] + 50))
+    assert torch.equal(torch.cat(list(calib)), torch.stack(list(iter_token_windows(documents, tok, 16))[:6]))
     extra = calib.following(5)
     assert [len(b) for b in extra] == [4, 1]  # the source's batch size
-    assert torch.equal(torch.cat(extra), rows[6:])
-    text = tmp_path / "small.txt"
+    fresh = list(itertools.islice(iter_token_windows(documents[spans[-1][1] + 1:], tok, 16), 5))
+    assert torch.equal(torch.cat(extra), torch.stack(fresh))
+    # The set's last document goes on past its windows: the windows right after them are not held out.
+    following = torch.stack(list(iter_token_windows(documents, tok, 16))[6:11])
+    assert not torch.equal(torch.cat(extra), following)
+
+    text = tmp_path / "small.txt"  # one file is one document: the contiguous span after the set
     text.write_text("a few words of text, not many\n" * 4)
     small = CalibrationSet(SimpleNamespace(files=[str(text)], text_field="text", num_samples=1, seq_len=8,
                                            batch_size=1), tok)
-    with pytest.raises(DataError, match=r"1 for the calibration set and 1000 more held out"):
+    span = list(iter_token_windows([text.read_text()], tok, 8))
+    assert torch.equal(torch.cat(small.following(2)), torch.stack(span[1:3]))
+    with pytest.raises(DataError, match=r"past the 1 of the calibration set; 1000 held out"):
         small.following(1000)
     some = small.following(1000, strict=False)  # what there is
     assert 0 < sum(len(b) for b in some) < 1000
+
+
+def test_held_out_calibration_batches_drop_windows_sharing_a_training_document():
+    """``validation``: the held-out share of the calibration batches keeps only windows whose documents
+    no training batch touched."""
+    from flexc.passes.anneal import _split_by_document
+
+    batches = [torch.full((2, 4), i) for i in range(4)]
+    # windows 0-5 lie in documents 0, 0, 0-1, 1, 1, 2 (a window's first and last document), 6-7 in 3
+    spans = [(0, 0), (0, 0), (0, 1), (1, 1), (1, 1), (2, 2), (3, 3), (3, 3)]
+    calibration = SimpleNamespace(window_documents=lambda: spans)
+    out = _split_by_document(batches, 2, calibration, logging.getLogger("test"))
+    # training: batches 0-1 (windows 0-3, documents 0-1); windows 4 (document 1) is left out
+    assert [b.tolist() for b in out] == [[[0] * 4] * 2, [[1] * 4] * 2, [[2] * 4], [[3] * 4] * 2]
+    one_document = SimpleNamespace(window_documents=lambda: [(0, 0)] * 8)  # split by span, as it is
+    assert _split_by_document(batches, 2, one_document, logging.getLogger("test")) == batches
+    assert _split_by_document(batches, 2, batches, logging.getLogger("test")) == batches  # no record: as it is
 
 
 def test_validation_samples_need_a_calibration_source(tmp_path):
@@ -520,7 +581,7 @@ def test_default_validation_samples_take_what_a_short_source_has(moe_dir, tmp_pa
     assert 2 < held < 2 + 64  # one held-out calibration batch of 2, and the few sequences after the set
     spec["pipeline"][2] = {"anneal": {"steps": 2, "validation_samples": 64}}
     spec["export"]["dir"] = str(tmp_path / "strict")
-    with pytest.raises(DataError, match="64 more held out were requested"):
+    with pytest.raises(DataError, match="past the 4 of the calibration set; 64 held out were requested"):
         flexc.compile(spec, quiet=True)
 
 
@@ -542,3 +603,8 @@ def test_validation_samples_hold_out_text_beyond_the_calibration_set(moe_dir, tm
     assert [b["held_out_sequences"] for b in report["budgets"]] == [6, 6]
     history = json.loads((tmp_path / "out" / "stages" / "03-anneal" / "anneal_history.json").read_text())
     assert len(history) == 4
+
+
+def test_removed_lambda_lr_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="lambda_lr was removed: the track schedule sets the budget's price"):
+        Anneal({"lambda_lr": 5})

@@ -53,28 +53,45 @@ class CalibrationSet:
         return self.num_batches
 
     def following(self, count: int, strict: bool = True) -> list[torch.Tensor]:
-        """The ``count`` windows that follow this set's own in the same seeded stream (text the set
-        never shows), in batches of the source's ``batch_size``: held-out text from the same source.
-        A source with fewer is an error, or (``strict=False``) gives what it has."""
+        """``count`` windows of held-out text from the same source, in batches of the source's
+        ``batch_size``: packed afresh from the documents after the last one the set touched, in the
+        same seeded order, so no held-out window shares a document with the set. A source whose
+        documents the set used up (one text file is one document) gives the windows that follow
+        the set's own instead: a contiguous span of text the set never shows. A source with fewer
+        is an error, or (``strict=False``) gives what it has."""
         n, seq_len, size = self.num_samples, int(self.source.seq_len), int(self.source.batch_size)
-        windows = iter_token_windows(iter_documents(self.source, seed=self.seed, role=self.role), self.tokenizer,
-                                     seq_len)
-        rows = list(itertools.islice(windows, n, n + count))
+        documents = iter_documents(self.source, seed=self.seed, role=self.role)
+        used = list(itertools.islice(documents, self.window_documents()[-1][1] + 1 if n else 0))
+        fresh = next(documents, None)
+        if fresh is not None:
+            windows = iter_token_windows(itertools.chain([fresh], documents), self.tokenizer, seq_len)
+            rows = list(itertools.islice(windows, count))
+        else:
+            rows = list(itertools.islice(iter_token_windows(used, self.tokenizer, seq_len), n, n + count))
         if len(rows) < count and strict:
-            raise DataError(f"{_describe(self.source)}: data.{self.role}: the data yields only {n + len(rows)} "
-                            f"sequences of {seq_len} tokens; {n} for the calibration set and {count} more held out "
+            raise DataError(f"{_describe(self.source)}: data.{self.role}: the data yields only {len(rows)} "
+                            f"sequences of {seq_len} tokens past the {n} of the calibration set; {count} held out "
                             f"were requested (lower the held-out count or num_samples, or add text)")
         batches = [torch.stack(rows[i:i + size]) for i in range(0, len(rows), size)]
         return batches if torch.device(self.device).type == "cpu" else [b.to(self.device) for b in batches]
 
+    def window_documents(self) -> list[tuple[int, int]]:
+        """For each of the set's windows, the indices (in the seeded document order) of the documents of
+        its first and last token: which windows share a document."""
+        seq_len = int(self.source.seq_len)
+        texts = iter_documents(self.source, seed=self.seed, role=self.role)
+        spans = itertools.islice(document_spans(texts, self.tokenizer, seq_len), self.num_samples)
+        return list(spans)
+
 
 class LoadedCalibration(list):
-    """A calibration set read into memory once (its batches), still able to read the windows that
-    follow it (:meth:`CalibrationSet.following`)."""
+    """A calibration set read into memory once (its batches), still able to read held-out text
+    (:meth:`CalibrationSet.following`) and say which windows share a document."""
 
     def __init__(self, calibration: CalibrationSet):
         super().__init__(calibration)
         self.following = calibration.following
+        self.window_documents = calibration.window_documents
 
 
 def _split(source, role: str) -> str | None:
@@ -159,6 +176,18 @@ def iter_token_windows(texts: Iterable[str], tokenizer, seq_len: int) -> Iterato
         while len(buffer) >= seq_len:
             yield torch.tensor(buffer[:seq_len], dtype=torch.long)
             del buffer[:seq_len]
+
+
+def document_spans(texts: Iterable[str], tokenizer, seq_len: int) -> Iterator[tuple[int, int]]:
+    """For each window :func:`iter_token_windows` cuts from ``texts``, the indices of the documents of
+    its first and last token (the end-of-text token after a document counts as that document's)."""
+    eos = tokenizer.eos_token_id
+    pending: list[int] = []  # the document index of every buffered token
+    for index, text in enumerate(texts):
+        pending.extend([index] * (len(tokenizer(text, add_special_tokens=False)["input_ids"]) + (eos is not None)))
+        while len(pending) >= seq_len:
+            yield pending[0], pending[seq_len - 1]
+            del pending[:seq_len]
 
 
 def packed_batches(source, tokenizer, *, seed: int = 0, role: str = "calibration") -> Iterator[torch.Tensor]:

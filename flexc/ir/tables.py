@@ -196,3 +196,55 @@ def fit_to_budget(levels: torch.Tensor, level_widths: torch.Tensor, target: floa
         levels[l, e] += 1
         current = keep(levels)
     return levels
+
+
+def _bisect_price(keep, target: float, iterations: int) -> tuple[float, float]:
+    """``(low, high)`` around the price where ``keep(price)`` (non-increasing) crosses ``target``:
+    ``keep(low) > target >= keep(high)`` where the prices tried reach both sides."""
+    span = 1.0
+    while keep(-span) <= target and span < 1e12:
+        span *= 4
+    low = -span
+    span = 1.0
+    while keep(span) > target and span < 1e12:
+        span *= 4
+    high = span
+    for _ in range(iterations):
+        mid = 0.5 * (low + high)
+        if keep(mid) > target:
+            low = mid
+        else:
+            high = mid
+    return low, high
+
+
+def budget_price(logits: torch.Tensor, cost: torch.Tensor, target: float, iterations: int = 80) -> float:
+    """The smallest price ``mu`` at which the table ``argmax_a(logits - mu * cost)`` keeps at most ``target``.
+
+    ``logits [L, E, A]`` score each expert's actions (``-inf``: not allowed); ``cost [L, E, A]`` is
+    each action's share of the keep ratio (``weight[l, e] * width / I_l``). The keep of that table
+    never rises as the price rises (a Lagrangian relaxation of the budget; a negative price pays
+    for width), so bisection finds the price; at it the table is within the budget and above every
+    cheaper price's table, i.e. short of the budget by at most the step of the experts that change
+    action at that price (one expert unless several tie).
+    """
+    # No change of dtype: the table at the returned price is computed by the same operations in the
+    # caller's dtype (``logits - mu * cost``), so a tie at the breakpoint resolves the same way.
+
+    def keep(mu: float) -> float:
+        levels = (logits - mu * cost).argmax(-1, keepdim=True)
+        return float(cost.gather(-1, levels).double().sum())
+
+    return _bisect_price(keep, target, iterations)[1]
+
+
+def expected_price(logits: torch.Tensor, cost: torch.Tensor, target: float, iterations: int = 80) -> float:
+    """The price ``mu`` (of either sign) at which ``softmax(logits - mu * cost)`` keeps ``target`` in
+    expectation: the sampled tables' mean keep is the budget. ``logits`` and ``cost`` as in
+    :func:`budget_price`; the expected keep falls continuously as ``mu`` rises, so bisection finds it
+    (a target beyond what any price reaches gives the price nearest to it that was tried)."""
+
+    def keep(mu: float) -> float:
+        return float((torch.softmax(logits - mu * cost, dim=-1) * cost).nan_to_num().double().sum())
+
+    return sum(_bisect_price(keep, target, iterations)) / 2

@@ -70,13 +70,15 @@ class GatedExperts(nn.Module):
         self.noise: torch.Tensor | None = None  # Gumbel noise [E, A] for the next "sample" forward
         self.table: torch.Tensor | None = None  # widths [E] for "table" mode
         self.max_levels: torch.Tensor | None = None  # [E]: actions above are excluded (nesting under a budget)
+        self.price: torch.Tensor | None = None  # [E, A]: subtracted from the logits (the budget's price of each action)
 
     def masked_logits(self) -> torch.Tensor:
-        """The logits with the actions above ``max_levels`` excluded."""
+        """The logits less the actions' ``price``, with the actions above ``max_levels`` excluded."""
+        logits = self.logits if self.price is None else self.logits - self.price
         if self.max_levels is None:
-            return self.logits
+            return logits
         allowed = torch.arange(self.logits.shape[1], device=self.logits.device)[None, :] <= self.max_levels[:, None]
-        return self.logits.masked_fill(~allowed, float("-inf"))
+        return logits.masked_fill(~allowed, float("-inf"))
 
     def probs(self) -> torch.Tensor:
         return F.softmax(self.masked_logits(), dim=-1)

@@ -15,12 +15,20 @@ Two schedules:
 - ``track`` (default): one phase per budget, high to low, ``steps`` shared equally. A phase
   starts from a warm-start table at its budget (the ``coverage`` baseline's, within the
   previous budget's table; or full width), with the logits favouring it by ``start_margin``
-  and every action above the previous budget's table excluded. ``lambda`` follows the budget
-  by dual ascent (it grows while the expected keep is above the budget and shrinks below),
-  ``tau`` and ``beta`` run their schedules within the phase. At the phase's end the argmax
-  table is fitted to the budget and scored on held-out text: the calibration batches no phase
-  trains on (``validation``, a quarter) and ``validation_samples`` (64) sequences read from the
-  calibration source after the calibration set. The candidates beside it are the one-shot
+  and every action above the previous budget's table excluded. The budget binds through a price:
+  every action's logit is lowered by ``price * (its share of the keep ratio)``. After every step
+  the price is set so that the sampled tables keep the budget in expectation (what is trained is
+  at the budget), and at the phase's end so that the deployed table, each expert's argmax action,
+  is at the budget (:func:`flexc.ir.tables.expected_price`, :func:`~flexc.ir.tables.budget_price`:
+  bisection, exact each step, no dual rate to tune). A dual step on the expected keep alone let the
+  deployed keep drift 0.75 -> 0.94 while the expected keep stayed under the budget, so the budget
+  never acted and the fit cut the trained table back. ``tau`` and ``beta`` run their schedules
+  within the phase. At the phase's end the deployed table is fitted to the budget (a step of an
+  expert or two) and scored on held-out text from documents no training batch came from: the
+  calibration batches no phase trains on (``validation``, a quarter; windows that share a document
+  with a training batch left out) and ``validation_samples`` (64) sequences packed from the
+  documents after the calibration set's (:meth:`flexc.data.calibration.CalibrationSet.following`).
+  The candidates beside it are the one-shot
   tables: the warm start and, where it nests within the previous budget's table, the
   unconstrained ``coverage`` table at the budget. The one-shot candidate with the lower
   held-out loss is the fallback; the trained table is exported only if its held-out loss is
@@ -87,7 +95,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flexc.ir.buckets import count_buckets
-from flexc.ir.tables import WidthTables
+from flexc.ir.tables import WidthTables, budget_price, expected_price
 from flexc.passes.action_gates import set_modes
 from flexc.passes.base import (MAX_STEPS, Pass, PassContext, PassOptions, PassResult, check_keep_ratios,
                                reject_bool_numbers)
@@ -175,14 +183,15 @@ class AnnealOptions(PassOptions):
                                 "previous budget's table), or from full width.")
     start_margin: float = Field(0.5, ge=0, description="track: initial logit advantage of the warm-start action "
                                 "(small: training explores the neighbouring widths).")
-    lambda_lr: float = Field(5.0, ge=0, description="track: dual ascent rate of lambda on (expected keep - budget).")
     validation: float = Field(0.25, ge=0, lt=1, description="track: share of calibration batches held out to "
-                              "choose, per budget, between the trained table and the one-shot ones.")
+                              "choose, per budget, between the trained table and the one-shot ones (their windows "
+                              "that share a document with a training batch are left out).")
     validation_samples: int = Field(
-        VALIDATION_SAMPLES, ge=0, description="track: sequences read from the calibration source after its "
-        "num_samples (text the anneal never trains on) and added to the held-out check (with validation: 0, the "
-        "only held-out text). Left at the default, a source with fewer gives what it has (with a warning); set, a "
-        "shortfall is an error. 0: none.")
+        VALIDATION_SAMPLES, ge=0, description="track: sequences packed from the calibration source's documents "
+        "after the last one the calibration set touched (text the anneal never trains on; a one-document source: "
+        "the text after the set's) and added to the held-out check (with validation: 0, the only held-out text). "
+        "Left at the default, a source with fewer gives what it has (with a warning); set, a shortfall is an "
+        "error. 0: none.")
     validation_z: float = Field(1.0, ge=0, description="track: the trained table is exported only if its held-out "
                                 "loss is below the best one-shot table's by more than this many standard errors of "
                                 "the per-sequence paired difference (0: any lower mean).")
@@ -201,6 +210,14 @@ class AnnealOptions(PassOptions):
     checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints.")
     budgets: list[float] | None = Field(None, description="Keep ratios to export (default: the spec's budgets).")
     metric: Literal["params", "flops"] | None = Field(None, description="Budget metric (default: the spec's).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_options(cls, data):
+        if isinstance(data, dict) and "lambda_lr" in data:
+            raise ValueError("lambda_lr was removed: the track schedule sets the budget's price exactly at every "
+                             "step (no dual rate to tune); delete the option")
+        return data
 
     @field_validator("budgets")
     @classmethod
@@ -262,6 +279,28 @@ def _held_out_text(calibration, count: int, required: bool, logger) -> list[torc
     return batches
 
 
+def _split_by_document(batches: list[torch.Tensor], training: int, calibration, logger) -> list[torch.Tensor]:
+    """The calibration batches with the held-out ones (``batches[training:]``) cut to the windows whose
+    documents no training batch touched. Batches given directly (no document record), or a set that
+    is one document (a single text file), are split by contiguous spans as they are."""
+    spans = getattr(calibration, "window_documents", None)
+    spans = spans() if spans is not None else None
+    if not spans or spans[-1][1] == spans[0][0]:
+        return batches
+    boundary = spans[sum(len(b) for b in batches[:training]) - 1][1]  # the last training window's last document
+    out, offset, dropped = list(batches[:training]), sum(len(b) for b in batches[:training]), 0
+    for batch in batches[training:]:
+        keep = [r for r in range(len(batch)) if spans[offset + r][0] > boundary]
+        offset += len(batch)
+        dropped += len(batch) - len(keep)
+        if keep:
+            out.append(batch[keep])
+    if dropped:
+        logger.info("anneal: %d held-out calibration sequences share a document with a training batch; the "
+                    "held-out check leaves them out", dropped)
+    return out
+
+
 def quality_loss(kind: str, student: torch.Tensor, teacher: TeacherTargets | None, ids: torch.Tensor) -> torch.Tensor:
     if kind == "next_token":
         return F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
@@ -313,7 +352,7 @@ class _Setup:
     weights: torch.Tensor  # [L, E] weight of each expert's width in the keep ratio
     level_widths: torch.Tensor  # [L, A] widths of the actions, ascending
     batches: list[torch.Tensor]  # this rank's sequences of each calibration batch (all of them in one process)
-    training: int  # batches[:training] are the calibration set's; the rest, validation_samples' held-out text
+    training: int  # batches[:training] are trained on; the rest are held out (documents no training batch has)
     rows: list[tuple[slice, int]]  # where they lie in their batch, and its number of sequences
     teachers: list[TeacherTargets | None]
     run: TrainingRun  # checkpoints, resume, divergence checks, the step bar
@@ -342,6 +381,20 @@ class _Setup:
                 raise ValueError(f"{name} is {found}; expected {list(shape)} (layers, experts)")
             if levels.is_floating_point() or int(levels.min()) < 0 or int(levels.max()) >= actions:
                 raise ValueError(f"{name} holds action indices outside 0..{actions - 1}")
+
+    def bind(self, budget: float, deployed: bool = False) -> float:
+        """Price every action by its share of the keep ratio so that the sampled tables keep ``budget``
+        in expectation (:func:`flexc.ir.tables.expected_price`) or, ``deployed``, the deployed table
+        (each expert's argmax action) is at it (:func:`flexc.ir.tables.budget_price`); returns the
+        price. The priced logits are what the gates sample, deploy and take probabilities from."""
+        for gate in self.gates:
+            gate.price = None
+        logits = torch.stack([g.masked_logits().detach() for g in self.gates])
+        cost = self.weights[:, :, None] * self.ratios[:, None, :]
+        price = (budget_price if deployed else expected_price)(logits, cost, budget)
+        for gate, row in zip(self.gates, cost):
+            gate.price = price * row
+        return price
 
     def preference(self) -> torch.Tensor:
         return torch.stack([F.log_softmax(g.masked_logits().detach(), dim=-1) for g in self.gates])
@@ -383,6 +436,7 @@ class Anneal(Pass):
             for gate in model.gates:
                 gate.noise = None
                 gate.max_levels = None
+                gate.price = None
                 gate.logits.requires_grad_(False)
         self._write_outputs(graph, ctx, workdir, setup, exported, history)
         return PassResult(graph=graph, modified=True, changed_nodes=set())
@@ -400,6 +454,9 @@ class Anneal(Pass):
         if not whole:
             raise ValueError("anneal: the calibration data yielded no batches")
         training = len(whole)
+        if opts.schedule == "track" and opts.validation > 0:
+            held = min(max(round(training * opts.validation), 1), training - 1)
+            whole, training = _split_by_document(whole, training - held, calibration, ctx.logger), training - held
         if opts.validation_samples and opts.schedule == "track":
             whole += _held_out_text(calibration, opts.validation_samples,
                                     "validation_samples" in opts.model_fields_set, ctx.logger)
@@ -522,22 +579,20 @@ class Anneal(Pass):
 
     def _run_track(self, graph, ctx, setup: _Setup) -> tuple[dict, list]:
         """One phase per budget, high to low: start from the warm-start table (within the previous
-        budget's table), train with lambda following the budget by dual ascent, then keep the
+        budget's table), train with the budget priced into the logits, then keep the
         trained table or the warm start, whichever has the lower loss on held-out calibration batches."""
         opts = self.options
-        n = setup.training
-        held = min(max(round(n * opts.validation), 1), n - 1) if opts.validation > 0 else 0
-        train, val = list(range(n - held)), list(range(n - held, len(setup.batches)))  # + validation_samples' text
+        train, val = list(range(setup.training)), list(range(setup.training, len(setup.batches)))
         lengths = phase_lengths(opts.total_steps(len(setup.budgets)), len(setup.budgets))
 
         exported: dict[float, dict] = {}
         history: list[dict] = []
-        phase, t, lam, start_levels = 0, 0, 0.0, None
+        phase, t, start_levels = 0, 0, None
         optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
 
         def restore_from(ckpt: dict) -> None:
-            nonlocal exported, history, lam, phase, t, start_levels
-            exported, history, lam = ckpt["exported"], ckpt["history"], ckpt["lambda"]
+            nonlocal exported, history, phase, t, start_levels
+            exported, history = ckpt["exported"], ckpt["history"]
             phase, t, start_levels = ckpt["phase"], ckpt["phase_step"], ckpt["start_levels"]
             restore(setup.logits, ckpt["logits"])
             restore_optimizer(optimizer, ckpt["optimizer"])
@@ -547,8 +602,7 @@ class Anneal(Pass):
 
         def save(step: int) -> None:
             setup.run.save(step, logits=[p.detach().clone() for p in setup.logits], optimizer=optimizer.state_dict(),
-                           exported=exported, history=history, phase=phase, phase_step=t, start_levels=start_levels,
-                           **{"lambda": lam})
+                           exported=exported, history=history, phase=phase, phase_step=t, start_levels=start_levels)
 
         step = sum(lengths[:phase]) + t
         with setup.run.progress(step, sum(lengths), fields=("loss", "keep", "budget")) as bar:
@@ -565,17 +619,18 @@ class Anneal(Pass):
                             p.zero_().scatter_(1, row[:, None], opts.start_margin)
                     optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
                 first = step - t  # the phase's first step, counted over all phases
+                setup.bind(budget)  # a function of the logits: the same after a resume
 
                 def train_step(i: int) -> dict:  # the phase's step i
-                    nonlocal lam, t
+                    nonlocal t
                     tau, beta = opts.tau.at(i, steps), opts.beta.at(i, steps)
                     quality = self._sampled_loss(ctx, setup, first + i, train[(first + i) % len(train)], tau)
                     cost, entropy = setup.expected_cost_and_entropy()
-                    quality = self._update(optimizer, quality, lam * cost - beta * entropy, setup, first + i,
+                    quality = self._update(optimizer, quality, -beta * entropy, setup, first + i,
                                            f"cost {cost.item():.4g}, budget {budget:g}")
-                    lam = max(0.0, lam + opts.lambda_lr * (cost.item() - budget))
+                    price = setup.bind(budget)  # the deployed table back at the budget
                     deployed = setup.keep(setup.deployed_levels())
-                    history.append({"step": first + i, "budget": budget, "lambda": lam, "tau": tau, "beta": beta,
+                    history.append({"step": first + i, "budget": budget, "price": price, "tau": tau, "beta": beta,
                                     "quality": quality, "cost": cost.item(), "entropy": entropy.item(),
                                     "deployed_keep": deployed})
                     t = i + 1
@@ -597,11 +652,16 @@ class Anneal(Pass):
         exported only if its held-out loss is below the fallback's by more than ``validation_z`` standard
         errors of the per-sequence paired difference (a lower mean alone can be noise)."""
         opts = self.options
-        trained = fit_to_budget(setup.deployed_levels(), setup.level_widths, budget, setup.full, setup.weights,
-                                setup.preference(), upper)
-        trained = self._bucketed(ctx, setup, trained, budget, upper)
+        setup.bind(budget, deployed=True)
+        deployed = setup.deployed_levels()
+        fitted = fit_to_budget(deployed, setup.level_widths, budget, setup.full, setup.weights, setup.preference(),
+                               upper)
+        trained = self._bucketed(ctx, setup, fitted, budget, upper)
         record = {"levels": trained, "step": step, "how": "trained" if steps else "warm start (no steps)",
-                  "held_out_sequences": sum(setup.rows[i][1] for i in val)}
+                  "held_out_sequences": sum(setup.rows[i][1] for i in val),
+                  # What training ended with, and how far the budget fit and the bucket bound moved it.
+                  "deployed_keep": setup.keep(deployed), "fit_moves": int((fitted != deployed).sum()),
+                  "bucket_moves": int((trained != fitted).sum())}
         if not steps:
             return self._log_choice(ctx, budget, steps, record)
         one_shot = {"warm_start": start_levels}
@@ -818,7 +878,8 @@ class Anneal(Pass):
                     "widths_per_layer": count_buckets(tables[i]),
                     "exported_at_step": exported[b]["step"],
                     "how": exported[b]["how"],
-                    **{k: exported[b][k] for k in ("held_out_sequences", "held_out_read", "validation_loss",
+                    **{k: exported[b][k] for k in ("deployed_keep", "fit_moves", "bucket_moves",
+                                                   "held_out_sequences", "held_out_read", "validation_loss",
                                                    "validation_next_token", "validation_difference", "seconds")
                        if k in exported[b]},
                 }
@@ -840,8 +901,9 @@ def plot_curves(history: list[dict], budgets: list[float], path: Path) -> None:
 
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, 5, figsize=(20, 3.2))
-    for ax, key, title in zip(axes, ("lambda", "tau", "cost", "quality", "deployed_keep"),
-                              ("lambda", "tau", "expected keep (cost)", "quality loss", "deployed keep ratio")):
+    dual = "price" if "price" in history[0] else "lambda"  # track prices the budget; ramp weighs the cost
+    for ax, key, title in zip(axes, (dual, "tau", "cost", "quality", "deployed_keep"),
+                              (dual, "tau", "expected keep (cost)", "quality loss", "deployed keep ratio")):
         ax.plot(steps, [h[key] for h in history], linewidth=1.2)
         ax.set_title(title)
         ax.set_xlabel("step")
