@@ -52,16 +52,19 @@ class CalibrationSet:
     def __len__(self) -> int:
         return self.num_batches
 
-    def following(self, count: int, strict: bool = True) -> list[torch.Tensor]:
+    def following(self, count: int, strict: bool = True, spans: list[tuple[int, int]] | None = None
+                  ) -> list[torch.Tensor]:
         """``count`` windows of held-out text from the same source, in batches of the source's
         ``batch_size``: packed afresh from the documents after the last one the set touched, in the
         same seeded order, so no held-out window shares a document with the set. A source whose
         documents the set used up (one text file is one document) gives the windows that follow
         the set's own instead: a contiguous span of text the set never shows. A source with fewer
-        is an error, or (``strict=False``) gives what it has."""
+        is an error, or (``strict=False``) gives what it has. ``spans``: :meth:`window_documents`, if
+        already computed."""
         n, seq_len, size = self.num_samples, int(self.source.seq_len), int(self.source.batch_size)
+        spans = spans if spans is not None else self.window_documents()
         documents = iter_documents(self.source, seed=self.seed, role=self.role)
-        used = list(itertools.islice(documents, self.window_documents()[-1][1] + 1 if n else 0))
+        used = list(itertools.islice(documents, spans[-1][1] + 1 if n else 0))
         fresh = next(documents, None)
         if fresh is not None:
             windows = iter_token_windows(itertools.chain([fresh], documents), self.tokenizer, seq_len)
@@ -90,8 +93,18 @@ class LoadedCalibration(list):
 
     def __init__(self, calibration: CalibrationSet):
         super().__init__(calibration)
-        self.following = calibration.following
-        self.window_documents = calibration.window_documents
+        self._calibration = calibration
+        self._spans: list[tuple[int, int]] | None = None
+
+    def window_documents(self) -> list[tuple[int, int]]:
+        """:meth:`CalibrationSet.window_documents`, computed once."""
+        if self._spans is None:
+            self._spans = self._calibration.window_documents()
+        return self._spans
+
+    def following(self, count: int, strict: bool = True) -> list[torch.Tensor]:
+        """:meth:`CalibrationSet.following`, on the spans computed once."""
+        return self._calibration.following(count, strict, spans=self.window_documents())
 
 
 def _split(source, role: str) -> str | None:
@@ -164,30 +177,35 @@ def _load_dataset(source, role: str):
         raise DataError(f"cannot load dataset {source.hub!r} (config {source.config!r}) offline: {exc}") from None
 
 
-def iter_token_windows(texts: Iterable[str], tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
-    """Pack document token streams (joined by EOS) into consecutive ``seq_len`` windows."""
+def _packed(texts: Iterable[str], tokenizer, seq_len: int) -> Iterator[tuple[list[int], int, int]]:
+    """Document token streams joined by EOS and cut into consecutive ``seq_len`` windows: each window's
+    token ids and the indices of the documents of its first and last token (a document's EOS is its)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("tokenizer has no eos_token_id to separate documents")
     buffer: list[int] = []
-    for text in texts:
-        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    owners: list[int] = []  # the document index of every buffered token
+    for index, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        buffer.extend(ids)
         buffer.append(eos)
+        owners.extend([index] * (len(ids) + 1))
         while len(buffer) >= seq_len:
-            yield torch.tensor(buffer[:seq_len], dtype=torch.long)
-            del buffer[:seq_len]
+            yield buffer[:seq_len], owners[0], owners[seq_len - 1]
+            del buffer[:seq_len], owners[:seq_len]
+
+
+def iter_token_windows(texts: Iterable[str], tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
+    """Pack document token streams (joined by EOS) into consecutive ``seq_len`` windows."""
+    for ids, _, _ in _packed(texts, tokenizer, seq_len):
+        yield torch.tensor(ids, dtype=torch.long)
 
 
 def document_spans(texts: Iterable[str], tokenizer, seq_len: int) -> Iterator[tuple[int, int]]:
     """For each window :func:`iter_token_windows` cuts from ``texts``, the indices of the documents of
-    its first and last token (the end-of-text token after a document counts as that document's)."""
-    eos = tokenizer.eos_token_id
-    pending: list[int] = []  # the document index of every buffered token
-    for index, text in enumerate(texts):
-        pending.extend([index] * (len(tokenizer(text, add_special_tokens=False)["input_ids"]) + (eos is not None)))
-        while len(pending) >= seq_len:
-            yield pending[0], pending[seq_len - 1]
-            del pending[:seq_len]
+    its first and last token."""
+    for _, first, last in _packed(texts, tokenizer, seq_len):
+        yield first, last
 
 
 def packed_batches(source, tokenizer, *, seed: int = 0, role: str = "calibration") -> Iterator[torch.Tensor]:
