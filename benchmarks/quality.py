@@ -37,14 +37,15 @@ METHODS = "flexmoe,uniform,coverage,expert_prune:man,expert_prune:frequency,expe
 def spec_for(args, seed: int) -> Spec:
     import flexc.zoo
 
-    seq_len = json.loads((flexc.zoo.resolve(args.model) / "manifest.json").read_text())["recipe"]["seq_len"]
+    recipe = json.loads((flexc.zoo.resolve(args.model) / "manifest.json").read_text())["recipe"]
+    seq_len, corpus = recipe["seq_len"], recipe.get("corpus", "python-stdlib")
     budgets = [float(b) for b in args.budgets.split(",")]
     return Spec.model_validate({
         "model": {"zoo": args.model, "dtype": "float32"},
         "data": {
-            "calibration": {"builtin": "python-stdlib", "split": "train", "num_samples": args.samples,
+            "calibration": {"builtin": corpus, "split": "train", "num_samples": args.samples,
                             "seq_len": seq_len, "batch_size": 8},
-            "evaluation": {"builtin": "python-stdlib", "split": "heldout", "seq_len": seq_len, "batch_size": 16,
+            "evaluation": {"builtin": corpus, "split": "heldout", "seq_len": seq_len, "batch_size": 16,
                            "num_samples": args.eval_tokens // seq_len},
         },
         "budgets": {"keep": budgets, "metric": "params", "grid": args.grid, "max_buckets": args.max_buckets},

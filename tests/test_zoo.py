@@ -83,6 +83,28 @@ def test_corpus_split_depends_only_on_the_path(tmp_path):
 # Evaluation helpers
 
 
+def test_prose_corpus_is_english_text_split_by_document():
+    """``python-docs``: the help topics and the standard library's docstrings, no source code; the split is
+    by whole document, as for ``python-stdlib``."""
+    from flexc.data.builtin import builtin_documents, builtin_identity
+
+    train, heldout = builtin_documents("python-docs", "train"), builtin_documents("python-docs", "heldout")
+    names = [d.name for d in train + heldout]
+    assert len(set(names)) == len(names) and all(n.startswith(("topics/", "docstrings/")) for n in names)
+    assert any(n.startswith("topics/") for n in names) and any(n.startswith("docstrings/") for n in names)
+    assert all(split_of(d.name) == "train" for d in train) and all(split_of(d.name) == "heldout" for d in heldout)
+    assert sum(len(d.text) for d in train) > 1_000_000 and sum(len(d.text) for d in heldout) > 50_000
+    lines = [line.strip() for d in train for line in d.text.splitlines() if line.strip()]
+    code = sum(line.startswith(("def ", "class ", "import ", "from ", "return ", "self.")) for line in lines)
+    assert code < 0.02 * len(lines)  # prose, not source: python-stdlib has these on a fifth of its lines
+    assert sum(line.count(" the ") for line in lines) > 0.2 * len(lines)
+    identity = builtin_identity("python-docs")
+    assert identity["name"] == "python-docs" and identity["files"] == len(names)
+    assert identity == builtin_identity("python-docs")
+    with pytest.raises(ValueError, match="unknown builtin corpus 'nope'"):
+        builtin_documents("nope", "train")
+
+
 def test_unigram_and_model_score_the_same_targets():
     stream = torch.arange(300) % 7
     seq_len = 128
@@ -118,6 +140,27 @@ def test_recipes_meet_the_brief():
     assert small.num_experts >= 8 and small.top_k >= 2 and small.num_layers >= 4
     with pytest.raises(ValueError, match="multiple of 16"):
         tiny.replace(moe_intermediate_size=100)
+
+
+def test_prose_recipes_are_other_families_on_other_text():
+    """The models kept out of tuning: a Qwen2-MoE with a shared expert (16 experts top-4) and an
+    OLMoE-style model with many small experts (64 top-8), both on English prose."""
+    from transformers import AutoModelForCausalLM
+
+    qwen2, olmoe = RECIPES["qwen2-moe-prose"], RECIPES["olmoe-prose"]
+    assert (qwen2.num_experts, qwen2.top_k, olmoe.num_experts, olmoe.top_k) == (16, 4, 64, 8)
+    for recipe, architecture in ((qwen2, "Qwen2MoeForCausalLM"), (olmoe, "OlmoeForCausalLM")):
+        assert recipe.corpus == "python-docs" and recipe.moe_intermediate_size % GRANULE == 0
+        model = AutoModelForCausalLM.from_config(recipe.model_config())
+        assert type(model).__name__ == architecture
+        assert model.model.layers[0].mlp.experts.down_proj.shape[-1] == recipe.moe_intermediate_size
+    assert model.config.num_experts == 64
+    assert "shared_expert_intermediate_size" in qwen2.to_dict() and "shared_expert_intermediate_size" not in \
+        RECIPES["small"].to_dict()  # the caches built before the field existed stay current
+    with pytest.raises(ValueError, match="set head_dim=32"):
+        qwen2.replace(head_dim=16)
+    with pytest.raises(ValueError, match="shared_expert_intermediate_size is for the qwen2_moe family"):
+        olmoe.replace(shared_expert_intermediate_size=64)
 
 
 def test_training_experts_forward_matches_eager():

@@ -122,8 +122,10 @@ class ModelSpec(_Strict):
 class DataSource(_Strict):
     """A text source: exactly one of ``builtin``, ``hub`` or ``files``."""
 
-    builtin: Literal["python-stdlib"] | None = Field(
-        None, description="A corpus shipped with flexc: `python-stdlib` (the running Python's standard library sources)."
+    builtin: Literal["python-stdlib", "python-docs"] | None = Field(
+        None, description="A corpus shipped with flexc: `python-stdlib` (the running Python's standard library sources) "
+                          "or `python-docs` (English prose: its language reference's help topics and the standard "
+                          "library's docstrings)."
     )
     hub: str | None = Field(None, description="A `datasets` dataset name, read from the local cache only.")
     files: list[str] | None = Field(
@@ -160,7 +162,7 @@ class DataSource(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSource":
-        _exactly_one(self, ("builtin", "hub", "files"), "data source — builtin (python-stdlib), hub (a datasets "
+        _exactly_one(self, ("builtin", "hub", "files"), "data source — builtin (python-stdlib or python-docs), hub (a datasets "
                      "name) or files (local .txt/.jsonl/.parquet)")
         _only_with_hub(self, "config", "dataset")
         if self.split is not None and self.files is not None:
@@ -591,7 +593,7 @@ def _zoo_corpus(name: str) -> str | None:
         return None
     recipe = RECIPES.get(name)
     corpus = getattr(recipe, "corpus", None)
-    return corpus if corpus in ("python-stdlib",) else None
+    return corpus if corpus in ("python-stdlib", "python-docs") else None
 
 
 # --------------------------------------------------------------------------- errors

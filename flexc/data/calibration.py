@@ -115,9 +115,9 @@ def _split(source, role: str) -> str | None:
 def iter_documents(source, *, seed: int = 0, role: str = "calibration") -> Iterator[str]:
     """Document texts of ``source`` in a seed-shuffled order (streaming where the source allows)."""
     if getattr(source, "builtin", None):
-        from flexc.data.corpus import stdlib_documents
+        from flexc.data.builtin import builtin_documents
 
-        docs = stdlib_documents(_split(source, role) or "train")
+        docs = builtin_documents(source.builtin, _split(source, role) or "train")
         order = list(range(len(docs)))
         random.Random(seed).shuffle(order)
         for i in order:

@@ -1,15 +1,19 @@
-"""The offline reference model zoo: small Qwen3-MoE models that flexc trains itself.
+"""The offline reference model zoo: small MoE models that flexc trains itself.
 
 Pruning a random model proves nothing and no model hub may be reachable, so flexc trains its
-own reference models on the builtin ``python-stdlib`` corpus (:mod:`flexc.data.corpus`):
-a real transformers architecture (``Qwen3MoeForCausalLM``) with a byte-level BPE tokenizer,
+own reference models on its builtin corpora (:mod:`flexc.data.builtin`): real transformers
+architectures (Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE) with a byte-level BPE tokenizer,
 saved so that ``AutoTokenizer.from_pretrained(path)`` and
 ``AutoModelForCausalLM.from_pretrained(path)`` load it offline.
 
 Models (see :data:`RECIPES`):
 
 * ``tiny``: 2 layers, 8 experts top-2; under 3 minutes on one CPU core (quickstart, tests).
+* ``mixtral-tiny``: a Mixtral-style second family (benchmarks).
 * ``small``: 4 layers, 16 experts top-4; ~25 minutes on 2 CPU cores (benchmarks).
+* ``qwen2-moe-prose`` (Qwen2-MoE with a shared expert, 16 experts top-4) and ``olmoe-prose``
+  (64 small experts top-8): trained on English prose (``python-docs``), the models the anneal's
+  defaults were not tuned on.
 
 Checkpoints are cached under ``<cache>/zoo/<name>/`` where ``<cache>`` is ``$FLEXC_CACHE``,
 else ``$XDG_CACHE_HOME/flexc``, else ``~/.cache/flexc``. Each holds a ``manifest.json`` with the

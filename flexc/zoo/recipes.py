@@ -11,7 +11,9 @@ import dataclasses
 import math
 from typing import Any
 
-__all__ = ["GRANULE", "RECIPES", "Recipe"]
+__all__ = ["FAMILIES", "GRANULE", "RECIPES", "Recipe"]
+
+FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe")
 
 #: Every routed expert's intermediate size is a multiple of this, so pruning can keep widths
 #: in whole granules.
@@ -22,10 +24,12 @@ GRANULE = 16
 class Recipe:
     """How to build one zoo model.
 
-    Model fields map onto :class:`transformers.Qwen3MoeConfig` (``family="qwen3_moe"``) or
-    :class:`transformers.MixtralConfig` (``family="mixtral"``); every decoder layer is a MoE
-    layer with top-k routing over renormalised top-k probabilities and no shared expert.
-    Weights are fp32.
+    Model fields map onto :class:`transformers.Qwen3MoeConfig` (``family="qwen3_moe"``),
+    :class:`transformers.MixtralConfig` (``"mixtral"``), :class:`transformers.Qwen2MoeConfig`
+    (``"qwen2_moe"``, with a gated shared expert of ``shared_expert_intermediate_size``) or
+    :class:`transformers.OlmoeConfig` (``"olmoe"``); every decoder layer is a MoE layer with top-k
+    routing over renormalised top-k probabilities. Qwen2-MoE and OLMoE derive the head size from
+    the hidden size, so ``head_dim`` must equal ``hidden_size / num_heads`` there. Weights are fp32.
     """
 
     name: str
@@ -41,7 +45,8 @@ class Recipe:
     num_experts: int
     top_k: int
     moe_intermediate_size: int
-    family: str = "qwen3_moe"  # or "mixtral"
+    family: str = "qwen3_moe"  # or "mixtral", "qwen2_moe", "olmoe"
+    shared_expert_intermediate_size: int = 0  # qwen2_moe only: the shared expert's width
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
@@ -67,8 +72,13 @@ class Recipe:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.family not in ("qwen3_moe", "mixtral"):
-            problems.append(f"family={self.family!r} must be 'qwen3_moe' or 'mixtral'")
+        if self.family not in FAMILIES:
+            problems.append(f"family={self.family!r} must be one of {', '.join(map(repr, FAMILIES))}")
+        if self.family in ("qwen2_moe", "olmoe") and self.head_dim * self.num_heads != self.hidden_size:
+            problems.append(f"{self.family} derives head_dim from hidden_size / num_heads; set head_dim="
+                            f"{self.hidden_size // self.num_heads}")
+        if bool(self.shared_expert_intermediate_size) != (self.family == "qwen2_moe"):
+            problems.append("shared_expert_intermediate_size is for the qwen2_moe family (and required there)")
         if self.moe_intermediate_size % GRANULE:
             problems.append(f"moe_intermediate_size={self.moe_intermediate_size} is not a multiple of {GRANULE}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -137,6 +147,34 @@ class Recipe:
             pad_token_id=pad_token_id,
             dtype="float32",
         )
+        if self.family == "qwen2_moe":
+            from transformers import Qwen2MoeConfig
+
+            del shared["head_dim"]
+            return Qwen2MoeConfig(
+                **shared,
+                intermediate_size=4 * self.hidden_size,  # dense MLP size; unused: every layer is a MoE layer
+                moe_intermediate_size=self.moe_intermediate_size,
+                shared_expert_intermediate_size=self.shared_expert_intermediate_size,
+                num_experts=self.num_experts,
+                norm_topk_prob=True,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+                qkv_bias=True,
+                use_sliding_window=False,
+            )
+        if self.family == "olmoe":
+            from transformers import OlmoeConfig
+
+            del shared["head_dim"]
+            return OlmoeConfig(
+                **shared,
+                intermediate_size=self.moe_intermediate_size,  # OLMoE's experts are its only MLPs
+                num_experts=self.num_experts,
+                norm_topk_prob=True,
+                attention_bias=False,
+                clip_qkv=None,
+            )
         if self.family == "mixtral":
             from transformers import MixtralConfig
 
@@ -167,6 +205,8 @@ class Recipe:
             # Recorded only for other families, so that Qwen3-MoE caches built before the field
             # existed stay current (and are read the same by older flexc versions).
             del out["family"]
+        if not self.shared_expert_intermediate_size:
+            del out["shared_expert_intermediate_size"]  # likewise: only Qwen2-MoE has one
         out["adam_betas"] = list(self.adam_betas)
         return out
 
@@ -241,6 +281,54 @@ RECIPES: dict[str, Recipe] = {
             batch_size=16,
             steps=700,
             lr=2e-3,
+            warmup_steps=50,
+        ),
+        Recipe(
+            name="qwen2-moe-prose",
+            description=(
+                "3-layer Qwen2-MoE, hidden 128, 16 experts top-4, expert width 64, a gated shared expert of "
+                "256, 4k vocab, trained on English prose (python-docs); a model the anneal's defaults were not "
+                "tuned on."
+            ),
+            family="qwen2_moe",
+            corpus="python-docs",
+            vocab_size=4096,
+            hidden_size=128,
+            num_layers=3,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            num_experts=16,
+            top_k=4,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=256,
+            seq_len=128,
+            batch_size=16,
+            steps=600,
+            lr=3e-3,
+            warmup_steps=50,
+        ),
+        Recipe(
+            name="olmoe-prose",
+            description=(
+                "3-layer OLMoE, hidden 128, 64 small experts top-8, expert width 96, 4k vocab, trained on "
+                "English prose (python-docs); many small experts, a model the anneal's defaults were not tuned on."
+            ),
+            family="olmoe",
+            corpus="python-docs",
+            vocab_size=4096,
+            hidden_size=128,
+            num_layers=3,
+            num_heads=4,
+            num_kv_heads=4,
+            head_dim=32,
+            num_experts=64,
+            top_k=8,
+            moe_intermediate_size=96,
+            seq_len=128,
+            batch_size=16,
+            steps=600,
+            lr=3e-3,
             warmup_steps=50,
         ),
     )

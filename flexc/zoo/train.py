@@ -242,8 +242,8 @@ def train_checkpoint(
         steps: overrides ``recipe.steps`` (the learning-rate schedule is stretched to fit).
         progress: rich progress output on stderr.
         train_documents / heldout_documents: documents (``.name``, ``.text``) to use instead of
-            the ``python-stdlib`` splits (both or neither; tests use small subsets).
-        corpus_identity: how the manifest describes the corpus (default: the stdlib identity,
+            the splits of the recipe's builtin corpus (both or neither; tests use small subsets).
+        corpus_identity: how the manifest describes the corpus (default: the builtin corpus' identity,
             or the document names' hash for custom documents).
         extra_manifest: extra top-level manifest entries.
     """
@@ -255,8 +255,8 @@ def train_checkpoint(
     threads = _threads(recipe)
     report = _Reporter(progress, f"zoo/{recipe.name}")
     started = time.perf_counter()
-    train_documents, heldout_documents, corpus_identity = _documents(train_documents, heldout_documents,
-                                                                    corpus_identity)
+    train_documents, heldout_documents, corpus_identity = _documents(recipe.corpus, train_documents,
+                                                                    heldout_documents, corpus_identity)
 
     with _reproducible(threads), _quiet_transformers():
         # 1. Tokenizer.
@@ -352,14 +352,14 @@ def _pretrain(model, recipe: Recipe, train_stream: torch.Tensor, *, seed: int, s
     return losses, aux_losses, n_windows
 
 
-def _documents(train, heldout, identity):
-    """The training and held-out documents (the ``python-stdlib`` splits unless both are given) and how
-    the manifest names the corpus."""
+def _documents(corpus: str, train, heldout, identity):
+    """The training and held-out documents (the splits of the recipe's builtin ``corpus`` unless both are
+    given) and how the manifest names the corpus."""
     if train is None and heldout is None:
-        from flexc.data.corpus import stdlib_documents, stdlib_identity
+        from flexc.data.builtin import builtin_documents, builtin_identity
 
-        train, heldout = stdlib_documents("train"), stdlib_documents("heldout")
-        identity = stdlib_identity() if identity is None else identity
+        train, heldout = builtin_documents(corpus, "train"), builtin_documents(corpus, "heldout")
+        identity = builtin_identity(corpus) if identity is None else identity
     elif train is None or heldout is None:
         raise ValueError("pass both train_documents and heldout_documents, or neither")
     if identity is None:
@@ -401,7 +401,7 @@ def _manifest(recipe: Recipe, seed: int, steps: int, architecture: str, corpus: 
             "loss_curve": [[i, losses[i]] for i in range(0, steps, every)] + [[steps - 1, losses[-1]]],
         },
         "heldout": {
-            "protocol": f"python-stdlib heldout split, non-overlapping windows of {seq_len} tokens",
+            "protocol": f"{recipe.corpus} heldout split, non-overlapping windows of {seq_len} tokens",
             "seq_len": seq_len,
             "tokens": heldout.tokens,
             "loss": heldout.loss,
