@@ -32,7 +32,7 @@ def zoo_model(name: str):
 def calibration(tokenizer, num_samples: int, seq_len: int = 128, batch_size: int = 8, seed: int = 0):
     source = SimpleNamespace(builtin="python-stdlib", split="train", num_samples=num_samples, seq_len=seq_len,
                              batch_size=batch_size, text_field="text")
-    # Loaded once, still able to read past itself: the anneal's held-out text (validation_samples).
+    # Loaded once, still able to read past itself: the anneal's held-out text (selection.samples).
     return LoadedCalibration(CalibrationSet(source, tokenizer, seed=seed))
 
 

@@ -1,10 +1,10 @@
 """How much held-out text the anneal's check reads under a rule of early looks, and how often
 stopping early chooses differently from reading it all.
 
-Runs the anneal (defaults, ``validation_early_z: null``: every candidate table scored on all of
+Runs the anneal (defaults, ``selection: {early_z: null}``: every candidate table scored on all of
 the held-out text) on zoo models at several seeds of its Gumbel noise, keeps each phase's
 per-sequence held-out losses, and replays the check on them under each rule of looks (shares of
-the sequences, standard errors), through the pass's own :meth:`Anneal._verdict` and
+the sequences, standard errors), through the pass's own :meth:`HeldOutCheck.verdict` and
 :func:`look_ends`. Prints the share of the scoring each rule reads and the phases where its
 choice differs from the full read, and writes the JSON.
 
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
 from flexc.passes import resolve_pass  # noqa: E402
-from flexc.passes.anneal import EARLY_LOOKS, EARLY_Z, Anneal, look_ends  # noqa: E402
+from flexc.passes.anneal_options import EARLY_LOOKS, EARLY_Z, Selection  # noqa: E402
+from flexc.passes.table_selection import HeldOutCheck, look_ends  # noqa: E402
 
 BUDGETS = {"small": [0.75, 0.6, 0.5, 0.35, 0.25]}  # the anneal benchmark's; the others: quality.py's
 QUALITY_BUDGETS = [0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2]
@@ -40,11 +41,11 @@ def phases_of(model: str, seed: int, samples: int) -> list[dict]:
     """Every checked phase of one anneal: the per-sequence losses of its candidates on all of the
     held-out text, its one-shot candidates, the one the trained table equals, the batch sizes."""
     phases = []
-    verdict, choose = Anneal._verdict, Anneal._choose
+    verdict, choose = HeldOutCheck.verdict, HeldOutCheck.choose
 
-    def record_batches(self, graph, ctx, setup, budget, start_levels, upper, val, step, steps):
+    def record_batches(self, setup, record, trained, one_shot, same, val):
         self._sizes = [setup.rows[i][1] for i in val]
-        return choose(self, graph, ctx, setup, budget, start_levels, upper, val, step, steps)
+        return choose(self, setup, record, trained, one_shot, same, val)
 
     def record(self, held_out, one_shot, same, z, final=False):
         if final:
@@ -52,17 +53,17 @@ def phases_of(model: str, seed: int, samples: int) -> list[dict]:
                            "same": same, "sizes": self._sizes})
         return verdict(self, held_out, one_shot, same, z, final)
 
-    Anneal._verdict, Anneal._choose = record, record_batches
+    HeldOutCheck.verdict, HeldOutCheck.choose = record, record_batches
     try:
         setup = common.gated_setup(model, samples, BUDGETS.get(model, QUALITY_BUDGETS), prefix="flexc-looks-")
         setup.ctx.seed = seed
-        resolve_pass("anneal")({"validation_early_z": None})(setup.graph, setup.ctx)
+        resolve_pass("anneal")({"selection": {"early_z": None}})(setup.graph, setup.ctx)
     finally:
-        Anneal._verdict, Anneal._choose = verdict, choose
+        HeldOutCheck.verdict, HeldOutCheck.choose = verdict, choose
     return phases
 
 
-def replay(phase: dict, shares, z: float, judge: Anneal) -> tuple[str, int, int]:
+def replay(phase: dict, shares, z: float, judge: HeldOutCheck) -> tuple[str, int, int]:
     """The rule's choice on one phase, the sequences it read and all there were."""
     held, one_shot, same, sizes = phase["held_out"], phase["one_shot"], phase["same"], phase["sizes"]
     total = sum(sizes)
@@ -70,7 +71,7 @@ def replay(phase: dict, shares, z: float, judge: Anneal) -> tuple[str, int, int]
         read = sum(sizes[:end])
         final = read == total
         part = {name: {k: v[:read] for k, v in losses.items()} for name, losses in held.items()}
-        choice = judge._verdict(part, one_shot, same, judge.options.validation_z if final else z, final=final)
+        choice = judge.verdict(part, one_shot, same, judge.options.z if final else z, final=final)
         if choice is not None:
             return choice["choice"], read, total
     raise AssertionError("the last look always decides")
@@ -84,7 +85,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    judge = Anneal({})
+    judge = HeldOutCheck(Selection(), "distill")
     runs = {}
     for entry in args.models.split(";"):
         model, seeds = entry.split(":")

@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--init-margin", type=float, default=3.0, help="insert_action_gates' full-width bias")
     parser.add_argument("--levels", type=int, default=None, help="insert_action_gates' widths per expert (default: the pass's)")
     parser.add_argument("--anneal", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                        help="another anneal option, VALUE in YAML (e.g. schedule=ramp, start_margin=1)")
+                        help="another anneal option, VALUE in YAML (e.g. schedule=ramp, 'schedule={start_margin: 1}')")
     parser.add_argument("--max-buckets", type=_bound, default=4, metavar="N|none",
                         help="budgets.max_buckets: distinct widths per layer (default 4, the spec's; none: unbounded)")
     parser.add_argument("--grid", type=_grid, default="auto", metavar="N|auto|none",

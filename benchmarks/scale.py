@@ -129,7 +129,7 @@ def spec_for(model_dir: Path, out: Path, stream: str, score: str = "activation",
              anneal: int = 0, batch_size: int = 4, recover: int = 0) -> dict:
     """rank_channels -> coverage (or, with ``anneal`` steps, action gates and the anneal) -> fold (-> with
     ``recover`` steps, the LoRA fine-tune at the budget) -> sliced."""
-    widths = ([{"insert_action_gates": {"granule": 32}}, {"anneal": {"steps": anneal, "validation_samples": 0}}] if anneal
+    widths = ([{"insert_action_gates": {"granule": 32}}, {"anneal": {"steps": anneal, "selection": {"samples": 0}}}] if anneal
               else [{"coverage": {"granule": 32}}])
     tune = [{"recover": {"keep": BUDGET, "steps": recover, "checkpoint_every": recover}}] if recover else []
     return {

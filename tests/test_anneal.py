@@ -12,6 +12,7 @@ from flexc.ir import lower
 from flexc.ir.testing import tiny_model
 from flexc.passes import PassContext, resolve_pass
 from flexc.passes.anneal import Anneal
+from flexc.passes.table_selection import HeldOutCheck
 from flexc.passes.gated_model import gated_model
 from flexc.passes.manager import run_checked, run_pass
 from flexc.passes.width_tables import expert_weights, fit_to_budget, keep_ratio
@@ -105,7 +106,7 @@ def test_training_ends_each_phase_at_its_budget_on_the_zoo_model(tiny_model_dir,
                       logger=logging.getLogger("test"))
     run_pass(resolve_pass("rank_channels")({"plot": False}), graph, ctx)
     run_pass(resolve_pass("insert_action_gates")({}), graph, ctx)
-    _, report = anneal(graph, ctx, tmp_path / "run", steps=24, validation_samples=0)
+    _, report = anneal(graph, ctx, tmp_path / "run", steps=24, selection={"samples": 0})
     _deployed_at_the_budget(graph, report, levels_per_expert=8)
 
 
@@ -122,7 +123,7 @@ def test_outputs_written(annealed):
 def test_lambda_zero_keeps_full_width(tmp_path):
     graph, ctx = gated_graph(tmp_path)
     zero = {"start": 0.0, "end": 0.0}
-    anneal(graph, ctx, tmp_path / "run", schedule="ramp", steps=15, extra_steps=0, **{"lambda": zero})
+    anneal(graph, ctx, tmp_path / "run", schedule={"kind": "ramp", "extra_steps": 0, "lambda": zero}, steps=15)
     history = json.loads((tmp_path / "run" / "anneal_history.json").read_text())
     assert all(h["deployed_keep"] == 1.0 for h in history)
     assert len(history) == 15
@@ -133,8 +134,8 @@ def test_continuation_reaches_budgets_the_schedule_stops_short_of(tmp_path):
     lambda, fresh optimizer moments) must still cross every budget by training, not greedily."""
     graph, ctx = gated_graph(tmp_path)
     weak = {"start": 0.0, "end": 0.05}
-    _, report = anneal(graph, ctx, tmp_path / "run", schedule="ramp", steps=20, extra_steps=100,
-                       **{"lambda": weak})
+    _, report = anneal(graph, ctx, tmp_path / "run", schedule={"kind": "ramp", "extra_steps": 100, "lambda": weak},
+                       steps=20)
     history = json.loads((tmp_path / "run" / "anneal_history.json").read_text())
     assert min(h["deployed_keep"] for h in history[:20]) > 0.3  # the schedule alone falls short
     assert [r["how"] for r in report["budgets"]] == ["crossing"] * len(BUDGETS)
@@ -407,14 +408,14 @@ def _trained_beside_warm_start(tmp_path, options):
 @pytest.mark.parametrize("z,noisy,chosen", [(1.0, True, "warm start"), (0.0, True, "trained"),
                                             (1.0, False, "trained")])
 def test_track_exports_the_trained_table_only_if_it_wins_beyond_the_noise(tmp_path, monkeypatch, z, noisy, chosen):
-    """A trained table whose held-out loss is lower on average, but by less than ``validation_z``
+    """A trained table whose held-out loss is lower on average, but by less than ``selection.z``
     standard errors of the per-sequence difference, loses to the one-shot fallback."""
-    graph, ctx, pass_, setup, warm, trained = _trained_beside_warm_start(tmp_path, {"validation_z": z})
+    graph, ctx, pass_, setup, warm, trained = _trained_beside_warm_start(tmp_path, {"selection": {"z": z}})
     base = torch.full((8,), 0.10, dtype=torch.float64)
     # trained: 0.01 lower on average; the paired differences either scatter widely or sit close
     spread = torch.tensor([-0.09, 0.07, -0.08, 0.06, -0.05, 0.04, -0.02, -0.01] if noisy else [-0.01] * 8,
                           dtype=torch.float64)
-    monkeypatch.setattr(Anneal, "_table_losses",
+    monkeypatch.setattr(HeldOutCheck, "table_losses",
                         lambda self, setup, levels, batches: dict.fromkeys(
                             ("quality", "next_token"), base + spread if torch.equal(levels, trained) else base))
     record = pass_._choose(graph, ctx, setup, 0.5, warm, None, [0], step=8, steps=8)
@@ -430,9 +431,9 @@ def test_track_exports_the_trained_table_only_if_it_wins_beyond_the_noise(tmp_pa
 @pytest.mark.parametrize("text_worse", [True, False])
 def test_track_with_both_losses_keeps_the_one_shot_table_where_the_text_loss_disagrees(tmp_path, monkeypatch,
                                                                                       text_worse):
-    """``validation_loss: both``: a trained table that wins on the quality term beyond the noise but
+    """``selection.loss: both``: a trained table that wins on the quality term beyond the noise but
     has the higher held-out next-token loss is not exported; one that wins on both is."""
-    graph, ctx, pass_, setup, warm, trained = _trained_beside_warm_start(tmp_path, {"validation_loss": "both"})
+    graph, ctx, pass_, setup, warm, trained = _trained_beside_warm_start(tmp_path, {"selection": {"loss": "both"}})
     base = torch.full((8,), 0.10, dtype=torch.float64)
     text = base + (0.02 if text_worse else -0.02)
 
@@ -441,7 +442,7 @@ def test_track_with_both_losses_keeps_the_one_shot_table_where_the_text_loss_dis
             return {"quality": base - 0.05, "next_token": text}  # far better on the quality term
         return {"quality": base, "next_token": base}
 
-    monkeypatch.setattr(Anneal, "_table_losses", losses)
+    monkeypatch.setattr(HeldOutCheck, "table_losses", losses)
     record = pass_._choose(graph, ctx, setup, 0.5, warm, None, [0], step=8, steps=8)
     assert record["validation_next_token"]["trained"] == pytest.approx(0.12 if text_worse else 0.08)
     if text_worse:
@@ -454,9 +455,9 @@ def test_track_with_both_losses_keeps_the_one_shot_table_where_the_text_loss_dis
 @pytest.mark.parametrize("case", ["wins", "loses", "undecided", "no early look"])
 def test_track_decides_on_the_first_half_of_the_held_out_text_only_past_the_early_z(tmp_path, monkeypatch, case):
     """The held-out check reads the first half of its sequences and stops there only when every
-    comparison is past ``validation_early_z`` standard errors; otherwise it reads the rest and
+    comparison is past ``selection.early_z`` standard errors; otherwise it reads the rest and
     decides as before on all of it."""
-    options = {"validation_early_z": None} if case == "no early look" else {}
+    options = {"selection": {"early_z": None}} if case == "no early look" else {}
     graph, ctx, pass_, setup, warm, trained = _trained_beside_warm_start(tmp_path, options)
     base = torch.full((4,), 0.10, dtype=torch.float64)
     jitter = torch.tensor([0.001, -0.001, 0.002, -0.002], dtype=torch.float64)
@@ -476,7 +477,7 @@ def test_track_decides_on_the_first_half_of_the_held_out_text_only_past_the_earl
             return {"quality": torch.cat([q for q, _ in parts]), "next_token": torch.cat([t for _, t in parts])}
         return dict.fromkeys(("quality", "next_token"), base.repeat(len(batches)))
 
-    monkeypatch.setattr(Anneal, "_table_losses", losses)
+    monkeypatch.setattr(HeldOutCheck, "table_losses", losses)
     record = pass_._choose(graph, ctx, setup, 0.5, warm, None, [0, 1], step=8, steps=8)
     first_half_only = case in ("wins", "loses")
     assert read == ([[0], [0]] if first_half_only else [[0], [0], [1], [1]] if case == "undecided" else [[0, 1]] * 2)
@@ -491,7 +492,7 @@ def test_track_decides_on_the_first_half_of_the_held_out_text_only_past_the_earl
 
 
 def test_held_out_text_comes_from_documents_the_calibration_set_never_touched(tmp_path):
-    """``validation_samples``' text: windows packed afresh from the documents after the last one the
+    """``selection.samples``' text: windows packed afresh from the documents after the last one the
     calibration set touched (same seeded order), so no held-out window shares a document with it; a
     one-document source (one text file) gives the contiguous span after the set's windows instead."""
     import itertools
@@ -531,9 +532,9 @@ def test_held_out_text_comes_from_documents_the_calibration_set_never_touched(tm
 
 
 def test_held_out_calibration_batches_drop_windows_sharing_a_training_document():
-    """``validation``: the held-out share of the calibration batches keeps only windows whose documents
+    """``selection.share``: the held-out share of the calibration batches keeps only windows whose documents
     no training batch touched."""
-    from flexc.passes.anneal import _split_by_document
+    from flexc.passes.table_selection import split_by_document as _split_by_document
 
     batches = [torch.full((2, 4), i) for i in range(4)]
     # windows 0-5 lie in documents 0, 0, 0-1, 1, 1, 2 (a window's first and last document), 6-7 in 3
@@ -547,17 +548,17 @@ def test_held_out_calibration_batches_drop_windows_sharing_a_training_document()
     assert _split_by_document(batches, 2, batches, logging.getLogger("test")) == batches  # no record: as it is
 
 
-def test_validation_samples_need_a_calibration_source(tmp_path):
+def test_held_out_samples_need_a_calibration_source(tmp_path):
     graph, ctx = gated_graph(tmp_path)
-    pass_ = Anneal({"budgets": [0.5], "steps": 2, "validation_samples": 4})
-    with pytest.raises(ValueError, match="validation_samples reads the sequences that follow"):
+    pass_ = Anneal({"budgets": [0.5], "steps": 2, "selection": {"samples": 4}})
+    with pytest.raises(ValueError, match="selection.samples reads the sequences that follow"):
         run_pass(pass_, graph, ctx)
-    with pytest.raises(ValueError, match="validation_samples is for the track schedule"):
-        Anneal({"schedule": "ramp", "validation_samples": 4})
+    with pytest.raises(ValueError, match="selection is for the track schedule"):
+        Anneal({"schedule": "ramp", "selection": {"samples": 4}})
 
 
-def test_default_validation_samples_take_what_a_short_source_has(moe_dir, tmp_path, caplog):
-    """Left at its default, validation_samples reads what the source has past the calibration set
+def test_default_held_out_samples_take_what_a_short_source_has(moe_dir, tmp_path, caplog):
+    """Left at its default, selection.samples reads what the source has past the calibration set
     (with a warning); asked for in the spec, a shortfall is a data error naming the field."""
     import flexc
     from flexc.data.calibration import DataError
@@ -575,19 +576,19 @@ def test_default_validation_samples_take_what_a_short_source_has(moe_dir, tmp_pa
     }
     with caplog.at_level(logging.WARNING, logger="flexc"):
         flexc.compile(spec, quiet=True)
-    assert "validation_samples asks for" in caplog.text
+    assert "selection.samples asks for" in caplog.text
     report = json.loads((tmp_path / "out" / "stages" / "03-anneal" / "width_tables.json").read_text())
     held = report["budgets"][0]["held_out_sequences"]
     assert 2 < held < 2 + 64  # one held-out calibration batch of 2, and the few sequences after the set
-    spec["pipeline"][2] = {"anneal": {"steps": 2, "validation_samples": 64}}
+    spec["pipeline"][2] = {"anneal": {"steps": 2, "selection": {"samples": 64}}}
     spec["export"]["dir"] = str(tmp_path / "strict")
     with pytest.raises(DataError, match="past the 4 of the calibration set; 64 held out were requested"):
         flexc.compile(spec, quiet=True)
 
 
-def test_validation_samples_hold_out_text_beyond_the_calibration_set(moe_dir, tmp_path):
-    """With ``validation: 0`` every calibration batch trains and the held-out check reads only the
-    ``validation_samples`` sequences; the report counts them."""
+def test_held_out_samples_are_text_beyond_the_calibration_set(moe_dir, tmp_path):
+    """With ``selection.share: 0`` every calibration batch trains and the held-out check reads only the
+    ``selection.samples`` sequences; the report counts them."""
     import flexc
 
     spec = {
@@ -595,7 +596,7 @@ def test_validation_samples_hold_out_text_beyond_the_calibration_set(moe_dir, tm
         "data": {"calibration": {"builtin": "python-stdlib", "num_samples": 8, "seq_len": 24, "batch_size": 4}},
         "budgets": {"keep": [0.75, 0.5]},
         "pipeline": [{"rank_channels": {"score": "activation", "plot": False}}, {"insert_action_gates": {"granule": 8}},
-                     {"anneal": {"steps": 4, "validation": 0, "validation_samples": 6}}, "fold_masks"],
+                     {"anneal": {"steps": 4, "selection": {"share": 0, "samples": 6}}}, "fold_masks"],
         "export": {"dir": str(tmp_path / "out"), "formats": ["nested"]},
     }
     flexc.compile(spec, quiet=True)
@@ -608,3 +609,10 @@ def test_validation_samples_hold_out_text_beyond_the_calibration_set(moe_dir, tm
 def test_removed_lambda_lr_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="lambda_lr was removed: the track schedule sets the budget's price"):
         Anneal({"lambda_lr": 5})
+
+
+def test_flat_option_names_of_earlier_releases_are_refused_with_the_new_ones():
+    with pytest.raises(ValueError, match=r"validation_samples -> selection: \{samples: \.\.\.\}; "
+                                         r"start_margin -> schedule: \{start_margin: \.\.\.\}"):
+        Anneal({"validation_samples": 8, "start_margin": 1.0})
+    assert Anneal({"schedule": "ramp"}).options.schedule.kind == "ramp"  # a bare kind still reads

@@ -330,7 +330,11 @@ CASES = [
     Case("anneal_steps_bool", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, insert_action_gates, "
          "{anneal: {steps: true}}]\n", "pipeline[2].anneal.steps", "found true"),
     Case("anneal_schedule_nan", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, insert_action_gates, "
-         "{anneal: {tau: {start: .nan, end: 0.1}}}]\n", "pipeline[2].anneal.tau.start", "finite number"),
+         "{anneal: {schedule: {tau: {start: .nan, end: 0.1}}}}]\n", "pipeline[2].anneal.schedule.tau.start",
+         "finite number"),
+    Case("anneal_flat_option_of_an_earlier_release", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, "
+         "insert_action_gates, {anneal: {validation_z: 2}}]\n", "pipeline[2].anneal",
+         "validation_z -> selection: {z: ...}"),
     Case("anneal_budget_option_out_of_range", MOE_CAL + "budgets: {keep: [0.75]}\npipeline: [rank_channels, "
          "insert_action_gates, {anneal: {budgets: [1.5]}}]\n", "pipeline[2].anneal.budgets", "(0, 1]"),
     Case("recover_lr_nan", MOE_CAL + "budgets: {keep: [0.5]}\npipeline: [rank_channels, uniform, "

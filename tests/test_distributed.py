@@ -74,7 +74,7 @@ def _spec(model_dir: Path, score: str, *, stream: str = "off", kill_step: bool =
 def _anneal_spec(model_dir: Path, *, kill: bool = False, stream: str = "off") -> dict:
     """rank_channels, insert_action_gates, anneal (8 steps over 2 budgets, 4 batches of 2 sequences: 3 to train on,
     1 held out with the 4 sequences after them (2 more batches); from full width, so that the trained tables win on the held-out batch), fold_masks."""
-    anneal = {"steps": 8, "checkpoint_every": 2, "warm_start": "full", "validation_z": 0, "validation_samples": 4}
+    anneal = {"steps": 8, "checkpoint_every": 2, "schedule": {"warm_start": "full"}, "selection": {"z": 0, "samples": 4}}
     pipeline = [{"rank_channels": {"score": "taylor", "plot": False}}, "insert_action_gates", {"anneal": anneal},
                 "fold_masks"]
     if kill:

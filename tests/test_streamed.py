@@ -186,7 +186,7 @@ def test_streamed_pass_failure_is_noted_and_resumes_after_the_last_completed_pas
 
 
 ANNEAL = [{"rank_channels": {"score": "activation", "plot": False}}, {"insert_action_gates": {"granule": 8}},
-          {"anneal": {"steps": 6, "checkpoint_every": 1, "validation_samples": 8}}, "fold_masks"]
+          {"anneal": {"steps": 6, "checkpoint_every": 1, "selection": {"samples": 8}}}, "fold_masks"]
 
 
 def _killed_then_resumed(spec: dict, pass_cls, hook, monkeypatch):

@@ -1,5 +1,8 @@
 """``anneal``: train only the action logits; export one nested width table per budget.
 
+Options (:mod:`flexc.passes.anneal_options`): the run (``steps``, ``lr``, ``quality``, ...),
+``schedule`` (how the logits train) and ``selection`` (the held-out check, :mod:`flexc.passes.table_selection`).
+
 Loss = quality + lambda * cost - beta * entropy, where
 
 - quality is the KL divergence from the full-width model's next-token distribution
@@ -7,10 +10,10 @@ Loss = quality + lambda * cost - beta * entropy, where
   :mod:`flexc.passes.distill`) or the next-token loss (``next_token``);
 - cost = sum over experts of weight[l, e] * sum_a p_e(a) * r_a: the expected keep ratio under
   the clean action distribution, weighted in the budget metric (parameters, or load-weighted
-  FLOPs — see :mod:`flexc.passes.width_tables`);
+  FLOPs — see :mod:`flexc.passes.width_tables`); the ramp's term (the track schedule prices it);
 - entropy is the mean entropy of the clean action distributions.
 
-Two schedules:
+Two schedules (``schedule.kind``):
 
 - ``track`` (default): one phase per budget, high to low, ``steps`` shared equally. A phase
   starts from a warm-start table at its budget (the ``coverage`` baseline's, within the
@@ -24,22 +27,13 @@ Two schedules:
   deployed keep drift 0.75 -> 0.94 while the expected keep stayed under the budget, so the budget
   never acted and the fit cut the trained table back. ``tau`` and ``beta`` run their schedules
   within the phase. At the phase's end the deployed table is fitted to the budget (a step of an
-  expert or two) and scored on held-out text from documents no training batch came from: the
-  calibration batches no phase trains on (``validation``, a quarter; windows that share a document
-  with a training batch left out) and ``validation_samples`` (64) sequences packed from the
-  documents after the calibration set's (:meth:`flexc.data.calibration.CalibrationSet.following`).
-  The candidates beside it are the one-shot
-  tables: the warm start and, where it nests within the previous budget's table, the
-  unconstrained ``coverage`` table at the budget. The one-shot candidate with the lower
-  held-out loss is the fallback; the trained table is exported only if its held-out loss is
-  lower by more than ``validation_z`` standard errors of the per-sequence paired difference (a
-  lower mean on a few sequences can be noise) and (``validation_loss: both``, the default) its
-  held-out next-token loss is not higher (the KL and perplexity can disagree by a hair). The
-  check looks at the losses after 30%, 50% and 70% of the held-out sequences and stops at the
-  first look where every comparison is past ``validation_early_z`` standard errors (a clear win
-  or loss needs no more text); otherwise it reads them all. So training is spent at every
-  budget, no table is chosen on the batches it was trained on, and a trained table replaces the
-  one-shot answer only where held-out text says it is better.
+  expert or two) and the held-out check (:class:`~flexc.passes.table_selection.HeldOutCheck`)
+  chooses between it and the one-shot tables on text from documents no training batch came from:
+  the calibration batches no phase trains on (``selection.share``, a quarter; windows that share a
+  document with a training batch left out) and ``selection.samples`` (64) sequences packed from the
+  documents after the calibration set's. So training is spent at every budget, no table is chosen
+  on the batches it was trained on, and a trained table replaces the one-shot answer only where
+  held-out text says it is better.
 - ``ramp``: ``lambda`` rises, ``tau`` and ``beta`` fall over ``steps``; after every step the
   deployed keep ratio (argmax actions) is compared with the next requested budget, from high
   to low, and a budget's table is exported when the deployed keep first reaches it. If the
@@ -88,19 +82,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flexc.ir.buckets import count_buckets
 from flexc.ir.tables import WidthTables, budget_price, expected_price
 from flexc.passes.action_gates import set_modes
-from flexc.passes.base import (MAX_STEPS, Pass, PassContext, PassOptions, PassResult, check_keep_ratios,
-                               reject_bool_numbers)
-from flexc.passes.distill import TeacherTargets, distill_kl, distill_loss
+from flexc.passes.anneal_options import AnnealOptions
+from flexc.passes.base import Pass, PassContext, PassResult
+from flexc.passes.distill import TeacherTargets, distill_loss
 from flexc.passes.gated_model import GatedModel, gated_model
+from flexc.passes.table_selection import HeldOutCheck, held_out_text, split_by_document
 from flexc.passes.width_tables import expert_weights, fit_to_budget, keep_ratio, per_layer_keep
 from flexc.utils import checkpoint, distributed
 from flexc.utils.atomic import atomic_path, atomic_write_text
@@ -111,16 +104,6 @@ TABLES_FILE = "width_tables.safetensors"
 TABLES_JSON = "width_tables.json"
 CURVES_PNG = "anneal_curves.png"
 CONTINUATION_DOUBLINGS = 8  # lambda doubles this many times over the extra steps
-STEPS_PER_BUDGET = 20  # track's default; on `tiny`, 40 per budget gained little (docs/evaluation.md)
-RAMP_STEPS = 200
-# Held-out sequences read after the calibration set for the track schedule's choice: on 16
-# held-out calibration sequences alone the check could not tell a 0.04% loss (docs/evaluation.md).
-VALIDATION_SAMPLES = 64
-# Early looks of the held-out check (shares of its sequences) and the default standard errors a
-# decision needs there: replayed on the losses of 58 phases (benchmarks/held_out_looks.py) they
-# read 44-56% of the text and chose differently from reading it all in 3 (docs/evaluation.md).
-EARLY_LOOKS = (0.3, 0.5, 0.7)
-EARLY_Z = 2.5
 
 
 def continuation_lambda(end: float, step: int, extra: int) -> float:
@@ -132,114 +115,6 @@ def continuation_lambda(end: float, step: int, extra: int) -> float:
 
 class AnnealDiverged(checkpoint.TrainingDiverged):
     pass
-
-
-class Schedule(BaseModel):
-    """A value that moves from ``start`` to ``end`` over the run's steps."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    start: float
-    end: float
-    kind: Literal["linear", "cosine", "exponential"] = "linear"
-
-    _no_bools = field_validator("*", mode="before")(classmethod(reject_bool_numbers))
-
-    @model_validator(mode="after")
-    def _positive_for_exponential(self):
-        if self.kind == "exponential" and (self.start <= 0 or self.end <= 0):
-            raise ValueError("an exponential schedule needs start > 0 and end > 0")
-        return self
-
-    def at(self, step: int, steps: int) -> float:
-        frac = min(max(step / max(steps - 1, 1), 0.0), 1.0)
-        if self.kind == "linear":
-            return self.start + (self.end - self.start) * frac
-        if self.kind == "cosine":
-            return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * frac))
-        return self.start * (self.end / self.start) ** frac
-
-
-class AnnealOptions(PassOptions):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    schedule: Literal["track", "ramp"] = Field(
-        "track", description="track: one phase per budget, high to low, warm-started and held at the budget; "
-                             "ramp: one lambda ramp, tables exported as the deployed keep crosses each budget.")
-    steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="Training steps (one calibration batch each). track: "
-                              "shared equally by the budgets, default 20 per budget (0: the warm start's tables); "
-                              "ramp: the scheduled steps, default 200.")
-    lr: float = Field(0.1, gt=0, description="Adam learning rate of the action logits.")
-    quality: Literal["distill", "next_token"] = Field("distill", description="Quality term of the loss.")
-    teacher_topk: int | None = Field(64, ge=1, description="distill: the teacher's top-k next-token "
-                                     "probabilities cached per batch (null: the whole distribution).")
-    tau: Schedule = Field(Schedule(start=1.0, end=0.1, kind="exponential"),
-                          description="Gumbel temperature (track: over each budget's phase).")
-    lambda_: Schedule = Field(Schedule(start=0.0, end=0.5, kind="linear"), alias="lambda",
-                              description="ramp: weight of the cost term.")
-    beta: Schedule = Field(Schedule(start=0.02, end=0.0, kind="cosine"),
-                           description="Weight of the entropy bonus (track: over each budget's phase).")
-    warm_start: Literal["coverage", "full"] = Field(
-        "coverage", description="track: each phase starts from the coverage table at its budget (within the "
-                                "previous budget's table), or from full width.")
-    start_margin: float = Field(0.5, ge=0, description="track: initial logit advantage of the warm-start action "
-                                "(small: training explores the neighbouring widths).")
-    validation: float = Field(0.25, ge=0, lt=1, description="track: share of calibration batches held out to "
-                              "choose, per budget, between the trained table and the one-shot ones (their windows "
-                              "that share a document with a training batch are left out).")
-    validation_samples: int = Field(
-        VALIDATION_SAMPLES, ge=0, description="track: sequences packed from the calibration source's documents "
-        "after the last one the calibration set touched (text the anneal never trains on; a one-document source: "
-        "the text after the set's) and added to the held-out check (with validation: 0, the only held-out text). "
-        "Left at the default, a source with fewer gives what it has (with a warning); set, a shortfall is an "
-        "error. 0: none.")
-    validation_z: float = Field(1.0, ge=0, description="track: the trained table is exported only if its held-out "
-                                "loss is below the best one-shot table's by more than this many standard errors of "
-                                "the per-sequence paired difference (0: any lower mean).")
-    validation_early_z: float | None = Field(
-        EARLY_Z, ge=0, description="track: the held-out check looks at its losses after 30%, 50% and 70% of its "
-        "sequences and stops at the first look where every comparison is past this many standard errors (the "
-        "trained table winning on both losses, or losing on one); otherwise it reads them all. null: read them all "
-        "before deciding (one sweep per candidate in a streamed compile).")
-    validation_loss: Literal["quality", "next_token", "both"] = Field(
-        "both", description="track: what the held-out choice compares: the quality term of the loss, the "
-                               "next-token loss on the held-out text (what perplexity measures), or both (the "
-                               "trained table must win on the quality term by validation_z standard errors and "
-                               "not lose on the next-token loss).")
-    extra_steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="ramp: bounded continuation if budgets remain, with "
-                                    "lambda doubling and fresh optimizer moments (default: half of steps).")
-    checkpoint_every: int = Field(25, ge=1, description="Steps between checkpoints.")
-    budgets: list[float] | None = Field(None, description="Keep ratios to export (default: the spec's budgets).")
-    metric: Literal["params", "flops"] | None = Field(None, description="Budget metric (default: the spec's).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _removed_options(cls, data):
-        if isinstance(data, dict) and "lambda_lr" in data:
-            raise ValueError("lambda_lr was removed: the track schedule sets the budget's price exactly at every "
-                             "step (no dual rate to tune); delete the option")
-        return data
-
-    @field_validator("budgets")
-    @classmethod
-    def _budgets_in_range(cls, v: list[float] | None) -> list[float] | None:
-        return check_keep_ratios(v)
-
-    @model_validator(mode="after")
-    def _ramp_needs_steps(self):
-        if self.schedule == "ramp" and self.steps is not None and self.steps < 1:
-            raise ValueError("the ramp schedule needs steps >= 1")
-        if self.schedule == "ramp" and self.validation_samples and "validation_samples" in self.model_fields_set:
-            raise ValueError("validation_samples is for the track schedule (the ramp exports at crossings, with no "
-                             "held-out check)")
-        return self
-
-    def total_steps(self, budgets: int) -> int:
-        if self.steps is not None:
-            return self.steps
-        return STEPS_PER_BUDGET * budgets if self.schedule == "track" else RAMP_STEPS
-
-    def needs_calibration(self, earlier: frozenset[str]) -> bool:
-        return True
 
 
 def _budgets(options: AnnealOptions, ctx: PassContext) -> tuple[list[float], str]:
@@ -261,77 +136,15 @@ def _noise(seed: int, step: int, shapes: list[torch.Size]) -> list[torch.Tensor]
     return out
 
 
-def _held_out_text(calibration, count: int, required: bool, logger) -> list[torch.Tensor]:
-    """``validation_samples``: the ``count`` sequences after the calibration set in its own source
-    (``required``: set in the spec, so a source without them is an error; else what there is)."""
-    following = getattr(calibration, "following", None)  # a CalibrationSet, or one loaded into memory
-    if following is None:
-        if not required:  # batches given directly (an API caller's): nothing to read past them
-            return []
-        raise ValueError("anneal: validation_samples reads the sequences that follow the calibration set in "
-                         "data.calibration; this run's calibration batches were given directly, with no source "
-                         "to read more from")
-    batches = following(count, strict=required)
-    found = sum(len(b) for b in batches)
-    if found < count:
-        logger.warning("anneal: the calibration source has %d sequences after the calibration set, not the %d "
-                       "validation_samples asks for; the held-out check reads those %d", found, count, found)
-    return batches
-
-
-def _split_by_document(batches: list[torch.Tensor], training: int, calibration, logger) -> list[torch.Tensor]:
-    """The calibration batches with the held-out ones (``batches[training:]``) cut to the windows whose
-    documents no training batch touched. Batches given directly (no document record), or a set that
-    is one document (a single text file), are split by contiguous spans as they are."""
-    spans = getattr(calibration, "window_documents", None)
-    spans = spans() if spans is not None else None
-    if not spans or spans[-1][1] == spans[0][0]:
-        return batches
-    boundary = spans[sum(len(b) for b in batches[:training]) - 1][1]  # the last training window's last document
-    out, offset, dropped = list(batches[:training]), sum(len(b) for b in batches[:training]), 0
-    for batch in batches[training:]:
-        keep = [r for r in range(len(batch)) if spans[offset + r][0] > boundary]
-        offset += len(batch)
-        dropped += len(batch) - len(keep)
-        if keep:
-            out.append(batch[keep])
-    if dropped:
-        logger.info("anneal: %d held-out calibration sequences share a document with a training batch; the "
-                    "held-out check leaves them out", dropped)
-    return out
-
-
 def quality_loss(kind: str, student: torch.Tensor, teacher: TeacherTargets | None, ids: torch.Tensor) -> torch.Tensor:
     if kind == "next_token":
         return F.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     return distill_loss(student, teacher)
 
 
-def sequence_losses(kind: str, student: torch.Tensor, teacher: TeacherTargets | None,
-                    ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[batch]`` each: the quality loss and the next-token loss of every sequence (means over its
-    positions), from one normalisation of the logits (the vocabulary-wide work of a held-out check)."""
-    logp = F.log_softmax(student.float(), dim=-1)
-    next_token = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)
-    return (next_token if kind == "next_token" else distill_kl(logp, teacher, reduction="none").mean(-1)), next_token
-
-
 def phase_lengths(steps: int, phases: int) -> list[int]:
     """``steps`` shared by ``phases`` budgets, the remainder going to the first (highest) ones."""
     return [steps // phases + (i < steps % phases) for i in range(phases)]
-
-
-def look_ends(sizes: list[int], shares) -> list[int]:
-    """The held-out check's looks, for batches of ``sizes`` sequences: the number of batches that
-    first hold each of ``shares`` of the sequences (increasing, short of all), then all of them."""
-    total, ends = sum(sizes), []
-    for share in shares:
-        seen, k = 0, 0
-        while seen < share * total:
-            seen, k = seen + sizes[k], k + 1
-        if (not ends or k > ends[-1]) and k < len(sizes):
-            ends.append(k)
-    return ends + [len(sizes)]
 
 
 def snap_to_levels(widths: torch.Tensor, level_widths: torch.Tensor) -> torch.Tensor:
@@ -426,7 +239,7 @@ class Anneal(Pass):
         model = gated_model(graph, ctx)
         try:
             setup = self._setup(model, graph, ctx, workdir)
-            if self.options.schedule == "track":
+            if self.options.schedule.kind == "track":
                 exported, history = self._run_track(graph, ctx, setup)
             else:
                 exported, history = self._run_ramp(graph, ctx, setup)
@@ -454,12 +267,12 @@ class Anneal(Pass):
         if not whole:
             raise ValueError("anneal: the calibration data yielded no batches")
         training = len(whole)
-        if opts.schedule == "track" and opts.validation > 0:
-            held = min(max(round(training * opts.validation), 1), training - 1)
-            whole, training = _split_by_document(whole, training - held, calibration, ctx.logger), training - held
-        if opts.validation_samples and opts.schedule == "track":
-            whole += _held_out_text(calibration, opts.validation_samples,
-                                    "validation_samples" in opts.model_fields_set, ctx.logger)
+        if opts.schedule.kind == "track" and opts.selection.share > 0:
+            held = min(max(round(training * opts.selection.share), 1), training - 1)
+            whole, training = split_by_document(whole, training - held, calibration, ctx.logger), training - held
+        if opts.selection.samples and opts.schedule.kind == "track":
+            whole += held_out_text(calibration, opts.selection.samples, "samples" in opts.selection.model_fields_set,
+                                   ctx.logger)
         rows = [(distributed.row_share(len(b), f"anneal: calibration batch {i + 1} of {len(whole)}"), len(b))
                 for i, b in enumerate(whole)]
         batches = [b[share] for b, (share, _) in zip(whole, rows)]
@@ -515,32 +328,10 @@ class Anneal(Pass):
         setup.run.check_finite_params(setup.logits, "the action logits", step)
         return whole.item()
 
-    def _table_losses(self, setup: _Setup, levels: torch.Tensor, batches: list[int]) -> dict[str, torch.Tensor]:
-        """Per-sequence held-out losses of the given calibration batches under the fixed table ``levels``:
-        ``"quality"`` (the loss's quality term) and ``"next_token"``, every rank's sequences in one
-        process's order (each rank fills its own places; the sum over ranks fills them all)."""
-        widths = setup.widths(levels).to(torch.int32)
-        for gate, row in zip(setup.gates, widths):
-            gate.table = row
-        set_modes(setup.gates, "table")
-        out = torch.zeros(2, sum(setup.rows[i][1] for i in batches), dtype=torch.float64)
-        offset = 0
-        with torch.no_grad():
-            for i, logits in zip(batches, setup.model.logits(setup.batches[i] for i in batches)):
-                ids, (share, rows) = setup.batches[i], setup.rows[i]
-                mine = slice(offset + share.start, offset + share.stop)
-                quality, next_token = sequence_losses(self.options.quality, logits, setup.teachers[i], ids)
-                out[0, mine], out[1, mine] = quality.double(), next_token.double()
-                offset += rows
-        for gate in setup.gates:
-            gate.table = None
-        distributed.all_reduce_sum(out, "the held-out losses")
-        return {"quality": out[0], "next_token": out[1]}
-
     # ------------------------------------------------------------------ track
     def _warm_start(self, graph, ctx, setup: _Setup, budget: float, upper: torch.Tensor | None) -> torch.Tensor:
         """The level table training starts from at ``budget``, within ``upper`` (nesting)."""
-        if self.options.warm_start == "full":
+        if self.options.schedule.warm_start == "full":
             levels = torch.full(setup.weights.shape, setup.level_widths.shape[1] - 1, dtype=torch.long)
             levels = levels if upper is None else torch.minimum(levels, upper)
             flat = torch.zeros(*levels.shape, setup.level_widths.shape[1])  # no preference: fill by index order
@@ -616,14 +407,14 @@ class Anneal(Pass):
                     start_levels = self._warm_start(graph, ctx, setup, budget, upper)
                     with torch.no_grad():
                         for p, row in zip(setup.logits, start_levels):
-                            p.zero_().scatter_(1, row[:, None], opts.start_margin)
+                            p.zero_().scatter_(1, row[:, None], opts.schedule.start_margin)
                     optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
                 first = step - t  # the phase's first step, counted over all phases
                 setup.bind(budget)  # a function of the logits: the same after a resume
 
                 def train_step(i: int) -> dict:  # the phase's step i
                     nonlocal t
-                    tau, beta = opts.tau.at(i, steps), opts.beta.at(i, steps)
+                    tau, beta = opts.schedule.tau.at(i, steps), opts.schedule.beta.at(i, steps)
                     quality = self._sampled_loss(ctx, setup, first + i, train[(first + i) % len(train)], tau)
                     cost, entropy = setup.expected_cost_and_entropy()
                     quality = self._update(optimizer, quality, -beta * entropy, setup, first + i,
@@ -649,7 +440,7 @@ class Anneal(Pass):
         """The phase's table, from the trained one fitted to the budget and the one-shot candidates: the
         warm start and, where it nests within the previous budget's table, the unconstrained ``coverage``
         table. The one-shot candidate with the lower held-out loss is the fallback; the trained table is
-        exported only if its held-out loss is below the fallback's by more than ``validation_z`` standard
+        exported only if its held-out loss is below the fallback's by more than ``selection.z`` standard
         errors of the per-sequence paired difference (a lower mean alone can be noise)."""
         opts = self.options
         setup.bind(budget, deployed=True)
@@ -665,7 +456,7 @@ class Anneal(Pass):
         if not steps:
             return self._log_choice(ctx, budget, steps, record)
         one_shot = {"warm_start": start_levels}
-        if upper is not None and opts.warm_start == "coverage":
+        if upper is not None and opts.schedule.warm_start == "coverage":
             free = self._coverage_levels(graph, ctx, setup, budget, None)
             if bool((free <= upper).all()) and not torch.equal(free, start_levels):  # nests: a candidate
                 one_shot["coverage"] = free
@@ -676,101 +467,8 @@ class Anneal(Pass):
         if not val:
             record["how"] = "trained (no held-out batches to check it on)"
             return self._log_choice(ctx, budget, steps, record)
-        scored = list(one_shot) + (["trained"] if same is None else [])
-        tables = {**one_shot, "trained": trained}
-        held_out: dict = {}
-        done = 0
-        for end in self._looks(setup, val):  # read the held-out batches up to each look until one decides
-            part = {name: self._table_losses(setup, tables[name], val[done:end]) for name in scored}
-            held_out = {name: {k: torch.cat([held_out[name][k], v]) if held_out else v for k, v in losses.items()}
-                        for name, losses in part.items()}
-            done = end
-            final = end == len(val)
-            verdict = self._verdict(held_out, list(one_shot), same,
-                                    opts.validation_z if final else opts.validation_early_z, final=final)
-            if verdict is not None:
-                break
-        read = len(next(iter(held_out.values()))["quality"])
-        if same is not None:
-            held_out["trained"] = held_out[same]
-        ranked_on = "next_token" if opts.validation_loss == "next_token" else "quality"
-        losses = {name: float(v[ranked_on].mean()) for name, v in held_out.items()}
-        record["validation_loss"] = losses
-        record["held_out_read"] = read
-        if opts.validation_loss == "both":
-            record["validation_next_token"] = {name: float(v["next_token"].mean()) for name, v in held_out.items()}
-        if "difference" in verdict:
-            record["validation_difference"] = verdict["difference"]
-        choice = verdict["choice"]
-        early = f" on the first {read} of {record['held_out_sequences']} held-out sequences" if read < \
-            record["held_out_sequences"] else ""
-        labels = {"trained": "trained table", "warm_start": "warm start", "coverage": "unconstrained coverage table"}
-        if choice == "trained":
-            notes = [] if same is None else [f"same table as the {labels[same]}"]
-            if early:
-                notes.append(f"{'won' if same is None else 'decided'}{early}")
-            record["how"] = f"trained ({'; '.join(notes)})" if notes else "trained"
-        else:
-            names = {"warm_start": "warm start", "coverage": "coverage, unconstrained"}
-            beaten = [labels[n] for n in losses if n != choice and losses[n] > losses[choice]]
-            if len(beaten) == len(losses) - 1:
-                why = f"lower held-out loss than the {' and the '.join(beaten)}{early}"
-            elif verdict.get("lost_on_text"):
-                why = f"the trained table's held-out next-token loss was higher{early}"
-            else:
-                why = f"the trained table's held-out loss was not lower by {opts.validation_z:g} standard errors"
-            record.update(levels=one_shot[choice], how=f"{names[choice]} ({why})")
-        return self._log_choice(ctx, budget, steps, record)
-
-    def _looks(self, setup: _Setup, val: list[int]) -> list[int]:
-        """How many of the held-out batches ``val`` are read at each look of the check (see
-        :func:`look_ends`; one look at the end without ``validation_early_z``)."""
-        if self.options.validation_early_z is None:
-            return [len(val)]
-        return look_ends([setup.rows[i][1] for i in val], EARLY_LOOKS)
-
-    def _verdict(self, held_out: dict, one_shot: list[str], same: str | None, z: float,
-                 final: bool = False) -> dict | None:
-        """The held-out check on the sequences read so far: ``{"choice": name, ...}``, or (not
-        ``final``: an early look) None where they do not decide it at ``z`` standard errors yet.
-
-        The fallback is the one-shot candidate with the lower loss; the trained table replaces it if
-        its loss is lower by more than ``z`` standard errors of the per-sequence paired difference
-        and (``validation_loss: both``) its next-token loss is not higher. At an early look a choice
-        needs every comparison it rests on to be past ``z`` standard errors: between the one-shot
-        candidates, and the trained table against the fallback (winning on both losses, or losing
-        on one)."""
-        opts = self.options
-        ranked_on = "next_token" if opts.validation_loss == "next_token" else "quality"
-
-        def paired(a: str, b: str, loss: str) -> tuple[float, float]:  # mean and standard error of a - b
-            diff = held_out[a][loss] - held_out[b][loss]
-            return float(diff.mean()), float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
-
-        fallback = min(one_shot, key=lambda name: float(held_out[name][ranked_on].mean()))  # ties: the warm start
-        if not final and len(one_shot) > 1:
-            mean, se = paired(one_shot[0], one_shot[1], ranked_on)
-            if abs(mean) <= z * se:
-                return None
-        if same is not None:
-            return {"choice": "trained" if same == fallback else fallback}
-        mean, se = paired("trained", fallback, ranked_on)
-        out = {"difference": {"against": fallback, "mean": mean, "standard_error": se}}
-        wins = mean < min(0.0, -z * se)
-        loses = mean > z * se
-        if opts.validation_loss == "both":  # it must not lose on the text itself either
-            text_mean, text_se = paired("trained", fallback, "next_token")
-            if final:
-                out["lost_on_text"] = wins and text_mean > 0
-                wins = wins and not out["lost_on_text"]
-            else:
-                out["lost_on_text"] = text_mean > z * text_se
-                wins, loses = wins and text_mean < 0, loses or out["lost_on_text"]
-        if wins:
-            return {**out, "choice": "trained"}
-        if final or loses:
-            return {**out, "choice": fallback}
-        return None
+        return self._log_choice(ctx, budget, steps, HeldOutCheck(opts.selection, opts.quality).choose(
+            setup, record, trained, one_shot, same, val))
 
     @staticmethod
     def _log_choice(ctx, budget, steps, record) -> dict:
@@ -784,7 +482,7 @@ class Anneal(Pass):
         budgets = setup.budgets
         steps = opts.total_steps(len(budgets))
         optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
-        extra = opts.extra_steps if opts.extra_steps is not None else steps // 2
+        extra = opts.schedule.extra_steps if opts.schedule.extra_steps is not None else steps // 2
         exported: dict[float, dict] = {}
         history: list[dict] = []
 
@@ -825,14 +523,14 @@ class Anneal(Pass):
             if step == steps and step > start:
                 bar.set_total(total)  # the continuation runs: its steps join the bar
             sched = min(step, steps - 1)
-            tau, beta = opts.tau.at(sched, steps), opts.beta.at(sched, steps)
-            lam = opts.lambda_.at(sched, steps)
+            tau, beta = opts.schedule.tau.at(sched, steps), opts.schedule.beta.at(sched, steps)
+            lam = opts.schedule.lambda_.at(sched, steps)
             if step == steps:
                 # Fresh Adam moments for the continuation: the main phase's second moments keep
                 # the now-peaked logits' steps tiny however hard the cost term pushes.
                 optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
             if step >= steps:
-                lam = continuation_lambda(opts.lambda_.end, step - steps, extra)
+                lam = continuation_lambda(opts.schedule.lambda_.end, step - steps, extra)
             quality = self._sampled_loss(ctx, setup, step, step % setup.training, tau)
             cost, entropy = setup.expected_cost_and_entropy()
             quality = self._update(optimizer, quality, lam * cost - beta * entropy, setup, step,
@@ -867,7 +565,7 @@ class Anneal(Pass):
         tables = chosen.tables
         report = {
             "metric": metric,
-            "schedule": self.options.schedule,
+            "schedule": self.options.schedule.kind,
             "granule_widths": setup.level_widths.tolist(),
             "budgets": [
                 {
