@@ -92,6 +92,8 @@ def main() -> None:
                         help="budgets.max_buckets: distinct widths per layer (default 4, the spec's; none: unbounded)")
     parser.add_argument("--grid", type=_grid, default="auto", metavar="N|auto|none",
                         help="budgets.grid (default auto, the spec's; none: the pass's granule)")
+    parser.add_argument("--recover", action="store_true",
+                        help="also every method after one recover (defaults, at the budget nearest keep 0.6)")
     parser.add_argument("--eval-tokens", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", default=None, metavar="S,S,...",
@@ -108,7 +110,7 @@ def main() -> None:
     for seed in seeds:
         spec = spec_for(args, seed)
         work = Path(tempfile.mkdtemp(prefix="flexc-quality-"))
-        runs[seed] = compare(spec, parse_methods(args.methods, spec), work, quiet=True)
+        runs[seed] = compare(spec, parse_methods(args.methods, spec), work, quiet=True, recover=args.recover)
         print(f"seed {seed}\n" + (work / "compare.md").read_text())
         common.print_table(runs[seed]["results"], ["method", "keep_target", "params_keep", "ppl", "tokens"])
         if seed == seeds[0]:

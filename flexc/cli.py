@@ -6,7 +6,7 @@
     flexc inspect MODEL [--graph OUT.svg] | flexc inspect --families
     flexc zoo list | flexc zoo build NAME [--force]
     flexc eval MODEL|ARTIFACT [--spec SPEC] [--budget B ...] [--tasks T,...] [--json OUT]
-    flexc compare SPEC --methods flexmoe,uniform,coverage,expert_prune:man [--out DIR]
+    flexc compare SPEC --methods flexmoe,uniform,coverage,expert_prune:man [--out DIR] [--recover]
     flexc serve ARTIFACT [--budget KEEP] [--per-request-budgets] [--host H] [--port P] [--dry-run] [-- VLLM ARGS...]
 
 User errors print one clear message (no traceback unless --verbose) and exit with status 2.
@@ -308,6 +308,9 @@ def _add_eval_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="flexmoe,uniform,coverage,expert_prune:man",
                    help="comma-separated: flexmoe, uniform, coverage, expert_prune[:criterion]")
     p.add_argument("--out", help="output directory (default: <the run's output directory>/compare)")
+    p.add_argument("--recover", action="store_true",
+                   help="also show every method after one recover (the spec's recover options; without a recover "
+                        "entry, the defaults at the budget nearest keep 0.6)")
     p.set_defaults(func=cmd_compare)
 
 

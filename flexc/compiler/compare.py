@@ -130,11 +130,12 @@ def _strings(node, where: str):
 
 
 def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, logger=None,
-            run: Path | None = None) -> dict:
+            run: Path | None = None, recover: bool = False) -> dict:
     """Run ``methods`` on the spec's model and data; write ``compare.{json,md,png}`` into ``out_dir``.
 
     ``run``: a compile's output directory whose ranking and width tables to reuse when they are
-    what ``flexmoe`` would compute (default: the spec's ``export.dir``).
+    what ``flexmoe`` would compute (default: the spec's ``export.dir``). ``recover``: also evaluate
+    every method after one ``recover`` on its tables (rows ``METHOD+recover``; see :func:`_recovered`).
     """
     import logging
 
@@ -198,6 +199,12 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
             rows.append({"method": method.label, "keep_target": round(b, 6), "keep": keep_ratio(table, full, weights),
                          "params_keep": keep_ratio(table, full, params_w), **ppl()})
         apply_budget(graph, state, None)
+        if recover:
+            label = f"{method.label}+recover"
+            start = time.perf_counter()
+            rows += _recovered(graph, runner, spec, label, lambda table: {
+                "keep": keep_ratio(table, full, weights), "params_keep": keep_ratio(table, full, params_w), **ppl()})
+            seconds[label] = time.perf_counter() - start
         logger.info("compare: %s done in %.1fs", method.label, seconds[method.label])
     result = {"model": spec.model.source, "metric": metric, "budgets": list(spec.budgets.keep_ratios),
               "eval_tokens": base["tokens"], "seconds": seconds,
@@ -206,6 +213,34 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
     atomic_write_text(out_dir / "compare.md", markdown_table(rows, metric))
     plot(rows, out_dir / "compare.png", title=f"held-out perplexity vs keep ({metric}), {base['tokens']} tokens")
     return result
+
+
+def recover_options(spec) -> dict:
+    """The spec's ``recover`` options, or (none in its pipeline) the pass's defaults at the spec's budget
+    nearest the pass's default keep (0.6), so that a comparison's budgets need not include it."""
+    entry = next((dict(e.options) for e in spec.pipeline if e.name == "recover"), None)
+    if entry is not None:
+        return entry
+    default = resolve_pass("recover").Options().keep
+    return {"keep": min(spec.budgets.keep_ratios, key=lambda b: (abs(b - default), -b))}
+
+
+def _recovered(graph, runner: PassRunner, spec, label: str, measure) -> list[dict]:
+    """One ``recover`` on the method's tables (the runner's state), then every budget measured
+    (``measure(table)``: its row's figures) as method ``label``; the model's weights are put back
+    afterwards, so the next method starts from the same ranked model."""
+    saved = {name: value.detach().clone() for name, value in graph.model.state_dict().items()}
+    rows = []
+    try:
+        graph = runner.run_all([(label, resolve_pass("recover")(recover_options(spec)))])
+        tables = runner.state.checked_width_tables(allow_expert_masks=True)
+        for b, table in zip(tables.budgets, tables.tables):
+            apply_budget(graph, runner.state, b)
+            rows.append({"method": label, "keep_target": round(b, 6), **measure(table)})
+        apply_budget(graph, runner.state, None)
+    finally:
+        graph.model.load_state_dict(saved)
+    return rows
 
 
 def markdown_table(rows: list[dict], metric: str = "params") -> str:
