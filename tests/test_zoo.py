@@ -150,7 +150,7 @@ def test_prose_recipes_are_other_families_on_other_text():
     qwen2, olmoe = RECIPES["qwen2-moe-prose"], RECIPES["olmoe-prose"]
     assert (qwen2.num_experts, qwen2.top_k, olmoe.num_experts, olmoe.top_k) == (16, 4, 64, 8)
     for recipe, architecture in ((qwen2, "Qwen2MoeForCausalLM"), (olmoe, "OlmoeForCausalLM")):
-        assert recipe.corpus == "python-docs" and recipe.moe_intermediate_size % GRANULE == 0
+        assert recipe.corpus == "python-docs" and recipe.moe_intermediate_size % GRANULE == 0 and recipe.granules >= 6
         model = AutoModelForCausalLM.from_config(recipe.model_config())
         assert type(model).__name__ == architecture
         assert model.model.layers[0].mlp.experts.down_proj.shape[-1] == recipe.moe_intermediate_size

@@ -286,7 +286,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             name="qwen2-moe-prose",
             description=(
-                "3-layer Qwen2-MoE, hidden 128, 16 experts top-4, expert width 64, a gated shared expert of "
+                "3-layer Qwen2-MoE, hidden 128, 16 experts top-4, expert width 128, a gated shared expert of "
                 "256, 4k vocab, trained on English prose (python-docs); a model the anneal's defaults were not "
                 "tuned on."
             ),
@@ -300,7 +300,7 @@ RECIPES: dict[str, Recipe] = {
             head_dim=32,
             num_experts=16,
             top_k=4,
-            moe_intermediate_size=64,
+            moe_intermediate_size=128,  # 8 granules: room to choose widths down to keep 0.25
             shared_expert_intermediate_size=256,
             seq_len=128,
             batch_size=16,
