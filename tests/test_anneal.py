@@ -88,12 +88,13 @@ def _deployed_at_the_budget(graph, report, levels_per_expert):
         assert row["fit_moves"] <= 2, row
 
 
-def test_training_ends_each_phase_at_its_budget(annealed):
-    graph, _, _, report, _ = annealed
+def test_priced_training_ends_each_phase_at_its_budget(tmp_path):
+    graph, ctx = gated_graph(tmp_path)
+    _, report = anneal(graph, ctx, tmp_path / "run", schedule={"binding": "price"})
     _deployed_at_the_budget(graph, report, levels_per_expert=4)
 
 
-def test_training_ends_each_phase_at_its_budget_on_the_zoo_model(tiny_model_dir, tmp_path):
+def test_priced_training_ends_each_phase_at_its_budget_on_the_zoo_model(tiny_model_dir, tmp_path):
     """The same on a trained model (the zoo's tiny, real routing), where the drift the budget must stop is real."""
     from transformers import AutoModelForCausalLM
 
@@ -106,7 +107,8 @@ def test_training_ends_each_phase_at_its_budget_on_the_zoo_model(tiny_model_dir,
                       logger=logging.getLogger("test"))
     run_pass(resolve_pass("rank_channels")({"plot": False}), graph, ctx)
     run_pass(resolve_pass("insert_action_gates")({}), graph, ctx)
-    _, report = anneal(graph, ctx, tmp_path / "run", steps=24, selection={"samples": 0})
+    _, report = anneal(graph, ctx, tmp_path / "run", steps=24, selection={"samples": 0},
+                       schedule={"binding": "price"})
     _deployed_at_the_budget(graph, report, levels_per_expert=8)
 
 
@@ -161,7 +163,7 @@ def _killed_run(graph, ctx, run, kill_at=14, **options):
     return run / "anneal_checkpoint.pt"
 
 
-@pytest.mark.parametrize("schedule,kill_at", [("track", 14), ("ramp", 12)])  # both after a mid-run checkpoint
+@pytest.mark.parametrize("schedule,kill_at", [("track", 14), ({"binding": "price"}, 14), ("ramp", 12)])  # all after a mid-run checkpoint
 def test_same_seed_same_tables_and_resume_matches(tmp_path, schedule, kill_at):
     graph, ctx = gated_graph(tmp_path)
     start_logits = [g.logits.detach().clone() for g in __import__("flexc.passes.action_gates", fromlist=["x"]).gates_of(graph)]
@@ -606,9 +608,10 @@ def test_held_out_samples_are_text_beyond_the_calibration_set(moe_dir, tmp_path)
     assert len(history) == 4
 
 
-def test_removed_lambda_lr_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="lambda_lr was removed: the track schedule sets the budget's price"):
+def test_lambda_lr_moved_into_the_schedule():
+    with pytest.raises(ValueError, match=r"lambda_lr -> schedule: \{lambda_lr: \.\.\.\}"):
         Anneal({"lambda_lr": 5})
+    assert Anneal({"schedule": {"lambda_lr": 2}}).options.schedule.lambda_lr == 2
 
 
 def test_flat_option_names_of_earlier_releases_are_refused_with_the_new_ones():

@@ -18,16 +18,22 @@ Two schedules (``schedule.kind``):
 - ``track`` (default): one phase per budget, high to low, ``steps`` shared equally. A phase
   starts from a warm-start table at its budget (the ``coverage`` baseline's, within the
   previous budget's table; or full width), with the logits favouring it by ``start_margin``
-  and every action above the previous budget's table excluded. The budget binds through a price:
-  every action's logit is lowered by ``price * (its share of the keep ratio)``. After every step
-  the price is set so that the sampled tables keep the budget in expectation (what is trained is
-  at the budget), and at the phase's end so that the deployed table, each expert's argmax action,
-  is at the budget (:func:`flexc.ir.tables.expected_price`, :func:`~flexc.ir.tables.budget_price`:
-  bisection, exact each step, no dual rate to tune). A dual step on the expected keep alone let the
-  deployed keep drift 0.75 -> 0.94 while the expected keep stayed under the budget, so the budget
-  never acted and the fit cut the trained table back. ``tau`` and ``beta`` run their schedules
-  within the phase. At the phase's end the deployed table is fitted to the budget (a step of an
-  expert or two) and the held-out check (:class:`~flexc.passes.table_selection.HeldOutCheck`)
+  and every action above the previous budget's table excluded. How the budget binds
+  (``schedule.binding``):
+
+  - ``dual`` (default): ``lambda`` follows the budget by dual ascent on the expected keep (rate
+    ``lambda_lr``). The deployed table (argmax actions) can drift above the budget while the
+    expected keep stays under it; the budget fit then cuts it back by log-probability.
+  - ``price``: every action's logit is lowered by ``price * (its share of the keep ratio)``; after
+    every step the price is set so that the sampled tables keep the budget in expectation, and at
+    the phase's end so that the deployed table is at the budget
+    (:func:`flexc.ir.tables.expected_price`, :func:`~flexc.ir.tables.budget_price`: bisection,
+    exact each step). The deployed keep then ends each phase at the budget, but the tables it
+    exports measured worse than ``dual``'s on the two prose zoo models kept out of tuning, so it
+    is not the default (docs/evaluation.md).
+
+  ``tau`` and ``beta`` run their schedules within the phase. At the phase's end the deployed table
+  is fitted to the budget and the held-out check (:class:`~flexc.passes.table_selection.HeldOutCheck`)
   chooses between it and the one-shot tables on text from documents no training batch came from:
   the calibration batches no phase trains on (``selection.share``, a quarter; windows that share a
   document with a training batch left out) and ``selection.samples`` (64) sequences packed from the
@@ -376,14 +382,15 @@ class Anneal(Pass):
         train, val = list(range(setup.training)), list(range(setup.training, len(setup.batches)))
         lengths = phase_lengths(opts.total_steps(len(setup.budgets)), len(setup.budgets))
 
+        priced = opts.schedule.binding == "price"
         exported: dict[float, dict] = {}
         history: list[dict] = []
-        phase, t, start_levels = 0, 0, None
+        phase, t, lam, start_levels = 0, 0, 0.0, None
         optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
 
         def restore_from(ckpt: dict) -> None:
-            nonlocal exported, history, phase, t, start_levels
-            exported, history = ckpt["exported"], ckpt["history"]
+            nonlocal exported, history, lam, phase, t, start_levels
+            exported, history, lam = ckpt["exported"], ckpt["history"], ckpt["lambda"]
             phase, t, start_levels = ckpt["phase"], ckpt["phase_step"], ckpt["start_levels"]
             restore(setup.logits, ckpt["logits"])
             restore_optimizer(optimizer, ckpt["optimizer"])
@@ -393,7 +400,8 @@ class Anneal(Pass):
 
         def save(step: int) -> None:
             setup.run.save(step, logits=[p.detach().clone() for p in setup.logits], optimizer=optimizer.state_dict(),
-                           exported=exported, history=history, phase=phase, phase_step=t, start_levels=start_levels)
+                           exported=exported, history=history, phase=phase, phase_step=t, start_levels=start_levels,
+                           **{"lambda": lam})
 
         step = sum(lengths[:phase]) + t
         with setup.run.progress(step, sum(lengths), fields=("loss", "keep", "budget")) as bar:
@@ -410,18 +418,23 @@ class Anneal(Pass):
                             p.zero_().scatter_(1, row[:, None], opts.schedule.start_margin)
                     optimizer = torch.optim.Adam(setup.logits, lr=opts.lr)
                 first = step - t  # the phase's first step, counted over all phases
-                setup.bind(budget)  # a function of the logits: the same after a resume
+                if priced:
+                    setup.bind(budget)  # a function of the logits: the same after a resume
 
                 def train_step(i: int) -> dict:  # the phase's step i
-                    nonlocal t
+                    nonlocal lam, t
                     tau, beta = opts.schedule.tau.at(i, steps), opts.schedule.beta.at(i, steps)
                     quality = self._sampled_loss(ctx, setup, first + i, train[(first + i) % len(train)], tau)
                     cost, entropy = setup.expected_cost_and_entropy()
-                    quality = self._update(optimizer, quality, -beta * entropy, setup, first + i,
-                                           f"cost {cost.item():.4g}, budget {budget:g}")
-                    price = setup.bind(budget)  # the deployed table back at the budget
+                    quality = self._update(optimizer, quality, (0.0 if priced else lam) * cost - beta * entropy, setup,
+                                           first + i, f"cost {cost.item():.4g}, budget {budget:g}")
+                    if priced:
+                        dual = {"price": setup.bind(budget)}  # the sampled tables back at the budget
+                    else:  # dual ascent on the expected keep
+                        lam = max(0.0, lam + opts.schedule.lambda_lr * (cost.item() - budget))
+                        dual = {"lambda": lam}
                     deployed = setup.keep(setup.deployed_levels())
-                    history.append({"step": first + i, "budget": budget, "price": price, "tau": tau, "beta": beta,
+                    history.append({"step": first + i, "budget": budget, **dual, "tau": tau, "beta": beta,
                                     "quality": quality, "cost": cost.item(), "entropy": entropy.item(),
                                     "deployed_keep": deployed})
                     t = i + 1
@@ -443,7 +456,8 @@ class Anneal(Pass):
         exported only if its held-out loss is below the fallback's by more than ``selection.z`` standard
         errors of the per-sequence paired difference (a lower mean alone can be noise)."""
         opts = self.options
-        setup.bind(budget, deployed=True)
+        if opts.schedule.binding == "price":
+            setup.bind(budget, deployed=True)
         deployed = setup.deployed_levels()
         fitted = fit_to_budget(deployed, setup.level_widths, budget, setup.full, setup.weights, setup.preference(),
                                upper)

@@ -43,6 +43,7 @@ MOVED = {
     "warm_start": "schedule: {warm_start: ...}",
     "start_margin": "schedule: {start_margin: ...}",
     "extra_steps": "schedule: {extra_steps: ...}",
+    "lambda_lr": "schedule: {lambda_lr: ...}",
 }
 
 
@@ -91,6 +92,13 @@ class TrainingSchedule(BaseModel):
                                 "previous budget's table), or from full width.")
     start_margin: float = Field(0.5, ge=0, description="track: initial logit advantage of the warm-start action "
                                 "(small: training explores the neighbouring widths).")
+    binding: Literal["dual", "price"] = Field(
+        "dual", description="track: how the budget binds. dual: lambda follows the expected keep by dual ascent "
+        "(the deployed table may drift above the budget; the budget fit cuts it back); price: every step the "
+        "actions are priced so the sampled tables keep the budget in expectation, and at the phase's end so the "
+        "deployed table is at it (measured worse on the prose zoo models, docs/evaluation.md).")
+    lambda_lr: float = Field(5.0, ge=0, description="track, binding dual: dual ascent rate of lambda on (expected "
+                             "keep - budget).")
     extra_steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="ramp: bounded continuation if budgets "
                                     "remain, with lambda doubling and fresh optimizer moments (default: half of steps).")
 
@@ -150,9 +158,6 @@ class AnnealOptions(PassOptions):
     def _moved_and_removed(cls, data):
         if not isinstance(data, dict):
             return data
-        if "lambda_lr" in data:
-            raise ValueError("lambda_lr was removed: the track schedule sets the budget's price exactly at every "
-                             "step (no dual rate to tune); delete the option")
         moved = [name for name in MOVED if name in data]
         if moved:
             raise ValueError("anneal's options are grouped now; use " + "; ".join(f"{name} -> {MOVED[name]}"
