@@ -494,8 +494,8 @@ def test_track_decides_on_the_first_half_of_the_held_out_text_only_past_the_earl
 
 
 def test_held_out_text_comes_from_documents_the_calibration_set_never_touched(tmp_path):
-    """``selection.samples``' text: windows packed afresh from the documents after the last one the
-    calibration set touched (same seeded order), so no held-out window shares a document with it; a
+    """``selection.samples``' text: the first window of each document after the last one the calibration
+    set touched (same seeded order), so no held-out window shares a document with it or with another; a
     one-document source (one text file) gives the contiguous span after the set's windows instead."""
     import itertools
     import sys
@@ -515,8 +515,8 @@ def test_held_out_text_comes_from_documents_the_calibration_set_never_touched(tm
     assert torch.equal(torch.cat(list(calib)), torch.stack(list(iter_token_windows(documents, tok, 16))[:6]))
     extra = calib.following(5)
     assert [len(b) for b in extra] == [4, 1]  # the source's batch size
-    fresh = list(itertools.islice(iter_token_windows(documents[spans[-1][1] + 1:], tok, 16), 5))
-    assert torch.equal(torch.cat(extra), torch.stack(fresh))
+    firsts = [next(iter_token_windows([d], tok, 16), None) for d in documents[spans[-1][1] + 1:]]
+    assert torch.equal(torch.cat(extra), torch.stack([w for w in firsts if w is not None][:5]))
     # The set's last document goes on past its windows: the windows right after them are not held out.
     following = torch.stack(list(iter_token_windows(documents, tok, 16))[6:11])
     assert not torch.equal(torch.cat(extra), following)

@@ -55,8 +55,10 @@ class CalibrationSet:
     def following(self, count: int, strict: bool = True, spans: list[tuple[int, int]] | None = None
                   ) -> list[torch.Tensor]:
         """``count`` windows of held-out text from the same source, in batches of the source's
-        ``batch_size``: packed afresh from the documents after the last one the set touched, in the
-        same seeded order, so no held-out window shares a document with the set. A source whose
+        ``batch_size``: the first window of each document after the last one the set touched (in the
+        same seeded order; documents shorter than a window are passed over), so no held-out window
+        shares a document with the set or with another held-out window: the check reads as many
+        documents as windows, not the two or three long ones ``count`` windows would pack. A source whose
         documents the set used up (one text file is one document) gives the windows that follow
         the set's own instead: a contiguous span of text the set never shows. A source with fewer
         is an error, or (``strict=False``) gives what it has. ``spans``: :meth:`window_documents`, if
@@ -67,8 +69,9 @@ class CalibrationSet:
         used = list(itertools.islice(documents, spans[-1][1] + 1 if n else 0))
         fresh = next(documents, None)
         if fresh is not None:
-            windows = iter_token_windows(itertools.chain([fresh], documents), self.tokenizer, seq_len)
-            rows = list(itertools.islice(windows, count))
+            firsts = (next(iter_token_windows([text], self.tokenizer, seq_len), None)
+                      for text in itertools.chain([fresh], documents))
+            rows = list(itertools.islice((w for w in firsts if w is not None), count))
         else:
             rows = list(itertools.islice(iter_token_windows(used, self.tokenizer, seq_len), n, n + count))
         if len(rows) < count and strict:
