@@ -36,8 +36,8 @@ Two schedules (``schedule.kind``):
   is fitted to the budget and the held-out check (:class:`~flexc.passes.table_selection.HeldOutCheck`)
   chooses between it and the one-shot tables on text from documents no training batch came from:
   the calibration batches no phase trains on (``selection.share``, a quarter; windows that share a
-  document with a training batch left out) and ``selection.samples`` (64) sequences packed from the
-  documents after the calibration set's. So training is spent at every budget, no table is chosen
+  document with a training batch left out) and ``selection.samples`` (64) sequences, the first window
+  of each of the documents after the calibration set's. So training is spent at every budget, no table is chosen
   on the batches it was trained on, and a trained table replaces the one-shot answer only where
   held-out text says it is better.
 - ``ramp``: ``lambda`` rises, ``tau`` and ``beta`` fall over ``steps``; after every step the

@@ -117,9 +117,9 @@ class Selection(BaseModel):
                          "budget, between the trained table and the one-shot ones (their windows that share a "
                          "document with a training batch are left out).")
     samples: int = Field(
-        VALIDATION_SAMPLES, ge=0, description="Sequences packed from the calibration source's documents after the "
-        "last one the calibration set touched (text the anneal never trains on; a one-document source: the text "
-        "after the set's) and added to the held-out check (with share: 0, the only held-out text). Left at the "
+        VALIDATION_SAMPLES, ge=0, description="Sequences read from the calibration source's documents after the "
+        "last one the calibration set touched, the first window of each (text the anneal never trains on, from as "
+        "many documents; a one-document source: the text after the set's) and added to the held-out check (with share: 0, the only held-out text). Left at the "
         "default, a source with fewer gives what it has (with a warning); set, a shortfall is an error. 0: none.")
     z: float = Field(1.0, ge=0, description="The trained table is exported only if its held-out loss is below the "
                      "best one-shot table's by more than this many standard errors of the per-sequence paired "
