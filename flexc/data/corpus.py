@@ -53,6 +53,7 @@ __all__ = [
     "HELDOUT_FRACTION",
     "SPLITS",
     "Document",
+    "digests",
     "split_of",
     "stdlib_documents",
     "stdlib_identity",
@@ -183,13 +184,7 @@ def stdlib_identity(*, root: str | os.PathLike | None = None) -> dict:
     base = Path(root) if root is not None else stdlib_root()
     docs = _scan(str(base))
     names = [d.name for d in docs]
-    list_sha = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
-    content = hashlib.sha256()
-    for d in docs:
-        for part in (d.name, d.text):
-            data = part.encode("utf-8", errors="surrogatepass")
-            content.update(len(data).to_bytes(8, "little"))
-            content.update(data)
+    list_sha, content_sha = digests(docs)
     heldout = sum(1 for n in names if split_of(n) == "heldout")
     return {
         "name": CORPUS_NAME,
@@ -201,5 +196,16 @@ def stdlib_identity(*, root: str | os.PathLike | None = None) -> dict:
         "heldout_files": heldout,
         "heldout_fraction": HELDOUT_FRACTION,
         "list_sha256": list_sha,
-        "content_sha256": content.hexdigest(),
+        "content_sha256": content_sha,
     }
+
+
+def digests(docs) -> tuple[str, str]:
+    """SHA-256 of the newline-joined document names, and over every document's name and text."""
+    content = hashlib.sha256()
+    for d in docs:
+        for part in (d.name, d.text):
+            data = part.encode("utf-8", errors="surrogatepass")
+            content.update(len(data).to_bytes(8, "little"))
+            content.update(data)
+    return hashlib.sha256("\n".join(d.name for d in docs).encode("utf-8")).hexdigest(), content.hexdigest()

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import ast
 import functools
-import hashlib
 import os
 import platform
 from pathlib import Path
 
-from flexc.data.corpus import SPLITS, Document, _scan, split_of, stdlib_root
+from flexc.data.corpus import SPLITS, Document, digests, split_of, stdlib_documents, stdlib_root
 
 CORPUS_NAME = "python-docs"
 MIN_DOCSTRING = 80  # shorter ones are mostly one-line summaries ("Return x.")
@@ -45,7 +44,8 @@ def _collect(root: str) -> tuple[Document, ...]:
     from pydoc_data.topics import topics
 
     docs = [Document(name=f"topics/{name}", text=text) for name, text in topics.items() if text.strip()]
-    for module in _scan(root):
+    for module in sorted(stdlib_documents("train", root=root) + stdlib_documents("heldout", root=root),
+                         key=lambda d: d.name):
         text = _docstrings(module.text)
         if len(text) >= MIN_DOCUMENT:
             docs.append(Document(name=f"docstrings/{module.name}", text=text))
@@ -64,12 +64,7 @@ def docs_documents(split: str, *, root: str | os.PathLike | None = None) -> list
 def docs_identity(*, root: str | os.PathLike | None = None) -> dict:
     """What identifies the corpus, for manifests and cache keys (as :func:`flexc.data.corpus.stdlib_identity`)."""
     docs = _collect(str(Path(root) if root is not None else stdlib_root()))
-    content = hashlib.sha256()
-    for d in docs:
-        for part in (d.name, d.text):
-            data = part.encode("utf-8", errors="surrogatepass")
-            content.update(len(data).to_bytes(8, "little"))
-            content.update(data)
+    list_sha, content_sha = digests(docs)
     heldout = sum(1 for d in docs if split_of(d.name) == "heldout")
     return {
         "name": CORPUS_NAME,
@@ -78,6 +73,6 @@ def docs_identity(*, root: str | os.PathLike | None = None) -> dict:
         "files": len(docs),
         "train_files": len(docs) - heldout,
         "heldout_files": heldout,
-        "list_sha256": hashlib.sha256("\n".join(d.name for d in docs).encode("utf-8")).hexdigest(),
-        "content_sha256": content.hexdigest(),
+        "list_sha256": list_sha,
+        "content_sha256": content_sha,
     }
