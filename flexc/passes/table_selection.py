@@ -24,7 +24,7 @@ from flexc.utils import distributed
 
 
 def held_out_text(calibration, count: int, required: bool, logger) -> list[torch.Tensor]:
-    """``selection.samples``: the ``count`` sequences after the calibration set in its own source
+    """``selection.samples``: ``count`` sequences from the documents after the calibration set's in its own source
     (``required``: set in the spec, so a source without them is an error; else what there is)."""
     following = getattr(calibration, "following", None)  # a CalibrationSet, or one loaded into memory
     if following is None:
