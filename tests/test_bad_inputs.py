@@ -517,13 +517,21 @@ def _generated_cases() -> list[Case]:
     from flexc.passes.registry import available_passes, resolve_pass
 
     cases = []
+
+    def option_cases(name: str, model: type[BaseModel], path: tuple[str, ...]) -> None:
+        for key, f in model.model_fields.items():
+            where = (*path, f.alias or key)
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                option_cases(name, f.annotation, where)  # an option group (anneal's schedule, selection)
+                continue
+            for tag, value, says, at in _wrong_values(f.annotation, f.metadata):
+                cases.append(Case(f"option_{name}_{'_'.join(where)}_{tag}", "model: {zoo: tiny}\npipeline: "
+                                  f"[{{{name}: {{{_flow(where, value).strip()}}}}}]\n",
+                                  f"pipeline[0].{name}.{'.'.join(where)}{at}", says))
+
     for name in available_passes():
         options = resolve_pass(name).Options.model_fields
-        for key, f in options.items():
-            yaml_key = f.alias or key
-            for tag, value, says, at in _wrong_values(f.annotation, f.metadata):
-                cases.append(Case(f"option_{name}_{yaml_key}_{tag}", f"model: {{zoo: tiny}}\npipeline: "
-                                  f"[{{{name}: {{{yaml_key}: {value}}}}}]\n", f"pipeline[0].{name}.{yaml_key}{at}", says))
+        option_cases(name, resolve_pass(name).Options, ())
         misspelt = (next(iter(options)) + "z") if options else "granule"
         cases.append(Case(f"option_{name}_unknown_key", f"model: {{zoo: tiny}}\npipeline: [{{{name}: {{{misspelt}: 1}}}}]\n",
                           f"pipeline[0].{name}.{misspelt}", "unknown key"))

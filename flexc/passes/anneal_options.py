@@ -102,6 +102,8 @@ class TrainingSchedule(BaseModel):
     extra_steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="ramp: bounded continuation if budgets "
                                     "remain, with lambda doubling and fresh optimizer moments (default: half of steps).")
 
+    _no_bools = field_validator("*", mode="before")(classmethod(reject_bool_numbers))
+
     @model_validator(mode="before")
     @classmethod
     def _kind_alone(cls, data):
@@ -112,6 +114,7 @@ class Selection(BaseModel):
     """track: how each budget's table is chosen, on held-out text from documents no training batch came from."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    _no_bools = field_validator("*", mode="before")(classmethod(reject_bool_numbers))
 
     share: float = Field(0.25, ge=0, lt=1, description="Share of calibration batches held out to choose, per "
                          "budget, between the trained table and the one-shot ones (their windows that share a "
