@@ -18,6 +18,8 @@ resumed compile loads it back; exporters, the report, ``flexc compare`` and eval
 - ``expert_masks`` ``[budgets, layers, experts]`` bool: set by ``expert_prune``; read by the
   exporters (which refuse it), the report, eval.
 - ``recovered_keep``, ``kernel_backend``: set by ``recover``, ``lower_kernels`` (records).
+- ``quantization``: set by ``quantize`` (its scheme, bits, group size and method); read by the
+  exporters, the report, compare.
 - ``extras``: a user pass's own results, under names of its choosing.
 
 ``extras`` holds tensors and JSON values (nested lists and dicts with string keys); anything
@@ -55,7 +57,7 @@ LEGACY_TENSORS = "ctx_state.safetensors"
 # Hand-off names of the width tables in the dict form; they read from ``width_tables``.
 _WIDTH_KEYS = ("width_budgets", "width_tables", "width_metric")
 _TENSOR_FIELDS = ("routing_counts", "routing_weight_sums", "channel_scores", "channel_perms", "expert_masks")
-_VALUE_FIELDS = ("width_method", "recovered_keep", "kernel_backend")
+_VALUE_FIELDS = ("width_method", "recovered_keep", "kernel_backend", "quantization")
 
 
 @dataclass(eq=False)
@@ -71,6 +73,7 @@ class CompileState(MutableMapping):
     expert_masks: torch.Tensor | None = None  # [budgets, layers, experts] bool: experts removed (expert_prune)
     recovered_keep: float | None = None  # the budget recover fine-tuned at
     kernel_backend: str | None = None  # "triton" or "reference", chosen by lower_kernels
+    quantization: dict | None = None  # the scheme quantize applied (scheme, bits, group_size, method)
     extras: dict[str, Any] = field(default_factory=dict)  # user passes' own results
 
     __eq__ = object.__eq__  # identity: Mapping's would compare tensors elementwise

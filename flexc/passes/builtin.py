@@ -6,8 +6,9 @@ from flexc.passes.baselines import Coverage, Uniform
 from flexc.passes.expert_prune import ExpertPrune, InsertRouterMasks
 from flexc.passes.fold_masks import FoldMasks
 from flexc.passes.lower_kernels import LowerKernels
+from flexc.passes.quantize import Quantize
 from flexc.passes.rank_channels import RankChannels
 from flexc.passes.recover import Recover
 
 BUILTIN_PASSES = (RankChannels, InsertActionGates, Anneal, Uniform, Coverage, ExpertPrune, InsertRouterMasks,
-                  FoldMasks, Recover, LowerKernels)
+                  FoldMasks, Recover, Quantize, LowerKernels)
