@@ -49,7 +49,7 @@ def group_scales(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """compressed-tensors' symmetric scales of each group of ``w [..., rows, cols]``: ``[..., rows, cols/group]``."""
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    grouped = w.float().unflatten(-1, (-1, scheme.group_size))
+    grouped = w.detach().float().unflatten(-1, (-1, scheme.group_size))
     scales, _ = calculate_qparams(grouped.amin(-1), grouped.amax(-1), scheme.args())
     return _nonzero(scales)
 
@@ -75,7 +75,7 @@ def quantize_rtn(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     _check_groups(w.shape[-1], scheme, "quantize_rtn")
     scales = group_scales(w, scheme)
     low, high = _code_range(scheme)
-    codes = _round(w.float(), scales.repeat_interleave(scheme.group_size, dim=-1), low, high)
+    codes = _round(w.detach().float(), scales.repeat_interleave(scheme.group_size, dim=-1), low, high)
     return QuantizedWeight(codes.to(torch.int8), scales)
 
 
@@ -140,13 +140,16 @@ def _inverse_cholesky(hessian: torch.Tensor, starts: torch.Tensor | None, dampen
     dead = diag <= 0  # a column no calibration token reached: its weight is quantized on its own
     h[dead.unsqueeze(-1).expand_as(h) | dead.unsqueeze(-2).expand_as(h)] = 0
     diag[dead] = 1.0
-    if starts is not None:
+    # Each segment is quantized on its own: no cross-segment terms, and its own mean diagonal damps it.
+    if starts is None:
+        same = torch.ones_like(h, dtype=torch.bool)
+    else:
         segment = starts.long().cumsum(dim=1)
-        h = h * (segment[:, :, None] == segment[:, None, :])
-    eye = torch.eye(cols, dtype=h.dtype)
-    damp = dampening * h.diagonal(dim1=-2, dim2=-1).mean(dim=-1)
+        same = segment[:, :, None] == segment[:, None, :]
+    h = h * same
+    mean_diag = (same * h.diagonal(dim1=-2, dim2=-1)[:, None, :]).sum(-1) / same.sum(-1)  # [E, cols]
     for attempt in range(6):
-        factor, info = torch.linalg.cholesky_ex(h + (damp * 10 ** attempt)[:, None, None] * eye)
+        factor, info = torch.linalg.cholesky_ex(h + torch.diag_embed(dampening * 10 ** attempt * mean_diag))
         if not bool(info.any()):
             break
     else:
