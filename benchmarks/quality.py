@@ -10,6 +10,7 @@ held-out tokens. Runs :func:`flexc.compiler.compare.compare` on a spec built fro
     python benchmarks/quality.py --model mixtral-tiny --eval-tokens 20000
     python benchmarks/quality.py --model tiny --methods flexmoe,coverage --seeds 0,1,2
     python benchmarks/quality.py --model tiny --max-buckets none --grid none   # widths without the serving bound
+    python benchmarks/quality.py --model tiny --methods flexmoe,coverage --grid 32 --quantize w4a16:gptq:32,w4a16:rtn:32
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
 from flexc.compiler.spec import Spec  # noqa: E402
-from flexc.compiler.compare import compare  # noqa: E402
+from flexc.compiler.compare import compare, parse_quantize  # noqa: E402
 from flexc.passes.methods import parse_methods  # noqa: E402
 
 BUDGETS = "0.9,0.75,0.6,0.5,0.4,0.3,0.25,0.2"
@@ -94,6 +95,9 @@ def main() -> None:
                         help="budgets.grid (default auto, the spec's; none: the pass's granule)")
     parser.add_argument("--recover", action="store_true",
                         help="also every method after one recover (defaults, at the budget nearest keep 0.6)")
+    parser.add_argument("--quantize", default=None, metavar="SCHEME[:METHOD[:GROUP]],...",
+                        help="also every method after quantize (e.g. w4a16:gptq:32,w4a16:rtn:32; needs --grid a "
+                             "multiple of the group size)")
     parser.add_argument("--eval-tokens", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", default=None, metavar="S,S,...",
@@ -110,7 +114,9 @@ def main() -> None:
     for seed in seeds:
         spec = spec_for(args, seed)
         work = Path(tempfile.mkdtemp(prefix="flexc-quality-"))
-        runs[seed] = compare(spec, parse_methods(args.methods, spec), work, quiet=True, recover=args.recover)
+        quantize = parse_quantize(args.quantize, spec) if args.quantize else []
+        runs[seed] = compare(spec, parse_methods(args.methods, spec), work, quiet=True, recover=args.recover,
+                             quantize=quantize)
         print(f"seed {seed}\n" + (work / "compare.md").read_text())
         common.print_table(runs[seed]["results"], ["method", "keep_target", "params_keep", "ppl", "tokens"])
         if seed == seeds[0]:

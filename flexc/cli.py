@@ -6,7 +6,7 @@
     flexc inspect MODEL [--graph OUT.svg] | flexc inspect --families
     flexc zoo list | flexc zoo build NAME [--force]
     flexc eval MODEL|ARTIFACT [--spec SPEC] [--budget B ...] [--tasks T,...] [--json OUT]
-    flexc compare SPEC --methods flexmoe,uniform,coverage,expert_prune:man [--out DIR] [--recover]
+    flexc compare SPEC --methods flexmoe,uniform,coverage,expert_prune:man [--out DIR] [--recover] [--quantize w4a16]
     flexc serve ARTIFACT [--budget KEEP] [--per-request-budgets] [--host H] [--port P] [--dry-run] [-- VLLM ARGS...]
 
 User errors print one clear message (no traceback unless --verbose) and exit with status 2.
@@ -311,6 +311,9 @@ def _add_eval_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--recover", action="store_true",
                    help="also show every method after one recover (the spec's recover options; without a recover "
                         "entry, the defaults at the budget nearest keep 0.6)")
+    p.add_argument("--quantize", metavar="SCHEME[:METHOD[:GROUP]],...",
+                   help="also show every method (and its recover) after quantize, e.g. w4a16:gptq:128,w8a16:rtn "
+                        "(what an entry leaves out: the spec's quantize options, else the pass's defaults)")
     p.set_defaults(func=cmd_compare)
 
 

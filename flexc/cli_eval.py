@@ -139,17 +139,18 @@ def _print_results(results: dict[str, list[dict]], source, console) -> None:
 
 def run_compare(args, console) -> dict:
     from flexc.compiler.driver import output_dir
-    from flexc.compiler.compare import compare, load_spec_or_run
+    from flexc.compiler.compare import compare, load_spec_or_run, parse_quantize
     from flexc.passes.methods import parse_methods
 
     spec, run = load_spec_or_run(args.spec)  # a spec file, or a compile's output directory
     try:
         methods = parse_methods(args.methods, spec)
+        quantize = parse_quantize(args.quantize, spec) if args.quantize else []
     except ValueError as exc:
         raise FlexcError(str(exc)) from None
     source = None if run is not None else Path(args.spec)
     out = Path(args.out).expanduser() if args.out else (run or output_dir(spec, source, None)) / "compare"
-    result = compare(spec, methods, out, quiet=args.verbosity < 0, run=run, recover=args.recover)
+    result = compare(spec, methods, out, quiet=args.verbosity < 0, run=run, recover=args.recover, quantize=quantize)
     console.print((out / "compare.md").read_text(), highlight=False, soft_wrap=True)
     console.print(f"[green]✓[/] {out}/compare.json, compare.md, compare.png", highlight=False, soft_wrap=True)
     return result

@@ -17,6 +17,7 @@ width tables instead of computing them again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -130,12 +131,14 @@ def _strings(node, where: str):
 
 
 def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, logger=None,
-            run: Path | None = None, recover: bool = False) -> dict:
+            run: Path | None = None, recover: bool = False, quantize: list[dict] = ()) -> dict:
     """Run ``methods`` on the spec's model and data; write ``compare.{json,md,png}`` into ``out_dir``.
 
     ``run``: a compile's output directory whose ranking and width tables to reuse when they are
     what ``flexmoe`` would compute (default: the spec's ``export.dir``). ``recover``: also evaluate
-    every method after one ``recover`` on its tables (rows ``METHOD+recover``; see :func:`_recovered`).
+    every method after one ``recover`` on its tables (rows ``METHOD+recover``). ``quantize``: options
+    of ``quantize`` passes (:func:`parse_quantize`), each evaluated after every method, and after
+    its recover (rows ``METHOD+w4a16-g128-gptq``, ``METHOD+recover+...``). See :func:`_then`.
     """
     import logging
 
@@ -190,21 +193,36 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
                 skipped[method.label] = unreachable
         graph = runner.run_all(built)
         seconds[method.label] = time.perf_counter() - start
-        state = runner.state
-        weights = expert_weights(graph.groups, metric, state.routing_counts)
+        weights = expert_weights(graph.groups, metric, runner.state.routing_counts)
         params_w = expert_weights(graph.groups, "params")
-        tables = state.checked_width_tables(allow_expert_masks=True)
-        for b, table in zip(tables.budgets, tables.tables):
-            apply_budget(graph, state, b)
-            rows.append({"method": method.label, "keep_target": round(b, 6), "keep": keep_ratio(table, full, weights),
-                         "params_keep": keep_ratio(table, full, params_w), **ppl()})
-        apply_budget(graph, state, None)
+
+        def measured(label: str, state) -> list[dict]:
+            out = []
+            for b, table in zip(*_tables(state)):
+                apply_budget(graph, state, b)
+                out.append({"method": label, "keep_target": round(b, 6), "keep": keep_ratio(table, full, weights),
+                            "params_keep": keep_ratio(table, full, params_w), **ppl()})
+            apply_budget(graph, state, None)
+            return out
+
+        def quantized(base: PassRunner, prefix: str) -> list[dict]:
+            out = []
+            for options in quantize:
+                label = f"{prefix}+{quantize_label(options)}"
+                start = time.perf_counter()
+                with _then(graph, base, label, [resolve_pass("quantize")(options)]) as after:
+                    out += measured(label, after.state)
+                seconds[label] = time.perf_counter() - start
+            return out
+
+        rows += measured(method.label, runner.state) + quantized(runner, method.label)
         if recover:
             label = f"{method.label}+recover"
             start = time.perf_counter()
-            rows += _recovered(graph, runner, spec, label, lambda table: {
-                "keep": keep_ratio(table, full, weights), "params_keep": keep_ratio(table, full, params_w), **ppl()})
-            seconds[label] = time.perf_counter() - start
+            with _then(graph, runner, label, [resolve_pass("recover")(recover_options(spec))]) as after:
+                rows += measured(label, after.state)
+                seconds[label] = time.perf_counter() - start
+                rows += quantized(after, label)
         logger.info("compare: %s done in %.1fs", method.label, seconds[method.label])
     result = {"model": spec.model.source, "metric": metric, "budgets": list(spec.budgets.keep_ratios),
               "eval_tokens": base["tokens"], "seconds": seconds,
@@ -225,22 +243,54 @@ def recover_options(spec) -> dict:
     return {"keep": min(spec.budgets.keep_ratios, key=lambda b: (abs(b - default), -b))}
 
 
-def _recovered(graph, runner: PassRunner, spec, label: str, measure) -> list[dict]:
-    """One ``recover`` on the method's tables (the runner's state), then every budget measured
-    (``measure(table)``: its row's figures) as method ``label``; the model's weights are put back
-    afterwards, so the next method starts from the same ranked model."""
+def _tables(state) -> tuple[list[float], list[torch.Tensor]]:
+    tables = state.checked_width_tables(allow_expert_masks=True)
+    return tables.budgets, tables.tables
+
+
+@contextlib.contextmanager
+def _then(graph, runner: PassRunner, label: str, passes: list):
+    """Run ``passes`` after a method (``runner``: its graph and state) on a copy of its state; yields their
+    runner. The model's weights and the graph's properties are put back afterwards, so the next method
+    (or the next follow-up) starts from the same ranked model."""
     saved = {name: value.detach().clone() for name, value in graph.model.state_dict().items()}
-    rows = []
+    properties = set(graph.properties)
+    after = PassRunner(graph, runner.context, runner.workdirs, state=runner.state.copy(), done=runner.done)
     try:
-        graph = runner.run_all([(label, resolve_pass("recover")(recover_options(spec)))])
-        tables = runner.state.checked_width_tables(allow_expert_masks=True)
-        for b, table in zip(tables.budgets, tables.tables):
-            apply_budget(graph, runner.state, b)
-            rows.append({"method": label, "keep_target": round(b, 6), **measure(table)})
-        apply_budget(graph, runner.state, None)
+        after.run_all([(label, p) for p in passes])
+        yield after
     finally:
         graph.model.load_state_dict(saved)
-    return rows
+        graph.properties = properties
+
+
+def parse_quantize(text: str, spec) -> list[dict]:
+    """``--quantize`` (``SCHEME[:METHOD[:GROUP]]``, comma-separated) as ``quantize`` options; what an entry
+    leaves out comes from the spec's ``quantize`` pass, else the pass's defaults."""
+    from flexc.passes.quantize import QuantizeOptions
+
+    base = next((dict(e.options) for e in spec.pipeline if e.name == "quantize"), {})
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        parts = item.split(":")
+        if len(parts) > 3:
+            raise ValueError(f"--quantize {item!r}: expected SCHEME[:METHOD[:GROUP]], e.g. w4a16:gptq:128")
+        options = {**base, **dict(zip(("scheme", "method", "group_size"), parts))}
+        if "group_size" in options and isinstance(options["group_size"], str):
+            if not options["group_size"].isdigit():
+                raise ValueError(f"--quantize {item!r}: group size {options['group_size']!r} is not a number")
+            options["group_size"] = int(options["group_size"])
+        try:
+            out.append(QuantizeOptions.model_validate(options).model_dump(mode="json"))
+        except ValueError as exc:
+            first = exc.errors()[0] if hasattr(exc, "errors") else {"msg": str(exc), "loc": ()}
+            raise ValueError(f"--quantize {item!r}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return out
+
+
+def quantize_label(options: dict) -> str:
+    """A row label's suffix for ``quantize`` options, e.g. ``w4a16-g128-gptq``."""
+    return f"{options['scheme']}-g{options['group_size']}-{options['method']}"
 
 
 def markdown_table(rows: list[dict], metric: str = "params") -> str:

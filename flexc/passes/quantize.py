@@ -104,7 +104,7 @@ class Quantize(Pass):
                 h_in, h_inner, _ = hessians[i]
                 q_gate_up = quantize_gptq(gate_up, h_in, scheme, dampening=opts.dampening)
                 q_down = quantize_gptq(down, h_inner, scheme, cuts=cuts[i], dampening=opts.dampening)
-            layers.append(_layer_report(g, gate_up, down, q_gate_up, q_down, hessians[i] if hessians else None))
+            layers.append(_layer_report(g, gate_up, down, q_gate_up, q_down, hessians[i] if hessians else None, scheme))
             with torch.no_grad():
                 gate_up.copy_(q_gate_up.dequantized(gate_up.dtype))
                 down.copy_(q_down.dequantized(down.dtype))
@@ -169,9 +169,10 @@ def _hessians(graph, ctx: PassContext) -> list[tuple[torch.Tensor, torch.Tensor,
     return sums
 
 
-def _layer_report(group, gate_up, down, q_gate_up: QuantizedWeight, q_down: QuantizedWeight, hessians) -> dict:
+def _layer_report(group, gate_up, down, q_gate_up: QuantizedWeight, q_down: QuantizedWeight, hessians,
+                  scheme: QuantScheme) -> dict:
     """Relative weight error of both projections, and (with calibration) relative output error
-    ``||dW X|| / ||W X||`` over the calibration inputs."""
+    ``||dW X|| / ||W X||`` over the calibration inputs, beside round-to-nearest's on the same inputs."""
     def weight_error(w, q):
         w = w.detach().float()
         return float((q.dequantized() - w).norm() / w.norm().clamp_min(1e-12))
@@ -189,5 +190,7 @@ def _layer_report(group, gate_up, down, q_gate_up: QuantizedWeight, q_down: Quan
         h_in, h_inner, count = hessians
         report.update(gate_up_output_error=output_error(gate_up, q_gate_up, h_in),
                       down_output_error=output_error(down, q_down, h_inner),
+                      gate_up_output_error_rtn=output_error(gate_up, quantize_rtn(gate_up, scheme), h_in),
+                      down_output_error_rtn=output_error(down, quantize_rtn(down, scheme), h_inner),
                       experts_without_tokens=int((count == 0).sum()))
     return report

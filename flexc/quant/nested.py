@@ -135,7 +135,6 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *
 def _inverse_cholesky(hessian: torch.Tensor, starts: torch.Tensor | None, dampening: float) -> torch.Tensor:
     """Upper Cholesky factor of each expert's (dampened, segment-block-diagonal) inverse Hessian."""
     h = hessian.detach().double().clone()
-    cols = h.shape[-1]
     diag = h.diagonal(dim1=-2, dim2=-1)
     dead = diag <= 0  # a column no calibration token reached: its weight is quantized on its own
     h[dead.unsqueeze(-1).expand_as(h) | dead.unsqueeze(-2).expand_as(h)] = 0
