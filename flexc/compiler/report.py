@@ -16,6 +16,7 @@ from typing import Any
 from flexc.compiler.artifacts import REPORT_FILE, write_text
 from flexc.ir.state import CompileState
 from flexc.ir.tables import WidthTables
+from flexc.quant.scheme import QuantScheme
 from flexc.utils.atomic import atomic_path
 
 FIGURES_DIR = "report"
@@ -38,16 +39,37 @@ def _fmt_bytes(n: int) -> str:
 
 
 def budget_rows(graph, state: CompileState) -> list[dict[str, Any]]:
-    """Per budget (full width first): keep ratios, parameter counts and bytes."""
+    """Per budget (full width first): keep ratios, parameter counts, bytes of the routed experts (as a sliced
+    checkpoint stores them: quantized codes and scales after ``quantize``) and of the whole model."""
+    import torch
+
     from flexc.export.nested import budget_sizes
 
     tables = state.checked_width_tables(allow_expert_masks=True)
     params = list(graph.model.parameters())
     total = sum(p.numel() for p in params)
     size = params[0].element_size()
-    rows = [{"keep": 1.0, "keep_achieved": 1.0, "routed_params": sum(g.routed_params for g in graph.groups),
-             "total_params": total, "bytes": total * size}]
-    return rows + budget_sizes(graph.groups, tables, total, size)
+    full = WidthTables(budgets=[1.0], tables=torch.tensor([[g.intermediate_size] * g.num_experts for g in graph.groups])[None],
+                       metric="params", layers=tables.layers, full=tables.full)
+    rows = budget_sizes(graph.groups, full, total, size) + budget_sizes(graph.groups, tables, total, size)
+    rows[0]["keep"] = rows[0]["keep_achieved"] = 1.0
+    for r, table in zip(rows, [full.tables[0], *tables.tables]):
+        r["routed_bytes"] = r["routed_params"] * size
+        if state.quantization is not None:  # the expert weights as codes and scales, biases as they are
+            scheme = QuantScheme(state.quantization["scheme"], state.quantization["group_size"])
+            weights = sum(int(table[i].sum()) * 3 * g.hidden_size for i, g in enumerate(graph.groups))
+            r["routed_bytes"] = round(scheme.weight_bytes(weights, size) + (r["routed_params"] - weights) * size)
+        r["bytes"] = (r["total_params"] - r["routed_params"]) * size + r["routed_bytes"]
+    return rows
+
+
+def _quantization_line(state: CompileState) -> list[str]:
+    q = state.quantization
+    if q is None:
+        return []
+    return [f"Routed experts quantized by `quantize`: {q['scheme']} (int{q['bits']}, one scale per {q['group_size']} "
+            f"input channels, {q['method']}); bytes count them as codes and scales, as a sliced checkpoint stores "
+            "them, and every perplexity is the quantized model's (1 included).", ""]
 
 
 def measure_quality(graph, state: CompileState, spec, tokenizer, budgets: list[float]) -> dict[float, float]:
@@ -121,6 +143,9 @@ def _state_records(state: CompileState) -> list[str]:
         lines.append(f"- **recover**: fine-tuned at keep {state.recovered_keep:g}")
     if state.kernel_backend is not None:
         lines.append(f"- **expert kernels**: `{state.kernel_backend}`")
+    if state.quantization is not None:
+        q = state.quantization
+        lines.append(f"- **quantize**: {q['scheme']} (group {q['group_size']}, {q['method']}) on the routed experts")
     return lines
 
 
@@ -180,13 +205,14 @@ def write_report(out: Path, manifest: dict[str, Any], spec, graph=None, state: C
         lines += ["## Budgets", "",
                   f"Keep ratios are fractions of routed-expert parameters kept"
                   f"{' (targets in the FLOPs metric)' if metric == 'flops' else ''}; 1 is the unpruned model.", "",
-                  "| keep (target) | keep (achieved, params) | routed params | total params | bytes |"
+                  *_quantization_line(state),
+                  "| keep (target) | keep (achieved, params) | routed params | total params | routed bytes | bytes |"
                   + (" held-out ppl | Δ ppl |" if quality else ""),
-                  "|---|---|---|---|---|" + ("---|---|" if quality else "")]
+                  "|---|---|---|---|---|---|" + ("---|---|" if quality else "")]
         base = rows[0].get("perplexity")
         for r in rows:
             cells = [f"{r['keep']:g}", f"{r['keep_achieved']:.3f}", _fmt_count(r["routed_params"]),
-                     _fmt_count(r["total_params"]), _fmt_bytes(r["bytes"])]
+                     _fmt_count(r["total_params"]), _fmt_bytes(r["routed_bytes"]), _fmt_bytes(r["bytes"])]
             if quality:
                 ppl = r.get("perplexity")
                 cells += [f"{ppl:.2f}" if ppl is not None else "–",
@@ -220,7 +246,8 @@ def write_report(out: Path, manifest: dict[str, Any], spec, graph=None, state: C
         lines.append("")
     # A compact copy for the CLI's closing table (the driver saves the manifest after this).
     manifest["summary"] = {"report": REPORT_FILE, "metric": metric, "budgets": [
-        {k: r.get(k) for k in ("keep", "keep_achieved", "total_params", "bytes", "perplexity")} for r in rows]}
+        {k: r.get(k) for k in ("keep", "keep_achieved", "total_params", "routed_bytes", "bytes", "perplexity")}
+        for r in rows]}
     path = out / REPORT_FILE
     write_text(path, "\n".join(lines))
     return path

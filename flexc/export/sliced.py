@@ -41,8 +41,10 @@ from flexc.errors import FlexcError
 from flexc.export.context import ExportContext
 from flexc.export.remote import modeling_flexc_sliced as remote
 from flexc.export.nested import ArtifactError, read_json_object, read_manifest
-from flexc.export.slicing import LayerSlices, slice_experts
+from flexc.export.slicing import LayerSlices, slice_experts, slice_scales
 from flexc.ir.tables import BudgetError, WidthTables, budget_key
+from flexc.quant.nested import codes_of, pack_codes
+from flexc.quant.scheme import QuantScheme
 
 KIND = "sliced"
 FORMAT_VERSION = remote.FORMAT_VERSION
@@ -80,14 +82,23 @@ def _transformers_base(model: nn.Module) -> type:
 # ---- packing the experts ------------------------------------------------------------------
 
 
-def pack_layer(slices: LayerSlices) -> dict[str, torch.Tensor]:
-    """One layer's expert slices by width bucket, in the layout of ``SlicedExperts`` (fresh tensors)."""
+def pack_layer(slices: LayerSlices, scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+               scheme: QuantScheme | None = None) -> dict[str, torch.Tensor]:
+    """One layer's expert slices by width bucket, in the layout of ``SlicedExperts`` (fresh tensors);
+    with a ``scheme`` (and each expert's sliced ``scales``), as packed integer codes and scales."""
     packed = {}
     has_bias = slices.experts[0].down_bias is not None
     for i, (width, ids) in enumerate(remote.width_buckets(slices.widths)):
         experts = [slices.experts[e] for e in ids]
-        packed[f"bucket_{i}_gate_up"] = torch.stack([torch.cat([s.gate, s.up]) for s in experts])
-        packed[f"bucket_{i}_down"] = torch.stack([s.down for s in experts])
+        weights = {"gate_up": torch.stack([torch.cat([s.gate, s.up]) for s in experts]),
+                   "down": torch.stack([s.down for s in experts])}
+        for k, (name, w) in enumerate(weights.items()):
+            if scheme is None:
+                packed[f"bucket_{i}_{name}"] = w
+                continue
+            scale = torch.stack([scales[e][k] for e in ids])
+            packed[f"bucket_{i}_{name}_packed"] = pack_codes(codes_of(w, scale, scheme), scheme)
+            packed[f"bucket_{i}_{name}_scale"] = scale.to(w.dtype)
         if has_bias:
             packed[f"bucket_{i}_gate_up_bias"] = torch.stack([torch.cat([s.gate_bias, s.up_bias]) for s in experts])
             packed[f"bucket_{i}_down_bias"] = torch.stack([s.down_bias for s in experts])
@@ -118,24 +129,39 @@ def _set_tensor(root: nn.Module, name: str, tensor: torch.Tensor, is_param: bool
         owner._buffers[leaf] = tensor
 
 
-def build_sliced_model(model: nn.Module, groups, widths: torch.Tensor, budget: float | None = None) -> nn.Module:
-    """The sliced model of ``model`` at ``widths [L, E]`` (rows in ``groups`` order).
+def quantization_record(quantization: dict | None) -> dict | None:
+    """What a checkpoint's config and manifest say of ``quantize`` (its scheme; the scales are in the weights)."""
+    return None if quantization is None else {k: v for k, v in quantization.items() if k != "scales"}
+
+
+def build_sliced_model(model: nn.Module, groups, widths: torch.Tensor, budget: float | None = None,
+                       quantization: dict | None = None) -> nn.Module:
+    """The sliced model of ``model`` at ``widths [L, E]`` (rows in ``groups`` order); with ``quantization``
+    (the compile state's, from ``quantize``) its experts hold packed integer codes and scales.
 
     Built on the meta device, then every tensor is filled in: experts from fresh slices, all
     others shared with ``model`` (no copy, ties kept). ``model`` is left unchanged.
     """
     base = _transformers_base(model)
     cls = sliced_class_for(base)
+    scheme = None if quantization is None else QuantScheme(quantization["scheme"], quantization["group_size"])
     packed, entries = {}, {}
     for group, row in zip(groups, widths):
         experts = model.get_submodule(group.path)
-        slices = slice_experts(experts, row[: group.num_experts])
+        row = row[: group.num_experts]
+        slices = slice_experts(experts, row)
+        scales = None
+        if scheme is not None:
+            layer = quantization["scales"][f"layer{group.layer}"]
+            scales = slice_scales(experts, layer["gate_up"], layer["down"], row.tolist(), scheme.group_size)
         entries[group.path] = _layer_entry(slices)
-        packed.update({f"{group.path}.{k}": v for k, v in pack_layer(slices).items()})
+        packed.update({f"{group.path}.{k}": v for k, v in pack_layer(slices, scales, scheme).items()})
 
     config = copy.deepcopy(model.config)
     config.flexc_sliced = {"format": FORMAT_VERSION, "base_class": base.__name__, "budget": budget,
                            "experts": entries}
+    if scheme is not None:
+        config.flexc_sliced["quantization"] = quantization_record(quantization)
     config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
     config.architectures = [cls.__name__]
     with torch.device("meta"):
@@ -175,31 +201,43 @@ def _widths_summary(groups, widths: torch.Tensor) -> dict[str, Any]:
 
 def write_sliced(target: str | Path, model: nn.Module, groups, widths: torch.Tensor, *, budget: float,
                  tokenizer=None, provenance: dict[str, Any] | None = None,
-                 max_shard_size: str = "2GB") -> dict[str, Any]:
+                 max_shard_size: str = "2GB", quantization: dict | None = None) -> dict[str, Any]:
     """Write the sliced checkpoint of ``model`` at ``widths [L, E]`` into ``target``; return its manifest."""
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    sliced = build_sliced_model(model, groups, widths, budget)
+    sliced = build_sliced_model(model, groups, widths, budget, quantization)
     sliced.save_pretrained(target, max_shard_size=max_shard_size)
     shutil.copyfile(modeling_source(), target / MODELING_FILE)
     if tokenizer is not None:
         tokenizer.save_pretrained(target)
 
-    routed = sum(p.numel() for m in sliced.modules() if isinstance(m, remote.SlicedExperts) for p in m.parameters())
-    total = sum(p.numel() for p in sliced.parameters())
+    expert_modules = [m for m in sliced.modules() if isinstance(m, remote.SlicedExperts)]
+    routed = sum(m.parameter_count() for m in expert_modules)  # a quantized code counts as one parameter
+    total = routed + sum(p.numel() for p in sliced.parameters()) - sum(
+        p.numel() for m in expert_modules for p in m.parameters())
     full_total = sum(p.numel() for p in model.parameters())
     manifest = sliced_manifest(target, budget, _transformers_base(model).__name__, type(sliced).__name__,
                                model.config.model_type, next(model.parameters()).dtype, groups, widths,
-                               routed=routed, total=total, full_total=full_total, provenance=provenance)
+                               routed=routed, total=total, full_total=full_total, provenance=provenance,
+                               quantization=quantization_record(quantization),
+                               routed_bytes=sum(p.numel() * p.element_size() for m in expert_modules
+                                                for p in m.parameters()))
     (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def sliced_manifest(target: Path, budget: float, architecture: str, model_class: str, model_type: str,
                     dtype: torch.dtype, groups, widths: torch.Tensor, *, routed: int, total: int, full_total: int,
-                    provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One budget folder's ``flexc_manifest.json`` (also written by the streamed export)."""
+                    provenance: dict[str, Any] | None = None, quantization: dict | None = None,
+                    routed_bytes: int | None = None) -> dict[str, Any]:
+    """One budget folder's ``flexc_manifest.json`` (also written by the streamed export). ``bytes``: the
+    weight files', and (given ``routed_bytes``) the routed experts' as stored, beside the unpruned routed
+    experts' in bf16 (the usual serving baseline)."""
     routed_full = sum(g.routed_params for g in groups)
+    sizes = {"weights": _weights_bytes(target)}
+    if routed_bytes is not None:
+        sizes.update(routed_experts=routed_bytes, routed_experts_unpruned_bf16=2 * routed_full,
+                     routed_experts_vs_unpruned_bf16=routed_bytes / (2 * routed_full) if routed_full else None)
     return {
         "kind": KIND,
         "format": FORMAT_VERSION,
@@ -212,7 +250,8 @@ def sliced_manifest(target: Path, budget: float, architecture: str, model_class:
         "widths": _widths_summary(groups, widths),
         "params": {"total": total, "routed": routed, "full_total": full_total, "full_routed": routed_full,
                    "routed_keep": routed / routed_full if routed_full else 1.0},
-        "bytes": {"weights": _weights_bytes(target)},
+        "bytes": sizes,
+        "quantization": quantization,
         "provenance": provenance or {},
     }
 
@@ -239,11 +278,12 @@ def export_sliced(ctx: ExportContext) -> None:
     for budget in tables.budgets:
         key = budget_key(budget)
         m = write_sliced(ctx.target / key, ctx.model, groups, tables.table(budget), budget=budget,
-                         tokenizer=ctx.tokenizer, provenance=provenance)
+                         tokenizer=ctx.tokenizer, provenance=provenance, quantization=ctx.state.quantization)
         index.append({"keep": budget, "dir": key, "total_params": m["params"]["total"],
                       "routed_keep": m["params"]["routed_keep"], "bytes": m["bytes"]["weights"]})
-        ctx.logger.info("sliced: keep %.2f → %s/ (%s parameters, %.1f MB)", budget, key,
-                        f"{m['params']['total']:,}", m["bytes"]["weights"] / 1e6)
+        ctx.logger.info("sliced: keep %.2f → %s/ (%s parameters, %.1f MB; routed experts %.3g× their unpruned "
+                        "bf16 bytes)", budget, key, f"{m['params']['total']:,}", m["bytes"]["weights"] / 1e6,
+                        m["bytes"]["routed_experts_vs_unpruned_bf16"])
     top = {"kind": KIND, "format": FORMAT_VERSION, "metric": tables.metric, "budgets": index}
     (Path(ctx.target) / MANIFEST_FILE).write_text(json.dumps(top, indent=2) + "\n")
 

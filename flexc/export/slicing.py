@@ -66,3 +66,13 @@ def slice_experts(experts: nn.Module, widths: torch.Tensor | list[int]) -> Layer
             out.append(piece)
     activation, _, alpha, limit = weights.layout
     return LayerSlices(out, activation, float(alpha), float(limit))
+
+
+def slice_scales(experts: nn.Module, gate_up_scales: torch.Tensor, down_scales: torch.Tensor, widths: list[int],
+                 group: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Quantization scales cut like :func:`slice_experts` cuts the weights: per expert, ``gate_up [2w, H/group]``
+    (its gate rows then its up rows) and ``down [H, w/group]`` (``gate_up_scales [E, 2I, H/group]`` and
+    ``down_scales [E, H, I/group]`` in the module's layout; each width a multiple of ``group``)."""
+    rows = module_weights(experts).layout.rows
+    return [(torch.cat([rows(gate_up_scales[e], 0)[:w], rows(gate_up_scales[e], 1)[:w]]),
+             down_scales[e][:, : w // group].contiguous()) for e, w in enumerate(int(w) for w in widths)]

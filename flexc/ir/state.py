@@ -18,8 +18,9 @@ resumed compile loads it back; exporters, the report, ``flexc compare`` and eval
 - ``expert_masks`` ``[budgets, layers, experts]`` bool: set by ``expert_prune``; read by the
   exporters (which refuse it), the report, eval.
 - ``recovered_keep``, ``kernel_backend``: set by ``recover``, ``lower_kernels`` (records).
-- ``quantization``: set by ``quantize`` (its scheme, bits, group size and method); read by the
-  exporters, the report, compare.
+- ``quantization``: set by ``quantize``: its scheme (``scheme``, ``bits``, ``group_size``, ``method``)
+  and ``scales`` (per layer ``"layer{L}"``: ``gate_up [E, 2I, H/group]``, ``down [E, H, I/group]``),
+  which with the dequantized weights give back the integer codes; read by the exporters, the report.
 - ``extras``: a user pass's own results, under names of its choosing.
 
 ``extras`` holds tensors and JSON values (nested lists and dicts with string keys); anything
@@ -57,7 +58,7 @@ LEGACY_TENSORS = "ctx_state.safetensors"
 # Hand-off names of the width tables in the dict form; they read from ``width_tables``.
 _WIDTH_KEYS = ("width_budgets", "width_tables", "width_metric")
 _TENSOR_FIELDS = ("routing_counts", "routing_weight_sums", "channel_scores", "channel_perms", "expert_masks")
-_VALUE_FIELDS = ("width_method", "recovered_keep", "kernel_backend", "quantization")
+_VALUE_FIELDS = ("width_method", "recovered_keep", "kernel_backend")
 
 
 @dataclass(eq=False)
@@ -73,7 +74,7 @@ class CompileState(MutableMapping):
     expert_masks: torch.Tensor | None = None  # [budgets, layers, experts] bool: experts removed (expert_prune)
     recovered_keep: float | None = None  # the budget recover fine-tuned at
     kernel_backend: str | None = None  # "triton" or "reference", chosen by lower_kernels
-    quantization: dict | None = None  # the scheme quantize applied (scheme, bits, group_size, method)
+    quantization: dict | None = None  # quantize's scheme (scheme, bits, group_size, method) and "scales"
     extras: dict[str, Any] = field(default_factory=dict)  # user passes' own results
 
     __eq__ = object.__eq__  # identity: Mapping's would compare tensors elementwise
@@ -170,6 +171,7 @@ class CompileState(MutableMapping):
         for name in _VALUE_FIELDS:
             tree[name] = getattr(self, name)
         tree["extras"] = _flatten(self.extras, "extras", tensors)
+        tree["quantization"] = _flatten(self.quantization, "quantization", tensors)
         tree["width_tables"] = WIDTHS_FILE if self.width_tables is not None else None
         if self.width_tables is not None:
             self.width_tables.save(directory / WIDTHS_FILE)
@@ -200,6 +202,7 @@ class CompileState(MutableMapping):
                 setattr(state, name, tensors[name])
         for name in _VALUE_FIELDS:
             setattr(state, name, tree.get(name))
+        state.quantization = _unflatten(tree.get("quantization"), tensors)
         if tree.get("width_tables"):
             try:
                 state.width_tables = WidthTables.load(directory / tree["width_tables"])

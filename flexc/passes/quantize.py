@@ -9,8 +9,8 @@ multiple of ``group_size``), so each budget's prefix is whole groups and quantiz
 equals slicing then quantizing.
 
 The graph's expert weights become their dequantized values (what every budget then computes);
-the codes' scales go to ``quant_scales.safetensors`` and ``quantize.json`` reports the scheme and
-each layer's weight and output error. Biases, attention and shared experts stay as they are.
+the scales go to the compile state (``state.quantization``), from which the exports recover the
+integer codes, and ``quantize.json`` reports the scheme and each layer's weight and output error. Biases, attention and shared experts stay as they are.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ from pydantic import Field
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.quant.nested import QuantizedWeight, quantize_gptq, quantize_rtn
 from flexc.quant.scheme import GROUP_SIZES, SCHEMES, QuantScheme
-from flexc.utils.atomic import atomic_path, atomic_write_text
+from flexc.utils.atomic import atomic_write_text
 from flexc.utils.progress import progress_bar
 
 REPORT = "quantize.json"
-SCALES_FILE = "quant_scales.safetensors"
 # Passes that change weights or widths: after quantize they would undo it or cut inside a group.
 _CHANGES_AFTER = ("rank_channels", "anneal", "uniform", "coverage", "expert_prune", "recover")
 
@@ -108,17 +107,12 @@ class Quantize(Pass):
             with torch.no_grad():
                 gate_up.copy_(q_gate_up.dequantized(gate_up.dtype))
                 down.copy_(q_down.dequantized(down.dtype))
-            scales[f"layer{g.layer}.gate_up"] = q_gate_up.scales
-            scales[f"layer{g.layer}.down"] = q_down.scales
+            scales[f"layer{g.layer}"] = {"gate_up": q_gate_up.scales, "down": q_down.scales}
 
-        from safetensors.torch import save_file
-
-        with atomic_path(workdir / SCALES_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in scales.items()}, str(tmp))
         record = {**scheme.to_dict(), "method": opts.method, "targets": "routed experts"}
         atomic_write_text(workdir / REPORT, json.dumps({**record, "options": opts.model_dump(mode="json"),
                                                         "layers": layers}, indent=2))
-        ctx.state.quantization = record
+        ctx.state.quantization = {**record, "scales": scales}
         worst = max(max(r["gate_up_output_error"] or 0, r["down_output_error"] or 0) for r in layers)
         ctx.logger.info("quantize: %s (%s, group %d) over %d MoE layers; worst relative output error on "
                         "calibration inputs %.3g", scheme.name, opts.method, scheme.group_size, len(layers), worst)

@@ -39,6 +39,20 @@ class QuantizedWeight:
         return (self.codes.float() * self.scales.float().repeat_interleave(group, dim=-1)).to(dtype)
 
 
+def codes_of(dequantized: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """The integer codes (int8) of weights that hold ``codes * scales`` (e.g. a sliced export's)."""
+    low, high = _code_range(scheme)
+    return _round(dequantized.detach().float(), scales.float().repeat_interleave(scheme.group_size, dim=-1),
+                  low, high).to(torch.int8)
+
+
+def pack_codes(codes: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """compressed-tensors' ``pack-quantized`` int32 packing of ``codes [..., rows, cols]`` along ``cols``."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return pack_to_int32(codes.contiguous(), scheme.bits)
+
+
 def _check_groups(cols: int, scheme: QuantScheme, what: str) -> None:
     if cols % scheme.group_size:
         raise ValueError(f"{what}: {cols} input channels are not a whole number of quantization groups of "

@@ -41,6 +41,10 @@ class QuantScheme:
         weights = preset_name_to_scheme(SCHEMES[self.name][0], ["Linear"]).weights
         return weights.model_copy(update={"strategy": "group", "group_size": self.group_size})
 
+    def weight_bytes(self, params: int, scale_bytes: int) -> float:
+        """Bytes of ``params`` quantized weights: their codes, and one scale of ``scale_bytes`` per group."""
+        return params * self.bits / 8 + params / self.group_size * scale_bytes
+
     def to_dict(self) -> dict:
         return {"scheme": self.name, "bits": self.bits, "group_size": self.group_size, "symmetric": True,
                 "format": "pack-quantized" if self.bits < 8 else "int-quantized"}

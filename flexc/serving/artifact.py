@@ -79,6 +79,10 @@ def detect(model_path: str | Path | None, hf_config) -> Artifact | None:
             raise ServingError(f"{directory}: sliced format {settings.get('format', 1)}; this flexc serves format "
                                f"{SLICED_FORMAT} (experts stored by width bucket): re-export the sliced checkpoint "
                                "with this flexc (or update flexc)")
+        if settings.get("quantization") is not None:
+            raise ServingError(f"{directory}: a quantized sliced checkpoint ({settings['quantization'].get('scheme')}); "
+                               "the flexc vLLM plugin does not serve quantized experts yet. Load it with flexc.load "
+                               "or transformers (trust_remote_code=True), or serve the unquantized export")
         if getattr(hf_config, BUDGET_KEY, None) is not None:
             raise ServingError(f"{directory}: a sliced checkpoint holds one budget (keep "
                                f"{settings.get('budget')}); {BUDGET_KEY} applies to nested artifacts only. "

@@ -18,6 +18,14 @@ listed in the config entry's ``buckets``) holds
 - ``bucket_{i}_down [n, H, w]``;
 - where the family has biases, ``bucket_{i}_gate_up_bias [n, 2w]`` and ``bucket_{i}_down_bias [n, H]``.
 
+A quantized checkpoint (``quantization`` in ``flexc_sliced``: ``bits`` 4 or 8, ``group_size``) stores
+each bucket's ``gate_up`` and ``down`` in compressed-tensors' ``pack-quantized`` layout instead:
+``bucket_{i}_gate_up_packed`` (int32, the signed codes offset by ``2**(bits-1)`` and packed densely
+along the input dimension, element ``c`` of a row at bits ``[c*bits, (c+1)*bits)``) and
+``bucket_{i}_gate_up_scale [n, 2w, H/group]`` (one symmetric scale per group of input channels); likewise
+``bucket_{i}_down_packed`` and ``bucket_{i}_down_scale [n, H, w/group]``. An expert's weights are
+dequantized when it runs (``codes * scale``), so the model holds the packed weights only.
+
 No key looks like the per-expert keys transformers converts when loading MoE families
 (``experts.N.gate_proj.weight``, ``experts.N.w1.weight``, ...). The router is unchanged: a bucket
 names its experts by id. An expert of width 0 is in no bucket and contributes nothing (its bias
@@ -78,7 +86,7 @@ class SlicedExperts(nn.Module):
     transformers' experts modules: ``forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``."""
 
     def __init__(self, widths: list[int], hidden_size: int, activation: str = "silu", alpha: float = 1.702,
-                 limit: float = 7.0, has_bias: bool = False):
+                 limit: float = 7.0, has_bias: bool = False, quantization: dict | None = None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown expert activation {activation!r}; expected one of {ACTIVATIONS}")
@@ -90,10 +98,18 @@ class SlicedExperts(nn.Module):
         self.activation, self.alpha, self.limit = activation, float(alpha), float(limit)
         self.has_bias = has_bias
         self.buckets = width_buckets(self.widths)
+        self.bits, self.group = _quantization(quantization, hidden_size, self.widths)
         self.slot = {}  # expert -> (bucket, index within it)
         for i, (w, ids) in enumerate(self.buckets):
-            self.register_parameter(f"bucket_{i}_gate_up", nn.Parameter(torch.empty(len(ids), 2 * w, hidden_size)))
-            self.register_parameter(f"bucket_{i}_down", nn.Parameter(torch.empty(len(ids), hidden_size, w)))
+            for name, rows, cols in (("gate_up", 2 * w, hidden_size), ("down", hidden_size, w)):
+                if self.bits is None:
+                    self.register_parameter(f"bucket_{i}_{name}", nn.Parameter(torch.empty(len(ids), rows, cols)))
+                else:
+                    words = -(-cols * self.bits // 32)
+                    self.register_parameter(f"bucket_{i}_{name}_packed", nn.Parameter(
+                        torch.empty(len(ids), rows, words, dtype=torch.int32), requires_grad=False))
+                    self.register_parameter(f"bucket_{i}_{name}_scale",
+                                            nn.Parameter(torch.empty(len(ids), rows, cols // self.group)))
             if has_bias:
                 self.register_parameter(f"bucket_{i}_gate_up_bias", nn.Parameter(torch.empty(len(ids), 2 * w)))
                 self.register_parameter(f"bucket_{i}_down_bias", nn.Parameter(torch.empty(len(ids), hidden_size)))
@@ -101,18 +117,32 @@ class SlicedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         buckets = ", ".join(f"{len(ids)}x{w}" for w, ids in self.buckets)
+        quantized = "" if self.bits is None else f", int{self.bits} group {self.group}"
         return (f"experts={self.num_experts}, hidden={self.hidden_size}, buckets=[{buckets}], "
-                f"activation={self.activation}, bias={self.has_bias}")
+                f"activation={self.activation}, bias={self.has_bias}{quantized}")
+
+    def parameter_count(self) -> int:
+        """Weights and biases of the routed experts, each quantized code counting as one parameter."""
+        count = sum(len(ids) * 3 * w * self.hidden_size for w, ids in self.buckets)
+        return count + sum(p.numel() for n, p in self.named_parameters() if n.endswith("_bias"))
+
+    def weight(self, i: int, j: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Expert ``j`` of bucket ``i``: its ``gate_up [2w, H]`` or ``down [H, w]`` (dequantized if packed)."""
+        if self.bits is None:
+            return getattr(self, f"bucket_{i}_{name}")[j]
+        scale = getattr(self, f"bucket_{i}_{name}_scale")[j]
+        codes = unpack_codes(getattr(self, f"bucket_{i}_{name}_packed")[j], self.bits, scale.shape[-1] * self.group)
+        return (codes.to(scale.dtype) * scale.repeat_interleave(self.group, dim=-1)).to(dtype)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` (width > 0) on its tokens ``x [n, H]``: one GEMM for gate and up together."""
         i, j = self.slot[e]
         w = self.widths[e]
-        gate_up = x @ getattr(self, f"bucket_{i}_gate_up")[j].t()
+        gate_up = x @ self.weight(i, j, "gate_up", x.dtype).t()
         if self.has_bias:
             gate_up = gate_up + getattr(self, f"bucket_{i}_gate_up_bias")[j]
         inner = gated_activation(gate_up[:, :w], gate_up[:, w:], self.activation, self.alpha, self.limit)
-        out = inner @ getattr(self, f"bucket_{i}_down")[j].t()
+        out = inner @ self.weight(i, j, "down", inner.dtype).t()
         if self.has_bias:
             out = out + getattr(self, f"bucket_{i}_down_bias")[j]
         return out
@@ -138,6 +168,27 @@ class SlicedExperts(nn.Module):
         return out.view(num_tokens, k, hidden).sum(dim=1)
 
 
+def _quantization(settings: dict | None, hidden_size: int, widths: list[int]) -> tuple[int | None, int | None]:
+    """(bits, group size) of a quantized checkpoint's experts, checked; (None, None) when not quantized."""
+    if settings is None:
+        return None, None
+    bits, group = settings.get("bits"), settings.get("group_size")
+    if bits not in (4, 8) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"quantization {settings}: expected bits 4 or 8 and a positive group_size")
+    bad = [w for w in (hidden_size, *widths) if w % group]
+    if bad:
+        raise ValueError(f"quantization group {group} does not divide the widths {sorted(set(bad))}")
+    return bits, group
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Signed integer codes ``[..., cols]`` from compressed-tensors' dense int32 packing of ``bits``-bit values."""
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, device=packed.device, dtype=torch.int32) * bits
+    values = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return (values.flatten(-2)[..., :cols] - (1 << (bits - 1))).to(torch.int8)
+
+
 def _settings(config) -> dict:
     settings = getattr(config, CONFIG_KEY, None)
     if not isinstance(settings, dict) or "experts" not in settings:
@@ -159,7 +210,7 @@ def install_sliced_experts(model: nn.Module, config) -> None:
         check_buckets([int(w) for w in spec["widths"]], spec.get("buckets"))
         setattr(parent, name, SlicedExperts(spec["widths"], hidden, spec.get("activation", "silu"),
                                             spec.get("alpha", 1.702), spec.get("limit", 7.0),
-                                            bool(spec.get("bias", False))))
+                                            bool(spec.get("bias", False)), _settings(config).get("quantization")))
 
 
 def sliced_class(base: type) -> type:
