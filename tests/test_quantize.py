@@ -166,3 +166,130 @@ def test_widths_that_are_not_whole_groups_are_refused(tmp_path):
     run_pass(resolve_pass("uniform")({"granule": 16}), graph, ctx)  # widths of 48 at keep 0.75
     with pytest.raises(ValueError, match="not whole quantization groups of 32; set budgets.grid"):
         run_pass(resolve_pass("quantize")({"scheme": "w4a16", "group_size": 32, "method": "rtn"}), graph, ctx)
+
+
+# ---- the quantized sliced export -------------------------------------------------------------
+
+
+def test_packed_codes_unpack_as_compressed_tensors_does():
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from flexc.export.remote.modeling_flexc_sliced import unpack_codes
+    from flexc.quant.nested import pack_codes
+
+    for scheme, cols in (("w4a16", 96), ("w8a16", 64)):
+        s = QuantScheme(scheme, 32)
+        low, high = -2 ** (s.bits - 1), 2 ** (s.bits - 1) - 1
+        codes = torch.randint(low, high + 1, (3, 5, cols), generator=torch.Generator().manual_seed(s.bits),
+                              dtype=torch.int8)
+        packed = pack_codes(codes, s)
+        assert packed.dtype == torch.int32 and packed.shape[-1] == cols * s.bits // 32
+        assert torch.equal(unpack_codes(packed, s.bits, cols), codes)
+        assert torch.equal(unpack_from_int32(packed, s.bits, codes.shape), codes)
+
+
+@pytest.fixture(scope="module")
+def quantized_exports(tmp_path_factory):
+    """Per family: a rank → uniform (granule 32) → quantize (w4a16, group 32, gptq) compile's sliced export,
+    with the nested runtime's logits at each budget saved beside it."""
+    from flexc.compiler.exporters import ExportContext, get_exporter
+    from flexc.eval.budgets import apply_budget
+    from flexc.export.tables import budget_key
+
+    root = tmp_path_factory.mktemp("qsliced")
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, root / "ids.pt")
+    out = {}
+    for family in tiny_families():
+        graph, state = _tabled(family, root / f"{family}-tables")
+        ctx = _ctx(root / f"{family}-quantize", state)
+        run_pass(resolve_pass("quantize")({"scheme": "w4a16", "group_size": 32}), graph, ctx)
+        target = root / family
+        target.mkdir()
+        get_exporter("sliced")(ExportContext(target=target, spec=None, model=graph.model, graph=graph, state=ctx.state))
+        for b in BUDGETS:
+            apply_budget(graph, ctx.state, b)
+            with torch.no_grad():
+                torch.save(graph.logits(ids), target / f"expected_{budget_key(b)}.pt")
+        apply_budget(graph, ctx.state, None)
+        out[family] = dict(dir=target, graph=graph)
+    return root, ids, out
+
+
+@pytest.mark.parametrize("family", tiny_families())
+def test_quantized_sliced_export_equals_the_nested_runtime_and_is_packed(quantized_exports, family):
+    import json
+
+    from flexc.export.sliced import load_sliced
+    from flexc.export.tables import budget_key
+
+    root, ids, out = quantized_exports
+    target, graph = out[family]["dir"], out[family]["graph"]
+    has_bias = graph.groups[0].has_bias
+    for b in BUDGETS:
+        model = load_sliced(target, budget=b)
+        experts = model.get_submodule(graph.groups[0].path)
+        assert experts.bits == 4 and experts.group == 32
+        assert all(p.dtype == torch.int32 for n, p in experts.named_parameters() if n.endswith("_packed"))
+        assert not any(n.endswith(("_gate_up", "_down")) for n, _ in experts.named_parameters())
+        with torch.no_grad():
+            logits = model(ids).logits
+        torch.testing.assert_close(logits, torch.load(target / f"expected_{budget_key(b)}.pt"), rtol=1e-5, atol=1e-5)
+        manifest = json.loads((target / budget_key(b) / "flexc_manifest.json").read_text())
+        assert manifest["quantization"]["scheme"] == "w4a16" and "scales" not in manifest["quantization"]
+        # int4 codes plus one fp32 scale per 32 of them (biases in fp32), against 2 bytes per unpruned bf16 weight
+        modules = [m for m in model.modules() if type(m).__name__ == "SlicedExperts"]
+        weights = sum(len(ids) * 3 * w * m.hidden_size for m in modules for w, ids in m.buckets)
+        biases = manifest["params"]["routed"] - weights
+        assert (biases > 0) == has_bias
+        expected = (weights * (0.5 + 4 / 32) + biases * 4) / (2 * manifest["params"]["full_routed"])
+        ratio = manifest["bytes"]["routed_experts_vs_unpruned_bf16"]
+        assert ratio == pytest.approx(expected, rel=1e-9), (b, ratio, expected)
+
+
+def test_quantized_sliced_loads_with_trust_remote_code_without_flexc(quantized_exports, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from flexc.export.tables import budget_key
+    from test_export_sliced import _REMOTE_CHECK
+
+    root, _, _ = quantized_exports
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _REMOTE_CHECK, str(root), budget_key(BUDGETS[1])], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worst = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(worst) == len(tiny_families()) and max(worst.values()) <= 1e-5, worst
+
+
+def test_vllm_plugin_refuses_a_quantized_sliced_checkpoint(tmp_path):
+    from flexc.serving.artifact import detect
+    from flexc.serving.families import ServingError
+
+    config = SimpleNamespace(flexc_sliced={"format": 2, "experts": {}, "quantization": {"scheme": "w4a16"}})
+    with pytest.raises(ServingError, match="does not serve quantized experts yet"):
+        detect(tmp_path, config)
+
+
+def test_the_scheme_and_scales_survive_a_saved_state(tmp_path):
+    from flexc.ir.state import CompileState
+
+    scales = {"layer0": {"gate_up": torch.rand(2, 8, 1), "down": torch.rand(2, 4, 2)}}
+    state = CompileState(quantization={"scheme": "w4a16", "bits": 4, "group_size": 32, "method": "gptq",
+                                       "scales": scales})
+    state.save(tmp_path)
+    back = CompileState.load(tmp_path).quantization
+    assert {k: v for k, v in back.items() if k != "scales"} == {"scheme": "w4a16", "bits": 4, "group_size": 32,
+                                                               "method": "gptq"}
+    assert torch.equal(back["scales"]["layer0"]["down"], scales["layer0"]["down"])
+    assert CompileState.load(_saved_empty(tmp_path / "empty")).quantization is None
+
+
+def _saved_empty(directory):
+    from flexc.ir.state import CompileState
+
+    CompileState().save(directory)
+    return directory

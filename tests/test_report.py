@@ -23,7 +23,7 @@ def test_compile_writes_a_report_with_measured_budgets(tiny_model_dir, tmp_path)
     text = (out / "report.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| 0.") or line.startswith("| 1 ")]
     assert [r.split("|")[1].strip() for r in rows] == ["1", "0.75", "0.5"]
-    ppl = [float(r.split("|")[6]) for r in rows]
+    ppl = [float(r.split("|")[7]) for r in rows]
     assert all(p > 1 for p in ppl) and ppl[0] < ppl[2]  # halving every expert costs perplexity
 
     # the figures agree with the nested artifact's manifest and a direct evaluation
