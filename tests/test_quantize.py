@@ -16,8 +16,8 @@ from flexc.ir.op import run_experts
 from flexc.ir.testing import tiny_families, tiny_model
 from flexc.passes import PassContext, resolve_pass
 from flexc.passes.manager import run_pass
-from flexc.quant.nested import quantize_gptq, quantize_rtn
-from flexc.quant.scheme import QuantScheme
+from flexc.ir.quant.nested import quantize_gptq, quantize_rtn
+from flexc.ir.quant.scheme import QuantScheme
 
 I = 64  # two quantization groups of 32 per expert
 BUDGETS = (0.75, 0.5)
@@ -175,7 +175,7 @@ def test_packed_codes_unpack_as_compressed_tensors_does():
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     from flexc.export.remote.modeling_flexc_sliced import unpack_codes
-    from flexc.quant.nested import pack_codes
+    from flexc.ir.quant.nested import pack_codes
 
     for scheme, cols in (("w4a16", 96), ("w8a16", 64)):
         s = QuantScheme(scheme, 32)

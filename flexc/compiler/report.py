@@ -16,7 +16,7 @@ from typing import Any
 from flexc.compiler.artifacts import REPORT_FILE, write_text
 from flexc.ir.state import CompileState
 from flexc.ir.tables import WidthTables
-from flexc.quant.scheme import QuantScheme
+from flexc.ir.quant.scheme import QuantScheme
 from flexc.utils.atomic import atomic_path
 
 FIGURES_DIR = "report"

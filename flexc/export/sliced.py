@@ -43,8 +43,8 @@ from flexc.export.remote import modeling_flexc_sliced as remote
 from flexc.export.nested import ArtifactError, read_json_object, read_manifest
 from flexc.export.slicing import LayerSlices, slice_experts, slice_scales
 from flexc.ir.tables import BudgetError, WidthTables, budget_key
-from flexc.quant.nested import codes_of, pack_codes
-from flexc.quant.scheme import QuantScheme
+from flexc.ir.quant.nested import codes_of, pack_codes
+from flexc.ir.quant.scheme import QuantScheme
 
 KIND = "sliced"
 FORMAT_VERSION = remote.FORMAT_VERSION

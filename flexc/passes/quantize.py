@@ -2,7 +2,7 @@
 
 Runs after the widths are final (``anneal`` or a baseline, ``fold_masks``, ``recover``). Each
 expert's ``gate_up`` and ``down`` are quantized per group of ``group_size`` input channels
-(:mod:`flexc.quant`): by round-to-nearest (``method: rtn``) or by GPTQ-style error compensation on
+(:mod:`flexc.ir.quant`): by round-to-nearest (``method: rtn``) or by GPTQ-style error compensation on
 calibration inputs (``method: gptq``), whose compensation in ``down`` never crosses a width one of
 the compile's budgets cuts at. Every width must be a whole number of groups (``budgets.grid`` a
 multiple of ``group_size``), so each budget's prefix is whole groups and quantizing then slicing
@@ -23,8 +23,8 @@ import torch
 from pydantic import Field
 
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
-from flexc.quant.nested import QuantizedWeight, quantize_gptq, quantize_rtn
-from flexc.quant.scheme import GROUP_SIZES, SCHEMES, QuantScheme
+from flexc.ir.quant.nested import QuantizedWeight, quantize_gptq, quantize_rtn
+from flexc.ir.quant.scheme import GROUP_SIZES, SCHEMES, QuantScheme
 from flexc.utils.atomic import atomic_write_text
 from flexc.utils.progress import progress_bar
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flexc.quant.scheme import QuantScheme
+from flexc.ir.quant.scheme import QuantScheme
 
 
 @dataclass
