@@ -43,7 +43,8 @@ def test_rtn_slice_of_quantized_equals_quantized_slice(scheme):
     whole = quantize_rtn(w, s)
     for width in (32, 64, 96):
         part = quantize_rtn(w[..., :width], s)  # down: a budget keeps a prefix of input channels
-        assert torch.equal(part.codes, whole.codes[..., :width]) and torch.equal(part.scales, whole.scales[..., :width // 32])
+        assert torch.equal(part.codes, whole.codes[..., :width])
+        assert torch.equal(part.scales, whole.scales[..., :width // 32])
     rows = quantize_rtn(w[:, :10], s)  # gate_up: a budget keeps a prefix of output rows
     assert torch.equal(rows.codes, whole.codes[:, :10])
     assert whole.codes.min() >= -2 ** (s.bits - 1) and whole.codes.max() <= 2 ** (s.bits - 1) - 1

@@ -49,8 +49,8 @@ def budget_rows(graph, state: CompileState) -> list[dict[str, Any]]:
     params = list(graph.model.parameters())
     total = sum(p.numel() for p in params)
     size = params[0].element_size()
-    full = WidthTables(budgets=[1.0], tables=torch.tensor([[g.intermediate_size] * g.num_experts for g in graph.groups])[None],
-                       metric="params", layers=tables.layers, full=tables.full)
+    widest = torch.tensor([[g.intermediate_size] * g.num_experts for g in graph.groups])
+    full = WidthTables(budgets=[1.0], tables=widest[None], metric="params", layers=tables.layers, full=tables.full)
     rows = budget_sizes(graph.groups, full, total, size) + budget_sizes(graph.groups, tables, total, size)
     rows[0]["keep"] = rows[0]["keep_achieved"] = 1.0
     for r, table in zip(rows, [full.tables[0], *tables.tables]):

@@ -10,7 +10,8 @@ equals slicing then quantizing.
 
 The graph's expert weights become their dequantized values (what every budget then computes);
 the scales go to the compile state (``state.quantization``), from which the exports recover the
-integer codes, and ``quantize.json`` reports the scheme and each layer's weight and output error. Biases, attention and shared experts stay as they are.
+integer codes, and ``quantize.json`` reports the scheme and each layer's weight and output error.
+Biases, attention and shared experts stay as they are.
 """
 
 from __future__ import annotations
