@@ -8,7 +8,8 @@ Layout of ``<out>/nested/``::
                           width it computes what the original model computes)
     flexc_widths.safetensors   the width table [layers, experts] of every budget
     flexc_manifest.json        budgets, achieved keep ratios, parameters and bytes per budget,
-                               quality figures when measured, provenance
+                               quality figures when measured, provenance; after ``quantize`` its
+                               scheme (the expert weights are stored as their dequantized values)
 
 :func:`flexc.load` reads it back at any budget and switches budgets in place.
 """
@@ -56,8 +57,10 @@ def budget_sizes(groups, tables: WidthTables, total_params: int, bytes_per_param
 
 def write_nested(target: Path, model, groups, tables: WidthTables, *, tokenizer=None,
                  provenance: dict[str, Any] | None = None, quality: dict[str, Any] | None = None,
-                 max_shard_size: str = "2GB") -> dict[str, Any]:
-    """Write the nested artifact of ``model`` (ranked weights) and ``tables`` into ``target``."""
+                 max_shard_size: str = "2GB", quantization: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the nested artifact of ``model`` (ranked weights) and ``tables`` into ``target``. After
+    ``quantize`` (``quantization``: its scheme) the expert weights are written as their dequantized values:
+    every budget computes what the quantized model computes, in the checkpoint's dtype and size."""
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, max_shard_size=max_shard_size)
@@ -68,6 +71,9 @@ def write_nested(target: Path, model, groups, tables: WidthTables, *, tokenizer=
     total_params = sum(p.numel() for p in model.parameters())
     manifest = nested_manifest(model.config, type(model).__name__, first.dtype, total_params, groups, tables,
                                provenance=provenance, quality=quality)
+    if quantization is not None:
+        manifest["quantization"] = {**{k: v for k, v in quantization.items() if k != "scales"},
+                                    "stored": "dequantized"}
     (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -146,7 +152,10 @@ def export_nested(ctx: ExportContext) -> None:
     groups = ctx.expert_groups()
     tables = ctx.width_tables("nested")
     manifest = write_nested(ctx.target, ctx.model, groups, tables, tokenizer=ctx.tokenizer,
-                            provenance=ctx.provenance())
+                            provenance=ctx.provenance(), quantization=ctx.state.quantization)
+    if ctx.state.quantization is not None:
+        ctx.logger.info("nested: the %s expert weights are stored dequantized (%s); the sliced export stores "
+                        "their packed codes", ctx.state.quantization["scheme"], manifest["dtype"])
     for row in manifest["budgets"]:
         ctx.logger.info("nested: keep %.2f → achieved %.3f, %s parameters", row["keep"], row["keep_achieved"],
                         f"{row['total_params']:,}")

@@ -11,7 +11,9 @@ Layout of ``<out>/sliced/``::
         model*.safetensors   weights; each MoE layer's experts stacked by width bucket
                              (``...experts.bucket_0_gate_up [n, 2w, H]``, ``bucket_0_down
                              [n, H, w]``, ...; with biases ``bucket_0_gate_up_bias``,
-                             ``bucket_0_down_bias``): one fused-MoE call per bucket in vLLM
+                             ``bucket_0_down_bias``): one fused-MoE call per bucket in vLLM.
+                             After ``quantize``: ``bucket_0_gate_up_packed`` / ``_scale`` (and
+                             ``down``), compressed-tensors' pack-quantized codes and group scales
         modeling_flexc_sliced.py   self-contained modeling code (torch + transformers only)
         generation_config.json, tokenizer files
         flexc_manifest.json  kind "sliced": budget, widths, parameter counts, bytes
