@@ -266,13 +266,15 @@ def test_quantized_sliced_loads_with_trust_remote_code_without_flexc(quantized_e
     assert len(worst) == len(tiny_families()) and max(worst.values()) <= 1e-5, worst
 
 
-def test_vllm_plugin_refuses_a_quantized_sliced_checkpoint(tmp_path):
+def test_vllm_plugin_refuses_a_malformed_quantization_section(tmp_path):
     from flexc.serving.artifact import detect
     from flexc.serving.families import ServingError
 
-    config = SimpleNamespace(flexc_sliced={"format": 2, "experts": {}, "quantization": {"scheme": "w4a16"}})
-    with pytest.raises(ServingError, match="does not serve quantized experts yet"):
+    config = SimpleNamespace(flexc_sliced={"format": 2, "experts": {}, "quantization": {"bits": 3, "group_size": 32}})
+    with pytest.raises(ServingError, match="quantization is .*expected bits 4 or 8"):
         detect(tmp_path, config)
+    config.flexc_sliced["quantization"] = {"bits": 4, "group_size": 32}
+    assert detect(tmp_path, config).kind == "sliced"
 
 
 def test_the_scheme_and_scales_survive_a_saved_state(tmp_path):

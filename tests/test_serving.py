@@ -207,6 +207,44 @@ def test_sliced_checkpoint_is_served_on_vllms_kernels_at_its_widths(artifacts, n
         _shutdown(llm)
 
 
+def test_quantized_sliced_checkpoint_is_served_with_flexc_loads_tokens(tmp_path):
+    """A w4a16 sliced checkpoint (packed codes and group scales by width bucket) is served by the plugin,
+    each bucket dequantized as it loads onto vLLM's fused-MoE kernels: the same greedy tokens as
+    ``flexc.load`` of the same checkpoint (flexc's modeling code, dequantizing per expert)."""
+    from flexc.export.sliced import write_sliced
+    from flexc.ir.experts_impl import canonical_weights
+    from flexc.ir.groups import find_expert_groups
+    from flexc.ir.quant.nested import quantize_rtn
+    from flexc.ir.quant.scheme import QuantScheme
+    from flexc.serving import get_budget
+
+    model, tokenizer = source_model("tiny")
+    groups = find_expert_groups(model)
+    scheme, scales = QuantScheme("w4a16", 32), {}
+    for g in groups:
+        gate_up, down = canonical_weights(model.get_submodule(g.path))
+        q_gate_up, q_down = quantize_rtn(gate_up, scheme), quantize_rtn(down, scheme)
+        with torch.no_grad():
+            gate_up.copy_(q_gate_up.dequantized())
+            down.copy_(q_down.dequantized())
+        scales[f"layer{g.layer}"] = {"gate_up": q_gate_up.scales, "down": q_down.scales}
+    full = groups[0].intermediate_size
+    row = [full, full - 32, 32, full // 2, 0, full, 32, full // 2][: groups[0].num_experts]
+    widths = torch.tensor([row[i:] + row[:i] for i in range(len(groups))])  # three or four buckets per layer
+    target = tmp_path / "keep"
+    write_sliced(target, model, groups, widths, budget=0.5, tokenizer=tokenizer,
+                 quantization={**scheme.to_dict(), "method": "rtn", "scales": scales})
+    ids = prompt_ids(tokenizer)
+    expected = reference(target, None, ids)
+    llm = start_engine(target)
+    try:
+        state = get_budget(llm)
+        assert state["kind"] == "sliced" and state["experts_kernel"] == ["vllm"]
+        assert served(llm, ids) == expected
+    finally:
+        _shutdown(llm)
+
+
 def test_sliced_checkpoint_whose_buckets_disagree_with_its_config_is_refused(artifacts, tmp_path, monkeypatch):
     """An edited config (one expert's width changed, its buckets left as exported) is refused at load
     with a message naming the file, not served with weights in the wrong experts."""

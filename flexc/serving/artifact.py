@@ -79,10 +79,12 @@ def detect(model_path: str | Path | None, hf_config) -> Artifact | None:
             raise ServingError(f"{directory}: sliced format {settings.get('format', 1)}; this flexc serves format "
                                f"{SLICED_FORMAT} (experts stored by width bucket): re-export the sliced checkpoint "
                                "with this flexc (or update flexc)")
-        if settings.get("quantization") is not None:
-            raise ServingError(f"{directory}: a quantized sliced checkpoint ({settings['quantization'].get('scheme')}); "
-                               "the flexc vLLM plugin does not serve quantized experts yet. Load it with flexc.load "
-                               "or transformers (trust_remote_code=True), or serve the unquantized export")
+        quantization = settings.get("quantization")
+        if quantization is not None and (not isinstance(quantization, dict) or quantization.get("bits") not in (4, 8)
+                                         or not isinstance(quantization.get("group_size"), int)
+                                         or quantization["group_size"] < 1):
+            raise ServingError(f"{directory}: config.json's {SLICED_KEY}.quantization is {quantization!r}; expected "
+                               "bits 4 or 8 and a positive group_size: re-export the sliced checkpoint")
         if getattr(hf_config, BUDGET_KEY, None) is not None:
             raise ServingError(f"{directory}: a sliced checkpoint holds one budget (keep "
                                f"{settings.get('budget')}); {BUDGET_KEY} applies to nested artifacts only. "

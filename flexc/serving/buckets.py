@@ -227,11 +227,18 @@ class BucketedExperts(nn.Module):
             raise ServingError(f"checkpoint tensor {name}: shape {tuple(tensor.shape)}, but the config's bucket "
                                f"{index} ({len(ids)} experts of width {width}) needs {shape}: the checkpoint's buckets "
                                "disagree with its config; re-export the sliced checkpoint")
-        kernel = self.kernels[index]
-        param = kernel.w13_weight if part == "gate_up" else kernel.w2_weight
-        param.data.copy_(tensor)
+        self._param(index, part).data.copy_(tensor)
         self._loaded.add((index, part))
-        return next(f"kernels.{index}.{n}" for n, p in kernel.named_parameters() if p is param)
+        return self.param_name(index, part)
+
+    def _param(self, index: int, part: str) -> torch.Tensor:
+        kernel = self.kernels[index]
+        return kernel.w13_weight if part == "gate_up" else kernel.w2_weight
+
+    def param_name(self, index: int, part: str) -> str:
+        """The name (relative to this module) of the parameter bucket ``index``'s ``part`` fills."""
+        param = self._param(index, part)
+        return next(f"kernels.{index}.{n}" for n, p in self.kernels[index].named_parameters() if p is param)
 
     def _described(self) -> str:
         return ", ".join(f"{len(ids)} x width {w}" for w, ids in self.buckets)

@@ -52,7 +52,7 @@ def building(plan: BlockPlan) -> Iterator[BlockPlan]:
 
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_BUCKET = re.compile(r"bucket_(\d+)_(gate_up|down)(_bias)?")
+_BUCKET = re.compile(r"bucket_(\d+)_(gate_up|down)(_bias|_packed|_scale)?")
 
 
 class _Linear(nn.Module):
@@ -170,6 +170,11 @@ class FlexcMoeBlock(nn.Module):
                             else family.renormalize)
         activation = IR_FAMILIES[family.model_type].activation(None, config)
         self.sliced = artifact.kind == "sliced"
+        quantization = (artifact.sliced or {}).get("quantization") if self.sliced else None
+        self.quantized = quantization is not None  # packed codes and scales, dequantized as they load
+        self.quant_bits = quantization["bits"] if quantization else None
+        self.quant_group = quantization["group_size"] if quantization else None
+        self._pending: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         self.gate = _Linear(hidden, num_experts)
         if self.sliced:
             widths = artifact.sliced_widths(self.layer)
@@ -215,6 +220,21 @@ class FlexcMoeBlock(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(shape)
 
+    def _dequantized(self, index: int, part: str, kind: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        """A quantized bucket's weights (``codes * scale``) once its packed codes and its scales have both
+        been read (None until then). vLLM's CPU build has no quantized fused-MoE path flexc can use here
+        (docs/quantization.md), so the bucket runs on vLLM's own fused-MoE kernels in the engine's dtype."""
+        from flexc.export.remote.modeling_flexc_sliced import unpack_codes
+
+        halves = self._pending.setdefault((index, part), {})
+        halves[kind] = tensor
+        if len(halves) < 2:
+            return None
+        del self._pending[(index, part)]
+        scale = halves["_scale"].float()
+        codes = unpack_codes(halves["_packed"], self.quant_bits, scale.shape[-1] * self.quant_group)
+        return codes.float() * scale.repeat_interleave(self.quant_group, dim=-1)
+
     def load(self, local: str, tensor: torch.Tensor, full_name: str) -> str:
         """Load the checkpoint tensor ``full_name`` (``local`` relative to this block); returns the
         parameter name it filled, relative to the block."""
@@ -228,11 +248,16 @@ class FlexcMoeBlock(nn.Module):
                     return "experts.down_proj" if part == "down" else "experts.gate_up_proj"
             bucket = _BUCKET.fullmatch(parts[1]) if len(parts) == 2 else None
             if self.sliced:
-                if bucket is None or bucket.group(3):
+                if bucket is None or bucket.group(3) == "_bias" or bool(bucket.group(3)) != self.quantized:
                     raise ServingError(f"{full_name}: a sliced checkpoint's experts are stored by width bucket "
-                                       "(bucket_N_gate_up, bucket_N_down; no expert biases in the families flexc "
+                                       "(bucket_N_gate_up, bucket_N_down; bucket_N_gate_up_packed and _scale when "
+                                       "quantized, as its config says; no expert biases in the families flexc "
                                        "serves); re-export it")
                 index, part = int(bucket.group(1)), bucket.group(2)
+                if self.quantized:
+                    tensor = self._dequantized(index, part, bucket.group(3), tensor)
+                    if tensor is None:  # the other half (codes or scales) is still to come
+                        return "experts." + self.experts.param_name(index, part)
                 return "experts." + self.experts.load_bucket(full_name, index, part, tensor)
             if bucket is not None:
                 raise ServingError(f"{full_name}: bucketed (sliced) experts in a checkpoint whose config has no "
