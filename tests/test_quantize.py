@@ -296,3 +296,40 @@ def _saved_empty(directory):
 
     CompileState().save(directory)
     return directory
+
+
+def test_a_compile_resumed_after_quantize_exports_what_an_uninterrupted_one_does(tiny_model_dir, tmp_path, monkeypatch):
+    """The quantized weights and the scales are saved with the stage: a compile whose export failed resumes
+    after ``quantize`` and writes the same sliced checkpoint as a compile that never stopped."""
+    import flexc
+    import flexc.export.registry as registry
+    from flexc.export.sliced import load_sliced
+
+    data = {"builtin": "python-stdlib", "num_samples": 8, "seq_len": 64, "batch_size": 4}
+
+    def spec(out):
+        return {"model": {"path": str(tiny_model_dir)}, "data": {"calibration": {**data, "split": "train"}},
+                "budgets": {"keep": [0.75, 0.5], "grid": 32},
+                "pipeline": [{"rank_channels": {"score": "activation", "plot": False}}, {"uniform": {"granule": 32}},
+                             {"quantize": {"scheme": "w4a16", "group_size": 32}}],
+                "export": {"dir": str(out), "formats": ["sliced"]}}
+
+    flexc.compile(spec(tmp_path / "straight"), quiet=True)
+    real = registry.get_exporter
+
+    def failing(fmt):
+        def export(ctx):
+            raise RuntimeError("export failed on purpose")
+        return export if fmt == "sliced" else real(fmt)
+
+    monkeypatch.setattr(registry, "get_exporter", failing)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        flexc.compile(spec(tmp_path / "resumed"), quiet=True)
+    monkeypatch.setattr(registry, "get_exporter", real)
+    result = flexc.compile(spec(tmp_path / "resumed"), quiet=True)
+    assert "03-quantize" in result.skipped
+    for b in (0.75, 0.5):
+        straight = load_sliced(tmp_path / "straight" / "sliced", budget=b)
+        resumed = load_sliced(tmp_path / "resumed" / "sliced", budget=b)
+        for (name, x), (_, y) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+            assert torch.equal(x, y), (b, name)
