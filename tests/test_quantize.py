@@ -298,23 +298,36 @@ def _saved_empty(directory):
     return directory
 
 
-def test_a_compile_resumed_after_quantize_exports_what_an_uninterrupted_one_does(tiny_model_dir, tmp_path, monkeypatch):
+def _compile_spec(model_dir, out) -> dict:
+    data = {"builtin": "python-stdlib", "num_samples": 8, "seq_len": 64, "batch_size": 4}
+    return {"model": {"path": str(model_dir)}, "data": {"calibration": {**data, "split": "train"}},
+            "budgets": {"keep": [0.75, 0.5], "grid": 32},
+            "pipeline": [{"rank_channels": {"score": "activation", "plot": False}}, {"uniform": {"granule": 32}},
+                         {"quantize": {"scheme": "w4a16", "group_size": 32}}],
+            "export": {"dir": str(out), "formats": ["nested", "sliced"]}}
+
+
+@pytest.fixture(scope="module")
+def quantized_compile(tiny_model_dir, tmp_path_factory):
+    """A compile of the zoo ``tiny`` model: rank, uniform widths on a grid of 32, quantize (w4a16, gptq)."""
+    import flexc
+
+    out = tmp_path_factory.mktemp("quantized") / "run"
+    flexc.compile(_compile_spec(tiny_model_dir, out), quiet=True)
+    return out
+
+
+def test_a_compile_resumed_after_quantize_exports_what_an_uninterrupted_one_does(tiny_model_dir, quantized_compile,
+                                                                                 tmp_path, monkeypatch):
     """The quantized weights and the scales are saved with the stage: a compile whose export failed resumes
     after ``quantize`` and writes the same sliced checkpoint as a compile that never stopped."""
     import flexc
     import flexc.export.registry as registry
     from flexc.export.sliced import load_sliced
 
-    data = {"builtin": "python-stdlib", "num_samples": 8, "seq_len": 64, "batch_size": 4}
-
     def spec(out):
-        return {"model": {"path": str(tiny_model_dir)}, "data": {"calibration": {**data, "split": "train"}},
-                "budgets": {"keep": [0.75, 0.5], "grid": 32},
-                "pipeline": [{"rank_channels": {"score": "activation", "plot": False}}, {"uniform": {"granule": 32}},
-                             {"quantize": {"scheme": "w4a16", "group_size": 32}}],
-                "export": {"dir": str(out), "formats": ["sliced"]}}
+        return _compile_spec(tiny_model_dir, out)
 
-    flexc.compile(spec(tmp_path / "straight"), quiet=True)
     real = registry.get_exporter
 
     def failing(fmt):
@@ -329,7 +342,73 @@ def test_a_compile_resumed_after_quantize_exports_what_an_uninterrupted_one_does
     result = flexc.compile(spec(tmp_path / "resumed"), quiet=True)
     assert "03-quantize" in result.skipped
     for b in (0.75, 0.5):
-        straight = load_sliced(tmp_path / "straight" / "sliced", budget=b)
+        straight = load_sliced(quantized_compile / "sliced", budget=b)
         resumed = load_sliced(tmp_path / "resumed" / "sliced", budget=b)
         for (name, x), (_, y) in zip(straight.state_dict().items(), resumed.state_dict().items()):
             assert torch.equal(x, y), (b, name)
+
+
+# ---- the runtime on integer codes ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", tiny_families())
+def test_codes_dequantized_per_expert_prefix_compute_the_dequantized_weights(family, tmp_path):
+    """Experts held as int8 codes and scales (each expert hit dequantizes its kept prefix) compute what the
+    dequantized float weights compute, with per-expert and per-pair widths, on every family's layout."""
+    from flexc.ir.layout import QuantScales
+    from flexc.ir.quant.nested import codes_of
+
+    graph, state = _tabled(family, tmp_path / "tables")
+    ctx = _ctx(tmp_path / "q", state)
+    run_pass(resolve_pass("quantize")({"scheme": "w4a16", "group_size": 32, "method": "rtn"}), graph, ctx)
+    s = QuantScheme("w4a16", 32)
+    g = graph.groups[0]
+    dense = module_weights(graph.experts_module(g))
+    scales = ctx.state.quantization["scales"][f"layer{g.layer}"]
+    codes = replace(dense, gate_up=codes_of(dense.gate_up, scales["gate_up"], s),
+                    down=codes_of(dense.down, scales["down"], s),
+                    scales=QuantScales(scales["gate_up"], scales["down"], 32))
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(12, g.hidden_size, generator=gen)
+    ids = torch.stack([torch.arange(12) % g.num_experts, (torch.arange(12) + 5) % g.num_experts], dim=1)
+    weights = torch.rand(12, 2, generator=gen)
+    per_expert = ctx.state.width_tables.table(0.5)[0]
+    per_pair = torch.tensor([0, 32, I])[torch.randint(0, 3, (12, 2), generator=gen)]
+    with torch.no_grad():
+        for widths in (None, per_expert, per_pair):
+            torch.testing.assert_close(run_experts(hidden, ids, weights, codes, widths),
+                                       run_experts(hidden, ids, weights, dense, widths), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="reference path only"):
+        codes.op_args(None)
+
+
+def test_flexc_load_holds_a_quantized_nested_artifact_as_codes_and_switches_live(quantized_compile):
+    import flexc
+
+    nested = quantized_compile / "nested"
+    codes = flexc.load(nested, budget=0.5)
+    dense = flexc.load(nested, budget=0.5, quantized=False)
+    experts = codes.get_submodule(codes.flexc.groups[0].path)
+    assert experts.gate_up_proj.numel() == 0 and experts.flexc_codes_down.dtype == torch.int8
+    ids = torch.randint(0, codes.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    for b in (0.75, 0.5, 1.0):
+        codes.set_budget(b)
+        dense.set_budget(b)
+        with torch.no_grad():
+            torch.testing.assert_close(codes(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="applies to nested artifacts"):
+        flexc.load(quantized_compile / "sliced", budget=0.5, quantized=False)
+
+
+def test_a_quantized_nested_artifact_without_its_scales_is_refused(quantized_compile, tmp_path):
+    import shutil
+
+    import flexc
+    from flexc.export.nested import QUANT_FILE, ArtifactError
+
+    copy = tmp_path / "nested"
+    shutil.copytree(quantized_compile / "nested", copy)
+    (copy / QUANT_FILE).unlink()
+    with pytest.raises(ArtifactError, match="cannot read the quantization scales"):
+        flexc.load(copy)
+    assert flexc.load(copy, quantized=False) is not None  # the stored dequantized weights still load

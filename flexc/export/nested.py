@@ -10,6 +10,8 @@ Layout of ``<out>/nested/``::
     flexc_manifest.json        budgets, achieved keep ratios, parameters and bytes per budget,
                                quality figures when measured, provenance; after ``quantize`` its
                                scheme (the expert weights are stored as their dequantized values)
+    flexc_quant_scales.safetensors   after ``quantize``: the group scales, from which
+                               ``flexc.load`` recovers the integer codes it runs on
 
 :func:`flexc.load` reads it back at any budget and switches budgets in place.
 """
@@ -29,6 +31,10 @@ from flexc.ir.tables import WIDTHS_FILE, WidthTables, expert_weights, keep_ratio
 MANIFEST_FILE = "flexc_manifest.json"
 KIND = "nested"
 FORMAT_VERSION = 1
+# After ``quantize``: each MoE layer's group scales (``flexc_quant.layer{L}.gate_up`` / ``.down``, canonical
+# layout), with which the runtime recovers the integer codes from the stored dequantized weights.
+QUANT_FILE = "flexc_quant_scales.safetensors"
+QUANT_KEY_PREFIX = "flexc_quant."
 
 
 def budget_sizes(groups, tables: WidthTables, total_params: int, bytes_per_param: int) -> list[dict[str, Any]]:
@@ -72,8 +78,13 @@ def write_nested(target: Path, model, groups, tables: WidthTables, *, tokenizer=
     manifest = nested_manifest(model.config, type(model).__name__, first.dtype, total_params, groups, tables,
                                provenance=provenance, quality=quality)
     if quantization is not None:
+        from safetensors.torch import save_file
+
+        scales = {f"{QUANT_KEY_PREFIX}{layer}.{part}": t.contiguous()
+                  for layer, parts in quantization["scales"].items() for part, t in parts.items()}
+        save_file(scales, str(target / QUANT_FILE))
         manifest["quantization"] = {**{k: v for k, v in quantization.items() if k != "scales"},
-                                    "stored": "dequantized"}
+                                    "stored": "dequantized", "scales": QUANT_FILE}
     (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

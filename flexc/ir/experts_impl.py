@@ -6,7 +6,8 @@ Registered in transformers' ``ExpertsInterface`` under the name ``"flexc"``, so 
 optional non-persistent buffer ``flexc_widths [E]`` carries its per-expert widths; changing
 it in place switches the budget without touching weights. A module may also carry an op of
 its own in place of the flexc op (:func:`override_op`: a training pass's gated op on a layer
-that is not in a graph).
+that is not in a graph), or hold integer codes and scales instead of its float weights
+(:func:`hold_quantized`: a quantized nested artifact loaded by the runtime).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import torch
 from torch import nn
 
 from flexc.ir.families import UnsupportedFamilyError, detect_family
-from flexc.ir.layout import ExpertLayout, ExpertWeights
+from flexc.ir.layout import ExpertLayout, ExpertWeights, QuantScales
 from flexc.ir.op import run_experts
 
 IMPLEMENTATION_NAME = "flexc"
 WIDTHS_BUFFER = "flexc_widths"
 OP_OVERRIDE = "_flexc_op_override"
+QUANT_CODES = "flexc_codes_"  # + "gate_up" / "down": int8 codes of a quantized module (hold_quantized)
+QUANT_SCALES = "flexc_scales_"
 
 
 def canonical_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,12 +46,34 @@ def expert_activation(experts: nn.Module) -> tuple[str, float, float]:
 
 
 def module_weights(experts: nn.Module) -> ExpertWeights:
-    """A transformers experts module's weights as the op's one value (views, no copy)."""
-    gate_up, down = canonical_weights(experts)
+    """A transformers experts module's weights as the op's one value (views, no copy); its integer codes
+    and scales where :func:`hold_quantized` replaced its weights."""
     activation, alpha, limit = expert_activation(experts)
+    quant = experts._buffers.get(QUANT_CODES + "gate_up")
+    if quant is not None:
+        b = experts._buffers
+        gate_up, down = b[QUANT_CODES + "gate_up"], b[QUANT_CODES + "down"]
+        scales = QuantScales(b[QUANT_SCALES + "gate_up"], b[QUANT_SCALES + "down"], experts._flexc_quant_group)
+    else:
+        (gate_up, down), scales = canonical_weights(experts), None
     return ExpertWeights(gate_up, down, experts.gate_up_proj_bias if experts.has_bias else None,
                          experts.down_proj_bias if experts.has_bias else None,
-                         ExpertLayout(activation, not experts.is_concatenated, alpha, limit))
+                         ExpertLayout(activation, not experts.is_concatenated, alpha, limit), scales)
+
+
+def hold_quantized(experts: nn.Module, gate_up_codes: torch.Tensor, gate_up_scales: torch.Tensor,
+                   down_codes: torch.Tensor, down_scales: torch.Tensor, group: int) -> None:
+    """Make ``experts`` hold int8 codes ``[E, 2I, H]`` / ``[E, H, I]`` (canonical layout) and their group scales
+    instead of its float weights, which are freed: the op then dequantizes each expert's kept prefix as it
+    runs (:meth:`ExpertWeights.expert`). For inference: the module no longer has trainable expert weights."""
+    for name, tensor in (("gate_up", gate_up_codes), ("down", down_codes)):
+        experts.register_buffer(QUANT_CODES + name, tensor.to(torch.int8).contiguous(), persistent=False)
+    experts.register_buffer(QUANT_SCALES + "gate_up", gate_up_scales.contiguous(), persistent=False)
+    experts.register_buffer(QUANT_SCALES + "down", down_scales.contiguous(), persistent=False)
+    experts._flexc_quant_group = int(group)
+    device = gate_up_codes.device
+    experts.gate_up_proj = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
+    experts.down_proj = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
 
 
 def flexc_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

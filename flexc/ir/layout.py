@@ -38,6 +38,14 @@ class ExpertLayout(NamedTuple):
         return apply_activation(gate, up, self.activation, self.alpha, self.limit)
 
 
+class QuantScales(NamedTuple):
+    """Group scales of quantized expert weights: ``gate_up [E, 2I, H/group]``, ``down [E, H, I/group]``."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    group: int
+
+
 @dataclass(frozen=True, eq=False)
 class ExpertWeights:
     """One MoE layer's routed-expert weights in the op's canonical form, and how they apply: the one
@@ -46,6 +54,10 @@ class ExpertWeights:
     ``gate_up [E, 2I, H]`` (gate rows then up rows, or alternating with ``layout.interleaved``; may be
     a transposed view), ``down [E, H, I]``, ``gate_up_bias [E, 2I]`` and ``down_bias [E, H]`` where the
     family has biases. Holds views, never copies.
+
+    With ``scales`` (a quantized layer, see :mod:`flexc.ir.quant`) ``gate_up`` and ``down`` hold int8
+    integer codes and each weight is ``code * scale`` of its group; :meth:`expert` dequantizes one
+    expert's kept prefix. Only the reference path (inference) runs quantized weights.
     """
 
     gate_up: torch.Tensor
@@ -53,6 +65,26 @@ class ExpertWeights:
     gate_up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
     layout: ExpertLayout = ExpertLayout()
+    scales: QuantScales | None = None
+
+    def expert(self, e: int, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``e``'s ``gate_up`` and ``down`` for a width of ``width`` channels: views of the stored
+        weights, or (quantized) only the kept rows and columns, dequantized to ``dtype``, in the same
+        layout (``[2w, H]`` gate/up rows, ``[H, w]``)."""
+        if self.scales is None:
+            return self.gate_up[e], self.down[e]
+        group = self.scales.group
+        rows = self.layout.rows
+
+        def dequantized(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return (codes.to(scale.dtype) * scale.repeat_interleave(group, dim=-1)).to(dtype)
+
+        gate = dequantized(rows(self.gate_up[e], 0)[:width], rows(self.scales.gate_up[e], 0)[:width])
+        up = dequantized(rows(self.gate_up[e], 1)[:width], rows(self.scales.gate_up[e], 1)[:width])
+        gate_up = torch.stack([gate, up], dim=1).flatten(0, 1) if self.layout.interleaved else torch.cat([gate, up])
+        cols = -(-width // group)
+        down = dequantized(self.down[e][:, : cols * group], self.scales.down[e][:, :cols])[:, :width]
+        return gate_up, down
 
     @classmethod
     def of(cls, gate_up, down, gate_up_bias, down_bias, activation, interleaved, alpha, limit) -> "ExpertWeights":
@@ -62,6 +94,9 @@ class ExpertWeights:
 
     def op_args(self, widths: torch.Tensor | None) -> tuple:
         """The op's arguments after ``hidden, topk_ids, topk_weights``, ``widths`` among them."""
+        if self.scales is not None:
+            raise ValueError("quantized expert weights run on the reference path only (inference); the op, its "
+                             "kernels, exports and training take dequantized weights")
         activation, interleaved, alpha, limit = self.layout
         return (self.gate_up, self.down, self.gate_up_bias, self.down_bias, widths, activation, bool(interleaved),
                 float(alpha), float(limit))  # the op's schema: exact Python types

@@ -105,6 +105,11 @@ def expert_widths(widths: torch.Tensor | None, routing, topk_ids: torch.Tensor, 
     return out
 
 
+def _widest(width: int | torch.Tensor, full: int) -> int:
+    """The most channels any pair of an expert uses (its width, or its pairs' largest)."""
+    return int(width.max()) if isinstance(width, torch.Tensor) else min(int(width), full)
+
+
 def _no_channels(width: int | torch.Tensor) -> bool:
     return not isinstance(width, torch.Tensor) and width == 0
 
@@ -144,10 +149,11 @@ def moe_experts_reference(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_wei
             def observe_inner(inner, e=e, x_e=x_e):
                 for fn in observers:
                     fn({"event": "expert", "gate_up": gate_up, "expert": e, "x": x_e, "inner": inner})
+        gate_up_e, down_e = weights.expert(e, _widest(widths_[e], intermediate), hidden.dtype)
         y = expert_ffn(
             x_e,
-            gate_up[e],
-            down[e],
+            gate_up_e,
+            down_e,
             None if gate_up_bias is None else gate_up_bias[e],
             None if down_bias is None else down_bias[e],
             widths_[e],
@@ -388,6 +394,10 @@ def run_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     or a compile needs it). :func:`flexc.ir.backends.backend_forward` gives one backend's forward."""
     if weights.layout.activation not in ACTIVATIONS:
         raise ValueError(f"unknown expert activation {weights.layout.activation!r}; expected one of {ACTIVATIONS}")
+    if weights.scales is not None:  # int codes: each expert hit dequantizes its kept prefix
+        if _needs_autograd(hidden, topk_weights) or torch.compiler.is_compiling():
+            raise ValueError("quantized expert weights run in eager inference only (no autograd, no compile)")
+        return moe_experts_reference(hidden, topk_ids, topk_weights, weights, widths)
     if not torch.compiler.is_compiling() and not _needs_autograd(hidden, topk_weights, *weights.tensors()):
         # Eager inference (generate, evaluation): the op's forward without the custom-op
         # dispatch, which costs more than a decode step's expert GEMMs on CPU. Exports,

@@ -41,7 +41,7 @@ def _check_dtype_and_device(dtype: Any, device: Any) -> None:
 
 
 def load(path: str | Path, budget: float | None = None, *, dtype: Any = None, device: Any = None,
-         backend: str = "auto"):
+         backend: str = "auto", quantized: bool | None = None):
     """Load a compiled model as a transformers model.
 
     - a nested artifact (``<out>/nested``, or ``<out>``): at ``budget`` (default full width);
@@ -50,6 +50,9 @@ def load(path: str | Path, budget: float | None = None, *, dtype: Any = None, de
       ``<out>/sliced/keep_0.50``): that budget's checkpoint, channels physically removed.
 
     ``backend`` (``auto``/``reference``/``triton``) picks the nested runtime's expert kernels.
+    ``quantized`` (a nested artifact compiled with ``quantize``): hold the experts as int8 codes and
+    scales, each expert's kept prefix dequantized as it runs (default), or ``False``: as the
+    dequantized float weights the artifact stores (faster here, more memory). The two compute the same.
     """
     budget = checked_budget(budget, "flexc.load(budget)")  # "0.5": a clear error, not a TypeError later
     if not isinstance(path, (str, os.PathLike)):
@@ -58,7 +61,10 @@ def load(path: str | Path, budget: float | None = None, *, dtype: Any = None, de
     directory, manifest = _artifact_dir(Path(path).expanduser())
     kind = manifest.get("kind")
     if kind == "nested":
-        return load_nested(directory, budget, dtype=dtype, device=device, backend=backend)
+        return load_nested(directory, budget, dtype=dtype, device=device, backend=backend, quantized=quantized)
+    if quantized is not None:
+        raise ValueError(f"flexc.load(quantized=...) applies to nested artifacts; {directory} is a {kind} export "
+                         "(a quantized sliced checkpoint always holds its packed codes)")
     if kind == "sliced":
         from flexc.export.sliced import load_sliced, resolve_budget_dir
         from flexc.runtime.nested import check_weights, weights_errors

@@ -123,16 +123,23 @@ def attach(model: nn.Module, tables: WidthTables, budget: float | None = None) -
 
 
 def load_nested(directory: str | Path, budget: float | None = None, *, dtype: Any = None,
-                device: str | torch.device | None = None, backend: str = "auto") -> nn.Module:
-    """Load a nested artifact at ``budget`` (None: full width)."""
+                device: str | torch.device | None = None, backend: str = "auto",
+                quantized: bool | None = None) -> nn.Module:
+    """Load a nested artifact at ``budget`` (None: full width); a quantized one holding int8 codes unless
+    ``quantized`` is False (see :func:`flexc.load`)."""
     from transformers import AutoModelForCausalLM
 
-    from flexc.export.nested import load_tables, read_manifest
+    from flexc.export.nested import ArtifactError, load_tables, read_manifest
 
     directory = Path(directory)
     budget = checked_budget(budget)
+    manifest = read_manifest(directory)
     # Checked against the manifest's budgets, with errors that name the file.
-    tables = load_tables(directory, read_manifest(directory))
+    tables = load_tables(directory, manifest)
+    record = (manifest or {}).get("quantization")
+    if quantized and record is None:
+        raise ArtifactError(f"{directory}: flexc.load(quantized=True), but this nested artifact was not compiled "
+                            "with quantize (its manifest has no 'quantization')")
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -144,12 +151,46 @@ def load_nested(directory: str | Path, budget: float | None = None, *, dtype: An
     model.eval()
     _install_backend(backend, next(model.parameters()).device)
     try:
-        return attach(model, tables, budget)
+        model = attach(model, tables, budget)
     except ValueError as exc:  # tables of another model: say which file
-        from flexc.export.nested import ArtifactError
         from flexc.ir.tables import WIDTHS_FILE
 
         raise ArtifactError(f"{directory / WIDTHS_FILE}: {exc}") from None
+    if record is not None and quantized is not False:
+        hold_codes(model, model.flexc.groups, directory, record)
+    return model
+
+
+def hold_codes(model: nn.Module, groups, directory: Path, record: dict) -> None:
+    """Replace every MoE layer's float expert weights by the int8 codes they hold (``codes * scale``, the
+    scales from the artifact's scales file) and those scales (:func:`flexc.ir.experts_impl.hold_quantized`)."""
+    from safetensors.torch import load_file
+
+    from flexc.export.nested import QUANT_KEY_PREFIX, ArtifactError
+    from flexc.ir.experts_impl import canonical_weights, hold_quantized
+    from flexc.ir.quant.nested import codes_of
+    from flexc.ir.quant.scheme import QuantScheme
+
+    path = directory / str(record.get("scales"))
+    try:
+        scheme = QuantScheme(record["scheme"], record["group_size"])
+        scales = load_file(str(path))
+    except (KeyError, ValueError, OSError, TypeError) as exc:
+        raise ArtifactError(f"{path}: cannot read the quantization scales ({type(exc).__name__}: {exc}); expected "
+                            "the file the export wrote: re-export the artifact") from None
+    for g in groups:
+        experts = model.get_submodule(g.path)
+        gate_up, down = canonical_weights(experts)
+        pair = [scales.get(f"{QUANT_KEY_PREFIX}layer{g.layer}.{part}") for part in ("gate_up", "down")]
+        expected = [(*gate_up.shape[:2], gate_up.shape[2] // scheme.group_size),
+                    (*down.shape[:2], down.shape[2] // scheme.group_size)]
+        if any(t is None or tuple(t.shape) != e for t, e in zip(pair, expected)):
+            raise ArtifactError(f"{path}: no scales of shapes {expected} for MoE layer {g.layer}; re-export the "
+                                "artifact")
+        su, sd = (t.to(gate_up.device) for t in pair)
+        with torch.no_grad():
+            hold_quantized(experts, codes_of(gate_up, su, scheme), su, codes_of(down, sd, scheme), sd,
+                           scheme.group_size)
 
 
 def check_weights(directory: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from flexc.export.nested import QUANT_KEY_PREFIX as QUANT_SCALES_PREFIX
 from flexc.ir.tables import BudgetError
 from flexc.serving.artifact import Artifact, detect
 from flexc.serving.families import FAMILIES, ServedFamily, ServingError
@@ -203,6 +204,8 @@ def _flexc_load_weights(self, base: type, weights: Iterable[tuple[str, torch.Ten
         for name, tensor in weights:
             if name == _WIDTHS_TENSOR and self.flexc.kind == "nested":
                 continue  # flexc_widths.safetensors: read from the artifact by BudgetControl
+            if name.startswith(QUANT_SCALES_PREFIX) and self.flexc.kind == "nested":
+                continue  # a quantized nested artifact's scales: its weights are stored dequantized
             block = next((b for p, b in self._flexc_prefixes.items() if name.startswith(p)), None)
             if block is None:
                 yield name, tensor
