@@ -23,8 +23,9 @@ each bucket's ``gate_up`` and ``down`` in compressed-tensors' ``pack-quantized``
 ``bucket_{i}_gate_up_packed`` (int32, the signed codes offset by ``2**(bits-1)`` and packed densely
 along the input dimension, element ``c`` of a row at bits ``[c*bits, (c+1)*bits)``) and
 ``bucket_{i}_gate_up_scale [n, 2w, H/group]`` (one symmetric scale per group of input channels); likewise
-``bucket_{i}_down_packed`` and ``bucket_{i}_down_scale [n, H, w/group]``. An expert's weights are
-dequantized when it runs (``codes * scale``), so the model holds the packed weights only.
+``bucket_{i}_down_packed`` and ``bucket_{i}_down_scale [n, H, w/group]``. The codes are unpacked to
+int8 once (a non-persistent buffer, one byte per weight) and an expert's weights are dequantized when
+it runs (``codes * scale``), so the model holds no float expert weights.
 
 No key looks like the per-expert keys transformers converts when loading MoE families
 (``experts.N.gate_proj.weight``, ``experts.N.w1.weight``, ...). The router is unchanged: a bucket
@@ -99,6 +100,7 @@ class SlicedExperts(nn.Module):
         self.has_bias = has_bias
         self.buckets = width_buckets(self.widths)
         self.bits, self.group = _quantization(quantization, hidden_size, self.widths)
+        self._unpacked: dict[str, tuple] = {}  # codes buffer -> the packed tensor's version it was unpacked from
         self.slot = {}  # expert -> (bucket, index within it)
         for i, (w, ids) in enumerate(self.buckets):
             for name, rows, cols in (("gate_up", 2 * w, hidden_size), ("down", hidden_size, w)):
@@ -131,8 +133,19 @@ class SlicedExperts(nn.Module):
         if self.bits is None:
             return getattr(self, f"bucket_{i}_{name}")[j]
         scale = getattr(self, f"bucket_{i}_{name}_scale")[j]
-        codes = unpack_codes(getattr(self, f"bucket_{i}_{name}_packed")[j], self.bits, scale.shape[-1] * self.group)
+        codes = self._codes(i, name, scale.shape[-1] * self.group)[j]
         return (codes.to(scale.dtype) * scale.repeat_interleave(self.group, dim=-1)).to(dtype)
+
+    def _codes(self, i: int, name: str, cols: int) -> torch.Tensor:
+        """Bucket ``i``'s ``name`` codes as int8, unpacked once (one byte per weight; the packed tensor
+        stays the checkpoint's) and again only if the packed weights change."""
+        packed = getattr(self, f"bucket_{i}_{name}_packed")
+        key = f"bucket_{i}_{name}_codes"
+        stamp = (packed._version, packed.device, packed.data_ptr())
+        if self._buffers.get(key) is None or self._unpacked.get(key) != stamp:
+            self.register_buffer(key, unpack_codes(packed.detach(), self.bits, cols), persistent=False)
+            self._unpacked[key] = stamp
+        return self._buffers[key]
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` (width > 0) on its tokens ``x [n, H]``: one GEMM for gate and up together."""
