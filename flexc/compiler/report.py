@@ -53,10 +53,11 @@ def budget_rows(graph, state: CompileState) -> list[dict[str, Any]]:
     full = WidthTables(budgets=[1.0], tables=widest[None], metric="params", layers=tables.layers, full=tables.full)
     rows = budget_sizes(graph.groups, full, total, size) + budget_sizes(graph.groups, tables, total, size)
     rows[0]["keep"] = rows[0]["keep_achieved"] = 1.0
+    q = state.quantization
+    scheme = QuantScheme(q["scheme"], q["group_size"]) if q is not None else None
     for r, table in zip(rows, [full.tables[0], *tables.tables]):
         r["routed_bytes"] = r["routed_params"] * size
-        if state.quantization is not None:  # the expert weights as codes and scales, biases as they are
-            scheme = QuantScheme(state.quantization["scheme"], state.quantization["group_size"])
+        if scheme is not None:  # the expert weights as codes and scales, biases as they are
             weights = sum(int(table[i].sum()) * 3 * g.hidden_size for i, g in enumerate(graph.groups))
             r["routed_bytes"] = round(scheme.weight_bytes(weights, size) + (r["routed_params"] - weights) * size)
         r["bytes"] = (r["total_params"] - r["routed_params"]) * size + r["routed_bytes"]

@@ -73,18 +73,15 @@ class ExpertWeights:
         layout (``[2w, H]`` gate/up rows, ``[H, w]``)."""
         if self.scales is None:
             return self.gate_up[e], self.down[e]
-        group = self.scales.group
-        rows = self.layout.rows
+        from flexc.ir.quant.nested import dequantize
 
-        def dequantized(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-            return (codes.to(scale.dtype) * scale.repeat_interleave(group, dim=-1)).to(dtype)
-
-        gate = dequantized(rows(self.gate_up[e], 0)[:width], rows(self.scales.gate_up[e], 0)[:width])
-        up = dequantized(rows(self.gate_up[e], 1)[:width], rows(self.scales.gate_up[e], 1)[:width])
+        group, rows = self.scales.group, self.layout.rows
+        gate = dequantize(rows(self.gate_up[e], 0)[:width], rows(self.scales.gate_up[e], 0)[:width], group, dtype)
+        up = dequantize(rows(self.gate_up[e], 1)[:width], rows(self.scales.gate_up[e], 1)[:width], group, dtype)
         gate_up = torch.stack([gate, up], dim=1).flatten(0, 1) if self.layout.interleaved else torch.cat([gate, up])
         cols = -(-width // group)
-        down = dequantized(self.down[e][:, : cols * group], self.scales.down[e][:, :cols])[:, :width]
-        return gate_up, down
+        down = dequantize(self.down[e][:, : cols * group], self.scales.down[e][:, :cols], group, dtype)
+        return gate_up, down[:, :width]
 
     @classmethod
     def of(cls, gate_up, down, gate_up_bias, down_bias, activation, interleaved, alpha, limit) -> "ExpertWeights":

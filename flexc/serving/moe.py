@@ -225,6 +225,7 @@ class FlexcMoeBlock(nn.Module):
         been read (None until then). vLLM's CPU build has no quantized fused-MoE path flexc can use here
         (docs/quantization.md), so the bucket runs on vLLM's own fused-MoE kernels in the engine's dtype."""
         from flexc.export.remote.modeling_flexc_sliced import unpack_codes
+        from flexc.ir.quant.nested import dequantize
 
         halves = self._pending.setdefault((index, part), {})
         halves[kind] = tensor
@@ -233,7 +234,7 @@ class FlexcMoeBlock(nn.Module):
         del self._pending[(index, part)]
         scale = halves["_scale"].float()
         codes = unpack_codes(halves["_packed"], self.quant_bits, scale.shape[-1] * self.quant_group)
-        return codes.float() * scale.repeat_interleave(self.quant_group, dim=-1)
+        return dequantize(codes, scale, self.quant_group, torch.float32)
 
     def load(self, local: str, tensor: torch.Tensor, full_name: str) -> str:
         """Load the checkpoint tensor ``full_name`` (``local`` relative to this block); returns the

@@ -35,8 +35,13 @@ class QuantizedWeight:
     scales: torch.Tensor
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        group = self.codes.shape[-1] // self.scales.shape[-1]
-        return (self.codes.float() * self.scales.float().repeat_interleave(group, dim=-1)).to(dtype)
+        return dequantize(self.codes, self.scales.float(), self.codes.shape[-1] // self.scales.shape[-1], dtype)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """``codes [..., cols] * scales [..., cols/group]`` (each scale over its group), computed in the scales'
+    dtype and returned in ``dtype``."""
+    return (codes.to(scales.dtype) * scales.repeat_interleave(group, dim=-1)).to(dtype)
 
 
 def codes_of(dequantized: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
