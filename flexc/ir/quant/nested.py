@@ -40,8 +40,10 @@ class QuantizedWeight:
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
     """``codes [..., cols] * scales [..., cols/group]`` (each scale over its group), computed in the scales'
-    dtype and returned in ``dtype``."""
-    return (codes.to(scales.dtype) * scales.repeat_interleave(group, dim=-1)).to(dtype)
+    dtype and returned in ``dtype``. (A broadcast over the groups: no scale tensor of the codes' size.)"""
+    shape = codes.shape
+    grouped = codes.reshape(*shape[:-1], shape[-1] // group, group).to(scales.dtype) * scales.unsqueeze(-1)
+    return grouped.reshape(shape).to(dtype)
 
 
 def codes_of(dequantized: torch.Tensor, scales: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
