@@ -249,3 +249,44 @@ def test_compare_shows_every_method_after_one_recovery(tiny_model_dir, tmp_path)
                  str(tmp_path / "cli"), "-q"]) == 0
     rows = json.loads((tmp_path / "cli" / "compare.json").read_text())["results"]
     assert {r["method"] for r in rows} == {"unpruned", "uniform", "uniform+recover"}
+
+
+def test_compare_puts_quantize_after_every_method_and_its_recover(tiny_model_dir, tmp_path):
+    """``--quantize``: rows ``METHOD+w4a16-g32-rtn`` (and after recover) near the method's own; the weights are
+    put back, so every method's own rows are what they are without it; a grid the groups do not divide is
+    refused before anything runs."""
+    from types import SimpleNamespace
+
+    import flexc
+    from flexc.cli import main
+    from flexc.compiler.compare import compare, parse_quantize
+    from flexc.passes.methods import parse_methods
+
+    data = {"builtin": "python-stdlib", "num_samples": 8, "seq_len": 64, "batch_size": 4}
+    spec = flexc.Spec(model={"zoo": "tiny"}, data={"calibration": data, "evaluation": {**data, "split": "heldout"}},
+                      budgets={"keep": [0.75, 0.5], "grid": 32},
+                      pipeline=[{"rank_channels": {"plot": False}}, "coverage",
+                                {"recover": {"keep": 0.5, "steps": 4, "lr": 5e-3}}])
+    plain = compare(spec, parse_methods("uniform,coverage", spec), tmp_path / "plain", quiet=True)
+    quantize = parse_quantize("w4a16:rtn:32", spec)
+    both = compare(spec, parse_methods("uniform,coverage", spec), tmp_path / "both", quiet=True, recover=True,
+                   quantize=quantize)
+    ppl = {(r["method"], r["keep_target"]): r["ppl"] for r in both["results"]}
+    assert {m for m, _ in ppl} == {"unpruned", "uniform", "uniform+w4a16-g32-rtn", "uniform+recover",
+                                   "uniform+recover+w4a16-g32-rtn", "coverage", "coverage+w4a16-g32-rtn",
+                                   "coverage+recover", "coverage+recover+w4a16-g32-rtn"}
+    for r in plain["results"]:
+        assert ppl[r["method"], r["keep_target"]] == pytest.approx(r["ppl"], rel=1e-6)
+    for method in ("uniform", "coverage", "uniform+recover", "coverage+recover"):
+        for b in (0.75, 0.5):
+            quantized = ppl[f"{method}+w4a16-g32-rtn", b]
+            assert quantized != ppl[method, b] and abs(quantized / ppl[method, b] - 1) < 0.03
+    with pytest.raises(ValueError, match="budgets.grid is 'auto': set it to a multiple of 128"):
+        parse_quantize("w4a16", SimpleNamespace(pipeline=[], budgets=SimpleNamespace(grid="auto")))
+    with pytest.raises(ValueError, match="method: Input should be 'gptq' or 'rtn'"):
+        parse_quantize("w4a16:fast:32", spec)
+    (tmp_path / "spec.yaml").write_text(spec.to_yaml())
+    assert main(["compare", str(tmp_path / "spec.yaml"), "--methods", "uniform", "--quantize", "w8a16:rtn:32",
+                 "--out", str(tmp_path / "cli"), "-q"]) == 0
+    rows = json.loads((tmp_path / "cli" / "compare.json").read_text())["results"]
+    assert {r["method"] for r in rows} == {"unpruned", "uniform", "uniform+w8a16-g32-rtn"}

@@ -285,6 +285,11 @@ def parse_quantize(text: str, spec) -> list[dict]:
         except ValueError as exc:
             first = exc.errors()[0] if hasattr(exc, "errors") else {"msg": str(exc), "loc": ()}
             raise ValueError(f"--quantize {item!r}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        grid = getattr(spec.budgets, "grid", None)
+        if not isinstance(grid, int) or grid % out[-1]["group_size"]:
+            raise ValueError(f"--quantize {item!r}: every width must be a whole number of quantization groups of "
+                             f"{out[-1]['group_size']}; the spec's budgets.grid is {grid!r}: set it to a multiple of "
+                             f"{out[-1]['group_size']}")
     return out
 
 
