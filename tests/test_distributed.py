@@ -347,3 +347,15 @@ def test_a_bad_timeout_is_a_user_error(monkeypatch):
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
     with pytest.raises(FlexcError, match="FLEXC_DIST_TIMEOUT must be a positive number of seconds; found 'soon'"):
         distributed.timeout_seconds()
+
+
+def test_two_processes_quantize_as_one_process_does(tiny_model_dir, tmp_path):
+    """quantize's GPTQ Hessians are summed over the ranks' calibration shares: both processes write the
+    quantized weights one process writes (codes and scales, nested and sliced)."""
+    spec = {**_spec(tiny_model_dir, "taylor"), "budgets": {"keep": [0.75, 0.5], "grid": 32},
+            "pipeline": [{"rank_channels": {"score": "taylor", "plot": False}}, {"uniform": {"granule": 32}},
+                         {"quantize": {"scheme": "w4a16", "group_size": 32, "method": "gptq"}}]}
+    flexc.compile(spec, out=tmp_path / "one", quiet=True)
+    done, _ = torchrun(_write(spec, tmp_path / "spec.yaml"), tmp_path / "two", tmp_path / "tmp")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert_same_artifacts(tmp_path / "one", tmp_path / "two")

@@ -27,6 +27,7 @@ from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.ir.quant.nested import QuantizedWeight, quantize_gptq, quantize_rtn
 from flexc.ir.quant.scheme import GROUP_SIZES, SCHEMES, QuantScheme
 from flexc.utils.atomic import atomic_write_text
+from flexc.utils.distributed import all_reduce_sum, shard
 from flexc.utils.progress import progress_bar
 
 REPORT = "quantize.json"
@@ -156,11 +157,14 @@ def _hessians(graph, ctx: PassContext) -> list[tuple[torch.Tensor, torch.Tensor,
 
     widths = graph.widths()
     graph.set_widths(None)  # the Hessian of every channel, at full width
-    try:
-        calibrate(graph, ctx.calibration_batches(), on_forward=on_forward, description="quantize: Hessians",
+    try:  # this rank's batches (all of them in one process); the sums are reduced below
+        calibrate(graph, shard(ctx.calibration_batches()), on_forward=on_forward, description="quantize: Hessians",
                   quiet=ctx.quiet)
     finally:
         graph.set_widths(widths)
+    for layer, tensors in enumerate(sums):  # under torchrun every rank then quantizes the same weights
+        for t in tensors:
+            all_reduce_sum(t, f"quantize's Hessians of MoE layer {graph.groups[layer].layer}")
     return sums
 
 
