@@ -78,6 +78,8 @@ class PairPolicy:
                 pair = self.levels[0][layer][ids]
             else:
                 threshold, upper, lower = self.rule[layer]
+                if threshold.dim():  # one threshold per expert
+                    threshold = threshold[ids]
                 pair = torch.where(weights >= threshold, self.levels[upper][layer][ids], self.levels[lower][layer][ids])
             self.used[layer].append((pair.float() / self.groups[layer].intermediate_size).flatten())
             return run_experts(hidden, ids, weights, w, pair)
@@ -88,6 +90,27 @@ class PairPolicy:
         used = torch.cat([torch.cat(u) for u in self.used if u])
         self.used = [[] for _ in self.groups]
         return float(used.mean())
+
+    def calibrate_per_expert(self, static: int, upper: int, lower: int) -> None:
+        """As :meth:`calibrate`, with one threshold per expert: each expert's pairs keep, on the calibration text,
+        at most the ``static`` level's width of that expert on average (the learned allocation between experts
+        is kept; only its tokens are spread by confidence)."""
+        rule = {}
+        for layer, recorded in enumerate(self.weights):
+            w = torch.cat([r[0] for r in recorded])
+            e = torch.cat([r[1] for r in recorded])
+            thresholds = torch.full((self.groups[layer].num_experts,), float("inf"))
+            for expert in range(len(thresholds)):
+                mine = w[e == expert]
+                if not mine.numel():
+                    continue
+                target = float(self.levels[static][layer][expert]) * mine.numel()
+                up, lo = float(self.levels[upper][layer][expert]), float(self.levels[lower][layer][expert])
+                n = int((lo * mine.numel() + (up - lo) * torch.arange(1, mine.numel() + 1) <= target + 1e-6).sum())
+                if n > 0:
+                    thresholds[expert] = torch.sort(mine, descending=True).values[n - 1]
+            rule[layer] = (thresholds, upper, lower)
+        self.rule = rule
 
     def calibrate(self, static: int, upper: int, lower: int) -> None:
         """Per layer, the routing-weight threshold above which pairs run at ``upper`` (below: ``lower``) whose
@@ -104,7 +127,7 @@ class PairPolicy:
             kept = lo.sum() + torch.cumsum((up - lo)[order], 0)  # total keep with the top n pairs at upper
             n = int((kept <= target + 1e-6).sum())
             threshold = float(w[order][n - 1]) if n > 0 else float("inf")
-            rule[layer] = (threshold, upper, lower)
+            rule[layer] = (torch.tensor(threshold), upper, lower)
         self.rule = rule
 
 
@@ -163,10 +186,12 @@ def main() -> None:
             static_ppl, keep = ppl()
             policy.static = None
             last = len(policy.levels) - 1
-            rules = {"adjacent": (level - 1, min(level + 1, last)), "extreme": (0, last)}
+            rules = {"adjacent": (level - 1, min(level + 1, last), policy.calibrate),
+                     "extreme": (0, last, policy.calibrate),
+                     "expert": (level - 1, min(level + 1, last), policy.calibrate_per_expert)}
             row = {"seed": seed, "target": target, "unpruned": base, "static": static_ppl, "static_keep": keep}
-            for name, (upper, lower) in rules.items():
-                policy.calibrate(level, upper, lower)
+            for name, (upper, lower, calibrate) in rules.items():
+                calibrate(level, upper, lower)
                 p, k = ppl()
                 policy.rule = None
                 row.update({name: p, f"{name}_keep": k,
@@ -174,7 +199,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row))
     print_table(rows, ["seed", "target", "unpruned", "static", "static_keep", "adjacent", "adjacent_keep",
-                       "adjacent_ratio", "extreme", "extreme_keep", "extreme_ratio"])
+                       "adjacent_ratio", "extreme", "extreme_keep", "extreme_ratio", "expert", "expert_keep",
+                       "expert_ratio"])
     out = args.out or RESULTS / f"adaptive_widths_{args.model}_{args.method}.json"
     write_json(out, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
     print(f"wrote {out}")
