@@ -26,6 +26,7 @@ import torch
 
 from flexc.errors import FlexcError
 from flexc.export.context import ExportContext
+from flexc.ir.adaptive import POLICY_FILE, AdaptivePolicy
 from flexc.ir.tables import WIDTHS_FILE, WidthTables, expert_weights, keep_ratio, per_layer_keep
 
 MANIFEST_FILE = "flexc_manifest.json"
@@ -63,8 +64,10 @@ def budget_sizes(groups, tables: WidthTables, total_params: int, bytes_per_param
 
 def write_nested(target: Path, model, groups, tables: WidthTables, *, tokenizer=None,
                  provenance: dict[str, Any] | None = None, quality: dict[str, Any] | None = None,
-                 max_shard_size: str = "2GB", quantization: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the nested artifact of ``model`` (ranked weights) and ``tables`` into ``target``. After
+                 max_shard_size: str = "2GB", quantization: dict[str, Any] | None = None,
+                 adaptive_policy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the nested artifact of ``model`` (ranked weights) and ``tables`` into ``target``, with the
+    token-adaptive policy ``adaptive_policy`` (:mod:`flexc.ir.adaptive`) where the compile made one. After
     ``quantize`` (``quantization``: its scheme) the expert weights are written as their dequantized values:
     every budget computes what the quantized model computes, in the checkpoint's dtype and size."""
     target = Path(target)
@@ -85,6 +88,10 @@ def write_nested(target: Path, model, groups, tables: WidthTables, *, tokenizer=
         save_file(scales, str(target / QUANT_FILE))
         manifest["quantization"] = {**{k: v for k, v in quantization.items() if k != "scales"},
                                     "stored": "dequantized", "scales": QUANT_FILE}
+    if adaptive_policy is not None:
+        (target / POLICY_FILE).write_text(json.dumps(adaptive_policy, indent=2) + "\n")
+        manifest["adaptive"] = {"file": POLICY_FILE, "rule": adaptive_policy["rule"],
+                                "target": adaptive_policy["target"]}
     (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -159,11 +166,26 @@ def load_tables(directory: str | Path, manifest: dict[str, Any] | None = None) -
     return tables
 
 
+def load_policy(directory: str | Path, manifest: dict[str, Any] | None, tables: WidthTables):
+    """The artifact's token-adaptive policy (None if its manifest names none), checked against ``tables``."""
+    record = (manifest or {}).get("adaptive")
+    if record is None:
+        return None
+    path = Path(directory) / str(record.get("file") if isinstance(record, dict) else POLICY_FILE)
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: the manifest names it as the artifact's adaptive policy")
+    try:
+        return AdaptivePolicy.load(path, tables)
+    except ValueError as exc:
+        raise ArtifactError(str(exc)) from None
+
+
 def export_nested(ctx: ExportContext) -> None:
     groups = ctx.expert_groups()
     tables = ctx.width_tables("nested")
     manifest = write_nested(ctx.target, ctx.model, groups, tables, tokenizer=ctx.tokenizer,
-                            provenance=ctx.provenance(), quantization=ctx.state.quantization)
+                            provenance=ctx.provenance(), quantization=ctx.state.quantization,
+                            adaptive_policy=ctx.state.adaptive_policy)
     if ctx.state.quantization is not None:
         ctx.logger.info("nested: the %s expert weights are stored dequantized (%s); the sliced export stores "
                         "their packed codes", ctx.state.quantization["scheme"], manifest["dtype"])

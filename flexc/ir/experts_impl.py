@@ -7,7 +7,9 @@ optional non-persistent buffer ``flexc_widths [E]`` carries its per-expert width
 it in place switches the budget without touching weights. A module may also carry an op of
 its own in place of the flexc op (:func:`override_op`: a training pass's gated op on a layer
 that is not in a graph), or hold integer codes and scales instead of its float weights
-(:func:`hold_quantized`: a quantized nested artifact loaded by the runtime).
+(:func:`hold_quantized`: a quantized nested artifact loaded by the runtime), or choose each routed
+pair's width from its routing weight (:func:`set_adaptive`: a nested runtime's token-adaptive policy,
+:mod:`flexc.ir.adaptive`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ WIDTHS_BUFFER = "flexc_widths"
 OP_OVERRIDE = "_flexc_op_override"
 QUANT_CODES = "flexc_codes_"  # + "gate_up" / "down": int8 codes of a quantized module (hold_quantized)
 QUANT_SCALES = "flexc_scales_"
+ADAPTIVE = "_flexc_adaptive"  # an AdaptiveLayer (flexc.ir.adaptive) while the module runs adaptive widths
 
 
 def canonical_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +82,9 @@ def hold_quantized(experts: nn.Module, gate_up_codes: torch.Tensor, gate_up_scal
 def flexc_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                           top_k_weights: torch.Tensor) -> torch.Tensor:
     weights, widths = module_weights(self), getattr(self, WIDTHS_BUFFER, None)
+    adaptive = self.__dict__.get(ADAPTIVE)
+    if adaptive is not None:  # per-pair widths from the routing weights
+        widths = adaptive.pair_widths(top_k_index, top_k_weights)
     op = getattr(self, OP_OVERRIDE, None)
     if op is None:
         return run_experts(hidden_states, top_k_index, top_k_weights, weights, widths)
@@ -111,6 +117,15 @@ def override_op(experts: nn.Module, op=None) -> None:
         experts.__dict__.pop(OP_OVERRIDE, None)
     else:
         experts.__dict__[OP_OVERRIDE] = op
+
+
+def set_adaptive(experts: nn.Module, layer=None) -> None:
+    """Make ``experts`` choose each routed pair's width with ``layer`` (an :class:`~flexc.ir.adaptive.AdaptiveLayer`;
+    its widths buffer is then unused); None: per-expert widths again. Kept outside the module's registry."""
+    if layer is None:
+        experts.__dict__.pop(ADAPTIVE, None)
+    else:
+        experts.__dict__[ADAPTIVE] = layer
 
 
 def set_widths(experts: nn.Module, widths: torch.Tensor | None) -> None:

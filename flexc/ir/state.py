@@ -21,6 +21,8 @@ resumed compile loads it back; exporters, the report, ``flexc compare`` and eval
 - ``quantization``: set by ``quantize``: its scheme (``scheme``, ``bits``, ``group_size``, ``method``)
   and ``scales`` (per layer ``"layer{L}"``: ``gate_up [E, 2I, H/group]``, ``down [E, H, I/group]``),
   which with the dequantized weights give back the integer codes; read by the exporters, the report.
+- ``adaptive_policy``: set by ``adaptive_widths``: the token-adaptive policy
+  (:meth:`flexc.ir.adaptive.AdaptivePolicy.to_dict`); read by the nested export, the report.
 - ``extras``: a user pass's own results, under names of its choosing.
 
 ``extras`` holds tensors and JSON values (nested lists and dicts with string keys); anything
@@ -58,7 +60,7 @@ LEGACY_TENSORS = "ctx_state.safetensors"
 # Hand-off names of the width tables in the dict form; they read from ``width_tables``.
 _WIDTH_KEYS = ("width_budgets", "width_tables", "width_metric")
 _TENSOR_FIELDS = ("routing_counts", "routing_weight_sums", "channel_scores", "channel_perms", "expert_masks")
-_VALUE_FIELDS = ("width_method", "recovered_keep", "kernel_backend")
+_VALUE_FIELDS = ("width_method", "recovered_keep", "kernel_backend", "adaptive_policy")
 
 
 @dataclass(eq=False)
@@ -75,6 +77,7 @@ class CompileState(MutableMapping):
     recovered_keep: float | None = None  # the budget recover fine-tuned at
     kernel_backend: str | None = None  # "triton" or "reference", chosen by lower_kernels
     quantization: dict | None = None  # quantize's scheme (scheme, bits, group_size, method) and "scales"
+    adaptive_policy: dict | None = None  # adaptive_widths' policy (AdaptivePolicy.to_dict())
     extras: dict[str, Any] = field(default_factory=dict)  # user passes' own results
 
     __eq__ = object.__eq__  # identity: Mapping's would compare tensors elementwise

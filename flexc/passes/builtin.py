@@ -1,6 +1,7 @@
 """The built-in passes, in the order ``flexc passes`` lists them; the registry reads this table."""
 
 from flexc.passes.action_gates import InsertActionGates
+from flexc.passes.adaptive_widths import AdaptiveWidths
 from flexc.passes.anneal import Anneal
 from flexc.passes.baselines import Coverage, Uniform
 from flexc.passes.expert_prune import ExpertPrune, InsertRouterMasks
@@ -11,4 +12,4 @@ from flexc.passes.rank_channels import RankChannels
 from flexc.passes.recover import Recover
 
 BUILTIN_PASSES = (RankChannels, InsertActionGates, Anneal, Uniform, Coverage, ExpertPrune, InsertRouterMasks,
-                  FoldMasks, Recover, Quantize, LowerKernels)
+                  FoldMasks, Recover, Quantize, AdaptiveWidths, LowerKernels)

@@ -41,7 +41,7 @@ def _check_dtype_and_device(dtype: Any, device: Any) -> None:
 
 
 def load(path: str | Path, budget: float | None = None, *, dtype: Any = None, device: Any = None,
-         backend: str = "auto", quantized: bool | None = None):
+         backend: str = "auto", quantized: bool | None = None, adaptive: bool = False):
     """Load a compiled model as a transformers model.
 
     - a nested artifact (``<out>/nested``, or ``<out>``): at ``budget`` (default full width);
@@ -53,6 +53,9 @@ def load(path: str | Path, budget: float | None = None, *, dtype: Any = None, de
     ``quantized`` (a nested artifact compiled with ``quantize``): hold the experts as int8 codes and
     scales, each expert's kept prefix dequantized as it runs (default), or ``False``: as the
     dequantized float weights the artifact stores (faster here, more memory). The two compute the same.
+    ``adaptive`` (a nested artifact compiled with ``adaptive_widths``, at a ``budget``): run its
+    token-adaptive policy, each routed pair's width chosen by its routing weight (docs/adaptive.md);
+    ``model.set_budget(b, adaptive=...)`` switches it too.
     """
     budget = checked_budget(budget, "flexc.load(budget)")  # "0.5": a clear error, not a TypeError later
     if not isinstance(path, (str, os.PathLike)):
@@ -61,7 +64,11 @@ def load(path: str | Path, budget: float | None = None, *, dtype: Any = None, de
     directory, manifest = _artifact_dir(Path(path).expanduser())
     kind = manifest.get("kind")
     if kind == "nested":
-        return load_nested(directory, budget, dtype=dtype, device=device, backend=backend, quantized=quantized)
+        return load_nested(directory, budget, dtype=dtype, device=device, backend=backend, quantized=quantized,
+                           adaptive=adaptive)
+    if adaptive:
+        raise ValueError(f"flexc.load(adaptive=True) applies to nested artifacts; {directory} is a {kind} export "
+                         "(its widths are fixed)")
     if quantized is not None:
         raise ValueError(f"flexc.load(quantized=...) applies to nested artifacts; {directory} is a {kind} export "
                          "(a quantized sliced checkpoint always holds its packed codes)")

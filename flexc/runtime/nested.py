@@ -19,7 +19,8 @@ from torch import nn
 from flexc.errors import FlexcError
 from flexc.utils.numbers import parses_as_number
 from flexc.ir.tables import BudgetError, WidthTables
-from flexc.ir.experts_impl import WIDTHS_BUFFER, set_widths, use_flexc_experts
+from flexc.ir.adaptive import AdaptiveLayer, AdaptivePolicy, level_row
+from flexc.ir.experts_impl import WIDTHS_BUFFER, set_adaptive, set_widths, use_flexc_experts
 from flexc.ir.groups import ExpertGroup, find_expert_groups
 
 
@@ -44,11 +45,15 @@ def checked_budget(budget: Any, argument: str = "budget") -> float | None:
 class NestedRuntime:
     """Budget control of a loaded nested model (``model.flexc``)."""
 
-    def __init__(self, model: nn.Module, groups: list[ExpertGroup], tables: WidthTables):
+    def __init__(self, model: nn.Module, groups: list[ExpertGroup], tables: WidthTables,
+                 policy: AdaptivePolicy | None = None):
         self.model = model
         self.groups = groups
         self.tables = tables
+        self.policy = policy  # the artifact's token-adaptive policy, if it has one
         self.budget: float | None = None
+        self.adaptive = False  # whether the current budget runs the adaptive policy
+        self._adaptive_layers: dict[float, list[AdaptiveLayer]] = {}
         for g in groups:  # allocate every width buffer once; switching only copies into them
             set_widths(self._experts(g), torch.full((g.num_experts,), g.intermediate_size, dtype=torch.int32))
         # Every budget's rows, already on the buffers' device: a switch is one tiny copy per layer.
@@ -64,8 +69,11 @@ class NestedRuntime:
     def _experts(self, group: ExpertGroup) -> nn.Module:
         return self.model.get_submodule(group.path)
 
-    def set_budget(self, budget: float, overrides: dict[int, Any] | None = None) -> None:
-        """Switch every layer to ``budget``'s widths; ``overrides`` maps layer → widths ``[E]``."""
+    def set_budget(self, budget: float, overrides: dict[int, Any] | None = None, *, adaptive: bool = False) -> None:
+        """Switch every layer to ``budget``'s widths; ``overrides`` maps layer → widths ``[E]``.
+
+        ``adaptive=True`` runs the artifact's token-adaptive policy at ``budget`` instead of its static
+        table: each routed pair's width follows its routing weight (:mod:`flexc.ir.adaptive`)."""
         budget = checked_budget(budget, "set_budget(budget)")
         if budget is None:
             raise BudgetTypeError("set_budget(budget) needs a keep ratio (e.g. 0.5, or 1.0 for full width); found None")
@@ -73,11 +81,49 @@ class NestedRuntime:
         if key is None:
             raise BudgetError(f"no width table for budget {budget}; available budgets: "
                               f"{', '.join(f'{b:g}' for b in self.budgets)} (and 1.0 for full width)")
-        for g, row in zip(self.groups, self._rows[key]):
-            getattr(self._experts(g), WIDTHS_BUFFER).copy_(row)
-        self.budget = key
+        layers = self._adaptive_for(key) if adaptive else None
+        for i, (g, row) in enumerate(zip(self.groups, self._rows[key])):
+            experts = self._experts(g)
+            getattr(experts, WIDTHS_BUFFER).copy_(row)
+            set_adaptive(experts, None if layers is None else layers[i])
+        self.budget, self.adaptive = key, layers is not None
         if overrides:
             self.set_layer_widths(overrides)
+
+    def _adaptive_for(self, budget: float) -> list[AdaptiveLayer] | None:
+        """Each layer's adaptive widths at ``budget`` (None at full width, where every level is full)."""
+        if self.policy is None:
+            raise BudgetError("set_budget(adaptive=True): this artifact has no token-adaptive policy; compile with "
+                              "the adaptive_widths pass after the widths are chosen (docs/adaptive.md)")
+        if abs(budget - 1.0) < 1e-6:
+            return None
+        if budget not in self._adaptive_layers:
+            rules = self.policy.rules(budget)
+            if rules is None:
+                raise BudgetError(f"the adaptive policy has no rule for budget {budget:g}; it covers "
+                                  f"{', '.join(f'{b:g}' for b in self.policy.budgets)}")
+            device = next(self.model.parameters()).device
+            self._adaptive_layers[budget] = [
+                AdaptiveLayer(r.threshold, level_row(self.tables, r.upper, i).to(device),
+                              level_row(self.tables, r.lower, i).to(device), g.intermediate_size)
+                for i, (g, r) in enumerate(zip(self.groups, rules))]
+        return self._adaptive_layers[budget]
+
+    @contextlib.contextmanager
+    def measure_active_keep(self):
+        """While active, count each adaptive layer's routed pairs and their widths; yields a function giving the
+        realised active keep so far (mean over routed pairs of width / full width; needs adaptive widths)."""
+        if not self.adaptive:
+            raise BudgetError("measure_active_keep() measures the adaptive policy: call set_budget(b, adaptive=True) "
+                              "first")
+        layers = self._adaptive_layers[self.budget]
+        for layer in layers:
+            layer.meter = [0.0, 0]
+        try:
+            yield lambda: sum(m.meter[0] for m in layers) / max(1, sum(m.meter[1] for m in layers))
+        finally:
+            for layer in layers:
+                layer.meter = None
 
     def set_layer_widths(self, overrides: dict[int, Any]) -> None:
         """Set some layers' widths ``[E]`` directly (``{layer index: widths}``)."""
@@ -90,8 +136,10 @@ class NestedRuntime:
             if row.shape != (g.num_experts,) or int(row.min()) < 0 or int(row.max()) > g.intermediate_size:
                 raise ValueError(f"layer {layer}: widths must be {g.num_experts} values in "
                                  f"[0, {g.intermediate_size}]; found shape {tuple(row.shape)}")
-            getattr(self._experts(g), WIDTHS_BUFFER).copy_(row)
-        self.budget = None  # no longer one exported budget
+            experts = self._experts(g)
+            getattr(experts, WIDTHS_BUFFER).copy_(row)
+            set_adaptive(experts, None)
+        self.budget, self.adaptive = None, False  # no longer one exported budget
 
     def widths(self) -> torch.Tensor:
         """Current widths ``[layers, experts]``."""
@@ -104,8 +152,10 @@ class NestedRuntime:
         return None
 
 
-def attach(model: nn.Module, tables: WidthTables, budget: float | None = None) -> nn.Module:
-    """Make ``model`` a nested model: flexc experts, width buffers, ``model.set_budget``."""
+def attach(model: nn.Module, tables: WidthTables, budget: float | None = None, *,
+           policy: AdaptivePolicy | None = None, adaptive: bool = False) -> nn.Module:
+    """Make ``model`` a nested model: flexc experts, width buffers, ``model.set_budget`` (with ``policy``, the
+    token-adaptive one too; ``adaptive``: start on it)."""
     from flexc.ir.families import detect_family
 
     use_flexc_experts(model)
@@ -113,29 +163,35 @@ def attach(model: nn.Module, tables: WidthTables, budget: float | None = None) -
     if [g.layer for g in groups] != tables.layers or [g.intermediate_size for g in groups] != tables.full:
         raise ValueError(f"the width tables (layers {tables.layers}) do not match this model's MoE layers "
                          f"({[g.layer for g in groups]})")
-    runtime = NestedRuntime(model, groups, tables)
+    runtime = NestedRuntime(model, groups, tables, policy)
     # Plain attributes (not submodules): the model stays an ordinary transformers model.
     model.flexc = runtime
     model.set_budget = runtime.set_budget
     if budget is not None:
-        runtime.set_budget(budget)
+        runtime.set_budget(budget, adaptive=adaptive)
+    elif adaptive:
+        raise BudgetError("adaptive=True needs a budget (e.g. budget=0.5): at full width every pair runs whole")
     return model
 
 
 def load_nested(directory: str | Path, budget: float | None = None, *, dtype: Any = None,
                 device: str | torch.device | None = None, backend: str = "auto",
-                quantized: bool | None = None) -> nn.Module:
+                quantized: bool | None = None, adaptive: bool = False) -> nn.Module:
     """Load a nested artifact at ``budget`` (None: full width); a quantized one holding int8 codes unless
-    ``quantized`` is False (see :func:`flexc.load`)."""
+    ``quantized`` is False; ``adaptive``: on its token-adaptive policy (see :func:`flexc.load`)."""
     from transformers import AutoModelForCausalLM
 
-    from flexc.export.nested import ArtifactError, load_tables, read_manifest
+    from flexc.export.nested import ArtifactError, load_policy, load_tables, read_manifest
 
     directory = Path(directory)
     budget = checked_budget(budget)
     manifest = read_manifest(directory)
     # Checked against the manifest's budgets, with errors that name the file.
     tables = load_tables(directory, manifest)
+    policy = load_policy(directory, manifest, tables)
+    if adaptive and policy is None:
+        raise ArtifactError(f"{directory}: flexc.load(adaptive=True), but this nested artifact has no token-adaptive "
+                            "policy (compile with the adaptive_widths pass; docs/adaptive.md)")
     record = (manifest or {}).get("quantization")
     if quantized and record is None:
         raise ArtifactError(f"{directory}: flexc.load(quantized=True), but this nested artifact was not compiled "
@@ -151,7 +207,7 @@ def load_nested(directory: str | Path, budget: float | None = None, *, dtype: An
     model.eval()
     _install_backend(backend, next(model.parameters()).device)
     try:
-        model = attach(model, tables, budget)
+        model = attach(model, tables, budget, policy=policy, adaptive=adaptive)
     except ValueError as exc:  # tables of another model: say which file
         from flexc.ir.tables import WIDTHS_FILE
 

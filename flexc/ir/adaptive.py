@@ -1,0 +1,210 @@
+"""Token-adaptive widths: each routed (token, expert) pair runs at one of two nested widths, chosen by
+its routing weight.
+
+Nested weights make a width per routed pair free: every budget is a prefix of the same rows, and the
+op takes ``widths [T, k]``. An adaptive policy gives, per budget and MoE layer, a routing-weight
+threshold and two **levels** of the artifact (full width, key 1.0, or one budget's table): a pair whose
+routing weight is at or above the threshold runs at its expert's width in the upper level, the others
+at the lower level's (MoSE, arXiv 2602.06154: slimmable experts whose width follows the router's
+confidence).
+
+Each threshold is calibrated on calibration text so that the layer's **active keep** (the mean, over
+its routed pairs, of the pair's width over the full width: the expert FLOPs and bytes a token
+actually uses) equals a target: the static table's own active keep at that budget (``target: table``,
+the same compute per token as the table, so the two compare at equal cost), or the budget itself
+(``target: budget``). A static table's active keep is not its budget: routing favours the experts the
+table keeps wide.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+POLICY_FILE = "flexc_adaptive.json"
+POLICY_FORMAT = 1
+RULES = ("adjacent", "extreme")
+TARGETS = ("table", "budget")
+FULL = 1.0  # the level key of full width
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """One MoE layer at one budget: pairs with routing weight ``>= threshold`` run at level ``upper``'s
+    widths, the others at level ``lower``'s (levels are keys: 1.0 for full width, else a budget)."""
+
+    threshold: float
+    upper: float
+    lower: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threshold": None if math.isinf(self.threshold) else self.threshold, "upper": self.upper,
+                "lower": self.lower}
+
+
+@dataclass
+class AdaptivePolicy:
+    """Per budget, one :class:`LayerRule` per MoE layer (in the width tables' layer order), and what the
+    calibration measured (``report``: per budget its target, calibration and held-out active keep, ...)."""
+
+    rule: str
+    target: str
+    budgets: dict[float, list[LayerRule]]
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def rules(self, budget: float) -> list[LayerRule] | None:
+        for b, rules in self.budgets.items():
+            if abs(b - budget) < 1e-6:
+                return rules
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": POLICY_FORMAT, "rule": self.rule, "target": self.target,
+                "budgets": [{"keep": b, "layers": [r.to_dict() for r in rules]} for b, rules in self.budgets.items()],
+                "report": self.report}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: Any, tables, where: str) -> "AdaptivePolicy":
+        """The policy in ``data`` (what :meth:`to_dict` wrote), checked against the artifact's ``tables``;
+        a ``ValueError`` naming ``where`` and what was expected otherwise."""
+        def bad(what: str) -> ValueError:
+            return ValueError(f"{where}: {what}; expected the adaptive policy the export wrote: re-export the artifact")
+
+        if not isinstance(data, dict) or data.get("format") != POLICY_FORMAT:
+            raise bad(f"not an adaptive policy of format {POLICY_FORMAT}")
+        if data.get("rule") not in RULES or data.get("target") not in TARGETS:
+            raise bad(f"rule {data.get('rule')!r} / target {data.get('target')!r} (expected one of {RULES} / {TARGETS})")
+        levels = [FULL, *tables.budgets]
+        budgets: dict[float, list[LayerRule]] = {}
+        for entry in data.get("budgets") or []:
+            keep = entry.get("keep") if isinstance(entry, dict) else None
+            layers = entry.get("layers") if isinstance(entry, dict) else None
+            if not any(isinstance(keep, (int, float)) and abs(keep - b) < 1e-6 for b in tables.budgets):
+                raise bad(f"budget {keep!r} is not one of the width tables' budgets {tables.budgets}")
+            if not isinstance(layers, list) or len(layers) != len(tables.layers):
+                raise bad(f"budget {keep}: expected one rule per MoE layer ({len(tables.layers)})")
+            rules = []
+            for r in layers:
+                try:
+                    threshold = math.inf if r["threshold"] is None else float(r["threshold"])
+                    upper, lower = float(r["upper"]), float(r["lower"])
+                except (KeyError, TypeError, ValueError):
+                    raise bad(f"budget {keep}: a layer rule {r!r} lacks threshold/upper/lower numbers") from None
+                if not all(any(abs(x - lv) < 1e-6 for lv in levels) for x in (upper, lower)):
+                    raise bad(f"budget {keep}: levels {upper}/{lower} are not 1.0 or a budget of the tables")
+                rules.append(LayerRule(threshold, upper, lower))
+            budgets[float(keep)] = rules
+        return cls(data["rule"], data["target"], budgets, data.get("report") or {})
+
+    @classmethod
+    def load(cls, path: str | Path, tables) -> "AdaptivePolicy":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read the adaptive policy ({type(exc).__name__}: {exc})") from None
+        return cls.from_dict(data, tables, str(path))
+
+
+def level_row(tables, key: float, layer_index: int) -> torch.Tensor:
+    """Level ``key``'s widths ``[E]`` of MoE layer ``layer_index`` (1.0: full width)."""
+    if abs(key - FULL) < 1e-6:
+        return tables.full_table()[layer_index]
+    return tables.table(key)[layer_index]
+
+
+class AdaptiveLayer:
+    """What one experts module runs with while adaptive: per-pair widths from its routing weights."""
+
+    def __init__(self, threshold: float, upper: torch.Tensor, lower: torch.Tensor, full: int):
+        self.threshold = threshold
+        self.upper, self.lower = upper.to(torch.int32), lower.to(torch.int32)
+        self.full = full
+        self.meter: list[torch.Tensor] | None = None  # [summed keep, pairs] while measured
+
+    def pair_widths(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        widths = torch.where(topk_weights >= self.threshold, self.upper[topk_ids], self.lower[topk_ids])
+        if self.meter is not None:
+            self.meter[0] += widths.sum().item() / self.full
+            self.meter[1] += widths.numel()
+        return widths
+
+
+# ---- calibration ------------------------------------------------------------------------
+
+
+def active_keep(row: torch.Tensor, ids: torch.Tensor, full: int) -> float:
+    """Mean, over the routed pairs ``ids``, of their expert's width in ``row`` over ``full``."""
+    return float(row[ids].double().mean()) / full if ids.numel() else 0.0
+
+
+def choose_levels(keeps: list[float], target: float, rule: str) -> tuple[int, int]:
+    """Indices (into ``keeps``: each level's active keep, widest first) of the upper and lower level for a
+    layer whose target active keep is ``target``: the levels just above and below it (``adjacent``) or the
+    widest and narrowest (``extreme``); one level twice where the target lies outside their range."""
+    eps = 1e-9
+    above = [j for j, k in enumerate(keeps) if k > target + eps]
+    below = [j for j, k in enumerate(keeps) if k < target - eps]
+    if not above:
+        return 0, 0
+    if not below:
+        last = len(keeps) - 1
+        return last, last
+    if rule == "extreme":
+        return 0, len(keeps) - 1
+    if rule == "adjacent":
+        return above[-1], below[0]
+    raise ValueError(f"unknown adaptive rule {rule!r}; expected one of {RULES}")
+
+
+def calibrate_threshold(weights: torch.Tensor, ids: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor,
+                        full: int, target: float) -> float:
+    """The routing-weight threshold whose pairs at or above it run at ``upper`` (the rest at ``lower``) giving
+    the most active keep, over the recorded pairs (``weights``, ``ids``), that stays at or below ``target``."""
+    if not ids.numel():
+        return math.inf
+    up, lo = upper[ids].double() / full, lower[ids].double() / full
+    order = torch.argsort(weights, descending=True, stable=True)
+    kept = lo.sum() + torch.cumsum((up - lo)[order], 0)  # total keep with the top n pairs at upper
+    n = int((kept <= target * ids.numel() + 1e-6).sum())
+    return float(weights[order][n - 1]) if n > 0 else math.inf
+
+
+def calibrate_policy(tables, routing: list[tuple[torch.Tensor, torch.Tensor]], *, rule: str = "adjacent",
+                     target: str = "table") -> AdaptivePolicy:
+    """An :class:`AdaptivePolicy` for every budget of ``tables`` from the routing recorded on calibration text
+    at full width (``routing[i]``: the routing weights and expert ids of MoE layer i's pairs, flat)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown adaptive rule {rule!r}; expected one of {RULES}")
+    if target not in TARGETS:
+        raise ValueError(f"unknown adaptive target {target!r}; expected one of {TARGETS}")
+    levels = [FULL, *tables.budgets]
+    budgets, report = {}, {}
+    for budget in tables.budgets:
+        rules, targets, achieved = [], [], []
+        for i, (weights, ids) in enumerate(routing):
+            full = int(tables.full[i])
+            rows = [level_row(tables, key, i) for key in levels]
+            keeps = [active_keep(r, ids, full) for r in rows]
+            goal = keeps[levels.index(budget)] if target == "table" else budget
+            up, lo = choose_levels(keeps, goal, rule)
+            threshold = math.inf if up == lo else calibrate_threshold(weights, ids, rows[up], rows[lo], full, goal)
+            rules.append(LayerRule(threshold, levels[up], levels[lo]))
+            pair = torch.where(weights >= threshold, rows[up][ids], rows[lo][ids])
+            targets.append(goal)
+            achieved.append(float(pair.double().mean()) / full if ids.numel() else 0.0)
+        budgets[budget] = rules
+        report[f"{budget:g}"] = {"target_keep": _mean(targets), "calibration_keep": _mean(achieved)}
+    return AdaptivePolicy(rule, target, budgets, {"budgets": report})
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

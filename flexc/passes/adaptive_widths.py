@@ -1,0 +1,167 @@
+"""``adaptive_widths``: a token-adaptive width policy for the nested artifact (:mod:`flexc.ir.adaptive`).
+
+Runs after the widths are final (a width pass, ``fold_masks``, ``recover``, ``quantize``). It records
+every MoE layer's routing on the calibration text at full width, then calibrates, per budget and
+layer, the routing-weight threshold above which a routed pair runs at a wider level of the artifact
+and below which at a narrower one, so that the layer's active keep meets its target. It then runs
+the held-out text that follows the calibration set (documents no calibration window touched) with
+each budget's static table and with its policy, and reports both losses and both realised active
+keeps (``adaptive_widths.json``). The policy goes to ``state.adaptive_policy``; the nested export
+stores it and ``flexc.load(..., adaptive=True)`` / ``model.set_budget(b, adaptive=True)`` run it.
+Weights and tables are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from flexc.ir.adaptive import RULES, TARGETS, AdaptiveLayer, AdaptivePolicy, calibrate_policy, level_row
+from flexc.ir.experts_impl import set_adaptive
+from flexc.ir.op import observe_expert_forward
+from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
+from flexc.passes.calibrate import layer_keys, next_token_loss
+from flexc.utils.atomic import atomic_write_text
+from flexc.utils.progress import progress_bar
+
+REPORT = "adaptive_widths.json"
+
+
+class AdaptiveWidthsOptions(PassOptions):
+    rule: Literal[RULES] = Field("adjacent", description="Which two levels a layer's pairs choose between: the "
+                                 "levels just above and below its target (adjacent) or full width and the narrowest "
+                                 "table (extreme).")
+    target: Literal[TARGETS] = Field("table", description="Each budget's active keep per routed pair: the static "
+                                     "table's own on the calibration text (table: the same compute per token, better "
+                                     "spent) or the budget itself (budget).")
+    held_out: int = Field(32, ge=0, le=100_000, description="Sequences of held-out text (the documents after the "
+                          "calibration set's) on which the report compares each policy with its static table; 0 "
+                          "skips the comparison.")
+
+    def needs_calibration(self, earlier: frozenset[str]) -> bool:
+        return True
+
+
+class AdaptiveWidths(Pass):
+    """Calibrate a token-adaptive width policy (routing weight → one of two nested widths) per budget."""
+
+    name = "adaptive_widths"
+    Options = AdaptiveWidthsOptions
+    requires = frozenset({"channels_ranked", "width_tables"})
+    guarantees = frozenset({"adaptive_policy"})
+    preserves_computation = True  # it adds a policy; the static widths compute as before
+    not_streamed_because = "it runs the whole model on calibration and held-out text; run it without execution.stream"
+
+    def run(self, graph, ctx: PassContext) -> PassResult:
+        opts = self.options
+        tables = ctx.state.checked_width_tables()
+        calibration = ctx.calibration_batches()
+        routing = _full_width_routing(graph, calibration, ctx)
+        policy = calibrate_policy(tables, routing, rule=opts.rule, target=opts.target)
+        following = getattr(calibration, "following", None)
+        held = following(opts.held_out, strict=False) if opts.held_out and following is not None else []
+        if held:
+            policy.report["held_out"] = _compare_on(graph, tables, policy, held, ctx)
+        elif opts.held_out:
+            ctx.logger.warning("adaptive_widths: no held-out text after the calibration set (batches given directly, "
+                               "or a source used up); the policy is not compared with the static tables")
+        workdir = Path(ctx.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        record = policy.to_dict()
+        atomic_write_text(workdir / REPORT, json.dumps({**record, "options": opts.model_dump(mode="json")}, indent=2))
+        ctx.state.adaptive_policy = record
+        for budget, row in policy.report.get("held_out", {}).items():
+            ctx.logger.info("adaptive_widths: keep %s: active keep %.3f adaptive vs %.3f static (target %.3f); "
+                            "held-out loss %.4f vs %.4f", budget, row["adaptive_keep"], row["static_keep"],
+                            policy.report["budgets"][budget]["target_keep"], row["adaptive_loss"], row["static_loss"])
+        return PassResult(graph=graph, modified=False, changed_nodes=set())
+
+
+def _full_width_routing(graph, batches, ctx: PassContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each MoE layer's routing weights and expert ids over ``batches`` (flat), the model at full width."""
+    keys = layer_keys(graph)
+    weights: list[list[torch.Tensor]] = [[] for _ in graph.groups]
+    ids: list[list[torch.Tensor]] = [[] for _ in graph.groups]
+
+    def observe(info: dict) -> None:
+        if info["event"] == "routing":
+            layer = keys[info["gate_up"].data_ptr()]
+            weights[layer].append(info["topk_weights"].detach().reshape(-1).float().cpu())
+            ids[layer].append(info["topk_ids"].reshape(-1).cpu())
+
+    widths = graph.widths()
+    graph.set_widths(None)
+    try:
+        with torch.no_grad(), observe_expert_forward(observe):
+            for batch in progress_bar(batches, total=len(batches) if hasattr(batches, "__len__") else None,
+                                      description="adaptive_widths: routing", disable=ctx.quiet):
+                _logits(graph, batch)
+    finally:
+        graph.set_widths(widths)
+    return [(torch.cat(w) if w else torch.zeros(0), torch.cat(i) if i else torch.zeros(0, dtype=torch.long))
+            for w, i in zip(weights, ids)]
+
+
+def _logits(graph, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits as the nested artifact runs it (the Hugging Face model on the flexc op: no
+    training-time gates a graph may still hold)."""
+    ids = ids.to(next(graph.model.parameters()).device)
+    return graph.model(input_ids=ids, use_cache=False).logits
+
+
+def _compare_on(graph, tables, policy: AdaptivePolicy, held: list[torch.Tensor], ctx: PassContext) -> dict:
+    """Per budget, on ``held``: held-out loss and realised active keep of the static table and of the policy,
+    beside full width's loss."""
+    modules = [graph.experts_module(g) for g in graph.groups]
+    widths = graph.widths()
+
+    def run(table, layers) -> tuple[float, float]:
+        graph.set_widths(table)
+        for m, layer in zip(modules, layers):
+            layer.meter = [0.0, 0]
+            set_adaptive(m, layer)
+        total, tokens = 0.0, 0
+        try:
+            with torch.no_grad():
+                for ids in held:
+                    n = ids[:, 1:].numel()
+                    total += float(next_token_loss(_logits(graph, ids), ids.to(next(graph.model.parameters()).device))) * n
+                    tokens += n
+        finally:
+            for m in modules:
+                set_adaptive(m, None)
+        keep = sum(layer.meter[0] for layer in layers) / max(1, sum(layer.meter[1] for layer in layers))
+        return total / max(1, tokens), keep
+
+    def fixed(row: torch.Tensor, full: int) -> AdaptiveLayer:  # a static table, metered
+        return AdaptiveLayer(float("inf"), row, row, full)
+
+    fulls = [g.intermediate_size for g in graph.groups]
+    device = next(graph.model.parameters()).device
+
+    def level(key: float, i: int) -> torch.Tensor:
+        return level_row(tables, key, i).to(device)
+
+    out = {}
+    try:
+        full_loss, _ = run(None, [fixed(level(1.0, i), f) for i, f in enumerate(fulls)])
+        for budget in progress_bar(tables.budgets, description="adaptive_widths: held-out check", disable=ctx.quiet):
+            table = tables.table(budget)
+            static_loss, static_keep = run(table, [fixed(table[i].to(device), f) for i, f in enumerate(fulls)])
+            rules = policy.rules(budget)
+            adaptive = [AdaptiveLayer(r.threshold, level(r.upper, i), level(r.lower, i), f)
+                        for i, (r, f) in enumerate(zip(rules, fulls))]
+            adaptive_loss, adaptive_keep = run(table, adaptive)
+            increase = static_loss - full_loss
+            out[f"{budget:g}"] = {
+                "full_loss": full_loss, "static_loss": static_loss, "adaptive_loss": adaptive_loss,
+                "static_keep": static_keep, "adaptive_keep": adaptive_keep,
+                "increase_ratio": (adaptive_loss - full_loss) / increase if increase > 0 else None,
+                "sequences": sum(len(b) for b in held)}
+    finally:
+        graph.set_widths(widths)
+    return out
