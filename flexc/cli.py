@@ -6,7 +6,7 @@
     flexc inspect MODEL [--graph OUT.svg] | flexc inspect --families
     flexc zoo list | flexc zoo build NAME [--force]
     flexc eval MODEL|ARTIFACT [--spec SPEC] [--budget B ...] [--tasks T,...] [--json OUT]
-    flexc compare SPEC --methods flexmoe,uniform,coverage,expert_prune:man [--out DIR] [--recover] [--quantize w4a16]
+    flexc compare SPEC --methods flexmoe,uniform,coverage,expert_prune:man [--out DIR] [--recover] [--quantize w4a16] [--adaptive]
     flexc serve ARTIFACT [--budget KEEP] [--per-request-budgets] [--host H] [--port P] [--dry-run] [-- VLLM ARGS...]
 
 User errors print one clear message (no traceback unless --verbose) and exit with status 2.
@@ -314,6 +314,10 @@ def _add_eval_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", metavar="SCHEME[:METHOD[:GROUP]],...",
                    help="also show every method (and its recover) after quantize, e.g. w4a16:gptq:128,w8a16:rtn "
                         "(what an entry leaves out: the spec's quantize options, else the pass's defaults)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="also show every method (and its recover) with a token-adaptive width policy "
+                        "(adaptive_widths: the spec's options, else its defaults); rows METHOD+adaptive give the "
+                        "realised active keep beside the static table's")
     p.set_defaults(func=cmd_compare)
 
 

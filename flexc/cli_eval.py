@@ -150,7 +150,8 @@ def run_compare(args, console) -> dict:
         raise FlexcError(str(exc)) from None
     source = None if run is not None else Path(args.spec)
     out = Path(args.out).expanduser() if args.out else (run or output_dir(spec, source, None)) / "compare"
-    result = compare(spec, methods, out, quiet=args.verbosity < 0, run=run, recover=args.recover, quantize=quantize)
+    result = compare(spec, methods, out, quiet=args.verbosity < 0, run=run, recover=args.recover, quantize=quantize,
+                     adaptive=args.adaptive)
     console.print((out / "compare.md").read_text(), highlight=False, soft_wrap=True)
     console.print(f"[green]✓[/] {out}/compare.json, compare.md, compare.png", highlight=False, soft_wrap=True)
     return result

@@ -131,14 +131,16 @@ def _strings(node, where: str):
 
 
 def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, logger=None,
-            run: Path | None = None, recover: bool = False, quantize: list[dict] = ()) -> dict:
+            run: Path | None = None, recover: bool = False, quantize: list[dict] = (), adaptive: bool = False) -> dict:
     """Run ``methods`` on the spec's model and data; write ``compare.{json,md,png}`` into ``out_dir``.
 
     ``run``: a compile's output directory whose ranking and width tables to reuse when they are
     what ``flexmoe`` would compute (default: the spec's ``export.dir``). ``recover``: also evaluate
     every method after one ``recover`` on its tables (rows ``METHOD+recover``). ``quantize``: options
     of ``quantize`` passes (:func:`parse_quantize`), each evaluated after every method, and after
-    its recover (rows ``METHOD+w4a16-g128-gptq``, ``METHOD+recover+...``). See :func:`_then`.
+    its recover (rows ``METHOD+w4a16-g128-gptq``, ``METHOD+recover+...``). ``adaptive``: also every
+    method (and its recover) with a token-adaptive width policy (rows ``METHOD+adaptive``, with the
+    realised active keep of the policy and of the static table on the evaluation text). See :func:`_then`.
     """
     import logging
 
@@ -215,14 +217,29 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
                 seconds[label] = time.perf_counter() - start
             return out
 
+        def with_policy(base: PassRunner, prefix: str) -> list[dict]:
+            label = f"{prefix}+adaptive"
+            if not adaptive:
+                return []
+            if base.state.removes_experts():
+                skipped[label] = "whole-expert pruning re-routes tokens; adaptive widths need width tables"
+                return []
+            start = time.perf_counter()
+            with _then(graph, base, label, [resolve_pass("adaptive_widths")(adaptive_options(spec))]) as after:
+                out = adaptive_rows(graph, after.state, label, lambda model: evaluate(
+                    model, tokenizer, spec.data.evaluation, stream=stream), weights, params_w)
+            seconds[label] = time.perf_counter() - start
+            return out
+
         rows += measured(method.label, runner.state) + quantized(runner, method.label)
+        rows += with_policy(runner, method.label)
         if recover:
             label = f"{method.label}+recover"
             start = time.perf_counter()
             with _then(graph, runner, label, [resolve_pass("recover")(recover_options(spec))]) as after:
                 rows += measured(label, after.state)
                 seconds[label] = time.perf_counter() - start
-                rows += quantized(after, label)
+                rows += quantized(after, label) + with_policy(after, label)
         logger.info("compare: %s done in %.1fs", method.label, seconds[method.label])
     result = {"model": spec.model.source, "metric": metric, "budgets": list(spec.budgets.keep_ratios),
               "eval_tokens": base["tokens"], "seconds": seconds,
@@ -241,6 +258,43 @@ def recover_options(spec) -> dict:
         return entry
     default = resolve_pass("recover").Options().keep
     return {"keep": min(spec.budgets.keep_ratios, key=lambda b: (abs(b - default), -b))}
+
+
+def adaptive_options(spec) -> dict:
+    """The spec's ``adaptive_widths`` options (or the pass's defaults), without its held-out check: the
+    comparison's own evaluation text judges the policy."""
+    entry = next((dict(e.options) for e in spec.pipeline if e.name == "adaptive_widths"), {})
+    return {**entry, "held_out": 0}
+
+
+def adaptive_rows(graph, state, label: str, evaluate_model, weights: torch.Tensor,
+                  params_weights: torch.Tensor) -> list[dict]:
+    """One row per budget: ``evaluate_model``'s perplexity of the Hugging Face model on the state's adaptive
+    policy, with the realised active keep of the policy (``active_keep``) and of the static table
+    (``static_active_keep``) on the same text."""
+    from flexc.ir.adaptive import AdaptivePolicy, policy_layers, running, static_layers
+
+    tables = state.checked_width_tables()
+    policy = AdaptivePolicy.from_dict(state.adaptive_policy, tables, "adaptive_widths' policy")
+    modules = [graph.experts_module(g) for g in graph.groups]
+    device = next(graph.model.parameters()).device
+    full = torch.tensor([g.intermediate_size for g in graph.groups])
+    widths, out = graph.widths(), []
+    try:
+        for b, table in zip(tables.budgets, tables.tables):
+            graph.set_widths(table)
+            with torch.no_grad(), running(modules, static_layers(tables, b, device)) as keep:
+                evaluate_model(graph.model)
+                static_keep = keep()
+            with torch.no_grad(), running(modules, policy_layers(policy, tables, b, device)) as keep:
+                r = evaluate_model(graph.model)
+                out.append({"method": label, "keep_target": round(b, 6), "keep": keep_ratio(table, full, weights),
+                            "params_keep": keep_ratio(table, full, params_weights), "active_keep": keep(),
+                            "static_active_keep": static_keep, "loss": r.loss, "ppl": r.perplexity,
+                            "tokens": r.tokens})
+    finally:
+        graph.set_widths(widths)
+    return out
 
 
 def _tables(state) -> tuple[list[float], list[torch.Tensor]]:
@@ -314,6 +368,12 @@ def markdown_table(rows: list[dict], metric: str = "params") -> str:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", f"Keep ratios are fractions of routed-expert {'parameters' if metric == 'params' else metric} "
               "kept; every method's table is at or just below its target."]
+    active = [r for r in rows if "active_keep" in r]
+    if active:
+        lines += ["", "Adaptive rows run each routed pair at one of two of the table's levels by its routing weight; "
+                  "realised active keep (mean routed-pair width over full width) on this text, adaptive / static:", ""]
+        lines += [f"- {r['method']} keep {r['keep_target']:g}: {r['active_keep']:.3f} / {r['static_active_keep']:.3f}"
+                  for r in active]
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,7 @@ table keeps wide.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from flexc.ir.experts_impl import ADAPTIVE, set_adaptive
+from flexc.ir.tables import BudgetError
 
 POLICY_FILE = "flexc_adaptive.json"
 POLICY_FORMAT = 1
@@ -136,6 +140,44 @@ class AdaptiveLayer:
             self.meter[0] += widths.sum().item() / self.full
             self.meter[1] += widths.numel()
         return widths
+
+
+def policy_layers(policy: AdaptivePolicy, tables, budget: float, device=None) -> list[AdaptiveLayer]:
+    """Each MoE layer's :class:`AdaptiveLayer` of ``policy`` at ``budget`` (rows on ``device``)."""
+    rules = policy.rules(budget)
+    if rules is None:
+        raise BudgetError(f"the adaptive policy has no rule for budget {budget:g}; it covers "
+                       f"{', '.join(f'{b:g}' for b in policy.budgets)}")
+    return [AdaptiveLayer(r.threshold, level_row(tables, r.upper, i).to(device),
+                          level_row(tables, r.lower, i).to(device), int(tables.full[i]))
+            for i, r in enumerate(rules)]
+
+
+def static_layers(tables, budget: float, device=None) -> list[AdaptiveLayer]:
+    """Layers that run ``budget``'s static table (1.0: full width) as per-pair widths: metered like a policy."""
+    return [AdaptiveLayer(math.inf, row.to(device), row.to(device), int(full))
+            for row, full in zip(level_rows(tables, budget), tables.full)]
+
+
+def level_rows(tables, key: float) -> list[torch.Tensor]:
+    return [level_row(tables, key, i) for i in range(len(tables.layers))]
+
+
+@contextlib.contextmanager
+def running(modules, layers: list[AdaptiveLayer]):
+    """Run each experts module of ``modules`` with its layer of ``layers``, metered; yields a function giving
+    the realised active keep so far (mean over every routed pair of its width over the full width). What the
+    modules ran before is put back afterwards."""
+    previous = [module.__dict__.get(ADAPTIVE) for module in modules]
+    for module, layer in zip(modules, layers):
+        layer.meter = [0.0, 0]
+        set_adaptive(module, layer)
+    try:
+        yield lambda: sum(layer.meter[0] for layer in layers) / max(1, sum(layer.meter[1] for layer in layers))
+    finally:
+        for module, layer, before in zip(modules, layers, previous):
+            set_adaptive(module, before)
+            layer.meter = None
 
 
 # ---- calibration ------------------------------------------------------------------------

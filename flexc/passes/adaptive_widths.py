@@ -20,8 +20,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from flexc.ir.adaptive import RULES, TARGETS, AdaptiveLayer, AdaptivePolicy, calibrate_policy, level_row
-from flexc.ir.experts_impl import set_adaptive
+from flexc.ir.adaptive import RULES, TARGETS, AdaptivePolicy, calibrate_policy, policy_layers, running, static_layers
 from flexc.ir.op import observe_expert_forward
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.calibrate import layer_keys, next_token_loss
@@ -117,45 +116,24 @@ def _compare_on(graph, tables, policy: AdaptivePolicy, held: list[torch.Tensor],
     """Per budget, on ``held``: held-out loss and realised active keep of the static table and of the policy,
     beside full width's loss."""
     modules = [graph.experts_module(g) for g in graph.groups]
+    device = next(graph.model.parameters()).device
     widths = graph.widths()
 
-    def run(table, layers) -> tuple[float, float]:
-        graph.set_widths(table)
-        for m, layer in zip(modules, layers):
-            layer.meter = [0.0, 0]
-            set_adaptive(m, layer)
+    def run(layers) -> tuple[float, float]:
         total, tokens = 0.0, 0
-        try:
-            with torch.no_grad():
-                for ids in held:
-                    n = ids[:, 1:].numel()
-                    total += float(next_token_loss(_logits(graph, ids), ids.to(next(graph.model.parameters()).device))) * n
-                    tokens += n
-        finally:
-            for m in modules:
-                set_adaptive(m, None)
-        keep = sum(layer.meter[0] for layer in layers) / max(1, sum(layer.meter[1] for layer in layers))
-        return total / max(1, tokens), keep
-
-    def fixed(row: torch.Tensor, full: int) -> AdaptiveLayer:  # a static table, metered
-        return AdaptiveLayer(float("inf"), row, row, full)
-
-    fulls = [g.intermediate_size for g in graph.groups]
-    device = next(graph.model.parameters()).device
-
-    def level(key: float, i: int) -> torch.Tensor:
-        return level_row(tables, key, i).to(device)
+        with torch.no_grad(), running(modules, layers) as keep:
+            for ids in held:
+                ids = ids.to(device)
+                total += float(next_token_loss(_logits(graph, ids), ids)) * ids[:, 1:].numel()
+                tokens += ids[:, 1:].numel()
+            return total / max(1, tokens), keep()
 
     out = {}
     try:
-        full_loss, _ = run(None, [fixed(level(1.0, i), f) for i, f in enumerate(fulls)])
+        full_loss, _ = run(static_layers(tables, 1.0, device))
         for budget in progress_bar(tables.budgets, description="adaptive_widths: held-out check", disable=ctx.quiet):
-            table = tables.table(budget)
-            static_loss, static_keep = run(table, [fixed(table[i].to(device), f) for i, f in enumerate(fulls)])
-            rules = policy.rules(budget)
-            adaptive = [AdaptiveLayer(r.threshold, level(r.upper, i), level(r.lower, i), f)
-                        for i, (r, f) in enumerate(zip(rules, fulls))]
-            adaptive_loss, adaptive_keep = run(table, adaptive)
+            static_loss, static_keep = run(static_layers(tables, budget, device))
+            adaptive_loss, adaptive_keep = run(policy_layers(policy, tables, budget, device))
             increase = static_loss - full_loss
             out[f"{budget:g}"] = {
                 "full_loss": full_loss, "static_loss": static_loss, "adaptive_loss": adaptive_loss,

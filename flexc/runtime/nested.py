@@ -19,7 +19,7 @@ from torch import nn
 from flexc.errors import FlexcError
 from flexc.utils.numbers import parses_as_number
 from flexc.ir.tables import BudgetError, WidthTables
-from flexc.ir.adaptive import AdaptiveLayer, AdaptivePolicy, level_row
+from flexc.ir.adaptive import AdaptiveLayer, AdaptivePolicy, policy_layers, running
 from flexc.ir.experts_impl import WIDTHS_BUFFER, set_adaptive, set_widths, use_flexc_experts
 from flexc.ir.groups import ExpertGroup, find_expert_groups
 
@@ -98,32 +98,19 @@ class NestedRuntime:
         if abs(budget - 1.0) < 1e-6:
             return None
         if budget not in self._adaptive_layers:
-            rules = self.policy.rules(budget)
-            if rules is None:
-                raise BudgetError(f"the adaptive policy has no rule for budget {budget:g}; it covers "
-                                  f"{', '.join(f'{b:g}' for b in self.policy.budgets)}")
-            device = next(self.model.parameters()).device
-            self._adaptive_layers[budget] = [
-                AdaptiveLayer(r.threshold, level_row(self.tables, r.upper, i).to(device),
-                              level_row(self.tables, r.lower, i).to(device), g.intermediate_size)
-                for i, (g, r) in enumerate(zip(self.groups, rules))]
+            self._adaptive_layers[budget] = policy_layers(self.policy, self.tables, budget,
+                                                          next(self.model.parameters()).device)
         return self._adaptive_layers[budget]
 
     @contextlib.contextmanager
     def measure_active_keep(self):
-        """While active, count each adaptive layer's routed pairs and their widths; yields a function giving the
-        realised active keep so far (mean over routed pairs of width / full width; needs adaptive widths)."""
+        """While active, count the adaptive layers' routed pairs and their widths; yields a function giving the
+        realised active keep so far (mean over routed pairs of width / full width). Needs adaptive widths."""
         if not self.adaptive:
             raise BudgetError("measure_active_keep() measures the adaptive policy: call set_budget(b, adaptive=True) "
                               "first")
-        layers = self._adaptive_layers[self.budget]
-        for layer in layers:
-            layer.meter = [0.0, 0]
-        try:
-            yield lambda: sum(m.meter[0] for m in layers) / max(1, sum(m.meter[1] for m in layers))
-        finally:
-            for layer in layers:
-                layer.meter = None
+        with running([self._experts(g) for g in self.groups], self._adaptive_layers[self.budget]) as keep:
+            yield keep
 
     def set_layer_widths(self, overrides: dict[int, Any]) -> None:
         """Set some layers' widths ``[E]`` directly (``{layer index: widths}``)."""
