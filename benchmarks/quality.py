@@ -98,6 +98,9 @@ def main() -> None:
     parser.add_argument("--quantize", default=None, metavar="SCHEME[:METHOD[:GROUP]],...",
                         help="also every method after quantize (e.g. w4a16:gptq:32,w4a16:rtn:32; needs --grid a "
                              "multiple of the group size)")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="also every method (and its recover) with a token-adaptive width policy (adaptive_widths' "
+                             "defaults); rows METHOD+adaptive carry the realised active keep beside the static table's")
     parser.add_argument("--eval-tokens", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", default=None, metavar="S,S,...",
@@ -116,7 +119,7 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="flexc-quality-"))
         quantize = parse_quantize(args.quantize, spec) if args.quantize else []
         runs[seed] = compare(spec, parse_methods(args.methods, spec), work, quiet=True, recover=args.recover,
-                             quantize=quantize)
+                             quantize=quantize, adaptive=args.adaptive)
         print(f"seed {seed}\n" + (work / "compare.md").read_text())
         common.print_table(runs[seed]["results"], ["method", "keep_target", "params_keep", "ppl", "tokens"])
         if seed == seeds[0]:
@@ -132,13 +135,22 @@ def main() -> None:
 
 
 def mean_rows(runs: list[list[dict]]) -> list[dict]:
-    """Per (method, keep target): mean, min and max perplexity over the runs."""
-    by_key: dict[tuple, list[float]] = {}
+    """Per (method, keep target): mean, min and max perplexity over the runs (and mean realised active keeps,
+    for adaptive rows)."""
+    by_key: dict[tuple, list[dict]] = {}
     for rows in runs:
         for r in rows:
-            by_key.setdefault((r["method"], r["keep_target"]), []).append(r["ppl"])
-    return [{"method": m, "keep_target": k, "ppl": sum(v) / len(v), "ppl_min": min(v), "ppl_max": max(v),
-             "seeds": len(v)} for (m, k), v in by_key.items()]
+            by_key.setdefault((r["method"], r["keep_target"]), []).append(r)
+    out = []
+    for (m, k), rows in by_key.items():
+        v = [r["ppl"] for r in rows]
+        row = {"method": m, "keep_target": k, "ppl": sum(v) / len(v), "ppl_min": min(v), "ppl_max": max(v),
+               "seeds": len(v)}
+        for key in ("active_keep", "static_active_keep"):
+            if all(key in r for r in rows):
+                row[key] = sum(r[key] for r in rows) / len(rows)
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":

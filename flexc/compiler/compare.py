@@ -180,7 +180,7 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
     rows = [{"method": "unpruned", "keep_target": 1.0, "keep": 1.0, "params_keep": 1.0, **base}]
     metric = spec.budgets.metric
     full = torch.tensor([g.intermediate_size for g in graph.groups])
-    seconds, skipped, reused = {}, {}, {}
+    seconds, skipped, reused, not_run = {}, {}, {}, {}
     for method in methods:
         # Every method starts from the ranking's state; its passes share one folder, named after it.
         runner = PassRunner(graph, context, out_dir / "work", state=ranking.state.copy(), done=ranking.done)
@@ -222,7 +222,7 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
             if not adaptive:
                 return []
             if base.state.removes_experts():
-                skipped[label] = "whole-expert pruning re-routes tokens; adaptive widths need width tables"
+                not_run[label] = "whole-expert pruning re-routes tokens; adaptive widths need width tables"
                 return []
             start = time.perf_counter()
             with _then(graph, base, label, [resolve_pass("adaptive_widths")(adaptive_options(spec))]) as after:
@@ -243,7 +243,7 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
         logger.info("compare: %s done in %.1fs", method.label, seconds[method.label])
     result = {"model": spec.model.source, "metric": metric, "budgets": list(spec.budgets.keep_ratios),
               "eval_tokens": base["tokens"], "seconds": seconds,
-              "unreachable_budgets": skipped, "reused": reused, "results": rows}
+              "unreachable_budgets": skipped, "reused": reused, "not_run": not_run, "results": rows}
     atomic_write_text(out_dir / "compare.json", json.dumps(result, indent=2, default=str))
     atomic_write_text(out_dir / "compare.md", markdown_table(rows, metric))
     plot(rows, out_dir / "compare.png", title=f"held-out perplexity vs keep ({metric}), {base['tokens']} tokens")

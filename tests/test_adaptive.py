@@ -1,0 +1,210 @@
+"""Token-adaptive widths (flexc.ir.adaptive, the adaptive_widths pass): calibration, the runtime, the artifact."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from flexc.ir.adaptive import AdaptivePolicy, LayerRule, calibrate_policy, calibrate_threshold, choose_levels
+from flexc.ir.tables import BudgetError, WidthTables
+
+
+def test_a_calibrated_threshold_keeps_at_most_the_target_and_within_one_pair_of_it():
+    g = torch.Generator().manual_seed(0)
+    full, n = 64, 4000
+    ids = torch.randint(0, 8, (n,), generator=g)
+    weights = torch.rand(n, generator=g)
+    upper = torch.tensor([64, 48, 64, 32, 64, 48, 32, 64])
+    lower = torch.tensor([16, 16, 32, 16, 16, 32, 16, 0])
+    for target in (0.3, 0.5, 0.7):
+        t = calibrate_threshold(weights, ids, upper, lower, full, target)
+        widths = torch.where(weights >= t, upper[ids], lower[ids])
+        keep = float(widths.double().mean()) / full
+        assert keep <= target + 1e-9
+        assert keep > target - 48 / full / n  # one more pair at upper would pass the target
+        # pairs at the upper level are exactly the most confident ones
+        assert float(weights[widths == upper[ids]].min()) >= float(weights[(widths != upper[ids])].max())
+
+
+def test_a_target_outside_the_levels_runs_one_level_everywhere():
+    assert choose_levels([1.0, 0.8, 0.5, 0.3], 0.8, "adjacent") == (0, 2)  # a level's own keep: its neighbours
+    assert choose_levels([1.0, 0.8, 0.5, 0.3], 0.6, "adjacent") == (1, 2)
+    assert choose_levels([1.0, 0.8, 0.5, 0.3], 0.6, "extreme") == (0, 3)
+    assert choose_levels([1.0, 0.8, 0.5, 0.3], 0.3, "adjacent") == (3, 3)  # nothing narrower
+    assert choose_levels([1.0, 0.8, 0.5, 0.3], 1.0, "extreme") == (0, 0)
+
+
+def _tables() -> WidthTables:
+    full = [64, 64]
+    t75 = torch.tensor([[64, 64, 48, 32], [64, 48, 48, 32]])
+    t50 = torch.tensor([[48, 32, 32, 16], [32, 32, 32, 32]])
+    t25 = torch.tensor([[16, 16, 16, 16], [16, 16, 16, 16]])
+    return WidthTables([0.75, 0.5, 0.25], torch.stack([t75, t50, t25]), "params", [0, 1], full)
+
+
+def test_the_policy_meets_each_budgets_target_on_the_text_it_was_calibrated_on():
+    tables = _tables()
+    g = torch.Generator().manual_seed(1)
+    routing = [(torch.rand(3000, generator=g), torch.randint(0, 4, (3000,), generator=g)) for _ in range(2)]
+    for target in ("table", "budget"):
+        policy = calibrate_policy(tables, routing, rule="adjacent", target=target)
+        for b in tables.budgets:
+            report = policy.report["budgets"][f"{b:g}"]
+            if target == "budget" and b > 0.25:
+                assert report["target_keep"] == pytest.approx(b)
+            assert report["calibration_keep"] <= report["target_keep"] + 1e-9
+            if b > 0.25:  # the narrowest budget has no narrower level to mix in
+                assert report["calibration_keep"] == pytest.approx(report["target_keep"], abs=0.01)
+        back = AdaptivePolicy.from_dict(json.loads(json.dumps(policy.to_dict())), tables, "here")
+        assert back.budgets == policy.budgets
+
+
+def test_a_policy_that_does_not_belong_to_the_tables_is_refused_naming_where():
+    tables = _tables()
+    good = AdaptivePolicy("adjacent", "table", {0.5: [LayerRule(0.2, 0.75, 0.25)] * 2}).to_dict()
+    with pytest.raises(ValueError, match="policy.json: budget 0.6 is not one"):
+        AdaptivePolicy.from_dict({**good, "budgets": [{"keep": 0.6, "layers": good["budgets"][0]["layers"]}]},
+                                 tables, "policy.json")
+    with pytest.raises(ValueError, match="one rule per MoE layer"):
+        AdaptivePolicy.from_dict({**good, "budgets": [{"keep": 0.5, "layers": []}]}, tables, "policy.json")
+    bad_level = {**good, "budgets": [{"keep": 0.5, "layers": [{"threshold": 0.1, "upper": 0.9, "lower": 0.25}] * 2}]}
+    with pytest.raises(ValueError, match="levels 0.9/0.25"):
+        AdaptivePolicy.from_dict(bad_level, tables, "policy.json")
+
+
+def _compile_spec(model_dir, out, pipeline_tail) -> dict:
+    data = {"builtin": "python-stdlib", "num_samples": 32, "seq_len": 128, "batch_size": 8}
+    return {"model": {"path": str(model_dir)}, "data": {"calibration": {**data, "split": "train"}},
+            "budgets": {"keep": [0.75, 0.5, 0.3]},
+            "pipeline": [{"rank_channels": {"score": "activation", "plot": False}}, {"coverage": {}}, *pipeline_tail],
+            "export": {"dir": str(out), "formats": ["nested", "sliced"]}}
+
+
+@pytest.fixture(scope="module")
+def adaptive_compile(tiny_model_dir, tmp_path_factory):
+    """The zoo ``tiny`` model: rank, coverage tables, fold, a token-adaptive policy checked on 48 held-out windows."""
+    import flexc
+
+    out = tmp_path_factory.mktemp("adaptive") / "run"
+    flexc.compile(_compile_spec(tiny_model_dir, out, [{"fold_masks": {}}, {"adaptive_widths": {"held_out": 48}}]),
+                  quiet=True)
+    return out
+
+
+def test_the_policy_realises_its_target_keep_on_held_out_documents(adaptive_compile):
+    report = json.loads((adaptive_compile / "nested" / "flexc_adaptive.json").read_text())  # what the artifact keeps
+    held = report["report"]["held_out"]
+    assert set(held) == {"0.75", "0.5", "0.3"}
+    for budget, row in held.items():
+        target = report["report"]["budgets"][budget]["target_keep"]
+        assert row["sequences"] == 48
+        assert abs(row["adaptive_keep"] - target) <= 0.02, (budget, row, target)
+    # where there are levels on both sides, the policy mixes them: its loss differs from the static table's
+    assert held["0.5"]["adaptive_loss"] != held["0.5"]["static_loss"]
+
+
+def test_an_adaptive_nested_artifact_switches_live_and_its_rules_pick_the_levels(adaptive_compile):
+    import flexc
+
+    model = flexc.load(adaptive_compile / "nested", budget=0.5, adaptive=True)
+    runtime = model.flexc
+    assert runtime.adaptive and runtime.budget == 0.5
+    ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+
+    def logits(budget, adaptive):
+        model.set_budget(budget, adaptive=adaptive)
+        with torch.no_grad():
+            return model(ids).logits
+
+    rules = runtime.policy.rules(0.5)
+    upper, lower = rules[0].upper, rules[0].lower
+    assert all(r.upper == upper and r.lower == lower for r in rules)  # coverage's nested levels: one pair per budget
+    adaptive = logits(0.5, True)
+    static = logits(0.5, False)
+    assert not runtime.adaptive
+    assert not torch.allclose(adaptive, static, atol=1e-4)
+    # every pair above every threshold: the upper level's table; none: the lower level's
+    for threshold, level in ((-math.inf, upper), (math.inf, lower)):
+        runtime.policy.budgets[0.5] = [LayerRule(threshold, r.upper, r.lower) for r in rules]
+        runtime._adaptive_layers.clear()
+        torch.testing.assert_close(logits(0.5, True), logits(level, False), rtol=1e-4, atol=1e-4)
+    # the meter counts every routed pair at its width
+    runtime.policy.budgets[0.5] = rules
+    runtime._adaptive_layers.clear()
+    model.set_budget(0.5, adaptive=True)
+    with torch.no_grad(), runtime.measure_active_keep() as keep:
+        model(ids)
+        assert 0.3 < keep() < 1.0
+    assert runtime.adaptive  # measuring leaves the policy in place
+    runtime.set_layer_widths({0: runtime.widths()[0]})
+    assert not runtime.adaptive
+    model.set_budget(1.0, adaptive=True)  # full width: every level is full
+    torch.testing.assert_close(logits(1.0, True), logits(1.0, False))
+
+
+def test_adaptive_loading_errors_name_the_artifact(adaptive_compile, tmp_path):
+    import flexc
+    from flexc.export.nested import ArtifactError
+
+    plain = tmp_path / "plain"
+    shutil.copytree(adaptive_compile / "nested", plain)
+    manifest = json.loads((plain / "flexc_manifest.json").read_text())
+    del manifest["adaptive"]
+    (plain / "flexc_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="no token-adaptive policy"):
+        flexc.load(plain, budget=0.5, adaptive=True)
+    with pytest.raises(BudgetError, match="no token-adaptive policy"):
+        flexc.load(plain, budget=0.5).set_budget(0.5, adaptive=True)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(adaptive_compile / "nested", broken)
+    (broken / "flexc_adaptive.json").write_text('{"format": 1, "rule": "adjacent", "target": "table", "budgets": '
+                                                '[{"keep": 0.5, "layers": []}]}')
+    with pytest.raises(ArtifactError, match="flexc_adaptive.json: budget 0.5: expected one rule per MoE layer"):
+        flexc.load(broken)
+    (broken / "flexc_adaptive.json").unlink()
+    with pytest.raises(ArtifactError, match="flexc_adaptive.json is missing"):
+        flexc.load(broken)
+
+    with pytest.raises(BudgetError, match="needs a budget"):
+        flexc.load(adaptive_compile / "nested", adaptive=True)
+    with pytest.raises(ValueError, match="applies to nested artifacts"):
+        flexc.load(adaptive_compile / "sliced", budget=0.5, adaptive=True)
+
+
+def test_the_policy_survives_a_saved_state(tmp_path):
+    from flexc.ir.state import CompileState
+
+    policy = AdaptivePolicy("extreme", "budget", {0.5: [LayerRule(0.25, 1.0, 0.25), LayerRule(math.inf, 0.25, 0.25)]},
+                            {"budgets": {"0.5": {"target_keep": 0.5}}}).to_dict()
+    CompileState(adaptive_policy=policy).save(tmp_path)
+    back = CompileState.load(tmp_path).adaptive_policy
+    assert back == json.loads(json.dumps(policy))
+    assert AdaptivePolicy.from_dict(back, _tables(), "state").budgets[0.5][1].threshold == math.inf
+
+
+def test_compare_shows_each_method_with_its_adaptive_policy_at_its_realised_keep(tiny_model_dir, tmp_path):
+    from flexc.compiler.compare import compare
+    from flexc.compiler.spec import Spec
+    from flexc.passes.methods import parse_methods
+
+    data = {"builtin": "python-stdlib", "seq_len": 128, "batch_size": 8}
+    spec = Spec.model_validate({
+        "model": {"path": str(tiny_model_dir)},
+        "data": {"calibration": {**data, "split": "train", "num_samples": 32},
+                 "evaluation": {**data, "split": "heldout", "num_samples": 16}},
+        "budgets": {"keep": [0.75, 0.5]}, "pipeline": [], "export": {"dir": str(tmp_path / "run")}})
+    plain = compare(spec, parse_methods("coverage", spec), tmp_path / "plain", quiet=True)
+    result = compare(spec, parse_methods("coverage,expert_prune", spec), tmp_path / "cmp", quiet=True, adaptive=True)
+    rows = {(r["method"], r["keep_target"]): r for r in result["results"]}
+    for r in plain["results"]:  # the static rows are unchanged by the adaptive ones beside them
+        assert rows[(r["method"], r["keep_target"])]["ppl"] == pytest.approx(r["ppl"], rel=1e-6)
+    for b in (0.75, 0.5):
+        row = rows[("coverage+adaptive", b)]
+        assert row["keep"] == pytest.approx(rows[("coverage", b)]["keep"])
+        assert 0 < row["active_keep"] <= 1 and 0 < row["static_active_keep"] <= 1
+    assert ("expert_prune+adaptive", 0.5) not in rows
+    assert "re-routes tokens" in result["not_run"]["expert_prune+adaptive"]
+    assert "coverage+adaptive keep 0.5" in (tmp_path / "cmp" / "compare.md").read_text()
