@@ -147,6 +147,26 @@ def _state_records(state: CompileState) -> list[str]:
     if state.quantization is not None:
         q = state.quantization
         lines.append(f"- **quantize**: {q['scheme']} (group {q['group_size']}, {q['method']}) on the routed experts")
+    if state.adaptive_policy is not None:
+        lines += _adaptive_lines(state.adaptive_policy)
+    return lines
+
+
+def _adaptive_lines(policy: dict) -> list[str]:
+    """The token-adaptive policy: per budget its target active keep and, on held-out text, what it realised and
+    its loss beside the static table's."""
+    report = policy.get("report") or {}
+    held = report.get("held_out") or {}
+    target = "each static table's active keep" if policy["target"] == "table" else "the budget as active keep"
+    lines = [f"- **adaptive widths** (rule `{policy['rule']}`, calibrated to {target}; `flexc.load(..., "
+             "adaptive=True)`)" + ("" if held else ": not compared on held-out text")]
+    for budget, row in held.items():
+        target = (report.get("budgets") or {}).get(budget, {}).get("target_keep")
+        verdict = "better" if row["adaptive_loss"] < row["static_loss"] - 1e-6 else (
+            "worse" if row["adaptive_loss"] > row["static_loss"] + 1e-6 else "the same")
+        lines.append(f"  - keep {budget}: active keep {row['adaptive_keep']:.3f} on held-out text (target "
+                     f"{target:.3f}; static table {row['static_keep']:.3f}); loss {row['adaptive_loss']:.4f} vs "
+                     f"{row['static_loss']:.4f} static: {verdict}")
     return lines
 
 
