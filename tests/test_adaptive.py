@@ -88,7 +88,8 @@ def adaptive_compile(tiny_model_dir, tmp_path_factory):
     import flexc
 
     out = tmp_path_factory.mktemp("adaptive") / "run"
-    flexc.compile(_compile_spec(tiny_model_dir, out, [{"fold_masks": {}}, {"adaptive_widths": {"held_out": 48}}]),
+    flexc.compile(_compile_spec(tiny_model_dir, out, [{"fold_masks": {}},
+                                                       {"adaptive_widths": {"held_out": 48, "fallback": False}}]),
                   quiet=True)
     return out
 
@@ -103,6 +104,23 @@ def test_the_policy_realises_its_target_keep_on_held_out_documents(adaptive_comp
         assert abs(row["adaptive_keep"] - target) <= 0.02, (budget, row, target)
     # where there are levels on both sides, the policy mixes them: its loss differs from the static table's
     assert held["0.5"]["adaptive_loss"] != held["0.5"]["static_loss"]
+
+
+def test_a_budget_whose_policy_loses_on_held_out_text_runs_its_static_table():
+    from flexc.passes.adaptive_widths import _fall_back
+
+    rules = [LayerRule(0.3, 0.75, 0.25)] * 2
+    policy = AdaptivePolicy("adjacent", "table", {0.5: rules, 0.25: [LayerRule(math.inf, 0.25, 0.25)] * 2})
+    policy.report["held_out"] = {"0.5": {"adaptive_loss": 4.2, "static_loss": 4.1},
+                                 "0.25": {"adaptive_loss": 4.0, "static_loss": 4.0}}
+    _fall_back(policy, 2)
+    assert policy.budgets[0.5] == [LayerRule(math.inf, 0.5, 0.5)] * 2
+    assert policy.report["held_out"]["0.5"]["policy"].startswith("static")
+    assert policy.report["held_out"]["0.25"]["policy"] == "adaptive"
+    policy.report["held_out"]["0.5"] = {"adaptive_loss": 4.0, "static_loss": 4.1}
+    policy.budgets[0.5] = rules
+    _fall_back(policy, 2)
+    assert policy.budgets[0.5] == rules
 
 
 def test_an_adaptive_nested_artifact_switches_live_and_its_rules_pick_the_levels(adaptive_compile):

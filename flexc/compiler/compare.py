@@ -261,10 +261,9 @@ def recover_options(spec) -> dict:
 
 
 def adaptive_options(spec) -> dict:
-    """The spec's ``adaptive_widths`` options (or the pass's defaults), without its held-out check: the
-    comparison's own evaluation text judges the policy."""
-    entry = next((dict(e.options) for e in spec.pipeline if e.name == "adaptive_widths"), {})
-    return {**entry, "held_out": 0}
+    """The spec's ``adaptive_widths`` options, else the pass's defaults (its held-out check reads calibration
+    documents, never the comparison's evaluation text)."""
+    return next((dict(e.options) for e in spec.pipeline if e.name == "adaptive_widths"), {})
 
 
 def adaptive_rows(graph, state, label: str, evaluate_model, weights: torch.Tensor,

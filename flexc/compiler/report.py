@@ -166,7 +166,8 @@ def _adaptive_lines(policy: dict) -> list[str]:
             "worse" if row["adaptive_loss"] > row["static_loss"] + 1e-6 else "the same")
         lines.append(f"  - keep {budget}: active keep {row['adaptive_keep']:.3f} on held-out text (target "
                      f"{target:.3f}; static table {row['static_keep']:.3f}); loss {row['adaptive_loss']:.4f} vs "
-                     f"{row['static_loss']:.4f} static: {verdict}")
+                     f"{row['static_loss']:.4f} static: {verdict}"
+                     + ("; runs the static table" if row.get("policy", "adaptive") != "adaptive" else ""))
     return lines
 
 

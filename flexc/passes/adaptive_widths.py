@@ -6,7 +6,8 @@ layer, the routing-weight threshold above which a routed pair runs at a wider le
 and below which at a narrower one, so that the layer's active keep meets its target. It then runs
 the held-out text that follows the calibration set (documents no calibration window touched) with
 each budget's static table and with its policy, and reports both losses and both realised active
-keeps (``adaptive_widths.json``). The policy goes to ``state.adaptive_policy``; the nested export
+keeps (``adaptive_widths.json``); a budget whose policy loses there runs its static table
+(``fallback``). The policy goes to ``state.adaptive_policy``; the nested export
 stores it and ``flexc.load(..., adaptive=True)`` / ``model.set_budget(b, adaptive=True)`` run it.
 Weights and tables are unchanged.
 """
@@ -14,13 +15,14 @@ Weights and tables are unchanged.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from flexc.ir.adaptive import RULES, TARGETS, AdaptivePolicy, calibrate_policy, policy_layers, running, static_layers
+from flexc.ir.adaptive import RULES, TARGETS, AdaptivePolicy, LayerRule, calibrate_policy, policy_layers, running, static_layers
 from flexc.ir.op import observe_expert_forward
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.calibrate import layer_keys, next_token_loss
@@ -37,9 +39,11 @@ class AdaptiveWidthsOptions(PassOptions):
     target: Literal[TARGETS] = Field("table", description="Each budget's active keep per routed pair: the static "
                                      "table's own on the calibration text (table: the same compute per token, better "
                                      "spent) or the budget itself (budget).")
-    held_out: int = Field(32, ge=0, le=100_000, description="Sequences of held-out text (the documents after the "
-                          "calibration set's) on which the report compares each policy with its static table; 0 "
-                          "skips the comparison.")
+    held_out: int = Field(64, ge=0, le=100_000, description="Sequences of held-out text (the documents after the "
+                          "calibration set's) on which each policy is compared with its static table; 0 skips the "
+                          "comparison.")
+    fallback: bool = Field(True, description="A budget whose policy has a higher held-out loss than its static "
+                           "table runs the static table (the report says which).")
 
     def needs_calibration(self, earlier: frozenset[str]) -> bool:
         return True
@@ -65,6 +69,8 @@ class AdaptiveWidths(Pass):
         held = following(opts.held_out, strict=False) if opts.held_out and following is not None else []
         if held:
             policy.report["held_out"] = _compare_on(graph, tables, policy, held, ctx)
+            if opts.fallback:
+                _fall_back(policy, len(graph.groups))
         elif opts.held_out:
             ctx.logger.warning("adaptive_widths: no held-out text after the calibration set (batches given directly, "
                                "or a source used up); the policy is not compared with the static tables")
@@ -78,6 +84,16 @@ class AdaptiveWidths(Pass):
                             "held-out loss %.4f vs %.4f", budget, row["adaptive_keep"], row["static_keep"],
                             policy.report["budgets"][budget]["target_keep"], row["adaptive_loss"], row["static_loss"])
         return PassResult(graph=graph, modified=False, changed_nodes=set())
+
+
+def _fall_back(policy: AdaptivePolicy, layers: int) -> None:
+    """Budgets whose policy lost the held-out comparison run their static table (both levels the budget's)."""
+    for budget, row in policy.report["held_out"].items():
+        row["policy"] = "adaptive"
+        if row["adaptive_loss"] > row["static_loss"]:
+            key = next(b for b in policy.budgets if f"{b:g}" == budget)
+            policy.budgets[key] = [LayerRule(math.inf, key, key)] * layers
+            row["policy"] = "static (the adaptive policy lost on held-out text)"
 
 
 def _full_width_routing(graph, batches, ctx: PassContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
