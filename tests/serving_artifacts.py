@@ -13,6 +13,20 @@ import torch
 
 BUDGETS = (0.75, 0.4)
 GRANULE = 16
+ADAPTIVE = "adaptive"  # the nested artifact's token-adaptive policy at BUDGETS[1]
+
+
+def adaptive_policy(groups, top_k: int) -> dict:
+    """At the lower budget: pairs whose routing weight reaches 1/top_k (the mean of renormalised weights) run at
+    the upper budget's widths, the others at the lower one's; the upper budget runs its own table."""
+    import math
+
+    from flexc.ir.adaptive import AdaptivePolicy, LayerRule
+
+    upper, lower = BUDGETS
+    return AdaptivePolicy("adjacent", "table", {
+        upper: [LayerRule(math.inf, upper, upper)] * len(groups),
+        lower: [LayerRule(1.0 / top_k, upper, lower)] * len(groups)}).to_dict()
 
 
 def random_tables(groups, budgets=BUDGETS, seed: int = 0):
@@ -44,7 +58,8 @@ def write_artifacts(model, tokenizer, out: Path, seed: int = 0) -> dict[str, Pat
     groups = find_expert_groups(model, detect_family(model.config))
     tables = random_tables(groups, seed=seed)
     paths = {"nested": out / "nested"}
-    write_nested(paths["nested"], model, groups, tables, tokenizer=tokenizer)
+    write_nested(paths["nested"], model, groups, tables, tokenizer=tokenizer,
+                 adaptive_policy=adaptive_policy(groups, int(model.config.num_experts_per_tok)))
     for budget in tables.budgets:
         target = out / "sliced" / budget_key(budget)
         write_sliced(target, model, groups, tables.table(budget), budget=budget, tokenizer=tokenizer)

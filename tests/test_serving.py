@@ -25,7 +25,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed: serving tests run whe
 
 import torch  # noqa: E402
 
-from serving_artifacts import BUDGETS, source_model, write_artifacts  # noqa: E402
+from serving_artifacts import ADAPTIVE, BUDGETS, source_model, write_artifacts  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -38,11 +38,12 @@ def prompt_ids(tokenizer) -> list[list[int]]:
     return [tokenizer(p).input_ids for p in PROMPTS]
 
 
-def reference(directory, budget, ids) -> list[list[int]]:
-    """Greedy tokens of flexc.load (transformers) at ``budget`` (None: full width)."""
+def reference(directory, budget, ids, adaptive: bool = False) -> list[list[int]]:
+    """Greedy tokens of flexc.load (transformers) at ``budget`` (None: full width; ``adaptive``: on the
+    artifact's token-adaptive policy)."""
     import flexc
 
-    model = flexc.load(str(directory), budget=budget)
+    model = flexc.load(str(directory), budget=budget, adaptive=adaptive)
     out = []
     with torch.no_grad():
         for row in ids:
@@ -86,6 +87,7 @@ def artifacts(tmp_path_factory):
         paths = write_artifacts(model, tokenizer, tmp_path_factory.mktemp(f"serve-{name}"))
         ids = prompt_ids(tokenizer)
         refs = {b: reference(paths["nested"], b, ids) for b in (None, *BUDGETS)}
+        refs[ADAPTIVE] = reference(paths["nested"], BUDGETS[1], ids, adaptive=True)
         built[name] = (paths, ids, refs)
     return built
 
@@ -126,6 +128,21 @@ def test_budget_chosen_at_load_and_switched_live(engine):
 
     set_budget(llm, 1.0)
     assert served(llm, ids) == refs[None], f"{name} at full width after a live switch"
+
+
+def test_the_adaptive_policy_is_served_as_flexc_load_runs_it(engine):
+    """Each routed pair's width from its routing weight, switched on and off live."""
+    from flexc.serving import get_budget, set_budget
+
+    name, llm, ids, refs = engine
+    assert refs[ADAPTIVE] != refs[BUDGETS[1]], f"{name}: the policy must change some pair's width"
+    state = set_budget(llm, BUDGETS[1], adaptive=True)
+    assert state["adaptive"] and state["budget"] == pytest.approx(BUDGETS[1])
+    assert served(llm, ids) == refs[ADAPTIVE], f"{name} at keep {BUDGETS[1]}, adaptive"
+    set_budget(llm, BUDGETS[1])
+    assert not get_budget(llm)["adaptive"]
+    assert served(llm, ids) == refs[BUDGETS[1]], f"{name} at keep {BUDGETS[1]}, the static table again"
+    set_budget(llm, BUDGETS[0])
 
 
 def test_unknown_budget_is_refused_and_leaves_the_engine_serving(engine):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flexc.export.nested import KIND as NESTED_KIND
-from flexc.export.nested import ArtifactError, read_manifest, load_tables
+from flexc.export.nested import ArtifactError, load_policy, load_tables, read_manifest
 from flexc.export.remote.modeling_flexc_sliced import CONFIG_KEY as SLICED_KEY
 from flexc.export.remote.modeling_flexc_sliced import FORMAT_VERSION as SLICED_FORMAT
 from flexc.export.remote.modeling_flexc_sliced import check_buckets
@@ -36,6 +36,7 @@ class Artifact:
     tables: WidthTables | None = None  # nested
     sliced: dict[str, Any] | None = None  # sliced: the config's flexc_sliced section
     budget: float | None = None  # nested: the budget asked for at load (None: full width)
+    policy: Any = None  # nested: its token-adaptive policy (flexc.ir.adaptive.AdaptivePolicy), if it has one
 
     def sliced_widths(self, layer: int) -> list[int]:
         """A sliced checkpoint's per-expert widths in decoder layer ``layer``. The config names the
@@ -104,4 +105,6 @@ def detect(model_path: str | Path | None, hf_config) -> Artifact | None:
             raise ServingError(f"{BUDGET_KEY} was given but {directory} is not a flexc nested artifact "
                                "(no flexc_manifest.json of kind 'nested')")
         return None
-    return Artifact("nested", directory, tables=load_tables(directory, manifest), budget=_budget_asked(hf_config))
+    tables = load_tables(directory, manifest)
+    return Artifact("nested", directory, tables=tables, budget=_budget_asked(hf_config),
+                    policy=load_policy(directory, manifest, tables))

@@ -47,6 +47,9 @@ class BudgetControl:
         self._groups, self._groups_for = None, None
         self._token_rows = None  # [T]: each token's position in this pass's groups (pair_widths)
         self.most_budgets_in_a_pass = 1  # the most budgets one forward pass ran (per-request budgets)
+        self.policy = artifact.policy  # the token-adaptive policy (nested artifacts that have one)
+        self.adaptive = False  # whether the engine's budget runs it
+        self._rules: dict[float, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}
         if artifact.kind == "sliced":
             self.budget = artifact.sliced.get("budget")
             return
@@ -59,6 +62,7 @@ class BudgetControl:
         if tables.tables.shape[2] < most:
             raise ServingError(f"{artifact.directory}: width tables for {tables.tables.shape[2]} experts per layer; "
                                f"the model has {most}: re-export the artifact")
+        self.policy_tables = tables
         device = blocks[layers[0]].experts.widths.device
         full = [torch.full((blocks[i].experts.num_experts,), blocks[i].full, dtype=torch.int32) for i in layers]
         self.rows[1.0] = [row.to(device) for row in full]
@@ -70,9 +74,13 @@ class BudgetControl:
     def budgets(self) -> list[float]:
         return sorted(self.rows, reverse=True) if self.rows else [self.budget]
 
-    def set(self, keep: float) -> float:
-        """Switch to budget ``keep`` (a keep ratio); returns the seconds the switch took."""
+    def set(self, keep: float, adaptive: bool = False) -> float:
+        """Switch to budget ``keep`` (a keep ratio; ``adaptive``: on the artifact's token-adaptive policy);
+        returns the seconds the switch took."""
         if self.kind == "sliced":
+            if adaptive:
+                raise ServingError(f"{self.directory} is a sliced checkpoint: its widths are fixed; serve the nested "
+                                   "artifact for token-adaptive widths")
             if self.budget is not None and abs(float(keep) - self.budget) < 1e-6:
                 return 0.0
             raise ServingError(f"{self.directory} is a sliced checkpoint of keep {self.budget}: its budget is fixed. "
@@ -82,17 +90,43 @@ class BudgetControl:
             raise BudgetError(f"no width table for keep {keep:g} in {self.directory}; available: "
                               f"{', '.join(f'{b:g}' for b in self.budgets)}")
         start = time.perf_counter()
+        if adaptive:
+            self._adaptive_rules(key)  # before anything changes: a budget without a policy is refused
         for layer, row in zip(sorted(self.blocks), self.rows[key]):
             self.blocks[layer].experts.widths.copy_(row)
         if row.is_cuda:
             torch.cuda.synchronize(row.device)
-        self.budget = key
+        self.budget, self.adaptive = key, adaptive and key != 1.0
         return time.perf_counter() - start
+
+    def _adaptive_rules(self, budget: float) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+        """Per MoE layer (in order): the policy's threshold and its upper and lower width rows at ``budget``."""
+        if self.policy is None:
+            raise ServingError(f"{self.directory} has no token-adaptive policy: compile it with the adaptive_widths "
+                               "pass (docs/adaptive.md)")
+        if budget not in self._rules and budget != 1.0:
+            from flexc.ir.adaptive import level_row
+
+            rules = self.policy.rules(budget)
+            if rules is None:
+                raise BudgetError(f"the adaptive policy of {self.directory} has no rule for keep {budget:g}")
+            device = self.rows[budget][0].device
+            self._rules[budget] = [(r.threshold, level_row(self.policy_tables, r.upper, i).to(device),
+                                    level_row(self.policy_tables, r.lower, i).to(device))
+                                   for i, r in enumerate(rules)]
+        return self._rules.get(budget, [])
+
+    def adaptive_widths(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The width of every routed pair at ``layer`` (``[T, k]``) under the engine budget's adaptive policy:
+        its expert's upper-level width where its routing weight reaches the layer's threshold, else the lower."""
+        threshold, upper, lower = self._rules[self.budget][self._position[layer]]
+        return torch.where(weights >= threshold, upper[ids], lower[ids])
 
     def state(self) -> dict[str, Any]:
         widths = {layer: self.blocks[layer].experts.widths.tolist() for layer in sorted(self.blocks)}
         state = {"kind": self.kind, "budget": self.budget, "budgets": self.budgets, "widths": widths,
-                 "most_budgets_in_a_pass": self.most_budgets_in_a_pass}
+                 "most_budgets_in_a_pass": self.most_budgets_in_a_pass, "adaptive": self.adaptive,
+                 "adaptive_policy": self.policy is not None}
         if self.kind == "sliced":  # which kernels run each layer's width buckets
             state["buckets"] = {layer: [[w, len(ids)] for w, ids in self.blocks[layer].experts.buckets]
                                 for layer in sorted(self.blocks)}

@@ -212,7 +212,9 @@ class FlexcMoeBlock(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         ids, weights = self.route(x)
         groups = None if self.control is None else self.control.groups(x.shape[0])
-        if groups is None:
+        if groups is None and self.control is not None and self.control.adaptive:  # widths per pair, by weight
+            out = self.experts(x, ids, weights, self.control.adaptive_widths(self.layer, ids, weights))
+        elif groups is None:
             out = self.experts(x, ids, weights)
         else:  # per-request budgets in one call: each routed pair at the widths of its token's budget
             out = self.experts(x, ids, weights, self.control.pair_widths(self.layer, ids))

@@ -21,15 +21,16 @@ UNSERVED_SLICED = ("OlmoeForCausalLM", "DeepseekV3ForCausalLM", "GptOssForCausal
 WORKER_METHOD = "flexc_budget"
 
 
-def _worker_flexc_budget(self, keep: float | None = None) -> dict:
-    """Worker side of a budget query or switch: ``keep`` None reads, a keep ratio switches."""
+def _worker_flexc_budget(self, keep: float | None = None, adaptive: bool = False) -> dict:
+    """Worker side of a budget query or switch: ``keep`` None reads, a keep ratio switches (``adaptive``: onto
+    the artifact's token-adaptive policy)."""
     from flexc.serving.families import ServingError
 
     model = self.get_model()
     control = getattr(model, "flexc", None)
     if control is None:
         raise ServingError(f"the served model ({type(model).__name__}) is not a flexc artifact: it has no budgets")
-    seconds = None if keep is None else control.set(keep)
+    seconds = None if keep is None else control.set(keep, adaptive)
     state = control.state()
     state["switch_s"] = seconds
     return state
