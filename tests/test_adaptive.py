@@ -106,21 +106,32 @@ def test_the_policy_realises_its_target_keep_on_held_out_documents(adaptive_comp
     assert held["0.5"]["adaptive_loss"] != held["0.5"]["static_loss"]
 
 
-def test_a_budget_whose_policy_loses_on_held_out_text_runs_its_static_table():
-    from flexc.passes.adaptive_widths import _fall_back
+def test_each_budget_runs_the_rule_with_the_lowest_held_out_loss_or_its_static_table():
+    from types import SimpleNamespace
 
-    rules = [LayerRule(0.3, 0.75, 0.25)] * 2
-    policy = AdaptivePolicy("adjacent", "table", {0.5: rules, 0.25: [LayerRule(math.inf, 0.25, 0.25)] * 2})
-    policy.report["held_out"] = {"0.5": {"adaptive_loss": 4.2, "static_loss": 4.1},
-                                 "0.25": {"adaptive_loss": 4.0, "static_loss": 4.0}}
-    _fall_back(policy, 2)
-    assert policy.budgets[0.5] == [LayerRule(math.inf, 0.5, 0.5)] * 2
-    assert policy.report["held_out"]["0.5"]["policy"].startswith("static")
-    assert policy.report["held_out"]["0.25"]["policy"] == "adaptive"
-    policy.report["held_out"]["0.5"] = {"adaptive_loss": 4.0, "static_loss": 4.1}
-    policy.budgets[0.5] = rules
-    _fall_back(policy, 2)
-    assert policy.budgets[0.5] == rules
+    from flexc.passes.adaptive_widths import _choose
+
+    adjacent, extreme = [LayerRule(0.3, 0.75, 0.25)] * 2, [LayerRule(0.4, 1.0, 0.25)] * 2
+    report = {"budgets": {"0.5": {"target_keep": 0.6, "calibration_keep": 0.6},
+                          "0.25": {"target_keep": 0.3, "calibration_keep": 0.3}}}
+    candidates = {"adjacent": AdaptivePolicy("adjacent", "table", {0.5: adjacent, 0.25: adjacent}, report),
+                  "extreme": AdaptivePolicy("extreme", "table", {0.5: extreme, 0.25: extreme}, report)}
+
+    def comparison(static_05):
+        return {"0.5": {"full_loss": 4.0, "static_loss": static_05, "static_keep": 0.6,
+                        "rules": {"adjacent": {"loss": 4.2, "keep": 0.6}, "extreme": {"loss": 4.15, "keep": 0.61}}},
+                "0.25": {"full_loss": 4.0, "static_loss": 4.5, "static_keep": 0.3,
+                         "rules": {"adjacent": {"loss": 4.4, "keep": 0.3}, "extreme": {"loss": 4.45, "keep": 0.3}}}}
+
+    chosen = _choose(candidates, comparison(4.3), SimpleNamespace(fallback=True), 2)
+    assert chosen.budgets[0.5] == extreme and chosen.budgets[0.25] == adjacent
+    assert chosen.report["held_out"]["0.5"]["policy"] == "extreme"
+    assert chosen.report["held_out"]["0.5"]["increase_ratio"] == pytest.approx(0.15 / 0.3)
+    lost = _choose(candidates, comparison(4.1), SimpleNamespace(fallback=True), 2)
+    assert lost.budgets[0.5] == [LayerRule(math.inf, 0.5, 0.5)] * 2
+    assert lost.report["held_out"]["0.5"]["policy"].startswith("static")
+    kept = _choose(candidates, comparison(4.1), SimpleNamespace(fallback=False), 2)
+    assert kept.budgets[0.5] == extreme
 
 
 def test_an_adaptive_nested_artifact_switches_live_and_its_rules_pick_the_levels(adaptive_compile):

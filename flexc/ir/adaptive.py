@@ -84,8 +84,9 @@ class AdaptivePolicy:
 
         if not isinstance(data, dict) or data.get("format") != POLICY_FORMAT:
             raise bad(f"not an adaptive policy of format {POLICY_FORMAT}")
-        if data.get("rule") not in RULES or data.get("target") not in TARGETS:
-            raise bad(f"rule {data.get('rule')!r} / target {data.get('target')!r} (expected one of {RULES} / {TARGETS})")
+        if data.get("rule") not in ("auto", *RULES) or data.get("target") not in TARGETS:
+            raise bad(f"rule {data.get('rule')!r} / target {data.get('target')!r} (expected one of auto, {RULES} / "
+                      f"{TARGETS})")
         levels = [FULL, *tables.budgets]
         budgets: dict[float, list[LayerRule]] = {}
         for entry in data.get("budgets") or []:

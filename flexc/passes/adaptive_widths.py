@@ -33,9 +33,10 @@ REPORT = "adaptive_widths.json"
 
 
 class AdaptiveWidthsOptions(PassOptions):
-    rule: Literal[RULES] = Field("adjacent", description="Which two levels a layer's pairs choose between: the "
-                                 "levels just above and below its target (adjacent) or full width and the narrowest "
-                                 "table (extreme).")
+    rule: Literal[("auto", *RULES)] = Field("auto", description="Which two levels a layer's pairs choose between: "
+                                            "the levels just above and below its target (adjacent), full width and the "
+                                            "narrowest table (extreme), or per budget whichever of the two has the "
+                                            "lower held-out loss (auto; adjacent without held-out text).")
     target: Literal[TARGETS] = Field("table", description="Each budget's active keep per routed pair: the static "
                                      "table's own on the calibration text (table: the same compute per token, better "
                                      "spent) or the budget itself (budget).")
@@ -64,16 +65,18 @@ class AdaptiveWidths(Pass):
         tables = ctx.state.checked_width_tables()
         calibration = ctx.calibration_batches()
         routing = _full_width_routing(graph, calibration, ctx)
-        policy = calibrate_policy(tables, routing, rule=opts.rule, target=opts.target)
         following = getattr(calibration, "following", None)
         held = following(opts.held_out, strict=False) if opts.held_out and following is not None else []
+        rules = RULES if opts.rule == "auto" and held else ("adjacent",) if opts.rule == "auto" else (opts.rule,)
+        candidates = {r: calibrate_policy(tables, routing, rule=r, target=opts.target) for r in rules}
+        policy = candidates[rules[0]]
         if held:
-            policy.report["held_out"] = _compare_on(graph, tables, policy, held, ctx)
-            if opts.fallback:
-                _fall_back(policy, len(graph.groups))
+            comparison = _compare_on(graph, tables, candidates, held, ctx)
+            policy = _choose(candidates, comparison, opts, len(graph.groups))
         elif opts.held_out:
             ctx.logger.warning("adaptive_widths: no held-out text after the calibration set (batches given directly, "
                                "or a source used up); the policy is not compared with the static tables")
+        policy.rule = opts.rule
         workdir = Path(ctx.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         record = policy.to_dict()
@@ -81,19 +84,33 @@ class AdaptiveWidths(Pass):
         ctx.state.adaptive_policy = record
         for budget, row in policy.report.get("held_out", {}).items():
             ctx.logger.info("adaptive_widths: keep %s: active keep %.3f adaptive vs %.3f static (target %.3f); "
-                            "held-out loss %.4f vs %.4f", budget, row["adaptive_keep"], row["static_keep"],
-                            policy.report["budgets"][budget]["target_keep"], row["adaptive_loss"], row["static_loss"])
+                            "held-out loss %.4f vs %.4f: runs %s", budget, row["adaptive_keep"], row["static_keep"],
+                            policy.report["budgets"][budget]["target_keep"], row["adaptive_loss"], row["static_loss"],
+                            row["policy"])
         return PassResult(graph=graph, modified=False, changed_nodes=set())
 
 
-def _fall_back(policy: AdaptivePolicy, layers: int) -> None:
-    """Budgets whose policy lost the held-out comparison run their static table (both levels the budget's)."""
-    for budget, row in policy.report["held_out"].items():
-        row["policy"] = "adaptive"
-        if row["adaptive_loss"] > row["static_loss"]:
-            key = next(b for b in policy.budgets if f"{b:g}" == budget)
-            policy.budgets[key] = [LayerRule(math.inf, key, key)] * layers
-            row["policy"] = "static (the adaptive policy lost on held-out text)"
+def _choose(candidates: dict[str, AdaptivePolicy], comparison: dict, opts, layers: int) -> AdaptivePolicy:
+    """Per budget, the candidate rule with the lowest held-out loss; with ``fallback``, the static table where
+    that loss is higher than the table's. The report gives every candidate's loss and keep, and what runs."""
+    first = next(iter(candidates.values()))
+    budgets, held = {}, {}
+    for key in first.budgets:
+        row = comparison[f"{key:g}"]
+        best = min(candidates, key=lambda r: row["rules"][r]["loss"])
+        budgets[key] = candidates[best].budgets[key]
+        row.update({"policy": best, "adaptive_loss": row["rules"][best]["loss"],
+                    "adaptive_keep": row["rules"][best]["keep"]})
+        increase = row["static_loss"] - row["full_loss"]
+        row["increase_ratio"] = (row["adaptive_loss"] - row["full_loss"]) / increase if increase > 0 else None
+        if opts.fallback and row["adaptive_loss"] > row["static_loss"]:
+            budgets[key] = [LayerRule(math.inf, key, key)] * layers
+            row["policy"] = "static (every adaptive rule lost on held-out text)"
+        held[f"{key:g}"] = row
+    report = {**first.report, "budgets": {b: {**v, "calibration_keep_by_rule": {
+        r: c.report["budgets"][b]["calibration_keep"] for r, c in candidates.items()}}
+        for b, v in first.report["budgets"].items()}, "held_out": held}
+    return AdaptivePolicy(first.rule, first.target, budgets, report)
 
 
 def _full_width_routing(graph, batches, ctx: PassContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -128,33 +145,31 @@ def _logits(graph, ids: torch.Tensor) -> torch.Tensor:
     return graph.model(input_ids=ids, use_cache=False).logits
 
 
-def _compare_on(graph, tables, policy: AdaptivePolicy, held: list[torch.Tensor], ctx: PassContext) -> dict:
-    """Per budget, on ``held``: held-out loss and realised active keep of the static table and of the policy,
-    beside full width's loss."""
+def _compare_on(graph, tables, candidates: dict[str, AdaptivePolicy], held: list[torch.Tensor],
+                ctx: PassContext) -> dict:
+    """Per budget, on ``held``: the held-out loss and realised active keep of the static table and of each
+    candidate policy (``rules``), beside full width's loss."""
     modules = [graph.experts_module(g) for g in graph.groups]
     device = next(graph.model.parameters()).device
     widths = graph.widths()
 
-    def run(layers) -> tuple[float, float]:
+    def run(layers) -> dict:
         total, tokens = 0.0, 0
         with torch.no_grad(), running(modules, layers) as keep:
             for ids in held:
                 ids = ids.to(device)
                 total += float(next_token_loss(_logits(graph, ids), ids)) * ids[:, 1:].numel()
                 tokens += ids[:, 1:].numel()
-            return total / max(1, tokens), keep()
+            return {"loss": total / max(1, tokens), "keep": keep()}
 
     out = {}
     try:
-        full_loss, _ = run(static_layers(tables, 1.0, device))
+        full = run(static_layers(tables, 1.0, device))
         for budget in progress_bar(tables.budgets, description="adaptive_widths: held-out check", disable=ctx.quiet):
-            static_loss, static_keep = run(static_layers(tables, budget, device))
-            adaptive_loss, adaptive_keep = run(policy_layers(policy, tables, budget, device))
-            increase = static_loss - full_loss
+            static = run(static_layers(tables, budget, device))
             out[f"{budget:g}"] = {
-                "full_loss": full_loss, "static_loss": static_loss, "adaptive_loss": adaptive_loss,
-                "static_keep": static_keep, "adaptive_keep": adaptive_keep,
-                "increase_ratio": (adaptive_loss - full_loss) / increase if increase > 0 else None,
+                "full_loss": full["loss"], "static_loss": static["loss"], "static_keep": static["keep"],
+                "rules": {r: run(policy_layers(c, tables, budget, device)) for r, c in candidates.items()},
                 "sequences": sum(len(b) for b in held)}
     finally:
         graph.set_widths(widths)
