@@ -300,6 +300,9 @@ def _add_eval_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=float, help="documents per task (a fraction if < 1)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples per document (default: the task's)")
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="a nested artifact compiled with adaptive_widths: also each budget on its token-adaptive "
+                        "policy, with the realised active keep (docs/adaptive.md)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     p.set_defaults(func=cmd_eval)
 

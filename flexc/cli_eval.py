@@ -56,6 +56,9 @@ def _models(path: Path, args, load) -> Iterator[tuple[str, float, object, object
         from flexc.compiler.spec import ModelSpec
 
         resolved = models.resolve_argument(args.model)  # a clear error if it is nothing loadable
+        if getattr(args, "adaptive", False):
+            raise FlexcError(f"--adaptive applies to nested artifacts compiled with adaptive_widths; {args.model} is a "
+                             "base model")
         if args.budget:
             raise FlexcError(f"--budget applies to compiled artifacts (nested or sliced); {args.model} is a base model")
         loaded = models.load_model(ModelSpec(path=str(resolved)), progress=args.verbosity >= 0)
@@ -63,6 +66,8 @@ def _models(path: Path, args, load) -> Iterator[tuple[str, float, object, object
         return
     manifest = read_manifest(artifact)  # a clear error naming the file if it is not a JSON object
     if manifest.get("kind") == "sliced":
+        if getattr(args, "adaptive", False):
+            raise FlexcError(f"--adaptive applies to nested artifacts; {artifact} is a sliced export (fixed widths)")
         available = [r["keep"] for r in manifest["budgets"]] if "budgets" in manifest else [manifest["budget"]]
         for b in _budgets(args, available, full=False):
             model = load(artifact, b)
@@ -70,9 +75,16 @@ def _models(path: Path, args, load) -> Iterator[tuple[str, float, object, object
         return
     model = load(artifact)
     tokenizer = AutoTokenizer.from_pretrained(str(artifact))
+    adaptive = getattr(args, "adaptive", False)
+    if adaptive and model.flexc.policy is None:
+        raise FlexcError(f"--adaptive: {artifact} has no token-adaptive policy (compile with the adaptive_widths pass; "
+                         "docs/adaptive.md)")
     for b in _budgets(args, model.flexc.budgets):
         model.set_budget(b)
         yield str(artifact), b, model, tokenizer
+        if adaptive and b != 1.0:
+            model.set_budget(b, adaptive=True)
+            yield f"{artifact} (adaptive)", b, model, tokenizer
 
 
 def _tasks(args) -> list[str]:
@@ -101,8 +113,14 @@ def run_eval(args, console) -> dict[str, list[dict]]:
             if source is not None:
                 if last[0] is not tokenizer:
                     last = (tokenizer, evaluation_stream(source, tokenizer))
-                r = evaluate(model, tokenizer, source, stream=last[1], progress=args.verbosity >= 0)
-                results["perplexity"].append({"model": label, "budget": budget, **r.to_dict()})
+                runtime = getattr(model, "flexc", None)
+                if runtime is not None and getattr(runtime, "adaptive", False):  # its realised active keep too
+                    with runtime.measure_active_keep() as keep:
+                        r = evaluate(model, tokenizer, source, stream=last[1], progress=args.verbosity >= 0)
+                    extra = {"adaptive": True, "active_keep": keep()}
+                else:
+                    r, extra = evaluate(model, tokenizer, source, stream=last[1], progress=args.verbosity >= 0), {}
+                results["perplexity"].append({"model": label, "budget": budget, **r.to_dict(), **extra})
             if task_set is not None:
                 lm = harness.harness_model(model, tokenizer, batch_size=args.batch_size, quiet=args.verbosity < 1)
                 for row in harness.run_tasks(lm, task_set, limit=args.limit, num_fewshot=args.num_fewshot,
@@ -121,10 +139,12 @@ def _print_results(results: dict[str, list[dict]], source, console) -> None:
 
     if results["perplexity"]:
         table = Table(title=f"held-out perplexity ({source.seq_len}-token windows)")
-        for col in ("model", "keep", "tokens", "loss", "perplexity"):
+        active = any("active_keep" in r for r in results["perplexity"])
+        for col in ("model", "keep", *(("active keep",) if active else ()), "tokens", "loss", "perplexity"):
             table.add_column(col, justify="right" if col != "model" else "left")
         for r in results["perplexity"]:
-            table.add_row(r["model"], f"{r['budget']:g}", str(r["tokens"]), f"{r['loss']:.4f}",
+            keep = (f"{r['active_keep']:.3f}" if "active_keep" in r else "",) if active else ()
+            table.add_row(r["model"], f"{r['budget']:g}", *keep, str(r["tokens"]), f"{r['loss']:.4f}",
                           f"{r['perplexity']:.3f}")
         console.print(table)
     if results["tasks"]:

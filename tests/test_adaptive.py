@@ -237,3 +237,18 @@ def test_compare_shows_each_method_with_its_adaptive_policy_at_its_realised_keep
     assert ("expert_prune+adaptive", 0.5) not in rows
     assert "re-routes tokens" in result["not_run"]["expert_prune+adaptive"]
     assert "coverage+adaptive keep 0.5" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_flexc_eval_scores_each_budget_on_its_policy_with_the_realised_keep(adaptive_compile, tmp_path, capsys):
+    from flexc.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(adaptive_compile / "nested"), "--adaptive", "--samples", "4", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["perplexity"]
+    adaptive = {r["budget"]: r for r in rows if r.get("adaptive")}
+    static = {r["budget"]: r for r in rows if not r.get("adaptive")}
+    assert set(adaptive) == {0.75, 0.5, 0.3} and set(static) == {1.0, 0.75, 0.5, 0.3}
+    assert all(0 < r["active_keep"] <= 1 for r in adaptive.values())
+    assert adaptive[0.5]["loss"] != static[0.5]["loss"]
+    assert main(["eval", str(adaptive_compile / "sliced"), "--adaptive", "--samples", "4"]) == 2
+    assert "--adaptive applies to nested artifacts" in capsys.readouterr().err

@@ -167,15 +167,23 @@ def level_rows(tables, key: float) -> list[torch.Tensor]:
 @contextlib.contextmanager
 def running(modules, layers: list[AdaptiveLayer]):
     """Run each experts module of ``modules`` with its layer of ``layers``, metered; yields a function giving
-    the realised active keep so far (mean over every routed pair of its width over the full width). What the
-    modules ran before is put back afterwards."""
+    the realised active keep so far (mean over every routed pair of its width over the full width; after the
+    block, its final value). What the modules ran before is put back afterwards."""
     previous = [module.__dict__.get(ADAPTIVE) for module in modules]
     for module, layer in zip(modules, layers):
         layer.meter = [0.0, 0]
         set_adaptive(module, layer)
+    final: list[float] = []  # the value when the block ended: the function still answers after it
+
+    def keep() -> float:
+        if final:
+            return final[0]
+        return sum(layer.meter[0] for layer in layers) / max(1, sum(layer.meter[1] for layer in layers))
+
     try:
-        yield lambda: sum(layer.meter[0] for layer in layers) / max(1, sum(layer.meter[1] for layer in layers))
+        yield keep
     finally:
+        final.append(keep())
         for module, layer, before in zip(modules, layers, previous):
             set_adaptive(module, before)
             layer.meter = None

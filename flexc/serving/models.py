@@ -36,8 +36,9 @@ _WIDTHS_TENSOR = "widths"
 class BudgetControl:
     """The served model's budget: which width row every flexc MoE block reads."""
 
-    def __init__(self, artifact: Artifact, blocks: dict[int, FlexcMoeBlock]):
+    def __init__(self, artifact: Artifact, blocks: dict[int, FlexcMoeBlock], eager: bool = True):
         self.kind = artifact.kind
+        self.eager = eager  # no torch.compile: a switch onto the adaptive policy changes which branch runs
         self.blocks = blocks
         self.directory = artifact.directory
         self.budget: float | None = None
@@ -91,6 +92,9 @@ class BudgetControl:
                               f"{', '.join(f'{b:g}' for b in self.budgets)}")
         start = time.perf_counter()
         if adaptive:
+            if not self.eager:
+                raise ServingError("flexc's token-adaptive widths run in eager mode for now (enforce_eager=True, or "
+                                   "--enforce-eager): a compiled model would keep the branch it traced")
             self._adaptive_rules(key)  # before anything changes: a budget without a policy is refused
         for layer, row in zip(sorted(self.blocks), self.rows[key]):
             self.blocks[layer].experts.widths.copy_(row)
@@ -222,7 +226,10 @@ def _flexc_init(self, base: type, family: ServedFamily, vllm_config, prefix: str
     from flexc.ir.backends import use_backend
 
     use_backend("auto", device)  # Triton kernels on CUDA, the op's CPU path elsewhere
-    self.flexc = BudgetControl(artifact, plan.blocks)
+    from vllm.config import CompilationMode
+
+    self.flexc = BudgetControl(artifact, plan.blocks,
+                               eager=vllm_config.compilation_config.mode == CompilationMode.NONE)
     for block in plan.blocks.values():
         block.control = self.flexc
     self._flexc_prefixes = {block.prefix + ".": block for block in plan.blocks.values()}
