@@ -132,6 +132,11 @@ def test_each_budget_runs_the_rule_with_the_lowest_held_out_loss_or_its_static_t
     assert lost.report["held_out"]["0.5"]["policy"].startswith("static")
     kept = _choose(candidates, comparison(4.1), SimpleNamespace(fallback=False), 2)
     assert kept.budgets[0.5] == extreme
+    costly = comparison(4.3)
+    costly["0.5"]["rules"]["extreme"]["keep"] = 0.65  # won by spending more: not eligible
+    assert _choose(candidates, costly, SimpleNamespace(fallback=True), 2).budgets[0.5] == adjacent
+    costly["0.5"]["rules"]["adjacent"]["keep"] = 0.62
+    assert _choose(candidates, costly, SimpleNamespace(fallback=True), 2).budgets[0.5] == [LayerRule(math.inf, 0.5, 0.5)] * 2
 
 
 def test_an_adaptive_nested_artifact_switches_live_and_its_rules_pick_the_levels(adaptive_compile):

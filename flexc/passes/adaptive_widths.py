@@ -30,6 +30,9 @@ from flexc.utils.atomic import atomic_write_text
 from flexc.utils.progress import progress_bar
 
 REPORT = "adaptive_widths.json"
+# A rule may use at most this much more active keep on the held-out text than the static table there: the
+# choice compares rules at (nearly) equal cost, not one that won by spending more.
+KEEP_SLACK = 0.01
 
 
 class AdaptiveWidthsOptions(PassOptions):
@@ -43,8 +46,8 @@ class AdaptiveWidthsOptions(PassOptions):
     held_out: int = Field(64, ge=0, le=100_000, description="Sequences of held-out text (the documents after the "
                           "calibration set's) on which each policy is compared with its static table; 0 skips the "
                           "comparison.")
-    fallback: bool = Field(True, description="A budget whose policy has a higher held-out loss than its static "
-                           "table runs the static table (the report says which).")
+    fallback: bool = Field(True, description="A budget whose rules all have a higher held-out loss than its static "
+                           "table, or all use more active keep there, runs the static table (the report says which).")
 
     def needs_calibration(self, earlier: frozenset[str]) -> bool:
         return True
@@ -91,21 +94,25 @@ class AdaptiveWidths(Pass):
 
 
 def _choose(candidates: dict[str, AdaptivePolicy], comparison: dict, opts, layers: int) -> AdaptivePolicy:
-    """Per budget, the candidate rule with the lowest held-out loss; with ``fallback``, the static table where
-    that loss is higher than the table's. The report gives every candidate's loss and keep, and what runs."""
+    """Per budget, the candidate rule with the lowest held-out loss among those whose held-out active keep is at
+    most :data:`KEEP_SLACK` above the static table's there (any, if none is); with ``fallback``, the static table
+    where that loss is higher than the table's or no rule is within the slack. The report gives every
+    candidate's loss and keep, and what runs."""
     first = next(iter(candidates.values()))
     budgets, held = {}, {}
     for key in first.budgets:
         row = comparison[f"{key:g}"]
-        best = min(candidates, key=lambda r: row["rules"][r]["loss"])
+        within = [r for r in candidates if row["rules"][r]["keep"] <= row["static_keep"] + KEEP_SLACK]
+        best = min(within or list(candidates), key=lambda r: row["rules"][r]["loss"])
         budgets[key] = candidates[best].budgets[key]
         row.update({"policy": best, "adaptive_loss": row["rules"][best]["loss"],
                     "adaptive_keep": row["rules"][best]["keep"]})
         increase = row["static_loss"] - row["full_loss"]
         row["increase_ratio"] = (row["adaptive_loss"] - row["full_loss"]) / increase if increase > 0 else None
-        if opts.fallback and row["adaptive_loss"] > row["static_loss"]:
+        if opts.fallback and (row["adaptive_loss"] > row["static_loss"] or not within):
             budgets[key] = [LayerRule(math.inf, key, key)] * layers
-            row["policy"] = "static (every adaptive rule lost on held-out text)"
+            row["policy"] = ("static (every adaptive rule lost on held-out text)" if within else
+                             "static (every adaptive rule used more active keep than the table on held-out text)")
         held[f"{key:g}"] = row
     report = {**first.report, "budgets": {b: {**v, "calibration_keep_by_rule": {
         r: c.report["budgets"][b]["calibration_keep"] for r, c in candidates.items()}}

@@ -52,8 +52,8 @@ class BudgetEndpoint:
             keep = body.get("keep") if isinstance(body, dict) else None
             adaptive = body.get("adaptive", False) if isinstance(body, dict) else False
             if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not isinstance(adaptive, bool):
-                return JSONResponse({"error": 'POST a JSON object {"keep": <keep ratio>, "adaptive": <true/false, '
-                                     'optional>}, e.g. {"keep": 0.5}'}, status_code=400)
+                return JSONResponse({"error": 'POST a JSON object {"keep": <keep ratio>}, e.g. {"keep": 0.5}, and '
+                                     '"adaptive": true for the token-adaptive policy'}, status_code=400)
             return await _call(request, float(keep), adaptive)
 
     async def init_state(self, engine_client, state, args) -> None:
