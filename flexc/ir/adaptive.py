@@ -72,9 +72,6 @@ class AdaptivePolicy:
                 "budgets": [{"keep": b, "layers": [r.to_dict() for r in rules]} for b, rules in self.budgets.items()],
                 "report": self.report}
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
     @classmethod
     def from_dict(cls, data: Any, tables, where: str) -> "AdaptivePolicy":
         """The policy in ``data`` (what :meth:`to_dict` wrote), checked against the artifact's ``tables``;
@@ -133,7 +130,7 @@ class AdaptiveLayer:
         self.threshold = threshold
         self.upper, self.lower = upper.to(torch.int32), lower.to(torch.int32)
         self.full = full
-        self.meter: list[torch.Tensor] | None = None  # [summed keep, pairs] while measured
+        self.meter: list[float] | None = None  # [summed keep, pairs] while measured
 
     def pair_widths(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         widths = torch.where(topk_weights >= self.threshold, self.upper[topk_ids], self.lower[topk_ids])
@@ -148,7 +145,7 @@ def policy_layers(policy: AdaptivePolicy, tables, budget: float, device=None) ->
     rules = policy.rules(budget)
     if rules is None:
         raise BudgetError(f"the adaptive policy has no rule for budget {budget:g}; it covers "
-                       f"{', '.join(f'{b:g}' for b in policy.budgets)}")
+                          f"{', '.join(f'{b:g}' for b in policy.budgets)}")
     return [AdaptiveLayer(r.threshold, level_row(tables, r.upper, i).to(device),
                           level_row(tables, r.lower, i).to(device), int(tables.full[i]))
             for i, r in enumerate(rules)]

@@ -5,10 +5,11 @@ every MoE layer's routing on the calibration text at full width, then calibrates
 layer, the routing-weight threshold above which a routed pair runs at a wider level of the artifact
 and below which at a narrower one, so that the layer's active keep meets its target. It then runs
 the held-out text that follows the calibration set (documents no calibration window touched) with
-each budget's static table and with its policy, and reports both losses and both realised active
-keeps (``adaptive_widths.json``); a budget whose policy loses there runs its static table
-(``fallback``). The policy goes to ``state.adaptive_policy``; the nested export
-stores it and ``flexc.load(..., adaptive=True)`` / ``model.set_budget(b, adaptive=True)`` run it.
+each budget's static table and with each candidate rule, and reports every loss and realised active
+keep (``adaptive_widths.json``). Each budget runs the rule with the lowest held-out loss at no more
+active keep than its table (``rule: auto``), or its static table where every rule loses there
+(``fallback``). The policy goes to ``state.adaptive_policy``; the nested export stores it and
+``flexc.load(..., adaptive=True)`` / ``model.set_budget(b, adaptive=True)`` run it.
 Weights and tables are unchanged.
 """
 
@@ -22,7 +23,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from flexc.ir.adaptive import RULES, TARGETS, AdaptivePolicy, LayerRule, calibrate_policy, policy_layers, running, static_layers
+from flexc.ir.adaptive import (RULES, TARGETS, AdaptivePolicy, LayerRule, calibrate_policy, policy_layers, running,
+                               static_layers)
 from flexc.ir.op import observe_expert_forward
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.calibrate import layer_keys, next_token_loss
