@@ -136,7 +136,8 @@ def test_each_budget_runs_the_rule_with_the_lowest_held_out_loss_or_its_static_t
     costly["0.5"]["rules"]["extreme"]["keep"] = 0.65  # won by spending more: not eligible
     assert _choose(candidates, costly, SimpleNamespace(fallback=True), 2).budgets[0.5] == adjacent
     costly["0.5"]["rules"]["adjacent"]["keep"] = 0.62
-    assert _choose(candidates, costly, SimpleNamespace(fallback=True), 2).budgets[0.5] == [LayerRule(math.inf, 0.5, 0.5)] * 2
+    static = [LayerRule(math.inf, 0.5, 0.5)] * 2
+    assert _choose(candidates, costly, SimpleNamespace(fallback=True), 2).budgets[0.5] == static
 
 
 def test_an_adaptive_nested_artifact_switches_live_and_its_rules_pick_the_levels(adaptive_compile):
