@@ -35,6 +35,9 @@ REPORT = "adaptive_widths.json"
 # A rule may use at most this much more active keep on the held-out text than the static table there: the
 # choice compares rules at (nearly) equal cost, not one that won by spending more.
 KEEP_SLACK = 0.01
+# Passes that change weights or widths: after adaptive_widths they would leave its thresholds calibrated on
+# another model.
+_CHANGES_AFTER = ("rank_channels", "anneal", "uniform", "coverage", "expert_prune", "recover", "quantize")
 
 
 class AdaptiveWidthsOptions(PassOptions):
@@ -64,6 +67,15 @@ class AdaptiveWidths(Pass):
     guarantees = frozenset({"adaptive_policy"})
     preserves_computation = True  # it adds a policy; the static widths compute as before
     not_streamed_because = "it runs the whole model on calibration and held-out text; run it without execution.stream"
+
+    @classmethod
+    def check_spec(cls, options, site) -> list:
+        """No pass after this one that changes weights or widths (the thresholds are calibrated on them)."""
+        later = [e.name for e in site.spec.pipeline[site.index + 1:] if e.name in _CHANGES_AFTER]
+        if later:
+            return [(site.loc, f"adaptive_widths must come after every pass that changes weights or widths; move "
+                     f"{', '.join(later)} before it")]
+        return []
 
     def run(self, graph, ctx: PassContext) -> PassResult:
         opts = self.options
