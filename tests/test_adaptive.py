@@ -133,7 +133,9 @@ def test_each_budget_runs_the_rule_with_the_lowest_held_out_loss_or_its_static_t
     kept = _choose(candidates, comparison(4.1), SimpleNamespace(fallback=False), 2)
     assert kept.budgets[0.5] == extreme
     costly = comparison(4.3)
-    costly["0.5"]["rules"]["extreme"]["keep"] = 0.65  # won by spending more: not eligible
+    costly["0.5"]["rules"]["extreme"]["keep"] = 0.65  # won by spending more (target 0.6, table 0.6): not eligible
+    assert _choose(candidates, costly, SimpleNamespace(fallback=True), 2).budgets[0.5] == adjacent
+    costly["0.5"]["static_keep"] = 0.55  # the table spends less on this text than calibrated: the target bounds
     assert _choose(candidates, costly, SimpleNamespace(fallback=True), 2).budgets[0.5] == adjacent
     costly["0.5"]["rules"]["adjacent"]["keep"] = 0.62
     static = [LayerRule(math.inf, 0.5, 0.5)] * 2

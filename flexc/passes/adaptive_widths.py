@@ -32,8 +32,9 @@ from flexc.utils.atomic import atomic_write_text
 from flexc.utils.progress import progress_bar
 
 REPORT = "adaptive_widths.json"
-# A rule may use at most this much more active keep on the held-out text than the static table there: the
-# choice compares rules at (nearly) equal cost, not one that won by spending more.
+# A rule may use at most this much more active keep on the held-out text than the static table there, or than
+# its calibrated target (the two drift apart on new text): the choice compares rules at (nearly) equal cost,
+# not one that won by spending more.
 KEEP_SLACK = 0.01
 # Passes that change weights or widths: after adaptive_widths they would leave its thresholds calibrated on
 # another model.
@@ -109,14 +110,15 @@ class AdaptiveWidths(Pass):
 
 def _choose(candidates: dict[str, AdaptivePolicy], comparison: dict, opts, layers: int) -> AdaptivePolicy:
     """Per budget, the candidate rule with the lowest held-out loss among those whose held-out active keep is at
-    most :data:`KEEP_SLACK` above the static table's there (any, if none is); with ``fallback``, the static table
-    where that loss is higher than the table's or no rule is within the slack. The report gives every
-    candidate's loss and keep, and what runs."""
+    most :data:`KEEP_SLACK` above the static table's there or above the calibrated target (any rule, if none
+    is); with ``fallback``, the static table where that loss is higher than the table's or no rule is within the
+    slack. The report gives every candidate's loss and keep, and what runs."""
     first = next(iter(candidates.values()))
     budgets, held = {}, {}
     for key in first.budgets:
         row = comparison[f"{key:g}"]
-        within = [r for r in candidates if row["rules"][r]["keep"] <= row["static_keep"] + KEEP_SLACK]
+        bound = max(row["static_keep"], first.report["budgets"][f"{key:g}"]["target_keep"]) + KEEP_SLACK
+        within = [r for r in candidates if row["rules"][r]["keep"] <= bound]
         best = min(within or list(candidates), key=lambda r: row["rules"][r]["loss"])
         budgets[key] = candidates[best].budgets[key]
         row.update({"policy": best, "adaptive_loss": row["rules"][best]["loss"],
