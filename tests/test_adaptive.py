@@ -28,6 +28,28 @@ def test_a_calibrated_threshold_keeps_at_most_the_target_and_within_one_pair_of_
         assert float(weights[widths == upper[ids]].min()) >= float(weights[(widths != upper[ids])].max())
 
 
+def test_the_scores_rule_keeps_each_pairs_channels_whose_weighted_score_clears_the_scale():
+    from flexc.ir.adaptive import ScoredLayer, calibrate_scale
+
+    g = torch.Generator().manual_seed(2)
+    full, granule, experts = 64, 16, 4
+    scores = torch.rand(experts, full, generator=g).sort(dim=1, descending=True).values
+    bounds, mean = scores[:, granule - 1::granule], torch.tensor([0.2, 0.3, 0.25, 0.4])
+    layer = ScoredLayer(0.5, mean, bounds, granule, full)
+    ids, weights = torch.randint(0, experts, (500,), generator=g), torch.rand(500, generator=g)
+    widths = layer.widths(ids, weights)
+    for e, w, width in zip(ids.tolist(), weights.tolist(), widths.tolist()):
+        assert width == granule * sum(w * float(b) / float(mean[e]) >= 0.5 for b in bounds[e])
+    order = torch.argsort(weights)
+    for e in range(experts):  # a more confident pair of the same expert never runs narrower
+        mine = widths[order][ids[order] == e]
+        assert bool((mine[1:] >= mine[:-1]).all())
+    for target in (0.3, 0.6):
+        scale = calibrate_scale(weights, ids, mean, bounds, granule, full, target)
+        keep = float(ScoredLayer(scale, mean, bounds, granule, full).widths(ids, weights).double().mean()) / full
+        assert target - 0.02 <= keep <= target + 1e-9
+
+
 def test_a_target_outside_the_levels_runs_one_level_everywhere():
     assert choose_levels([1.0, 0.8, 0.5, 0.3], 0.8, "adjacent") == (0, 2)  # a level's own keep: its neighbours
     assert choose_levels([1.0, 0.8, 0.5, 0.3], 0.6, "adjacent") == (1, 2)
@@ -75,7 +97,7 @@ def test_a_policy_that_does_not_belong_to_the_tables_is_refused_naming_where():
 
 
 def _compile_spec(model_dir, out, pipeline_tail) -> dict:
-    data = {"builtin": "python-stdlib", "num_samples": 32, "seq_len": 128, "batch_size": 8}
+    data = {"builtin": "python-stdlib", "num_samples": 64, "seq_len": 128, "batch_size": 8}
     return {"model": {"path": str(model_dir)}, "data": {"calibration": {**data, "split": "train"}},
             "budgets": {"keep": [0.75, 0.5, 0.3]},
             "pipeline": [{"rank_channels": {"score": "activation", "plot": False}}, {"coverage": {}}, *pipeline_tail],
@@ -133,9 +155,7 @@ def test_each_budget_runs_the_rule_with_the_lowest_held_out_loss_or_its_static_t
     kept = _choose(candidates, comparison(4.1), SimpleNamespace(fallback=False), 2)
     assert kept.budgets[0.5] == extreme
     costly = comparison(4.3)
-    costly["0.5"]["rules"]["extreme"]["keep"] = 0.65  # won by spending more (target 0.6, table 0.6): not eligible
-    assert _choose(candidates, costly, SimpleNamespace(fallback=True), 2).budgets[0.5] == adjacent
-    costly["0.5"]["static_keep"] = 0.55  # the table spends less on this text than calibrated: the target bounds
+    costly["0.5"]["rules"]["extreme"]["keep"] = 0.65  # won by spending more than its target (0.6): not eligible
     assert _choose(candidates, costly, SimpleNamespace(fallback=True), 2).budgets[0.5] == adjacent
     costly["0.5"]["rules"]["adjacent"]["keep"] = 0.62
     static = [LayerRule(math.inf, 0.5, 0.5)] * 2
@@ -156,15 +176,13 @@ def test_an_adaptive_nested_artifact_switches_live_and_its_rules_pick_the_levels
             return model(ids).logits
 
     rules = runtime.policy.rules(0.5)
-    upper, lower = rules[0].upper, rules[0].lower
-    assert all(r.upper == upper and r.lower == lower for r in rules)  # coverage's nested levels: one pair per budget
     adaptive = logits(0.5, True)
     static = logits(0.5, False)
     assert not runtime.adaptive
     assert not torch.allclose(adaptive, static, atol=1e-4)
-    # every pair above every threshold: the upper level's table; none: the lower level's
-    for threshold, level in ((-math.inf, upper), (math.inf, lower)):
-        runtime.policy.budgets[0.5] = [LayerRule(threshold, r.upper, r.lower) for r in rules]
+    # a two-level rule: every pair above every threshold runs the upper level's table, none the lower level's
+    for threshold, level in ((-math.inf, 0.75), (math.inf, 0.3)):
+        runtime.policy.budgets[0.5] = [LayerRule(threshold, 0.75, 0.3) for _ in rules]
         runtime._adaptive_layers.clear()
         torch.testing.assert_close(logits(0.5, True), logits(level, False), rtol=1e-4, atol=1e-4)
     # the meter counts every routed pair at its width

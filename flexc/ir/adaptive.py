@@ -8,7 +8,13 @@ routing weight is at or above the threshold runs at its expert's width in the up
 at the lower level's (MoSE, arXiv 2602.06154: slimmable experts whose width follows the router's
 confidence).
 
-Each threshold is calibrated on calibration text so that the layer's **active keep** (the mean, over
+A second kind of rule, ``scores``, gives each pair its own width from the channel scores the ranking
+measured: a pair with routing weight ``p`` to expert ``e`` keeps channel ``c`` when ``p * s_e[c] / p_e``
+reaches the layer's ``scale`` (``p_e``: the expert's mean routing weight on the calibration text), so
+every routed pair keeps the channels whose weighted importance clears one bar: confident pairs run
+wide, and each expert keeps its own ranked importance. Widths stay on the compile's grid.
+
+Each threshold (or scale) is calibrated on calibration text so that the layer's **active keep** (the mean, over
 its routed pairs, of the pair's width over the full width: the expert FLOPs and bytes a token
 actually uses) equals a target: the static table's own active keep at that budget (``target: table``,
 the same compute per token as the table, so the two compare at equal cost), or the budget itself
@@ -32,7 +38,8 @@ from flexc.ir.tables import BudgetError
 
 POLICY_FILE = "flexc_adaptive.json"
 POLICY_FORMAT = 1
-RULES = ("adjacent", "extreme")
+RULES = ("scores", "adjacent", "extreme")
+LEVEL_RULES = ("adjacent", "extreme")
 TARGETS = ("table", "budget")
 FULL = 1.0  # the level key of full width
 
@@ -40,15 +47,49 @@ FULL = 1.0  # the level key of full width
 @dataclass(frozen=True)
 class LayerRule:
     """One MoE layer at one budget: pairs with routing weight ``>= threshold`` run at level ``upper``'s
-    widths, the others at level ``lower``'s (levels are keys: 1.0 for full width, else a budget)."""
+    widths, the others at level ``lower``'s (levels are keys: 1.0 for full width, else a budget); or, with
+    ``scale`` set (the ``scores`` rule), each pair at the width its channel scores give (:class:`ScoredLayer`)."""
 
-    threshold: float
-    upper: float
-    lower: float
+    threshold: float = math.inf
+    upper: float = FULL
+    lower: float = FULL
+    scale: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        if self.scale is not None:
+            return {"scale": self.scale}
         return {"threshold": None if math.isinf(self.threshold) else self.threshold, "upper": self.upper,
                 "lower": self.lower}
+
+
+@dataclass
+class ChannelScores:
+    """What the ``scores`` rule reads, per MoE layer: each expert's mean routing weight on the calibration text
+    (``mean_weight [E]``) and the ranked score of the last channel of each grid step (``bounds [E, I/granule]``,
+    descending along the channels)."""
+
+    granule: int
+    mean_weight: list[torch.Tensor]
+    bounds: list[torch.Tensor]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"granule": self.granule, "layers": [{"mean_weight": m.tolist(), "bounds": b.tolist()}
+                                                     for m, b in zip(self.mean_weight, self.bounds)]}
+
+    @classmethod
+    def from_dict(cls, data: Any, tables, bad) -> "ChannelScores":
+        try:
+            granule, layers = int(data["granule"]), data["layers"]
+            mean = [torch.tensor(x["mean_weight"], dtype=torch.float64) for x in layers]
+            bounds = [torch.tensor(x["bounds"], dtype=torch.float64) for x in layers]
+        except (KeyError, TypeError, ValueError):
+            raise bad("its channel scores lack granule / layers of mean_weight and bounds") from None
+        shapes = [(len(m), tuple(b.shape)) for m, b in zip(mean, bounds)]
+        expected = [(int(tables.tables.shape[2]), (int(tables.tables.shape[2]), full // granule))
+                    for full in tables.full]
+        if granule < 1 or shapes != expected:
+            raise bad(f"its channel scores have shapes {shapes}; the width tables need {expected}")
+        return cls(granule, mean, bounds)
 
 
 @dataclass
@@ -60,6 +101,7 @@ class AdaptivePolicy:
     target: str
     budgets: dict[float, list[LayerRule]]
     report: dict[str, Any] = field(default_factory=dict)
+    channels: ChannelScores | None = None  # what rules with a scale read
 
     def rules(self, budget: float) -> list[LayerRule] | None:
         for b, rules in self.budgets.items():
@@ -70,7 +112,7 @@ class AdaptivePolicy:
     def to_dict(self) -> dict[str, Any]:
         return {"format": POLICY_FORMAT, "rule": self.rule, "target": self.target,
                 "budgets": [{"keep": b, "layers": [r.to_dict() for r in rules]} for b, rules in self.budgets.items()],
-                "report": self.report}
+                "channels": None if self.channels is None else self.channels.to_dict(), "report": self.report}
 
     @classmethod
     def from_dict(cls, data: Any, tables, where: str) -> "AdaptivePolicy":
@@ -95,6 +137,11 @@ class AdaptivePolicy:
                 raise bad(f"budget {keep}: expected one rule per MoE layer ({len(tables.layers)})")
             rules = []
             for r in layers:
+                if isinstance(r, dict) and "scale" in r:
+                    if not isinstance(r["scale"], (int, float)) or isinstance(r["scale"], bool) or r["scale"] <= 0:
+                        raise bad(f"budget {keep}: a scores rule's scale must be a positive number; found {r['scale']!r}")
+                    rules.append(LayerRule(scale=float(r["scale"])))
+                    continue
                 try:
                     threshold = math.inf if r["threshold"] is None else float(r["threshold"])
                     upper, lower = float(r["upper"]), float(r["lower"])
@@ -104,7 +151,12 @@ class AdaptivePolicy:
                     raise bad(f"budget {keep}: levels {upper}/{lower} are not 1.0 or a budget of the tables")
                 rules.append(LayerRule(threshold, upper, lower))
             budgets[float(keep)] = rules
-        return cls(data["rule"], data["target"], budgets, data.get("report") or {})
+        scored = any(r.scale is not None for rules in budgets.values() for r in rules)
+        channels = data.get("channels")
+        if scored and channels is None:
+            raise bad("it has scores rules but no channel scores")
+        channels = None if channels is None else ChannelScores.from_dict(channels, tables, bad)
+        return cls(data["rule"], data["target"], budgets, data.get("report") or {}, channels)
 
     @classmethod
     def load(cls, path: str | Path, tables) -> "AdaptivePolicy":
@@ -124,7 +176,8 @@ def level_row(tables, key: float, layer_index: int) -> torch.Tensor:
 
 
 class AdaptiveLayer:
-    """What one experts module runs with while adaptive: per-pair widths from its routing weights."""
+    """What one experts module runs with while adaptive: per-pair widths from its routing weights (two levels
+    split by a threshold)."""
 
     def __init__(self, threshold: float, upper: torch.Tensor, lower: torch.Tensor, full: int):
         self.threshold = threshold
@@ -132,12 +185,30 @@ class AdaptiveLayer:
         self.full = full
         self.meter: list[float] | None = None  # [summed keep, pairs] while measured
 
+    def widths(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        return torch.where(topk_weights >= self.threshold, self.upper[topk_ids], self.lower[topk_ids])
+
     def pair_widths(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        widths = torch.where(topk_weights >= self.threshold, self.upper[topk_ids], self.lower[topk_ids])
+        widths = self.widths(topk_ids, topk_weights)
         if self.meter is not None:
             self.meter[0] += widths.sum().item() / self.full
             self.meter[1] += widths.numel()
         return widths
+
+
+class ScoredLayer(AdaptiveLayer):
+    """The ``scores`` rule: a pair (weight ``p``, expert ``e``) keeps the grid steps whose last channel's score
+    ``b`` satisfies ``p * b / mean_weight[e] >= scale``."""
+
+    def __init__(self, scale: float, mean_weight: torch.Tensor, bounds: torch.Tensor, granule: int, full: int):
+        self.scale, self.granule, self.full = scale, granule, full
+        self.mean_weight, self.bounds = mean_weight.to(torch.float64), bounds.to(torch.float64)
+        self.meter = None
+
+    def widths(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        need = self.scale * self.mean_weight[topk_ids] / topk_weights.to(torch.float64).clamp_min(1e-12)
+        steps = (self.bounds[topk_ids] >= need.unsqueeze(-1)).sum(-1)
+        return (steps * self.granule).to(torch.int32)
 
 
 def policy_layers(policy: AdaptivePolicy, tables, budget: float, device=None) -> list[AdaptiveLayer]:
@@ -146,7 +217,10 @@ def policy_layers(policy: AdaptivePolicy, tables, budget: float, device=None) ->
     if rules is None:
         raise BudgetError(f"the adaptive policy has no rule for budget {budget:g}; it covers "
                           f"{', '.join(f'{b:g}' for b in policy.budgets)}")
-    return [AdaptiveLayer(r.threshold, level_row(tables, r.upper, i).to(device),
+    channels = policy.channels
+    return [ScoredLayer(r.scale, channels.mean_weight[i].to(device), channels.bounds[i].to(device), channels.granule,
+                        int(tables.full[i])) if r.scale is not None else
+            AdaptiveLayer(r.threshold, level_row(tables, r.upper, i).to(device),
                           level_row(tables, r.lower, i).to(device), int(tables.full[i]))
             for i, r in enumerate(rules)]
 
@@ -226,15 +300,55 @@ def calibrate_threshold(weights: torch.Tensor, ids: torch.Tensor, upper: torch.T
     return float(weights[order][n - 1]) if n > 0 else math.inf
 
 
+def channel_scores(tables, routing: list[tuple[torch.Tensor, torch.Tensor]], scores: torch.Tensor) -> ChannelScores:
+    """The ``scores`` rule's inputs: ``scores [L, E, I]`` (the ranking's, ranked order) cut at the compile's grid
+    (the largest step every table width is a multiple of), and each expert's mean calibration routing weight."""
+    granule = math.gcd(*[int(w) for w in tables.tables.flatten().tolist()], *[int(f) for f in tables.full])
+    mean, bounds = [], []
+    for i, (weights, ids) in enumerate(routing):
+        num_experts, full = int(tables.tables.shape[2]), int(tables.full[i])
+        total = torch.zeros(num_experts, dtype=torch.float64).index_add_(0, ids, weights.double())
+        count = torch.zeros(num_experts, dtype=torch.float64).index_add_(0, ids, torch.ones_like(weights, dtype=torch.float64))
+        mean.append(total / count.clamp_min(1))
+        layer = scores[i, :num_experts, :full].double()
+        bounds.append(layer[:, granule - 1::granule])
+    return ChannelScores(granule, mean, bounds)
+
+
+def calibrate_scale(weights: torch.Tensor, ids: torch.Tensor, mean_weight: torch.Tensor, bounds: torch.Tensor,
+                    granule: int, full: int, target: float) -> float:
+    """The smallest ``scores`` scale whose active keep over the recorded pairs stays at or below ``target``
+    (bisection in log scale: the keep falls as the scale grows)."""
+    def keep(scale: float) -> float:
+        return float(ScoredLayer(scale, mean_weight, bounds, granule, full).widths(ids, weights).double().mean()) / full
+
+    if not ids.numel() or not bool((bounds > 0).any()):
+        return math.inf
+    ratio = weights.double().clamp_min(1e-12) / mean_weight[ids].clamp_min(1e-12)  # p / p_e per pair
+    reach = bounds[ids] * ratio[:, None]  # the scale at which each pair would just keep each grid step
+    positive = reach[reach > 0]
+    lo, hi = float(positive.min()) / 2, float(reach.max()) * 2
+    if keep(lo) <= target:
+        return lo
+    for _ in range(100):  # lo keeps too much, hi at most the target
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if keep(mid) > target else (lo, mid)
+    return hi
+
+
 def calibrate_policy(tables, routing: list[tuple[torch.Tensor, torch.Tensor]], *, rule: str = "adjacent",
-                     target: str = "table") -> AdaptivePolicy:
+                     target: str = "table", scores: torch.Tensor | None = None) -> AdaptivePolicy:
     """An :class:`AdaptivePolicy` for every budget of ``tables`` from the routing recorded on calibration text
-    at full width (``routing[i]``: the routing weights and expert ids of MoE layer i's pairs, flat)."""
+    at full width (``routing[i]``: the routing weights and expert ids of MoE layer i's pairs, flat); the
+    ``scores`` rule reads the ranking's channel scores ``scores [L, E, I]``."""
+    if rule == "scores" and scores is None:
+        raise ValueError("the scores rule needs the ranking's channel scores (rank_channels in this compile)")
     if rule not in RULES:
         raise ValueError(f"unknown adaptive rule {rule!r}; expected one of {RULES}")
     if target not in TARGETS:
         raise ValueError(f"unknown adaptive target {target!r}; expected one of {TARGETS}")
     levels = [FULL, *tables.budgets]
+    channels = channel_scores(tables, routing, scores) if rule == "scores" else None
     budgets, report = {}, {}
     for budget in tables.budgets:
         rules, targets, achieved = [], [], []
@@ -243,15 +357,21 @@ def calibrate_policy(tables, routing: list[tuple[torch.Tensor, torch.Tensor]], *
             rows = [level_row(tables, key, i) for key in levels]
             keeps = [active_keep(r, ids, full) for r in rows]
             goal = keeps[levels.index(budget)] if target == "table" else budget
-            up, lo = choose_levels(keeps, goal, rule)
-            threshold = math.inf if up == lo else calibrate_threshold(weights, ids, rows[up], rows[lo], full, goal)
-            rules.append(LayerRule(threshold, levels[up], levels[lo]))
-            pair = torch.where(weights >= threshold, rows[up][ids], rows[lo][ids])
+            if channels is not None:
+                mean, bounds = channels.mean_weight[i], channels.bounds[i]
+                scale = calibrate_scale(weights, ids, mean, bounds, channels.granule, full, goal)
+                rules.append(LayerRule(scale=scale))
+                pair = ScoredLayer(scale, mean, bounds, channels.granule, full).widths(ids, weights)
+            else:
+                up, lo = choose_levels(keeps, goal, rule)
+                threshold = math.inf if up == lo else calibrate_threshold(weights, ids, rows[up], rows[lo], full, goal)
+                rules.append(LayerRule(threshold, levels[up], levels[lo]))
+                pair = torch.where(weights >= threshold, rows[up][ids], rows[lo][ids])
             targets.append(goal)
             achieved.append(float(pair.double().mean()) / full if ids.numel() else 0.0)
         budgets[budget] = rules
         report[f"{budget:g}"] = {"target_keep": _mean(targets), "calibration_keep": _mean(achieved)}
-    return AdaptivePolicy(rule, target, budgets, {"budgets": report})
+    return AdaptivePolicy(rule, target, budgets, {"budgets": report}, channels)
 
 
 def _mean(values: list[float]) -> float:

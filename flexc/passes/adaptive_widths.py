@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from flexc.ir.adaptive import (RULES, TARGETS, AdaptivePolicy, LayerRule, calibrate_policy, policy_layers, running,
+from flexc.ir.adaptive import (LEVEL_RULES, RULES, TARGETS, AdaptivePolicy, LayerRule, calibrate_policy, policy_layers, running,
                                static_layers)
 from flexc.ir.op import observe_expert_forward
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
@@ -32,9 +32,8 @@ from flexc.utils.atomic import atomic_write_text
 from flexc.utils.progress import progress_bar
 
 REPORT = "adaptive_widths.json"
-# A rule may use at most this much more active keep on the held-out text than the static table there, or than
-# its calibrated target (the two drift apart on new text): the choice compares rules at (nearly) equal cost,
-# not one that won by spending more.
+# A rule may realise at most this much more active keep on the held-out text than its calibrated target: the
+# choice compares rules at (nearly) their calibrated cost, not one that won by spending more on new text.
 KEEP_SLACK = 0.01
 # Passes that change weights or widths: after adaptive_widths they would leave its thresholds calibrated on
 # another model.
@@ -42,10 +41,11 @@ _CHANGES_AFTER = ("rank_channels", "anneal", "uniform", "coverage", "expert_prun
 
 
 class AdaptiveWidthsOptions(PassOptions):
-    rule: Literal[("auto", *RULES)] = Field("auto", description="Which two levels a layer's pairs choose between: "
-                                            "the levels just above and below its target (adjacent), full width and the "
-                                            "narrowest table (extreme), or per budget whichever of the two has the "
-                                            "lower held-out loss (auto; adjacent without held-out text).")
+    rule: Literal[("auto", *RULES)] = Field("auto", description="How a pair's width follows its routing weight: "
+                                            "its channels whose score times weight clears a bar (scores), or a "
+                                            "threshold between the levels just above and below the target (adjacent) "
+                                            "or between full width and the narrowest table (extreme); auto: per budget "
+                                            "the rule with the lowest held-out loss (scores without held-out text).")
     target: Literal[TARGETS] = Field("table", description="Each budget's active keep per routed pair: the static "
                                      "table's own on the calibration text (table: the same compute per token, better "
                                      "spent) or the budget itself (budget).")
@@ -85,8 +85,13 @@ class AdaptiveWidths(Pass):
         routing = _full_width_routing(graph, calibration, ctx)
         following = getattr(calibration, "following", None)
         held = following(opts.held_out, strict=False) if opts.held_out and following is not None else []
-        rules = RULES if opts.rule == "auto" and held else ("adjacent",) if opts.rule == "auto" else (opts.rule,)
-        candidates = {r: calibrate_policy(tables, routing, rule=r, target=opts.target) for r in rules}
+        scores = ctx.state.channel_scores
+        if opts.rule == "scores" and scores is None:
+            raise ValueError("adaptive_widths: rule 'scores' needs the ranking's channel scores, which this compile "
+                             "does not have; use rule adjacent or extreme")
+        usable = RULES if scores is not None else LEVEL_RULES
+        rules = (opts.rule,) if opts.rule != "auto" else usable if held else usable[:1]
+        candidates = {r: calibrate_policy(tables, routing, rule=r, target=opts.target, scores=scores) for r in rules}
         policy = candidates[rules[0]]
         if held:
             comparison = _compare_on(graph, tables, candidates, held, ctx)
@@ -110,16 +115,17 @@ class AdaptiveWidths(Pass):
 
 def _choose(candidates: dict[str, AdaptivePolicy], comparison: dict, opts, layers: int) -> AdaptivePolicy:
     """Per budget, the candidate rule with the lowest held-out loss among those whose held-out active keep is at
-    most :data:`KEEP_SLACK` above the static table's there or above the calibrated target (any rule, if none
-    is); with ``fallback``, the static table where that loss is higher than the table's or no rule is within the
-    slack. The report gives every candidate's loss and keep, and what runs."""
+    most :data:`KEEP_SLACK` above the calibrated target (else the one spending least); with ``fallback``, the static
+    table where that loss is higher than the table's or no rule is within the slack. The report gives every
+    candidate's loss and keep, and what runs."""
     first = next(iter(candidates.values()))
     budgets, held = {}, {}
     for key in first.budgets:
         row = comparison[f"{key:g}"]
-        bound = max(row["static_keep"], first.report["budgets"][f"{key:g}"]["target_keep"]) + KEEP_SLACK
+        bound = first.report["budgets"][f"{key:g}"]["target_keep"] + KEEP_SLACK
         within = [r for r in candidates if row["rules"][r]["keep"] <= bound]
-        best = min(within or list(candidates), key=lambda r: row["rules"][r]["loss"])
+        best = (min(within, key=lambda r: row["rules"][r]["loss"]) if within else
+                min(candidates, key=lambda r: row["rules"][r]["keep"]))
         budgets[key] = candidates[best].budgets[key]
         row.update({"policy": best, "adaptive_loss": row["rules"][best]["loss"],
                     "adaptive_keep": row["rules"][best]["keep"]})
@@ -128,12 +134,13 @@ def _choose(candidates: dict[str, AdaptivePolicy], comparison: dict, opts, layer
         if opts.fallback and (row["adaptive_loss"] > row["static_loss"] or not within):
             budgets[key] = [LayerRule(math.inf, key, key)] * layers
             row["policy"] = ("static (every adaptive rule lost on held-out text)" if within else
-                             "static (every adaptive rule used more active keep than the table on held-out text)")
+                             "static (every adaptive rule spent more active keep than its target on held-out text)")
         held[f"{key:g}"] = row
     report = {**first.report, "budgets": {b: {**v, "calibration_keep_by_rule": {
         r: c.report["budgets"][b]["calibration_keep"] for r, c in candidates.items()}}
         for b, v in first.report["budgets"].items()}, "held_out": held}
-    return AdaptivePolicy(first.rule, first.target, budgets, report)
+    channels = next((c.channels for c in candidates.values() if c.channels is not None), None)
+    return AdaptivePolicy(first.rule, first.target, budgets, report, channels)
 
 
 def _full_width_routing(graph, batches, ctx: PassContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
