@@ -17,16 +17,21 @@ ADAPTIVE = "adaptive"  # the nested artifact's token-adaptive policy at BUDGETS[
 
 
 def adaptive_policy(groups, top_k: int) -> dict:
-    """At the lower budget: pairs whose routing weight reaches 1/top_k (the mean of renormalised weights) run at
-    the upper budget's widths, the others at the lower one's; the upper budget runs its own table."""
+    """At the lower budget: in the first MoE layer the scores rule (synthetic channel scores falling along each
+    expert's channels), in the others a threshold of 1/top_k (the mean of renormalised weights) between the upper
+    budget's widths and the lower one's; the upper budget runs its own table."""
     import math
 
-    from flexc.ir.adaptive import AdaptivePolicy, LayerRule
+    from flexc.ir.adaptive import AdaptivePolicy, ChannelScores, LayerRule
 
     upper, lower = BUDGETS
-    return AdaptivePolicy("adjacent", "table", {
-        upper: [LayerRule(math.inf, upper, upper)] * len(groups),
-        lower: [LayerRule(1.0 / top_k, upper, lower)] * len(groups)}).to_dict()
+    experts = max(g.num_experts for g in groups)
+    channels = ChannelScores(GRANULE, [torch.full((experts,), 1.0 / top_k) for _ in groups],
+                             [torch.linspace(1.0, 0.05, g.intermediate_size // GRANULE).expand(experts, -1)
+                              for g in groups])
+    rules = [LayerRule(scale=0.5)] + [LayerRule(1.0 / top_k, upper, lower)] * (len(groups) - 1)
+    return AdaptivePolicy("auto", "table", {upper: [LayerRule(math.inf, upper, upper)] * len(groups),
+                                            lower: rules}, channels=channels).to_dict()
 
 
 def random_tables(groups, budgets=BUDGETS, seed: int = 0):

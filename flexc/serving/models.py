@@ -50,7 +50,7 @@ class BudgetControl:
         self.most_budgets_in_a_pass = 1  # the most budgets one forward pass ran (per-request budgets)
         self.policy = artifact.policy  # the token-adaptive policy (nested artifacts that have one)
         self.adaptive = False  # whether the engine's budget runs it
-        self._rules: dict[float, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}
+        self._rules: dict[float, list] = {}  # budget -> each layer's AdaptiveLayer
         if artifact.kind == "sliced":
             self.budget = artifact.sliced.get("budget")
             return
@@ -103,28 +103,20 @@ class BudgetControl:
         self.budget, self.adaptive = key, adaptive and key != 1.0
         return time.perf_counter() - start
 
-    def _adaptive_rules(self, budget: float) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
-        """Per MoE layer (in order): the policy's threshold and its upper and lower width rows at ``budget``."""
+    def _adaptive_rules(self, budget: float) -> list:
+        """Per MoE layer (in order): the policy's :class:`~flexc.ir.adaptive.AdaptiveLayer` at ``budget``."""
         if self.policy is None:
             raise ServingError(f"{self.directory} has no token-adaptive policy: compile it with the adaptive_widths "
                                "pass (docs/adaptive.md)")
         if budget not in self._rules and budget != 1.0:
-            from flexc.ir.adaptive import level_row
+            from flexc.ir.adaptive import policy_layers
 
-            rules = self.policy.rules(budget)
-            if rules is None:
-                raise BudgetError(f"the adaptive policy of {self.directory} has no rule for keep {budget:g}")
-            device = self.rows[budget][0].device
-            self._rules[budget] = [(r.threshold, level_row(self.policy_tables, r.upper, i).to(device),
-                                    level_row(self.policy_tables, r.lower, i).to(device))
-                                   for i, r in enumerate(rules)]
+            self._rules[budget] = policy_layers(self.policy, self.policy_tables, budget, self.rows[budget][0].device)
         return self._rules.get(budget, [])
 
     def adaptive_widths(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The width of every routed pair at ``layer`` (``[T, k]``) under the engine budget's adaptive policy:
-        its expert's upper-level width where its routing weight reaches the layer's threshold, else the lower."""
-        threshold, upper, lower = self._rules[self.budget][self._position[layer]]
-        return torch.where(weights >= threshold, upper[ids], lower[ids])
+        """The width of every routed pair at ``layer`` (``[T, k]``) under the engine budget's adaptive policy."""
+        return self._rules[self.budget][self._position[layer]].pair_widths(ids, weights)
 
     def state(self) -> dict[str, Any]:
         widths = {layer: self.blocks[layer].experts.widths.tolist() for layer in sorted(self.blocks)}
