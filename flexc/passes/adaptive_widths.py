@@ -1,9 +1,10 @@
 """``adaptive_widths``: a token-adaptive width policy for the nested artifact (:mod:`flexc.ir.adaptive`).
 
 Runs after the widths are final (a width pass, ``fold_masks``, ``recover``, ``quantize``). It records
-every MoE layer's routing on the calibration text at full width, then calibrates, per budget and
-layer, the routing-weight threshold above which a routed pair runs at a wider level of the artifact
-and below which at a narrower one, so that the layer's active keep meets its target. It then runs
+every MoE layer's routing on the calibration text at full width, then calibrates, per budget, layer
+and candidate rule, the scale of the ``scores`` rule (a pair keeps the channels whose score times its
+routing weight clears it) or the routing-weight threshold between two levels of the artifact, so that
+the layer's active keep meets its target. It then runs
 the held-out text that follows the calibration set (documents no calibration window touched) with
 each budget's static table and with each candidate rule, and reports every loss and realised active
 keep (``adaptive_widths.json``). Each budget runs the rule with the lowest held-out loss at no more
