@@ -1,4 +1,4 @@
-"""The built-in passes, in the order ``flexc passes`` lists them; the registry reads this table."""
+"""The built-in passes, in the order a full pipeline uses them (docs/spec.md describes each); the registry reads this table."""
 
 from flexc.passes.action_gates import InsertActionGates
 from flexc.passes.adaptive_widths import AdaptiveWidths
