@@ -24,33 +24,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, print_table, write_json  # noqa: E402
-from mixed_budgets import timed  # noqa: E402
+from mixed_budgets import layer_arguments, random_layer, timed  # noqa: E402
 
-from flexc.ir.layout import ExpertLayout, ExpertWeights  # noqa: E402
 from flexc.ir.op import run_experts  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--intermediate", type=int, default=256)
-    parser.add_argument("--top-k", type=int, default=4)
+    layer_arguments(parser, tokens="1,4,8,32,256")
     parser.add_argument("--keep", type=float, default=0.5, help="mean active keep of both cases")
     parser.add_argument("--upper", type=float, default=0.75)
     parser.add_argument("--lower", type=float, default=0.25)
-    parser.add_argument("--tokens", default="1,4,8,32,256")
-    parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "adaptive_speed.json")
     args = parser.parse_args()
     if not args.lower < args.keep < args.upper:
         parser.error("--lower < --keep < --upper")
-    torch.set_num_threads(args.threads)
+    weights, g = random_layer(args)
     E, H, I, k = args.experts, args.hidden, args.intermediate, args.top_k
-    g = torch.Generator().manual_seed(0)
-    weights = ExpertWeights(torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5,
-                            None, None, ExpertLayout("silu", False))
     upper, lower, static = (int(round(x * I)) for x in (args.upper, args.lower, args.keep))
     share = (static - lower) / (upper - lower)  # the fraction of pairs at the upper level
     rows = []

@@ -47,22 +47,35 @@ def timed(fns: dict, rounds: int) -> dict[str, float | None]:
     return {name: statistics.median(times[name]) * 1e3 if name in times else None for name in fns}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def layer_arguments(parser: argparse.ArgumentParser, tokens: str) -> None:
+    """A one-layer CPU timing's options: its shape (zoo `small`'s by default), batch sizes, rounds, threads."""
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--intermediate", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=4)
-    parser.add_argument("--tokens", default="4,8,32,256", help="batch sizes (multiples of the 4 budgets)")
+    parser.add_argument("--tokens", default=tokens, help="batch sizes")
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS / "mixed_budgets.json")
-    args = parser.parse_args()
+
+
+def random_layer(args) -> tuple[ExpertWeights, torch.Generator]:
+    """Seeded random expert weights of ``args``' shape (silu, concatenated gate/up), and the generator for the
+    rest of the run's random inputs; sets the thread count."""
     torch.set_num_threads(args.threads)
-    E, H, I, k = args.experts, args.hidden, args.intermediate, args.top_k
+    E, H, I = args.experts, args.hidden, args.intermediate
     g = torch.Generator().manual_seed(0)
     weights = ExpertWeights(torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5,
                             None, None, ExpertLayout("silu", False))
+    return weights, g
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    layer_arguments(parser, tokens="4,8,32,256")  # multiples of the 4 budgets
+    parser.add_argument("--out", type=Path, default=RESULTS / "mixed_budgets.json")
+    args = parser.parse_args()
+    weights, g = random_layer(args)
+    E, H, I, k = args.experts, args.hidden, args.intermediate, args.top_k
     tables = torch.stack([torch.full((E,), int(keep * I), dtype=torch.int32) for keep in KEEPS])
     rows = []
     for T in (int(t) for t in args.tokens.split(",")):

@@ -56,7 +56,7 @@ def _models(path: Path, args, load) -> Iterator[tuple[str, float, object, object
         from flexc.compiler.spec import ModelSpec
 
         resolved = models.resolve_argument(args.model)  # a clear error if it is nothing loadable
-        if getattr(args, "adaptive", False):
+        if args.adaptive:
             raise FlexcError(f"--adaptive applies to nested artifacts compiled with adaptive_widths; {args.model} is a "
                              "base model")
         if args.budget:
@@ -66,7 +66,7 @@ def _models(path: Path, args, load) -> Iterator[tuple[str, float, object, object
         return
     manifest = read_manifest(artifact)  # a clear error naming the file if it is not a JSON object
     if manifest.get("kind") == "sliced":
-        if getattr(args, "adaptive", False):
+        if args.adaptive:
             raise FlexcError(f"--adaptive applies to nested artifacts; {artifact} is a sliced export (fixed widths)")
         available = [r["keep"] for r in manifest["budgets"]] if "budgets" in manifest else [manifest["budget"]]
         for b in _budgets(args, available, full=False):
@@ -75,7 +75,7 @@ def _models(path: Path, args, load) -> Iterator[tuple[str, float, object, object
         return
     model = load(artifact)
     tokenizer = AutoTokenizer.from_pretrained(str(artifact))
-    adaptive = getattr(args, "adaptive", False)
+    adaptive = args.adaptive
     if adaptive and model.flexc.policy is None:
         raise FlexcError(f"--adaptive: {artifact} has no token-adaptive policy (compile with the adaptive_widths pass; "
                          "docs/adaptive.md)")
