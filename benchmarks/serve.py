@@ -6,15 +6,22 @@ Engines, each measured the same way:
 - **flexc nested, uniform**: the zoo model's weights with uniform widths (every expert keeps the
   same prefix, so each keep ratio is exact), switched live through keep 1 / 0.75 / 0.5 / 0.25;
 - **flexc nested, learned**: a default compile's nested artifact (the README's pipeline:
-  rank_channels, insert_action_gates, anneal, fold_masks; learned per-expert widths under the
-  spec's default grid and bucket bound), switched live through its budgets;
+  rank_channels, insert_action_gates, anneal, fold_masks, then adaptive_widths for its
+  token-adaptive policy; learned per-expert widths under the spec's default grid and bucket
+  bound), switched live through its budgets. The engine's budget runs on vLLM's CPU experts
+  kernel, each switch packing the kept prefixes (docs/serving.md); ``--flexc-op`` adds the same
+  artifact on flexc's op (``flexc_experts_kernel: flexc``) as rows of its own;
+- **flexc nested, learned, adaptive**: the same engine on the artifact's token-adaptive policy
+  at each budget below 1 (a width per routed pair from its routing weight, flexc's op; the
+  *ideal* column is the static table's, whose active keep the policy is calibrated to);
 - **flexc sliced**: the same compile's sliced checkpoints (experts stored by width bucket), one
   engine each, every bucket on vLLM's own fused-MoE kernel.
 
 Per engine/budget: prefill throughput (8 prompts of ``--prefill-len`` tokens, one output token),
 decode throughput and per-token latency at batch 1 and 8, each the median of ``--repeats`` runs;
 the ratio to stock and the *ideal* ratio beside it (active parameters per token, unpruned over
-pruned: the FLOPs and, at batch 1, the bytes a token touches), and the weights' bytes. Then a
+pruned: the FLOPs and, at batch 1, the bytes a token touches), the checkpoint's bytes and, for a
+nested engine on vLLM's kernel, the bytes of its packed copy of the budget's experts. Then a
 *mixed* batch on the uniform artifact: 8 requests decoding together, each naming its own budget
 (1, 0.75, 0.5, 0.25, twice; per-request budgets, docs/serving.md). Then the switch time against
 an engine restart. Prefix caching is off in every engine (the repeats send the same prompts).
@@ -147,7 +154,8 @@ def compiled_run(model_name: str, out: Path, keeps=KEEPS) -> Path:
         "data": {"calibration": {"builtin": "python-stdlib", "split": "train", "num_samples": 64, "seq_len": seq_len,
                                  "batch_size": 8}},
         "budgets": {"keep": list(keeps)},
-        "pipeline": [{"rank_channels": {"score": "taylor"}}, "insert_action_gates", "anneal", "fold_masks"],
+        "pipeline": [{"rank_channels": {"score": "taylor"}}, "insert_action_gates", "anneal", "fold_masks",
+                     "adaptive_widths"],
         "export": {"dir": str(out), "formats": ["nested", "sliced"]},
         "seed": 0,
     })
@@ -163,21 +171,33 @@ def _sorted_widths(state: dict) -> list:
     return [state["widths"][k] for k in sorted(state["widths"], key=int)]
 
 
-def measure_nested(nested: Path, label: str, args, manifest_of, rows: list, processor: bool = False):
-    """Every budget of a nested artifact on one engine, switched live; returns (engine, active params
+def measure_nested(nested: Path, label: str, args, manifest_of, rows: list, processor: bool = False,
+                   adaptive: bool = False, overrides: dict | None = None):
+    """Every budget of a nested artifact on one engine, switched live (``adaptive``: then each budget
+    below 1 on its token-adaptive policy, where the artifact has one); returns (engine, active params
     per budget, switch seconds, start seconds)."""
     from flexc.serving import get_budget, set_budget
     from flexc.serving.requests import PROCESSOR
 
-    llm, started = start(str(nested), **({"logits_processors": [PROCESSOR]} if processor else {}))
+    llm, started = start(str(nested), **({"logits_processors": [PROCESSOR]} if processor else {}),
+                         **({"hf_overrides": overrides} if overrides else {}))
     manifest, config = manifest_of(nested)
     switches, active = [], {}
-    for keep in get_budget(llm)["budgets"]:
+    budgets = get_budget(llm)["budgets"]
+    for keep in budgets:
         state = set_budget(llm, keep)
         switches.append(state["total_s"])
         active[keep] = active_params(manifest, config, _sorted_widths(state))
         rows.append({"engine": label, "keep": keep, **measure(llm, args), "active_params": active[keep],
-                     "weights_bytes": _bytes(nested), "start_s": started})
+                     "weights_bytes": _bytes(nested), "packed_bytes": state["packed_bytes"],
+                     "experts_kernel": state["experts_kernel"], "switch_s": state["switch_s"], "start_s": started})
+    if adaptive and get_budget(llm)["adaptive_policy"]:
+        for keep in (b for b in budgets if b < 1.0):
+            state = set_budget(llm, keep, adaptive=True)
+            rows.append({"engine": f"{label}, adaptive", "keep": keep, **measure(llm, args),
+                         "active_params": active[keep], "weights_bytes": _bytes(nested),
+                         "packed_bytes": state["packed_bytes"], "experts_kernel": state["experts_kernel"],
+                         "start_s": started})
     return llm, active, switches, started
 
 
@@ -215,6 +235,8 @@ def main() -> None:
     parser.add_argument("--prefill-len", type=int, default=256)
     parser.add_argument("--decode-len", type=int, default=64)
     parser.add_argument("--skip", default="", help="comma-separated engines to leave out: uniform, learned, sliced")
+    parser.add_argument("--flexc-op", action="store_true", help="also the learned nested artifact with its engine "
+                        "budget on flexc's op instead of vLLM's CPU kernel (flexc_experts_kernel: flexc)")
     parser.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -254,10 +276,14 @@ def main() -> None:
     learned_active = {}
     if "learned" not in skip:
         llm, learned_active, more, flexc_start = measure_nested(run / "nested", "flexc nested, learned", args,
-                                                                manifest_of, rows)
+                                                                manifest_of, rows, adaptive=True)
         switches += more
         full_active = full_active or learned_active[1.0]
         shutdown(llm)
+        if args.flexc_op:
+            llm, _, _, _ = measure_nested(run / "nested", "flexc nested, learned, flexc op", args, manifest_of, rows,
+                                          overrides={"flexc_experts_kernel": "flexc"})
+            shutdown(llm)
     if "sliced" not in skip:
         from flexc.serving import get_budget
 
@@ -275,18 +301,18 @@ def main() -> None:
             shutdown(llm)
 
     keys = ["prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s"]
-    print(f"{'engine':<22} {'keep':>5} {'prefill tok/s':>14} {'b1 tok/s':>9} {'b1 ms':>7} {'b8 tok/s':>9} "
-          f"{'ratios vs stock (prefill/b1/b8)':>32} {'ideal':>6} {'MB':>6}")
+    print(f"{'engine':<34} {'keep':>5} {'prefill tok/s':>14} {'b1 tok/s':>9} {'b1 ms':>7} {'b8 tok/s':>9} "
+          f"{'ratios vs stock (prefill/b1/b8)':>32} {'ideal':>6} {'MB':>6} {'+packed':>7}")
     for r in rows:
         r["ratios"] = {k: r[k] / stock[k] for k in keys}
         r["ideal"] = full_active / r["active_params"] if "active_params" in r and full_active else 1.0
         ratios = " / ".join(f"{r['ratios'][k]:.2f}" for k in keys)
-        print(f"{r['engine']:<22} {r['keep']:>5.2f} {r['prefill_tok_s']:>14.0f} {r['decode_b1_tok_s']:>9.1f} "
+        print(f"{r['engine']:<34} {r['keep']:>5.2f} {r['prefill_tok_s']:>14.0f} {r['decode_b1_tok_s']:>9.1f} "
               f"{r['decode_b1_ms_per_step']:>7.1f} {r['decode_b8_tok_s']:>9.1f} {ratios:>32} {r['ideal']:>6.2f} "
-              f"{r['weights_bytes'] / 1e6:>6.1f}")
+              f"{r['weights_bytes'] / 1e6:>6.1f} {r.get('packed_bytes', 0) / 1e6:>7.1f}")
     if mixed_row is not None:
         mixed_row["ratio_b8"] = mixed_row["decode_b8_tok_s"] / stock["decode_b8_tok_s"]
-        print(f"{'flexc mixed':<22} {'/'.join(f'{b:g}' for b in mixed_row['budgets'][:4])} per request: decode b8 "
+        print(f"{'flexc mixed':<34} {'/'.join(f'{b:g}' for b in mixed_row['budgets'][:4])} per request: decode b8 "
               f"{mixed_row['decode_b8_tok_s']:.1f} tok/s ({mixed_row['decode_b8_ms_per_step']:.1f} ms a step), "
               f"{mixed_row['ratio_b8']:.2f} vs stock, ideal {mixed_row['ideal']:.2f}")
     switch = statistics.median(switches) if switches else None

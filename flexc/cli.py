@@ -86,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _check_port(args.port)
     cmd = serve(args.artifact, budget=args.budget, host=args.host, port=args.port, extra=args.rest,
-                dry_run=args.dry_run, per_request=args.per_request_budgets)
+                dry_run=args.dry_run, per_request=args.per_request_budgets, experts_kernel=args.experts_kernel)
     print(" ".join(shlex.quote(part) for part in cmd))  # dry run only: serve() replaced this process otherwise
     return EXIT_OK
 
@@ -335,6 +335,10 @@ def _add_serve_command(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--per-request-budgets", action="store_true",
                    help="nested: each request may name its budget (vllm_xargs: {\"flexc_budget\": KEEP}); requests of "
                         "different budgets share batches (prefix caching off)")
+    p.add_argument("--experts-kernel", choices=("vllm", "flexc"),
+                   help="nested, on CPU: what runs the budget the engine is at. vllm (default): vLLM's CPU experts "
+                        "kernel on a copy of the kept channels, packed at each switch (faster; more memory, slower "
+                        "switches); flexc: flexc's op on the nested weights (no copy)")
     p.add_argument("--dry-run", action="store_true", help="check the artifact and print vLLM's command, do not run it")
     p.set_defaults(func=cmd_serve, passthrough=True)
     p.epilog = "Arguments after -- go to vLLM's server unchanged (e.g. -- --dtype float32 --max-model-len 4096)."

@@ -33,6 +33,17 @@ def test_dry_run_passes_the_budget_and_vllms_own_arguments(artifacts, capsys):
     assert cmd[-4:] == ["--dtype", "float32", "--max-model-len", "256"]
 
 
+def test_the_experts_kernel_goes_to_vllm_with_the_budget_and_is_refused_for_a_sliced_checkpoint(artifacts, capsys):
+    assert main(["serve", str(artifacts["nested"]), "--budget", str(BUDGETS[1]), "--experts-kernel", "flexc",
+                 "--dry-run"]) == 0
+    cmd = capsys.readouterr().out.split()
+    overrides = cmd.index("--hf-overrides")
+    assert json.loads(" ".join(cmd[overrides + 1: overrides + 5]).strip("'")) == {
+        "flexc_budget": BUDGETS[1], "flexc_experts_kernel": "flexc"}
+    assert main(["serve", str(artifacts[f"keep_{BUDGETS[0]:.2f}"]), "--experts-kernel", "flexc", "--dry-run"]) == 2
+    assert "applies to nested artifacts only" in "".join(capsys.readouterr())
+
+
 def test_a_budget_the_artifact_lacks_is_refused_with_the_exported_ones(artifacts, capsys):
     assert main(["serve", str(artifacts["nested"]), "--budget", "0.33", "--dry-run"]) == 2
     err = "".join(capsys.readouterr())

@@ -120,14 +120,60 @@ def test_budget_chosen_at_load_and_switched_live(engine):
     state = get_budget(llm)
     assert state["kind"] == "nested" and state["budget"] == pytest.approx(BUDGETS[0])
     assert state["budgets"] == [1.0, *BUDGETS]
+    assert state["experts_kernel"] == ["vllm"]  # the engine's budget on vLLM's CPU kernel (packed prefixes)
     assert served(llm, ids) == refs[BUDGETS[0]], f"{name} at keep {BUDGETS[0]} (chosen at load)"
 
     switched = set_budget(llm, BUDGETS[1])  # the same engine: nothing reloaded
     assert switched["budget"] == pytest.approx(BUDGETS[1]) and switched["switch_s"] < 0.5
     assert served(llm, ids) == refs[BUDGETS[1]], f"{name} at keep {BUDGETS[1]} after a live switch"
 
-    set_budget(llm, 1.0)
+    full = set_budget(llm, 1.0)
     assert served(llm, ids) == refs[None], f"{name} at full width after a live switch"
+    # The packed copy holds each expert's kept channels (rounded up to vLLM's 32), no more: its bytes
+    # scale with the table's channels.
+    def channels(state):
+        return sum(-(-w // 32) * 32 for row in state["widths"].values() for w in row)
+    assert switched["packed_bytes"] / full["packed_bytes"] == pytest.approx(channels(switched) / channels(full))
+
+
+def test_the_nested_engine_budget_on_vllms_kernel_equals_flexcs_op():
+    """One layer at mixed widths (removed experts, widths off vLLM's 32 grid) from 1 token to prefill
+    sizes: the packed buckets on vLLM's CPU kernel compute what flexc's op computes on the nested weights."""
+    from flexc.ir.op import ExpertLayout, ExpertWeights, run_experts
+    from flexc.serving.packed import PackedLayer, cpu_kernel_isa
+
+    gen = torch.Generator().manual_seed(0)
+    experts, inner, hidden, k = 16, 256, 128, 4
+    gate_up = torch.randn(experts, 2 * inner, hidden, generator=gen) / 16
+    down = torch.randn(experts, hidden, inner, generator=gen) / 16
+    weights = ExpertWeights(gate_up, down, layout=ExpertLayout("silu", False, 1.0, 0.0))
+    isa = cpu_kernel_isa(torch.float32, hidden, "silu", torch.device("cpu"))
+    assert isa is not None
+    for widths in ([256] * experts, [256, 128, 0, 48, 128, 256, 32, 64, 0, 256, 160, 128, 200, 16, 256, 96]):
+        layer = PackedLayer(gate_up, down, widths, k, isa, "silu")
+        assert layer.routing.whole == (len(set(widths)) == 1)
+        for tokens in (1, 8, 17, 300):  # host-planned decode sizes, then bucketed rows
+            x = torch.randn(tokens, hidden, generator=gen)
+            ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+            routing = torch.rand(tokens, k, generator=gen)
+            expected = run_experts(x, ids, routing, weights, torch.tensor(widths, dtype=torch.int32))
+            torch.testing.assert_close(layer(x, ids, routing), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_engine_budget_runs_on_flexcs_op_when_asked(artifacts):
+    """``flexc_experts_kernel: flexc``: no packed copy, the same tokens."""
+    from flexc.serving import get_budget, set_budget
+
+    paths, ids, refs = artifacts["tiny"]
+    llm = start_engine(paths["nested"], hf_overrides={"flexc_budget": BUDGETS[1], "flexc_experts_kernel": "flexc"})
+    try:
+        state = get_budget(llm)
+        assert state["experts_kernel"] == ["flexc"] and state["packed_bytes"] == 0
+        assert served(llm, ids) == refs[BUDGETS[1]]
+        assert set_budget(llm, BUDGETS[0])["packed_bytes"] == 0
+        assert served(llm, ids) == refs[BUDGETS[0]]
+    finally:
+        _shutdown(llm)
 
 
 def test_the_adaptive_policy_is_served_as_flexc_load_runs_it(engine):

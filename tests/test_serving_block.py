@@ -109,7 +109,7 @@ def test_sliced_checkpoint_loads_bucketed_experts_at_their_widths(family, patter
         stored = sum(kernel.w2_weight.numel() for kernel in block.experts.kernels)
         assert stored == model.config.hidden_size * int(widths[layer].sum())  # memory: each expert at its width
         assert [w for w, _ in block.experts.buckets] == sorted(set(widths[layer].tolist()) - {0}, reverse=True)
-        assert block.experts._whole == (pattern == "one bucket")
+        assert block.experts.routing.whole == (pattern == "one bucket")
         hf_block, hf_experts, _ = _hf_block(model, layer)
         set_widths(hf_experts, widths[layer])
         # 1 and 5 tokens: planned on the host (buckets over every token, padded); 100: sorted on the device
@@ -194,6 +194,23 @@ def test_detect_nested_artifact_and_the_budget_asked_for(nested_dir):
                 detect(directory, config)
     finally:
         del config.flexc_budget
+
+
+def test_the_experts_kernel_asked_for_is_read_and_checked(nested_dir):
+    directory, config = nested_dir
+    assert detect(directory, config).experts_kernel == "vllm"  # the default
+    config.flexc_experts_kernel = "flexc"
+    try:
+        assert detect(directory, config).experts_kernel == "flexc"
+        config.flexc_experts_kernel = "triton"
+        with pytest.raises(ServingError, match="flexc_experts_kernel must be one of vllm, flexc .* found 'triton'"):
+            detect(directory, config)
+        sliced = type(config).from_dict({**config.to_dict(), "flexc_experts_kernel": "flexc",
+                                         "flexc_sliced": {"format": 2, "budget": 0.5, "experts": {}}})
+        with pytest.raises(ServingError, match="flexc_experts_kernel applies to nested artifacts only"):
+            detect(None, sliced)
+    finally:
+        del config.flexc_experts_kernel
 
 
 def test_stock_checkpoint_is_not_an_artifact_and_refuses_a_budget(tmp_path):

@@ -27,6 +27,10 @@ from flexc.serving.families import ServingError
 
 # hf_overrides / config key choosing the nested artifact's budget at load (a keep ratio).
 BUDGET_KEY = "flexc_budget"
+# hf_overrides / config key choosing what runs a nested artifact's engine budget on CPU:
+# "vllm" (vLLM's CPU experts kernel on a packed copy of the kept prefixes) or "flexc" (flexc's op).
+KERNEL_KEY = "flexc_experts_kernel"
+KERNELS = ("vllm", "flexc")
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Artifact:
     sliced: dict[str, Any] | None = None  # sliced: the config's flexc_sliced section
     budget: float | None = None  # nested: the budget asked for at load (None: full width)
     policy: Any = None  # nested: its token-adaptive policy (flexc.ir.adaptive.AdaptivePolicy), if it has one
+    experts_kernel: str = "vllm"  # nested: what runs the engine's budget on CPU (KERNEL_KEY)
 
     def sliced_widths(self, layer: int) -> list[int]:
         """A sliced checkpoint's per-expert widths in decoder layer ``layer``. The config names the
@@ -68,6 +73,16 @@ def _budget_asked(hf_config) -> float | None:
     return float(value)
 
 
+def _kernel_asked(hf_config) -> str:
+    value = getattr(hf_config, KERNEL_KEY, None)
+    if value is None:
+        return KERNELS[0]
+    if value not in KERNELS:
+        raise ServingError(f"{KERNEL_KEY} must be one of {', '.join(KERNELS)} (e.g. hf_overrides="
+                           f'{{"{KERNEL_KEY}": "flexc"}}); found {value!r}')
+    return value
+
+
 def detect(model_path: str | Path | None, hf_config) -> Artifact | None:
     """The flexc artifact at ``model_path`` (a local directory) with config ``hf_config``, or None."""
     directory = Path(model_path) if model_path is not None and Path(model_path).is_dir() else None
@@ -86,6 +101,9 @@ def detect(model_path: str | Path | None, hf_config) -> Artifact | None:
                                          or quantization["group_size"] < 1):
             raise ServingError(f"{directory}: config.json's {SLICED_KEY}.quantization is {quantization!r}; expected "
                                "bits 4 or 8 and a positive group_size: re-export the sliced checkpoint")
+        if getattr(hf_config, KERNEL_KEY, None) is not None:
+            raise ServingError(f"{directory}: {KERNEL_KEY} applies to nested artifacts only; a sliced checkpoint's "
+                               "width buckets always run on vLLM's fused-MoE kernels")
         if getattr(hf_config, BUDGET_KEY, None) is not None:
             raise ServingError(f"{directory}: a sliced checkpoint holds one budget (keep "
                                f"{settings.get('budget')}); {BUDGET_KEY} applies to nested artifacts only. "
@@ -107,4 +125,4 @@ def detect(model_path: str | Path | None, hf_config) -> Artifact | None:
         return None
     tables = load_tables(directory, manifest)
     return Artifact("nested", directory, tables=tables, budget=_budget_asked(hf_config),
-                    policy=load_policy(directory, manifest, tables))
+                    policy=load_policy(directory, manifest, tables), experts_kernel=_kernel_asked(hf_config))

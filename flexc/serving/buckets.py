@@ -114,15 +114,15 @@ def _vllm_available() -> bool:
     return get_current_vllm_config_or_none() is not None
 
 
-class BucketedExperts(nn.Module):
-    """One layer's routed experts of a sliced checkpoint: fixed ``widths [E]``, one kernel per bucket."""
+class BucketRouting(nn.Module):
+    """Which bucket, and which expert within it, serves each routed pair of one layer's experts at fixed
+    ``widths [E]`` (width 0: removed); runs a forward over a list of bucket kernels, each
+    ``kernel(x, weights, ids)`` with ids local to its bucket and ``kernel.takes_any_k()``."""
 
-    def __init__(self, widths: list[int], hidden: int, activation: tuple[str, float, float], prefix: str,
-                 top_k: int):
+    def __init__(self, widths: list[int], top_k: int):
         super().__init__()
-        self.num_experts, self.hidden = len(widths), hidden
+        self.num_experts = len(widths)
         self.buckets = width_buckets(widths)
-        self.register_buffer("widths", torch.tensor(widths, dtype=torch.int32), persistent=False)
         bucket_of = torch.full((self.num_experts,), len(self.buckets), dtype=torch.long)  # removed: last
         local = torch.zeros(self.num_experts, dtype=torch.int32)
         for i, (_, ids) in enumerate(self.buckets):
@@ -131,33 +131,18 @@ class BucketedExperts(nn.Module):
         self.register_buffer("bucket_of", bucket_of, persistent=False)
         self.register_buffer("local", local, persistent=False)
         self._bucket_list, self._local_list = bucket_of.tolist(), local.tolist()  # host copies: decode planning
-        name = activation[0]
-        on_vllm = _vllm_available() and name in _VLLM_ACTIVATIONS
-        self.kernel = "vllm" if on_vllm else "flexc"
-        self._whole = len(self.buckets) == 1 and len(self.buckets[0][1]) == self.num_experts
+        self.whole = len(self.buckets) == 1 and len(self.buckets[0][1]) == self.num_experts
         # A bucket's calls take top-k rows (one bucket holding every expert: the routing as it is) or
-        # top-1 rows (the block hands each bucket its (token, slot) pairs as rows of their own).
-        k = top_k if self._whole else 1
-        self.kernels = nn.ModuleList(
-            _VllmBucket(len(ids), w, hidden, _VLLM_ACTIVATIONS[name], f"{prefix}.buckets.{i}", k) if on_vllm
-            else _TorchBucket(len(ids), w, hidden, activation)
-            for i, (w, ids) in enumerate(self.buckets))
-        self._kernel_list = list(self.kernels)  # plain list: the decode path indexes it per call
-        self._loaded: set[tuple[int, str]] = set()
+        # top-1 rows (each bucket gets its (token, slot) pairs as rows of their own).
+        self.call_k = top_k if self.whole else 1
 
-    @property
-    def device(self) -> torch.device:
-        return self.widths.device
-
-    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                widths: torch.Tensor | None = None) -> torch.Tensor:
-        if widths is not None:
-            raise ServingError("a sliced checkpoint's widths are fixed; per-request budgets need the nested artifact")
-        if self._whole:  # one bucket holding every expert: the routing as it is
-            return self.kernels[0](hidden, topk_weights, self.local[topk_ids])
+    def forward(self, kernels: list, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+        if self.whole:  # one bucket holding every expert: the routing as it is
+            return kernels[0](hidden, topk_weights, self.local[topk_ids])
         num_tokens, k = topk_ids.shape
         if num_tokens * k <= HOST_PLANNED_PAIRS:
-            return self._few_pairs(hidden, topk_ids, topk_weights)
+            return self._few_pairs(kernels, hidden, topk_ids, topk_weights)
         flat = topk_ids.reshape(-1)
         bucket = self.bucket_of[flat]
         order = torch.argsort(bucket, stable=True)  # the pairs of bucket 0, 1, ..., then removed experts'
@@ -171,12 +156,13 @@ class BucketedExperts(nn.Module):
         for i, n in enumerate(counts[:-1]):
             if n:
                 part = slice(start, start + n)
-                out[rows[part]] = self.kernels[i](x[part], weights[part], ids[part]).to(hidden.dtype)
+                out[rows[part]] = kernels[i](x[part], weights[part], ids[part]).to(hidden.dtype)
             start += n
         # Sum over the k slots of each token in a fixed order (deterministic, no scatter-add).
         return out.view(num_tokens, k, -1).sum(dim=1)
 
-    def _few_pairs(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def _few_pairs(self, kernels: list, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                   topk_weights: torch.Tensor) -> torch.Tensor:
         """Decode sizes: the pairs grouped on the host (a dozen small tensor ops cost more than the kernels
         here). Where the kernels take any k (vLLM's CPU kernel), each bucket runs once over every token,
         routed to its own experts of the bucket (padded with zero-weight repeats of one of them: compute
@@ -188,7 +174,7 @@ class BucketedExperts(nn.Module):
             bucket = self._bucket_list[expert]
             if bucket < len(self.buckets):
                 plan.setdefault(bucket, []).append(slot)
-        kernels, device = self._kernel_list, hidden.device
+        device = hidden.device
         if all(kernels[b].takes_any_k() for b in plan):
             weights = topk_weights.reshape(-1).tolist()
             out = None
@@ -212,6 +198,38 @@ class BucketedExperts(nn.Module):
             y = kernels[bucket](hidden[index // k], flat_weights[index][:, None], ids)
             out.index_copy_(0, index, y.to(hidden.dtype))
         return out.view(num_tokens, k, -1).sum(dim=1)
+
+
+class BucketedExperts(nn.Module):
+    """One layer's routed experts of a sliced checkpoint: fixed ``widths [E]``, one kernel per bucket."""
+
+    def __init__(self, widths: list[int], hidden: int, activation: tuple[str, float, float], prefix: str,
+                 top_k: int):
+        super().__init__()
+        self.num_experts, self.hidden = len(widths), hidden
+        self.routing = BucketRouting(widths, top_k)
+        self.buckets = self.routing.buckets
+        self.register_buffer("widths", torch.tensor(widths, dtype=torch.int32), persistent=False)
+        name = activation[0]
+        on_vllm = _vllm_available() and name in _VLLM_ACTIVATIONS
+        self.kernel = "vllm" if on_vllm else "flexc"
+        k = self.routing.call_k
+        self.kernels = nn.ModuleList(
+            _VllmBucket(len(ids), w, hidden, _VLLM_ACTIVATIONS[name], f"{prefix}.buckets.{i}", k) if on_vllm
+            else _TorchBucket(len(ids), w, hidden, activation)
+            for i, (w, ids) in enumerate(self.buckets))
+        self._kernel_list = list(self.kernels)  # plain list: the routing indexes it per call
+        self._loaded: set[tuple[int, str]] = set()
+
+    @property
+    def device(self) -> torch.device:
+        return self.widths.device
+
+    def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                widths: torch.Tensor | None = None) -> torch.Tensor:
+        if widths is not None:
+            raise ServingError("a sliced checkpoint's widths are fixed; per-request budgets need the nested artifact")
+        return self.routing(self._kernel_list, hidden, topk_ids, topk_weights)
 
     # -- weight loading ------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from flexc.serving.artifact import BUDGET_KEY, detect
+from flexc.serving.artifact import BUDGET_KEY, KERNEL_KEY, detect
 from flexc.serving.families import ServingError, family_for
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -27,9 +27,11 @@ INSTALL_HINT = ("install vLLM beside flexc in its own environment: pip install -
                 "'flexc[serve]' on CUDA; see docs/serving.md")
 
 
-def check_artifact(directory: Path, budget: float | None, per_request: bool = False):
+def check_artifact(directory: Path, budget: float | None, per_request: bool = False,
+                   experts_kernel: str | None = None):
     """The flexc artifact in ``directory`` (nested or sliced), after checking that flexc serves it at
-    ``budget`` (and, with ``per_request``, that it has budgets to choose from)."""
+    ``budget`` (and, with ``per_request``, that it has budgets to choose from; ``experts_kernel``, that
+    it is a nested artifact)."""
     if not directory.is_dir():
         raise ServingError(f"{directory}: no such directory (expected a flexc nested artifact or sliced checkpoint, "
                            "e.g. runs/quickstart/nested)")
@@ -42,6 +44,8 @@ def check_artifact(directory: Path, budget: float | None, per_request: bool = Fa
         raise ServingError(f"{config_path}: not readable JSON ({exc})") from None
     if budget is not None:
         config[BUDGET_KEY] = budget
+    if experts_kernel is not None:
+        config[KERNEL_KEY] = experts_kernel
     artifact = detect(directory, SimpleNamespace(**config))
     if artifact is None:
         raise ServingError(f"{directory} is not a flexc artifact (no flexc_manifest.json of kind 'nested', no "
@@ -61,13 +65,15 @@ def served_budgets(artifact) -> list[float]:
 
 
 def server_command(directory: Path, budget: float | None, host: str | None, port: int | None,
-                   extra: list[str], per_request: bool = False) -> list[str]:
+                   extra: list[str], per_request: bool = False, experts_kernel: str | None = None) -> list[str]:
     """vLLM's server command line for ``directory``."""
     from flexc.serving.requests import PROCESSOR
 
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", str(directory)]
-    if budget is not None:
-        cmd += ["--hf-overrides", json.dumps({BUDGET_KEY: budget})]
+    overrides = {key: value for key, value in ((BUDGET_KEY, budget), (KERNEL_KEY, experts_kernel))
+                 if value is not None}
+    if overrides:
+        cmd += ["--hf-overrides", json.dumps(overrides)]
     if per_request:  # requests name their budget; a KV block must not serve another budget; eager only
         cmd += ["--logits-processors", PROCESSOR, "--no-enable-prefix-caching", "--enforce-eager"]
     if host is not None:
@@ -85,7 +91,8 @@ def server_environment(environ: dict[str, str]) -> dict[str, str]:
 
 
 def serve(directory: str | Path, budget: float | None = None, host: str | None = None, port: int | None = None,
-          extra: list[str] | None = None, dry_run: bool = False, per_request: bool = False) -> list[str]:
+          extra: list[str] | None = None, dry_run: bool = False, per_request: bool = False,
+          experts_kernel: str | None = None) -> list[str]:
     """Check the artifact, then replace this process with vLLM's server (``dry_run``: return the command).
 
     ``per_request``: requests may name their budget (``vllm_xargs: {"flexc_budget": KEEP}``), checked
@@ -93,8 +100,8 @@ def serve(directory: str | Path, budget: float | None = None, host: str | None =
     from flexc.serving.requests import BUDGETS_ENV
 
     directory = Path(directory)
-    artifact = check_artifact(directory, budget, per_request)
-    cmd = server_command(directory, budget, host, port, list(extra or []), per_request)
+    artifact = check_artifact(directory, budget, per_request, experts_kernel)
+    cmd = server_command(directory, budget, host, port, list(extra or []), per_request, experts_kernel)
     if dry_run:
         return cmd
     if importlib.util.find_spec("vllm") is None:

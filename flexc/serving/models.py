@@ -98,6 +98,7 @@ class BudgetControl:
             self._adaptive_rules(key)  # before anything changes: a budget without a policy is refused
         for layer, row in zip(sorted(self.blocks), self.rows[key]):
             self.blocks[layer].experts.widths.copy_(row)
+            self.blocks[layer].experts.widths_set(pack=not adaptive or key == 1.0)  # adaptive: widths per pair
         if row.is_cuda:
             torch.cuda.synchronize(row.device)
         self.budget, self.adaptive = key, adaptive and key != 1.0
@@ -123,10 +124,13 @@ class BudgetControl:
         state = {"kind": self.kind, "budget": self.budget, "budgets": self.budgets, "widths": widths,
                  "most_budgets_in_a_pass": self.most_budgets_in_a_pass, "adaptive": self.adaptive,
                  "adaptive_policy": self.policy is not None}
-        if self.kind == "sliced":  # which kernels run each layer's width buckets
+        if self.kind == "sliced":
             state["buckets"] = {layer: [[w, len(ids)] for w, ids in self.blocks[layer].experts.buckets]
                                 for layer in sorted(self.blocks)}
-            state["experts_kernel"] = sorted({self.blocks[layer].experts.kernel for layer in self.blocks})
+        else:  # the engine budget's copy of the kept prefixes for vLLM's kernel, if any
+            state["packed_bytes"] = sum(self.blocks[layer].experts.packed_bytes() for layer in self.blocks)
+        # which kernels run each layer's (engine budget's) experts
+        state["experts_kernel"] = sorted({self.blocks[layer].experts.kernel for layer in self.blocks})
         return state
 
     # -- per-request budgets (flexc.serving.requests) ---------------------------------------

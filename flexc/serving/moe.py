@@ -83,16 +83,22 @@ class SharedExpert(nn.Module):
 
 
 class FlexcExperts(nn.Module):
-    """One layer's routed experts of a nested artifact on the flexc op, at the widths in ``self.widths``
-    (a sliced checkpoint's are :class:`flexc.serving.buckets.BucketedExperts`).
+    """One layer's routed experts of a nested artifact at the widths in ``self.widths`` (a sliced
+    checkpoint's are :class:`flexc.serving.buckets.BucketedExperts`).
 
-    ``capacity`` is the channels stored per expert: the full intermediate size.
+    The engine's budget runs on vLLM's CPU experts kernel where it can (``vllm_kernel``; the kept
+    prefixes packed at each switch by :meth:`widths_set`, :mod:`flexc.serving.packed`), else on the
+    flexc op, which also runs every call with widths of its own (per-request budgets, the adaptive
+    policy). ``capacity`` is the channels stored per expert: the full intermediate size.
     """
 
-    def __init__(self, num_experts: int, hidden: int, capacity: int, activation: tuple[str, float, float]):
+    def __init__(self, num_experts: int, hidden: int, capacity: int, activation: tuple[str, float, float],
+                 top_k: int, vllm_kernel: bool = True):
         super().__init__()
-        self.num_experts, self.hidden, self.capacity = num_experts, hidden, capacity
+        self.num_experts, self.hidden, self.capacity, self.top_k = num_experts, hidden, capacity, top_k
         self.activation, self.alpha, self.limit = activation
+        self.vllm_kernel = vllm_kernel
+        self._packed = None  # the engine budget's PackedLayer, where vLLM's CPU kernel runs it
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * capacity, hidden), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, capacity), requires_grad=False)
         initial = torch.full((num_experts,), capacity, dtype=torch.int32)  # full width until a budget is set
@@ -106,9 +112,31 @@ class FlexcExperts(nn.Module):
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 widths: torch.Tensor | None = None) -> torch.Tensor:
         """The experts at ``widths`` (default: the width buffer, the engine's budget)."""
+        if widths is None and self._packed is not None:
+            return self._packed(hidden, topk_ids, topk_weights)
         weights = ExpertWeights(self.gate_up_proj, self.down_proj,
                                 layout=ExpertLayout(self.activation, False, self.alpha, self.limit))
         return run_experts(hidden, topk_ids, topk_weights, weights, self.widths if widths is None else widths)
+
+    @property
+    def kernel(self) -> str:
+        """Which kernel runs the engine's budget: ``vllm`` (its CPU experts kernel) or ``flexc`` (the op)."""
+        return "vllm" if self._packed is not None else "flexc"
+
+    def packed_bytes(self) -> int:
+        return 0 if self._packed is None else self._packed.nbytes()
+
+    def widths_set(self, pack: bool = True) -> None:
+        """The width buffer changed (a budget switch): pack its kept prefixes for vLLM's CPU kernel
+        (``pack``: whether the engine's budget runs on the width buffer, not on widths per pair)."""
+        from flexc.serving.packed import PackedLayer, cpu_kernel_isa
+
+        self._packed = None  # the old budget's copy goes before the new one is made
+        isa = cpu_kernel_isa(self.down_proj.dtype, self.hidden, self.activation, self.device) \
+            if self.vllm_kernel and pack else None
+        if isa is not None:
+            self._packed = PackedLayer(self.gate_up_proj, self.down_proj, self.widths.tolist(), self.top_k, isa,
+                                       self.activation)
 
     # -- weight loading ------------------------------------------------------------------
 
@@ -183,7 +211,8 @@ class FlexcMoeBlock(nn.Module):
                                    f"{num_experts} values in [0, {self.full}]")
             self.experts = BucketedExperts(widths, hidden, activation, f"{prefix}.experts", self.top_k)
         else:
-            self.experts = FlexcExperts(num_experts, hidden, self.full, activation)
+            self.experts = FlexcExperts(num_experts, hidden, self.full, activation, self.top_k,
+                                        vllm_kernel=artifact.experts_kernel == "vllm")
         self.shared_expert = self.shared_expert_gate = None
         shared = int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
         if family.shared_expert and shared > 0:
@@ -212,6 +241,9 @@ class FlexcMoeBlock(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         ids, weights = self.route(x)
         groups = None if self.control is None else self.control.groups(x.shape[0])
+        if groups is not None and len(groups) == 1 and groups[0][0] == self.control.budget \
+                and not self.control.adaptive:
+            groups = None  # every request at the engine's budget: its kernel, as without per-request budgets
         if groups is None and self.control is not None and self.control.adaptive:  # widths per pair, by weight
             out = self.experts(x, ids, weights, self.control.adaptive_widths(self.layer, ids, weights))
         elif groups is None:

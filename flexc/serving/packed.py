@@ -1,0 +1,108 @@
+"""A nested artifact's engine budget on vLLM's CPU fused-MoE kernel: each switch packs the kept prefixes.
+
+vLLM's CPU experts kernel (``cpu_fused_moe``) reads weights it has first rearranged into its own
+blocked layout (``cpu_prepack_moe_weight``), with one intermediate size per call, so a prefix of the
+nested weights cannot be handed to it in place. At each budget switch a nested layer therefore
+copies every width bucket's kept channels (gate and up rows, down columns) into that layout and runs
+the buckets as a sliced checkpoint's run (:class:`flexc.serving.buckets.BucketRouting`).
+
+Why: on one layer of zoo ``small``'s shape (E=16, H=I=256, top-4, fp32, one thread) vLLM's kernel
+took 52 / 217 / 1,259 / 8,706 us at 1 / 8 / 64 / 512 tokens against 258 / 1,677 / 3,867 / 13,729 us
+for flexc's CPU op at full width (timed by hand in vLLM's environment). The cost: the engine holds
+the current budget's packed experts beside the nested weights (the experts' bytes once more at keep
+1.0, half of them at keep 0.5), and a switch takes the time to copy them (about 1 ms per layer of
+``small`` at keep 0.5). Per-request budgets and the token-adaptive policy (a width per routed pair)
+keep flexc's op on the nested weights; ``flexc_experts_kernel: flexc`` keeps it for every budget
+(no second copy, switches in microseconds).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flexc.serving.buckets import BucketRouting
+
+# vLLM's CPU experts classes want hidden and intermediate sizes that are multiples of this; a bucket
+# narrower than a multiple is zero-padded as vLLM pads its own (zero gate/up rows and down columns add 0).
+ALIGN = 32
+# flexc's activation names -> the names vLLM's CPU kernel takes.
+_ACTIVATIONS = {"silu": "silu", "gelu": "gelu"}
+
+
+def cpu_kernel_isa(dtype: torch.dtype, hidden: int, activation: str, device: torch.device) -> str | None:
+    """The instruction set vLLM's CPU experts kernel runs a layer with on this machine (as vLLM's own
+    choice of experts class makes it: AMX for bf16 where the CPU has tiles, else its portable vector
+    kernel), or None where it cannot run the layer (no vLLM CPU build, not on CPU, an activation or a
+    hidden size it lacks)."""
+    if device.type != "cpu" or activation not in _ACTIVATIONS or hidden % ALIGN:
+        return None
+    try:
+        from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight  # noqa: F401 -- present in CPU builds
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import X86CPUUnquantizedExperts
+        from vllm.platforms import current_platform
+    except ImportError:
+        return None
+    if not current_platform.is_cpu():
+        return None
+    if dtype == torch.bfloat16 and X86CPUUnquantizedExperts._supports_current_device():
+        return X86CPUUnquantizedExperts.isa
+    return "vec"
+
+
+class PackedBucket:
+    """One width bucket's experts in vLLM's CPU layout: ``w13 [n, 2w, H]`` and ``w2 [n, H, w]`` packed."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, isa: str, activation: str):
+        from vllm._custom_ops import cpu_prepack_moe_weight
+
+        self.w13 = cpu_prepack_moe_weight(w13.contiguous(), isa)
+        self.w2 = cpu_prepack_moe_weight(w2.contiguous(), isa)
+        self.isa, self.activation = isa, _ACTIVATIONS[activation]
+
+    def nbytes(self) -> int:
+        return self.w13.nbytes + self.w2.nbytes
+
+    def takes_any_k(self) -> bool:
+        return True  # the kernel reads k from the ids
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        from vllm._custom_ops import cpu_fused_moe
+
+        if weights.dtype != torch.float32 or not weights.is_contiguous():
+            weights = weights.float().contiguous()
+        if ids.dtype != torch.int32 or not ids.is_contiguous():
+            ids = ids.to(torch.int32).contiguous()
+        out = torch.empty_like(x)
+        cpu_fused_moe(out, x.contiguous(), self.w13, self.w2, None, None, weights, ids, self.activation, self.isa,
+                      False)
+        return out
+
+    __call__ = forward
+
+
+class PackedLayer:
+    """One nested layer's experts at fixed ``widths`` on vLLM's CPU kernel: its buckets' kept prefixes,
+    copied out of ``gate_up [E, 2I, H]`` (gate rows then up rows) and ``down [E, H, I]``."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, widths: list[int], top_k: int, isa: str,
+                 activation: str):
+        self.widths = tuple(widths)
+        self.routing = BucketRouting(widths, top_k).to(down.device)
+        capacity = down.shape[2]
+        self.kernels = []
+        with torch.no_grad():
+            for width, ids in self.routing.buckets:
+                padded = -(-width // ALIGN) * ALIGN
+                index = torch.tensor(ids, device=down.device)
+                gate, up = gate_up[index, :width], gate_up[index, capacity:capacity + width]
+                w2 = down[index, :, :width]
+                if padded > width:  # zero channels: silu(0) * 0 = 0 (gelu likewise), and zero down columns
+                    gate, up = (torch.nn.functional.pad(t, (0, 0, 0, padded - width)) for t in (gate, up))
+                    w2 = torch.nn.functional.pad(w2, (0, padded - width))
+                self.kernels.append(PackedBucket(torch.cat([gate, up], dim=1), w2, isa, activation))
+
+    def nbytes(self) -> int:
+        return sum(k.nbytes() for k in self.kernels)
+
+    def __call__(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        return self.routing(self.kernels, hidden, topk_ids, topk_weights)
