@@ -98,3 +98,19 @@ def test_report_says_how_each_annealed_table_was_chosen(tiny_model_dir, tmp_path
             diff = b["validation_difference"]
             assert f"{diff['mean']:+.3g} ± {diff['standard_error']:.2g}" in row
     assert any("validation_difference" in b for b in recorded), recorded
+
+
+def test_the_adaptive_lines_say_which_rule_or_the_static_table_each_budget_runs():
+    from flexc.compiler.report import _adaptive_lines
+
+    def row(policy, adaptive_loss):
+        return {"policy": policy, "adaptive_loss": adaptive_loss, "static_loss": 4.70, "adaptive_keep": 0.72,
+                "static_keep": 0.72}
+
+    policy = {"rule": "auto", "target": "table", "report": {
+        "budgets": {"0.5": {"target_keep": 0.719}, "0.25": {"target_keep": 0.347}},
+        "held_out": {"0.5": row("scores", 4.64), "0.25": row("static (every adaptive rule lost on held-out text)",
+                                                               4.75)}}}
+    lines = _adaptive_lines(policy)
+    assert "keep 0.5:" in lines[1] and "better; runs rule `scores`" in lines[1]
+    assert "keep 0.25:" in lines[2] and "worse; runs the static table (every adaptive rule lost" in lines[2]

@@ -167,8 +167,13 @@ def _adaptive_lines(policy: dict) -> list[str]:
         lines.append(f"  - keep {budget}: active keep {row['adaptive_keep']:.3f} on held-out text (target "
                      f"{target:.3f}; static table {row['static_keep']:.3f}); loss {row['adaptive_loss']:.4f} vs "
                      f"{row['static_loss']:.4f} static: {verdict}"
-                     + ("; runs the static table" if row.get("policy", "adaptive") != "adaptive" else ""))
+                     + (f"; runs {_runs(row.get('policy'))}" if row.get("policy") else ""))
     return lines
+
+
+def _runs(policy: str) -> str:
+    """What a budget runs, from the held-out choice's ``policy`` (a rule's name, or ``static (why)``)."""
+    return "the static table" + policy[len("static"):] if policy.startswith("static") else f"rule `{policy}`"
 
 
 def _how_chosen(out: Path) -> list[str]:

@@ -98,7 +98,9 @@ class BudgetControl:
             self._adaptive_rules(key)  # before anything changes: a budget without a policy is refused
         for layer, row in zip(sorted(self.blocks), self.rows[key]):
             self.blocks[layer].experts.widths.copy_(row)
-            self.blocks[layer].experts.widths_set(pack=not adaptive or key == 1.0)  # adaptive: widths per pair
+            # Packed for vLLM's CPU kernel only where the engine's budget runs on the width buffer (not on the
+            # adaptive policy's widths per pair) and eagerly: a compiled graph would keep the tensors it traced.
+            self.blocks[layer].experts.widths_set(pack=self.eager and (not adaptive or key == 1.0))
         if row.is_cuda:
             torch.cuda.synchronize(row.device)
         self.budget, self.adaptive = key, adaptive and key != 1.0
