@@ -160,6 +160,35 @@ def test_the_nested_engine_budget_on_vllms_kernel_equals_flexcs_op():
             torch.testing.assert_close(layer(x, ids, routing), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_pairs_at_several_budgets_run_in_one_routing_on_vllms_kernel():
+    """Per-request batches: each routed pair at its token's budget's width (``[T, k]``, or one table ``[E]``),
+    every (expert, width) of the budgets' tables packed once: flexc's op on the nested weights computes the
+    same; a width no table has is left to flexc's op (None)."""
+    from flexc.ir.op import ExpertLayout, ExpertWeights, run_experts
+    from flexc.serving.packed import PackedWidths, cpu_kernel_isa
+
+    gen = torch.Generator().manual_seed(1)
+    experts, inner, hidden, k = 8, 128, 64, 2
+    gate_up = torch.randn(experts, 2 * inner, hidden, generator=gen) / 8
+    down = torch.randn(experts, hidden, inner, generator=gen) / 8
+    weights = ExpertWeights(gate_up, down, layout=ExpertLayout("silu", False, 1.0, 0.0))
+    rows = [[128] * experts, [128, 96, 64, 64, 32, 128, 96, 64], [64, 32, 0, 32, 16, 96, 32, 0]]
+    levels = PackedWidths(gate_up, down, rows, k, cpu_kernel_isa(torch.float32, hidden, "silu", torch.device("cpu")),
+                          "silu")
+    table = torch.tensor(rows, dtype=torch.int32)
+    for tokens in (3, 40):  # host-planned, then bucketed rows
+        x = torch.randn(tokens, hidden, generator=gen)
+        ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+        routing = torch.rand(tokens, k, generator=gen)
+        budget = torch.randint(0, len(rows), (tokens,), generator=gen)
+        pair_widths = table[budget[:, None], ids]
+        torch.testing.assert_close(levels(x, ids, routing, pair_widths),
+                                   run_experts(x, ids, routing, weights, pair_widths), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(levels(x, ids, routing, table[2]), run_experts(x, ids, routing, weights, table[2]),
+                                   rtol=1e-4, atol=1e-5)
+        assert levels(x, ids, routing, torch.full_like(pair_widths, 48)) is None
+
+
 def test_the_engine_budget_runs_on_flexcs_op_when_asked(artifacts):
     """``flexc_experts_kernel: flexc``: no packed copy, the same tokens."""
     from flexc.serving import get_budget, set_budget
@@ -212,7 +241,7 @@ def test_requests_of_different_budgets_share_one_batch(engine):
     from flexc.serving import get_budget, set_budget
 
     name, llm, ids, refs = engine
-    set_budget(llm, BUDGETS[0])  # the engine's budget, for requests that name none
+    engine_only = set_budget(llm, BUDGETS[0])["packed_bytes"]  # the engine's budget, for requests naming none
 
     def params(budget):
         return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
@@ -224,6 +253,7 @@ def test_requests_of_different_budgets_share_one_batch(engine):
 
     assert run([BUDGETS[1], None, 1.0]) == [refs[BUDGETS[1]][0], refs[BUDGETS[0]][1], refs[None][2]], name
     assert get_budget(llm)["most_budgets_in_a_pass"] == 3  # the three budgets ran in one forward pass
+    assert get_budget(llm)["packed_bytes"] > engine_only  # every budget's widths packed for vLLM's kernel
     assert run([1.0, BUDGETS[1], 0.5]) == [refs[None][0], refs[BUDGETS[1]][1], refs[BUDGETS[1]][2]], name
     assert get_budget(llm)["budget"] == pytest.approx(BUDGETS[0])  # the engine's own budget is untouched
     with pytest.raises(Exception, match=r"flexc_budget must be a keep ratio in \(0, 1\]; got 1.5"):

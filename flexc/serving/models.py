@@ -51,6 +51,7 @@ class BudgetControl:
         self.policy = artifact.policy  # the token-adaptive policy (nested artifacts that have one)
         self.adaptive = False  # whether the engine's budget runs it
         self._rules: dict[float, list] = {}  # budget -> each layer's AdaptiveLayer
+        self._levels_packed = False  # every budget's table packed for vLLM's kernel (pack_levels)
         if artifact.kind == "sliced":
             self.budget = artifact.sliced.get("budget")
             return
@@ -95,7 +96,11 @@ class BudgetControl:
             if not self.eager:
                 raise ServingError("flexc's token-adaptive widths run in eager mode for now (enforce_eager=True, or "
                                    "--enforce-eager): a compiled model would keep the branch it traced")
-            self._adaptive_rules(key)  # before anything changes: a budget without a policy is refused
+            rules = self._adaptive_rules(key)  # before anything changes: a budget without a policy is refused
+            from flexc.ir.adaptive import ScoredLayer
+
+            if not any(isinstance(rule, ScoredLayer) for rule in rules):  # two levels: widths of the tables
+                self.pack_levels()
         for layer, row in zip(sorted(self.blocks), self.rows[key]):
             self.blocks[layer].experts.widths.copy_(row)
             # Packed for vLLM's CPU kernel only where the engine's budget runs on the width buffer (not on the
@@ -163,7 +168,25 @@ class BudgetControl:
             self._groups = token_groups(list(self.rows), self.budget, num_tokens, self.resolve)
             self._groups_for, self._token_rows = context, None
             self.most_budgets_in_a_pass = max(self.most_budgets_in_a_pass, len(self._groups or [None]))
+            if self._groups and any(budget != self.budget for budget, _ in self._groups):
+                self.pack_levels()
         return self._groups
+
+    def pack_levels(self) -> None:
+        """Once, at the first call with widths of its own that the tables cover (budgets mixed in a pass, a
+        two-level adaptive policy), every budget's table is packed for vLLM's CPU kernel in each block
+        (eager engines where it runs; memory: the experts at every budget's widths)."""
+        if self._levels_packed or not self.eager:
+            return
+        self._levels_packed = True
+        start = time.perf_counter()
+        budgets = sorted(self.rows, reverse=True)
+        for layer in sorted(self.blocks):
+            self.blocks[layer].experts.pack_levels([self.row(b, layer).tolist() for b in budgets])
+        packed = sum(self.blocks[layer].experts.packed_bytes() for layer in self.blocks)
+        if packed:
+            logger.info("flexc: budgets %s packed for vLLM's CPU experts kernel in %.2f s (%.1f MB with the engine "
+                        "budget's)", budgets, time.perf_counter() - start, packed / 1e6)
 
     def row(self, budget: float, layer: int) -> torch.Tensor:
         return self.rows[budget][self._position[layer]]

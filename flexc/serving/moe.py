@@ -99,6 +99,7 @@ class FlexcExperts(nn.Module):
         self.activation, self.alpha, self.limit = activation
         self.vllm_kernel = vllm_kernel
         self._packed = None  # the engine budget's PackedLayer, where vLLM's CPU kernel runs it
+        self._levels = None  # every budget's widths (PackedWidths) for per-request batches, once one came
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * capacity, hidden), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, capacity), requires_grad=False)
         initial = torch.full((num_experts,), capacity, dtype=torch.int32)  # full width until a budget is set
@@ -114,6 +115,10 @@ class FlexcExperts(nn.Module):
         """The experts at ``widths`` (default: the width buffer, the engine's budget)."""
         if widths is None and self._packed is not None:
             return self._packed(hidden, topk_ids, topk_weights)
+        if widths is not None and self._levels is not None:
+            out = self._levels(hidden, topk_ids, topk_weights, widths)
+            if out is not None:
+                return out
         weights = ExpertWeights(self.gate_up_proj, self.down_proj,
                                 layout=ExpertLayout(self.activation, False, self.alpha, self.limit))
         return run_experts(hidden, topk_ids, topk_weights, weights, self.widths if widths is None else widths)
@@ -124,16 +129,30 @@ class FlexcExperts(nn.Module):
         return "vllm" if self._packed is not None else "flexc"
 
     def packed_bytes(self) -> int:
-        return 0 if self._packed is None else self._packed.nbytes()
+        return sum(p.nbytes() for p in (self._packed, self._levels) if p is not None)
+
+    def _isa(self) -> str | None:
+        from flexc.serving.packed import cpu_kernel_isa
+
+        return cpu_kernel_isa(self.down_proj.dtype, self.hidden, self.activation, self.device) \
+            if self.vllm_kernel else None
+
+    def pack_levels(self, rows: list[list[int]]) -> None:
+        """Pack every (expert, width) of ``rows`` (each a per-expert width table) for vLLM's CPU kernel, so
+        calls whose pairs take those widths (per-request budgets mixed in a batch) run on it."""
+        from flexc.serving.packed import PackedWidths
+
+        isa = self._isa()
+        if isa is not None:
+            self._levels = PackedWidths(self.gate_up_proj, self.down_proj, rows, self.top_k, isa, self.activation)
 
     def widths_set(self, pack: bool = True) -> None:
         """The width buffer changed (a budget switch): pack its kept prefixes for vLLM's CPU kernel
         (``pack``: whether the engine's budget runs on the width buffer, not on widths per pair)."""
-        from flexc.serving.packed import PackedLayer, cpu_kernel_isa
+        from flexc.serving.packed import PackedLayer
 
         self._packed = None  # the old budget's copy goes before the new one is made
-        isa = cpu_kernel_isa(self.down_proj.dtype, self.hidden, self.activation, self.device) \
-            if self.vllm_kernel and pack else None
+        isa = self._isa() if pack else None
         if isa is not None:
             self._packed = PackedLayer(self.gate_up_proj, self.down_proj, self.widths.tolist(), self.top_k, isa,
                                        self.activation)

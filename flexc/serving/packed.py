@@ -82,18 +82,22 @@ class PackedBucket:
 
 class PackedLayer:
     """One nested layer's experts at fixed ``widths`` on vLLM's CPU kernel: its buckets' kept prefixes,
-    copied out of ``gate_up [E, 2I, H]`` (gate rows then up rows) and ``down [E, H, I]``."""
+    copied out of ``gate_up [E, 2I, H]`` (gate rows then up rows) and ``down [E, H, I]``.
+
+    ``source[i]``: the nested expert whose prefix expert ``i`` of this layer is (default ``i``; several
+    entries may name one expert at different widths, :class:`PackedWidths`)."""
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, widths: list[int], top_k: int, isa: str,
-                 activation: str):
+                 activation: str, source: list[int] | None = None):
         self.widths = tuple(widths)
         self.routing = BucketRouting(widths, top_k).to(down.device)
         capacity = down.shape[2]
+        source = list(range(len(widths))) if source is None else source
         self.kernels = []
         with torch.no_grad():
             for width, ids in self.routing.buckets:
                 padded = -(-width // ALIGN) * ALIGN
-                index = torch.tensor(ids, device=down.device)
+                index = torch.tensor([source[i] for i in ids], device=down.device)
                 gate, up = gate_up[index, :width], gate_up[index, capacity:capacity + width]
                 w2 = down[index, :, :width]
                 if padded > width:  # zero channels: silu(0) * 0 = 0 (gelu likewise), and zero down columns
@@ -106,3 +110,35 @@ class PackedLayer:
 
     def __call__(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         return self.routing(self.kernels, hidden, topk_ids, topk_weights)
+
+
+class PackedWidths:
+    """One nested layer's experts at the widths of several tables at once (e.g. every budget per-request
+    batches may mix): each distinct (expert, width) of ``rows`` packed as an expert of its own, so a call
+    whose routed pairs each take one of those widths (``[T, k]``) runs as one bucketed routing on vLLM's
+    kernel, without padding a pair to a wider width. Memory: every table's kept channels."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, rows: list[list[int]], top_k: int, isa: str,
+                 activation: str):
+        experts, capacity = down.shape[0], down.shape[2]
+        pairs = sorted({(e, int(w)) for row in rows for e, w in enumerate(row) if w > 0})
+        lookup = torch.full((experts, capacity + 1), -1, dtype=torch.long)  # (expert, width) -> packed expert
+        lookup[:, 0] = len(pairs)  # width 0: the last packed expert, of width 0 (removed: contributes nothing)
+        for i, (e, w) in enumerate(pairs):
+            lookup[e, w] = i
+        self.lookup = lookup.to(down.device)
+        self.layer = PackedLayer(gate_up, down, [w for _, w in pairs] + [0], top_k, isa, activation,
+                                 source=[e for e, _ in pairs] + [0])
+
+    def nbytes(self) -> int:
+        return self.layer.nbytes()
+
+    def __call__(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 widths: torch.Tensor) -> torch.Tensor | None:
+        """The experts with each routed pair at ``widths`` (``[T, k]``, or ``[E]`` per expert); None when
+        a pair's width is not one of the tables' (the caller runs flexc's op)."""
+        pair_widths = widths[topk_ids] if widths.dim() == 1 else widths
+        packed = self.lookup[topk_ids, pair_widths.long()]
+        if bool((packed < 0).any()):
+            return None
+        return self.layer(hidden, packed, topk_weights)
