@@ -20,7 +20,10 @@ Engines, each measured the same way:
 Per engine/budget: prefill throughput (8 prompts of ``--prefill-len`` tokens, one output token),
 decode throughput and per-token latency at batch 1 and 8, each the median of ``--repeats`` runs;
 the ratio to stock and the *ideal* ratio beside it (active parameters per token, unpruned over
-pruned: the FLOPs and, at batch 1, the bytes a token touches), the checkpoint's bytes and, for a
+pruned: the FLOPs and, at batch 1, the bytes a token touches; every expert of a layer counted as
+routed to equally) and, where the nested artifact's adaptive report measured it, the ideal *as
+routed* (the routed experts at the table's active keep on held-out text: a learned table keeps the
+experts the tokens use most widest, so tokens compute with more than the parameter keep), the checkpoint's bytes and, for a
 nested engine on vLLM's kernel, the bytes of its packed copy of the budget's experts. Then a
 *mixed* batch on the uniform artifact: 8 requests decoding together, each naming its own budget
 (1, 0.75, 0.5, 0.25, twice; per-request budgets, docs/serving.md). Then the switch time against
@@ -85,6 +88,27 @@ def active_params(manifest: dict, config: dict, widths) -> float:
         mean_width = sum(row[: layer["num_experts"]]) / layer["num_experts"]
         routed += layer["top_k"] * mean_width * layer["hidden_size"] * 3
     return total + routed
+
+
+def routed_keeps(nested: Path) -> dict[float, float]:
+    """Each budget's *active* keep on held-out text (mean routed-pair width over the full width, as the
+    tokens route), where the artifact's adaptive policy measured it (its report's static tables): a
+    learned table keeps the experts tokens use most widest, so a token computes with more than the
+    parameter keep says."""
+    path = nested / "flexc_adaptive.json"
+    if not path.is_file():
+        return {}
+    held = json.loads(path.read_text()).get("report", {}).get("held_out", {})
+    return {float(b): row["static_keep"] for b, row in held.items() if "static_keep" in row}
+
+
+def routed_active_params(manifest: dict, config: dict, active_keep: float) -> float:
+    """:func:`active_params` with the routed experts at ``active_keep`` of their full width, as routed."""
+    full = [[layer["intermediate_size"]] * layer["num_experts"] for layer in manifest["layers"]]
+    everything = active_params(manifest, config, full)
+    routed = sum(layer["top_k"] * layer["intermediate_size"] * layer["hidden_size"] * 3
+                 for layer in manifest["layers"])
+    return everything - routed * (1 - active_keep)
 
 
 DECODE_PROMPTS = [[200 + (i * 11 + j) % 1500 for j in range(16)] for i in range(8)]
@@ -184,11 +208,15 @@ def measure_nested(nested: Path, label: str, args, manifest_of, rows: list, proc
     manifest, config = manifest_of(nested)
     switches, active = [], {}
     budgets = get_budget(llm)["budgets"]
+    as_routed = routed_keeps(nested)
     for keep in budgets:
         state = set_budget(llm, keep)
         switches.append(state["total_s"])
         active[keep] = active_params(manifest, config, _sorted_widths(state))
         rows.append({"engine": label, "keep": keep, **measure(llm, args), "active_params": active[keep],
+                     **({"active_keep_routed": as_routed[keep],
+                         "routed_active_params": routed_active_params(manifest, config, as_routed[keep])}
+                        if keep in as_routed else {}),
                      "weights_bytes": _bytes(nested), "packed_bytes": state["packed_bytes"],
                      "experts_kernel": state["experts_kernel"], "switch_s": state["switch_s"], "start_s": started})
     if adaptive and get_budget(llm)["adaptive_policy"]:
@@ -302,13 +330,16 @@ def main() -> None:
 
     keys = ["prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s"]
     print(f"{'engine':<34} {'keep':>5} {'prefill tok/s':>14} {'b1 tok/s':>9} {'b1 ms':>7} {'b8 tok/s':>9} "
-          f"{'ratios vs stock (prefill/b1/b8)':>32} {'ideal':>6} {'MB':>6} {'+packed':>7}")
+          f"{'ratios vs stock (prefill/b1/b8)':>32} {'ideal':>6} {'routed':>6} {'MB':>6} {'+packed':>7}")
     for r in rows:
         r["ratios"] = {k: r[k] / stock[k] for k in keys}
         r["ideal"] = full_active / r["active_params"] if "active_params" in r and full_active else 1.0
+        if "routed_active_params" in r and full_active:  # the ideal as the tokens route (learned tables)
+            r["ideal_routed"] = full_active / r["routed_active_params"]
         ratios = " / ".join(f"{r['ratios'][k]:.2f}" for k in keys)
         print(f"{r['engine']:<34} {r['keep']:>5.2f} {r['prefill_tok_s']:>14.0f} {r['decode_b1_tok_s']:>9.1f} "
               f"{r['decode_b1_ms_per_step']:>7.1f} {r['decode_b8_tok_s']:>9.1f} {ratios:>32} {r['ideal']:>6.2f} "
+              f"{r['ideal_routed'] if 'ideal_routed' in r else float('nan'):>6.2f} "
               f"{r['weights_bytes'] / 1e6:>6.1f} {r.get('packed_bytes', 0) / 1e6:>7.1f}")
     if mixed_row is not None:
         mixed_row["ratio_b8"] = mixed_row["decode_b8_tok_s"] / stock["decode_b8_tok_s"]
