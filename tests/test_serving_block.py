@@ -8,6 +8,7 @@ at the same widths, loading its weights from the checkpoint names ``save_pretrai
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -264,3 +265,19 @@ def test_sliced_block_refuses_a_config_whose_buckets_are_not_its_widths(tmp_path
             with pytest.raises(ServingError, match=r"config.json, decoder layer 0: the config's buckets .* are not the "
                                r"width buckets of its widths .*re-export the sliced checkpoint"):
                 FlexcMoeBlock(prefix="model.layers.0.mlp")
+
+
+def test_a_packed_copy_is_sized_by_its_kept_channels_and_made_only_where_it_fits(monkeypatch):
+    """The nested engine's copy of a budget's experts for vLLM's CPU kernel: each distinct (expert, width)
+    once, rounded up to vLLM's 32 channels; refused when it would take more than half the memory left."""
+    import types
+
+    from flexc.serving.packed import fits_in_memory, packed_nbytes
+
+    rows = [[64, 32, 0, 40], [64, 16, 0, 40]]  # (0, 64) and (3, 40) shared; 40 -> 64, 16 -> 32 channels
+    assert packed_nbytes(rows, 8, torch.float32) == 3 * 8 * 4 * (64 + 32 + 64 + 32)
+    assert packed_nbytes(rows[:1], 8, torch.bfloat16) == 3 * 8 * 2 * (64 + 32 + 64)
+    monkeypatch.setitem(sys.modules, "psutil", types.SimpleNamespace(
+        virtual_memory=lambda: types.SimpleNamespace(available=1000)))
+    assert fits_in_memory(500, held=0) and not fits_in_memory(501, held=0)
+    assert fits_in_memory(700, held=400)  # the copy it replaces is freed first

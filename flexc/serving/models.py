@@ -52,6 +52,7 @@ class BudgetControl:
         self.adaptive = False  # whether the engine's budget runs it
         self._rules: dict[float, list] = {}  # budget -> each layer's AdaptiveLayer
         self._levels_packed = False  # every budget's table packed for vLLM's kernel (pack_levels)
+        self._warned_memory: set = set()  # what was not packed for want of memory (logged once)
         if artifact.kind == "sliced":
             self.budget = artifact.sliced.get("budget")
             return
@@ -101,15 +102,38 @@ class BudgetControl:
 
             if not any(isinstance(rule, ScoredLayer) for rule in rules):  # two levels: widths of the tables
                 self.pack_levels()
+        # Packed for vLLM's CPU kernel only where the engine's budget runs on the width buffer (not on the
+        # adaptive policy's widths per pair), eagerly (a compiled graph would keep the tensors it traced),
+        # and where the copy fits in memory.
+        pack = self.eager and (not adaptive or key == 1.0) and self._fits([[self.row(key, layer).tolist()]
+                                                                           for layer in sorted(self.blocks)], key)
         for layer, row in zip(sorted(self.blocks), self.rows[key]):
             self.blocks[layer].experts.widths.copy_(row)
-            # Packed for vLLM's CPU kernel only where the engine's budget runs on the width buffer (not on the
-            # adaptive policy's widths per pair) and eagerly: a compiled graph would keep the tensors it traced.
-            self.blocks[layer].experts.widths_set(pack=self.eager and (not adaptive or key == 1.0))
+            self.blocks[layer].experts.widths_set(pack=pack)
         if row.is_cuda:
             torch.cuda.synchronize(row.device)
         self.budget, self.adaptive = key, adaptive and key != 1.0
         return time.perf_counter() - start
+
+    def _fits(self, rows: list[list[list[int]]], what, held: bool = True) -> bool:
+        """Whether packing ``rows`` (per MoE layer, the width tables to pack) fits in memory (``held``: replacing
+        the engine budget's copy); logs why not, once per budget."""
+        from flexc.serving.packed import fits_in_memory, packed_nbytes
+
+        blocks = [self.blocks[layer] for layer in sorted(self.blocks)]
+        experts = [block.experts for block in blocks]
+        if not any(e.vllm_kernel for e in experts):
+            return True  # flexc_experts_kernel: flexc -- nothing would be packed
+        needed = sum(packed_nbytes(r, e.hidden, e.down_proj.dtype) for r, e in zip(rows, experts))
+        replaced = sum(e.packed_bytes() for e in experts) if held else 0
+        if fits_in_memory(needed, replaced):
+            return True
+        if what not in self._warned_memory:
+            self._warned_memory.add(what)
+            logger.warning("flexc: packing %s for vLLM's CPU experts kernel needs %.1f GB, more than the memory it may "
+                           "take; flexc's op runs it instead (slower; flexc_experts_kernel: flexc says so up front)",
+                           f"keep {what:g}" if isinstance(what, float) else what, needed / 1e9)
+        return False
 
     def _adaptive_rules(self, budget: float) -> list:
         """Per MoE layer (in order): the policy's :class:`~flexc.ir.adaptive.AdaptiveLayer` at ``budget``."""
@@ -181,6 +205,9 @@ class BudgetControl:
         self._levels_packed = True
         start = time.perf_counter()
         budgets = sorted(self.rows, reverse=True)
+        if not self._fits([[self.row(b, layer).tolist() for b in budgets] for layer in sorted(self.blocks)],
+                          "every budget", held=False):
+            return
         for layer in sorted(self.blocks):
             self.blocks[layer].experts.pack_levels([self.row(b, layer).tolist() for b in budgets])
         packed = sum(self.blocks[layer].experts.packed_bytes() for layer in self.blocks)

@@ -49,6 +49,27 @@ def cpu_kernel_isa(dtype: torch.dtype, hidden: int, activation: str, device: tor
     return "vec"
 
 
+# A packed copy is made only while it takes at most this share of the memory available to it (what the
+# system reports free plus the copy it replaces): the engine's KV cache and activations need the rest.
+MEMORY_SHARE = 0.5
+
+
+def packed_nbytes(rows: list[list[int]], hidden: int, dtype: torch.dtype) -> int:
+    """Bytes of one layer's packed experts at every distinct (expert, width) of ``rows``."""
+    pairs = {(e, int(w)) for row in rows for e, w in enumerate(row) if w > 0}
+    return sum(3 * -(-w // ALIGN) * ALIGN * hidden for _, w in pairs) * torch.empty((), dtype=dtype).element_size()
+
+
+def fits_in_memory(needed: int, held: int) -> bool:
+    """Whether a packed copy of ``needed`` bytes, replacing ``held`` bytes of copies, leaves the engine room
+    (:data:`MEMORY_SHARE`); true where the available memory cannot be read."""
+    try:
+        import psutil
+    except ImportError:
+        return True
+    return needed <= MEMORY_SHARE * (psutil.virtual_memory().available + held)
+
+
 class PackedBucket:
     """One width bucket's experts in vLLM's CPU layout: ``w13 [n, 2w, H]`` and ``w2 [n, H, w]`` packed."""
 
