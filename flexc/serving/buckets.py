@@ -24,8 +24,9 @@ from flexc.serving.families import ServingError
 
 # Up to this many (token, slot) pairs a call is planned on the host (decode sizes).
 HOST_PLANNED_PAIRS = 64
-# flexc's activation names -> vLLM's MoEActivation names, where vLLM's fused kernels have them.
-_VLLM_ACTIVATIONS = {"silu": "silu", "gelu": "gelu"}
+# flexc's activation names -> vLLM's MoEActivation names, where vLLM's fused kernels have them (also the
+# names its CPU kernel takes: flexc.serving.packed).
+VLLM_ACTIVATIONS = {"silu": "silu", "gelu": "gelu"}
 
 
 class _TorchBucket(nn.Module):
@@ -211,11 +212,11 @@ class BucketedExperts(nn.Module):
         self.buckets = self.routing.buckets
         self.register_buffer("widths", torch.tensor(widths, dtype=torch.int32), persistent=False)
         name = activation[0]
-        on_vllm = _vllm_available() and name in _VLLM_ACTIVATIONS
+        on_vllm = _vllm_available() and name in VLLM_ACTIVATIONS
         self.kernel = "vllm" if on_vllm else "flexc"
         k = self.routing.call_k
         self.kernels = nn.ModuleList(
-            _VllmBucket(len(ids), w, hidden, _VLLM_ACTIVATIONS[name], f"{prefix}.buckets.{i}", k) if on_vllm
+            _VllmBucket(len(ids), w, hidden, VLLM_ACTIVATIONS[name], f"{prefix}.buckets.{i}", k) if on_vllm
             else _TorchBucket(len(ids), w, hidden, activation)
             for i, (w, ids) in enumerate(self.buckets))
         self._kernel_list = list(self.kernels)  # plain list: the routing indexes it per call

@@ -88,8 +88,9 @@ class FlexcExperts(nn.Module):
 
     The engine's budget runs on vLLM's CPU experts kernel where it can (``vllm_kernel``; the kept
     prefixes packed at each switch by :meth:`widths_set`, :mod:`flexc.serving.packed`), else on the
-    flexc op, which also runs every call with widths of its own (per-request budgets, the adaptive
-    policy). ``capacity`` is the channels stored per expert: the full intermediate size.
+    flexc op. Calls with widths of their own (per-request budgets, the adaptive policy) run on every
+    budget's packed widths once :meth:`pack_levels` made them and they cover the call's widths, else on
+    the flexc op. ``capacity`` is the channels stored per expert: the full intermediate size.
     """
 
     def __init__(self, num_experts: int, hidden: int, capacity: int, activation: tuple[str, float, float],

@@ -11,22 +11,22 @@ took 52 / 217 / 1,259 / 8,706 us at 1 / 8 / 64 / 512 tokens against 258 / 1,677 
 for flexc's CPU op at full width (timed by hand in vLLM's environment). The cost: the engine holds
 the current budget's packed experts beside the nested weights (the experts' bytes once more at keep
 1.0, half of them at keep 0.5), and a switch takes the time to copy them (about 1 ms per layer of
-``small`` at keep 0.5). Per-request budgets and the token-adaptive policy (a width per routed pair)
-keep flexc's op on the nested weights; ``flexc_experts_kernel: flexc`` keeps it for every budget
-(no second copy, switches in microseconds).
+``small`` at keep 0.5). Calls with a width per routed pair (budgets mixed in a batch, a two-level
+adaptive policy) run here too where the widths are the tables' (:class:`PackedWidths`: every
+budget's (expert, width) packed once); other widths (the adaptive ``scores`` rule) run flexc's op on
+the nested weights. ``flexc_experts_kernel: flexc`` keeps flexc's op for every call (no copy,
+switches in microseconds); a copy that would not fit in memory is not made (:func:`fits_in_memory`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from flexc.serving.buckets import BucketRouting
+from flexc.serving.buckets import VLLM_ACTIVATIONS, BucketRouting
 
 # vLLM's CPU experts classes want hidden and intermediate sizes that are multiples of this; a bucket
 # narrower than a multiple is zero-padded as vLLM pads its own (zero gate/up rows and down columns add 0).
 ALIGN = 32
-# flexc's activation names -> the names vLLM's CPU kernel takes.
-_ACTIVATIONS = {"silu": "silu", "gelu": "gelu"}
 
 
 def cpu_kernel_isa(dtype: torch.dtype, hidden: int, activation: str, device: torch.device) -> str | None:
@@ -34,7 +34,7 @@ def cpu_kernel_isa(dtype: torch.dtype, hidden: int, activation: str, device: tor
     choice of experts class makes it: AMX for bf16 where the CPU has tiles, else its portable vector
     kernel), or None where it cannot run the layer (no vLLM CPU build, not on CPU, an activation or a
     hidden size it lacks)."""
-    if device.type != "cpu" or activation not in _ACTIVATIONS or hidden % ALIGN:
+    if device.type != "cpu" or activation not in VLLM_ACTIVATIONS or hidden % ALIGN:
         return None
     try:
         from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight  # noqa: F401 -- present in CPU builds
@@ -78,7 +78,7 @@ class PackedBucket:
 
         self.w13 = cpu_prepack_moe_weight(w13.contiguous(), isa)
         self.w2 = cpu_prepack_moe_weight(w2.contiguous(), isa)
-        self.isa, self.activation = isa, _ACTIVATIONS[activation]
+        self.isa, self.activation = isa, VLLM_ACTIVATIONS[activation]
 
     def nbytes(self) -> int:
         return self.w13.nbytes + self.w2.nbytes
