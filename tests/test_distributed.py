@@ -49,12 +49,14 @@ TIMEOUT_S = 60  # FLEXC_DIST_TIMEOUT for the runs here
 # process's by about 1e-6 relative (measured: 1.2e-7 absolute at most in the history, on values up to 0.75).
 ANNEAL_RTOL = 1e-5
 # recover trains float32 LoRA adapters with Adam on summed, clipped gradients: the merged weights differ from one
-# process's by rounding (measured: 4.2e-6 at most, on updates of about 2e-2 per weight; Adam divides by the
-# gradients' root mean square, so their rounding differences reach the weights relative to the update, not to the
-# gradient), and the loss history by 3.6e-6 relative (2.4e-8 absolute). Measured on broken variants: ranks that
-# never sum their gradients differ by 1.8e-2, ranks that clip before the sum by 1.7e-3.
-RECOVER_ATOL = 2e-5
-RECOVER_RTOL = 2e-5
+# process's by rounding, on updates of about 2e-2 per weight (Adam divides by the gradients' root mean square, so
+# their rounding differences reach the weights relative to the update, not to the gradient); how far depends on the
+# adapters' random start (a gradient near zero at Adam's first step turns rounding into a step of its own): over
+# six draws of it (measured by hand, in memory and streamed), the weights by 4.0e-6 to 4.0e-5 at most and the loss
+# history by 4.0e-6 to 1.1e-4 relative. Measured on broken variants: ranks that never sum their gradients differ by
+# 1.8e-2, ranks that clip before the sum by 1.7e-3.
+RECOVER_ATOL = 2e-4
+RECOVER_RTOL = 5e-4
 
 
 def _spec(model_dir: Path, score: str, *, stream: str = "off", kill_step: bool = False) -> dict:

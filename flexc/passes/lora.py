@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from contextlib import contextmanager
 
 import torch
@@ -38,6 +39,22 @@ def peft_rng(seed: int | None = None):
         yield
 
 
+def seed_factors(named: dict[str, torch.Tensor], seed: int) -> None:
+    """Draw every LoRA ``A`` factor in ``named`` (names as in the model: ``model.layers.0...lora_A...``)
+    from ``seed`` and its own name, in place, as peft draws it (kaiming-uniform, ``a = sqrt(5)``: uniform
+    in ``±1/sqrt(fan_in)``); ``B`` factors stay as peft made them (zeros). The adapters' start is then
+    a function of the seed alone, not of the order peft creates them in (which changed in peft 0.22),
+    so the in-memory and the layer-streamed fine-tunes start from the same factors."""
+    with torch.no_grad():
+        for name, factor in named.items():
+            if ".lora_A" not in name:
+                continue
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            bound = 1.0 / math.sqrt(factor[0].numel())
+            factor.copy_(torch.rand(factor.shape, generator=generator, dtype=torch.float64)
+                         .mul_(2 * bound).sub_(bound).to(factor.dtype))
+
+
 def attach_adapters(model: nn.Module, groups, *, rank: int, alpha: float, targets, seed: int):
     """Wrap ``model`` (in place) with LoRA adapters; returns the peft model. Base weights stay frozen."""
     from peft import get_peft_model
@@ -49,8 +66,11 @@ def attach_adapters(model: nn.Module, groups, *, rank: int, alpha: float, target
                          "named '*attn' or '*attention'")
     for p in model.parameters():
         p.requires_grad_(False)
-    with peft_rng(seed):  # the adapters' init is a function of the seed, so a resumed run matches
-        return get_peft_model(model, lora_config(rank, alpha, modules, params))
+    with peft_rng():
+        peft_model = get_peft_model(model, lora_config(rank, alpha, modules, params))
+    # The adapters' init is a function of the seed, so a resumed run (and the streamed fine-tune) matches.
+    seed_factors({n.removeprefix("base_model.model."): p for n, p in peft_model.named_parameters()}, seed)
+    return peft_model
 
 
 def adapter_parameters(peft_model) -> dict[str, nn.Parameter]:

@@ -6,10 +6,10 @@ small) and attaches them to a decoder layer while it is loaded (:meth:`LayerAdap
 peft's ``LoraModel`` on that layer, its fresh factors swapped for the kept ones, so gradients
 land in the kept parameters; unloaded before the layer is freed).
 
-- **Initialisation** matches ``get_peft_model`` on the whole model: the factors are drawn from
-  the seed in the whole model's order (peft creates the attention linears' adapters for every
-  layer first, then the experts' stacked-weight adapters), each layer's adapters created on an
-  uninitialised copy of the layer (peft reads shapes, not values: no weight is loaded).
+- **Initialisation** matches the in-memory adapters: each factor is drawn from the seed and its
+  own name (:func:`flexc.passes.lora.seed_factors`), whatever order peft creates adapters in; each
+  layer's adapters are created on an uninitialised copy of the layer (peft reads shapes, not values:
+  no weight is loaded).
 - **A training step** (:meth:`StreamedRecoverModel.forward_loss`): one forward sweep, each layer
   loaded once and permuted into ranked order; the teacher's hidden states pass through it at full
   width with no adapters (the in-memory teacher: adapters disabled), then the student's at the
@@ -87,24 +87,24 @@ class LayerAdapters:
         return lora_config(self.rank, self.alpha, mods, params) if mods or params else None
 
     def _initial(self, seed: int) -> dict[str, torch.Tensor]:
-        """The factors ``get_peft_model`` on the whole model draws from ``seed``, in its order: attention
-        linears of every layer first, then the experts' stacked weights of every layer."""
+        """The factors :func:`~flexc.passes.lora.attach_adapters` starts the whole model's adapters from
+        (``seed`` and each factor's name: the same in memory and streamed)."""
         from peft.tuners.lora import LoraModel
 
-        from flexc.passes.lora import ADAPTER, peft_rng
+        from flexc.passes.lora import ADAPTER, peft_rng, seed_factors
 
         out: dict[str, torch.Tensor] = {}
-        with peft_rng(seed):
-            for kind in ("modules", "parameters"):
-                for i in range(self.lm.num_layers):
-                    config = self._config(i, modules=kind == "modules", parameters=kind == "parameters")
-                    if config is None:
-                        continue
-                    shell = _Shell(self.lm, i).model
-                    LoraModel(shell, config, ADAPTER)
-                    prefix = _layer_prefix(self.lm, i)
-                    out.update({prefix + n: p.detach().clone() for n, p in shell.named_parameters() if ".lora_" in n})
-                    del shell
+        with peft_rng():
+            for i in range(self.lm.num_layers):
+                config = self._config(i)
+                if config is None:
+                    continue
+                shell = _Shell(self.lm, i).model
+                LoraModel(shell, config, ADAPTER)
+                prefix = _layer_prefix(self.lm, i)
+                out.update({prefix + n: p.detach().clone() for n, p in shell.named_parameters() if ".lora_" in n})
+                del shell
+        seed_factors(out, seed)
         return out
 
     @contextmanager

@@ -122,8 +122,8 @@ class BudgetControl:
 
         blocks = [self.blocks[layer] for layer in sorted(self.blocks)]
         experts = [block.experts for block in blocks]
-        if not any(e.vllm_kernel for e in experts):
-            return True  # flexc_experts_kernel: flexc -- nothing would be packed
+        if not any(e.packs() for e in experts):
+            return True  # not on vLLM's CPU kernel (flexc_experts_kernel: flexc, CUDA, ...): nothing is packed
         needed = sum(packed_nbytes(r, e.hidden, e.down_proj.dtype) for r, e in zip(rows, experts))
         replaced = sum(e.packed_bytes() for e in experts) if held else 0
         if fits_in_memory(needed, replaced):

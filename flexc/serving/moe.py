@@ -138,6 +138,10 @@ class FlexcExperts(nn.Module):
         return cpu_kernel_isa(self.down_proj.dtype, self.hidden, self.activation, self.device) \
             if self.vllm_kernel else None
 
+    def packs(self) -> bool:
+        """Whether budgets are packed for vLLM's CPU kernel here (asked for, on CPU, a layer it runs)."""
+        return self._isa() is not None
+
     def pack_levels(self, rows: list[list[int]]) -> None:
         """Pack every (expert, width) of ``rows`` (each a per-expert width table) for vLLM's CPU kernel, so
         calls whose pairs take those widths (per-request budgets mixed in a batch) run on it."""
