@@ -29,7 +29,7 @@ nested engine on vLLM's kernel, the bytes of its packed copy of the budget's exp
 (1, 0.75, 0.5, 0.25, twice; per-request budgets, docs/serving.md). Then the switch time against
 an engine restart. Prefix caching is off in every engine (the repeats send the same prompts).
 
-    python benchmarks/serve.py                       # zoo `small`, CPU, ~15 minutes on 2 cores
+    python benchmarks/serve.py                       # zoo `small`, CPU (tens of minutes on 2 cores)
     python benchmarks/serve.py --model tiny --repeats 1
     python benchmarks/serve.py --run runs/x          # an existing compile's nested/ and sliced/
 
