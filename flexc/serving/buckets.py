@@ -165,9 +165,12 @@ class BucketRouting(nn.Module):
     def _few_pairs(self, kernels: list, hidden: torch.Tensor, topk_ids: torch.Tensor,
                    topk_weights: torch.Tensor) -> torch.Tensor:
         """Decode sizes: the pairs grouped on the host (a dozen small tensor ops cost more than the kernels
-        here). Where the kernels take any k (vLLM's CPU kernel), each bucket runs once over every token,
-        routed to its own experts of the bucket (padded with zero-weight repeats of one of them: compute
-        on weights already read, no extra weights), and the buckets' outputs are summed."""
+        here). Where the kernels take any k (vLLM's CPU kernel), each bucket runs once over the tokens that
+        have a pair in it, each routed to its own experts of the bucket (padded to the bucket's most pairs
+        per token with zero-weight repeats of one of them: compute on weights already read, no extra
+        weights), and the buckets' outputs are summed. (Running every bucket over every token padded
+        tokens without a pair in it to the bucket's k: four times the compute in a batch whose requests
+        mix four budgets.)"""
         num_tokens, k = topk_ids.shape
         experts = topk_ids.reshape(-1).tolist()
         plan: dict[int, list[int]] = {}
@@ -180,16 +183,24 @@ class BucketRouting(nn.Module):
             weights = topk_weights.reshape(-1).tolist()
             out = None
             for bucket, slots in sorted(plan.items()):
-                rows: list[list[tuple[int, float]]] = [[] for _ in range(num_tokens)]
+                by_token: dict[int, list[tuple[int, float]]] = {}
                 for s in slots:
-                    rows[s // k].append((self._local_list[experts[s]], weights[s]))
+                    by_token.setdefault(s // k, []).append((self._local_list[experts[s]], weights[s]))
+                tokens = sorted(by_token)
+                rows = [by_token[t] for t in tokens]
                 width = max(len(r) for r in rows)
-                pad = rows[slots[0] // k][0][0]
                 for r in rows:
-                    r.extend([(r[0][0] if r else pad, 0.0)] * (width - len(r)))
+                    r.extend([(r[0][0], 0.0)] * (width - len(r)))
                 ids = torch.tensor([[e for e, _ in r] for r in rows], dtype=torch.int32, device=device)
-                y = kernels[bucket].forward(hidden, torch.tensor([[w for _, w in r] for r in rows], device=device), ids)
-                out = y if out is None else out.add_(y)
+                routed = torch.tensor([[w for _, w in r] for r in rows], device=device)
+                if len(tokens) == num_tokens:
+                    y = kernels[bucket].forward(hidden, routed, ids)
+                    out = y if out is None else out.add_(y)
+                    continue
+                index = torch.tensor(tokens, device=device)
+                y = kernels[bucket].forward(hidden[index], routed, ids)
+                out = torch.zeros_like(hidden, dtype=y.dtype) if out is None else out
+                out.index_add_(0, index, y)
             return hidden.new_zeros(hidden.shape) if out is None else out.to(hidden.dtype)
         flat_weights = topk_weights.reshape(-1)
         out = hidden.new_zeros(num_tokens * k, hidden.shape[1])
