@@ -192,7 +192,7 @@ class BudgetControl:
             self._groups = token_groups(list(self.rows), self.budget, num_tokens, self.resolve)
             self._groups_for, self._token_rows = context, None
             self.most_budgets_in_a_pass = max(self.most_budgets_in_a_pass, len(self._groups or [None]))
-            if self._groups and any(budget != self.budget for budget, _ in self._groups):
+            if self._groups:  # (None where every token runs at the engine's budget)
                 self.pack_levels()
         return self._groups
 

@@ -265,9 +265,6 @@ class FlexcMoeBlock(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         ids, weights = self.route(x)
         groups = None if self.control is None else self.control.groups(x.shape[0])
-        if groups is not None and len(groups) == 1 and groups[0][0] == self.control.budget \
-                and not self.control.adaptive:
-            groups = None  # every request at the engine's budget: its kernel, as without per-request budgets
         if groups is None and self.control is not None and self.control.adaptive:  # widths per pair, by weight
             out = self.experts(x, ids, weights, self.control.adaptive_widths(self.layer, ids, weights))
         elif groups is None:

@@ -10,7 +10,7 @@ Why: on one layer of zoo ``small``'s shape (E=16, H=I=256, top-4, fp32, one thre
 took 52 / 217 / 1,259 / 8,706 us at 1 / 8 / 64 / 512 tokens against 258 / 1,677 / 3,867 / 13,729 us
 for flexc's CPU op at full width (timed by hand in vLLM's environment). The cost: the engine holds
 the current budget's packed experts beside the nested weights (the experts' bytes once more at keep
-1.0, half of them at keep 0.5), and a switch takes the time to copy them (about 1 ms per layer of
+1.0, half of them at keep 0.5), and a switch takes the time to copy them (about 1.4 ms per layer of
 ``small`` at keep 0.5). Calls with a width per routed pair (budgets mixed in a batch, a two-level
 adaptive policy) run here too where the widths are the tables' (:class:`PackedWidths`: every
 budget's (expert, width) packed once); other widths (the adaptive ``scores`` rule) run flexc's op on
@@ -110,7 +110,6 @@ class PackedLayer:
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, widths: list[int], top_k: int, isa: str,
                  activation: str, source: list[int] | None = None):
-        self.widths = tuple(widths)
         self.routing = BucketRouting(widths, top_k).to(down.device)
         capacity = down.shape[2]
         source = list(range(len(widths))) if source is None else source
