@@ -49,6 +49,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 KEEPS = (0.75, 0.5, 0.25)
+MIXED = (1.0, 0.75, 0.5, 0.25)  # the mixed batch's budgets, two requests each; the uniform artifact adds their mean
 GRANULE = 16
 
 
@@ -224,8 +225,8 @@ def measure_nested(nested: Path, label: str, args, manifest_of, rows: list, proc
             state = set_budget(llm, keep, adaptive=True)
             rows.append({"engine": f"{label}, adaptive", "keep": keep, **measure(llm, args),
                          "active_params": active[keep], "weights_bytes": _bytes(nested),
-                         "packed_bytes": state["packed_bytes"], "experts_kernel": state["experts_kernel"],
-                         "start_s": started})
+                         "packed_bytes": state["packed_bytes"], "pieces_bytes": state["pieces_bytes"],
+                         "experts_kernel": state["experts_kernel"], "start_s": started})
     return llm, active, switches, started
 
 
@@ -293,13 +294,19 @@ def main() -> None:
 
     mixed_row, switches, full_active, flexc_start = None, [], None, None
     if "uniform" not in skip:
-        uniform_artifact(args.model, work / "uniform")
+        from flexc.serving import get_budget
+
+        mean_keep = statistics.mean(MIXED)
+        uniform_artifact(args.model, work / "uniform", keeps=tuple(sorted({*KEEPS, mean_keep}, reverse=True)))
         llm, active, switches, flexc_start = measure_nested(work / "uniform", "flexc nested, uniform", args,
                                                             manifest_of, rows, processor=True)
         full_active = active[1.0]
-        mixed = [b for _ in range(2) for b in sorted(active, reverse=True)][:8]
+        mixed = [b for _ in range(2) for b in MIXED]
         mixed_row = {"engine": "flexc mixed", "budgets": mixed, **measure_mixed(llm, args, mixed),
-                     "ideal": full_active / statistics.mean(active[b] for b in mixed)}
+                     "ideal": full_active / statistics.mean(active[b] for b in mixed), "mean_keep": mean_keep}
+        mixed_row["pieces_bytes"] = get_budget(llm)["pieces_bytes"]
+        one_budget = next(r for r in rows if r["engine"] == "flexc nested, uniform" and abs(r["keep"] - mean_keep) < 1e-6)
+        mixed_row["vs_one_budget"] = mixed_row["decode_b8_tok_s"] / one_budget["decode_b8_tok_s"]
         shutdown(llm)
     learned_active = {}
     if "learned" not in skip:
@@ -345,7 +352,9 @@ def main() -> None:
         mixed_row["ratio_b8"] = mixed_row["decode_b8_tok_s"] / stock["decode_b8_tok_s"]
         print(f"{'flexc mixed':<34} {'/'.join(f'{b:g}' for b in mixed_row['budgets'][:4])} per request: decode b8 "
               f"{mixed_row['decode_b8_tok_s']:.1f} tok/s ({mixed_row['decode_b8_ms_per_step']:.1f} ms a step), "
-              f"{mixed_row['ratio_b8']:.2f} vs stock, ideal {mixed_row['ideal']:.2f}")
+              f"{mixed_row['ratio_b8']:.2f} vs stock, ideal {mixed_row['ideal']:.2f}; "
+              f"{mixed_row['vs_one_budget']:.2f} of one batch at their mean keep {mixed_row['mean_keep']:g}; "
+              f"experts in pieces {mixed_row['pieces_bytes'] / 1e6:.1f} MB")
     switch = statistics.median(switches) if switches else None
     if switch is not None:
         print(f"budget switch (set_budget round trip, median of {len(switches)}): {switch * 1e3:.1f} ms; "

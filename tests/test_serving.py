@@ -160,33 +160,34 @@ def test_the_nested_engine_budget_on_vllms_kernel_equals_flexcs_op():
             torch.testing.assert_close(layer(x, ids, routing), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_pairs_at_several_budgets_run_in_one_routing_on_vllms_kernel():
-    """Per-request batches: each routed pair at its token's budget's width (``[T, k]``, or one table ``[E]``),
-    every (expert, width) of the budgets' tables packed once: flexc's op on the nested weights computes the
-    same; a width no table has is left to flexc's op (None)."""
+def test_pairs_at_any_width_on_the_cuts_run_in_one_call_on_vllms_kernel():
+    """Per-request batches and adaptive widths: each routed pair at a width of its own (``[T, k]``, or one table
+    ``[E]``), run as its expert's 32-channel pieces (cut also at the tables' widths off that grid) in one
+    kernel call: flexc's op on the nested weights computes the same; a width off the cuts is left to
+    flexc's op (None)."""
     from flexc.ir.op import ExpertLayout, ExpertWeights, run_experts
-    from flexc.serving.packed import PackedWidths, cpu_kernel_isa
+    from flexc.serving.packed import PackedPieces, cpu_kernel_isa, pieces_nbytes
 
     gen = torch.Generator().manual_seed(1)
     experts, inner, hidden, k = 8, 128, 64, 2
     gate_up = torch.randn(experts, 2 * inner, hidden, generator=gen) / 8
     down = torch.randn(experts, hidden, inner, generator=gen) / 8
     weights = ExpertWeights(gate_up, down, layout=ExpertLayout("silu", False, 1.0, 0.0))
-    rows = [[128] * experts, [128, 96, 64, 64, 32, 128, 96, 64], [64, 32, 0, 32, 16, 96, 32, 0]]
-    levels = PackedWidths(gate_up, down, rows, k, cpu_kernel_isa(torch.float32, hidden, "silu", torch.device("cpu")),
+    rows = [[128] * experts, [128, 96, 64, 64, 32, 128, 96, 64], [64, 32, 0, 32, 16, 96, 48, 0]]
+    pieces = PackedPieces(gate_up, down, rows, cpu_kernel_isa(torch.float32, hidden, "silu", torch.device("cpu")),
                           "silu")
+    assert pieces.nbytes() == pieces_nbytes(rows, inner, hidden, torch.float32) == 3 * 32 * hidden * 4 * (8 * 4 + 3)
     table = torch.tensor(rows, dtype=torch.int32)
-    for tokens in (3, 40):  # host-planned, then bucketed rows
+    for tokens in (1, 3, 40, 300):
         x = torch.randn(tokens, hidden, generator=gen)
         ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
         routing = torch.rand(tokens, k, generator=gen)
         budget = torch.randint(0, len(rows), (tokens,), generator=gen)
-        pair_widths = table[budget[:, None], ids]
-        torch.testing.assert_close(levels(x, ids, routing, pair_widths),
-                                   run_experts(x, ids, routing, weights, pair_widths), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(levels(x, ids, routing, table[2]), run_experts(x, ids, routing, weights, table[2]),
-                                   rtol=1e-4, atol=1e-5)
-        assert levels(x, ids, routing, torch.full_like(pair_widths, 48)) is None
+        for widths in (table[budget[:, None], ids], table[2], torch.full((tokens, k), 96, dtype=torch.int32),
+                       torch.zeros(tokens, k, dtype=torch.int32)):
+            torch.testing.assert_close(pieces(x, ids, routing, widths), run_experts(x, ids, routing, weights, widths),
+                                       rtol=1e-4, atol=1e-5)
+        assert pieces(x, ids, routing, torch.full((tokens, k), 40, dtype=torch.int32)) is None
 
 
 def test_the_engine_budget_runs_on_flexcs_op_when_asked(artifacts):
@@ -213,6 +214,7 @@ def test_the_adaptive_policy_is_served_as_flexc_load_runs_it(engine):
     assert refs[ADAPTIVE] != refs[BUDGETS[1]], f"{name}: the policy must change some pair's width"
     state = set_budget(llm, BUDGETS[1], adaptive=True)
     assert state["adaptive"] and state["budget"] == pytest.approx(BUDGETS[1])
+    assert state["pieces_bytes"] > 0  # the policy's widths per pair run on vLLM's kernel, the experts in pieces
     assert served(llm, ids) == refs[ADAPTIVE], f"{name} at keep {BUDGETS[1]}, adaptive"
     set_budget(llm, BUDGETS[1])
     assert not get_budget(llm)["adaptive"]
@@ -242,6 +244,7 @@ def test_requests_of_different_budgets_share_one_batch(engine):
 
     name, llm, ids, refs = engine
     engine_only = set_budget(llm, BUDGETS[0])["packed_bytes"]  # the engine's budget, for requests naming none
+    assert engine_only > 0
 
     def params(budget):
         return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
@@ -253,7 +256,9 @@ def test_requests_of_different_budgets_share_one_batch(engine):
 
     assert run([BUDGETS[1], None, 1.0]) == [refs[BUDGETS[1]][0], refs[BUDGETS[0]][1], refs[None][2]], name
     assert get_budget(llm)["most_budgets_in_a_pass"] == 3  # the three budgets ran in one forward pass
-    assert get_budget(llm)["packed_bytes"] > engine_only  # every budget's widths packed for vLLM's kernel
+    state = get_budget(llm)
+    assert state["packed_bytes"] == engine_only  # the engine budget's copy stays as it was
+    assert state["pieces_bytes"] > engine_only  # the experts packed in pieces for vLLM's kernel (all channels)
     assert run([1.0, BUDGETS[1], 0.5]) == [refs[None][0], refs[BUDGETS[1]][1], refs[BUDGETS[1]][2]], name
     assert get_budget(llm)["budget"] == pytest.approx(BUDGETS[0])  # the engine's own budget is untouched
     with pytest.raises(Exception, match=r"flexc_budget must be a keep ratio in \(0, 1\]; got 1.5"):

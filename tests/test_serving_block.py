@@ -268,15 +268,17 @@ def test_sliced_block_refuses_a_config_whose_buckets_are_not_its_widths(tmp_path
 
 
 def test_a_packed_copy_is_sized_by_its_kept_channels_and_made_only_where_it_fits(monkeypatch):
-    """The nested engine's copy of a budget's experts for vLLM's CPU kernel: each distinct (expert, width)
-    once, rounded up to vLLM's 32 channels; refused when it would take more than half the memory left."""
+    """The nested engine's copy of a budget's experts for vLLM's CPU kernel: each expert's kept channels,
+    rounded up to vLLM's 32; the experts in 32-channel pieces (cut also at the tables' widths off that grid,
+    plus one zero piece): one copy; refused when it would take more than half the memory left."""
     import types
 
-    from flexc.serving.packed import fits_in_memory, packed_nbytes
+    from flexc.serving.packed import fits_in_memory, packed_nbytes, pieces_nbytes
 
-    rows = [[64, 32, 0, 40], [64, 16, 0, 40]]  # (0, 64) and (3, 40) shared; 40 -> 64, 16 -> 32 channels
-    assert packed_nbytes(rows, 8, torch.float32) == 3 * 8 * 4 * (64 + 32 + 64 + 32)
-    assert packed_nbytes(rows[:1], 8, torch.bfloat16) == 3 * 8 * 2 * (64 + 32 + 64)
+    assert packed_nbytes([64, 16, 0, 40], 8, torch.float32) == 3 * 8 * 4 * (64 + 32 + 64)  # 40 -> 64, 16 -> 32
+    assert packed_nbytes([64, 32, 0, 40], 8, torch.bfloat16) == 3 * 8 * 2 * (64 + 32 + 64)
+    rows = [[64, 32, 0, 40], [64, 16, 0, 40]]  # pieces of expert 1: 0-16, 16-32, 32-64; expert 3: 0-32, 32-40, 40-64
+    assert pieces_nbytes(rows, 64, 8, torch.float32) == 3 * 32 * 8 * 4 * (2 + 3 + 2 + 3 + 1)
     monkeypatch.setitem(sys.modules, "psutil", types.SimpleNamespace(
         virtual_memory=lambda: types.SimpleNamespace(available=1000)))
     assert fits_in_memory(500, held=0) and not fits_in_memory(501, held=0)

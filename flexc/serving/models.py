@@ -51,7 +51,7 @@ class BudgetControl:
         self.policy = artifact.policy  # the token-adaptive policy (nested artifacts that have one)
         self.adaptive = False  # whether the engine's budget runs it
         self._rules: dict[float, list] = {}  # budget -> each layer's AdaptiveLayer
-        self._levels_packed = False  # every budget's table packed for vLLM's kernel (pack_levels)
+        self._pieces_packed = False  # the experts packed in pieces for vLLM's kernel (pack_pieces)
         self._warned_memory: set = set()  # what was not packed for want of memory (logged once)
         if artifact.kind == "sliced":
             self.budget = artifact.sliced.get("budget")
@@ -97,16 +97,12 @@ class BudgetControl:
             if not self.eager:
                 raise ServingError("flexc's token-adaptive widths run in eager mode for now (enforce_eager=True, or "
                                    "--enforce-eager): a compiled model would keep the branch it traced")
-            rules = self._adaptive_rules(key)  # before anything changes: a budget without a policy is refused
-            from flexc.ir.adaptive import ScoredLayer
-
-            if not any(isinstance(rule, ScoredLayer) for rule in rules):  # two levels: widths of the tables
-                self.pack_levels()
+            self._adaptive_rules(key)  # before anything changes: a budget without a policy is refused
+            self.pack_pieces()
         # Packed for vLLM's CPU kernel only where the engine's budget runs on the width buffer (not on the
         # adaptive policy's widths per pair), eagerly (a compiled graph would keep the tensors it traced),
         # and where the copy fits in memory.
-        pack = self.eager and (not adaptive or key == 1.0) and self._fits([[self.row(key, layer).tolist()]
-                                                                           for layer in sorted(self.blocks)], key)
+        pack = self.eager and (not adaptive or key == 1.0) and self._fits(self._packed_nbytes(key), key)
         for layer, row in zip(sorted(self.blocks), self.rows[key]):
             self.blocks[layer].experts.widths.copy_(row)
             self.blocks[layer].experts.widths_set(pack=pack)
@@ -115,16 +111,21 @@ class BudgetControl:
         self.budget, self.adaptive = key, adaptive and key != 1.0
         return time.perf_counter() - start
 
-    def _fits(self, rows: list[list[list[int]]], what, held: bool = True) -> bool:
-        """Whether packing ``rows`` (per MoE layer, the width tables to pack) fits in memory (``held``: replacing
-        the engine budget's copy); logs why not, once per budget."""
-        from flexc.serving.packed import fits_in_memory, packed_nbytes
+    def _packed_nbytes(self, budget: float) -> int:
+        """Bytes of ``budget``'s kept prefixes packed for vLLM's CPU kernel (0 where nothing is packed)."""
+        from flexc.serving.packed import packed_nbytes
 
-        blocks = [self.blocks[layer] for layer in sorted(self.blocks)]
-        experts = [block.experts for block in blocks]
-        if not any(e.packs() for e in experts):
+        return sum(packed_nbytes(self.row(budget, layer).tolist(), block.experts.hidden, block.experts.down_proj.dtype)
+                   for layer, block in self.blocks.items() if block.experts.packs())
+
+    def _fits(self, needed: int, what, held: bool = True) -> bool:
+        """Whether a packed copy of ``needed`` bytes fits in memory (``held``: replacing the engine budget's
+        copy); logs why not, once per budget."""
+        from flexc.serving.packed import fits_in_memory
+
+        experts = [self.blocks[layer].experts for layer in sorted(self.blocks)]
+        if not needed:
             return True  # not on vLLM's CPU kernel (flexc_experts_kernel: flexc, CUDA, ...): nothing is packed
-        needed = sum(packed_nbytes(r, e.hidden, e.down_proj.dtype) for r, e in zip(rows, experts))
         replaced = sum(e.packed_bytes() for e in experts) if held else 0
         if fits_in_memory(needed, replaced):
             return True
@@ -158,8 +159,9 @@ class BudgetControl:
         if self.kind == "sliced":
             state["buckets"] = {layer: [[w, len(ids)] for w, ids in self.blocks[layer].experts.buckets]
                                 for layer in sorted(self.blocks)}
-        else:  # the engine budget's copy of the kept prefixes for vLLM's kernel, if any
+        else:  # the copies packed for vLLM's kernel, if any: the engine budget's kept prefixes, the experts in pieces
             state["packed_bytes"] = sum(self.blocks[layer].experts.packed_bytes() for layer in self.blocks)
+            state["pieces_bytes"] = sum(self.blocks[layer].experts.pieces_bytes() for layer in self.blocks)
         # which kernels run each layer's (engine budget's) experts
         state["experts_kernel"] = sorted({self.blocks[layer].experts.kernel for layer in self.blocks})
         return state
@@ -193,27 +195,28 @@ class BudgetControl:
             self._groups_for, self._token_rows = context, None
             self.most_budgets_in_a_pass = max(self.most_budgets_in_a_pass, len(self._groups or [None]))
             if self._groups:  # (None where every token runs at the engine's budget)
-                self.pack_levels()
+                self.pack_pieces()
         return self._groups
 
-    def pack_levels(self) -> None:
-        """Once, at the first call with widths of its own that the tables cover (budgets mixed in a pass, a
-        two-level adaptive policy), every budget's table is packed for vLLM's CPU kernel in each block
-        (eager engines where it runs; memory: the experts at every budget's widths)."""
-        if self._levels_packed or not self.eager:
+    def pack_pieces(self) -> None:
+        """Once, at the first call with widths of its own (budgets mixed in a pass, the adaptive policy), each
+        block's experts are packed in pieces for vLLM's CPU kernel (eager engines where it runs; memory: one
+        copy of the experts, :class:`flexc.serving.packed.PackedPieces`)."""
+        if self._pieces_packed or not self.eager:
             return
-        self._levels_packed = True
+        self._pieces_packed = True
         start = time.perf_counter()
         budgets = sorted(self.rows, reverse=True)
-        if not self._fits([[self.row(b, layer).tolist() for b in budgets] for layer in sorted(self.blocks)],
-                          "every budget", held=False):
+        rows = {layer: [self.row(b, layer).tolist() for b in budgets] for layer in self.blocks}
+        if not self._fits(sum(self.blocks[layer].experts.pieces_nbytes(r) for layer, r in rows.items()),
+                          "the experts in pieces", held=False):
             return
-        for layer in sorted(self.blocks):
-            self.blocks[layer].experts.pack_levels([self.row(b, layer).tolist() for b in budgets])
-        packed = sum(self.blocks[layer].experts.packed_bytes() for layer in self.blocks)
+        for layer, r in rows.items():
+            self.blocks[layer].experts.pack_pieces(r)
+        packed = sum(self.blocks[layer].experts.pieces_bytes() for layer in self.blocks)
         if packed:
-            logger.info("flexc: budgets %s packed for vLLM's CPU experts kernel in %.2f s (%.1f MB with the engine "
-                        "budget's)", budgets, time.perf_counter() - start, packed / 1e6)
+            logger.info("flexc: experts packed in pieces for vLLM's CPU experts kernel in %.2f s (%.1f MB)",
+                        time.perf_counter() - start, packed / 1e6)
 
     def row(self, budget: float, layer: int) -> torch.Tensor:
         return self.rows[budget][self._position[layer]]

@@ -88,9 +88,9 @@ class FlexcExperts(nn.Module):
 
     The engine's budget runs on vLLM's CPU experts kernel where it can (``vllm_kernel``; the kept
     prefixes packed at each switch by :meth:`widths_set`, :mod:`flexc.serving.packed`), else on the
-    flexc op. Calls with widths of their own (per-request budgets, the adaptive policy) run on every
-    budget's packed widths once :meth:`pack_levels` made them and they cover the call's widths, else on
-    the flexc op. ``capacity`` is the channels stored per expert: the full intermediate size.
+    flexc op. Calls with widths of their own (per-request budgets, the adaptive policy) run on the experts
+    packed in pieces once :meth:`pack_pieces` made them and they cover the call's widths, else on the
+    flexc op. ``capacity`` is the channels stored per expert: the full intermediate size.
     """
 
     def __init__(self, num_experts: int, hidden: int, capacity: int, activation: tuple[str, float, float],
@@ -100,7 +100,7 @@ class FlexcExperts(nn.Module):
         self.activation, self.alpha, self.limit = activation
         self.vllm_kernel = vllm_kernel
         self._packed = None  # the engine budget's PackedLayer, where vLLM's CPU kernel runs it
-        self._levels = None  # every budget's widths (PackedWidths) for per-request batches, once one came
+        self._pieces = None  # the experts in pieces (PackedPieces) for calls with widths per pair, once one came
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * capacity, hidden), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, capacity), requires_grad=False)
         initial = torch.full((num_experts,), capacity, dtype=torch.int32)  # full width until a budget is set
@@ -116,8 +116,8 @@ class FlexcExperts(nn.Module):
         """The experts at ``widths`` (default: the width buffer, the engine's budget)."""
         if widths is None and self._packed is not None:
             return self._packed(hidden, topk_ids, topk_weights)
-        if widths is not None and self._levels is not None:
-            out = self._levels(hidden, topk_ids, topk_weights, widths)
+        if widths is not None and self._pieces is not None:
+            out = self._pieces(hidden, topk_ids, topk_weights, widths)
             if out is not None:
                 return out
         weights = ExpertWeights(self.gate_up_proj, self.down_proj,
@@ -130,7 +130,12 @@ class FlexcExperts(nn.Module):
         return "vllm" if self._packed is not None else "flexc"
 
     def packed_bytes(self) -> int:
-        return sum(p.nbytes() for p in (self._packed, self._levels) if p is not None)
+        """Bytes of the engine budget's packed copy (0: none)."""
+        return 0 if self._packed is None else self._packed.nbytes()
+
+    def pieces_bytes(self) -> int:
+        """Bytes of the experts packed in pieces (0: not packed)."""
+        return 0 if self._pieces is None else self._pieces.nbytes()
 
     def _isa(self) -> str | None:
         from flexc.serving.packed import cpu_kernel_isa
@@ -142,14 +147,20 @@ class FlexcExperts(nn.Module):
         """Whether budgets are packed for vLLM's CPU kernel here (asked for, on CPU, a layer it runs)."""
         return self._isa() is not None
 
-    def pack_levels(self, rows: list[list[int]]) -> None:
-        """Pack every (expert, width) of ``rows`` (each a per-expert width table) for vLLM's CPU kernel, so
-        calls whose pairs take those widths (per-request budgets mixed in a batch) run on it."""
-        from flexc.serving.packed import PackedWidths
+    def pieces_nbytes(self, rows: list[list[int]]) -> int:
+        from flexc.serving.packed import pieces_nbytes
+
+        return pieces_nbytes(rows, self.capacity, self.hidden, self.down_proj.dtype) if self.packs() else 0
+
+    def pack_pieces(self, rows: list[list[int]]) -> None:
+        """Pack the experts in pieces cut at every 32 channels and every width of ``rows`` (the per-expert
+        width tables) for vLLM's CPU kernel, so calls whose pairs take widths on those cuts (per-request
+        budgets mixed in a batch, the adaptive policy) run on it."""
+        from flexc.serving.packed import PackedPieces
 
         isa = self._isa()
         if isa is not None:
-            self._levels = PackedWidths(self.gate_up_proj, self.down_proj, rows, self.top_k, isa, self.activation)
+            self._pieces = PackedPieces(self.gate_up_proj, self.down_proj, rows, isa, self.activation)
 
     def widths_set(self, pack: bool = True) -> None:
         """The width buffer changed (a budget switch): pack its kept prefixes for vLLM's CPU kernel

@@ -11,11 +11,11 @@ took 52 / 217 / 1,259 / 8,706 us at 1 / 8 / 64 / 512 tokens against 258 / 1,677 
 for flexc's CPU op at full width (timed by hand in vLLM's environment). The cost: the engine holds
 the current budget's packed experts beside the nested weights (the experts' bytes once more at keep
 1.0, half of them at keep 0.5), and a switch takes the time to copy them (about 1.4 ms per layer of
-``small`` at keep 0.5). Calls with a width per routed pair (budgets mixed in a batch, a two-level
-adaptive policy) run here too where the widths are the tables' (:class:`PackedWidths`: every
-budget's (expert, width) packed once); other widths (the adaptive ``scores`` rule) run flexc's op on
-the nested weights. ``flexc_experts_kernel: flexc`` keeps flexc's op for every call (no copy,
-switches in microseconds); a copy that would not fit in memory is not made (:func:`fits_in_memory`).
+``small`` at keep 0.5). Calls with a width per routed pair (budgets mixed in a batch, the adaptive
+policy) run here too, on one more copy of the experts cut into 32-channel pieces
+(:class:`PackedPieces`); a width off those cuts runs flexc's op on the nested weights.
+``flexc_experts_kernel: flexc`` keeps flexc's op for every call (no copy, switches in microseconds);
+a copy that would not fit in memory is not made (:func:`fits_in_memory`).
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ def cpu_kernel_isa(dtype: torch.dtype, hidden: int, activation: str, device: tor
 MEMORY_SHARE = 0.5
 
 
-def packed_nbytes(rows: list[list[int]], hidden: int, dtype: torch.dtype) -> int:
-    """Bytes of one layer's packed experts at every distinct (expert, width) of ``rows``."""
-    pairs = {(e, int(w)) for row in rows for e, w in enumerate(row) if w > 0}
-    return sum(3 * -(-w // ALIGN) * ALIGN * hidden for _, w in pairs) * torch.empty((), dtype=dtype).element_size()
+def packed_nbytes(widths: list[int], hidden: int, dtype: torch.dtype) -> int:
+    """Bytes of one layer's experts at ``widths`` packed for vLLM's CPU kernel (:class:`PackedLayer`)."""
+    return sum(3 * -(-int(w) // ALIGN) * ALIGN * hidden for w in widths if w > 0) * \
+        torch.empty((), dtype=dtype).element_size()
 
 
 def fits_in_memory(needed: int, held: int) -> bool:
@@ -132,33 +132,68 @@ class PackedLayer:
         return self.routing(self.kernels, hidden, topk_ids, topk_weights)
 
 
-class PackedWidths:
-    """One nested layer's experts at the widths of several tables at once (e.g. every budget per-request
-    batches may mix): each distinct (expert, width) of ``rows`` packed as an expert of its own, so a call
-    whose routed pairs each take one of those widths (``[T, k]``) runs as one bucketed routing on vLLM's
-    kernel, without padding a pair to a wider width. Memory: every table's kept channels."""
+def piece_cuts(widths: list[int], capacity: int) -> list[int]:
+    """Where one expert of :class:`PackedPieces` is cut: every :data:`ALIGN` channels, and at each of
+    ``widths`` (the expert's widths in the tables) that falls between."""
+    return sorted(set(range(ALIGN, capacity, ALIGN)) | {capacity} | {int(w) for w in widths if 0 < w < capacity})
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, rows: list[list[int]], top_k: int, isa: str,
-                 activation: str):
+
+def pieces_nbytes(rows: list[list[int]], capacity: int, hidden: int, dtype: torch.dtype) -> int:
+    """Bytes of one layer's :class:`PackedPieces` for the tables ``rows`` (one more piece: the zero one)."""
+    pieces = 1 + sum(len(piece_cuts([row[e] for row in rows], capacity)) for e in range(len(rows[0])))
+    return pieces * 3 * ALIGN * hidden * torch.empty((), dtype=dtype).element_size()
+
+
+class PackedPieces:
+    """One nested layer's experts cut into pieces of :data:`ALIGN` channels (:func:`piece_cuts`), each packed
+    for vLLM's CPU kernel as an expert of its own. An expert's FFN is a sum over its channels, so a routed
+    pair at width ``w`` runs as its expert's pieces below ``w`` at the pair's routing weight: a call whose
+    pairs each take any width on the cuts (budgets mixed in a batch, an adaptive policy's widths) is one
+    kernel call, each piece read once however many budgets share it, and memory is one copy of the
+    experts. (Dearer than :class:`PackedLayer` at one width: more, narrower GEMMs; measured in
+    docs/serving.md.)"""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, rows: list[list[int]], isa: str, activation: str):
         experts, capacity = down.shape[0], down.shape[2]
-        pairs = sorted({(e, int(w)) for row in rows for e, w in enumerate(row) if w > 0})
-        lookup = torch.full((experts, capacity + 1), -1, dtype=torch.long)  # (expert, width) -> packed expert
-        lookup[:, 0] = len(pairs)  # width 0: the last packed expert, of width 0 (removed: contributes nothing)
-        for i, (e, w) in enumerate(pairs):
-            lookup[e, w] = i
-        self.lookup = lookup.to(down.device)
-        self.layer = PackedLayer(gate_up, down, [w for _, w in pairs] + [0], top_k, isa, activation,
-                                 source=[e for e, _ in pairs] + [0])
+        source, starts, ends = [], [], []
+        pieces = torch.full((experts, capacity + 1), -1, dtype=torch.long)  # (expert, width) -> pieces below it
+        first = torch.zeros(experts, dtype=torch.long)  # each expert's first piece (its pieces are consecutive)
+        for e in range(experts):
+            first[e], pieces[e, 0], start = len(source), 0, 0
+            for cut in piece_cuts([row[e] for row in rows], capacity):
+                source.append(e), starts.append(start), ends.append(cut)
+                pieces[e, cut] = len(source) - int(first[e])
+                start = cut
+        self.zero = len(source)  # an all-zero piece: pads each token's list of pieces
+        channel = torch.tensor(starts)[:, None] + torch.arange(ALIGN)
+        inside = (channel < torch.tensor(ends)[:, None]).to(down.dtype)
+        channel = channel.clamp_max(capacity - 1).to(down.device)
+        inside, index = inside.to(down.device), torch.tensor(source, device=down.device)[:, None]
+        with torch.no_grad():
+            gate = gate_up[index, channel] * inside[..., None]
+            up = gate_up[index, capacity + channel] * inside[..., None]
+            w2 = down[index, :, channel].transpose(1, 2) * inside[:, None, :]
+            w13 = torch.cat([gate, up], dim=1)
+            self.kernel = PackedBucket(torch.cat([w13, w13.new_zeros(1, *w13.shape[1:])]),
+                                       torch.cat([w2, w2.new_zeros(1, *w2.shape[1:])]), isa, activation)
+        self.pieces, self.first = pieces.to(down.device), first.to(down.device)
 
     def nbytes(self) -> int:
-        return self.layer.nbytes()
+        return self.kernel.nbytes()
 
     def __call__(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  widths: torch.Tensor) -> torch.Tensor | None:
-        """The experts with each routed pair at ``widths`` (``[T, k]``, or ``[E]`` per expert); None when
-        a pair's width is not one of the tables' (the caller runs flexc's op)."""
+        """The experts with each routed pair at ``widths`` (``[T, k]``, or ``[E]`` per expert); None when a
+        pair's width is not on the cuts (the caller runs flexc's op)."""
         pair_widths = widths[topk_ids] if widths.dim() == 1 else widths
-        packed = self.lookup[topk_ids, pair_widths.long()]
-        if bool((packed < 0).any()):
+        counts = self.pieces[topk_ids, pair_widths.long()]  # [T, k]
+        low, high = torch.stack(torch.aminmax(counts)).tolist() if counts.numel() else (0, 0)
+        if low < 0:
             return None
-        return self.layer(hidden, packed, topk_weights)
+        if high == 0:
+            return torch.zeros_like(hidden)
+        step = torch.arange(high, device=counts.device)
+        used = step < counts[..., None]  # [T, k, high]: each pair's pieces, then padding
+        ids = torch.where(used, self.first[topk_ids][..., None] + step, self.zero).flatten(1)
+        weights = torch.where(used, topk_weights[..., None].float(), 0.0).flatten(1)
+        return self.kernel(hidden, weights, ids)
