@@ -148,11 +148,14 @@ def measure(llm, args) -> dict:
     return out
 
 
+EAGER = [True]  # --compiled: every engine in vLLM's default mode (torch.compile) instead
+
+
 def start(model: str, **kwargs):
     from vllm import LLM
 
     begin = time.perf_counter()
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+    llm = LLM(model=model, dtype="float32", enforce_eager=EAGER[0], max_model_len=512, seed=0,
               kv_cache_memory_bytes=256 << 20, enable_prefix_caching=False, **kwargs)
     return llm, time.perf_counter() - begin
 
@@ -266,8 +269,11 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated engines to leave out: uniform, learned, sliced")
     parser.add_argument("--flexc-op", action="store_true", help="also the learned nested artifact with its engine "
                         "budget on flexc's op instead of vLLM's CPU kernel (flexc_experts_kernel: flexc)")
+    parser.add_argument("--compiled", action="store_true", help="every engine, stock vLLM's too, in vLLM's default "
+                        "mode (torch.compile; start-up takes longer) instead of eager")
     parser.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = parser.parse_args()
+    EAGER[0] = not args.compiled
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     skip = set(filter(None, args.skip.split(",")))
 
@@ -361,7 +367,7 @@ def main() -> None:
               f"engine start: flexc {flexc_start:.1f} s, stock {stock_start:.1f} s")
     result = {"model": args.model, "run": str(run) if run else None, "repeats": args.repeats,
               "prefill_len": args.prefill_len, "decode_len": args.decode_len, "rows": rows, "mixed": mixed_row,
-              "switch_s": switch, "restart_s": flexc_start, "prefix_caching": False,
+              "switch_s": switch, "restart_s": flexc_start, "prefix_caching": False, "compiled": args.compiled,
               "threads": os.environ.get("OMP_NUM_THREADS")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

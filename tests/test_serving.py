@@ -54,10 +54,10 @@ def reference(directory, budget, ids, adaptive: bool = False) -> list[list[int]]
     return out
 
 
-def start_engine(directory, **kwargs):
+def start_engine(directory, enforce_eager: bool = True, **kwargs):
     from vllm import LLM
 
-    return LLM(model=str(directory), dtype="float32", enforce_eager=True, max_model_len=256,
+    return LLM(model=str(directory), dtype="float32", enforce_eager=enforce_eager, max_model_len=256,
                kv_cache_memory_bytes=64 << 20, seed=0, **kwargs)
 
 
@@ -266,21 +266,56 @@ def test_requests_of_different_budgets_share_one_batch(engine):
     assert run([None, None, None]) == [refs[BUDGETS[0]][i] for i in range(3)], name
 
 
-@pytest.mark.parametrize("compiled, caching, message", [(True, False, "eager mode"), (False, True, "prefix caching off")])
-def test_per_request_budgets_refuse_what_would_mix_budgets(compiled, caching, message):
-    """Under torch.compile the per-token budget grouping would be traced once; with prefix caching a KV
-    block of one budget could serve another: the processor refuses both at start."""
+@pytest.mark.parametrize("graphs, caching, message", [(True, False, "CUDA graphs"), (False, True, "prefix caching off")])
+def test_per_request_budgets_refuse_what_would_mix_budgets(monkeypatch, graphs, caching, message):
+    """Captured CUDA graphs would replay one pass's grouping by budget; with prefix caching a KV block of one
+    budget could serve another: the processor refuses both at start (a compiled engine on CPU, which
+    captures no graphs, is accepted)."""
     from types import SimpleNamespace
 
     from vllm.config import CompilationMode
+    from vllm.platforms import current_platform
 
     from flexc.serving.requests import FlexcBudgets
 
-    config = SimpleNamespace(
-        compilation_config=SimpleNamespace(mode=CompilationMode.VLLM_COMPILE if compiled else CompilationMode.NONE),
-        cache_config=SimpleNamespace(enable_prefix_caching=caching))
+    def config(caching: bool):
+        return SimpleNamespace(compilation_config=SimpleNamespace(mode=CompilationMode.VLLM_COMPILE),
+                               cache_config=SimpleNamespace(enable_prefix_caching=caching))
+
+    FlexcBudgets(config(False), torch.device("cpu"), False)
+    if graphs:
+        monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
     with pytest.raises(ValueError, match=message):
-        FlexcBudgets(config, torch.device("cpu"), False)
+        FlexcBudgets(config(caching), torch.device("cpu"), False)
+
+
+def test_a_compiled_engine_runs_budgets_per_request_budgets_and_the_policy_as_an_eager_one(artifacts):
+    """vLLM's default mode (torch.compile): the routed experts run as flexc's opaque op, so the engine budget
+    runs on vLLM's kernel, switches live, and per-request budgets and the adaptive policy give flexc.load's
+    tokens, as in an eager engine."""
+    from vllm import SamplingParams
+
+    from flexc.serving import get_budget, set_budget
+    from flexc.serving.requests import PROCESSOR
+
+    paths, ids, refs = artifacts["tiny"]
+    llm = start_engine(paths["nested"], enforce_eager=False, hf_overrides={"flexc_budget": BUDGETS[0]},
+                       logits_processors=[PROCESSOR], enable_prefix_caching=False)
+    try:
+        assert get_budget(llm)["experts_kernel"] == ["vllm"]
+        assert served(llm, ids) == refs[BUDGETS[0]]
+        set_budget(llm, BUDGETS[1])
+        assert served(llm, ids) == refs[BUDGETS[1]]
+        params = [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                 extra_args=None if b is None else {"flexc_budget": b}) for b in (BUDGETS[0], None, 1.0)]
+        outs = llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outs] == [refs[BUDGETS[0]][0], refs[BUDGETS[1]][1],
+                                                                refs[None][2]]
+        assert get_budget(llm)["most_budgets_in_a_pass"] == 3
+        set_budget(llm, BUDGETS[1], adaptive=True)
+        assert served(llm, ids) == refs[ADAPTIVE]
+    finally:
+        _shutdown(llm)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -36,9 +36,9 @@ _WIDTHS_TENSOR = "widths"
 class BudgetControl:
     """The served model's budget: which width row every flexc MoE block reads."""
 
-    def __init__(self, artifact: Artifact, blocks: dict[int, FlexcMoeBlock], eager: bool = True):
+    def __init__(self, artifact: Artifact, blocks: dict[int, FlexcMoeBlock], graphs: bool = False):
         self.kind = artifact.kind
-        self.eager = eager  # no torch.compile: a switch onto the adaptive policy changes which branch runs
+        self.graphs = graphs  # CUDA graphs may replay the routed experts: per-pair widths need eager mode there
         self.blocks = blocks
         self.directory = artifact.directory
         self.budget: float | None = None
@@ -94,15 +94,15 @@ class BudgetControl:
                               f"{', '.join(f'{b:g}' for b in self.budgets)}")
         start = time.perf_counter()
         if adaptive:
-            if not self.eager:
-                raise ServingError("flexc's token-adaptive widths run in eager mode for now (enforce_eager=True, or "
-                                   "--enforce-eager): a compiled model would keep the branch it traced")
+            if self.graphs:
+                raise ServingError("flexc's token-adaptive widths under CUDA graphs have not run yet (a captured "
+                                   "graph would keep the branch it saw); serve with enforce_eager=True / --enforce-eager")
             self._adaptive_rules(key)  # before anything changes: a budget without a policy is refused
             self.pack_pieces()
         # Packed for vLLM's CPU kernel only where the engine's budget runs on the width buffer (not on the
-        # adaptive policy's widths per pair), eagerly (a compiled graph would keep the tensors it traced),
-        # and where the copy fits in memory.
-        pack = self.eager and (not adaptive or key == 1.0) and self._fits(self._packed_nbytes(key), key)
+        # adaptive policy's widths per pair) and where the copy fits in memory. (Compiled engines too: their
+        # routed experts run as an opaque op, flexc.serving.moe.compiled_op_name.)
+        pack = (not adaptive or key == 1.0) and self._fits(self._packed_nbytes(key), key)
         for layer, row in zip(sorted(self.blocks), self.rows[key]):
             self.blocks[layer].experts.widths.copy_(row)
             self.blocks[layer].experts.widths_set(pack=pack)
@@ -200,9 +200,9 @@ class BudgetControl:
 
     def pack_pieces(self) -> None:
         """Once, at the first call with widths of its own (budgets mixed in a pass, the adaptive policy), each
-        block's experts are packed in pieces for vLLM's CPU kernel (eager engines where it runs; memory: one
-        copy of the experts, :class:`flexc.serving.packed.PackedPieces`)."""
-        if self._pieces_packed or not self.eager:
+        block's experts are packed in pieces for vLLM's CPU kernel (where it runs; memory: one copy of the
+        experts, :class:`flexc.serving.packed.PackedPieces`)."""
+        if self._pieces_packed:
             return
         self._pieces_packed = True
         start = time.perf_counter()
@@ -277,10 +277,9 @@ def _flexc_init(self, base: type, family: ServedFamily, vllm_config, prefix: str
     from flexc.ir.backends import use_backend
 
     use_backend("auto", device)  # Triton kernels on CUDA, the op's CPU path elsewhere
-    from vllm.config import CompilationMode
+    from flexc.serving.moe import replays_graphs
 
-    self.flexc = BudgetControl(artifact, plan.blocks,
-                               eager=vllm_config.compilation_config.mode == CompilationMode.NONE)
+    self.flexc = BudgetControl(artifact, plan.blocks, graphs=replays_graphs(vllm_config))
     for block in plan.blocks.values():
         block.control = self.flexc
     self._flexc_prefixes = {block.prefix + ".": block for block in plan.blocks.values()}

@@ -206,6 +206,60 @@ class FlexcExperts(nn.Module):
                 if (e, p) not in self._loaded]
 
 
+def _routed_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                    layer_name: str) -> torch.Tensor:
+    from vllm.forward_context import get_forward_context
+
+    return get_forward_context().no_compile_layers[layer_name].routed(hidden, topk_ids, topk_weights)
+
+
+def _routed_experts_fake(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                         layer_name: str) -> torch.Tensor:
+    return torch.empty_like(hidden)
+
+
+def replays_graphs(vllm_config) -> bool:
+    """Whether a compiled engine may replay captured CUDA graphs, which would freeze the Python inside flexc's
+    op (the grouping of a pass by budget, the adaptive policy's branch): compiled, and not on CPU (vLLM's
+    CPU build captures none)."""
+    from vllm.config import CompilationMode
+    from vllm.platforms import current_platform
+
+    return vllm_config.compilation_config.mode != CompilationMode.NONE and not current_platform.is_cpu()
+
+
+_OP_LIBRARY: list = []  # the torch library holding flexc's op, once registered (it lives as long as this)
+
+
+def compiled_op_name(block: nn.Module, name: str) -> str | None:
+    """Under torch.compile (vLLM's default mode) a block's routed experts run as the opaque custom op
+    ``torch.ops.flexc.routed_experts``, as vLLM runs its own fused-MoE layers: the compiled graph calls it
+    and the op runs the block's Python each time, so a budget switch, the kernels packed for it, the
+    per-request grouping of a pass and the adaptive policy all act in a compiled engine as in an eager one
+    (a traced graph would keep the tensors and branches it saw). Registers the block in vLLM's forward
+    context under ``name`` (where the op finds it) and returns the name; None in an eager engine (or
+    outside vLLM: flexc's own tests of the block)."""
+    try:
+        from vllm.config import CompilationMode, get_current_vllm_config_or_none
+    except ImportError:
+        return None
+    vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is None or vllm_config.compilation_config.mode == CompilationMode.NONE:
+        return None
+    config = vllm_config.compilation_config
+    if not _OP_LIBRARY:
+        from torch.library import Library
+        from vllm.utils.torch_utils import direct_register_custom_op
+
+        _OP_LIBRARY.append(Library("flexc", "FRAGMENT"))
+        direct_register_custom_op("routed_experts", _routed_experts, mutates_args=[], fake_impl=_routed_experts_fake,
+                                  target_lib=_OP_LIBRARY[0])
+    if name in config.static_forward_context:
+        raise ServingError(f"duplicate layer name {name!r} in the model's forward context")
+    config.static_forward_context[name] = block
+    return name
+
+
 class FlexcMoeBlock(nn.Module):
     """Router + routed experts on the flexc op (+ the family's shared expert).
 
@@ -258,6 +312,7 @@ class FlexcMoeBlock(nn.Module):
         self.n_physical_experts = self.n_local_physical_experts = num_experts
         self.n_redundant_experts = 0
         self.control = None  # the model's BudgetControl (set once the model is built)
+        self.op_name = compiled_op_name(self, f"{prefix}.flexc_experts")
         plan.blocks[self.layer] = self
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,16 +330,24 @@ class FlexcMoeBlock(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         ids, weights = self.route(x)
-        groups = None if self.control is None else self.control.groups(x.shape[0])
-        if groups is None and self.control is not None and self.control.adaptive:  # widths per pair, by weight
-            out = self.experts(x, ids, weights, self.control.adaptive_widths(self.layer, ids, weights))
-        elif groups is None:
-            out = self.experts(x, ids, weights)
-        else:  # per-request budgets in one call: each routed pair at the widths of its token's budget
-            out = self.experts(x, ids, weights, self.control.pair_widths(self.layer, ids))
+        if self.op_name is None:
+            out = self.routed(x, ids, weights)
+        else:  # a compiled model: the routed experts stay Python, run as one opaque op (see routed_experts_op)
+            out = torch.ops.flexc.routed_experts(x, ids, weights, self.op_name)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(shape)
+
+    def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output for tokens ``x`` routed to ``ids`` with ``weights``: at the engine's
+        budget, or each pair at its own width (per-request budgets mixed in this pass, the adaptive policy)."""
+        groups = None if self.control is None else self.control.groups(x.shape[0])
+        if groups is None and self.control is not None and self.control.adaptive:  # widths per pair, by weight
+            return self.experts(x, ids, weights, self.control.adaptive_widths(self.layer, ids, weights))
+        if groups is None:
+            return self.experts(x, ids, weights)
+        # per-request budgets in one call: each routed pair at the widths of its token's budget
+        return self.experts(x, ids, weights, self.control.pair_widths(self.layer, ids))
 
     def _dequantized(self, index: int, part: str, kind: str, tensor: torch.Tensor) -> torch.Tensor | None:
         """A quantized bucket's weights (``codes * scale``) once its packed codes and its scales have both

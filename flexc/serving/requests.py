@@ -19,8 +19,9 @@ pair at the width its token's budget gives its expert (per-pair widths:
 
 KV blocks are computed at one budget and must never serve a request of another: per-request
 budgets need prefix caching off (``enable_prefix_caching=False``), which the processor checks
-at start, as it checks eager mode (``enforce_eager=True``: under torch.compile the grouping of
-a batch's tokens by budget, plain Python here, would be traced once). A budget the artifact did
+at start. Compiled engines on CPU group a pass's tokens by budget as eager ones do: the routed
+experts run as an opaque op (:func:`flexc.serving.moe.compiled_op_name`); under CUDA graphs (not
+run yet) the processor asks for eager mode. A budget the artifact did
 not export runs at the largest exported budget below it (the smallest one if none is), with a
 warning in the engine's log.
 """
@@ -85,11 +86,11 @@ class FlexcBudgets(LogitsProcessor):
             check_budget(extra[EXTRA_ARG], _served_budgets())
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        from vllm.config import CompilationMode
+        from flexc.serving.moe import replays_graphs
 
-        if vllm_config.compilation_config.mode != CompilationMode.NONE:
-            raise ValueError("flexc per-request budgets run in eager mode for now (enforce_eager=True, or "
-                             "--enforce-eager): a compiled model would trace one batch's budgets and reuse them")
+        if replays_graphs(vllm_config):
+            raise ValueError("flexc per-request budgets under CUDA graphs have not run yet (a captured graph would "
+                             "keep one pass's grouping by budget); serve with enforce_eager=True, or --enforce-eager")
         if vllm_config.cache_config.enable_prefix_caching:
             raise ValueError("flexc per-request budgets need prefix caching off (enable_prefix_caching=False, or "
                              "--no-enable-prefix-caching): a KV block computed at one budget must not serve a "
