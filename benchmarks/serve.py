@@ -19,15 +19,20 @@ Engines, each measured the same way:
 
 Per engine/budget: prefill throughput (8 prompts of ``--prefill-len`` tokens, one output token),
 decode throughput and per-token latency at batch 1 and 8, each the median of ``--repeats`` runs;
-the ratio to stock and the *ideal* ratio beside it (active parameters per token, unpruned over
+the ratio to stock (stock vLLM's engine stays up and every timing of a flexc engine is paired with
+one of stock's taken just before or after it, the order alternating; the ratio is the median of
+the pairs' ratios: this machine's speed drifts by tens of percent between minutes) and the
+*ideal* ratio beside it (active parameters per token, unpruned over
 pruned: the FLOPs and, at batch 1, the bytes a token touches; every expert of a layer counted as
 routed to equally) and, where the nested artifact's adaptive report measured it, the ideal *as
 routed* (the routed experts at the table's active keep on held-out text: a learned table keeps the
-experts the tokens use most widest, so tokens compute with more than the parameter keep), the checkpoint's bytes and, for a
-nested engine on vLLM's kernel, the bytes of its packed copy of the budget's experts. Then a
-*mixed* batch on the uniform artifact: 8 requests decoding together, each naming its own budget
-(1, 0.75, 0.5, 0.25, twice; per-request budgets, docs/serving.md). Then the switch time against
-an engine restart. Prefix caching is off in every engine (the repeats send the same prompts).
+experts the tokens use most widest, so tokens compute with more than the parameter keep), the
+checkpoint's bytes and, for a nested engine on vLLM's kernel, the bytes of its packed copy of the
+budget's experts. Then a *mixed* batch on the uniform artifact: 8 requests decoding together, each
+naming its own budget (1, 0.75, 0.5, 0.25, twice; per-request budgets, docs/serving.md), each
+repeat paired with the same requests at one budget, their mean keep (the engine's budget), and
+with stock. Then the switch time against an engine restart. ``--compiled`` runs every engine in
+vLLM's default mode (torch.compile) instead of eager. Prefix caching is off in every engine (the repeats send the same prompts).
 
     python benchmarks/serve.py                       # zoo `small`, CPU (tens of minutes on 2 cores)
     python benchmarks/serve.py --model tiny --repeats 1
@@ -127,25 +132,55 @@ def _timed(llm, prompts, max_tokens, budgets=None) -> float:
     return time.perf_counter() - start
 
 
-def measure_mixed(llm, args, budgets: list[float]) -> dict:
-    """Decode throughput of 8 requests decoding together, request i at ``budgets[i]``."""
-    seconds = statistics.median(_timed(llm, DECODE_PROMPTS, args.decode_len, budgets) for _ in range(args.repeats))
-    return {"decode_b8_tok_s": 8 * args.decode_len / seconds, "decode_b8_ms_per_step": 1e3 * seconds / args.decode_len}
+def measure_mixed(llm, args, budgets: list[float], mean_keep: float) -> dict:
+    """Decode throughput of 8 requests decoding together, request i at ``budgets[i]``, each repeat beside
+    the same 8 requests at one budget (the engine's, set to ``mean_keep``) and beside stock vLLM; the
+    ratios are medians of the repeats' ratios."""
+    from flexc.serving import set_budget
+
+    set_budget(llm, mean_keep)
+    mixed, one, stock = [], [], []
+    for repeat in range(args.repeats):
+        runs = [(mixed, budgets), (one, None)] + ([(stock, None)] if STOCK[0] is not None else [])
+        for times, named in runs[:: 1 if repeat % 2 == 0 else -1]:  # alternate the order against drift
+            times.append(_timed(STOCK[0] if times is stock else llm, DECODE_PROMPTS, args.decode_len, named))
+    out = {"decode_b8_tok_s": 8 * args.decode_len / statistics.median(mixed),
+           "decode_b8_ms_per_step": 1e3 * statistics.median(mixed) / args.decode_len,
+           "one_budget_b8_tok_s": 8 * args.decode_len / statistics.median(one),
+           "vs_one_budget": statistics.median(o / m for o, m in zip(one, mixed))}
+    if stock:
+        out["ratio_b8"] = statistics.median(s / m for s, m in zip(stock, mixed))
+    return out
 
 
 def measure(llm, args) -> dict:
-    """Prefill throughput (8 prompts), decode throughput and per-step latency at batch 1 and 8."""
+    """Prefill throughput (8 prompts), decode throughput and per-step latency at batch 1 and 8; for a flexc
+    engine, each repeat beside stock vLLM's (kept running, :data:`STOCK`), the order alternating, and
+    ``paired``: each throughput's ratio to stock, the median of the repeats' ratios (this machine's speed
+    drifts by tens of percent between minutes; a ratio of timings taken seconds apart does not)."""
     prefill_prompts = [[100 + (i * 7 + j) % 1500 for j in range(args.prefill_len)] for i in range(8)]
+    cases = {"prefill": (prefill_prompts, 1), "decode_b1": (DECODE_PROMPTS[:1], args.decode_len),
+             "decode_b8": (DECODE_PROMPTS, args.decode_len)}
+    engines = [llm] if STOCK[0] is None or STOCK[0] is llm else [llm, STOCK[0]]
     _timed(llm, DECODE_PROMPTS[:1], 4)  # warm-up
-    out = {}
-    prefill = statistics.median(_timed(llm, prefill_prompts, 1) for _ in range(args.repeats))
-    out["prefill_tok_s"] = 8 * args.prefill_len / prefill
+    times = {(name, i): [] for name in cases for i in range(len(engines))}
+    for repeat in range(args.repeats):
+        for name, (prompts, tokens) in cases.items():
+            order = range(len(engines)) if repeat % 2 == 0 else reversed(range(len(engines)))
+            for i in order:
+                times[(name, i)].append(_timed(engines[i], prompts, tokens))
+    out = {"prefill_tok_s": 8 * args.prefill_len / statistics.median(times[("prefill", 0)])}
     for batch in (1, 8):
-        seconds = statistics.median(_timed(llm, DECODE_PROMPTS[:batch], args.decode_len)
-                                    for _ in range(args.repeats))
+        seconds = statistics.median(times[(f"decode_b{batch}", 0)])
         out[f"decode_b{batch}_tok_s"] = batch * args.decode_len / seconds
         out[f"decode_b{batch}_ms_per_step"] = 1e3 * seconds / args.decode_len
+    if len(engines) == 2:
+        out["paired"] = {f"{name}_tok_s": statistics.median(s / f for f, s in zip(times[(name, 0)], times[(name, 1)]))
+                         for name in cases}
     return out
+
+
+STOCK = [None]  # stock vLLM's engine, kept running: every flexc measurement is paired with its own
 
 
 EAGER = [True]  # --compiled: every engine in vLLM's default mode (torch.compile) instead
@@ -274,7 +309,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = parser.parse_args()
     EAGER[0] = not args.compiled
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    # OMP_NUM_THREADS is left to the caller: unset, vLLM gives each engine's worker as many torch threads as
+    # the cores it binds it to (one of this machine's two; more threads there spin against each other).
     skip = set(filter(None, args.skip.split(",")))
 
     import flexc.zoo
@@ -296,7 +332,7 @@ def main() -> None:
     stock = {"engine": "stock vLLM", "keep": 1.0, **measure(llm, args), "weights_bytes": _bytes(source),
              "start_s": stock_start}
     rows.append(stock)
-    shutdown(llm)
+    STOCK[0] = llm
 
     mixed_row, switches, full_active, flexc_start = None, [], None, None
     if "uniform" not in skip:
@@ -308,11 +344,9 @@ def main() -> None:
                                                             manifest_of, rows, processor=True)
         full_active = active[1.0]
         mixed = [b for _ in range(2) for b in MIXED]
-        mixed_row = {"engine": "flexc mixed", "budgets": mixed, **measure_mixed(llm, args, mixed),
+        mixed_row = {"engine": "flexc mixed", "budgets": mixed, **measure_mixed(llm, args, mixed, mean_keep),
                      "ideal": full_active / statistics.mean(active[b] for b in mixed), "mean_keep": mean_keep}
         mixed_row["pieces_bytes"] = get_budget(llm)["pieces_bytes"]
-        one_budget = next(r for r in rows if r["engine"] == "flexc nested, uniform" and abs(r["keep"] - mean_keep) < 1e-6)
-        mixed_row["vs_one_budget"] = mixed_row["decode_b8_tok_s"] / one_budget["decode_b8_tok_s"]
         shutdown(llm)
     learned_active = {}
     if "learned" not in skip:
@@ -341,11 +375,12 @@ def main() -> None:
                          "start_s": started})
             shutdown(llm)
 
+    shutdown(STOCK[0])
     keys = ["prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s"]
     print(f"{'engine':<34} {'keep':>5} {'prefill tok/s':>14} {'b1 tok/s':>9} {'b1 ms':>7} {'b8 tok/s':>9} "
           f"{'ratios vs stock (prefill/b1/b8)':>32} {'ideal':>6} {'routed':>6} {'MB':>6} {'+packed':>7}")
     for r in rows:
-        r["ratios"] = {k: r[k] / stock[k] for k in keys}
+        r["ratios"] = r.get("paired") or {k: r[k] / stock[k] for k in keys}
         r["ideal"] = full_active / r["active_params"] if "active_params" in r and full_active else 1.0
         if "routed_active_params" in r and full_active:  # the ideal as the tokens route (learned tables)
             r["ideal_routed"] = full_active / r["routed_active_params"]
@@ -355,7 +390,6 @@ def main() -> None:
               f"{r['ideal_routed'] if 'ideal_routed' in r else float('nan'):>6.2f} "
               f"{r['weights_bytes'] / 1e6:>6.1f} {r.get('packed_bytes', 0) / 1e6:>7.1f}")
     if mixed_row is not None:
-        mixed_row["ratio_b8"] = mixed_row["decode_b8_tok_s"] / stock["decode_b8_tok_s"]
         print(f"{'flexc mixed':<34} {'/'.join(f'{b:g}' for b in mixed_row['budgets'][:4])} per request: decode b8 "
               f"{mixed_row['decode_b8_tok_s']:.1f} tok/s ({mixed_row['decode_b8_ms_per_step']:.1f} ms a step), "
               f"{mixed_row['ratio_b8']:.2f} vs stock, ideal {mixed_row['ideal']:.2f}; "

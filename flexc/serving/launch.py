@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
 from flexc.serving.artifact import BUDGET_KEY, KERNEL_KEY, detect
 from flexc.serving.families import ServingError, family_for
 
@@ -74,8 +76,10 @@ def server_command(directory: Path, budget: float | None, host: str | None, port
                  if value is not None}
     if overrides:
         cmd += ["--hf-overrides", json.dumps(overrides)]
-    if per_request:  # requests name their budget; a KV block must not serve another budget; eager only
-        cmd += ["--logits-processors", PROCESSOR, "--no-enable-prefix-caching", "--enforce-eager"]
+    if per_request:  # requests name their budget; a KV block must not serve another budget
+        cmd += ["--logits-processors", PROCESSOR, "--no-enable-prefix-caching"]
+        if torch.cuda.is_available():  # CUDA graphs would replay one pass's grouping by budget (not run yet)
+            cmd.append("--enforce-eager")
     if host is not None:
         cmd += ["--host", host]
     if port is not None:
