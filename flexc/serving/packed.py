@@ -156,13 +156,13 @@ class PackedPieces:
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, rows: list[list[int]], isa: str, activation: str):
         experts, capacity = down.shape[0], down.shape[2]
         source, starts, ends = [], [], []
-        pieces = torch.full((experts, capacity + 1), -1, dtype=torch.long)  # (expert, width) -> pieces below it
+        below = torch.full((experts, capacity + 1), -1, dtype=torch.long)  # (expert, width) -> its pieces below it
         first = torch.zeros(experts, dtype=torch.long)  # each expert's first piece (its pieces are consecutive)
         for e in range(experts):
-            first[e], pieces[e, 0], start = len(source), 0, 0
+            first[e], below[e, 0], start = len(source), 0, 0
             for cut in piece_cuts([row[e] for row in rows], capacity):
                 source.append(e), starts.append(start), ends.append(cut)
-                pieces[e, cut] = len(source) - int(first[e])
+                below[e, cut] = len(source) - int(first[e])
                 start = cut
         self.zero = len(source)  # an all-zero piece: pads each token's list of pieces
         channel = torch.tensor(starts)[:, None] + torch.arange(ALIGN)
@@ -176,7 +176,7 @@ class PackedPieces:
             w13 = torch.cat([gate, up], dim=1)
             self.kernel = PackedBucket(torch.cat([w13, w13.new_zeros(1, *w13.shape[1:])]),
                                        torch.cat([w2, w2.new_zeros(1, *w2.shape[1:])]), isa, activation)
-        self.pieces, self.first = pieces.to(down.device), first.to(down.device)
+        self.below, self.first = below.to(down.device), first.to(down.device)
 
     def nbytes(self) -> int:
         return self.kernel.nbytes()
@@ -186,7 +186,7 @@ class PackedPieces:
         """The experts with each routed pair at ``widths`` (``[T, k]``, or ``[E]`` per expert); None when a
         pair's width is not on the cuts (the caller runs flexc's op)."""
         pair_widths = widths[topk_ids] if widths.dim() == 1 else widths
-        counts = self.pieces[topk_ids, pair_widths.long()]  # [T, k]
+        counts = self.below[topk_ids, pair_widths.long()]  # [T, k]
         low, high = torch.stack(torch.aminmax(counts)).tolist() if counts.numel() else (0, 0)
         if low < 0:
             return None
