@@ -27,7 +27,6 @@ Prints microseconds per call and each row's time over the one-budget batch's, an
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -36,32 +35,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, print_table, write_json  # noqa: E402
+from mixed_budgets import layer_arguments, random_layer  # noqa: E402
 
 KEEPS = (1.0, 0.75, 0.5, 0.25)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--top-k", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--intermediate", type=int, default=256)
-    parser.add_argument("--tokens", default="1,4,8,32,128,512")
-    parser.add_argument("--rounds", type=int, default=100)
+    layer_arguments(parser, tokens="1,4,8,32,128,512")
+    parser.set_defaults(rounds=100, threads=1)  # one thread: as vLLM binds its CPU engine here
     parser.add_argument("--out", default=str(RESULTS / "serve_pieces.json"))
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     import torch
 
-    from flexc.ir.op import ExpertLayout, ExpertWeights, run_experts
+    from flexc.ir.op import run_experts
     from flexc.serving.packed import PackedLayer, PackedPieces, cpu_kernel_isa
 
-    torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
+    nested, gen = random_layer(args)
     e, h, i, k = args.experts, args.hidden, args.intermediate, args.top_k
-    gate_up = torch.randn(e, 2 * i, h, generator=gen) / h ** 0.5
-    down = torch.randn(e, h, i, generator=gen) / i ** 0.5
+    gate_up, down = nested.gate_up, nested.down
     isa = cpu_kernel_isa(torch.float32, h, "silu", torch.device("cpu"))
     if isa is None:
         raise SystemExit("vLLM's CPU experts kernel is not available here: run this in vLLM's environment")
@@ -70,7 +63,6 @@ def main() -> None:
     pieces = PackedPieces(gate_up, down, rows, isa, "silu")
     per_budget = [PackedLayer(gate_up, down, row, k, isa, "silu") for row in rows]
     one = PackedLayer(gate_up, down, [mean] * e, k, isa, "silu")
-    nested = ExpertWeights(gate_up, down, layout=ExpertLayout("silu", False, 1.0, 0.0))
     table = torch.tensor(rows, dtype=torch.int32)
 
     results = []

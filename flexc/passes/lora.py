@@ -29,13 +29,11 @@ def lora_config(rank: int, alpha: float, modules: list[str], params: list[str]):
 
 
 @contextmanager
-def peft_rng(seed: int | None = None):
-    """Creating adapters leaves the global RNG as it was (drawn from ``seed`` if given), and peft's
-    query of a deprecated transformers attribute is not reported."""
+def peft_rng():
+    """Creating adapters leaves the global RNG as it was (their start is drawn by :func:`seed_factors`),
+    and peft's query of a deprecated transformers attribute is not reported."""
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        if seed is not None:
-            torch.manual_seed(seed)
         yield
 
 
