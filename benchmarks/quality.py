@@ -130,8 +130,40 @@ def main() -> None:
         result["mean_over_seeds"] = mean_rows([r["results"] for r in runs.values()])
         print(f"mean held-out perplexity over seeds {seeds}")
         common.print_table(result["mean_over_seeds"], ["method", "keep_target", "ppl", "ppl_min", "ppl_max"])
+    if args.adaptive:
+        result["adaptive_increase_ratios"] = increase_ratios(runs)
+        print("adaptive policy's perplexity increase over unpruned / its static table's, per seed")
+        common.print_table(result["adaptive_increase_ratios"], ["method", "keep_target", "mean", "worst",
+                                                                "active_keep", "static_active_keep"])
     common.write_json(out, result)
     print(f"wrote {out} and {out.with_suffix('.png')} (seed {seeds[0]})")
+
+
+def increase_ratios(runs: dict[int, dict]) -> list[dict]:
+    """Per ``METHOD+adaptive`` row and budget: the policy's perplexity increase over unpruned divided by its static
+    table's (``METHOD`` at the same keep target), in each seed; mean and worst (largest) over seeds, with the
+    mean realised active keeps of both on the evaluation text; each seed's ratio and what its policy ran."""
+    ratios: dict[tuple, list[dict]] = {}
+    for run in runs.values():
+        rows = run["results"]
+        unpruned = next(r["ppl"] for r in rows if r["method"] == "unpruned")
+        static = {(r["method"], r["keep_target"]): r["ppl"] for r in rows}
+        for r in rows:
+            method = r["method"]
+            if not method.endswith("+adaptive"):
+                continue
+            base = static[(method[:-len("+adaptive")], r["keep_target"])]
+            ratio = (r["ppl"] - unpruned) / (base - unpruned) if base > unpruned else None
+            ratios.setdefault((method, r["keep_target"]), []).append({**r, "ratio": ratio})
+    out = []
+    for (method, keep), rows in ratios.items():
+        values = [r["ratio"] for r in rows if r["ratio"] is not None]
+        out.append({"method": method, "keep_target": keep, "seeds": len(rows),
+                    "mean": sum(values) / len(values) if values else None, "worst": max(values) if values else None,
+                    "active_keep": sum(r["active_keep"] for r in rows) / len(rows),
+                    "static_active_keep": sum(r["static_active_keep"] for r in rows) / len(rows),
+                    "ratios": [r["ratio"] for r in rows], "policies": [r.get("policy") for r in rows]})
+    return out
 
 
 def mean_rows(runs: list[list[dict]]) -> list[dict]:

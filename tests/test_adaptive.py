@@ -128,7 +128,7 @@ def test_the_policy_realises_its_target_keep_on_held_out_documents(adaptive_comp
     assert held["0.5"]["adaptive_loss"] != held["0.5"]["static_loss"]
 
 
-def test_each_budget_runs_the_rule_with_the_lowest_held_out_loss_or_its_static_table():
+def test_each_budget_runs_the_first_rule_that_beats_its_table_at_the_tables_keep_without_drifting():
     from types import SimpleNamespace
 
     from flexc.passes.adaptive_widths import _choose
@@ -139,27 +139,63 @@ def test_each_budget_runs_the_rule_with_the_lowest_held_out_loss_or_its_static_t
     candidates = {"adjacent": AdaptivePolicy("adjacent", "table", {0.5: adjacent, 0.25: adjacent}, report),
                   "extreme": AdaptivePolicy("extreme", "table", {0.5: extreme, 0.25: extreme}, report)}
 
+    def rule(matched_loss, keep, matched_keep=0.55):
+        return {"loss": 4.0, "keep": keep, "matched_loss": matched_loss, "matched_keep": matched_keep}
+
     def comparison(static_05):
-        return {"0.5": {"full_loss": 4.0, "static_loss": static_05, "static_keep": 0.6,
-                        "rules": {"adjacent": {"loss": 4.2, "keep": 0.6}, "extreme": {"loss": 4.15, "keep": 0.61}}},
+        # the table spends 0.55 on this text; each rule is judged fitted to that (its deployed loss, 4.0, is not used)
+        return {"0.5": {"full_loss": 4.0, "static_loss": static_05, "static_keep": 0.55,
+                        "rules": {"adjacent": rule(4.2, 0.6), "extreme": rule(4.15, 0.605)}},
                 "0.25": {"full_loss": 4.0, "static_loss": 4.5, "static_keep": 0.3,
-                         "rules": {"adjacent": {"loss": 4.4, "keep": 0.3}, "extreme": {"loss": 4.45, "keep": 0.3}}}}
+                         "rules": {"adjacent": rule(4.4, 0.3, 0.3), "extreme": rule(4.45, 0.3, 0.3)}}}
 
     chosen = _choose(candidates, comparison(4.3), SimpleNamespace(fallback=True), 2)
-    assert chosen.budgets[0.5] == extreme and chosen.budgets[0.25] == adjacent
-    assert chosen.report["held_out"]["0.5"]["policy"] == "extreme"
-    assert chosen.report["held_out"]["0.5"]["increase_ratio"] == pytest.approx(0.15 / 0.3)
+    assert chosen.budgets[0.5] == adjacent and chosen.budgets[0.25] == adjacent  # the first that wins, in order
+    row = chosen.report["held_out"]["0.5"]
+    assert row["policy"] == "adjacent" and row["adaptive_keep"] == 0.6 and row["adaptive_loss"] == 4.2
+    assert row["increase_ratio"] == pytest.approx(0.2 / 0.3)  # at the table's keep, not as deployed
     lost = _choose(candidates, comparison(4.1), SimpleNamespace(fallback=True), 2)
     assert lost.budgets[0.5] == [LayerRule(math.inf, 0.5, 0.5)] * 2
-    assert lost.report["held_out"]["0.5"]["policy"].startswith("static")
+    assert lost.report["held_out"]["0.5"]["policy"].startswith("static (every adaptive rule lost")
     kept = _choose(candidates, comparison(4.1), SimpleNamespace(fallback=False), 2)
-    assert kept.budgets[0.5] == extreme
-    costly = comparison(4.3)
-    costly["0.5"]["rules"]["extreme"]["keep"] = 0.65  # won by spending more than its target (0.6): not eligible
-    assert _choose(candidates, costly, SimpleNamespace(fallback=True), 2).budgets[0.5] == adjacent
-    costly["0.5"]["rules"]["adjacent"]["keep"] = 0.62
-    static = [LayerRule(math.inf, 0.5, 0.5)] * 2
-    assert _choose(candidates, costly, SimpleNamespace(fallback=True), 2).budgets[0.5] == static
+    assert kept.budgets[0.5] == extreme  # no fallback: the lowest matched loss
+    drifting = comparison(4.3)
+    drifting["0.5"]["rules"]["adjacent"]["keep"] = 0.62  # deployed, 0.02 over its target on this text
+    assert _choose(candidates, drifting, SimpleNamespace(fallback=True), 2).budgets[0.5] == extreme
+    drifting["0.5"]["rules"]["extreme"]["matched_keep"] = 0.57  # its fit did not reach the table's keep
+    static = _choose(candidates, drifting, SimpleNamespace(fallback=True), 2)
+    assert static.budgets[0.5] == [LayerRule(math.inf, 0.5, 0.5)] * 2
+    assert static.report["held_out"]["0.5"]["policy"].startswith("static (every adaptive rule spent more")
+
+
+def test_a_policy_fitted_again_on_other_routing_meets_each_layers_goal_there_with_its_rules_kinds():
+    from flexc.ir.adaptive import ScoredLayer, layer_keeps, level_row, recalibrate
+
+    tables = _tables()
+    g = torch.Generator().manual_seed(3)
+    routing = [(torch.rand(3000, generator=g), torch.randint(0, 4, (3000,), generator=g)) for _ in range(2)]
+    scores = torch.rand(2, 4, 64, generator=g).sort(dim=-1, descending=True).values
+    # the routing as the policy runs: weights more confident, traffic moved to expert 0 (kept wide)
+    shifted = [((w ** 0.5), torch.where(torch.rand(3000, generator=g) < 0.3, 0, i)) for w, i in routing]
+    for rule in ("adjacent", "scores"):
+        policy = calibrate_policy(tables, routing, rule=rule, scores=scores)
+        goals = {0.5: layer_keeps(tables, 0.5, shifted)}
+        again = recalibrate(policy, tables, {0.5: shifted}, goals)
+        assert again.budgets[0.75] == policy.budgets[0.75]  # budgets not given stay as they were
+        for i, (before, after) in enumerate(zip(policy.budgets[0.5], again.budgets[0.5])):
+            assert (after.scale is None) == (before.scale is None)
+            assert (after.upper, after.lower) == (before.upper, before.lower)
+            weights, ids = shifted[i]
+            if after.scale is not None:
+                c = again.channels
+                widths = ScoredLayer(after.scale, c.mean_weight[i], c.bounds[i], c.granule, 64).widths(ids, weights)
+            else:
+                upper, lower = level_row(tables, after.upper, i), level_row(tables, after.lower, i)
+                widths = torch.where(weights >= after.threshold, upper[ids], lower[ids])
+            keep = float(widths.double().mean()) / 64
+            assert goals[0.5][i] - 0.01 <= keep <= goals[0.5][i] + 1e-9, (rule, i)
+            assert (after.scale, after.threshold) != (before.scale, before.threshold)  # the shift moved the fit
+        assert again.report["budgets"]["0.5"]["target_keep"] == pytest.approx(sum(goals[0.5]) / 2)
 
 
 def test_an_adaptive_nested_artifact_switches_live_and_its_rules_pick_the_levels(adaptive_compile):

@@ -270,7 +270,8 @@ def adaptive_rows(graph, state, label: str, evaluate_model, weights: torch.Tenso
                   params_weights: torch.Tensor) -> list[dict]:
     """One row per budget: ``evaluate_model``'s perplexity of the Hugging Face model on the state's adaptive
     policy, with the realised active keep of the policy (``active_keep``) and of the static table
-    (``static_active_keep``) on the same text."""
+    (``static_active_keep``) on the same text, and what the policy runs there (``policy``: a rule, or the static
+    table and why)."""
     from flexc.ir.adaptive import AdaptivePolicy, policy_layers, running, static_layers
 
     tables = state.checked_width_tables()
@@ -278,6 +279,7 @@ def adaptive_rows(graph, state, label: str, evaluate_model, weights: torch.Tenso
     modules = [graph.experts_module(g) for g in graph.groups]
     device = next(graph.model.parameters()).device
     full = torch.tensor([g.intermediate_size for g in graph.groups])
+    runs = policy.report.get("held_out", {})
     widths, out = graph.widths(), []
     try:
         for b, table in zip(tables.budgets, tables.tables):
@@ -290,7 +292,7 @@ def adaptive_rows(graph, state, label: str, evaluate_model, weights: torch.Tenso
                 out.append({"method": label, "keep_target": round(b, 6), "keep": keep_ratio(table, full, weights),
                             "params_keep": keep_ratio(table, full, params_weights), "active_keep": keep(),
                             "static_active_keep": static_keep, "loss": r.loss, "ppl": r.perplexity,
-                            "tokens": r.tokens})
+                            "tokens": r.tokens, "policy": runs.get(f"{b:g}", {}).get("policy", policy.rule)})
     finally:
         graph.set_widths(widths)
     return out

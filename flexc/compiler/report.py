@@ -154,7 +154,7 @@ def _state_records(state: CompileState) -> list[str]:
 
 def _adaptive_lines(policy: dict) -> list[str]:
     """The token-adaptive policy: per budget its target active keep and, on held-out text, what it realised and
-    its loss beside the static table's."""
+    its loss (fitted to the static table's keep there) beside the static table's."""
     report = policy.get("report") or {}
     held = report.get("held_out") or {}
     target = "each static table's active keep" if policy["target"] == "table" else "the budget as active keep"
@@ -165,8 +165,8 @@ def _adaptive_lines(policy: dict) -> list[str]:
         verdict = "better" if row["adaptive_loss"] < row["static_loss"] - 1e-6 else (
             "worse" if row["adaptive_loss"] > row["static_loss"] + 1e-6 else "the same")
         lines.append(f"  - keep {budget}: active keep {row['adaptive_keep']:.3f} on held-out text (target "
-                     f"{target:.3f}; static table {row['static_keep']:.3f}); loss {row['adaptive_loss']:.4f} vs "
-                     f"{row['static_loss']:.4f} static: {verdict}"
+                     f"{target:.3f}; static table {row['static_keep']:.3f}); loss at the table's keep "
+                     f"{row['adaptive_loss']:.4f} vs {row['static_loss']:.4f} static: {verdict}"
                      + (f"; runs {_runs(row.get('policy'))}" if row.get("policy") else ""))
     return lines
 

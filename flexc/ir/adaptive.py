@@ -340,7 +340,8 @@ def calibrate_policy(tables, routing: list[tuple[torch.Tensor, torch.Tensor]], *
                      target: str = "table", scores: torch.Tensor | None = None) -> AdaptivePolicy:
     """An :class:`AdaptivePolicy` for every budget of ``tables`` from the routing recorded on calibration text
     at full width (``routing[i]``: the routing weights and expert ids of MoE layer i's pairs, flat); the
-    ``scores`` rule reads the ranking's channel scores ``scores [L, E, I]``."""
+    ``scores`` rule reads the ranking's channel scores ``scores [L, E, I]``. :func:`recalibrate` then fits it
+    again on the routing the policy itself leads to."""
     if rule == "scores" and scores is None:
         raise ValueError("the scores rule needs the ranking's channel scores (rank_channels in this compile)")
     if rule not in RULES:
@@ -354,24 +355,66 @@ def calibrate_policy(tables, routing: list[tuple[torch.Tensor, torch.Tensor]], *
         rules, targets, achieved = [], [], []
         for i, (weights, ids) in enumerate(routing):
             full = int(tables.full[i])
-            rows = [level_row(tables, key, i) for key in levels]
-            keeps = [active_keep(r, ids, full) for r in rows]
+            keeps = [active_keep(level_row(tables, key, i), ids, full) for key in levels]
             goal = keeps[levels.index(budget)] if target == "table" else budget
             if channels is not None:
-                mean, bounds = channels.mean_weight[i], channels.bounds[i]
-                scale = calibrate_scale(weights, ids, mean, bounds, channels.granule, full, goal)
-                rules.append(LayerRule(scale=scale))
-                pair = ScoredLayer(scale, mean, bounds, channels.granule, full).widths(ids, weights)
+                kind = LayerRule(scale=1.0)
             else:
                 up, lo = choose_levels(keeps, goal, rule)
-                threshold = math.inf if up == lo else calibrate_threshold(weights, ids, rows[up], rows[lo], full, goal)
-                rules.append(LayerRule(threshold, levels[up], levels[lo]))
-                pair = torch.where(weights >= threshold, rows[up][ids], rows[lo][ids])
+                kind = LayerRule(math.inf, levels[up], levels[lo])
+            fitted, keep = fit_layer(kind, tables, i, weights, ids, goal, channels)
+            rules.append(fitted)
             targets.append(goal)
-            achieved.append(float(pair.double().mean()) / full if ids.numel() else 0.0)
+            achieved.append(keep)
         budgets[budget] = rules
         report[f"{budget:g}"] = {"target_keep": _mean(targets), "calibration_keep": _mean(achieved)}
     return AdaptivePolicy(rule, target, budgets, {"budgets": report}, channels)
+
+
+def fit_layer(rule: LayerRule, tables, index: int, weights: torch.Tensor, ids: torch.Tensor, goal: float,
+              channels: ChannelScores | None) -> tuple[LayerRule, float]:
+    """``rule`` (its kind: a scale, or two levels) for MoE layer ``index`` with its scale or threshold calibrated on
+    the pairs (``weights``, ``ids``) so that their active keep meets ``goal``; and the keep it realises on them."""
+    full = int(tables.full[index])
+    if rule.scale is not None:
+        mean, bounds = channels.mean_weight[index], channels.bounds[index]
+        scale = calibrate_scale(weights, ids, mean, bounds, channels.granule, full, goal)
+        fitted = LayerRule(scale=scale)
+        pair = ScoredLayer(scale, mean, bounds, channels.granule, full).widths(ids, weights)
+    else:
+        upper, lower = level_row(tables, rule.upper, index), level_row(tables, rule.lower, index)
+        same = abs(rule.upper - rule.lower) < 1e-9
+        threshold = math.inf if same else calibrate_threshold(weights, ids, upper, lower, full, goal)
+        fitted = LayerRule(threshold, rule.upper, rule.lower)
+        pair = torch.where(weights >= threshold, upper[ids], lower[ids])
+    return fitted, (float(pair.double().mean()) / full if ids.numel() else 0.0)
+
+
+def recalibrate(policy: AdaptivePolicy, tables, routing: dict[float, list[tuple[torch.Tensor, torch.Tensor]]],
+                goals: dict[float, list[float]]) -> AdaptivePolicy:
+    """``policy`` with each budget's layers in ``routing`` fitted again (:func:`fit_layer`) on that routing, to the
+    per-layer active keeps ``goals[budget]``; rule kinds, levels and channel scores stay.
+
+    Calibration records the routing at full width, but a policy prunes every layer, which moves the routing of the
+    layers after it: fitted again on the routing the policy leads to (the pass records it), the layers meet their
+    targets as the policy really runs. With ``goals`` the static table's keeps on some text, the policy spends the
+    table's compute there (the held-out check compares the two at equal cost this way)."""
+    budgets, report = dict(policy.budgets), {k: dict(v) for k, v in policy.report.get("budgets", {}).items()}
+    for budget, layers in routing.items():
+        rules, achieved = [], []
+        for i, (rule, (weights, ids)) in enumerate(zip(policy.rules(budget), layers)):
+            fitted, keep = fit_layer(rule, tables, i, weights, ids, goals[budget][i], policy.channels)
+            rules.append(fitted)
+            achieved.append(keep)
+        budgets[budget] = rules
+        report[f"{budget:g}"] = {**report.get(f"{budget:g}", {}), "target_keep": _mean(goals[budget]),
+                                 "calibration_keep": _mean(achieved)}
+    return AdaptivePolicy(policy.rule, policy.target, budgets, {**policy.report, "budgets": report}, policy.channels)
+
+
+def layer_keeps(tables, key: float, routing: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """Each MoE layer's active keep at level ``key`` (1.0 or a budget's static table) over ``routing``."""
+    return [active_keep(level_row(tables, key, i), ids, int(tables.full[i])) for i, (_, ids) in enumerate(routing)]
 
 
 def _mean(values: list[float]) -> float:

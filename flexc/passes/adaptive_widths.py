@@ -1,21 +1,24 @@
 """``adaptive_widths``: a token-adaptive width policy for the nested artifact (:mod:`flexc.ir.adaptive`).
 
 Runs after the widths are final (a width pass, ``fold_masks``, ``recover``, ``quantize``). It records
-every MoE layer's routing on the calibration text at full width, then calibrates, per budget, layer
+every MoE layer's routing on the calibration text at full width and calibrates, per budget, layer
 and candidate rule, the scale of the ``scores`` rule (a pair keeps the channels whose score times its
 routing weight clears it) or the routing-weight threshold between two levels of the artifact, so that
-the layer's active keep meets its target. It then runs
-the held-out text that follows the calibration set (documents no calibration window touched) with
-each budget's static table and with each candidate rule, and reports every loss and realised active
-keep (``adaptive_widths.json``). Each budget runs the rule with the lowest held-out loss at no more
-active keep than its table (``rule: auto``), or its static table where every rule loses there
-(``fallback``). The policy goes to ``state.adaptive_policy``; the nested export stores it and
-``flexc.load(..., adaptive=True)`` / ``model.set_budget(b, adaptive=True)`` run it.
-Weights and tables are unchanged.
+the layer's active keep meets its target. Each candidate is then fitted again on the routing it leads to
+as it runs (pruning a layer moves the routing of the layers after it), to the keep the static table
+realises as it runs. It then runs the held-out text that follows the calibration set (documents no
+calibration window touched) with each budget's static table and with each candidate, fitted once more to
+the table's keep on that text so the two compare at equal compute, and reports every loss and realised
+active keep (``adaptive_widths.json``). Each budget runs the first candidate (``scores``, ``adjacent``,
+``extreme``) that wins there without its compute drifting with the text, or its static table where none
+does (``fallback``). The policy goes to
+``state.adaptive_policy``; the nested export stores it and ``flexc.load(..., adaptive=True)`` /
+``model.set_budget(b, adaptive=True)`` run it. Weights and tables are unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -24,8 +27,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from flexc.ir.adaptive import (LEVEL_RULES, RULES, TARGETS, AdaptivePolicy, LayerRule, calibrate_policy, policy_layers, running,
-                               static_layers)
+from flexc.ir.adaptive import (LEVEL_RULES, RULES, TARGETS, AdaptivePolicy, LayerRule, calibrate_policy, layer_keeps,
+                               policy_layers, recalibrate, running, static_layers)
 from flexc.ir.op import observe_expert_forward
 from flexc.passes.base import Pass, PassContext, PassOptions, PassResult
 from flexc.passes.calibrate import layer_keys, next_token_loss
@@ -33,8 +36,8 @@ from flexc.utils.atomic import atomic_write_text
 from flexc.utils.progress import progress_bar
 
 REPORT = "adaptive_widths.json"
-# A rule may realise at most this much more active keep on the held-out text than its calibrated target: the
-# choice compares rules at (nearly) their calibrated cost, not one that won by spending more on new text.
+# A rule may realise at most this much more active keep on the held-out text than its calibrated target (a rule
+# whose compute drifts with the text is not deployed), and its fit to the table's keep there must come this close.
 KEEP_SLACK = 0.01
 # Passes that change weights or widths: after adaptive_widths they would leave its thresholds calibrated on
 # another model.
@@ -46,7 +49,8 @@ class AdaptiveWidthsOptions(PassOptions):
                                             "its channels whose score times weight clears a bar (scores), or a "
                                             "threshold between the levels just above and below the target (adjacent) "
                                             "or between full width and the narrowest table (extreme); auto: per budget "
-                                            "the rule with the lowest held-out loss (scores without held-out text).")
+                                            "the first of these that beats the static table on held-out text at its "
+                                            "keep (scores without held-out text).")
     target: Literal[TARGETS] = Field("table", description="Each budget's active keep per routed pair: the static "
                                      "table's own on the calibration text (table: the same compute per token, better "
                                      "spent) or the budget itself (budget).")
@@ -83,19 +87,23 @@ class AdaptiveWidths(Pass):
         opts = self.options
         tables = ctx.state.checked_width_tables()
         calibration = ctx.calibration_batches()
-        routing = _full_width_routing(graph, calibration, ctx)
+        if not hasattr(calibration, "__len__"):  # batches given as a stream: this pass reads them several times
+            calibration = list(calibration)
+        routing = _run(graph, calibration, None, ctx, "adaptive_widths: routing")["routing"]
         following = getattr(calibration, "following", None)
         held = following(opts.held_out, strict=False) if opts.held_out and following is not None else []
         scores = ctx.state.channel_scores
         if opts.rule == "scores" and scores is None:
             raise ValueError("adaptive_widths: rule 'scores' needs the ranking's channel scores, which this compile "
                              "does not have; use rule adjacent or extreme")
+        # auto: scores first (see _choose); the level rules where there are no channel scores
         usable = RULES if scores is not None else LEVEL_RULES
         rules = (opts.rule,) if opts.rule != "auto" else usable if held else usable[:1]
         candidates = {r: calibrate_policy(tables, routing, rule=r, target=opts.target, scores=scores) for r in rules}
+        candidates = _as_run(graph, tables, candidates, calibration, opts.target, ctx)
         policy = candidates[rules[0]]
         if held:
-            comparison = _compare_on(graph, tables, candidates, held, ctx)
+            comparison = _compare_on(graph, tables, candidates, held, opts.target, ctx)
             policy = _choose(candidates, comparison, opts, len(graph.groups))
         elif opts.held_out:
             ctx.logger.warning("adaptive_widths: no held-out text after the calibration set (batches given directly, "
@@ -108,33 +116,60 @@ class AdaptiveWidths(Pass):
         ctx.state.adaptive_policy = record
         for budget, row in policy.report.get("held_out", {}).items():
             ctx.logger.info("adaptive_widths: keep %s: active keep %.3f adaptive vs %.3f static (target %.3f); "
-                            "held-out loss %.4f vs %.4f: runs %s", budget, row["adaptive_keep"], row["static_keep"],
-                            policy.report["budgets"][budget]["target_keep"], row["adaptive_loss"], row["static_loss"],
-                            row["policy"])
+                            "held-out loss at the static table's keep %.4f vs %.4f: runs %s", budget,
+                            row["adaptive_keep"], row["static_keep"], policy.report["budgets"][budget]["target_keep"],
+                            row["adaptive_loss"], row["static_loss"], row["policy"])
         return PassResult(graph=graph, modified=False, changed_nodes=set())
 
 
+def _goals(tables, budget: float, target: str, static_routing) -> list[float]:
+    """Each layer's target active keep at ``budget``: the static table's own on ``static_routing`` (the routing the
+    table leads to), or the budget itself."""
+    return layer_keeps(tables, budget, static_routing) if target == "table" else [budget] * len(static_routing)
+
+
+def _as_run(graph, tables, candidates: dict[str, AdaptivePolicy], batches, target: str,
+            ctx: PassContext) -> dict[str, AdaptivePolicy]:
+    """Each candidate fitted again (:func:`~flexc.ir.adaptive.recalibrate`) on the calibration routing it leads to,
+    to the keep the static table realises as it runs: pruning a layer moves the routing of the layers after it, so a
+    policy calibrated at full width would not spend its table's compute."""
+    routing: dict[str, dict[float, list]] = {r: {} for r in candidates}
+    goals: dict[float, list[float]] = {}
+    for budget in progress_bar(tables.budgets, description="adaptive_widths: calibration as run", disable=ctx.quiet):
+        static = _run(graph, batches, static_layers(tables, budget, _device(graph)), ctx)["routing"]
+        goals[budget] = _goals(tables, budget, target, static)
+        for r, policy in candidates.items():
+            routing[r][budget] = _run(graph, batches, policy_layers(policy, tables, budget, _device(graph)), ctx)["routing"]
+    return {r: recalibrate(policy, tables, routing[r], goals) for r, policy in candidates.items()}
+
+
 def _choose(candidates: dict[str, AdaptivePolicy], comparison: dict, opts, layers: int) -> AdaptivePolicy:
-    """Per budget, the candidate rule with the lowest held-out loss among those whose held-out active keep is at
-    most :data:`KEEP_SLACK` above the calibrated target (else the one spending least); with ``fallback``, the static
-    table where that loss is higher than the table's or no rule is within the slack. The report gives every
-    candidate's loss and keep, and what runs."""
+    """Per budget, the first candidate (in :data:`~flexc.ir.adaptive.RULES` order: ``scores`` first) that is
+    eligible and beats the static table on held-out text at the table's keep (``matched_loss``: the rule fitted to
+    spend, on that text, what the table spends there, so no rule wins by spending more). Eligible: as deployed it
+    realises at most :data:`KEEP_SLACK` more active keep there than its calibrated target (a rule whose compute
+    drifts with the text is not trusted with it), and its fit reached the table's keep. Where none wins, the static
+    table (``fallback``), else the eligible candidate with the lowest matched loss. The report gives every
+    candidate's loss and keep as deployed and as matched, and what runs."""
     first = next(iter(candidates.values()))
     budgets, held = {}, {}
     for key in first.budgets:
         row = comparison[f"{key:g}"]
-        bound = first.report["budgets"][f"{key:g}"]["target_keep"] + KEEP_SLACK
-        within = [r for r in candidates if row["rules"][r]["keep"] <= bound]
-        best = (min(within, key=lambda r: row["rules"][r]["loss"]) if within else
-                min(candidates, key=lambda r: row["rules"][r]["keep"]))
+        rules = row["rules"]
+        target = first.report["budgets"][f"{key:g}"]["target_keep"]
+        within = [r for r in candidates if rules[r]["keep"] <= target + KEEP_SLACK
+                  and rules[r]["matched_keep"] <= row["static_keep"] + KEEP_SLACK]
+        winners = [r for r in within if rules[r]["matched_loss"] < row["static_loss"]]
+        best = (winners[0] if winners else min(within, key=lambda r: rules[r]["matched_loss"]) if within else
+                min(candidates, key=lambda r: rules[r]["keep"]))
         budgets[key] = candidates[best].budgets[key]
-        row.update({"policy": best, "adaptive_loss": row["rules"][best]["loss"],
-                    "adaptive_keep": row["rules"][best]["keep"]})
+        row.update({"policy": best, "adaptive_loss": rules[best]["matched_loss"], "adaptive_keep": rules[best]["keep"],
+                    "deployed_loss": rules[best]["loss"], "matched_keep": rules[best]["matched_keep"]})
         increase = row["static_loss"] - row["full_loss"]
         row["increase_ratio"] = (row["adaptive_loss"] - row["full_loss"]) / increase if increase > 0 else None
-        if opts.fallback and (row["adaptive_loss"] > row["static_loss"] or not within):
+        if opts.fallback and not winners:
             budgets[key] = [LayerRule(math.inf, key, key)] * layers
-            row["policy"] = ("static (every adaptive rule lost on held-out text)" if within else
+            row["policy"] = ("static (every adaptive rule lost on held-out text at the table's keep)" if within else
                              "static (every adaptive rule spent more active keep than its target on held-out text)")
         held[f"{key:g}"] = row
     report = {**first.report, "budgets": {b: {**v, "calibration_keep_by_rule": {
@@ -144,8 +179,10 @@ def _choose(candidates: dict[str, AdaptivePolicy], comparison: dict, opts, layer
     return AdaptivePolicy(first.rule, first.target, budgets, report, channels)
 
 
-def _full_width_routing(graph, batches, ctx: PassContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each MoE layer's routing weights and expert ids over ``batches`` (flat), the model at full width."""
+def _run(graph, batches, layers, ctx: PassContext, description: str | None = None) -> dict:
+    """The model over ``batches`` with its MoE layers running ``layers`` (:class:`~flexc.ir.adaptive.AdaptiveLayer`
+    each; None: full width): each layer's routing (weights and expert ids, flat), the next-token loss and the
+    realised active keep (None at full width)."""
     keys = layer_keys(graph)
     weights: list[list[torch.Tensor]] = [[] for _ in graph.groups]
     ids: list[list[torch.Tensor]] = [[] for _ in graph.groups]
@@ -156,52 +193,56 @@ def _full_width_routing(graph, batches, ctx: PassContext) -> list[tuple[torch.Te
             weights[layer].append(info["topk_weights"].detach().reshape(-1).float().cpu())
             ids[layer].append(info["topk_ids"].reshape(-1).cpu())
 
+    modules = [graph.experts_module(g) for g in graph.groups]
+    device = _device(graph)
     widths = graph.widths()
-    graph.set_widths(None)
+    total, tokens, keep = 0.0, 0, None
+    if layers is None:
+        graph.set_widths(None)
     try:
-        with torch.no_grad(), observe_expert_forward(observe):
-            for batch in progress_bar(batches, total=len(batches) if hasattr(batches, "__len__") else None,
-                                      description="adaptive_widths: routing", disable=ctx.quiet):
-                _logits(graph, batch)
+        with torch.no_grad(), observe_expert_forward(observe), \
+                (running(modules, layers) if layers else contextlib.nullcontext()) as kept:
+            for batch in progress_bar(batches, total=len(batches), description=description,
+                                      disable=ctx.quiet or description is None):
+                batch = batch.to(device)
+                total += float(next_token_loss(_logits(graph, batch), batch)) * batch[:, 1:].numel()
+                tokens += batch[:, 1:].numel()
+        keep = kept() if layers else None
     finally:
         graph.set_widths(widths)
-    return [(torch.cat(w) if w else torch.zeros(0), torch.cat(i) if i else torch.zeros(0, dtype=torch.long))
-            for w, i in zip(weights, ids)]
+    routing = [(torch.cat(w) if w else torch.zeros(0), torch.cat(i) if i else torch.zeros(0, dtype=torch.long))
+               for w, i in zip(weights, ids)]
+    return {"routing": routing, "loss": total / max(1, tokens), "keep": keep}
+
+
+def _device(graph) -> torch.device:
+    return next(graph.model.parameters()).device
 
 
 def _logits(graph, ids: torch.Tensor) -> torch.Tensor:
     """The model's logits as the nested artifact runs it (the Hugging Face model on the flexc op: no
     training-time gates a graph may still hold)."""
-    ids = ids.to(next(graph.model.parameters()).device)
+    ids = ids.to(_device(graph))
     return graph.model(input_ids=ids, use_cache=False).logits
 
 
-def _compare_on(graph, tables, candidates: dict[str, AdaptivePolicy], held: list[torch.Tensor],
+def _compare_on(graph, tables, candidates: dict[str, AdaptivePolicy], held: list[torch.Tensor], target: str,
                 ctx: PassContext) -> dict:
-    """Per budget, on ``held``: the held-out loss and realised active keep of the static table and of each
-    candidate policy (``rules``), beside full width's loss."""
-    modules = [graph.experts_module(g) for g in graph.groups]
-    device = next(graph.model.parameters()).device
-    widths = graph.widths()
-
-    def run(layers) -> dict:
-        total, tokens = 0.0, 0
-        with torch.no_grad(), running(modules, layers) as keep:
-            for ids in held:
-                ids = ids.to(device)
-                total += float(next_token_loss(_logits(graph, ids), ids)) * ids[:, 1:].numel()
-                tokens += ids[:, 1:].numel()
-            return {"loss": total / max(1, tokens), "keep": keep()}
-
+    """Per budget, on ``held``: full width's loss, the static table's loss and realised active keep, and each
+    candidate policy's (``rules``) as deployed (``loss``, ``keep``) and fitted again to the table's keep on this
+    text (``matched_loss``, ``matched_keep``)."""
+    full = _run(graph, held, None, ctx)
     out = {}
-    try:
-        full = run(static_layers(tables, 1.0, device))
-        for budget in progress_bar(tables.budgets, description="adaptive_widths: held-out check", disable=ctx.quiet):
-            static = run(static_layers(tables, budget, device))
-            out[f"{budget:g}"] = {
-                "full_loss": full["loss"], "static_loss": static["loss"], "static_keep": static["keep"],
-                "rules": {r: run(policy_layers(c, tables, budget, device)) for r, c in candidates.items()},
-                "sequences": sum(len(b) for b in held)}
-    finally:
-        graph.set_widths(widths)
+    for budget in progress_bar(tables.budgets, description="adaptive_widths: held-out check", disable=ctx.quiet):
+        static = _run(graph, held, static_layers(tables, budget, _device(graph)), ctx)
+        goals = {budget: _goals(tables, budget, target, static["routing"])}
+        rules = {}
+        for r, policy in candidates.items():
+            deployed = _run(graph, held, policy_layers(policy, tables, budget, _device(graph)), ctx)
+            matched = recalibrate(policy, tables, {budget: deployed["routing"]}, goals)
+            fitted = _run(graph, held, policy_layers(matched, tables, budget, _device(graph)), ctx)
+            rules[r] = {"loss": deployed["loss"], "keep": deployed["keep"], "matched_loss": fitted["loss"],
+                        "matched_keep": fitted["keep"]}
+        out[f"{budget:g}"] = {"full_loss": full["loss"], "static_loss": static["loss"], "static_keep": static["keep"],
+                              "rules": rules, "sequences": sum(len(b) for b in held)}
     return out
