@@ -9,9 +9,9 @@ as it runs (pruning a layer moves the routing of the layers after it), to the ke
 realises as it runs. It then runs the held-out text that follows the calibration set (documents no
 calibration window touched) with each budget's static table and with each candidate, fitted once more to
 the table's keep on that text so the two compare at equal compute, and reports every loss and realised
-active keep (``adaptive_widths.json``). Each budget runs the first candidate (``scores``, ``adjacent``,
-``extreme``) that wins there without its compute drifting with the text, or its static table where none
-does (``fallback``). The policy goes to
+active keep (``adaptive_widths.json``). Each budget runs the candidate (``rule: auto``: ``scores`` where the
+compile ranked channels, else the first of ``adjacent``, ``extreme``) that wins there, or its static table
+where none does (``fallback``). The policy goes to
 ``state.adaptive_policy``; the nested export stores it and ``flexc.load(..., adaptive=True)`` /
 ``model.set_budget(b, adaptive=True)`` run it. Weights and tables are unchanged.
 """
@@ -36,8 +36,7 @@ from flexc.utils.atomic import atomic_write_text
 from flexc.utils.progress import progress_bar
 
 REPORT = "adaptive_widths.json"
-# A rule may realise at most this much more active keep on the held-out text than its calibrated target (a rule
-# whose compute drifts with the text is not deployed), and its fit to the table's keep there must come this close.
+# How close a rule's fit to the static table's keep on the held-out text must come for its loss there to count.
 KEEP_SLACK = 0.01
 # Passes that change weights or widths: after adaptive_widths they would leave its thresholds calibrated on
 # another model.
@@ -48,9 +47,9 @@ class AdaptiveWidthsOptions(PassOptions):
     rule: Literal[("auto", *RULES)] = Field("auto", description="How a pair's width follows its routing weight: "
                                             "its channels whose score times weight clears a bar (scores), or a "
                                             "threshold between the levels just above and below the target (adjacent) "
-                                            "or between full width and the narrowest table (extreme); auto: per budget "
-                                            "the first of these that beats the static table on held-out text at its "
-                                            "keep (scores without held-out text).")
+                                            "or between full width and the narrowest table (extreme); auto: scores "
+                                            "where the compile ranked channels, else per budget the first level rule "
+                                            "that beats the static table on held-out text at its keep.")
     target: Literal[TARGETS] = Field("table", description="Each budget's active keep per routed pair: the static "
                                      "table's own on the calibration text (table: the same compute per token, better "
                                      "spent) or the budget itself (budget).")
@@ -96,9 +95,10 @@ class AdaptiveWidths(Pass):
         if opts.rule == "scores" and scores is None:
             raise ValueError("adaptive_widths: rule 'scores' needs the ranking's channel scores, which this compile "
                              "does not have; use rule adjacent or extreme")
-        # auto: scores first (see _choose); the level rules where there are no channel scores
-        usable = RULES if scores is not None else LEVEL_RULES
-        rules = (opts.rule,) if opts.rule != "auto" else usable if held else usable[:1]
+        # auto: the scores rule where the compile ranked channels (docs/adaptive.md has the comparison), else the
+        # level rules, the first that wins on held-out text
+        rules = ((opts.rule,) if opts.rule != "auto" else ("scores",) if scores is not None else
+                 LEVEL_RULES if held else LEVEL_RULES[:1])
         candidates = {r: calibrate_policy(tables, routing, rule=r, target=opts.target, scores=scores) for r in rules}
         candidates = _as_run(graph, tables, candidates, calibration, opts.target, ctx)
         policy = candidates[rules[0]]
@@ -144,24 +144,20 @@ def _as_run(graph, tables, candidates: dict[str, AdaptivePolicy], batches, targe
 
 
 def _choose(candidates: dict[str, AdaptivePolicy], comparison: dict, opts, layers: int) -> AdaptivePolicy:
-    """Per budget, the first candidate (in :data:`~flexc.ir.adaptive.RULES` order: ``scores`` first) that is
-    eligible and beats the static table on held-out text at the table's keep (``matched_loss``: the rule fitted to
-    spend, on that text, what the table spends there, so no rule wins by spending more). Eligible: as deployed it
-    realises at most :data:`KEEP_SLACK` more active keep there than its calibrated target (a rule whose compute
-    drifts with the text is not trusted with it), and its fit reached the table's keep. Where none wins, the static
-    table (``fallback``), else the eligible candidate with the lowest matched loss. The report gives every
+    """Per budget, the first candidate (in the order given) that beats the static table on held-out text at the
+    table's keep (``matched_loss``: the rule fitted to spend, on that text, what the table spends there, so no rule
+    wins by spending more; a fit that did not come within :data:`KEEP_SLACK` of it does not count). Where none
+    wins, the static table (``fallback``), else the candidate with the lowest matched loss. The report gives every
     candidate's loss and keep as deployed and as matched, and what runs."""
     first = next(iter(candidates.values()))
     budgets, held = {}, {}
     for key in first.budgets:
         row = comparison[f"{key:g}"]
         rules = row["rules"]
-        target = first.report["budgets"][f"{key:g}"]["target_keep"]
-        within = [r for r in candidates if rules[r]["keep"] <= target + KEEP_SLACK
-                  and rules[r]["matched_keep"] <= row["static_keep"] + KEEP_SLACK]
+        within = [r for r in candidates if rules[r]["matched_keep"] <= row["static_keep"] + KEEP_SLACK]
         winners = [r for r in within if rules[r]["matched_loss"] < row["static_loss"]]
         best = (winners[0] if winners else min(within, key=lambda r: rules[r]["matched_loss"]) if within else
-                min(candidates, key=lambda r: rules[r]["keep"]))
+                min(candidates, key=lambda r: rules[r]["matched_keep"]))
         budgets[key] = candidates[best].budgets[key]
         row.update({"policy": best, "adaptive_loss": rules[best]["matched_loss"], "adaptive_keep": rules[best]["keep"],
                     "deployed_loss": rules[best]["loss"], "matched_keep": rules[best]["matched_keep"]})
@@ -170,7 +166,7 @@ def _choose(candidates: dict[str, AdaptivePolicy], comparison: dict, opts, layer
         if opts.fallback and not winners:
             budgets[key] = [LayerRule(math.inf, key, key)] * layers
             row["policy"] = ("static (every adaptive rule lost on held-out text at the table's keep)" if within else
-                             "static (every adaptive rule spent more active keep than its target on held-out text)")
+                             "static (no adaptive rule could be fitted to the table's keep on held-out text)")
         held[f"{key:g}"] = row
     report = {**first.report, "budgets": {b: {**v, "calibration_keep_by_rule": {
         r: c.report["budgets"][b]["calibration_keep"] for r, c in candidates.items()}}
