@@ -83,6 +83,25 @@ def test_per_request_budgets_add_the_processor_and_turn_prefix_caching_off(artif
     assert "per-request budgets need the nested artifact" in "".join(capsys.readouterr())
 
 
+def test_a_requests_choice_of_the_adaptive_policy_is_checked_on_admission():
+    from types import SimpleNamespace
+
+    from flexc.serving.requests import check_adaptive, requested_budget
+
+    assert check_adaptive(True, available=True) is True and check_adaptive(False, available=False) is False
+    with pytest.raises(ValueError, match="flexc_adaptive must be true or false; got 'yes'"):
+        check_adaptive("yes", available=True)
+    with pytest.raises(ValueError, match="flexc_adaptive: the served artifact has no token-adaptive policy"):
+        check_adaptive(True, available=False)
+
+    def asked(**extra):
+        return requested_budget(SimpleNamespace(extra_args=extra or None))
+
+    assert asked() is None  # neither: the request runs as the engine does
+    assert asked(flexc_budget=0.5) == (0.5, None) and asked(flexc_adaptive=True) == (None, True)
+    assert asked(flexc_budget="0.4", flexc_adaptive=False) == (0.4, False)
+
+
 @pytest.mark.parametrize("which", ["missing", "stock"])
 def test_what_is_not_a_flexc_artifact_is_refused(which, moe_dir, tmp_path, capsys):
     directory = tmp_path / "nothing" if which == "missing" else moe_dir

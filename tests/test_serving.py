@@ -266,6 +266,35 @@ def test_requests_of_different_budgets_share_one_batch(engine):
     assert run([None, None, None]) == [refs[BUDGETS[0]][i] for i in range(3)], name
 
 
+def test_requests_choose_the_adaptive_policy_or_the_static_table_in_one_batch(engine):
+    """A request may ask for the adaptive policy at its budget (``flexc_adaptive``) beside requests on static
+    tables in the same batch; a request that does not say runs as the engine does (adaptive or not), also when
+    others in its batch ask for something else."""
+    from vllm import SamplingParams
+
+    from flexc.serving import get_budget, set_budget
+
+    name, llm, ids, refs = engine
+    assert refs[ADAPTIVE][0] != refs[BUDGETS[1]][0], f"{name}: the policy must change the first prompt's tokens"
+
+    def run(asks):
+        params = [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra or None)
+                  for extra in asks]
+        outs = llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    set_budget(llm, BUDGETS[0])  # a static engine: one request asks for the policy at the lower budget
+    assert run([{"flexc_budget": BUDGETS[1], "flexc_adaptive": True}, {}, {"flexc_budget": BUDGETS[1]}]) == [
+        refs[ADAPTIVE][0], refs[BUDGETS[0]][1], refs[BUDGETS[1]][2]], name
+    assert get_budget(llm)["most_budgets_in_a_pass"] >= 3  # (0.4, adaptive), (0.75, static), (0.4, static)
+    set_budget(llm, BUDGETS[1], adaptive=True)  # an adaptive engine: requests that do not say run the policy
+    assert run([{}, {"flexc_adaptive": False}, {"flexc_budget": 1.0}]) == [
+        refs[ADAPTIVE][0], refs[BUDGETS[1]][1], refs[None][2]], name
+    with pytest.raises(Exception, match="flexc_adaptive must be true or false; got 'yes'"):
+        run([{"flexc_adaptive": "yes"}, {}, {}])
+    set_budget(llm, BUDGETS[0])
+
+
 @pytest.mark.parametrize("graphs, caching, message", [(True, False, "CUDA graphs"), (False, True, "prefix caching off")])
 def test_per_request_budgets_refuse_what_would_mix_budgets(monkeypatch, graphs, caching, message):
     """Captured CUDA graphs would replay one pass's grouping by budget; with prefix caching a KV block of one

@@ -99,9 +99,10 @@ def serve(directory: str | Path, budget: float | None = None, host: str | None =
           experts_kernel: str | None = None) -> list[str]:
     """Check the artifact, then replace this process with vLLM's server (``dry_run``: return the command).
 
-    ``per_request``: requests may name their budget (``vllm_xargs: {"flexc_budget": KEEP}``), checked
-    by the server against the artifact's budgets (see :mod:`flexc.serving.requests`)."""
-    from flexc.serving.requests import BUDGETS_ENV
+    ``per_request``: requests may name their budget (``vllm_xargs: {"flexc_budget": KEEP}``) and ask for the
+    adaptive policy (``"flexc_adaptive": true``), checked by the server against the artifact's budgets and
+    policy (see :mod:`flexc.serving.requests`)."""
+    from flexc.serving.requests import ADAPTIVE_ENV, BUDGETS_ENV
 
     directory = Path(directory)
     artifact = check_artifact(directory, budget, per_request, experts_kernel)
@@ -113,6 +114,7 @@ def serve(directory: str | Path, budget: float | None = None, host: str | None =
     environment = server_environment(dict(os.environ))
     if per_request:
         environment[BUDGETS_ENV] = ",".join(f"{b:g}" for b in served_budgets(artifact))
+        environment[ADAPTIVE_ENV] = "1" if artifact.policy is not None else "0"
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, cmd, environment)

@@ -44,10 +44,10 @@ class BudgetControl:
         self.budget: float | None = None
         self.rows: dict[float, list[torch.Tensor]] = {}
         self._position = {layer: i for i, layer in enumerate(sorted(blocks))}
-        self._warned: set[float] = set()
+        self._warned: set = set()  # requested budgets (and "adaptive") already warned about
         self._groups, self._groups_for = None, None
         self._token_rows = None  # [T]: each token's position in this pass's groups (pair_widths)
-        self.most_budgets_in_a_pass = 1  # the most budgets one forward pass ran (per-request budgets)
+        self.most_budgets_in_a_pass = 1  # the most budgets (or modes of one) a forward pass ran (per-request)
         self.policy = artifact.policy  # the token-adaptive policy (nested artifacts that have one)
         self.adaptive = False  # whether the engine's budget runs it
         self._rules: dict[float, list] = {}  # budget -> each layer's AdaptiveLayer
@@ -168,6 +168,23 @@ class BudgetControl:
 
     # -- per-request budgets (flexc.serving.requests) ---------------------------------------
 
+    def request_key(self, requested: tuple[float | None, bool | None]) -> tuple[float, bool]:
+        """How a request runs, from what it asked for (:func:`flexc.serving.requests.requested_budget`): its
+        budget (:meth:`resolve`; the engine's if it names none) and whether on the adaptive policy (as asked, else
+        as the engine runs; never at full width, which has no policy; never without a policy, with a warning)."""
+        keep, adaptive = requested
+        budget = self.budget if keep is None else self.resolve(keep)
+        adaptive = (self.adaptive if adaptive is None else adaptive) and budget != 1.0
+        if adaptive and self.policy is None:
+            if "adaptive" not in self._warned:
+                self._warned.add("adaptive")
+                logger.warning("flexc: a request asks for the token-adaptive policy, which %s does not have; it runs "
+                               "its budget's static table", self.directory)
+            adaptive = False
+        if adaptive:
+            self._adaptive_rules(budget)
+        return budget, adaptive
+
     def resolve(self, requested: float) -> float:
         """The exported budget a request asking for ``requested`` runs at: the same one, else the largest
         below it (the smallest if none is), with a warning."""
@@ -182,8 +199,8 @@ class BudgetControl:
                            "(budgets: %s)", requested, self.directory, key, self.budgets)
         return key
 
-    def groups(self, num_tokens: int) -> list[tuple[float, torch.Tensor]] | None:
-        """This forward pass's tokens by budget (None: all at the engine's budget); computed once per
+    def groups(self, num_tokens: int) -> list[tuple[tuple[float, bool], torch.Tensor]] | None:
+        """This forward pass's tokens by (budget, adaptive) (None: all as the engine runs); computed once per
         pass, by the first MoE block that asks."""
         from flexc.serving.requests import active, current_pass, token_groups
 
@@ -191,7 +208,7 @@ class BudgetControl:
             return None
         context = current_pass()
         if context is None or self._groups_for is not context:
-            self._groups = token_groups(list(self.rows), self.budget, num_tokens, self.resolve)
+            self._groups = token_groups((self.budget, self.adaptive), num_tokens, self.request_key)
             self._groups_for, self._token_rows = context, None
             self.most_budgets_in_a_pass = max(self.most_budgets_in_a_pass, len(self._groups or [None]))
             if self._groups:  # (None where every token runs at the engine's budget)
@@ -221,19 +238,26 @@ class BudgetControl:
     def row(self, budget: float, layer: int) -> torch.Tensor:
         return self.rows[budget][self._position[layer]]
 
-    def pair_widths(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
-        """This pass's width of every routed pair at ``layer`` (``[T, k]``, like ``ids``): each token's
-        experts at its request's budget, for one op call over the whole mixed batch (one budget in the
-        pass: its per-expert row ``[E]``)."""
+    def pair_widths(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """This pass's width of every routed pair at ``layer`` (``[T, k]``, like ``ids``): each token's experts at
+        its request's budget, on that budget's table or its adaptive policy (from the pair's routing weight in
+        ``weights``), for one op call over the whole mixed batch (one static budget in the pass: its row ``[E]``)."""
+        position = self._position[layer]
         if len(self._groups) == 1:
-            return self.row(self._groups[0][0], layer)
+            (budget, adaptive), _ = self._groups[0]
+            return self._rules[budget][position].widths(ids, weights) if adaptive else self.row(budget, layer)
         if self._token_rows is None:  # once per pass, by the first block that asks
             rows = torch.empty(ids.shape[0], dtype=torch.long)
             for i, (_, tokens) in enumerate(self._groups):
                 rows[tokens] = i
             self._token_rows = rows.to(ids.device)
-        stacked = torch.stack([self.row(budget, layer) for budget, _ in self._groups])  # [budgets, E]
-        return stacked[self._token_rows[:, None], ids]
+        stacked = torch.stack([self.row(budget, layer) for (budget, _), _ in self._groups])  # [groups, E]
+        widths = stacked[self._token_rows[:, None], ids]
+        for (budget, adaptive), tokens in self._groups:
+            if adaptive:
+                tokens = tokens.to(ids.device)
+                widths[tokens] = self._rules[budget][position].widths(ids[tokens], weights[tokens]).to(widths.dtype)
+        return widths
 
 
 @contextmanager

@@ -346,8 +346,8 @@ class FlexcMoeBlock(nn.Module):
             return self.experts(x, ids, weights, self.control.adaptive_widths(self.layer, ids, weights))
         if groups is None:
             return self.experts(x, ids, weights)
-        # per-request budgets in one call: each routed pair at the widths of its token's budget
-        return self.experts(x, ids, weights, self.control.pair_widths(self.layer, ids))
+        # per-request budgets in one call: each routed pair at the widths of its token's budget (and mode)
+        return self.experts(x, ids, weights, self.control.pair_widths(self.layer, ids, weights))
 
     def _dequantized(self, index: int, part: str, kind: str, tensor: torch.Tensor) -> torch.Tensor | None:
         """A quantized bucket's weights (``codes * scale``) once its packed codes and its scales have both

@@ -3,7 +3,9 @@
 A request asks for a budget in its sampling parameters' ``extra_args`` (offline:
 ``SamplingParams(extra_args={"flexc_budget": 0.5})``; through the OpenAI server:
 ``extra_body={"vllm_xargs": {"flexc_budget": 0.5}}``); a request that names none runs at the
-engine's budget (chosen at load, switched with :func:`flexc.serving.set_budget`).
+engine's budget (chosen at load, switched with :func:`flexc.serving.set_budget`). ``"flexc_adaptive":
+true`` (or false) runs the request on the artifact's token-adaptive policy at its budget (or its
+static table); a request that does not say runs as the engine does.
 
 :class:`FlexcBudgets` is the vLLM logits processor that carries those budgets from the requests
 to the model (enabled with ``logits_processors=["flexc.serving.requests:FlexcBudgets"]``;
@@ -37,17 +39,22 @@ import torch
 logger = logging.getLogger("flexc.serving")
 
 EXTRA_ARG = "flexc_budget"
+ADAPTIVE_ARG = "flexc_adaptive"
 BUDGETS_ENV = "FLEXC_SERVED_BUDGETS"  # comma-separated keep ratios the front end accepts
+ADAPTIVE_ENV = "FLEXC_SERVED_ADAPTIVE"  # "0": the served artifact has no adaptive policy (the front end refuses it)
 PROCESSOR = "flexc.serving.requests:FlexcBudgets"
 
 _ACTIVE: list["FlexcBudgets"] = []  # the processor of this worker process's engine
 
 
-def requested_budget(params) -> float | None:
-    """The keep ratio a request's sampling parameters ask for, or None."""
+def requested_budget(params) -> tuple[float | None, bool | None] | None:
+    """What a request's sampling parameters ask for: its keep ratio and whether it runs the adaptive policy
+    (each None where it does not say), or None where it says neither."""
     extra = getattr(params, "extra_args", None) or {}
-    value = extra.get(EXTRA_ARG)
-    return None if value is None else float(value)
+    keep, adaptive = extra.get(EXTRA_ARG), extra.get(ADAPTIVE_ARG)
+    if keep is None and adaptive is None:
+        return None
+    return None if keep is None else float(keep), None if adaptive is None else bool(adaptive)
 
 
 def check_budget(value: Any, served: list[float] | None) -> float:
@@ -62,6 +69,16 @@ def check_budget(value: Any, served: list[float] | None) -> float:
         raise ValueError(f"{EXTRA_ARG} {keep:g} is not a budget of the served artifact; available: "
                          f"{', '.join(f'{b:g}' for b in served)}")
     return keep
+
+
+def check_adaptive(value: Any, available: bool) -> bool:
+    """``value`` as the request's choice of the adaptive policy, or a ValueError saying what is expected."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{ADAPTIVE_ARG} must be true or false; got {value!r}")
+    if value and not available:
+        raise ValueError(f"{ADAPTIVE_ARG}: the served artifact has no token-adaptive policy (compile it with the "
+                         "adaptive_widths pass, docs/adaptive.md)")
+    return value
 
 
 def _served_budgets() -> list[float] | None:
@@ -84,6 +101,8 @@ class FlexcBudgets(LogitsProcessor):
         extra = getattr(sampling_params, "extra_args", None) or {}
         if EXTRA_ARG in extra:
             check_budget(extra[EXTRA_ARG], _served_budgets())
+        if ADAPTIVE_ARG in extra:
+            check_adaptive(extra[ADAPTIVE_ARG], os.environ.get(ADAPTIVE_ENV) != "0")
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         from flexc.serving.moe import replays_graphs
@@ -95,7 +114,7 @@ class FlexcBudgets(LogitsProcessor):
             raise ValueError("flexc per-request budgets need prefix caching off (enable_prefix_caching=False, or "
                              "--no-enable-prefix-caching): a KV block computed at one budget must not serve a "
                              "request at another")
-        self.budgets: dict[int, float] = {}  # batch index -> requested keep (requests that name one)
+        self.budgets: dict[int, tuple] = {}  # batch index -> (keep, adaptive) asked for (requests that ask either)
         _ACTIVE[:] = [self]
 
     def is_argmax_invariant(self) -> bool:
@@ -119,13 +138,13 @@ def current_pass():
     return get_forward_context() if is_forward_context_available() else None
 
 
-def token_groups(keys: list[float], default: float, num_tokens: int, resolve) -> list[tuple[float, torch.Tensor]] | None:
-    """This forward pass's tokens grouped by budget: ``[(budget, token indices)]``, or None when every
-    token runs at ``default`` (or no per-request budget is in play).
+def token_groups(default: tuple[float, bool], num_tokens: int, resolve) -> list[tuple[tuple, torch.Tensor]] | None:
+    """This forward pass's tokens grouped by how they run: ``[((budget, adaptive), token indices)]``, or None when
+    every token runs as ``default`` (the engine's budget and mode; or no per-request budget is in play).
 
-    ``keys`` are the exported budgets; ``resolve(requested)`` maps a requested keep to one of them.
+    ``resolve((keep, adaptive))`` maps what a request asked for (:func:`requested_budget`) to how it runs.
     The tokens of request ``i`` (vLLM's batch order) are ``query_start_loc[i]:query_start_loc[i+1]``
-    of the attention metadata; padding rows past the last request run at ``default``.
+    of the attention metadata; padding rows past the last request run as ``default``.
     """
     processor, context = active(), current_pass()
     if processor is None or not processor.budgets or context is None:
@@ -144,8 +163,12 @@ def token_groups(keys: list[float], default: float, num_tokens: int, resolve) ->
     present = sorted(set(per_request), reverse=True)
     if present == [default]:
         return None
-    per_token = torch.full((num_tokens,), default, dtype=torch.float64)  # padding rows: the default
+    codes = torch.tensor([present.index(key) for key in per_request], dtype=torch.int64)
+    per_token = torch.full((num_tokens,), present.index(default) if default in present else len(present),
+                           dtype=torch.int64)  # padding rows: the default
     counts = (starts[1:] - starts[:-1]).to(torch.int64)
     covered = min(int(starts[-1]), num_tokens)
-    per_token[:covered] = torch.tensor(per_request, dtype=torch.float64).repeat_interleave(counts)[:covered]
-    return [(b, torch.nonzero(per_token == b).flatten()) for b in present]
+    per_token[:covered] = codes.repeat_interleave(counts)[:covered]
+    if default not in present and bool((per_token == len(present)).any()):
+        present.append(default)
+    return [(key, torch.nonzero(per_token == i).flatten()) for i, key in enumerate(present)]
