@@ -88,7 +88,7 @@ class AdaptiveWidths(Pass):
         calibration = ctx.calibration_batches()
         if not hasattr(calibration, "__len__"):  # batches given as a stream: this pass reads them several times
             calibration = list(calibration)
-        routing = _run(graph, calibration, None, ctx, "adaptive_widths: routing")["routing"]
+        routing = _run(graph, calibration, None, ctx, "adaptive_widths: routing", scored=False)["routing"]
         following = getattr(calibration, "following", None)
         held = following(opts.held_out, strict=False) if opts.held_out and following is not None else []
         scores = ctx.state.channel_scores
@@ -136,10 +136,11 @@ def _as_run(graph, tables, candidates: dict[str, AdaptivePolicy], batches, targe
     routing: dict[str, dict[float, list]] = {r: {} for r in candidates}
     goals: dict[float, list[float]] = {}
     for budget in progress_bar(tables.budgets, description="adaptive_widths: calibration as run", disable=ctx.quiet):
-        static = _run(graph, batches, static_layers(tables, budget, _device(graph)), ctx)["routing"]
+        static = _run(graph, batches, static_layers(tables, budget, _device(graph)), ctx, scored=False)["routing"]
         goals[budget] = _goals(tables, budget, target, static)
         for r, policy in candidates.items():
-            routing[r][budget] = _run(graph, batches, policy_layers(policy, tables, budget, _device(graph)), ctx)["routing"]
+            layers = policy_layers(policy, tables, budget, _device(graph))
+            routing[r][budget] = _run(graph, batches, layers, ctx, scored=False)["routing"]
     return {r: recalibrate(policy, tables, routing[r], goals) for r, policy in candidates.items()}
 
 
@@ -175,10 +176,11 @@ def _choose(candidates: dict[str, AdaptivePolicy], comparison: dict, opts, layer
     return AdaptivePolicy(first.rule, first.target, budgets, report, channels)
 
 
-def _run(graph, batches, layers, ctx: PassContext, description: str | None = None) -> dict:
+def _run(graph, batches, layers, ctx: PassContext, description: str | None = None, scored: bool = True) -> dict:
     """The model over ``batches`` with its MoE layers running ``layers`` (:class:`~flexc.ir.adaptive.AdaptiveLayer`
-    each; None: full width): each layer's routing (weights and expert ids, flat), the next-token loss and the
-    realised active keep (None at full width)."""
+    each; None: full width): each layer's routing (weights and expert ids, flat), the next-token loss (``scored``;
+    else 0: the vocabulary-wide normalisation is skipped where only the routing is wanted) and the realised active
+    keep (None at full width)."""
     keys = layer_keys(graph)
     weights: list[list[torch.Tensor]] = [[] for _ in graph.groups]
     ids: list[list[torch.Tensor]] = [[] for _ in graph.groups]
@@ -201,8 +203,10 @@ def _run(graph, batches, layers, ctx: PassContext, description: str | None = Non
             for batch in progress_bar(batches, total=len(batches), description=description,
                                       disable=ctx.quiet or description is None):
                 batch = batch.to(device)
-                total += float(next_token_loss(_logits(graph, batch), batch)) * batch[:, 1:].numel()
-                tokens += batch[:, 1:].numel()
+                logits = _logits(graph, batch)
+                if scored:
+                    total += float(next_token_loss(logits, batch)) * batch[:, 1:].numel()
+                    tokens += batch[:, 1:].numel()
         keep = kept() if layers else None
     finally:
         graph.set_widths(widths)

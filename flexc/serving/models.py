@@ -147,9 +147,11 @@ class BudgetControl:
             self._rules[budget] = policy_layers(self.policy, self.policy_tables, budget, self.rows[budget][0].device)
         return self._rules.get(budget, [])
 
-    def adaptive_widths(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The width of every routed pair at ``layer`` (``[T, k]``) under the engine budget's adaptive policy."""
-        return self._rules[self.budget][self._position[layer]].pair_widths(ids, weights)
+    def adaptive_widths(self, layer: int, ids: torch.Tensor, weights: torch.Tensor,
+                        budget: float | None = None) -> torch.Tensor:
+        """The width of every routed pair at ``layer`` (``[T, k]``) under the adaptive policy of ``budget`` (default:
+        the engine's)."""
+        return self._rules[self.budget if budget is None else budget][self._position[layer]].pair_widths(ids, weights)
 
     def state(self) -> dict[str, Any]:
         widths = {layer: self.blocks[layer].experts.widths.tolist() for layer in sorted(self.blocks)}
@@ -242,10 +244,9 @@ class BudgetControl:
         """This pass's width of every routed pair at ``layer`` (``[T, k]``, like ``ids``): each token's experts at
         its request's budget, on that budget's table or its adaptive policy (from the pair's routing weight in
         ``weights``), for one op call over the whole mixed batch (one static budget in the pass: its row ``[E]``)."""
-        position = self._position[layer]
         if len(self._groups) == 1:
             (budget, adaptive), _ = self._groups[0]
-            return self._rules[budget][position].widths(ids, weights) if adaptive else self.row(budget, layer)
+            return self.adaptive_widths(layer, ids, weights, budget) if adaptive else self.row(budget, layer)
         if self._token_rows is None:  # once per pass, by the first block that asks
             rows = torch.empty(ids.shape[0], dtype=torch.long)
             for i, (_, tokens) in enumerate(self._groups):
@@ -256,7 +257,7 @@ class BudgetControl:
         for (budget, adaptive), tokens in self._groups:
             if adaptive:
                 tokens = tokens.to(ids.device)
-                widths[tokens] = self._rules[budget][position].widths(ids[tokens], weights[tokens]).to(widths.dtype)
+                widths[tokens] = self.adaptive_widths(layer, ids[tokens], weights[tokens], budget).to(widths.dtype)
         return widths
 
 

@@ -160,15 +160,13 @@ def token_groups(default: tuple[float, bool], num_tokens: int, resolve) -> list[
     for index, requested in processor.budgets.items():
         if index < num_reqs:
             per_request[index] = resolve(requested)
-    present = sorted(set(per_request), reverse=True)
+    covered = min(int(starts[-1]), num_tokens)
+    padded = {default} if covered < num_tokens else set()  # padding rows run as the default
+    present = sorted(set(per_request) | padded, reverse=True)
     if present == [default]:
         return None
-    codes = torch.tensor([present.index(key) for key in per_request], dtype=torch.int64)
-    per_token = torch.full((num_tokens,), present.index(default) if default in present else len(present),
-                           dtype=torch.int64)  # padding rows: the default
+    index = {key: i for i, key in enumerate(present)}
+    per_token = torch.full((num_tokens,), index.get(default, -1), dtype=torch.int64)
     counts = (starts[1:] - starts[:-1]).to(torch.int64)
-    covered = min(int(starts[-1]), num_tokens)
-    per_token[:covered] = codes.repeat_interleave(counts)[:covered]
-    if default not in present and bool((per_token == len(present)).any()):
-        present.append(default)
+    per_token[:covered] = torch.tensor([index[key] for key in per_request]).repeat_interleave(counts)[:covered]
     return [(key, torch.nonzero(per_token == i).flatten()) for i, key in enumerate(present)]
