@@ -130,6 +130,13 @@ def main() -> None:
         result["mean_over_seeds"] = mean_rows([r["results"] for r in runs.values()])
         print(f"mean held-out perplexity over seeds {seeds}")
         common.print_table(result["mean_over_seeds"], ["method", "keep_target", "ppl", "ppl_min", "ppl_max"])
+    if any(r["held_out_check"] for r in runs.values()):
+        result["held_out_check_by_seed"] = {str(s): r["held_out_check"] for s, r in runs.items()}
+        result["held_out_check_summary"] = check_summary(runs)
+        print("the anneal's held-out check (calibration documents) against the evaluation text, over seeds")
+        common.print_table(result["held_out_check_summary"], ["method", "keep_target", "checked", "chose_best",
+                                                              "mean_regret", "worst_regret", "same_sign_loss",
+                                                              "same_sign_next_token"])
     if args.adaptive:
         result["adaptive_increase_ratios"] = increase_ratios(runs)
         print("adaptive policy's perplexity increase over unpruned / its static table's, per seed")
@@ -137,6 +144,28 @@ def main() -> None:
                                                                 "active_keep", "static_active_keep"])
     common.write_json(out, result)
     print(f"wrote {out} and {out.with_suffix('.png')} (seed {seeds[0]})")
+
+
+def check_summary(runs: dict[int, dict]) -> list[dict]:
+    """Per learned method and budget, over the seeds whose held-out check ran: how often it chose the candidate
+    the evaluation text scores best, the chosen table's perplexity over that best one (mean, worst), and how
+    often the trained − fallback difference of the check's ranking loss, and of its next-token loss, had the sign
+    of the evaluation text's next-token loss difference."""
+    by_key: dict[tuple, list[dict]] = {}
+    for run in runs.values():
+        for method, rows in run["held_out_check"].items():
+            for r in rows:
+                by_key.setdefault((method, r["keep_target"]), []).append(r)
+    out = []
+    for (method, keep), rows in by_key.items():
+        signed = [r["agree"] for r in rows if "agree" in r]
+        out.append({"method": method, "keep_target": keep, "checked": len(rows),
+                    "chose_best": sum(r["chosen"] == r["best"] for r in rows),
+                    "mean_regret": sum(r["regret"] for r in rows) / len(rows),
+                    "worst_regret": max(r["regret"] for r in rows),
+                    **{f"same_sign_{key}": f"{sum(a[key] for a in signed)}/{len(signed)}"
+                       for key in ("loss", "next_token")}})
+    return out
 
 
 def increase_ratios(runs: dict[int, dict]) -> list[dict]:

@@ -200,6 +200,37 @@ def test_compare_reuses_the_width_tables_of_a_finished_compile(tiny_model_dir, t
         reusable_run(spec, tmp_path / "run")
 
 
+def test_compare_scores_each_held_out_checks_candidates_on_the_evaluation_text(tiny_model_dir, tmp_path):
+    import flexc
+    from flexc.compiler.compare import compare
+    from flexc.passes.methods import parse_methods
+
+    data = {"builtin": "python-stdlib", "num_samples": 16, "seq_len": 32, "batch_size": 4}
+    spec = flexc.Spec(model={"zoo": "tiny"},
+                      data={"calibration": data, "evaluation": {**data, "num_samples": 8, "split": "heldout"}},
+                      budgets={"keep": [0.75, 0.5]},
+                      pipeline=[{"rank_channels": {"plot": False}}, {"insert_action_gates": {"granule": 16}},
+                                {"anneal": {"steps": 8, "lr": 0.5, "selection": {"samples": 8}}}])
+    result = compare(spec, parse_methods("flexmoe", spec), tmp_path / "cmp", quiet=True)
+    rows = result["held_out_check"]["flexmoe"]
+    assert [r["keep_target"] for r in rows] == [0.75, 0.5]  # the check ran at both budgets (trained != warm start)
+    measured = {r["keep_target"]: r["loss"] for r in result["results"] if r["method"] == "flexmoe"}
+    records = {b["keep_target"]: b for b in json.loads(
+        (tmp_path / "cmp" / "work" / "flexmoe" / "width_tables.json").read_text())["budgets"]}
+    for r in rows:
+        b = r["keep_target"]
+        # The chosen candidate is the exported table: its evaluation loss is the method's row.
+        assert r["evaluation"][r["chosen"]]["loss"] == pytest.approx(measured[b], rel=1e-6)
+        assert {n: c["loss"] for n, c in r["check"].items()} == records[b]["validation_loss"]
+        ppl = {n: e["ppl"] for n, e in r["evaluation"].items()}
+        assert r["best"] == min(ppl, key=ppl.get) and r["regret"] == pytest.approx(ppl[r["chosen"]] - min(ppl.values()))
+        # Different tables were evaluated: the trained one and its fallback score differently on the evaluation text.
+        assert abs(r["evaluation_difference"]) > 1e-4
+        assert r["agree"] == {"loss": (r["check_loss_difference"] < 0) == (r["evaluation_difference"] < 0),
+                              "next_token": (r["check_difference"] < 0) == (r["evaluation_difference"] < 0)}
+    assert "held-out check against the evaluation text" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
 @pytest.mark.parametrize("entry, where", [
     ("{rank_channels: {score: 'evilscore:Score'}}", r"pipeline\[0\].rank_channels.score: 'evilscore:Score'"),
     ("{name: 'evilscore:Score'}", r"pipeline\[0\].name: 'evilscore:Score'"),

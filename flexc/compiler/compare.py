@@ -13,6 +13,10 @@ A compile has usually annealed already: when ``run`` (or, by default, the spec's
 model, calibration data, budgets, seed, and the learned method's passes first in its pipeline
 with the same options, each stage done), compare reads that run's channel permutation and
 width tables instead of computing them again.
+
+For the learned method, the tables each budget's held-out check scored are also scored on the
+evaluation text (:mod:`flexc.eval.held_out_check`): ``held_out_check`` in the result says where
+the check, which reads calibration documents, chose what the evaluation documents would not.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pathlib import Path
 import torch
 
 from flexc.eval.budgets import apply_budget
+from flexc.eval.held_out_check import check_against_evaluation
+from flexc.eval.held_out_check import markdown as check_markdown
 from flexc.eval.perplexity import check_no_leak, evaluate, evaluation_stream
 from flexc.ir.tables import WidthTables, expert_weights, keep_ratio
 from flexc.passes import resolve_pass
@@ -180,7 +186,7 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
     rows = [{"method": "unpruned", "keep_target": 1.0, "keep": 1.0, "params_keep": 1.0, **base}]
     metric = spec.budgets.metric
     full = torch.tensor([g.intermediate_size for g in graph.groups])
-    seconds, skipped, reused, not_run = {}, {}, {}, {}
+    seconds, skipped, reused, not_run, check_rows = {}, {}, {}, {}, {}
     for method in methods:
         # Every method starts from the ranking's state; its passes share one folder, named after it.
         runner = PassRunner(graph, context, out_dir / "work", state=ranking.state.copy(), done=ranking.done)
@@ -232,6 +238,11 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
             return out
 
         rows += measured(method.label, runner.state) + quantized(runner, method.label)
+        if method.learned:  # the anneal's held-out check scored on the evaluation text
+            anneal_dir = reuse[1] if method.label in reused else out_dir / "work" / method.label
+            checked = check_against_evaluation(graph, anneal_dir, lambda: ppl()["loss"])
+            if checked is not None:
+                check_rows[method.label] = checked
         rows += with_policy(runner, method.label)
         if recover:
             label = f"{method.label}+recover"
@@ -243,9 +254,11 @@ def compare(spec, methods: list[Method], out_dir: Path, *, quiet: bool = False, 
         logger.info("compare: %s done in %.1fs", method.label, seconds[method.label])
     result = {"model": spec.model.source, "metric": metric, "budgets": list(spec.budgets.keep_ratios),
               "eval_tokens": base["tokens"], "seconds": seconds,
-              "unreachable_budgets": skipped, "reused": reused, "not_run": not_run, "results": rows}
+              "unreachable_budgets": skipped, "reused": reused, "not_run": not_run, "results": rows,
+              "held_out_check": check_rows}
     atomic_write_text(out_dir / "compare.json", json.dumps(result, indent=2, default=str))
-    atomic_write_text(out_dir / "compare.md", markdown_table(rows, metric))
+    atomic_write_text(out_dir / "compare.md", markdown_table(rows, metric)
+                      + ("\n" + check_markdown(check_rows) if check_rows else ""))
     plot(rows, out_dir / "compare.png", title=f"held-out perplexity vs keep ({metric}), {base['tokens']} tokens")
     return result
 

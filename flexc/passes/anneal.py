@@ -108,6 +108,7 @@ from flexc.utils.training import TrainingRun, fingerprint, restore, restore_opti
 CHECKPOINT = "anneal_checkpoint.pt"
 TABLES_FILE = "width_tables.safetensors"
 TABLES_JSON = "width_tables.json"
+CANDIDATES_JSON = "held_out_candidates.json"
 CURVES_PNG = "anneal_curves.png"
 CONTINUATION_DOUBLINGS = 8  # lambda doubles this many times over the extra steps
 
@@ -599,6 +600,10 @@ class Anneal(Pass):
             ],
         }
         atomic_write_text(workdir / TABLES_JSON, json.dumps(report, indent=2))
+        candidates = [{"keep_target": b, "chosen": exported[b]["chosen"], "widths": exported[b]["candidate_widths"]}
+                      for b in budgets if "candidate_widths" in exported[b]]
+        if candidates:  # the tables each held-out check scored: flexc.eval.held_out_check scores them on other text
+            atomic_write_text(workdir / CANDIDATES_JSON, json.dumps({"budgets": candidates}))
         atomic_write_text(workdir / "anneal_history.json", json.dumps(history))
         if history:
             plot_curves(history, budgets, workdir / CURVES_PNG)

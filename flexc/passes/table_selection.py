@@ -119,11 +119,13 @@ class HeldOutCheck:
         losses = {name: float(v[ranked_on].mean()) for name, v in held_out.items()}
         record["validation_loss"] = losses
         record["held_out_read"] = read
-        if opts.loss == "both":
-            record["validation_next_token"] = {name: float(v["next_token"].mean()) for name, v in held_out.items()}
+        record["validation_next_token"] = {name: float(v["next_token"].mean()) for name, v in held_out.items()}
+        # Each candidate's widths, so an evaluation on other documents can score the same tables
+        # (flexc.eval.held_out_check: how far the check and the evaluation text disagree).
+        record["candidate_widths"] = {name: setup.widths(tables[name]).tolist() for name in held_out}
         if "difference" in verdict:
             record["validation_difference"] = verdict["difference"]
-        choice = verdict["choice"]
+        choice = record["chosen"] = verdict["choice"]
         early = f" on the first {read} of {record['held_out_sequences']} held-out sequences" if read < \
             record["held_out_sequences"] else ""
         labels = {"trained": "trained table", "warm_start": "warm start", "coverage": "unconstrained coverage table"}
