@@ -294,6 +294,78 @@ def test_streamed_recover_killed_resumes_to_the_same_weights(family_dirs, tmp_pa
     _assert_same_weights(tmp_path / "k" / "nested", tmp_path / "clean" / "nested", atol=0.0)
 
 
+# Experts 64 wide: two 32-channel quantization groups, so the budgets cut between groups.
+WIDE = {"qwen3_moe": {"moe_intermediate_size": 64}, "qwen2_moe": {"moe_intermediate_size": 64},
+        "mixtral": {"intermediate_size": 64}}
+
+
+@pytest.mark.parametrize("family, method, recover", [("qwen3_moe", "gptq", False), ("qwen2_moe", "rtn", False),
+                                                     ("mixtral", "gptq", True)])
+def test_streamed_quantize_equals_in_memory(family, method, recover, tmp_path, monkeypatch):
+    """quantize one decoder layer at a time (GPTQ's Hessians from a layer-by-layer sweep; after a streamed
+    recover, on its merged weights), its codes written by the exports: the same report, scales, nested
+    weights and packed sliced checkpoints as in memory, and a sliced checkpoint that loads."""
+    import json
+
+    from flexc.export.sliced import load_sliced
+
+    model = compiler_helpers.make_tiny_moe(tmp_path / "model", family=family, **WIDE[family])
+    pipeline = [{"rank_channels": {"score": "activation", "plot": False}}, {"coverage": {"granule": 32}}, "fold_masks"]
+    pipeline += [{"recover": {"keep": 0.5, "steps": 2, "lr": 1e-2, "rank": 4}}] if recover else []
+    pipeline += [{"quantize": {"scheme": "w4a16", "group_size": 32, "method": method}}]
+    budgets = {"keep": [0.75, 0.5], "grid": 32}
+    models = _spy_layer_models(monkeypatch)
+    flexc.compile(_spec(model, tmp_path / "mem", "off", pipeline=pipeline, budgets=budgets), quiet=True)
+    flexc.compile(_spec(model, tmp_path / "stream", "layers", pipeline=pipeline, budgets=budgets), quiet=True)
+    (lm,) = models
+
+    mem, stream = tmp_path / "mem", tmp_path / "stream"
+    stage = f"0{len(pipeline)}-quantize"
+    reports = [json.loads((run / "stages" / stage / "quantize.json").read_text()) for run in (mem, stream)]
+    assert [r["layer"] for r in reports[0]["layers"]] == [r["layer"] for r in reports[1]["layers"]]
+    for a, b in zip(reports[0]["layers"], reports[1]["layers"]):
+        for key in ("gate_up_weight_error", "down_weight_error", "gate_up_output_error", "down_output_error"):
+            assert a[key] is None if method == "rtn" and "output" in key else b[key] == pytest.approx(a[key], rel=1e-5)
+    widths = WidthTables.load(mem / "nested" / WIDTHS_FILE).tables
+    assert bool(((widths > 0) & (widths < 64)).any())  # a budget cuts between the two groups
+    _assert_same_weights(mem / "nested", stream / "nested", atol=1e-5)  # dequantized weights and the scales file
+    manifests = [json.loads((run / "nested" / "flexc_manifest.json").read_text()) for run in (mem, stream)]
+    assert manifests[1]["quantization"] == manifests[0]["quantization"]
+    for key in ("keep_0.75", "keep_0.50"):
+        _assert_same_weights(mem / "sliced" / key, stream / "sliced" / key, atol=1e-5)  # packed codes too
+        sliced = [json.loads((run / "sliced" / key / "flexc_manifest.json").read_text()) for run in (mem, stream)]
+        assert sliced[1]["params"] == sliced[0]["params"] and sliced[1]["quantization"] == sliced[0]["quantization"]
+        assert sliced[1]["bytes"]["routed_experts"] == sliced[0]["bytes"]["routed_experts"]
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    with torch.no_grad():
+        a = load_sliced(mem / "sliced" / "keep_0.50")(ids).logits
+        b = load_sliced(stream / "sliced" / "keep_0.50")(ids).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert lm.peak_live == 1 and lm.live_layers() == []
+
+
+def test_a_streamed_export_names_missing_quantized_codes(tmp_path):
+    """The exports of a streamed quantize read its codes from the stage folder: a missing file is named."""
+    from flexc.compiler.artifacts import STATE_DIR
+    from flexc.ir.state import CompileState
+    from flexc.ir.streaming import LayerGraph, LayerModel
+    from flexc.passes.quantize_streamed import CODES_KEY, layer_merger
+
+    model = compiler_helpers.make_tiny_moe(tmp_path / "model", family="qwen3_moe", **WIDE["qwen3_moe"])
+    spec = _spec(model, tmp_path / "run", "layers", budgets={"keep": [0.5], "grid": 32},
+                 pipeline=[{"rank_channels": {"score": "activation", "plot": False}}, {"coverage": {"granule": 32}},
+                           "fold_masks", {"quantize": {"scheme": "w8a16", "group_size": 32, "method": "rtn"}}])
+    flexc.compile(spec, quiet=True)
+    state = CompileState.load(tmp_path / "run" / STATE_DIR)
+    folder = Path(state.extras[CODES_KEY])
+    assert sorted(f.name for f in folder.iterdir()) == ["layer0.safetensors", "layer1.safetensors"]
+    (folder / "layer1.safetensors").unlink()
+    lm = LayerModel(model)
+    merge = layer_merger(lm, state)
+    with pytest.raises(FileNotFoundError, match=r"codes of MoE layer 1 are missing .*layer1.safetensors"):
+        merge(1, LayerGraph(lm.materialise(1), lm, lm.group_at(1), index=1))
+
+
 def test_stream_refuses_a_weight_reading_pass_after_recover(moe_dir):
     spec = _spec(moe_dir, Path("unused"), "layers")
     spec["pipeline"] = [{"rank_channels": {"score": "activation"}}, "coverage", "fold_masks", {"recover": {"keep": 0.5}},

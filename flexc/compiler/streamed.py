@@ -163,11 +163,11 @@ class LayerStreamed(Execution):
         provenance = export_provenance(spec)
         if fmt == "nested":
             m = write_nested_streamed(folder, lm, tables, transform=transform, tokenizer=self.tokenizer,
-                                      provenance=provenance)
+                                      provenance=provenance, quantization=state.quantization)
             written = m.pop("_bytes_written")
         elif fmt == "hf":  # the ranked full-width checkpoint: budgets are in nested and sliced
             written = write_checkpoint_streamed(folder, lm, transform=transform, tokenizer=self.tokenizer)
         else:
             written = export_sliced_streamed(folder, lm, tables, transform=transform, tokenizer=self.tokenizer,
-                                             provenance=provenance, logger=log)
+                                             provenance=provenance, logger=log, quantization=state.quantization)
         return {"disk_bytes": _disk_bytes(folder), "weights_bytes": written, "peak_live_layers": lm.peak_live}

@@ -81,19 +81,23 @@ def write_nested(target: Path, model, groups, tables: WidthTables, *, tokenizer=
     manifest = nested_manifest(model.config, type(model).__name__, first.dtype, total_params, groups, tables,
                                provenance=provenance, quality=quality)
     if quantization is not None:
-        from safetensors.torch import save_file
-
-        scales = {f"{QUANT_KEY_PREFIX}{layer}.{part}": t.contiguous()
-                  for layer, parts in quantization["scales"].items() for part, t in parts.items()}
-        save_file(scales, str(target / QUANT_FILE))
-        manifest["quantization"] = {**{k: v for k, v in quantization.items() if k != "scales"},
-                                    "stored": "dequantized", "scales": QUANT_FILE}
+        manifest["quantization"] = write_quant_scales(target, quantization)
     if adaptive_policy is not None:
         (target / POLICY_FILE).write_text(json.dumps(adaptive_policy, indent=2) + "\n")
         manifest["adaptive"] = {"file": POLICY_FILE, "rule": adaptive_policy["rule"],
                                 "target": adaptive_policy["target"]}
     (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def write_quant_scales(target: Path, quantization: dict[str, Any]) -> dict[str, Any]:
+    """``quantize``'s scales (the compile state's) in ``target``'s scales file; returns the manifest's entry."""
+    from safetensors.torch import save_file
+
+    scales = {f"{QUANT_KEY_PREFIX}{layer}.{part}": t.contiguous()
+              for layer, parts in quantization["scales"].items() for part, t in parts.items()}
+    save_file(scales, str(Path(target) / QUANT_FILE))
+    return {**{k: v for k, v in quantization.items() if k != "scales"}, "stored": "dequantized", "scales": QUANT_FILE}
 
 
 def nested_manifest(config, class_name: str, dtype: torch.dtype, total_params: int, groups, tables: WidthTables, *,

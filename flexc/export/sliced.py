@@ -201,6 +201,16 @@ def _widths_summary(groups, widths: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def sliced_counts(sliced: nn.Module) -> dict[str, int]:
+    """A sliced model's parameter counts for its manifest (``routed``: its routed experts', each quantized code
+    counting as one; ``total``) and its routed experts' bytes as stored (any device, ``meta`` included)."""
+    expert_modules = [m for m in sliced.modules() if isinstance(m, remote.SlicedExperts)]
+    routed = sum(m.parameter_count() for m in expert_modules)
+    stored = [p for m in expert_modules for p in m.parameters()]
+    return {"routed": routed, "total": routed + sum(p.numel() for p in sliced.parameters()) - sum(
+        p.numel() for p in stored), "routed_bytes": sum(p.numel() * p.element_size() for p in stored)}
+
+
 def write_sliced(target: str | Path, model: nn.Module, groups, widths: torch.Tensor, *, budget: float,
                  tokenizer=None, provenance: dict[str, Any] | None = None,
                  max_shard_size: str = "2GB", quantization: dict | None = None) -> dict[str, Any]:
@@ -213,17 +223,11 @@ def write_sliced(target: str | Path, model: nn.Module, groups, widths: torch.Ten
     if tokenizer is not None:
         tokenizer.save_pretrained(target)
 
-    expert_modules = [m for m in sliced.modules() if isinstance(m, remote.SlicedExperts)]
-    routed = sum(m.parameter_count() for m in expert_modules)  # a quantized code counts as one parameter
-    total = routed + sum(p.numel() for p in sliced.parameters()) - sum(
-        p.numel() for m in expert_modules for p in m.parameters())
     full_total = sum(p.numel() for p in model.parameters())
     manifest = sliced_manifest(target, budget, _transformers_base(model).__name__, type(sliced).__name__,
                                model.config.model_type, next(model.parameters()).dtype, groups, widths,
-                               routed=routed, total=total, full_total=full_total, provenance=provenance,
-                               quantization=quantization_record(quantization),
-                               routed_bytes=sum(p.numel() * p.element_size() for m in expert_modules
-                                                for p in m.parameters()))
+                               full_total=full_total, provenance=provenance,
+                               quantization=quantization_record(quantization), **sliced_counts(sliced))
     (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -22,10 +22,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from flexc.export.nested import MANIFEST_FILE, nested_manifest
+from flexc.export.nested import MANIFEST_FILE, nested_manifest, write_quant_scales
 from flexc.export.sliced import (KIND as SLICED_KIND, FORMAT_VERSION as SLICED_FORMAT, MODELING_FILE, _layer_entry,
-                                 _transformers_base, modeling_source, pack_layer, sliced_class_for, sliced_manifest)
-from flexc.export.slicing import slice_experts
+                                 _transformers_base, modeling_source, pack_layer, quantization_record,
+                                 sliced_class_for, sliced_counts, sliced_manifest)
+from flexc.export.slicing import slice_experts, slice_scales
+from flexc.ir.quant.scheme import QuantScheme
 from flexc.ir.experts_impl import WIDTHS_BUFFER
 from flexc.ir.streaming import INDEX_FILE, REST, LayerGraph, LayerModel, layer_of, to_checkpoint_names
 from flexc.ir.tables import WIDTHS_FILE, WidthTables, budget_key
@@ -121,19 +123,22 @@ def write_checkpoint_streamed(target: Path, lm: LayerModel, *, transform: Transf
 
 def write_nested_streamed(target: Path, lm: LayerModel, tables: WidthTables, *, transform: Transform | None = None,
                           tokenizer=None, provenance: dict[str, Any] | None = None,
-                          quality: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The nested artifact (ranked weights + width tables), one decoder layer at a time."""
+                          quality: dict[str, Any] | None = None, quantization: dict | None = None) -> dict[str, Any]:
+    """The nested artifact (ranked weights + width tables), one decoder layer at a time; after ``quantize``
+    (``quantization``: the compile state's) with its scales, as :func:`flexc.export.nested.write_nested`."""
     target = Path(target)
     written = write_checkpoint_streamed(target, lm, transform=transform, tokenizer=tokenizer)
     tables.save(target / WIDTHS_FILE)
     manifest = nested_manifest(lm.model.config, type(lm.model).__name__, lm.dtype, lm.parameter_count(), lm.groups,
                                tables, provenance=provenance, quality=quality)
+    if quantization is not None:
+        manifest["quantization"] = write_quant_scales(target, quantization)
     (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     manifest["_bytes_written"] = written
     return manifest
 
 
-def _sliced_skeleton(lm: LayerModel, widths: torch.Tensor, budget: float):
+def _sliced_skeleton(lm: LayerModel, widths: torch.Tensor, budget: float, quantization: dict | None = None):
     """The sliced model of ``widths`` on ``meta`` (its tensor names and config), as ``build_sliced_model`` makes it."""
     base = _transformers_base(lm.model)
     cls = sliced_class_for(base)
@@ -142,6 +147,8 @@ def _sliced_skeleton(lm: LayerModel, widths: torch.Tensor, budget: float):
         entries[group.path] = _layer_entry(slice_experts(lm.model.get_submodule(group.path), row[: group.num_experts]))
     config = copy.deepcopy(lm.model.config)
     config.flexc_sliced = {"format": SLICED_FORMAT, "base_class": base.__name__, "budget": budget, "experts": entries}
+    if quantization is not None:
+        config.flexc_sliced["quantization"] = quantization_record(quantization)
     config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
     config.architectures = [cls.__name__]
     with torch.device("meta"):
@@ -151,17 +158,17 @@ def _sliced_skeleton(lm: LayerModel, widths: torch.Tensor, budget: float):
 
 def write_sliced_streamed(target: Path, lm: LayerModel, widths: torch.Tensor, *, budget: float,
                           transform: Transform | None = None, tokenizer=None,
-                          provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One budget's sliced checkpoint (``write_sliced``'s files), one decoder layer at a time."""
+                          provenance: dict[str, Any] | None = None, quantization: dict | None = None) -> dict[str, Any]:
+    """One budget's sliced checkpoint (``write_sliced``'s files), one decoder layer at a time; after
+    ``quantize`` (``quantization``: the compile state's) its experts as packed codes and scales."""
     target = Path(target)
-    base, sliced = _sliced_skeleton(lm, widths, budget)
-    params = {n for n, _ in sliced.named_parameters()}
+    base, sliced = _sliced_skeleton(lm, widths, budget, quantization)
+    scheme = None if quantization is None else QuantScheme(quantization["scheme"], quantization["group_size"])
     names: dict[int, list[str]] = {}
     for name in sorted(_kept_names(sliced)):
         names.setdefault(layer_of(name), []).append(name)
     rows = {g.layer: row for g, row in zip(lm.groups, widths)}
     writer = ShardWriter(target, lm.num_layers + 1)
-    routed = total = 0
 
     def pick(layer: int, available: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         wanted = names.get(layer, [])
@@ -175,22 +182,22 @@ def write_sliced_streamed(target: Path, lm: LayerModel, widths: torch.Tensor, *,
         group = lm.group_at(i)
         if group is not None:
             experts = graph.experts_module(group)
-            packed = pack_layer(slice_experts(experts, rows[i][: group.num_experts]))
+            row = rows[i][: group.num_experts]
+            scales = None
+            if scheme is not None:
+                layer = quantization["scales"][f"layer{group.layer}"]
+                scales = slice_scales(experts, layer["gate_up"], layer["down"], row.tolist(), scheme.group_size)
+            packed = pack_layer(slice_experts(experts, row), scales, scheme)
             state.update({f"{group.path}.{k}": v for k, v in packed.items()})
-            routed += sum(v.numel() for v in packed.values())
-        chosen = pick(i, state)
-        total += sum(v.numel() for n, v in chosen.items() if n in params)
-        writer.write(to_checkpoint_names(sliced, chosen))
-        del state, chosen, graph  # nothing of this layer may outlive it: the next one loads now
-    rest = pick(REST, lm.module_tensors(REST))
-    total += sum(v.numel() for n, v in rest.items() if n in params)
-    writer.write(to_checkpoint_names(sliced, rest))
+        writer.write(to_checkpoint_names(sliced, pick(i, state)))
+        del state, graph  # nothing of this layer may outlive it: the next one loads now
+    writer.write(to_checkpoint_names(sliced, pick(REST, lm.module_tensors(REST))))
     writer.close()
     _save_configs(target, lm, sliced.config, tokenizer)
     shutil.copyfile(modeling_source(), target / MODELING_FILE)
     manifest = sliced_manifest(target, budget, base.__name__, type(sliced).__name__, lm.config.model_type, lm.dtype,
-                               lm.groups, widths, routed=routed, total=total, full_total=lm.parameter_count(),
-                               provenance=provenance)
+                               lm.groups, widths, full_total=lm.parameter_count(), provenance=provenance,
+                               quantization=quantization_record(quantization), **sliced_counts(sliced))
     (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     manifest["_bytes_written"] = writer.bytes_written
     return manifest
@@ -207,14 +214,15 @@ def _kept_names(model: torch.nn.Module) -> set[str]:
 
 
 def export_sliced_streamed(target: Path, lm: LayerModel, tables: WidthTables, *, transform: Transform | None = None,
-                           tokenizer=None, provenance: dict[str, Any] | None = None, logger=None) -> int:
+                           tokenizer=None, provenance: dict[str, Any] | None = None, logger=None,
+                           quantization: dict | None = None) -> int:
     """Every budget's sliced checkpoint and the export's top manifest; returns bytes written."""
     target = Path(target)
     index, written = [], 0
     for budget in tables.budgets:
         key = budget_key(budget)
         m = write_sliced_streamed(target / key, lm, tables.table(budget), budget=budget, transform=transform,
-                                  tokenizer=tokenizer, provenance=provenance)
+                                  tokenizer=tokenizer, provenance=provenance, quantization=quantization)
         written += m.pop("_bytes_written")
         index.append({"keep": budget, "dir": key, "total_params": m["params"]["total"],
                       "routed_keep": m["params"]["routed_keep"], "bytes": m["bytes"]["weights"]})

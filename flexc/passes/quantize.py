@@ -12,6 +12,10 @@ The graph's expert weights become their dequantized values (what every budget th
 the scales go to the compile state (``state.quantization``), from which the exports recover the
 integer codes, and ``quantize.json`` reports the scheme and each layer's weight and output error.
 Biases, attention and shared experts stay as they are.
+
+In a layer-streamed compile (``execution.stream: layers``) the same quantization runs one decoder
+layer at a time (:mod:`flexc.passes.quantize_streamed`): the codes go to the stage folder and the
+exports write them into each layer as they load it.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ class Quantize(Pass):
     requires = frozenset({"channels_ranked", "width_tables"})
     guarantees = frozenset({"quantized"})
     preserves_computation = False
-    not_streamed_because = "it keeps every layer's expert Hessians at once; run it without execution.stream"
+    streams = True  # run_streamed: one decoder layer at a time (quantize_streamed.py); the exports write its codes
+    merges_at_export = True
     packages = ("compressed_tensors",)
 
     @classmethod
@@ -86,42 +91,67 @@ class Quantize(Pass):
     def run(self, graph, ctx: PassContext) -> PassResult:
         opts = self.options
         scheme = opts.quant_scheme()
-        workdir = Path(ctx.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
         tables = ctx.state.checked_width_tables()
-        cuts = [_layer_cuts(tables, i, g, scheme) for i, g in enumerate(graph.groups)]
         hessians = _hessians(graph, ctx) if opts.method == "gptq" else None
 
         scales, layers = {}, []
         for i, g in enumerate(progress_bar(graph.groups, description=f"quantize ({scheme.name}, {opts.method})",
                                            disable=ctx.quiet)):
             gate_up, down = graph.expert_weights(g)
-            if g.hidden_size % scheme.group_size:
-                raise ValueError(f"quantize: layer {g.layer}'s hidden size {g.hidden_size} is not a multiple of "
-                                 f"group_size {scheme.group_size}")
-            if hessians is None:
-                q_gate_up, q_down = quantize_rtn(gate_up, scheme), quantize_rtn(down, scheme)
-            else:
-                h_in, h_inner, _ = hessians[i]
-                q_gate_up = quantize_gptq(gate_up, h_in, scheme, dampening=opts.dampening)
-                q_down = quantize_gptq(down, h_inner, scheme, cuts=cuts[i], dampening=opts.dampening)
-            layers.append(_layer_report(g, gate_up, down, q_gate_up, q_down, hessians[i] if hessians else None, scheme))
+            q_gate_up, q_down, report = quantize_layer(opts, g, gate_up, down, layer_cuts(tables, i, g, scheme),
+                                                       hessians[i] if hessians else None)
+            layers.append(report)
             with torch.no_grad():
                 gate_up.copy_(q_gate_up.dequantized(gate_up.dtype))
                 down.copy_(q_down.dequantized(down.dtype))
             scales[f"layer{g.layer}"] = {"gate_up": q_gate_up.scales, "down": q_down.scales}
-
-        record = {**scheme.to_dict(), "method": opts.method, "targets": "routed experts"}
-        atomic_write_text(workdir / REPORT, json.dumps({**record, "options": opts.model_dump(mode="json"),
-                                                        "layers": layers}, indent=2))
-        ctx.state.quantization = {**record, "scales": scales}
-        worst = max(max(r["gate_up_output_error"] or 0, r["down_output_error"] or 0) for r in layers)
-        ctx.logger.info("quantize: %s (%s, group %d) over %d MoE layers; worst relative output error on "
-                        "calibration inputs %.3g", scheme.name, opts.method, scheme.group_size, len(layers), worst)
+        finish(opts, ctx, scales, layers)
         return PassResult(graph=graph, modified=True, changed_nodes=set())
 
+    def run_streamed(self, lm, ctx: PassContext) -> None:
+        from flexc.passes.quantize_streamed import quantize_streamed
 
-def _layer_cuts(tables, index: int, group, scheme: QuantScheme) -> list[list[int]]:
+        quantize_streamed(self, lm, ctx)
+
+    @classmethod
+    def export_merger(cls, model, state):
+        from flexc.passes.quantize_streamed import layer_merger
+
+        return layer_merger(model, state)
+
+
+def quantize_layer(opts: QuantizeOptions, group, gate_up: torch.Tensor, down: torch.Tensor, cuts: list[list[int]],
+                   hessians) -> tuple[QuantizedWeight, QuantizedWeight, dict]:
+    """One MoE layer's quantized ``gate_up`` and ``down`` (GPTQ's compensation in ``down`` stopping at ``cuts``)
+    and its report entry; ``hessians``: the layer's (inputs, gated activations, token counts), None for RTN."""
+    scheme = opts.quant_scheme()
+    if group.hidden_size % scheme.group_size:
+        raise ValueError(f"quantize: layer {group.layer}'s hidden size {group.hidden_size} is not a multiple of "
+                         f"group_size {scheme.group_size}")
+    if hessians is None:
+        q_gate_up, q_down = quantize_rtn(gate_up, scheme), quantize_rtn(down, scheme)
+    else:
+        h_in, h_inner, _ = hessians
+        q_gate_up = quantize_gptq(gate_up, h_in, scheme, dampening=opts.dampening)
+        q_down = quantize_gptq(down, h_inner, scheme, cuts=cuts, dampening=opts.dampening)
+    return q_gate_up, q_down, _layer_report(group, gate_up, down, q_gate_up, q_down, hessians, scheme)
+
+
+def finish(opts: QuantizeOptions, ctx: PassContext, scales: dict, layers: list[dict]) -> None:
+    """``quantize.json``, the scheme and scales in the compile state, and the log line."""
+    scheme = opts.quant_scheme()
+    workdir = Path(ctx.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = {**scheme.to_dict(), "method": opts.method, "targets": "routed experts"}
+    atomic_write_text(workdir / REPORT, json.dumps({**record, "options": opts.model_dump(mode="json"),
+                                                    "layers": layers}, indent=2))
+    ctx.state.quantization = {**record, "scales": scales}
+    worst = max(max(r["gate_up_output_error"] or 0, r["down_output_error"] or 0) for r in layers)
+    ctx.logger.info("quantize: %s (%s, group %d) over %d MoE layers; worst relative output error on "
+                    "calibration inputs %.3g", scheme.name, opts.method, scheme.group_size, len(layers), worst)
+
+
+def layer_cuts(tables, index: int, group, scheme: QuantScheme) -> list[list[int]]:
     """Each expert's distinct widths over the budgets (where GPTQ's compensation must stop); refuses a
     width that is not a whole number of groups."""
     full = group.intermediate_size
@@ -142,30 +172,42 @@ def _hessians(graph, ctx: PassContext) -> list[tuple[torch.Tensor, torch.Tensor,
     activations ``[E, I, I]`` (the inputs of ``down``), and its calibration token counts ``[E]``."""
     from flexc.passes.calibrate import calibrate
 
-    sums = [(torch.zeros(g.num_experts, g.hidden_size, g.hidden_size, dtype=torch.float64),
-             torch.zeros(g.num_experts, g.intermediate_size, g.intermediate_size, dtype=torch.float64),
-             torch.zeros(g.num_experts, dtype=torch.long)) for g in graph.groups]
+    sums = HessianSums(graph.groups)
+    widths = graph.widths()
+    graph.set_widths(None)  # the Hessian of every channel, at full width
+    try:  # this rank's batches (all of them in one process); the sums are reduced below
+        calibrate(graph, shard(ctx.calibration_batches()), on_forward=sums.on_forward,
+                  description="quantize: Hessians", quiet=ctx.quiet)
+    finally:
+        graph.set_widths(widths)
+    return sums.all_reduced()
 
-    def on_forward(layer: int, info: dict) -> None:
+
+class HessianSums:
+    """Calibration's expert observer summing, per MoE layer of ``groups``, each expert's ``X^T X`` of its
+    inputs ``[E, H, H]`` and of its gated activations ``[E, I, I]``, and its token counts ``[E]``."""
+
+    def __init__(self, groups):
+        self.groups = groups
+        self.sums = [(torch.zeros(g.num_experts, g.hidden_size, g.hidden_size, dtype=torch.float64),
+                      torch.zeros(g.num_experts, g.intermediate_size, g.intermediate_size, dtype=torch.float64),
+                      torch.zeros(g.num_experts, dtype=torch.long)) for g in groups]
+
+    def on_forward(self, layer: int, info: dict) -> None:
         if info["event"] != "expert":
             return
-        h_in, h_inner, count = sums[layer]
+        h_in, h_inner, count = self.sums[layer]
         x, inner = info["x"].detach().double().cpu(), info["inner"].detach().double().cpu()
         h_in[info["expert"]] += x.t() @ x
         h_inner[info["expert"]] += inner.t() @ inner
         count[info["expert"]] += x.shape[0]
 
-    widths = graph.widths()
-    graph.set_widths(None)  # the Hessian of every channel, at full width
-    try:  # this rank's batches (all of them in one process); the sums are reduced below
-        calibrate(graph, shard(ctx.calibration_batches()), on_forward=on_forward, description="quantize: Hessians",
-                  quiet=ctx.quiet)
-    finally:
-        graph.set_widths(widths)
-    for layer, tensors in enumerate(sums):  # under torchrun every rank then quantizes the same weights
-        for t in tensors:
-            all_reduce_sum(t, f"quantize's Hessians of MoE layer {graph.groups[layer].layer}")
-    return sums
+    def all_reduced(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The sums over every rank (under torchrun every rank then quantizes the same weights)."""
+        for group, tensors in zip(self.groups, self.sums):
+            for t in tensors:
+                all_reduce_sum(t, f"quantize's Hessians of MoE layer {group.layer}")
+        return self.sums
 
 
 def _layer_report(group, gate_up, down, q_gate_up: QuantizedWeight, q_down: QuantizedWeight, hessians,

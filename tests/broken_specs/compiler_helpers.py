@@ -84,12 +84,13 @@ def _tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
-def make_tiny_moe(directory: Path, family: str = "qwen3_moe") -> Path:
-    """A tiny random MoE checkpoint (with a byte-level BPE tokenizer) in ``directory``."""
+def make_tiny_moe(directory: Path, family: str = "qwen3_moe", **overrides) -> Path:
+    """A tiny random MoE checkpoint (with a byte-level BPE tokenizer) in ``directory``; ``overrides``: config
+    fields (see :func:`flexc.ir.testing.tiny_config`)."""
     from flexc.ir.testing import tiny_model
 
     tokenizer = _tokenizer(300)
-    model = tiny_model(family, vocab_size=len(tokenizer))
+    model = tiny_model(family, vocab_size=len(tokenizer), **overrides)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
