@@ -31,7 +31,9 @@ checkpoint's bytes and, for a nested engine on vLLM's kernel, the bytes of its p
 budget's experts. Then a *mixed* batch on the uniform artifact: 8 requests decoding together, each
 naming its own budget (1, 0.75, 0.5, 0.25, twice; per-request budgets, docs/serving.md), each
 repeat paired with the same requests at one budget, their mean keep (the engine's budget), and
-with stock. Then the switch time against an engine restart. ``--compiled`` runs every engine in
+with stock. Where the learned artifact has a token-adaptive policy, one more engine on it (with the
+per-request processor) decodes 8 requests at keep 0.5 on the static table, on the policy
+(``"flexc_adaptive": true``) and half and half in one batch. Then the switch time against an engine restart. ``--compiled`` runs every engine in
 vLLM's default mode (torch.compile) instead of eager. Prefix caching is off in every engine (the repeats send the same prompts).
 
     python benchmarks/serve.py                       # zoo `small`, CPU (tens of minutes on 2 cores)
@@ -120,13 +122,14 @@ def routed_active_params(manifest: dict, config: dict, active_keep: float) -> fl
 DECODE_PROMPTS = [[200 + (i * 11 + j) % 1500 for j in range(16)] for i in range(8)]
 
 
-def _timed(llm, prompts, max_tokens, budgets=None) -> float:
-    """Seconds to generate ``max_tokens`` for every prompt at once (``budgets``: one per request)."""
+def _timed(llm, prompts, max_tokens, extra=None) -> float:
+    """Seconds to generate ``max_tokens`` for every prompt at once (``extra``: each request's ``extra_args``,
+    e.g. ``{"flexc_budget": 0.5}``)."""
     from vllm import SamplingParams
 
-    budgets = budgets or [None] * len(prompts)
-    params = [SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                             extra_args=None if b is None else {"flexc_budget": b}) for b in budgets]
+    extra = extra or [None] * len(prompts)
+    params = [SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=e or None)
+              for e in extra]
     start = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return time.perf_counter() - start
@@ -141,7 +144,8 @@ def measure_mixed(llm, args, budgets: list[float], mean_keep: float) -> dict:
     set_budget(llm, mean_keep)
     mixed, one, stock = [], [], []
     for repeat in range(args.repeats):
-        runs = [(mixed, budgets), (one, None)] + ([(stock, None)] if STOCK[0] is not None else [])
+        runs = [(mixed, [{"flexc_budget": b} for b in budgets]), (one, None)] + (
+            [(stock, None)] if STOCK[0] is not None else [])
         for times, named in runs[:: 1 if repeat % 2 == 0 else -1]:  # alternate the order against drift
             times.append(_timed(STOCK[0] if times is stock else llm, DECODE_PROMPTS, args.decode_len, named))
     out = {"decode_b8_tok_s": 8 * args.decode_len / statistics.median(mixed),
@@ -150,6 +154,26 @@ def measure_mixed(llm, args, budgets: list[float], mean_keep: float) -> dict:
            "vs_one_budget": statistics.median(o / m for o, m in zip(one, mixed))}
     if stock:
         out["ratio_b8"] = statistics.median(s / m for s, m in zip(stock, mixed))
+    return out
+
+
+def measure_policy_mix(llm, args, keep: float) -> dict:
+    """Decode throughput of 8 requests at ``keep`` (the engine's budget) decoding together: all on the static
+    table, all on the adaptive policy (``"flexc_adaptive": true``), and half of each in one batch; the repeats
+    alternate the order, and the ratios to the static batch are medians of the repeats' ratios."""
+    from flexc.serving import set_budget
+
+    set_budget(llm, keep)
+    cases = {"static": None, "adaptive": [{"flexc_adaptive": True}] * 8,
+             "mixed": [{"flexc_adaptive": True} if i % 2 else {} for i in range(8)]}
+    times = {name: [] for name in cases}
+    _timed(llm, DECODE_PROMPTS, 4, cases["mixed"])  # warm-up: packs the pieces a mixed pass runs on
+    for repeat in range(args.repeats):
+        for name in (list(cases) if repeat % 2 == 0 else reversed(list(cases))):
+            times[name].append(_timed(llm, DECODE_PROMPTS, args.decode_len, cases[name]))
+    out = {"keep": keep, **{f"{name}_b8_tok_s": 8 * args.decode_len / statistics.median(t) for name, t in times.items()}}
+    out.update({f"{name}_vs_static": statistics.median(s / t for s, t in zip(times["static"], times[name]))
+                for name in ("adaptive", "mixed")})
     return out
 
 
@@ -301,7 +325,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prefill-len", type=int, default=256)
     parser.add_argument("--decode-len", type=int, default=64)
-    parser.add_argument("--skip", default="", help="comma-separated engines to leave out: uniform, learned, sliced")
+    parser.add_argument("--skip", default="", help="comma-separated engines to leave out: uniform, learned, sliced, "
+                        "policy-mix (the learned artifact's requests choosing the adaptive policy or the static table)")
     parser.add_argument("--flexc-op", action="store_true", help="also the learned nested artifact with its engine "
                         "budget on flexc's op instead of vLLM's CPU kernel (flexc_experts_kernel: flexc)")
     parser.add_argument("--compiled", action="store_true", help="every engine, stock vLLM's too, in vLLM's default "
@@ -334,7 +359,7 @@ def main() -> None:
     rows.append(stock)
     STOCK[0] = llm
 
-    mixed_row, switches, full_active, flexc_start = None, [], None, None
+    mixed_row, policy_mix, switches, full_active, flexc_start = None, None, [], None, None
     if "uniform" not in skip:
         from flexc.serving import get_budget
 
@@ -355,6 +380,12 @@ def main() -> None:
         switches += more
         full_active = full_active or learned_active[1.0]
         shutdown(llm)
+        if "policy-mix" not in skip and (run / "nested" / "flexc_adaptive.json").is_file():
+            from flexc.serving.requests import PROCESSOR
+
+            llm, _ = start(str(run / "nested"), logits_processors=[PROCESSOR])
+            policy_mix = {"engine": "flexc nested, learned, per request", **measure_policy_mix(llm, args, 0.5)}
+            shutdown(llm)
         if args.flexc_op:
             llm, _, _, _ = measure_nested(run / "nested", "flexc nested, learned, flexc op", args, manifest_of, rows,
                                           overrides={"flexc_experts_kernel": "flexc"})
@@ -395,12 +426,18 @@ def main() -> None:
               f"{mixed_row['ratio_b8']:.2f} vs stock, ideal {mixed_row['ideal']:.2f}; "
               f"{mixed_row['vs_one_budget']:.2f} of one batch at their mean keep {mixed_row['mean_keep']:g}; "
               f"experts in pieces {mixed_row['pieces_bytes'] / 1e6:.1f} MB")
+    if policy_mix is not None:
+        print(f"{'flexc policy per request':<34} keep {policy_mix['keep']:g}, decode b8: static "
+              f"{policy_mix['static_b8_tok_s']:.1f} tok/s, adaptive {policy_mix['adaptive_b8_tok_s']:.1f} "
+              f"({policy_mix['adaptive_vs_static']:.2f} of static), half and half in one batch "
+              f"{policy_mix['mixed_b8_tok_s']:.1f} ({policy_mix['mixed_vs_static']:.2f} of static)")
     switch = statistics.median(switches) if switches else None
     if switch is not None:
         print(f"budget switch (set_budget round trip, median of {len(switches)}): {switch * 1e3:.1f} ms; "
               f"engine start: flexc {flexc_start:.1f} s, stock {stock_start:.1f} s")
     result = {"model": args.model, "run": str(run) if run else None, "repeats": args.repeats,
               "prefill_len": args.prefill_len, "decode_len": args.decode_len, "rows": rows, "mixed": mixed_row,
+              "policy_mix": policy_mix,
               "switch_s": switch, "restart_s": flexc_start, "prefix_caching": False, "compiled": args.compiled,
               "threads": os.environ.get("OMP_NUM_THREADS")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
