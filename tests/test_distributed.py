@@ -351,10 +351,11 @@ def test_a_bad_timeout_is_a_user_error(monkeypatch):
         distributed.timeout_seconds()
 
 
-def test_two_processes_quantize_as_one_process_does(tiny_model_dir, tmp_path):
-    """quantize's GPTQ Hessians are summed over the ranks' calibration shares: both processes write the
-    quantized weights one process writes (codes and scales, nested and sliced)."""
-    spec = {**_spec(tiny_model_dir, "taylor"), "budgets": {"keep": [0.75, 0.5], "grid": 32},
+@pytest.mark.parametrize("stream", ["off", "layers"], ids=["in-memory", "streamed"])
+def test_two_processes_quantize_as_one_process_does(stream, tiny_model_dir, tmp_path):
+    """quantize's GPTQ Hessians are summed over the ranks' calibration shares (streamed: layer by layer): both
+    processes write the quantized weights one process writes (codes and scales, nested and sliced)."""
+    spec = {**_spec(tiny_model_dir, "taylor", stream=stream), "budgets": {"keep": [0.75, 0.5], "grid": 32},
             "pipeline": [{"rank_channels": {"score": "taylor", "plot": False}}, {"uniform": {"granule": 32}},
                          {"quantize": {"scheme": "w4a16", "group_size": 32, "method": "gptq"}}]}
     flexc.compile(spec, out=tmp_path / "one", quiet=True)
