@@ -18,6 +18,8 @@ sizes for comparison. Prints a table, writes ``benchmarks/results/scale.json`` a
         --out benchmarks/results/scale_anneal.json   # Taylor ranking and 20 anneal steps, streamed
     python benchmarks/scale.py --sizes 4 --in-memory --recover 5 --samples 2 --batch-size 1 \
         --out benchmarks/results/scale_recover.json   # coverage, then 5 LoRA fine-tune steps, streamed
+    python benchmarks/scale.py --sizes 1 2 --in-memory 1 2 --quantize w4a16 --samples 4 --batch-size 2 \
+        --out benchmarks/results/scale_quantize.json   # coverage, then GPTQ int4, streamed and in memory
 
 With ``--processes`` each compile runs as ``flexc compile`` (one process on every core, and
 one process of one thread) and as ``torchrun --nproc_per_node 2 flexc compile`` (2 processes
@@ -126,17 +128,19 @@ def build(directory: Path, gigabytes: float, seed: int = 0) -> dict:
 
 
 def spec_for(model_dir: Path, out: Path, stream: str, score: str = "activation", samples: int = 8,
-             anneal: int = 0, batch_size: int = 4, recover: int = 0) -> dict:
+             anneal: int = 0, batch_size: int = 4, recover: int = 0, quantize: str | None = None) -> dict:
     """rank_channels -> coverage (or, with ``anneal`` steps, action gates and the anneal) -> fold (-> with
-    ``recover`` steps, the LoRA fine-tune at the budget) -> sliced."""
+    ``recover`` steps, the LoRA fine-tune at the budget) (-> with ``quantize``, GPTQ at that scheme, groups of
+    32) -> sliced."""
     widths = ([{"insert_action_gates": {"granule": 32}}, {"anneal": {"steps": anneal, "selection": {"samples": 0}}}] if anneal
               else [{"coverage": {"granule": 32}}])
     tune = [{"recover": {"keep": BUDGET, "steps": recover, "checkpoint_every": recover}}] if recover else []
+    tune += [{"quantize": {"scheme": quantize, "group_size": 32, "method": "gptq"}}] if quantize else []
     return {
         "model": {"path": str(model_dir), "dtype": "bfloat16"},
         "data": {"calibration": {"builtin": "python-stdlib", "num_samples": samples, "seq_len": 128,
                                  "batch_size": batch_size}},
-        "budgets": {"keep": [BUDGET]},
+        "budgets": {"keep": [BUDGET], **({"grid": 32} if quantize else {})},  # whole quantization groups
         "pipeline": [{"rank_channels": {"score": score, "plot": False}}, *widths, "fold_masks", *tune],
         "export": {"dir": str(out), "formats": ["sliced"]},
         "execution": {"stream": stream},
@@ -271,6 +275,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("peak resident memory (GB)")
     widths = f"anneal ({rows[0]['anneal_steps']} steps)" if rows[0].get("anneal_steps") else "coverage"
     tune = f" → recover ({rows[0]['recover_steps']} steps)" if rows[0].get("recover_steps") else ""
+    tune += f" → quantize ({rows[0]['quantize']})" if rows[0].get("quantize") else ""
     ax.set_title(f"flexc compile: rank({rows[0].get('score', 'activation')}) → {widths} → fold{tune} → sliced")
     ax.legend()
     fig.tight_layout()
@@ -291,6 +296,8 @@ def main() -> None:
                         help="train the action gates this many steps (insert_action_gates + anneal) instead of coverage")
     parser.add_argument("--recover", type=int, default=0, metavar="STEPS",
                         help="then fine-tune LoRA adapters (recover) this many steps at the budget")
+    parser.add_argument("--quantize", default=None, metavar="SCHEME",
+                        help="then quantize the experts (w8a16 or w4a16, GPTQ, groups of 32)")
     parser.add_argument("--samples", type=int, default=8, help="calibration sequences (128 tokens each)")
     parser.add_argument("--batch-size", type=int, default=4, help="calibration sequences per batch")
     parser.add_argument("--processes", action="store_true", help="wall time of 1 process vs torchrun with 2")
@@ -320,10 +327,11 @@ def main() -> None:
             for mode in modes:
                 out = work / f"run-{gb:g}gb-{mode}"
                 res = run_child(spec_for(model_dir, out, mode, args.score, args.samples, args.anneal,
-                                         args.batch_size, args.recover), work)
+                                         args.batch_size, args.recover, args.quantize), work)
                 row = {"model_gb": round(built["bytes"] / 1e9, 3), "layers": built["layers"],
                        "layer_mb": round(built["layer_bytes"] / 1e6, 1), "stream": mode, "score": args.score,
-                       "anneal_steps": args.anneal, "recover_steps": args.recover, "calibration": f"{args.samples} x 128 tokens, "
+                       "anneal_steps": args.anneal, "recover_steps": args.recover, "quantize": args.quantize,
+                       "calibration": f"{args.samples} x 128 tokens, "
                                                                    f"batches of {args.batch_size}",
                        **{k: round(v, 1) for k, v in res.items() if k != "stages"}, "stages": res["stages"]}
                 rows.append(row)

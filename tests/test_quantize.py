@@ -82,6 +82,20 @@ def test_gptq_beats_round_to_nearest_at_every_cut(scheme):
         assert output_error(w, gptq, x, width) < 0.97 * output_error(w, rtn, x, width), width
 
 
+def test_gptq_of_a_few_experts_at_a_time_is_gptq_of_all_at_once():
+    """Experts are quantized independently: working on two at a time (bounded memory) gives each the codes it
+    gets among all five, its own cuts and Hessian included."""
+    s = QuantScheme("w4a16", 32)
+    w = torch.randn(5, 16, 96, generator=torch.Generator().manual_seed(6))
+    h = torch.stack([(x.t() @ x) for x in (correlated_inputs(1000, 96, seed=10 + e) for e in range(5))])
+    cuts = [[32], [64], [], [32, 64], [64]]
+    together, chunked = quantize_gptq(w, h, s, cuts=cuts), quantize_gptq(w, h, s, cuts=cuts, experts_at_once=2)
+    assert (chunked.codes == together.codes).float().mean() > 0.999
+    torch.testing.assert_close(chunked.scales, together.scales, rtol=1e-5, atol=1e-7)
+    alone = quantize_gptq(w[3:4], h[3:4], s, cuts=cuts[3:4])  # one expert on its own: its cuts go with it
+    assert (alone.codes == together.codes[3:4]).float().mean() > 0.999
+
+
 def test_gptq_without_tokens_is_round_to_nearest():
     s = QuantScheme("w4a16", 32)
     w = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(5))
