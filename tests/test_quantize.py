@@ -89,7 +89,8 @@ def test_gptq_of_a_few_experts_at_a_time_is_gptq_of_all_at_once():
     w = torch.randn(5, 16, 96, generator=torch.Generator().manual_seed(6))
     h = torch.stack([(x.t() @ x) for x in (correlated_inputs(1000, 96, seed=10 + e) for e in range(5))])
     cuts = [[32], [64], [], [32, 64], [64]]
-    together, chunked = quantize_gptq(w, h, s, cuts=cuts), quantize_gptq(w, h, s, cuts=cuts, experts_at_once=2)
+    together = quantize_gptq(w, h, s, cuts=cuts)
+    chunked = quantize_gptq(w, h, s, cuts=cuts, hessian_bytes=2 * 8 * 96 ** 2)  # two experts' Hessians at a time
     assert (chunked.codes == together.codes).float().mean() > 0.999
     torch.testing.assert_close(chunked.scales, together.scales, rtol=1e-5, atol=1e-7)
     alone = quantize_gptq(w[3:4], h[3:4], s, cuts=cuts[3:4])  # one expert on its own: its cuts go with it
