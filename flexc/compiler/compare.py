@@ -15,7 +15,7 @@ with the same options, each stage done), compare reads that run's channel permut
 width tables instead of computing them again.
 
 For the learned method, the tables each budget's held-out check scored are also scored on the
-evaluation text (:mod:`flexc.eval.held_out_check`): ``held_out_check`` in the result says where
+evaluation text (:mod:`flexc.compiler.held_out_check`): ``held_out_check`` in the result says where
 the check, which reads calibration documents, chose what the evaluation documents would not.
 """
 
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
+from flexc.compiler.held_out_check import check_against_evaluation
+from flexc.compiler.held_out_check import markdown as check_markdown
 from flexc.eval.budgets import apply_budget
-from flexc.eval.held_out_check import check_against_evaluation
-from flexc.eval.held_out_check import markdown as check_markdown
 from flexc.eval.perplexity import check_no_leak, evaluate, evaluation_stream
 from flexc.ir.tables import WidthTables, expert_weights, keep_ratio
 from flexc.passes import resolve_pass

@@ -10,7 +10,7 @@ compile (``manifest.json``, ``stages/NN-<pass>/``, ``state/``, one folder per ex
   decoder layer at a time), else its ``run`` on a :class:`~flexc.passes.streamed.StreamedGraph`
   (the layer model's groups; no graph); what each built-in pass does there is in docs/scale.md;
 - ``export:nested`` / ``export:sliced`` / ``export:hf``: each decoder layer loaded, permuted,
-  weight changes a pass left to the exports merged (:func:`export_transform`), (sliced,) written
+  weight changes a pass left to the exports merged (:func:`flexc.passes.streamed.export_transform`), (sliced,) written
   as a shard of its own and freed (:mod:`flexc.export.streamed`).
 
 The passes run through the same :class:`~flexc.passes.manager.PassRunner` and stage loop
@@ -79,24 +79,6 @@ def _disk_bytes(*paths: Path) -> int:
     return total
 
 
-def export_transform(lm, state, pass_classes):
-    """What the exports do to each loaded decoder layer: the ranking's permutation, then the weight
-    changes of the passes (``pass_classes``) that leave them to the exports (:meth:`flexc.passes.base.Pass.export_merger`,
-    e.g. a streamed ``recover``'s adapters), in pipeline order as the in-memory compile applied them."""
-    from flexc.ir.permute import layer_permuter
-
-    steps = [layer_permuter(lm.groups, state.channel_perms)]
-    steps += [m for cls in pass_classes if cls.merges_at_export and (m := cls.export_merger(lm, state)) is not None]
-    if len(steps) == 1:
-        return steps[0]
-
-    def transform(layer: int, graph) -> None:
-        for step in steps:
-            step(layer, graph)
-
-    return transform
-
-
 # --------------------------------------------------------------------------- the execution
 
 
@@ -156,6 +138,7 @@ class LayerStreamed(Execution):
     def export(self, fmt: str, folder: Path, state) -> dict:
         from flexc.export.context import provenance as export_provenance
         from flexc.export.streamed import export_sliced_streamed, write_checkpoint_streamed, write_nested_streamed
+        from flexc.passes.streamed import export_transform
 
         lm, spec = self.lm, self.spec
         tables = state.checked_width_tables()

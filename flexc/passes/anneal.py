@@ -602,7 +602,7 @@ class Anneal(Pass):
         atomic_write_text(workdir / TABLES_JSON, json.dumps(report, indent=2))
         candidates = [{"keep_target": b, "chosen": exported[b]["chosen"], "widths": exported[b]["candidate_widths"]}
                       for b in budgets if "candidate_widths" in exported[b]]
-        if candidates:  # the tables each held-out check scored: flexc.eval.held_out_check scores them on other text
+        if candidates:  # the tables each held-out check scored: flexc.compiler.held_out_check scores them on other text
             atomic_write_text(workdir / CANDIDATES_JSON, json.dumps({"budgets": candidates}))
         atomic_write_text(workdir / "anneal_history.json", json.dumps(history))
         if history:

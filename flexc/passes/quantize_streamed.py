@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from flexc.passes.quantize_layers import HessianSums, finish, layer_cuts, quantize_layer
 from flexc.utils.atomic import atomic_path
 from flexc.utils.distributed import shard
 from flexc.utils.progress import progress_bar
@@ -33,7 +34,6 @@ def quantize_streamed(p, lm, ctx) -> None:
     plus each MoE layer's codes in ``<stage>/codes/``; no source weight is changed."""
     from flexc.ir.streaming import LayerGraph
     from flexc.passes.calibrate import calibrate
-    from flexc.passes.quantize import HessianSums, finish, layer_cuts, quantize_layer
 
     opts = p.options
     scheme = opts.quant_scheme()
@@ -83,7 +83,7 @@ def quantize_streamed(p, lm, ctx) -> None:
 def _earlier_changes(lm, ctx, own):
     """What the exports do to a loaded layer before this pass's codes: the permutation and the weight
     changes of the spec's other passes that merge at export (a streamed ``recover``)."""
-    from flexc.compiler.streamed import export_transform
+    from flexc.passes.streamed import export_transform
 
     classes = [e.pass_class for e in ctx.spec.pipeline] if ctx.spec is not None else []
     return export_transform(lm, ctx.state, [c for c in classes if c is not own])

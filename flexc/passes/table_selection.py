@@ -121,7 +121,7 @@ class HeldOutCheck:
         record["held_out_read"] = read
         record["validation_next_token"] = {name: float(v["next_token"].mean()) for name, v in held_out.items()}
         # Each candidate's widths, so an evaluation on other documents can score the same tables
-        # (flexc.eval.held_out_check: how far the check and the evaluation text disagree).
+        # (flexc.compiler.held_out_check: how far the check and the evaluation text disagree).
         record["candidate_widths"] = {name: setup.widths(tables[name]).tolist() for name in held_out}
         if "difference" in verdict:
             record["validation_difference"] = verdict["difference"]
