@@ -604,6 +604,8 @@ class Anneal(Pass):
                       for b in budgets if "candidate_widths" in exported[b]]
         if candidates:  # the tables each held-out check scored: flexc.compiler.held_out_check scores them on other text
             atomic_write_text(workdir / CANDIDATES_JSON, json.dumps({"budgets": candidates}))
+        else:  # no check ran: an earlier run's candidates in this folder would describe other tables
+            (workdir / CANDIDATES_JSON).unlink(missing_ok=True)
         atomic_write_text(workdir / "anneal_history.json", json.dumps(history))
         if history:
             plot_curves(history, budgets, workdir / CURVES_PNG)

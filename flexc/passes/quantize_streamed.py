@@ -50,8 +50,9 @@ def quantize_streamed(p, lm, ctx) -> None:
         group = lm.group_at(i)
         if group is None and not gptq:
             continue  # round-to-nearest reads the MoE layers only
-        graph = LayerGraph(lm.materialise(i), lm, group, kwargs, index=i)
+        module = lm.materialise(i)
         try:
+            graph = LayerGraph(module, lm, group, kwargs, index=i)
             transform(i, graph)
             if group is None:  # a dense layer: its outputs are the next layer's inputs
                 with torch.no_grad():
@@ -74,7 +75,6 @@ def quantize_streamed(p, lm, ctx) -> None:
                     save_file({"gate_up": q_gate_up.codes.contiguous(), "down": q_down.codes.contiguous()}, str(tmp))
             hidden = graph.outputs if gptq else None  # each layer's unquantized outputs, as in memory
         finally:
-            del graph
             lm.free(i)
     finish(opts, ctx, scales, layers)
     ctx.state.extras[CODES_KEY] = str(folder.resolve())
