@@ -9,6 +9,12 @@ MoE). A forward pass sorts the (token, slot) pairs by bucket, runs each bucket's
 top-1 routing (the routing weight applied by the kernel), and sums each token's slots in a fixed
 order. A layer with one bucket and no removed expert runs as one call on the original routing.
 
+A quantized sliced checkpoint's buckets (compressed-tensors ``pack-quantized`` int4, group scales)
+are built with vLLM's compressed-tensors config (:func:`vllm_quant_config`), so vLLM's own WNA16
+MoE method takes their packed codes and scales as they are and repacks them for its kernel. Where
+vLLM has no such kernel for them (on CPU its int4 kernel needs AMX and groups of 64 or 128; no
+8-bit one), the layer's buckets are built unquantized and the codes are dequantized as they load.
+
 Without vLLM (flexc's own tests of the block) or for an activation vLLM's kernels lack, a bucket
 runs flexc's expert op on the same stacked weights.
 """
@@ -18,9 +24,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import logging
+
 from flexc.export.remote.modeling_flexc_sliced import width_buckets
 from flexc.ir.op import ExpertLayout, ExpertWeights, run_experts
 from flexc.serving.families import ServingError
+
+logger = logging.getLogger("flexc.serving")
 
 # Up to this many (token, slot) pairs a call is planned on the host (decode sizes).
 HOST_PLANNED_PAIRS = 64
@@ -41,22 +51,43 @@ class _TorchBucket(nn.Module):
     def takes_any_k(self) -> bool:
         return True
 
+    def param(self, part: str, kind: str = "") -> torch.Tensor:
+        return self.w13_weight if part == "gate_up" else self.w2_weight
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         experts = ExpertWeights(self.w13_weight, self.w2_weight,
                                 layout=ExpertLayout(self.activation, False, self.alpha, self.limit))
         return run_experts(x, ids, weights, experts)
 
 
-class _VllmBucket(nn.Module):
-    """One bucket on vLLM's fused-MoE kernels: a ``RoutedExperts`` from vLLM's ``FusedMoEFactory``."""
+def vllm_quant_config(quantization: dict):
+    """vLLM's compressed-tensors config for a sliced checkpoint's quantization record (its ``flexc_sliced``
+    section): the scheme's weight arguments, as ``quantization_config`` in compressed-tensors' format."""
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig)
 
-    def __init__(self, num_experts: int, width: int, hidden: int, activation: str, prefix: str, top_k: int):
+    from flexc.ir.quant.scheme import QuantScheme
+
+    scheme = QuantScheme(quantization["scheme"], int(quantization["group_size"]))
+    return CompressedTensorsConfig.from_config({
+        "quant_method": "compressed-tensors", "format": scheme.to_dict()["format"], "ignore": [],
+        "config_groups": {"experts": {"targets": ["Linear"], "weights": scheme.args().model_dump(),
+                                      "input_activations": None}}})
+
+
+class _VllmBucket(nn.Module):
+    """One bucket on vLLM's fused-MoE kernels: a ``RoutedExperts`` from vLLM's ``FusedMoEFactory`` (with
+    ``quant_config``: vLLM's quantized MoE method for it, which raises where no kernel runs it)."""
+
+    def __init__(self, num_experts: int, width: int, hidden: int, activation: str, prefix: str, top_k: int,
+                 quant_config=None):
         super().__init__()
         from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
 
         self.runner = FusedMoEFactory(num_experts=num_experts, top_k=top_k, hidden_size=hidden,
-                                      intermediate_size=width, renormalize=False, prefix=prefix, activation=activation)
-
+                                      intermediate_size=width, renormalize=False, prefix=prefix, activation=activation,
+                                      quant_config=quant_config)
+        self.quantized = quant_config is not None
         self._direct = None  # vLLM's CPU experts kernel, once weights are prepacked (see forward)
 
     @property
@@ -69,21 +100,40 @@ class _VllmBucket(nn.Module):
         Its modular wrapper (prepare, workspaces, finalize: all no-ops for unquantized CPU experts)
         costs about as much as the kernel itself at decode sizes (measured by hand at one token on
         zoo `small`'s shape: ~90 us through the wrapper, ~50 us for the kernel alone), and a
-        bucketed layer makes several calls; the kernel is called directly there.
+        bucketed layer makes several calls; the kernel is called directly there. The same holds for its
+        int4 CPU experts (quantized buckets), whose ``apply`` takes the same arguments and reads its
+        scales from the layer's quant config.
         """
-        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt4, CPUUnquantizedExperts
 
         kernel = getattr(getattr(self.experts.quant_method, "moe_kernel", None), "impl", None)
         impl = getattr(kernel, "fused_experts", None)
+        if isinstance(impl, CPUExpertsInt4):
+            return impl
         return impl if isinstance(impl, CPUUnquantizedExperts) and not impl._use_zentorch else None
 
     @property
-    def w13_weight(self) -> torch.Tensor:
-        return self.experts.w13_weight
+    def kernel_name(self) -> str:
+        """What runs this bucket: vLLM's experts implementation's class name (``CPUExpertsInt4``, ...)."""
+        kernel = getattr(getattr(self.experts.quant_method, "moe_kernel", None), "impl", None)
+        return type(getattr(kernel, "fused_experts", None) or self.experts.quant_method).__name__
 
-    @property
-    def w2_weight(self) -> torch.Tensor:
-        return self.experts.w2_weight
+    def param(self, part: str, kind: str = "") -> torch.Tensor:
+        """The parameter a checkpoint's ``gate_up`` / ``down`` tensor fills (``kind``: ``_packed`` codes or
+        ``_scale`` of a quantized bucket, as vLLM's compressed-tensors MoE method names them)."""
+        name = "w13_weight" if part == "gate_up" else "w2_weight"
+        return getattr(self.experts, name + {"": "", "_packed": "_packed", "_scale": "_scale"}[kind])
+
+    def fill_shape_params(self, width: int, hidden: int) -> list[torch.Tensor]:
+        """Fill the parameters vLLM's quantized method registers that no checkpoint of flexc's carries (the
+        unpacked weights' shapes; its CPU kernels do not read them); returns them."""
+        filled = []
+        for name, shape in (("w13_weight_shape", (2 * width, hidden)), ("w2_weight_shape", (hidden, width))):
+            param = getattr(self.experts, name, None)
+            if param is not None:
+                param.data.copy_(torch.tensor(shape, dtype=param.dtype).expand_as(param))
+                filled.append(param)
+        return filled
 
     def takes_any_k(self) -> bool:
         """Whether a call may route each row to any number of this bucket's experts (vLLM's CPU kernel
@@ -97,14 +147,17 @@ class _VllmBucket(nn.Module):
             weights = weights.float().contiguous()
         if ids.dtype != torch.int32 or not ids.is_contiguous():
             ids = ids.to(torch.int32).contiguous()
+        dtype = x.dtype
+        if self.quantized and dtype != torch.bfloat16:  # vLLM's int4 kernels take bf16 activations
+            x = x.to(torch.bfloat16)
         if not self.takes_any_k():
-            return self.experts.forward_modular(x, weights, ids)
+            return self.experts.forward_modular(x, weights, ids).to(dtype)
         out = torch.empty_like(x)
         experts = self.experts
         self._direct.apply(out, x, experts.w13_weight, experts.w2_weight, weights, ids,
                            experts.moe_config.activation, experts.global_num_experts, None, None, None, None, None,
                            None, False)
-        return out
+        return out.to(dtype)
 
 
 def _vllm_available() -> bool:
@@ -213,10 +266,13 @@ class BucketRouting(nn.Module):
 
 
 class BucketedExperts(nn.Module):
-    """One layer's routed experts of a sliced checkpoint: fixed ``widths [E]``, one kernel per bucket."""
+    """One layer's routed experts of a sliced checkpoint: fixed ``widths [E]``, one kernel per bucket.
+
+    ``quantization``: the checkpoint's quantization record; ``takes_codes`` says whether the buckets
+    take its packed codes and scales (vLLM's quantized kernel) or dequantized weights."""
 
     def __init__(self, widths: list[int], hidden: int, activation: tuple[str, float, float], prefix: str,
-                 top_k: int):
+                 top_k: int, quantization: dict | None = None):
         super().__init__()
         self.num_experts, self.hidden = len(widths), hidden
         self.routing = BucketRouting(widths, top_k)
@@ -226,12 +282,41 @@ class BucketedExperts(nn.Module):
         on_vllm = _vllm_available() and name in VLLM_ACTIVATIONS
         self.kernel = "vllm" if on_vllm else "flexc"
         k = self.routing.call_k
-        self.kernels = nn.ModuleList(
-            _VllmBucket(len(ids), w, hidden, VLLM_ACTIVATIONS[name], f"{prefix}.buckets.{i}", k) if on_vllm
-            else _TorchBucket(len(ids), w, hidden, activation)
-            for i, (w, ids) in enumerate(self.buckets))
+        self.takes_codes = False
+        kernels = None
+        if on_vllm and quantization is not None:
+            kernels = self._quantized_buckets(quantization, hidden, VLLM_ACTIVATIONS[name], prefix, k)
+        if kernels is None:
+            kernels = [_VllmBucket(len(ids), w, hidden, VLLM_ACTIVATIONS[name], f"{prefix}.buckets.{i}", k)
+                       if on_vllm else _TorchBucket(len(ids), w, hidden, activation)
+                       for i, (w, ids) in enumerate(self.buckets)]
+        self.kernels = nn.ModuleList(kernels)
         self._kernel_list = list(self.kernels)  # plain list: the routing indexes it per call
         self._loaded: set[tuple[int, str]] = set()
+        self.filled: list[str] = []  # parameters no checkpoint tensor fills (vLLM's quantized shape records)
+        for i, kernel in enumerate(kernels):
+            if self.takes_codes:
+                params = kernel.fill_shape_params(self.buckets[i][0], hidden)
+                self.filled += [self._name_of(i, p) for p in params]
+
+    def _quantized_buckets(self, quantization: dict, hidden: int, activation: str, prefix: str,
+                           k: int) -> list | None:
+        """The buckets on vLLM's quantized MoE method for ``quantization``, or None (logged once) where vLLM
+        has no kernel for it here."""
+        try:
+            config = vllm_quant_config(quantization)
+            kernels = [_VllmBucket(len(ids), w, hidden, activation, f"{prefix}.buckets.{i}", k, quant_config=config)
+                       for i, (w, ids) in enumerate(self.buckets)]
+        except (NotImplementedError, ValueError) as err:
+            if not _FALLBACK_LOGGED:
+                _FALLBACK_LOGGED.append(True)
+                logger.warning("flexc: vLLM has no quantized MoE kernel here for %s (group %s): %s; the experts' "
+                               "codes are dequantized as they load and run on its unquantized kernels",
+                               quantization.get("scheme"), quantization.get("group_size"), err)
+            return None
+        self.takes_codes = True
+        self.kernel = "vllm-" + quantization["scheme"]
+        return kernels
 
     @property
     def device(self) -> torch.device:
@@ -245,34 +330,38 @@ class BucketedExperts(nn.Module):
 
     # -- weight loading ------------------------------------------------------------------
 
-    def load_bucket(self, name: str, index: int, part: str, tensor: torch.Tensor) -> str:
-        """Bucket ``index``'s ``gate_up [n, 2w, H]`` or ``down [n, H, w]``, as the checkpoint stores them;
+    def load_bucket(self, name: str, index: int, part: str, tensor: torch.Tensor, kind: str = "") -> str:
+        """Bucket ``index``'s ``gate_up [n, 2w, H]`` or ``down [n, H, w]``, as the checkpoint stores them (with
+        ``kind`` ``_packed`` / ``_scale``: its packed int32 codes or group scales, where ``takes_codes``);
         returns the name of the parameter it filled, relative to this module."""
         if not 0 <= index < len(self.buckets):
             raise ServingError(f"checkpoint tensor {name}: bucket {index}, but the config's widths give "
                                f"{len(self.buckets)} buckets ({self._described()}); re-export the sliced checkpoint")
         width, ids = self.buckets[index]
-        shape = (len(ids), 2 * width, self.hidden) if part == "gate_up" else (len(ids), self.hidden, width)
+        param = self.kernels[index].param(part, kind)
+        shape = tuple(param.shape)  # built from the config's widths: [n, 2w, H] / [n, H, w] (codes: packed, groups)
         if tuple(tensor.shape) != shape:
             raise ServingError(f"checkpoint tensor {name}: shape {tuple(tensor.shape)}, but the config's bucket "
                                f"{index} ({len(ids)} experts of width {width}) needs {shape}: the checkpoint's buckets "
                                "disagree with its config; re-export the sliced checkpoint")
-        self._param(index, part).data.copy_(tensor)
-        self._loaded.add((index, part))
-        return self.param_name(index, part)
+        param.data.copy_(tensor)
+        self._loaded.add((index, part + kind))
+        return self._name_of(index, param)
 
-    def _param(self, index: int, part: str) -> torch.Tensor:
-        kernel = self.kernels[index]
-        return kernel.w13_weight if part == "gate_up" else kernel.w2_weight
-
-    def param_name(self, index: int, part: str) -> str:
-        """The name (relative to this module) of the parameter bucket ``index``'s ``part`` fills."""
-        param = self._param(index, part)
+    def _name_of(self, index: int, param: torch.Tensor) -> str:
         return next(f"kernels.{index}.{n}" for n, p in self.kernels[index].named_parameters() if p is param)
+
+    def param_name(self, index: int, part: str, kind: str = "") -> str:
+        """The name (relative to this module) of the parameter bucket ``index``'s ``part`` fills."""
+        return self._name_of(index, self.kernels[index].param(part, kind))
 
     def _described(self) -> str:
         return ", ".join(f"{len(ids)} x width {w}" for w, ids in self.buckets)
 
     def missing(self) -> list[str]:
-        return [f"bucket {i} {p}" for i in range(len(self.buckets)) for p in ("gate_up", "down")
-                if (i, p) not in self._loaded]
+        kinds = ("_packed", "_scale") if self.takes_codes else ("",)
+        return [f"bucket {i} {p}{k}" for i in range(len(self.buckets)) for p in ("gate_up", "down") for k in kinds
+                if (i, p + k) not in self._loaded]
+
+
+_FALLBACK_LOGGED: list[bool] = []  # the fallback's warning is logged once per process

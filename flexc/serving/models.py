@@ -330,6 +330,8 @@ def _flexc_load_weights(self, base: type, weights: Iterable[tuple[str, torch.Ten
                 loaded.add(f"{block.prefix}.{filled}")
 
     loaded |= set(base.load_weights(self, others()))
+    loaded |= {f"{b.prefix}.experts.{name}" for b in self._flexc_prefixes.values()
+               for name in getattr(b.experts, "filled", ())}
     missing = [f"{b.prefix}.experts: {m}" for b in self._flexc_prefixes.values() for m in b.experts.missing()]
     if missing:
         raise ServingError(f"{self.flexc.directory}: the checkpoint lacks expert weights: {missing[:6]}"

@@ -288,7 +288,8 @@ class FlexcMoeBlock(nn.Module):
         activation = IR_FAMILIES[family.model_type].activation(None, config)
         self.sliced = artifact.kind == "sliced"
         quantization = (artifact.sliced or {}).get("quantization") if self.sliced else None
-        self.quantized = quantization is not None  # packed codes and scales, dequantized as they load
+        self.quantized = quantization is not None  # packed codes and scales (dequantized as they load where
+        # vLLM's quantized kernel does not take them: BucketedExperts.takes_codes)
         self.quant_bits = quantization["bits"] if quantization else None
         self.quant_group = quantization["group_size"] if quantization else None
         self._pending: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -298,7 +299,8 @@ class FlexcMoeBlock(nn.Module):
             if len(widths) != num_experts or min(widths) < 0 or max(widths) > self.full:
                 raise ServingError(f"{artifact.directory}: {prefix}.experts has widths {widths}; expected "
                                    f"{num_experts} values in [0, {self.full}]")
-            self.experts = BucketedExperts(widths, hidden, activation, f"{prefix}.experts", self.top_k)
+            self.experts = BucketedExperts(widths, hidden, activation, f"{prefix}.experts", self.top_k,
+                                           quantization=quantization)
         else:
             self.experts = FlexcExperts(num_experts, hidden, self.full, activation, self.top_k,
                                         vllm_kernel=artifact.experts_kernel == "vllm")
@@ -351,8 +353,8 @@ class FlexcMoeBlock(nn.Module):
 
     def _dequantized(self, index: int, part: str, kind: str, tensor: torch.Tensor) -> torch.Tensor | None:
         """A quantized bucket's weights (``codes * scale``) once its packed codes and its scales have both
-        been read (None until then). vLLM's CPU build has no quantized fused-MoE path flexc can use here
-        (docs/quantization.md), so the bucket runs on vLLM's own fused-MoE kernels in the engine's dtype."""
+        been read (None until then), for buckets built unquantized: where vLLM has no quantized MoE kernel
+        for the checkpoint's scheme (docs/quantization.md), they run on its unquantized kernels."""
         from flexc.export.remote.modeling_flexc_sliced import unpack_codes
         from flexc.ir.quant.nested import dequantize
 
@@ -384,6 +386,8 @@ class FlexcMoeBlock(nn.Module):
                                        "quantized, as its config says; no expert biases in the families flexc "
                                        "serves); re-export it")
                 index, part = int(bucket.group(1)), bucket.group(2)
+                if self.quantized and self.experts.takes_codes:  # vLLM's quantized method takes them as stored
+                    return "experts." + self.experts.load_bucket(full_name, index, part, tensor, bucket.group(3))
                 if self.quantized:
                     tensor = self._dequantized(index, part, bucket.group(3), tensor)
                     if tensor is None:  # the other half (codes or scales) is still to come
