@@ -208,13 +208,14 @@ STOCK = [None]  # stock vLLM's engine, kept running: every flexc measurement is 
 
 
 EAGER = [True]  # --compiled: every engine in vLLM's default mode (torch.compile) instead
+DTYPE = ["float32"]  # --dtype: every engine's
 
 
 def start(model: str, **kwargs):
     from vllm import LLM
 
     begin = time.perf_counter()
-    llm = LLM(model=model, dtype="float32", enforce_eager=EAGER[0], max_model_len=512, seed=0,
+    llm = LLM(model=model, dtype=DTYPE[0], enforce_eager=EAGER[0], max_model_len=512, seed=0,
               kv_cache_memory_bytes=256 << 20, enable_prefix_caching=False, **kwargs)
     return llm, time.perf_counter() - begin
 
@@ -331,9 +332,16 @@ def main() -> None:
                         "budget on flexc's op instead of vLLM's CPU kernel (flexc_experts_kernel: flexc)")
     parser.add_argument("--compiled", action="store_true", help="every engine, stock vLLM's too, in vLLM's default "
                         "mode (torch.compile; start-up takes longer) instead of eager")
+    parser.add_argument("--sliced-from", action="append", default=[], metavar="RUN",
+                        help="also another compile's sliced checkpoints, in the same run (e.g. the same tables "
+                             "quantized); repeatable")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="every engine's dtype (a quantized sliced checkpoint's experts run in int4 on vLLM's "
+                             "kernel whatever it is)")
     parser.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = parser.parse_args()
     EAGER[0] = not args.compiled
+    DTYPE[0] = args.dtype
     # OMP_NUM_THREADS is left to the caller: unset, vLLM gives each engine's worker as many torch threads as
     # the cores it binds it to (one of this machine's two; more threads there spin against each other).
     skip = set(filter(None, args.skip.split(",")))
@@ -393,13 +401,17 @@ def main() -> None:
     if "sliced" not in skip:
         from flexc.serving import get_budget
 
-        index = json.loads((run / "sliced" / "flexc_manifest.json").read_text())
-        for entry in index["budgets"]:
-            directory = run / "sliced" / entry["dir"]
+        for sliced_run, entry in [(r, e) for r in [run, *map(Path, args.sliced_from)]
+                                  for e in json.loads((r / "sliced" / "flexc_manifest.json").read_text())["budgets"]]:
+            directory = sliced_run / "sliced" / entry["dir"]
             llm, started = start(str(directory))
             state = get_budget(llm)
-            manifest, config = manifest_of(run / "nested")
-            rows.append({"engine": "flexc sliced", "keep": entry["keep"], **measure(llm, args),
+            manifest, config = manifest_of(sliced_run / "nested")
+            quantization = json.loads((directory / "config.json").read_text()).get("flexc_sliced", {}).get(
+                "quantization")
+            engine = "flexc sliced" + (f" {quantization['scheme']} g{quantization['group_size']} "
+                                       f"({state['experts_kernel'][0]})" if quantization else "")
+            rows.append({"engine": engine, "keep": entry["keep"], **measure(llm, args),
                          "active_params": active_params(manifest, config, _sorted_widths(state)),
                          "buckets": {k: len(v) for k, v in state["buckets"].items()},
                          "experts_kernel": state["experts_kernel"], "weights_bytes": _bytes(directory),
@@ -408,7 +420,7 @@ def main() -> None:
 
     shutdown(STOCK[0])
     keys = ["prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s"]
-    print(f"{'engine':<34} {'keep':>5} {'prefill tok/s':>14} {'b1 tok/s':>9} {'b1 ms':>7} {'b8 tok/s':>9} "
+    print(f"{'engine':<44} {'keep':>5} {'prefill tok/s':>14} {'b1 tok/s':>9} {'b1 ms':>7} {'b8 tok/s':>9} "
           f"{'ratios vs stock (prefill/b1/b8)':>32} {'ideal':>6} {'routed':>6} {'MB':>6} {'+packed':>7}")
     for r in rows:
         r["ratios"] = r.get("paired") or {k: r[k] / stock[k] for k in keys}
@@ -416,7 +428,7 @@ def main() -> None:
         if "routed_active_params" in r and full_active:  # the ideal as the tokens route (learned tables)
             r["ideal_routed"] = full_active / r["routed_active_params"]
         ratios = " / ".join(f"{r['ratios'][k]:.2f}" for k in keys)
-        print(f"{r['engine']:<34} {r['keep']:>5.2f} {r['prefill_tok_s']:>14.0f} {r['decode_b1_tok_s']:>9.1f} "
+        print(f"{r['engine']:<44} {r['keep']:>5.2f} {r['prefill_tok_s']:>14.0f} {r['decode_b1_tok_s']:>9.1f} "
               f"{r['decode_b1_ms_per_step']:>7.1f} {r['decode_b8_tok_s']:>9.1f} {ratios:>32} {r['ideal']:>6.2f} "
               f"{r['ideal_routed'] if 'ideal_routed' in r else float('nan'):>6.2f} "
               f"{r['weights_bytes'] / 1e6:>6.1f} {r.get('packed_bytes', 0) / 1e6:>7.1f}")
@@ -439,6 +451,7 @@ def main() -> None:
               "prefill_len": args.prefill_len, "decode_len": args.decode_len, "rows": rows, "mixed": mixed_row,
               "policy_mix": policy_mix,
               "switch_s": switch, "restart_s": flexc_start, "prefix_caching": False, "compiled": args.compiled,
+              "dtype": args.dtype,
               "threads": os.environ.get("OMP_NUM_THREADS")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

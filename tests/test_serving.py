@@ -369,20 +369,31 @@ def test_sliced_checkpoint_is_served_on_vllms_kernels_at_its_widths(artifacts, n
         _shutdown(llm)
 
 
-def test_quantized_sliced_checkpoint_is_served_with_flexc_loads_tokens(tmp_path):
-    """A w4a16 sliced checkpoint (packed codes and group scales by width bucket) is served by the plugin,
-    each bucket dequantized as it loads onto vLLM's fused-MoE kernels: the same greedy tokens as
-    ``flexc.load`` of the same checkpoint (flexc's modeling code, dequantizing per expert)."""
+def vllm_runs_int4_experts_here() -> bool:
+    """Whether vLLM's own int4 MoE kernel runs on this machine (its CPU one: x86 with AMX)."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt4
+
+    return CPUExpertsInt4._supports_current_device()
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_quantized_sliced_checkpoint_is_served_with_flexc_loads_tokens(tmp_path, group):
+    """A w4a16 sliced checkpoint (packed codes and group scales by width bucket) is served by the plugin with
+    the same greedy tokens as ``flexc.load`` of the same checkpoint (flexc's modeling code, dequantizing per
+    expert). Groups of 64 run on vLLM's own int4 MoE kernel (its compressed-tensors WNA16 method, packed codes
+    as stored) where it runs here (x86 with AMX); groups of 32, which it refuses, and every group where it
+    does not run, are dequantized as they load onto its unquantized kernels."""
     from flexc.export.sliced import write_sliced
     from flexc.ir.experts_impl import canonical_weights
     from flexc.ir.groups import find_expert_groups
     from flexc.ir.quant.nested import quantize_rtn
     from flexc.ir.quant.scheme import QuantScheme
     from flexc.serving import get_budget
+    from flexc.serving.buckets import HOST_PLANNED_PAIRS
 
     model, tokenizer = source_model("tiny")
     groups = find_expert_groups(model)
-    scheme, scales = QuantScheme("w4a16", 32), {}
+    scheme, scales = QuantScheme("w4a16", group), {}
     for g in groups:
         gate_up, down = canonical_weights(model.get_submodule(g.path))
         q_gate_up, q_down = quantize_rtn(gate_up, scheme), quantize_rtn(down, scheme)
@@ -391,17 +402,23 @@ def test_quantized_sliced_checkpoint_is_served_with_flexc_loads_tokens(tmp_path)
             down.copy_(q_down.dequantized())
         scales[f"layer{g.layer}"] = {"gate_up": q_gate_up.scales, "down": q_down.scales}
     full = groups[0].intermediate_size
-    row = [full, full - 32, 32, full // 2, 0, full, 32, full // 2][: groups[0].num_experts]
-    widths = torch.tensor([row[i:] + row[:i] for i in range(len(groups))])  # three or four buckets per layer
+    half = max(group, full // 2 // group * group)
+    row = [full, max(full - group, group), group, half, 0, full, group, half][: groups[0].num_experts]
+    widths = torch.tensor([row[i:] + row[:i] for i in range(len(groups))])  # several buckets per layer
     target = tmp_path / "keep"
     write_sliced(target, model, groups, widths, budget=0.5, tokenizer=tokenizer,
                  quantization={**scheme.to_dict(), "method": "rtn", "scales": scales})
-    ids = prompt_ids(tokenizer)
+    # and a prompt long enough that its prefill runs the buckets as rows, not planned on the host
+    ids = prompt_ids(tokenizer) + [tokenizer("for name in sorted(os.listdir(path)):\n" * 6).input_ids]
+    assert len(ids[-1]) * model.config.num_experts_per_tok > HOST_PLANNED_PAIRS
     expected = reference(target, None, ids)
     llm = start_engine(target)
     try:
         state = get_budget(llm)
-        assert state["kind"] == "sliced" and state["experts_kernel"] == ["vllm"]
+        assert state["kind"] == "sliced"
+        assert max(len(b) for b in state["buckets"].values()) > 1
+        on_int4 = group == 64 and vllm_runs_int4_experts_here()
+        assert state["experts_kernel"] == (["vllm-w4a16"] if on_int4 else ["vllm"])
         assert served(llm, ids) == expected
     finally:
         _shutdown(llm)
