@@ -15,7 +15,9 @@ Engines, each measured the same way:
   at each budget below 1 (a width per routed pair from its routing weight, flexc's op; the
   *ideal* column is the static table's, whose active keep the policy is calibrated to);
 - **flexc sliced**: the same compile's sliced checkpoints (experts stored by width bucket), one
-  engine each, every bucket on vLLM's own fused-MoE kernel.
+  engine each, every bucket on vLLM's own fused-MoE kernel (``--sliced-from RUN``: another
+  compile's too, e.g. the same tables after ``quantize``; a quantized checkpoint's row names its
+  scheme and the kernel that ran it, vLLM's int4 one where it runs, docs/serving.md).
 
 Per engine/budget: prefill throughput (8 prompts of ``--prefill-len`` tokens, one output token),
 decode throughput and per-token latency at batch 1 and 8, each the median of ``--repeats`` runs;
@@ -39,6 +41,8 @@ vLLM's default mode (torch.compile) instead of eager. Prefix caching is off in e
     python benchmarks/serve.py                       # zoo `small`, CPU (tens of minutes on 2 cores)
     python benchmarks/serve.py --model tiny --repeats 1
     python benchmarks/serve.py --run runs/x          # an existing compile's nested/ and sliced/
+    python benchmarks/serve.py --run runs/x --sliced-from runs/x-w4a16 --skip uniform,learned,policy-mix \
+        --dtype bfloat16 --out benchmarks/results/serve_quantized.json
 
 Needs vLLM (the ``serve-cpu`` extra, docs/serving.md). Prints a table and writes
 ``benchmarks/results/serve.json`` and ``serve.png``.
@@ -407,6 +411,7 @@ def main() -> None:
             llm, started = start(str(directory))
             state = get_budget(llm)
             manifest, config = manifest_of(sliced_run / "nested")
+            full_active = full_active or routed_active_params(manifest, config, 1.0)  # the unpruned model's
             quantization = json.loads((directory / "config.json").read_text()).get("flexc_sliced", {}).get(
                 "quantization")
             engine = "flexc sliced" + (f" {quantization['scheme']} g{quantization['group_size']} "
