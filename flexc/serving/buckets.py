@@ -21,10 +21,10 @@ runs flexc's expert op on the same stacked weights.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
-
-import logging
 
 from flexc.export.remote.modeling_flexc_sliced import width_buckets
 from flexc.ir.op import ExpertLayout, ExpertWeights, run_experts
@@ -112,17 +112,10 @@ class _VllmBucket(nn.Module):
             return impl
         return impl if isinstance(impl, CPUUnquantizedExperts) and not impl._use_zentorch else None
 
-    @property
-    def kernel_name(self) -> str:
-        """What runs this bucket: vLLM's experts implementation's class name (``CPUExpertsInt4``, ...)."""
-        kernel = getattr(getattr(self.experts.quant_method, "moe_kernel", None), "impl", None)
-        return type(getattr(kernel, "fused_experts", None) or self.experts.quant_method).__name__
-
     def param(self, part: str, kind: str = "") -> torch.Tensor:
         """The parameter a checkpoint's ``gate_up`` / ``down`` tensor fills (``kind``: ``_packed`` codes or
         ``_scale`` of a quantized bucket, as vLLM's compressed-tensors MoE method names them)."""
-        name = "w13_weight" if part == "gate_up" else "w2_weight"
-        return getattr(self.experts, name + {"": "", "_packed": "_packed", "_scale": "_scale"}[kind])
+        return getattr(self.experts, ("w13_weight" if part == "gate_up" else "w2_weight") + kind)
 
     def fill_shape_params(self, width: int, hidden: int) -> list[torch.Tensor]:
         """Fill the parameters vLLM's quantized method registers that no checkpoint of flexc's carries (the
