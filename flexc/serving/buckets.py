@@ -275,22 +275,21 @@ class BucketedExperts(nn.Module):
         on_vllm = _vllm_available() and name in VLLM_ACTIVATIONS
         self.kernel = "vllm" if on_vllm else "flexc"
         k = self.routing.call_k
-        self.takes_codes = False
-        kernels = None
-        if on_vllm and quantization is not None:
-            kernels = self._quantized_buckets(quantization, hidden, VLLM_ACTIVATIONS[name], prefix, k)
-        if kernels is None:
+        kernels = (self._quantized_buckets(quantization, hidden, VLLM_ACTIVATIONS[name], prefix, k)
+                   if on_vllm and quantization is not None else None)
+        self.takes_codes = kernels is not None
+        if self.takes_codes:
+            self.kernel = "vllm-" + quantization["scheme"]
+        else:
             kernels = [_VllmBucket(len(ids), w, hidden, VLLM_ACTIVATIONS[name], f"{prefix}.buckets.{i}", k)
                        if on_vllm else _TorchBucket(len(ids), w, hidden, activation)
                        for i, (w, ids) in enumerate(self.buckets)]
         self.kernels = nn.ModuleList(kernels)
         self._kernel_list = list(self.kernels)  # plain list: the routing indexes it per call
         self._loaded: set[tuple[int, str]] = set()
-        self.filled: list[str] = []  # parameters no checkpoint tensor fills (vLLM's quantized shape records)
-        for i, kernel in enumerate(kernels):
-            if self.takes_codes:
-                params = kernel.fill_shape_params(self.buckets[i][0], hidden)
-                self.filled += [self._name_of(i, p) for p in params]
+        # parameters no checkpoint tensor fills (vLLM's quantized method's shape records)
+        self.filled = [self._name_of(i, p) for i, kernel in enumerate(kernels) if self.takes_codes
+                       for p in kernel.fill_shape_params(self.buckets[i][0], hidden)]
 
     def _quantized_buckets(self, quantization: dict, hidden: int, activation: str, prefix: str,
                            k: int) -> list | None:
@@ -298,8 +297,8 @@ class BucketedExperts(nn.Module):
         has no kernel for it here."""
         try:
             config = vllm_quant_config(quantization)
-            kernels = [_VllmBucket(len(ids), w, hidden, activation, f"{prefix}.buckets.{i}", k, quant_config=config)
-                       for i, (w, ids) in enumerate(self.buckets)]
+            return [_VllmBucket(len(ids), w, hidden, activation, f"{prefix}.buckets.{i}", k, quant_config=config)
+                    for i, (w, ids) in enumerate(self.buckets)]
         except (NotImplementedError, ValueError) as err:
             if not _FALLBACK_LOGGED:
                 _FALLBACK_LOGGED.append(True)
@@ -307,9 +306,6 @@ class BucketedExperts(nn.Module):
                                "codes are dequantized as they load and run on its unquantized kernels",
                                quantization.get("scheme"), quantization.get("group_size"), err)
             return None
-        self.takes_codes = True
-        self.kernel = "vllm-" + quantization["scheme"]
-        return kernels
 
     @property
     def device(self) -> torch.device:
